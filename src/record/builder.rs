@@ -1,0 +1,1 @@
+//! Building RecordBatch v2 batches (client side and tests).

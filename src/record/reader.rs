@@ -1,0 +1,1 @@
+//! Reading records out of a RecordBatch v2 batch.
