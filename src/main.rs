@@ -1,1 +1,96 @@
-fn main() {}
+//! The `ringlog` binary: `ringlog serve` runs the broker; every other subcommand is a client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ringlog::config::BrokerConfig;
+
+#[derive(Parser)]
+#[command(name = "ringlog", version, about = "A thread-per-core event-streaming broker in the Kafka family")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker (single node). With no options: data in ./ringlog-data, native protocol on
+    /// 127.0.0.1:9292, one shard per core.
+    Serve(ServeArgs),
+    #[command(flatten)]
+    Client(ringlog::cli::ClientCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; see README "Configuration" for every option.
+    #[arg(long, env = "RINGLOG_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (option `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Native protocol listen address (option `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Number of shards, 0 = one per core (option `shards`).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// First per-shard direct port, 0 = pick free ports (option `shard_port_base`).
+    #[arg(long)]
+    shard_port_base: Option<u16>,
+    /// Any option as KEY=VALUE, e.g. `--set default_durability=written`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `ringlog=debug`.
+    #[arg(long, env = "RINGLOG_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Client(cmd) => ringlog::cli::run(cmd),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    if let Some(v) = &args.data_dir {
+        overrides.push(("data_dir".into(), v.display().to_string()));
+    }
+    if let Some(v) = &args.listen {
+        overrides.push(("listen".into(), v.clone()));
+    }
+    if let Some(v) = args.shards {
+        overrides.push(("shards".into(), v.to_string()));
+    }
+    if let Some(v) = args.shard_port_base {
+        overrides.push(("shard_port_base".into(), v.to_string()));
+    }
+    for kv in &args.set {
+        let Some((k, v)) = kv.split_once('=') else {
+            eprintln!("ringlog: --set {kv}: expected KEY=VALUE");
+            return ExitCode::from(2);
+        };
+        overrides.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let config = match BrokerConfig::load(args.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringlog: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match ringlog::shard::runtime::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringlog: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The client commands of the `ringlog` binary: `topic`, `produce`, `consume`.
+//!
+//! Owns: argument parsing for those commands (clap), their output formats, and turning errors into
+//! one `ringlog: <error>` line and exit status 1. Depends on `client` only (builds without the
+//! `broker` feature); builds its own tokio runtime.
+
+mod consume;
+mod produce;
+mod topic;
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use thiserror::Error;
+
+use crate::client::{ClientConfig, ClientError, DEFAULT_BOOTSTRAP};
+
+pub use consume::{ConsumeArgs, FromOffset};
+pub use produce::{AcksArg, ProduceArgs};
+pub use topic::{DurabilityArg, TopicCommand};
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create, list, describe or delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce one record per line of stdin.
+    Produce(ProduceArgs),
+    /// Print a topic's records, one value per line.
+    Consume(ConsumeArgs),
+}
+
+/// Where to reach the cluster; every client command takes it.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Any broker's native-protocol address.
+    #[arg(long, value_name = "ADDR", env = "RINGLOG_BOOTSTRAP", default_value = DEFAULT_BOOTSTRAP)]
+    pub bootstrap: String,
+}
+
+impl ConnectArgs {
+    fn client_config(&self) -> ClientConfig {
+        ClientConfig { client_id: "ringlog-cli".to_owned(), ..ClientConfig::new(self.bootstrap.clone()) }
+    }
+}
+
+#[derive(Debug, Error)]
+pub(crate) enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{context}: {source}")]
+    Io { context: &'static str, source: std::io::Error },
+    #[error("{0}")]
+    Input(String),
+    /// The reader of our stdout went away (`| head`): not a failure.
+    #[error("stdout closed")]
+    StdoutClosed,
+}
+
+impl CliError {
+    fn stdout(source: std::io::Error) -> CliError {
+        if source.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::StdoutClosed
+        } else {
+            CliError::Io { context: "writing to stdout", source }
+        }
+    }
+}
+
+/// Runs one client command to completion. On failure prints one `ringlog: <error>` line to
+/// stderr and returns status 1.
+pub fn run(cmd: ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ringlog: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cmd {
+            ClientCommand::Topic { command } => topic::run(command).await,
+            ClientCommand::Produce(args) => produce::run(args).await,
+            ClientCommand::Consume(args) => consume::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) | Err(CliError::StdoutClosed) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringlog: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        command: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<ClientCommand, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("ringlog").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn command_tree_is_consistent() {
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_topic_create() {
+        let cmd = parse(&[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "6",
+            "--retention-ms",
+            "60000",
+            "--durability",
+            "written",
+            "--bootstrap",
+            "h:1",
+        ])
+        .unwrap();
+        let ClientCommand::Topic { command: TopicCommand::Create(create) } = cmd else { panic!("{cmd:?}") };
+        assert_eq!(create.name, "orders");
+        assert_eq!(create.partitions, 6);
+        assert_eq!(create.retention_ms, Some(60000));
+        assert_eq!(create.durability, Some(DurabilityArg::Written));
+        assert_eq!(create.connect.bootstrap, "h:1");
+        assert!(parse(&["topic", "create", "orders"]).is_err(), "--partitions is required");
+    }
+
+    #[test]
+    fn parses_produce_and_consume() {
+        let ClientCommand::Produce(p) =
+            parse(&["produce", "t", "--acks", "all", "--key-separator", ":"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.acks, AcksArg(-1));
+        assert_eq!(p.key_separator.as_deref(), Some(":"));
+        assert!(parse(&["produce", "t", "--acks", "2"]).is_err());
+
+        let ClientCommand::Consume(c) =
+            parse(&["consume", "t", "--from", "42", "--count", "5", "--print-meta"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(c.from, FromOffset::At(42));
+        assert_eq!(c.count, Some(5));
+        assert!(c.print_meta && !c.follow);
+        let ClientCommand::Consume(c) = parse(&["consume", "t"]).unwrap() else { panic!() };
+        assert_eq!(c.from, FromOffset::Beginning);
+        assert_eq!(c.connect.bootstrap, DEFAULT_BOOTSTRAP);
+        assert!(parse(&["consume", "t", "--from", "middle"]).is_err());
+    }
+}

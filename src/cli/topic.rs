@@ -1,0 +1,166 @@
+//! `ringlog topic create|list|describe|delete`.
+//!
+//! Owns: those subcommands' arguments and output. Depends on `client::Admin`.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::{CliError, ConnectArgs};
+use crate::client::{Admin, Durability, TopicDescription, TopicSettings};
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create(CreateArgs),
+    /// List topic names, one per line.
+    List {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show a topic's effective config and, per partition, its shard, log start and high watermark.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long)]
+    pub partitions: u32,
+    /// Delete segments older than this (-1 = keep forever).
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    pub retention_ms: Option<i64>,
+    /// Per partition: delete the oldest segments beyond this size (-1 = unlimited).
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub retention_bytes: Option<i64>,
+    /// Roll the active segment at this size.
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes: Option<i64>,
+    /// Roll the active segment at this age.
+    #[arg(long, value_name = "MS")]
+    pub segment_ms: Option<i64>,
+    /// When a produce is acknowledged: after the write reached the device, or after fdatasync.
+    #[arg(long, value_enum)]
+    pub durability: Option<DurabilityArg>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    Written,
+    Fsync,
+}
+
+pub(super) async fn run(command: TopicCommand) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        TopicCommand::Create(args) => {
+            let admin = Admin::connect(args.connect.client_config()).await?;
+            let settings = TopicSettings {
+                retention_bytes: args.retention_bytes,
+                retention_ms: args.retention_ms,
+                segment_bytes: args.segment_bytes,
+                segment_ms: args.segment_ms,
+                durability: args.durability.map(|d| match d {
+                    DurabilityArg::Written => Durability::Written,
+                    DurabilityArg::Fsync => Durability::Fsync,
+                }),
+            };
+            let partitions = admin.create_topic(&args.name, args.partitions, &settings).await?;
+            writeln!(out, "created topic {} with {} partitions", args.name, partitions.len())
+                .map_err(CliError::stdout)?;
+        }
+        TopicCommand::List { connect } => {
+            let admin = Admin::connect(connect.client_config()).await?;
+            for name in admin.list_topics().await? {
+                writeln!(out, "{name}").map_err(CliError::stdout)?;
+            }
+        }
+        TopicCommand::Describe { name, connect } => {
+            let admin = Admin::connect(connect.client_config()).await?;
+            let description = admin.describe_topic(&name).await?;
+            out.write_all(format_description(&description).as_bytes()).map_err(CliError::stdout)?;
+        }
+        TopicCommand::Delete { name, connect } => {
+            let admin = Admin::connect(connect.client_config()).await?;
+            admin.delete_topic(&name).await?;
+            writeln!(out, "deleted topic {name}").map_err(CliError::stdout)?;
+        }
+    }
+    out.flush().map_err(CliError::stdout)
+}
+
+fn format_description(d: &TopicDescription) -> String {
+    fn setting(v: Option<i64>) -> String {
+        match v {
+            None => "broker default".to_owned(),
+            Some(-1) => "unlimited".to_owned(),
+            Some(v) => v.to_string(),
+        }
+    }
+    let durability = match d.config.durability {
+        None => "broker default",
+        Some(Durability::Written) => "written",
+        Some(Durability::Fsync) => "fsync",
+    };
+    let mut s = format!(
+        "topic: {}\npartitions: {}\nretention_ms: {}\nretention_bytes: {}\nsegment_bytes: {}\nsegment_ms: {}\ndurability: {}\n",
+        d.name,
+        d.partitions.len(),
+        setting(d.config.retention_ms),
+        setting(d.config.retention_bytes),
+        setting(d.config.segment_bytes),
+        setting(d.config.segment_ms),
+        durability,
+    );
+    s.push_str(&format!("{:<10} {:<6} {:>16} {:>16}\n", "PARTITION", "SHARD", "LOG_START", "HIGH_WATERMARK"));
+    for p in &d.partitions {
+        s.push_str(&format!(
+            "{:<10} {:<6} {:>16} {:>16}\n",
+            p.partition, p.shard, p.log_start_offset, p.high_watermark
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::PartitionInfo;
+
+    #[test]
+    fn description_lists_config_then_partitions() {
+        let d = TopicDescription {
+            name: "orders".into(),
+            partitions: vec![
+                PartitionInfo { partition: 0, shard: 1, log_start_offset: 0, high_watermark: 12 },
+                PartitionInfo { partition: 1, shard: 0, log_start_offset: 5, high_watermark: 9 },
+            ],
+            config: TopicSettings {
+                retention_ms: Some(-1),
+                segment_bytes: Some(1 << 30),
+                durability: Some(Durability::Fsync),
+                ..Default::default()
+            },
+        };
+        let text = format_description(&d);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "topic: orders");
+        assert!(lines.contains(&"retention_ms: unlimited"));
+        assert!(lines.contains(&"segment_bytes: 1073741824"));
+        assert!(lines.contains(&"durability: fsync"));
+        let rows: Vec<Vec<&str>> = lines[8..].iter().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows, vec![vec!["0", "1", "0", "12"], vec!["1", "0", "5", "9"]]);
+    }
+}

@@ -1,0 +1,203 @@
+//! Topic administration: create, delete, list, describe, list offsets.
+//!
+//! Owns: the control-plane API and its public data types. Depends on `cluster` for connections
+//! and metadata. Rare calls, kept simple: one request at a time.
+
+use super::cluster::Cluster;
+use super::error::{ClientError, Result};
+use super::ClientConfig;
+use crate::protocol::wire;
+
+/// When the broker acknowledges a produce, per topic (see `schema/ringlog.fbs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the batch reached the device (O_DIRECT write done), before fdatasync.
+    Written,
+    /// Once an fdatasync covering the batch completed.
+    Fsync,
+}
+
+impl Durability {
+    pub(crate) fn to_wire(self) -> wire::Durability {
+        match self {
+            Durability::Written => wire::Durability::Written,
+            Durability::Fsync => wire::Durability::Fsync,
+        }
+    }
+
+    pub(crate) fn from_wire(d: wire::Durability) -> Option<Durability> {
+        match d {
+            wire::Durability::Written => Some(Durability::Written),
+            wire::Durability::Fsync => Some(Durability::Fsync),
+            _ => None,
+        }
+    }
+}
+
+/// Topic settings; `None` takes the broker's default. In a description, the effective values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Per partition; -1 = unlimited.
+    pub retention_bytes: Option<i64>,
+    /// -1 = unlimited.
+    pub retention_ms: Option<i64>,
+    pub segment_bytes: Option<i64>,
+    pub segment_ms: Option<i64>,
+    pub durability: Option<Durability>,
+}
+
+/// One partition as the broker reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    /// The shard (core) that owns the partition.
+    pub shard: u32,
+    pub log_start_offset: i64,
+    pub high_watermark: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    /// Sorted by partition number.
+    pub partitions: Vec<PartitionInfo>,
+    pub config: TopicSettings,
+}
+
+/// Which offset `list_offsets` looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark: the offset the next record will get.
+    Latest,
+    /// The first offset whose timestamp is >= this one (milliseconds since the epoch); the log
+    /// end if there is none.
+    Timestamp(i64),
+}
+
+impl OffsetSpec {
+    pub(crate) fn wire_timestamp(self) -> i64 {
+        match self {
+            OffsetSpec::Earliest => crate::protocol::EARLIEST_TIMESTAMP,
+            OffsetSpec::Latest => crate::protocol::LATEST_TIMESTAMP,
+            OffsetSpec::Timestamp(ts) => ts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedOffset {
+    pub offset: i64,
+    /// The timestamp of the record found, -1 if none (earliest/latest, or past the end).
+    pub timestamp_ms: i64,
+}
+
+/// Topic administration over the native protocol.
+pub struct Admin {
+    cluster: Cluster,
+}
+
+impl Admin {
+    /// Connects to the bootstrap broker (to fail early on a wrong address).
+    pub async fn connect(config: ClientConfig) -> Result<Admin> {
+        let cluster = Cluster::new(config);
+        cluster.bootstrap().await?;
+        Ok(Admin { cluster })
+    }
+
+    /// Creates a topic; returns its partitions and their owning shards.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        settings: &TopicSettings,
+    ) -> Result<Vec<PartitionInfo>> {
+        let conn = self.cluster.bootstrap().await?;
+        let frame = conn
+            .request(
+                |fbb| {
+                    let name = fbb.create_string(name);
+                    let config = wire::TopicConfig::create(
+                        fbb,
+                        &wire::TopicConfigArgs {
+                            retention_bytes: settings.retention_bytes,
+                            retention_ms: settings.retention_ms,
+                            segment_bytes: settings.segment_bytes,
+                            segment_ms: settings.segment_ms,
+                            durability: settings.durability.map(Durability::to_wire),
+                        },
+                    );
+                    let body = wire::CreateTopicRequest::create(
+                        fbb,
+                        &wire::CreateTopicRequestArgs { name: Some(name), partitions, config: Some(config) },
+                    );
+                    (wire::RequestBody::CreateTopicRequest, body.as_union_value())
+                },
+                Vec::new(),
+            )
+            .await?;
+        let context = format!("create topic {name:?}");
+        let response = conn.check_response(&frame, &context)?;
+        let body = response.body_as_create_topic_response().ok_or_else(|| {
+            ClientError::protocol(conn.addr(), "create topic answered with another response type")
+        })?;
+        self.cluster.invalidate(name).await;
+        let mut partitions: Vec<PartitionInfo> =
+            body.partitions().iter().flat_map(|v| v.iter()).map(super::cluster::partition_info).collect();
+        partitions.sort_by_key(|p| p.partition);
+        Ok(partitions)
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let conn = self.cluster.bootstrap().await?;
+        let frame = conn
+            .request(
+                |fbb| {
+                    let name = fbb.create_string(name);
+                    let body = wire::DeleteTopicRequest::create(
+                        fbb,
+                        &wire::DeleteTopicRequestArgs { name: Some(name) },
+                    );
+                    (wire::RequestBody::DeleteTopicRequest, body.as_union_value())
+                },
+                Vec::new(),
+            )
+            .await?;
+        let context = format!("delete topic {name:?}");
+        let response = conn.check_response(&frame, &context)?;
+        response.body_as_delete_topic_response().ok_or_else(|| {
+            ClientError::protocol(conn.addr(), "delete topic answered with another response type")
+        })?;
+        self.cluster.invalidate(name).await;
+        Ok(())
+    }
+
+    /// Names of every topic, sorted.
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> =
+            self.cluster.metadata(&[]).await?.into_iter().filter_map(|t| t.ok()).map(|t| t.name).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        self.cluster
+            .metadata(&[name])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(ClientError::UnknownTopic { topic: name.to_owned() }))
+    }
+
+    /// Describes the named topics (all topics if `names` is empty); fails on the first one that
+    /// does not exist.
+    pub async fn describe_topics(&self, names: &[&str]) -> Result<Vec<TopicDescription>> {
+        self.cluster.metadata(names).await?.into_iter().collect()
+    }
+
+    /// Looks up an offset of one partition on its owning shard.
+    pub async fn list_offsets(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<ListedOffset> {
+        self.cluster.list_offsets(topic, partition, spec).await
+    }
+}

@@ -1,0 +1,930 @@
+//! The producer: batching per partition, one ProduceRequest per owner endpoint, pipelined.
+//!
+//! Owns: the record accumulator (one open RecordBatch per partition, sealed when it reaches
+//! `batch_bytes` or has lingered `linger`), the sender task that turns sealed batches into
+//! requests to each partition's owning shard, and per-record delivery results.
+//!
+//! Why a mutex around the accumulator: `send` encodes the record straight into its partition's
+//! batch (no per-record allocation or queueing) and must hand back a future tied to that batch;
+//! the sender task must see lingering batches when nobody calls `send`. The lock is held for one
+//! record's encoding, as Kafka's Java accumulator does, and never across an await.
+//!
+//! Ordering: batches of one partition are sealed, sent and retried in order. A failed batch is
+//! retried only if no later batch of its partition is in flight, so a retry never overtakes it;
+//! otherwise its records fail with the error.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore};
+
+use super::cluster::Cluster;
+use super::connection::{Connection, PendingReply, ResponseFrame};
+use super::error::{ClientError, ProduceError, Result};
+use super::partitioner::Partitioner;
+use super::ClientConfig;
+use crate::protocol::{wire, ACKS_ALL, ACKS_LEADER, ACKS_NONE};
+use crate::record::builder::BatchBuilder;
+
+/// Upper bound on a record's framing next to its key and value: record length (5), attributes
+/// (1), timestamp delta (10), offset delta (5), key and value lengths (5 + 5), header count (1).
+const RECORD_OVERHEAD_BYTES_MAX: usize = 32;
+/// A batch's first allocation; it grows towards `batch_bytes` only if records keep coming.
+const BATCH_INITIAL_BYTES: usize = 16 << 10;
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// 0 (no response), 1 (leader), or -1 (all; durable per the topic's durability).
+    pub acks: i8,
+    /// How long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// A batch is sent once it reaches this size (a single larger record makes its own batch).
+    pub batch_bytes: usize,
+    /// Produce requests awaiting a response, per connection.
+    pub max_in_flight_per_connection: usize,
+    pub partitioner: Partitioner,
+    /// Memory for records not yet acknowledged; `send` waits when it is used up.
+    pub buffer_bytes: usize,
+    /// How often a batch is sent again after a retriable error.
+    pub retries: u32,
+    pub retry_backoff: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: ACKS_LEADER,
+            linger: Duration::from_millis(5),
+            batch_bytes: 256 << 10,
+            max_in_flight_per_connection: 5,
+            partitioner: Partitioner::KeyHash,
+            buffer_bytes: 64 << 20,
+            retries: 3,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub partition: u32,
+    /// -1 with acks = 0 (the broker does not answer).
+    pub offset: i64,
+}
+
+/// The outcome of one batch, shared by the futures of its records.
+struct BatchCompletion {
+    partition: u32,
+    /// The broker's base offset for the batch.
+    result: OnceLock<Result<i64, ProduceError>>,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl BatchCompletion {
+    fn new(partition: u32) -> Arc<BatchCompletion> {
+        Arc::new(BatchCompletion { partition, result: OnceLock::new(), wakers: Mutex::new(Vec::new()) })
+    }
+
+    fn complete(&self, result: Result<i64, ProduceError>) {
+        if self.result.set(result).is_ok() {
+            let wakers = std::mem::take(&mut *lock(&self.wakers));
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.result.get().is_some()
+    }
+
+    fn metadata(&self, index: u32) -> Option<Result<RecordMetadata, ProduceError>> {
+        let result = self.result.get()?;
+        Some(match result {
+            Ok(base_offset) if *base_offset < 0 => {
+                Ok(RecordMetadata { partition: self.partition, offset: -1 })
+            }
+            Ok(base_offset) => {
+                Ok(RecordMetadata { partition: self.partition, offset: base_offset + i64::from(index) })
+            }
+            Err(e) => Err(e.clone()),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves no half-updated invariant worth refusing.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Resolves to where one record was written, or why it was not. Many records share one batch's
+/// outcome; the future itself is the batch's `Arc` and the record's index.
+pub struct DeliveryFuture {
+    batch: Arc<BatchCompletion>,
+    index: u32,
+    waker_slot: Option<usize>,
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata, ProduceError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(done) = this.batch.metadata(this.index) {
+            return Poll::Ready(done);
+        }
+        let mut wakers = lock(&this.batch.wakers);
+        // Checked again under the lock: `complete` sets the result before taking the wakers.
+        if let Some(done) = this.batch.metadata(this.index) {
+            return Poll::Ready(done);
+        }
+        match this.waker_slot {
+            Some(slot) if slot < wakers.len() => wakers[slot].clone_from(cx.waker()),
+            _ => {
+                this.waker_slot = Some(wakers.len());
+                wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+struct Shared {
+    config: ProducerConfig,
+    cluster: Cluster,
+    accumulator: Mutex<Accumulator>,
+    /// Wakes the sender task: a batch was sealed or opened, a response arrived, or a flush.
+    wake_sender: Notify,
+    /// Bytes of records accepted and not yet acknowledged.
+    buffer: Semaphore,
+}
+
+#[derive(Default)]
+struct Accumulator {
+    topics: HashMap<String, TopicState>,
+    /// Every batch opened and not yet known to be complete, oldest first (for `flush`).
+    unfinished: VecDeque<Arc<BatchCompletion>>,
+    closed: bool,
+}
+
+struct TopicState {
+    name: Arc<str>,
+    partitions: Vec<PartitionState>,
+    round_robin: u32,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    open: Option<OpenBatch>,
+    sealed: VecDeque<SealedBatch>,
+    in_flight: u32,
+}
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    completion: Arc<BatchCompletion>,
+    opened: Instant,
+    buffer_bytes: u32,
+}
+
+struct SealedBatch {
+    bytes: Bytes,
+    completion: Arc<BatchCompletion>,
+    buffer_bytes: u32,
+    attempts: u32,
+    not_before: Option<Instant>,
+}
+
+impl OpenBatch {
+    fn seal(self) -> SealedBatch {
+        SealedBatch {
+            bytes: self.builder.finish().freeze(),
+            completion: self.completion,
+            buffer_bytes: self.buffer_bytes,
+            attempts: 0,
+            not_before: None,
+        }
+    }
+}
+
+/// A batch taken off its partition's queue to be sent.
+struct Outbound {
+    topic: Arc<str>,
+    partition: u32,
+    batch: SealedBatch,
+}
+
+/// Sends records to ringlog. Cheap to share behind an `Arc`; `send` takes `&self`.
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+impl Producer {
+    /// Connects to the bootstrap broker and starts the sender task (on the current tokio runtime).
+    pub async fn connect(client: ClientConfig, config: ProducerConfig) -> Result<Producer> {
+        if ![ACKS_NONE, ACKS_LEADER, ACKS_ALL].contains(&config.acks) {
+            return Err(ClientError::InvalidArgument(format!(
+                "acks must be 0, 1 or -1, not {}",
+                config.acks
+            )));
+        }
+        if config.buffer_bytes < config.batch_bytes || config.buffer_bytes > Semaphore::MAX_PERMITS {
+            return Err(ClientError::InvalidArgument(format!(
+                "buffer_bytes {} must be at least batch_bytes {} and at most {}",
+                config.buffer_bytes,
+                config.batch_bytes,
+                Semaphore::MAX_PERMITS
+            )));
+        }
+        let cluster = Cluster::new(client);
+        cluster.bootstrap().await?;
+        let shared = Arc::new(Shared {
+            buffer: Semaphore::new(config.buffer_bytes),
+            config,
+            cluster,
+            accumulator: Mutex::new(Accumulator::default()),
+            wake_sender: Notify::new(),
+        });
+        tokio::spawn(sender_loop(shared.clone()));
+        Ok(Producer { shared })
+    }
+
+    /// Queues a record for `topic`; the partition comes from the configured partitioner. Waits
+    /// only for the topic's metadata (first use) or for buffer space. The returned future
+    /// resolves once the broker acknowledged (or refused) the record's batch.
+    pub async fn send(&self, topic: &str, key: Option<Bytes>, value: Bytes) -> Result<DeliveryFuture> {
+        self.send_record(topic, None, key.as_deref(), Some(&value)).await
+    }
+
+    /// As [`send`](Self::send), to an explicit partition.
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: Option<Bytes>,
+        value: Bytes,
+    ) -> Result<DeliveryFuture> {
+        self.send_record(topic, Some(partition), key.as_deref(), Some(&value)).await
+    }
+
+    async fn send_record(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<DeliveryFuture> {
+        let shared = &*self.shared;
+        let record_bytes =
+            key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES_MAX;
+        if record_bytes > shared.config.buffer_bytes {
+            return Err(ClientError::RecordTooLarge {
+                record_bytes,
+                limit_bytes: shared.config.buffer_bytes,
+            });
+        }
+        let permits = record_bytes as u32;
+        shared.buffer.acquire_many(permits).await.map_err(|_| ClientError::ProducerClosed)?.forget();
+        match self.append(topic, partition, key, value, permits).await {
+            Ok(future) => Ok(future),
+            Err(e) => {
+                shared.buffer.add_permits(permits as usize);
+                Err(e)
+            }
+        }
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        buffer_bytes: u32,
+    ) -> Result<DeliveryFuture> {
+        let shared = &*self.shared;
+        let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        loop {
+            {
+                let mut acc = lock(&shared.accumulator);
+                if acc.closed {
+                    return Err(ClientError::ProducerClosed);
+                }
+                let acc = &mut *acc;
+                if let Some(state) = acc.topics.get_mut(topic) {
+                    let partitions = state.partitions.len() as u32;
+                    let partition = match partition {
+                        Some(p) if p >= partitions => {
+                            return Err(ClientError::UnknownPartition {
+                                topic: topic.to_owned(),
+                                partition: p,
+                                partitions,
+                            })
+                        }
+                        Some(p) => p,
+                        None => shared.config.partitioner.partition(key, partitions, &mut state.round_robin),
+                    };
+                    let (future, wake) = append_record(
+                        &shared.config,
+                        &mut state.partitions[partition as usize],
+                        &mut acc.unfinished,
+                        partition,
+                        timestamp_ms,
+                        key,
+                        value,
+                        buffer_bytes,
+                    );
+                    if wake {
+                        shared.wake_sender.notify_one();
+                    }
+                    return Ok(future);
+                }
+            }
+            // First record for this topic: learn its partitions, then append.
+            let description = shared.cluster.topic(topic).await?;
+            if description.partitions.is_empty() {
+                return Err(ClientError::UnknownTopic { topic: topic.to_owned() });
+            }
+            let mut acc = lock(&shared.accumulator);
+            acc.topics.entry(topic.to_owned()).or_insert_with(|| TopicState {
+                name: Arc::from(topic),
+                partitions: (0..description.partitions.len()).map(|_| PartitionState::default()).collect(),
+                round_robin: 0,
+            });
+        }
+    }
+
+    /// Sends every record queued so far without waiting for `linger`, and waits until each of
+    /// their batches is acknowledged or failed. Records' own futures carry their errors.
+    pub async fn flush(&self) {
+        let unfinished: Vec<Arc<BatchCompletion>> = {
+            let mut acc = lock(&self.shared.accumulator);
+            seal_all(&mut acc);
+            while acc.unfinished.front().is_some_and(|c| c.is_complete()) {
+                acc.unfinished.pop_front();
+            }
+            acc.unfinished.iter().cloned().collect()
+        };
+        self.shared.wake_sender.notify_one();
+        for batch in unfinished {
+            let _ = DeliveryFuture { batch, index: 0, waker_slot: None }.await;
+        }
+    }
+
+    /// Flushes, then stops the sender task. Later sends fail with `ProducerClosed`.
+    pub async fn close(self) {
+        self.flush().await;
+    }
+}
+
+impl Drop for Producer {
+    /// The sender task finishes sending what was queued, then exits.
+    fn drop(&mut self) {
+        lock(&self.shared.accumulator).closed = true;
+        self.shared.buffer.close();
+        self.shared.wake_sender.notify_one();
+    }
+}
+
+/// Appends one record to its partition's open batch, sealing the batch first if the record would
+/// overflow it. Returns the record's future and whether the sender task must look again.
+#[allow(clippy::too_many_arguments)]
+fn append_record(
+    config: &ProducerConfig,
+    state: &mut PartitionState,
+    unfinished: &mut VecDeque<Arc<BatchCompletion>>,
+    partition: u32,
+    timestamp_ms: i64,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    buffer_bytes: u32,
+) -> (DeliveryFuture, bool) {
+    let mut wake = false;
+    if let Some(open) = &state.open {
+        let record_len = open.builder.record_encoded_len(timestamp_ms, key, value, &[]);
+        if open.builder.encoded_len() + record_len > config.batch_bytes && !open.builder.is_empty() {
+            if let Some(full) = state.open.take() {
+                state.sealed.push_back(full.seal());
+                wake = true;
+            }
+        }
+    }
+    let open = state.open.get_or_insert_with(|| {
+        // A new batch has a linger deadline the sender task must learn about.
+        wake = true;
+        while unfinished.front().is_some_and(|c| c.is_complete()) {
+            unfinished.pop_front();
+        }
+        let completion = BatchCompletion::new(partition);
+        unfinished.push_back(completion.clone());
+        OpenBatch {
+            builder: BatchBuilder::with_capacity(config.batch_bytes.min(BATCH_INITIAL_BYTES)),
+            completion,
+            opened: Instant::now(),
+            buffer_bytes: 0,
+        }
+    });
+    let index = open.builder.len() as u32;
+    open.builder.push(timestamp_ms, key, value, &[]);
+    open.buffer_bytes += buffer_bytes;
+    let future = DeliveryFuture { batch: open.completion.clone(), index, waker_slot: None };
+    if open.builder.encoded_len() >= config.batch_bytes {
+        if let Some(full) = state.open.take() {
+            state.sealed.push_back(full.seal());
+            wake = true;
+        }
+    }
+    (future, wake)
+}
+
+fn seal_all(acc: &mut Accumulator) {
+    for topic in acc.topics.values_mut() {
+        for p in &mut topic.partitions {
+            if let Some(open) = p.open.take() {
+                p.sealed.push_back(open.seal());
+            }
+        }
+    }
+}
+
+struct Sendable {
+    batches: Vec<Outbound>,
+    /// The earliest time a batch not taken becomes sendable (linger or retry backoff).
+    next: Option<Instant>,
+    /// Sealed batches are left behind (only one per partition is taken per round).
+    more: bool,
+}
+
+/// Takes the first sendable batch of every partition (sealing batches that lingered long enough).
+fn take_sendable(acc: &mut Accumulator, linger: Duration, now: Instant) -> Sendable {
+    if acc.closed {
+        seal_all(acc);
+    }
+    let mut out = Vec::new();
+    let mut more = false;
+    let mut next: Option<Instant> = None;
+    let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+    for topic in acc.topics.values_mut() {
+        for (partition, p) in topic.partitions.iter_mut().enumerate() {
+            if let Some(open) = &p.open {
+                let due = open.opened + linger;
+                if due <= now {
+                    if let Some(open) = p.open.take() {
+                        p.sealed.push_back(open.seal());
+                    }
+                } else {
+                    earliest(due);
+                }
+            }
+            let Some(front) = p.sealed.front() else { continue };
+            match front.not_before {
+                Some(t) if t > now => earliest(t),
+                _ => {
+                    if let Some(batch) = p.sealed.pop_front() {
+                        p.in_flight += 1;
+                        out.push(Outbound { topic: topic.name.clone(), partition: partition as u32, batch });
+                    }
+                    more |= !p.sealed.is_empty();
+                }
+            }
+        }
+    }
+    Sendable { batches: out, next, more }
+}
+
+/// Puts batches that could not be sent back at the front of their partitions, in order.
+fn put_back(acc: &mut Accumulator, batches: Vec<Outbound>) {
+    for b in batches.into_iter().rev() {
+        if let Some(p) =
+            acc.topics.get_mut(&*b.topic).and_then(|t| t.partitions.get_mut(b.partition as usize))
+        {
+            p.in_flight -= 1;
+            p.sealed.push_front(b.batch);
+        }
+    }
+}
+
+fn is_idle(acc: &Accumulator) -> bool {
+    acc.topics
+        .values()
+        .all(|t| t.partitions.iter().all(|p| p.open.is_none() && p.sealed.is_empty() && p.in_flight == 0))
+}
+
+async fn sender_loop(shared: Arc<Shared>) {
+    let mut permits: HashMap<String, Arc<Semaphore>> = HashMap::new();
+    loop {
+        let sendable = {
+            let mut acc = lock(&shared.accumulator);
+            if acc.closed && is_idle(&acc) {
+                return;
+            }
+            take_sendable(&mut acc, shared.config.linger, Instant::now())
+        };
+        let requests = dispatch(&shared, &mut permits, sendable.batches).await;
+        if requests > 0 && sendable.more {
+            continue;
+        }
+        match sendable.next {
+            Some(deadline) => {
+                let _ = tokio::time::timeout_at(deadline.into(), shared.wake_sender.notified()).await;
+            }
+            None => shared.wake_sender.notified().await,
+        }
+    }
+}
+
+/// Groups batches by owner endpoint and queues one request per endpoint that has an in-flight
+/// slot free; the rest go back to their partitions until a response frees a slot. Returns the
+/// number of requests queued.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    permits: &mut HashMap<String, Arc<Semaphore>>,
+    outbound: Vec<Outbound>,
+) -> usize {
+    let mut requests = 0;
+    let mut by_endpoint: Vec<(Connection, Vec<Outbound>)> = Vec::new();
+    let mut failed: Vec<(Outbound, ClientError)> = Vec::new();
+    for b in outbound {
+        match shared.cluster.owner(&b.topic, b.partition).await {
+            Ok(conn) => match by_endpoint.iter_mut().find(|(c, _)| c.addr() == conn.addr()) {
+                Some((_, group)) => group.push(b),
+                None => by_endpoint.push((conn, vec![b])),
+            },
+            Err(e) => failed.push((b, e)),
+        }
+    }
+    let mut blocked = Vec::new();
+    for (conn, mut group) in by_endpoint {
+        let slots = permits
+            .entry(conn.addr().to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(shared.config.max_in_flight_per_connection)))
+            .clone();
+        let Ok(permit) = slots.try_acquire_owned() else {
+            blocked.append(&mut group);
+            continue;
+        };
+        // Group by topic so each topic appears once in the request; stable, so order holds.
+        group.sort_by(|a, b| a.topic.cmp(&b.topic));
+        let payload: Vec<Bytes> = group.iter().map(|b| b.batch.bytes.clone()).collect();
+        let acks = shared.config.acks;
+        let timeout_ms =
+            u32::try_from(shared.cluster.config().request_timeout.as_millis()).unwrap_or(u32::MAX);
+        let pending = conn.start(
+            |fbb| encode_produce_request(fbb, acks, timeout_ms, &group),
+            payload,
+            acks != ACKS_NONE,
+        );
+        requests += 1;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let outcome = match pending {
+                Ok(pending) => await_produce(pending, acks, &group).await,
+                Err(e) => Err(e),
+            };
+            drop(permit);
+            complete_request(&shared, group, outcome).await;
+        });
+    }
+    if !blocked.is_empty() {
+        put_back(&mut lock(&shared.accumulator), blocked);
+    }
+    for (b, e) in failed {
+        finish_batch(shared, b, Err(e)).await;
+    }
+    requests
+}
+
+fn encode_produce_request(
+    fbb: &mut flatbuffers::FlatBufferBuilder<'static>,
+    acks: i8,
+    timeout_ms: u32,
+    group: &[Outbound],
+) -> (wire::RequestBody, flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>) {
+    let mut topics = Vec::new();
+    let mut payload_offset = 0u32;
+    let mut start = 0;
+    while start < group.len() {
+        let end = start + group[start..].iter().take_while(|b| b.topic == group[start].topic).count();
+        let partitions: Vec<_> = group[start..end]
+            .iter()
+            .map(|b| {
+                let payload_len = b.batch.bytes.len() as u32;
+                let p = wire::ProducePartition::create(
+                    fbb,
+                    &wire::ProducePartitionArgs { partition: b.partition, payload_offset, payload_len },
+                );
+                payload_offset += payload_len;
+                p
+            })
+            .collect();
+        let partitions = fbb.create_vector(&partitions);
+        let name = fbb.create_string(&group[start].topic);
+        topics.push(wire::ProduceTopic::create(
+            fbb,
+            &wire::ProduceTopicArgs { name: Some(name), partitions: Some(partitions) },
+        ));
+        start = end;
+    }
+    let topics = fbb.create_vector(&topics);
+    let body = wire::ProduceRequest::create(
+        fbb,
+        &wire::ProduceRequestArgs { acks, timeout_ms, topics: Some(topics) },
+    );
+    (wire::RequestBody::ProduceRequest, body.as_union_value())
+}
+
+/// Per batch of the request (same order): the base offset or the partition's error.
+type ProduceOutcome = Result<Vec<Result<i64, ClientError>>, ClientError>;
+
+async fn await_produce(pending: PendingReply, acks: i8, group: &[Outbound]) -> ProduceOutcome {
+    if acks == ACKS_NONE {
+        pending.written().await?;
+        return Ok(group.iter().map(|_| Ok(-1)).collect());
+    }
+    let addr = pending.addr().to_owned();
+    let frame = pending.response().await?;
+    decode_produce_response(&addr, &frame, group)
+}
+
+fn decode_produce_response(addr: &str, frame: &ResponseFrame, group: &[Outbound]) -> ProduceOutcome {
+    let response = frame
+        .response()
+        .map_err(|e| ClientError::protocol(addr, format!("undecodable produce response: {e}")))?;
+    if response.error() != wire::ErrorCode::None {
+        return Err(ClientError::broker(format!("produce to {addr}"), response.error(), response.message()));
+    }
+    let body = response
+        .body_as_produce_response()
+        .ok_or_else(|| ClientError::protocol(addr, "produce answered with another response type"))?;
+    let mut results: HashMap<(&str, u32), wire::ProducePartitionResult<'_>> = HashMap::new();
+    for topic in body.topics().iter().flat_map(|v| v.iter()) {
+        let name = topic.name().unwrap_or_default();
+        for p in topic.partitions().iter().flat_map(|v| v.iter()) {
+            results.insert((name, p.partition()), p);
+        }
+    }
+    Ok(group
+        .iter()
+        .map(|b| match results.get(&(&*b.topic, b.partition)) {
+            None => Err(ClientError::protocol(
+                addr,
+                format!("produce response lacks {}/{}", b.topic, b.partition),
+            )),
+            Some(p) if p.error() != wire::ErrorCode::None => Err(ClientError::broker(
+                format!("produce to {}/{}", b.topic, b.partition),
+                p.error(),
+                p.message(),
+            )),
+            Some(p) => Ok(p.base_offset()),
+        })
+        .collect())
+}
+
+async fn complete_request(shared: &Arc<Shared>, group: Vec<Outbound>, outcome: ProduceOutcome) {
+    match outcome {
+        Ok(results) => {
+            for (b, result) in group.into_iter().zip(results) {
+                finish_batch(shared, b, result).await;
+            }
+        }
+        Err(e) => {
+            for b in group {
+                finish_batch(shared, b, Err(e.clone())).await;
+            }
+        }
+    }
+    shared.wake_sender.notify_one();
+}
+
+/// Records a batch's outcome: completes it, or puts it back for a retry when that cannot reorder
+/// its partition.
+async fn finish_batch(shared: &Arc<Shared>, mut b: Outbound, result: Result<i64, ClientError>) {
+    if let Err(e) = &result {
+        if e.invalidates_metadata() {
+            shared.cluster.invalidate(&b.topic).await;
+        }
+    }
+    {
+        let mut acc = lock(&shared.accumulator);
+        let Some(p) = acc.topics.get_mut(&*b.topic).and_then(|t| t.partitions.get_mut(b.partition as usize))
+        else {
+            b.batch.completion.complete(Err(ClientError::ProducerClosed));
+            return;
+        };
+        p.in_flight -= 1;
+        let retriable = matches!(&result, Err(e) if e.is_retriable());
+        if retriable && p.in_flight == 0 && b.batch.attempts < shared.config.retries {
+            b.batch.attempts += 1;
+            b.batch.not_before = Some(Instant::now() + shared.config.retry_backoff);
+            tracing::debug!(
+                topic = %b.topic,
+                partition = b.partition,
+                attempt = b.batch.attempts,
+                error = ?result.as_ref().err(),
+                "retrying batch"
+            );
+            p.sealed.push_front(b.batch);
+            drop(acc);
+            shared.wake_sender.notify_one();
+            return;
+        }
+    }
+    b.batch.completion.complete(result);
+    shared.buffer.add_permits(b.batch.buffer_bytes as usize);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{batches, reader::records};
+
+    fn config(batch_bytes: usize) -> ProducerConfig {
+        ProducerConfig { batch_bytes, ..ProducerConfig::default() }
+    }
+
+    fn accumulator_with(topic: &str, partitions: usize) -> Accumulator {
+        let mut acc = Accumulator::default();
+        acc.topics.insert(
+            topic.to_owned(),
+            TopicState {
+                name: Arc::from(topic),
+                partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+                round_robin: 0,
+            },
+        );
+        acc
+    }
+
+    fn append(acc: &mut Accumulator, cfg: &ProducerConfig, partition: u32, value: &[u8]) -> DeliveryFuture {
+        let state = acc.topics.get_mut("t").unwrap();
+        let p = &mut state.partitions[partition as usize];
+        append_record(cfg, p, &mut acc.unfinished, partition, 1000, None, Some(value), 10).0
+    }
+
+    #[test]
+    fn batches_seal_at_batch_bytes_and_keep_order() {
+        let cfg = config(1024);
+        let mut acc = accumulator_with("t", 2);
+        let futures: Vec<DeliveryFuture> =
+            (0..100).map(|i| append(&mut acc, &cfg, 0, &[i as u8; 50])).collect();
+        let p = &acc.topics["t"].partitions[0];
+        assert!(p.sealed.len() >= 4, "100 × ~57 bytes must fill several 1 KiB batches");
+        assert!(p.sealed.iter().all(|b| b.bytes.len() <= 1024));
+        // Indexes restart in every batch and count up within it.
+        let mut expected_index = 0;
+        let mut last_batch: Option<*const BatchCompletion> = None;
+        for f in &futures {
+            let this = Arc::as_ptr(&f.batch);
+            if last_batch != Some(this) {
+                expected_index = 0;
+                last_batch = Some(this);
+            }
+            assert_eq!(f.index, expected_index);
+            expected_index += 1;
+        }
+        seal_all(&mut acc);
+        let values: Vec<u8> = acc.topics["t"].partitions[0]
+            .sealed
+            .iter()
+            .flat_map(|b| {
+                let (_, bytes) = batches(&b.bytes).next().unwrap().unwrap();
+                records(bytes).unwrap().map(|r| r.unwrap().value.unwrap()[0]).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(values, (0..100).map(|i| i as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn take_sendable_takes_one_batch_per_partition_and_respects_linger() {
+        let cfg = config(1 << 20);
+        let mut acc = accumulator_with("t", 3);
+        append(&mut acc, &cfg, 0, b"a");
+        append(&mut acc, &cfg, 2, b"b");
+        let now = Instant::now();
+        let s = take_sendable(&mut acc, Duration::from_secs(60), now);
+        assert!(s.batches.is_empty(), "nothing lingered long enough");
+        assert!(s.next.is_some());
+        let out = take_sendable(&mut acc, Duration::ZERO, now + Duration::from_millis(1)).batches;
+        let mut partitions: Vec<u32> = out.iter().map(|b| b.partition).collect();
+        partitions.sort();
+        assert_eq!(partitions, vec![0, 2]);
+        assert_eq!(acc.topics["t"].partitions[0].in_flight, 1);
+        put_back(&mut acc, out);
+        assert_eq!(acc.topics["t"].partitions[0].in_flight, 0);
+        assert_eq!(acc.topics["t"].partitions[0].sealed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn delivery_future_resolves_with_offset_per_record() {
+        let cfg = config(1 << 20);
+        let mut acc = accumulator_with("t", 1);
+        let first = append(&mut acc, &cfg, 0, b"a");
+        let second = append(&mut acc, &cfg, 0, b"b");
+        let batch = first.batch.clone();
+        let waiter = tokio::spawn(second);
+        tokio::task::yield_now().await;
+        batch.complete(Ok(41));
+        assert_eq!(waiter.await.unwrap().unwrap(), RecordMetadata { partition: 0, offset: 42 });
+        assert_eq!(first.await.unwrap(), RecordMetadata { partition: 0, offset: 41 });
+        acc.topics.get_mut("t").unwrap().partitions[0].open = None;
+        let failed = append(&mut acc, &cfg, 0, b"c");
+        let cfg_err = ClientError::broker("produce", wire::ErrorCode::StorageFull, Some("disk"));
+        acc.topics.get_mut("t").unwrap().partitions[0]
+            .open
+            .as_ref()
+            .unwrap()
+            .completion
+            .complete(Err(cfg_err));
+        let err = failed.await.unwrap_err();
+        assert_eq!(err.code(), Some(wire::ErrorCode::StorageFull));
+    }
+
+    #[test]
+    fn produce_request_references_payload_in_order() {
+        let cfg = config(1 << 20);
+        let mut acc = accumulator_with("t", 2);
+        append(&mut acc, &cfg, 0, b"first");
+        append(&mut acc, &cfg, 1, b"second-longer");
+        let group =
+            take_sendable(&mut acc, Duration::ZERO, Instant::now() + Duration::from_millis(1)).batches;
+        let head = super::super::connection::encode_request(7, 0, |fbb| {
+            encode_produce_request(fbb, -1, 1000, &group)
+        });
+        let mut buf = bytes::BytesMut::from(&head[..]);
+        let frame = crate::protocol::frame::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        let request =
+            flatbuffers::root_with_opts::<wire::Request>(&crate::protocol::verifier_options(), &frame.header)
+                .unwrap();
+        let produce = request.body_as_produce_request().unwrap();
+        assert_eq!(produce.acks(), -1);
+        assert_eq!(produce.timeout_ms(), 1000);
+        let topics = produce.topics().unwrap();
+        assert_eq!(topics.len(), 1);
+        assert_eq!(topics.get(0).name(), Some("t"));
+        let mut offset = 0;
+        for (i, p) in topics.get(0).partitions().unwrap().iter().enumerate() {
+            assert_eq!(p.partition(), group[i].partition);
+            assert_eq!(p.payload_offset(), offset);
+            assert_eq!(p.payload_len() as usize, group[i].batch.bytes.len());
+            offset += p.payload_len();
+        }
+    }
+
+    #[test]
+    fn produce_response_maps_results_to_batches() {
+        let cfg = config(1 << 20);
+        let mut acc = accumulator_with("t", 2);
+        append(&mut acc, &cfg, 0, b"x");
+        append(&mut acc, &cfg, 1, b"y");
+        let mut group =
+            take_sendable(&mut acc, Duration::ZERO, Instant::now() + Duration::from_millis(1)).batches;
+        group.sort_by_key(|b| b.partition);
+
+        let mut fbb = flatbuffers::FlatBufferBuilder::new();
+        let message = fbb.create_string("not mine");
+        let p0 = wire::ProducePartitionResult::create(
+            &mut fbb,
+            &wire::ProducePartitionResultArgs { partition: 0, base_offset: 100, ..Default::default() },
+        );
+        let p1 = wire::ProducePartitionResult::create(
+            &mut fbb,
+            &wire::ProducePartitionResultArgs {
+                partition: 1,
+                error: wire::ErrorCode::NotOwner,
+                message: Some(message),
+                ..Default::default()
+            },
+        );
+        let partitions = fbb.create_vector(&[p1, p0]);
+        let name = fbb.create_string("t");
+        let topic = wire::ProduceTopicResult::create(
+            &mut fbb,
+            &wire::ProduceTopicResultArgs { name: Some(name), partitions: Some(partitions) },
+        );
+        let topics = fbb.create_vector(&[topic]);
+        let body =
+            wire::ProduceResponse::create(&mut fbb, &wire::ProduceResponseArgs { topics: Some(topics) });
+        let response = wire::Response::create(
+            &mut fbb,
+            &wire::ResponseArgs {
+                correlation_id: 3,
+                body_type: wire::ResponseBody::ProduceResponse,
+                body: Some(body.as_union_value()),
+                ..Default::default()
+            },
+        );
+        fbb.finish(response, None);
+        let frame =
+            ResponseFrame { header: Bytes::copy_from_slice(fbb.finished_data()), payload: Bytes::new() };
+        let results = decode_produce_response("test:1", &frame, &group).unwrap();
+        assert_eq!(*results[0].as_ref().unwrap(), 100);
+        let err = results[1].as_ref().unwrap_err();
+        assert_eq!(err.code(), Some(wire::ErrorCode::NotOwner));
+        assert!(err.is_retriable());
+        assert!(err.to_string().contains("not mine"), "{err}");
+    }
+}

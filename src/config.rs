@@ -1,0 +1,347 @@
+//! Broker configuration: defaults, the TOML file, `RINGLOG_*` environment variables and flags.
+//!
+//! Owns: every broker option, its default, its documentation (README's config reference mirrors
+//! the doc comments here) and its validation. Precedence, lowest first: built-in default, config
+//! file, environment, command-line flag. Depends on nothing in ringlog but `storage::Durability`'s
+//! wire twin below.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("flag --set {arg}: {message}")]
+    Flag { arg: String, message: String },
+    #[error("option `{option}`: {message}")]
+    Invalid { option: &'static str, message: String },
+}
+
+/// When a produce is acknowledged (acks 1 or all), per topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilitySetting {
+    /// After the O_DIRECT write of the batch completed on the device.
+    Written,
+    /// After an fdatasync covering the batch completed (group commit).
+    Fsync,
+}
+
+/// Every broker option. Field docs are the reference documentation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Directory holding topic metadata and partition segments.
+    pub data_dir: PathBuf,
+    /// Native protocol listener, shared by every shard (SO_REUSEPORT). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Host advertised to clients for the per-shard direct ports; default: the listen address.
+    pub advertised_host: Option<String>,
+    /// Shard N also listens on `shard_port_base + N`, so shard-aware clients reach the owner core
+    /// directly. 0 picks a free port per shard.
+    pub shard_port_base: u16,
+    /// Number of shards (one thread pinned per core). 0 = one per available core.
+    pub shards: usize,
+    /// io_uring registered buffer memory per shard. 0 = fit RLIMIT_MEMLOCK (each shard registers it
+    /// in three rings); see tuning.md.
+    pub io_memory_bytes: usize,
+    /// Memory budget per shard for the tail cache of recent batches.
+    pub tail_cache_bytes: usize,
+    /// Produce is refused with StorageFull while the data directory has less free space than this.
+    pub free_space_reserve_bytes: u64,
+    /// How often each shard rolls segments by age and applies retention.
+    pub housekeeping_interval_ms: u64,
+    /// Largest frame a client may send (header + payload).
+    pub frame_bytes_max: usize,
+    /// Largest record batch accepted on produce.
+    pub batch_bytes_max: usize,
+    /// Most records one batch may hold.
+    pub records_per_batch_max: u32,
+    /// Most partitions one topic may have.
+    pub partitions_per_topic_max: u32,
+    /// Most topics the broker holds.
+    pub topics_max: usize,
+    /// Most open client connections per shard; more are accepted and closed at once, with a log line.
+    pub connections_per_shard_max: usize,
+    /// Request bytes a connection may have in flight before the broker stops reading from it.
+    pub bytes_in_flight_per_connection_max: usize,
+    /// Longest a fetch may park waiting for data, whatever the client asks.
+    pub fetch_wait_ms_max: u64,
+    /// How long shutdown waits for in-flight requests before closing connections anyway.
+    pub shutdown_grace_ms: u64,
+    /// Topic defaults, each overridable per topic at creation.
+    pub default_partitions: u32,
+    pub default_segment_bytes: u64,
+    pub default_segment_ms: u64,
+    /// -1 = unlimited.
+    pub default_retention_bytes: i64,
+    /// -1 = unlimited.
+    pub default_retention_ms: i64,
+    pub default_durability: DurabilitySetting,
+    /// Sparse offset index: one entry per this many bytes of log.
+    pub index_interval_bytes: u32,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: PathBuf::from("./ringlog-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
+            advertised_host: None,
+            shard_port_base: 9300,
+            shards: 0,
+            io_memory_bytes: 0,
+            tail_cache_bytes: 256 << 20,
+            free_space_reserve_bytes: 256 << 20,
+            housekeeping_interval_ms: 10_000,
+            frame_bytes_max: 16 << 20,
+            batch_bytes_max: 4 << 20,
+            records_per_batch_max: 1_000_000,
+            partitions_per_topic_max: 10_000,
+            topics_max: 100_000,
+            connections_per_shard_max: 10_000,
+            bytes_in_flight_per_connection_max: 64 << 20,
+            fetch_wait_ms_max: 30_000,
+            shutdown_grace_ms: 10_000,
+            default_partitions: 1,
+            default_segment_bytes: 1 << 30,
+            default_segment_ms: 7 * 24 * 3600 * 1000,
+            default_retention_bytes: -1,
+            default_retention_ms: 7 * 24 * 3600 * 1000,
+            default_durability: DurabilitySetting::Fsync,
+            index_interval_bytes: 4096,
+        }
+    }
+}
+
+/// Smallest io_memory glommio accepts.
+const IO_MEMORY_MIN_BYTES: usize = 512 << 10;
+const IO_MEMORY_MAX_BYTES: usize = 10 << 20;
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+
+impl BrokerConfig {
+    /// Builds the configuration from an optional TOML file, the environment (`RINGLOG_<OPTION>`,
+    /// upper case) and `key=value` overrides from flags, in that order of precedence.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Iterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<BrokerConfig, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        if let Some(path) = file {
+            // Catch typos and bad types in the file itself, with the file named in the error.
+            table
+                .clone()
+                .try_into::<BrokerConfig>()
+                .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        }
+        let keys = option_names();
+        for (var, value) in env {
+            let Some(key) = var.strip_prefix("RINGLOG_").map(str::to_ascii_lowercase) else { continue };
+            if key == "bootstrap" || key == "log" {
+                continue; // client-side and logging variables, not broker options
+            }
+            if !keys.contains(&key) {
+                return Err(ConfigError::Env { var, message: "no such broker option".into() });
+            }
+            let parsed = parse_value(&value);
+            table.insert(key.clone(), parsed);
+            table.clone().try_into::<BrokerConfig>().map_err(|e| ConfigError::Env {
+                var: var.clone(),
+                message: e.to_string().trim().to_string(),
+            })?;
+        }
+        for (key, value) in overrides {
+            let arg = format!("{key}={value}");
+            if !keys.contains(key) {
+                return Err(ConfigError::Flag { arg, message: "no such broker option".into() });
+            }
+            table.insert(key.clone(), parse_value(value));
+            table
+                .clone()
+                .try_into::<BrokerConfig>()
+                .map_err(|e| ConfigError::Flag { arg, message: e.to_string().trim().to_string() })?;
+        }
+        let config: BrokerConfig = table.try_into().map_err(|e| ConfigError::Invalid {
+            option: "config",
+            message: e.to_string().trim().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(option: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid { option, message: message.into() })
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if self.io_memory_bytes != 0 && !(IO_MEMORY_MIN_BYTES..=1 << 30).contains(&self.io_memory_bytes) {
+            return invalid("io_memory_bytes", format!("must be 0 (auto) or at least {IO_MEMORY_MIN_BYTES}"));
+        }
+        if self.frame_bytes_max < 1024 {
+            return invalid("frame_bytes_max", "must be at least 1024");
+        }
+        if self.batch_bytes_max < 128 || self.batch_bytes_max > self.frame_bytes_max {
+            return invalid("batch_bytes_max", "must be between 128 and frame_bytes_max");
+        }
+        if self.bytes_in_flight_per_connection_max < self.frame_bytes_max {
+            return invalid("bytes_in_flight_per_connection_max", "must be at least frame_bytes_max");
+        }
+        if self.records_per_batch_max == 0 {
+            return invalid("records_per_batch_max", "must be at least 1");
+        }
+        if self.partitions_per_topic_max == 0 {
+            return invalid("partitions_per_topic_max", "must be at least 1");
+        }
+        if self.connections_per_shard_max == 0 {
+            return invalid("connections_per_shard_max", "must be at least 1");
+        }
+        if self.default_partitions == 0 || self.default_partitions > self.partitions_per_topic_max {
+            return invalid("default_partitions", "must be between 1 and partitions_per_topic_max");
+        }
+        if self.default_segment_bytes < SEGMENT_BYTES_MIN {
+            return invalid("default_segment_bytes", format!("must be at least {SEGMENT_BYTES_MIN}"));
+        }
+        if (self.default_segment_bytes as u128) < self.batch_bytes_max as u128 {
+            return invalid("default_segment_bytes", "must be at least batch_bytes_max");
+        }
+        if self.default_segment_ms == 0 {
+            return invalid("default_segment_ms", "must be at least 1");
+        }
+        if self.default_retention_bytes < -1 || self.default_retention_bytes == 0 {
+            return invalid("default_retention_bytes", "must be -1 (unlimited) or positive");
+        }
+        if self.default_retention_ms < -1 || self.default_retention_ms == 0 {
+            return invalid("default_retention_ms", "must be -1 (unlimited) or positive");
+        }
+        if self.index_interval_bytes < 512 {
+            return invalid("index_interval_bytes", "must be at least 512");
+        }
+        if self.housekeeping_interval_ms == 0 {
+            return invalid("housekeeping_interval_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The shard count to run: the configured one, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    /// io_uring registered memory per shard: the configured value, or the largest that lets every
+    /// shard's three rings register within RLIMIT_MEMLOCK (glommio silently falls back to slower
+    /// unregistered buffers when registration fails).
+    pub fn io_memory_for(&self, shards: usize) -> usize {
+        if self.io_memory_bytes > 0 {
+            return self.io_memory_bytes;
+        }
+        let memlock = memlock_limit_bytes();
+        let fitting = (memlock / (3 * shards.max(1) as u64)) as usize;
+        // Leave headroom for the rings themselves, which are also charged to the limit.
+        let fitting = fitting / 4 * 3 / 4096 * 4096;
+        fitting.clamp(IO_MEMORY_MIN_BYTES, IO_MEMORY_MAX_BYTES)
+    }
+}
+
+fn memlock_limit_bytes() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own and has no other effect.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    if rc != 0 {
+        return 8 << 20;
+    }
+    limit.rlim_cur
+}
+
+/// Names of every option, as used in the file, in `--set` and (upper-cased) in `RINGLOG_*`.
+pub fn option_names() -> Vec<String> {
+    match toml::Table::try_from(BrokerConfig::default()) {
+        Ok(table) => {
+            let mut keys: Vec<String> = table.keys().cloned().collect();
+            // Options whose default is None are not serialized; list them explicitly.
+            keys.push("advertised_host".into());
+            keys
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Environment and flag values are TOML literals when they parse as one (numbers, booleans), and
+/// strings otherwise, so `RINGLOG_DATA_DIR=/var/lib/ringlog` needs no quoting.
+fn parse_value(text: &str) -> toml::Value {
+    match format!("v = {text}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_string())),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        BrokerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ringlog.toml");
+        std::fs::write(&file, "shards = 3\nlisten = \"127.0.0.1:1000\"\nframe_bytes_max = 20000000\n")
+            .unwrap();
+        let env = vec![("RINGLOG_SHARDS".to_string(), "2".to_string()), ("PATH".into(), "/bin".into())];
+        let flags = vec![("listen".to_string(), "127.0.0.1:2000".to_string())];
+        let c = BrokerConfig::load(Some(&file), env.into_iter(), &flags).unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.listen.port(), 2000);
+        assert_eq!(c.frame_bytes_max, 20_000_000);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let env = vec![("RINGLOG_SHARDZ".to_string(), "2".to_string())];
+        let err = BrokerConfig::load(None, env.into_iter(), &[]).unwrap_err().to_string();
+        assert!(err.contains("RINGLOG_SHARDZ"), "{err}");
+        let flags = vec![("frame_bytes_max".to_string(), "lots".to_string())];
+        let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
+        assert!(err.contains("frame_bytes_max"), "{err}");
+        let flags = vec![("batch_bytes_max".to_string(), "10".to_string())];
+        let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
+        assert!(err.contains("batch_bytes_max"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();
+        let err = BrokerConfig::load(Some(&file), std::iter::empty(), &[]).unwrap_err().to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn io_memory_fits_memlock() {
+        let c = BrokerConfig::default();
+        let per_shard = c.io_memory_for(2);
+        assert!((IO_MEMORY_MIN_BYTES..=IO_MEMORY_MAX_BYTES).contains(&per_shard));
+    }
+}

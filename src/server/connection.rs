@@ -1,0 +1,183 @@
+//! One client connection: read frames, hand them to dispatch in order, write replies in order.
+//!
+//! Owns: the socket, the receive buffer, the per-connection bytes-in-flight limit, and the
+//! response writer. The reader and writer are separate tasks on two descriptors of the same
+//! socket (a `dup`), so neither waits on the other and nothing needs a lock. Replies leave in
+//! request order; each is written with one `sendmsg` of header and record bytes when the socket
+//! takes it whole, so record bytes are never copied into a response buffer.
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::FutureExt;
+use futures::AsyncReadExt;
+use futures::AsyncWriteExt;
+use glommio::channels::local_channel;
+use glommio::net::TcpStream;
+use glommio::sync::{Semaphore, StaticPermit};
+
+use super::dispatch::{self, Reply, ResponseFrame};
+use super::StopSignal;
+use crate::protocol::frame::{frame_prefix, split_frame, FrameError};
+use crate::shard::Shard;
+
+/// Requests read but not yet answered, per connection (pipelining depth).
+const PIPELINE_DEPTH: usize = 256;
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+struct Pending {
+    reply: dispatch::Boxed<Reply>,
+    /// Released when the reply is written: bounds bytes in flight per connection.
+    _permit: Option<StaticPermit>,
+}
+
+pub(super) async fn run(shard: &Rc<Shard>, stream: TcpStream, stop: StopSignal) {
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(?peer, "TCP_NODELAY not set: {e}");
+    }
+    // SAFETY: dup returns a new descriptor we own exclusively; it is handed to the writer stream,
+    // which closes it when dropped.
+    let writer_fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if writer_fd < 0 {
+        tracing::warn!(?peer, "closing connection: dup failed: {}", std::io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: writer_fd is a valid, owned socket descriptor (checked above).
+    let writer = unsafe { TcpStream::from_raw_fd(writer_fd) };
+    let in_flight = Rc::new(Semaphore::new(shard.config.bytes_in_flight_per_connection_max as u64));
+    let (queue_tx, queue_rx) = local_channel::new_bounded::<Pending>(PIPELINE_DEPTH);
+    let writer_task = glommio::spawn_local(write_loop(writer, queue_rx));
+    read_loop(shard, stream, &in_flight, queue_tx, stop, peer).await;
+    writer_task.await;
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    in_flight: &Rc<Semaphore>,
+    queue: local_channel::LocalSender<Pending>,
+    stop: StopSignal,
+    peer: Option<std::net::SocketAddr>,
+) {
+    let frame_bytes_max = shard.config.frame_bytes_max;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    loop {
+        loop {
+            let frame = match split_frame(&mut buf, frame_bytes_max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(?peer, shard = shard.id, "closing connection: {e}");
+                    let code = match e {
+                        FrameError::TooLarge { .. } => crate::protocol::wire::ErrorCode::BatchTooLarge,
+                        _ => crate::protocol::wire::ErrorCode::InvalidRequest,
+                    };
+                    let reply = Reply::Close(dispatch::error_response(0, code, &e.to_string()));
+                    let _ = queue.send(Pending { reply: async { reply }.boxed_local(), _permit: None }).await;
+                    return;
+                }
+            };
+            let frame_bytes = (frame.header.len() + frame.payload.len()) as u64;
+            let Ok(permit) = in_flight.acquire_static_permit(frame_bytes).await else { return };
+            let (reply, close) = dispatch::handle(shard, frame).await;
+            if queue.send(Pending { reply, _permit: Some(permit) }).await.is_err() || close {
+                return;
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+            buf.reserve(READ_CHUNK_BYTES);
+        }
+        let filled = buf.len();
+        // Bounded so a large pending frame is not re-zeroed in full on every read.
+        let room = (buf.capacity() - filled).min(4 * READ_CHUNK_BYTES);
+        buf.resize(filled + room, 0);
+        let read = futures::select! {
+            read = stream.read(&mut buf[filled..]).fuse() => read,
+            _ = stop.clone().fuse() => {
+                buf.truncate(filled);
+                return;
+            }
+        };
+        match read {
+            Ok(0) => {
+                buf.truncate(filled);
+                if filled > 0 {
+                    tracing::debug!(?peer, bytes = filled, "connection closed mid-frame");
+                }
+                return;
+            }
+            Ok(n) => buf.truncate(filled + n),
+            Err(e) => {
+                tracing::debug!(?peer, "connection read failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn write_loop(mut stream: TcpStream, queue: local_channel::LocalReceiver<Pending>) {
+    while let Some(pending) = queue.recv().await {
+        let (frame, close) = match pending.reply.await {
+            Reply::None => continue,
+            Reply::Frame(frame) => (frame, false),
+            Reply::Close(frame) => (frame, true),
+        };
+        if let Err(e) = write_frame(&mut stream, &frame).await {
+            tracing::debug!("connection write failed: {e}");
+            break;
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Writes prefix, header and payload chunks. First one non-blocking `sendmsg` of all parts;
+/// whatever the socket did not take is finished with ordinary async writes.
+async fn write_frame(stream: &mut TcpStream, frame: &ResponseFrame) -> std::io::Result<()> {
+    let payload_len: usize = frame.payload.iter().map(Bytes::len).sum();
+    let prefix = frame_prefix(frame.header.len(), payload_len);
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + frame.payload.len());
+    parts.push(&prefix);
+    parts.push(&frame.header);
+    parts.extend(frame.payload.iter().map(|b| &b[..]));
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut sent = send_vectored_nonblocking(stream.as_raw_fd(), &parts);
+    if sent == total {
+        return Ok(());
+    }
+    for part in parts {
+        if sent >= part.len() {
+            sent -= part.len();
+            continue;
+        }
+        stream.write_all(&part[sent..]).await?;
+        sent = 0;
+    }
+    Ok(())
+}
+
+/// Bytes `sendmsg` took without blocking (0 on EAGAIN or error; the async path then reports it).
+fn send_vectored_nonblocking(fd: i32, parts: &[&[u8]]) -> usize {
+    const IOV_MAX: usize = 1024;
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .take(IOV_MAX)
+        .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+        .collect();
+    // SAFETY: an all-zero msghdr is valid; we then point it at `iov`, which outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: the iovecs reference live slices; MSG_DONTWAIT keeps the blocking fd from blocking
+    // the shard; MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        0
+    } else {
+        n as usize
+    }
+}

@@ -1,0 +1,667 @@
+//! Request dispatch: decode one native-protocol request, route its parts, encode the response.
+//!
+//! Owns: the mapping between wire messages and shard operations. `handle` does everything that
+//! must happen in arrival order (verification, routing, produce appends and cross-shard sends)
+//! before it returns; the reply future it returns only waits and encodes. Never panics on input:
+//! every failure becomes an error code in the response.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+use futures::future::FutureExt;
+
+use crate::config::DurabilitySetting;
+use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
+use crate::protocol::frame::RawFrame;
+use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
+use crate::protocol::{self, PROTOCOL_VERSION};
+use crate::shard::mesh::{AppendItem, FetchItem, FetchOutcome, OffsetQuery, PartitionError};
+use crate::shard::Shard;
+
+pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// An encoded response: the FlatBuffers header and the record bytes that follow it.
+pub struct ResponseFrame {
+    pub header: Vec<u8>,
+    pub payload: Vec<Bytes>,
+}
+
+pub enum Reply {
+    /// acks = 0: the client expects nothing.
+    None,
+    Frame(ResponseFrame),
+    /// Send this, then close the connection (the stream can no longer be trusted).
+    Close(ResponseFrame),
+}
+
+fn ready(reply: Reply) -> Boxed<Reply> {
+    futures::future::ready(reply).boxed_local()
+}
+
+/// Decodes and dispatches one frame. Returns the reply future and whether the connection must
+/// close after it.
+pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) {
+    let RawFrame { header, payload } = frame;
+    let opts = protocol::verifier_options();
+    let request = match flatbuffers::root_with_opts::<wire::Request>(&opts, &header) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                shard = shard.id,
+                "closing connection: request header is not a valid Request: {e}"
+            );
+            let msg = format!("request header is not a valid FlatBuffers Request: {e}");
+            return (ready(Reply::Close(error_response(0, ErrorCode::InvalidRequest, &msg))), true);
+        }
+    };
+    let cid = request.correlation_id();
+    if request.version() != PROTOCOL_VERSION {
+        let msg = format!(
+            "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+            request.version()
+        );
+        return (ready(Reply::Frame(error_response(cid, ErrorCode::UnsupportedVersion, &msg))), false);
+    }
+    let reply = match request.body_type() {
+        RequestBody::HandshakeRequest => ready(Reply::Frame(handshake(shard, cid))),
+        RequestBody::MetadataRequest => match request.body_as_metadata_request() {
+            Some(r) => metadata(shard, cid, r),
+            None => missing_body(cid),
+        },
+        RequestBody::CreateTopicRequest => match request.body_as_create_topic_request() {
+            Some(r) => create_topic(shard, cid, r),
+            None => missing_body(cid),
+        },
+        RequestBody::DeleteTopicRequest => match request.body_as_delete_topic_request() {
+            Some(r) => delete_topic(shard, cid, r),
+            None => missing_body(cid),
+        },
+        RequestBody::ProduceRequest => match request.body_as_produce_request() {
+            Some(r) => produce(shard, cid, r, payload).await,
+            None => missing_body(cid),
+        },
+        RequestBody::FetchRequest => match request.body_as_fetch_request() {
+            Some(r) => fetch(shard, cid, r),
+            None => missing_body(cid),
+        },
+        RequestBody::ListOffsetsRequest => match request.body_as_list_offsets_request() {
+            Some(r) => list_offsets(shard, cid, r).await,
+            None => missing_body(cid),
+        },
+        other => {
+            let msg = format!("unknown request type {}", other.0);
+            ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, &msg)))
+        }
+    };
+    (reply, false)
+}
+
+fn missing_body(cid: u32) -> Boxed<Reply> {
+    ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, "request has no body")))
+}
+
+pub fn error_response(cid: u32, code: ErrorCode, message: &str) -> ResponseFrame {
+    let mut fbb = FlatBufferBuilder::with_capacity(128 + message.len());
+    let message = fbb.create_string(message);
+    let root = wire::Response::create(
+        &mut fbb,
+        &wire::ResponseArgs {
+            correlation_id: cid,
+            error: code,
+            message: Some(message),
+            ..Default::default()
+        },
+    );
+    finish(fbb, root, Vec::new())
+}
+
+fn finish(
+    mut fbb: FlatBufferBuilder<'_>,
+    root: WIPOffset<wire::Response<'_>>,
+    payload: Vec<Bytes>,
+) -> ResponseFrame {
+    fbb.finish_minimal(root);
+    ResponseFrame { header: fbb.finished_data().to_vec(), payload }
+}
+
+fn respond(
+    mut fbb: FlatBufferBuilder<'_>,
+    cid: u32,
+    body_type: ResponseBody,
+    body: WIPOffset<flatbuffers::UnionWIPOffset>,
+    payload: Vec<Bytes>,
+) -> Reply {
+    let root = wire::Response::create(
+        &mut fbb,
+        &wire::ResponseArgs { correlation_id: cid, body_type, body: Some(body), ..Default::default() },
+    );
+    Reply::Frame(finish(fbb, root, payload))
+}
+
+fn handshake(shard: &Rc<Shard>, cid: u32) -> ResponseFrame {
+    let mut fbb = FlatBufferBuilder::with_capacity(256);
+    let apis: Vec<_> = RequestBody::ENUM_VALUES
+        .iter()
+        .filter(|b| **b != RequestBody::NONE)
+        .map(|b| {
+            wire::ApiRange::create(
+                &mut fbb,
+                &wire::ApiRangeArgs {
+                    api: u16::from(b.0),
+                    min_version: PROTOCOL_VERSION,
+                    max_version: PROTOCOL_VERSION,
+                },
+            )
+        })
+        .collect();
+    let apis = fbb.create_vector(&apis);
+    let broker_version = fbb.create_string(env!("CARGO_PKG_VERSION"));
+    let body = wire::HandshakeResponse::create(
+        &mut fbb,
+        &wire::HandshakeResponseArgs {
+            version: PROTOCOL_VERSION,
+            broker_version: Some(broker_version),
+            shard: shard.id,
+            shard_count: shard.count,
+            apis: Some(apis),
+        },
+    );
+    let root = wire::Response::create(
+        &mut fbb,
+        &wire::ResponseArgs {
+            correlation_id: cid,
+            body_type: ResponseBody::HandshakeResponse,
+            body: Some(body.as_union_value()),
+            ..Default::default()
+        },
+    );
+    finish(fbb, root, Vec::new())
+}
+
+fn topic_config<'a>(fbb: &mut FlatBufferBuilder<'a>, s: &TopicSettings) -> WIPOffset<wire::TopicConfig<'a>> {
+    wire::TopicConfig::create(
+        fbb,
+        &wire::TopicConfigArgs {
+            retention_bytes: Some(s.retention_bytes),
+            retention_ms: Some(s.retention_ms),
+            segment_bytes: Some(s.segment_bytes as i64),
+            segment_ms: Some(s.segment_ms as i64),
+            durability: Some(match s.durability {
+                DurabilitySetting::Written => wire::Durability::Written,
+                DurabilitySetting::Fsync => wire::Durability::Fsync,
+            }),
+        },
+    )
+}
+
+fn overrides_from_wire(config: Option<wire::TopicConfig<'_>>) -> Result<TopicOverrides, String> {
+    let Some(c) = config else { return Ok(TopicOverrides::default()) };
+    let non_negative = |name: &str, v: Option<i64>| -> Result<Option<u64>, String> {
+        match v {
+            None => Ok(None),
+            Some(v) if v > 0 => Ok(Some(v as u64)),
+            Some(v) => Err(format!("{name} {v} must be positive")),
+        }
+    };
+    Ok(TopicOverrides {
+        segment_bytes: non_negative("segment_bytes", c.segment_bytes())?,
+        segment_ms: non_negative("segment_ms", c.segment_ms())?,
+        retention_bytes: c.retention_bytes(),
+        retention_ms: c.retention_ms(),
+        durability: match c.durability() {
+            None => None,
+            Some(wire::Durability::Written) => Some(DurabilitySetting::Written),
+            Some(wire::Durability::Fsync) => Some(DurabilitySetting::Fsync),
+            Some(other) => return Err(format!("unknown durability {}", other.0)),
+        },
+    })
+}
+
+/// Per-partition metadata for `topics`, with log offsets asked from each owner.
+async fn partition_metadata(
+    shard: &Rc<Shard>,
+    topics: &[(Arc<str>, Vec<u32>)],
+) -> Vec<Vec<(u32, u32, i64, i64)>> {
+    let mut queries = Vec::new();
+    for (name, shards) in topics {
+        for (p, &owner) in shards.iter().enumerate() {
+            queries.push((owner, (name.clone(), p as u32)));
+        }
+    }
+    let mut states = shard.partition_states(queries).await.into_iter();
+    topics
+        .iter()
+        .map(|(_, shards)| {
+            shards
+                .iter()
+                .enumerate()
+                .map(|(p, &owner)| {
+                    let (start, hw) = states.next().flatten().unwrap_or((-1, -1));
+                    (p as u32, owner, start, hw)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn encode_partitions<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    parts: &[(u32, u32, i64, i64)],
+) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::PartitionMetadata<'a>>>> {
+    let parts: Vec<_> = parts
+        .iter()
+        .map(|&(partition, shard, log_start_offset, high_watermark)| {
+            wire::PartitionMetadata::create(
+                fbb,
+                &wire::PartitionMetadataArgs { partition, shard, log_start_offset, high_watermark },
+            )
+        })
+        .collect();
+    fbb.create_vector(&parts)
+}
+
+fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<Reply> {
+    let requested: Vec<String> =
+        r.topics().map(|t| t.iter().map(str::to_string).collect()).unwrap_or_default();
+    let names: Vec<Result<Arc<str>, String>> = if requested.is_empty() {
+        shard.topic_names().into_iter().map(Ok).collect()
+    } else {
+        requested.into_iter().map(|n| shard.topic(&n).map(|v| v.name.clone()).ok_or(n)).collect()
+    };
+    let shard = shard.clone();
+    async move {
+        let views: Vec<_> =
+            names.iter().filter_map(|n| n.as_ref().ok()).filter_map(|n| shard.topic(n)).collect();
+        let layout: Vec<(Arc<str>, Vec<u32>)> =
+            views.iter().map(|v| (v.name.clone(), v.partition_shards.clone())).collect();
+        let mut states = partition_metadata(&shard, &layout).await.into_iter();
+        let mut views = views.into_iter();
+        let mut fbb = FlatBufferBuilder::with_capacity(1024);
+        let mut topics = Vec::with_capacity(names.len());
+        for name in &names {
+            let topic = match name {
+                Ok(_) => {
+                    let (Some(view), Some(parts)) = (views.next(), states.next()) else { continue };
+                    let name = fbb.create_string(&view.name);
+                    let partitions = encode_partitions(&mut fbb, &parts);
+                    let config = topic_config(&mut fbb, &view.settings);
+                    wire::TopicMetadata::create(
+                        &mut fbb,
+                        &wire::TopicMetadataArgs {
+                            name: Some(name),
+                            partitions: Some(partitions),
+                            config: Some(config),
+                            ..Default::default()
+                        },
+                    )
+                }
+                Err(missing) => {
+                    let message = fbb.create_string(&format!("unknown topic '{missing}'"));
+                    let name = fbb.create_string(missing);
+                    wire::TopicMetadata::create(
+                        &mut fbb,
+                        &wire::TopicMetadataArgs {
+                            name: Some(name),
+                            error: ErrorCode::UnknownTopicOrPartition,
+                            message: Some(message),
+                            ..Default::default()
+                        },
+                    )
+                }
+            };
+            topics.push(topic);
+        }
+        let endpoints: Vec<_> = shard
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let host = fbb.create_string(&addr.ip().to_string());
+                wire::ShardEndpoint::create(
+                    &mut fbb,
+                    &wire::ShardEndpointArgs { shard: i as u32, host: Some(host), port: addr.port() },
+                )
+            })
+            .collect();
+        let shards = fbb.create_vector(&endpoints);
+        let topics = fbb.create_vector(&topics);
+        let body = wire::MetadataResponse::create(
+            &mut fbb,
+            &wire::MetadataResponseArgs { shards: Some(shards), topics: Some(topics) },
+        );
+        respond(fbb, cid, ResponseBody::MetadataResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}
+
+fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) -> Boxed<Reply> {
+    let name = r.name().unwrap_or_default().to_string();
+    let partitions = match r.partitions() {
+        0 => shard.config.default_partitions,
+        n => n,
+    };
+    let overrides = match overrides_from_wire(r.config()) {
+        Ok(o) => o,
+        Err(m) => return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidConfig, &m))),
+    };
+    let shard = shard.clone();
+    async move {
+        let meta: TopicMeta = match shard.create_topic(name, partitions, overrides).await {
+            Ok(meta) => meta,
+            Err(e) => return Reply::Frame(error_response(cid, e.code, &e.message)),
+        };
+        let layout = vec![(Arc::<str>::from(meta.name.as_str()), meta.partition_shards.clone())];
+        let parts = partition_metadata(&shard, &layout).await;
+        let mut fbb = FlatBufferBuilder::with_capacity(512);
+        let name = fbb.create_string(&meta.name);
+        let partitions = encode_partitions(&mut fbb, parts.first().map(Vec::as_slice).unwrap_or_default());
+        let body = wire::CreateTopicResponse::create(
+            &mut fbb,
+            &wire::CreateTopicResponseArgs { name: Some(name), partitions: Some(partitions) },
+        );
+        respond(fbb, cid, ResponseBody::CreateTopicResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}
+
+fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) -> Boxed<Reply> {
+    let name = r.name().unwrap_or_default().to_string();
+    let shard = shard.clone();
+    async move {
+        if let Err(e) = shard.delete_topic(name.clone()).await {
+            return Reply::Frame(error_response(cid, e.code, &e.message));
+        }
+        let mut fbb = FlatBufferBuilder::with_capacity(128);
+        let name = fbb.create_string(&name);
+        let body =
+            wire::DeleteTopicResponse::create(&mut fbb, &wire::DeleteTopicResponseArgs { name: Some(name) });
+        respond(fbb, cid, ResponseBody::DeleteTopicResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}
+
+/// Where each partition of a response comes from: an index into the routed items, or an error
+/// found before routing.
+type Slot = Result<usize, PartitionError>;
+
+async fn produce(
+    shard: &Rc<Shard>,
+    cid: u32,
+    r: wire::ProduceRequest<'_>,
+    payload: BytesMut,
+) -> Boxed<Reply> {
+    let acks = r.acks();
+    if !matches!(acks, protocol::ACKS_NONE | protocol::ACKS_LEADER | protocol::ACKS_ALL) {
+        let msg = format!("acks must be 0, 1 or -1 (all), not {acks}");
+        return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, &msg)));
+    }
+    let payload_len = payload.len();
+    let mut rest = payload;
+    let mut consumed = 0usize;
+    let mut items = Vec::new();
+    let mut layout: Vec<(String, Vec<(u32, Slot)>)> = Vec::new();
+    for topic in r.topics().iter().flatten() {
+        let name = topic.name().unwrap_or_default();
+        let mut parts = Vec::new();
+        for p in topic.partitions().iter().flatten() {
+            let partition = p.partition();
+            let (start, len) = (p.payload_offset() as usize, p.payload_len() as usize);
+            let slot = match shard.route(name, partition) {
+                Err(e) => Err(e),
+                Ok(_) if start < consumed || start.saturating_add(len) > payload_len => Err(PartitionError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "payload range {start}+{len} is outside the {payload_len}-byte payload or overlaps an \
+                         earlier partition's (ranges must be in ascending order)"
+                    ),
+                )),
+                Ok(_) if len == 0 => Err(PartitionError::new(ErrorCode::InvalidRequest, "empty record batch")),
+                Ok((view, owner)) => {
+                    rest.advance(start - consumed);
+                    let batches = rest.split_to(len);
+                    consumed = start + len;
+                    items.push((owner, AppendItem { topic: view.name.clone(), partition, batches }));
+                    Ok(items.len() - 1)
+                }
+            };
+            parts.push((partition, slot));
+        }
+        layout.push((name.to_string(), parts));
+    }
+    let outcomes = shard.produce(items, acks != protocol::ACKS_NONE).await;
+    if acks == protocol::ACKS_NONE {
+        return ready(Reply::None);
+    }
+    async move {
+        let outcomes = outcomes.await;
+        let mut fbb = FlatBufferBuilder::with_capacity(256);
+        let mut topics = Vec::with_capacity(layout.len());
+        for (name, parts) in &layout {
+            let results: Vec<_> = parts
+                .iter()
+                .map(|(partition, slot)| {
+                    let outcome = match slot {
+                        Ok(i) => outcomes[*i].clone(),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let args = match outcome {
+                        Ok(a) => wire::ProducePartitionResultArgs {
+                            partition: *partition,
+                            base_offset: a.base_offset,
+                            log_start_offset: a.log_start_offset,
+                            ..Default::default()
+                        },
+                        Err(e) => wire::ProducePartitionResultArgs {
+                            partition: *partition,
+                            error: e.code,
+                            message: Some(fbb.create_string(&e.message)),
+                            ..Default::default()
+                        },
+                    };
+                    wire::ProducePartitionResult::create(&mut fbb, &args)
+                })
+                .collect();
+            let partitions = fbb.create_vector(&results);
+            let name = fbb.create_string(name);
+            topics.push(wire::ProduceTopicResult::create(
+                &mut fbb,
+                &wire::ProduceTopicResultArgs { name: Some(name), partitions: Some(partitions) },
+            ));
+        }
+        let topics = fbb.create_vector(&topics);
+        let body =
+            wire::ProduceResponse::create(&mut fbb, &wire::ProduceResponseArgs { topics: Some(topics) });
+        respond(fbb, cid, ResponseBody::ProduceResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}
+
+fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply> {
+    let max_wait = Duration::from_millis(u64::from(r.max_wait_ms()).min(shard.config.fetch_wait_ms_max));
+    let min_bytes = r.min_bytes() as usize;
+    let max_bytes = (r.max_bytes() as usize).max(1);
+    let mut items: Vec<(u32, FetchItem)> = Vec::new();
+    let mut layout: Vec<(String, Vec<(u32, Slot)>)> = Vec::new();
+    for topic in r.topics().iter().flatten() {
+        let name = topic.name().unwrap_or_default();
+        let mut parts = Vec::new();
+        for p in topic.partitions().iter().flatten() {
+            let slot = shard.route(name, p.partition()).map(|(view, owner)| {
+                let item = FetchItem {
+                    topic: view.name.clone(),
+                    partition: p.partition(),
+                    offset: p.offset(),
+                    max_bytes: (p.max_bytes() as usize).clamp(1, max_bytes),
+                };
+                items.push((owner, item));
+                items.len() - 1
+            });
+            parts.push((p.partition(), slot));
+        }
+        layout.push((name.to_string(), parts));
+    }
+    let shard = shard.clone();
+    async move {
+        let deadline = Instant::now() + max_wait;
+        let outcomes = loop {
+            let outcomes: Vec<FetchOutcome> = shard.fetch(items.clone()).await.await;
+            let bytes: usize = outcomes.iter().flatten().map(|f| f.len()).sum();
+            let failed = outcomes.iter().any(Result::is_err);
+            let now = Instant::now();
+            if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
+                break outcomes;
+            }
+            // Park until something past what we already have arrives on any of the partitions.
+            let waits: Vec<(u32, FetchItem)> = items
+                .iter()
+                .zip(&outcomes)
+                .map(|((owner, item), outcome)| {
+                    let mut item = item.clone();
+                    if let Ok(f) = outcome {
+                        item.offset = item.offset.max(f.high_watermark);
+                    }
+                    (*owner, item)
+                })
+                .collect();
+            shard.wait_for_data(waits, (deadline - now).as_millis() as u64).await;
+        };
+        encode_fetch(cid, &layout, outcomes, max_bytes)
+    }
+    .boxed_local()
+}
+
+fn encode_fetch(
+    cid: u32,
+    layout: &[(String, Vec<(u32, Slot)>)],
+    outcomes: Vec<FetchOutcome>,
+    max_bytes: usize,
+) -> Reply {
+    let mut outcomes: Vec<Option<FetchOutcome>> = outcomes.into_iter().map(Some).collect();
+    let mut fbb = FlatBufferBuilder::with_capacity(512);
+    let mut payload: Vec<Bytes> = Vec::new();
+    let mut payload_len = 0usize;
+    let mut topics = Vec::with_capacity(layout.len());
+    for (name, parts) in layout {
+        let mut results = Vec::with_capacity(parts.len());
+        for (partition, slot) in parts {
+            let outcome = match slot {
+                Ok(i) => outcomes[*i].take().unwrap_or_else(|| {
+                    Err(PartitionError::new(ErrorCode::Internal, "partition listed twice in one fetch"))
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            let args = match outcome {
+                Ok(fetched) => {
+                    let start = payload_len;
+                    let len = fetched.len();
+                    // The response-wide limit; the first partition with data always gets through
+                    // so a consumer can make progress past a batch larger than max_bytes.
+                    let include = payload_len == 0 || payload_len + len <= max_bytes;
+                    if include {
+                        payload_len += len;
+                        payload.extend(fetched.chunks);
+                    }
+                    wire::FetchPartitionResultArgs {
+                        partition: *partition,
+                        high_watermark: fetched.high_watermark,
+                        log_start_offset: fetched.log_start_offset,
+                        payload_offset: start as u32,
+                        payload_len: if include { len as u32 } else { 0 },
+                        ..Default::default()
+                    }
+                }
+                Err(e) => wire::FetchPartitionResultArgs {
+                    partition: *partition,
+                    error: e.code,
+                    message: Some(fbb.create_string(&e.message)),
+                    ..Default::default()
+                },
+            };
+            results.push(wire::FetchPartitionResult::create(&mut fbb, &args));
+        }
+        let partitions = fbb.create_vector(&results);
+        let name = fbb.create_string(name);
+        topics.push(wire::FetchTopicResult::create(
+            &mut fbb,
+            &wire::FetchTopicResultArgs { name: Some(name), partitions: Some(partitions) },
+        ));
+    }
+    let topics = fbb.create_vector(&topics);
+    let body = wire::FetchResponse::create(&mut fbb, &wire::FetchResponseArgs { topics: Some(topics) });
+    respond(fbb, cid, ResponseBody::FetchResponse, body.as_union_value(), payload)
+}
+
+async fn list_offsets(shard: &Rc<Shard>, cid: u32, r: wire::ListOffsetsRequest<'_>) -> Boxed<Reply> {
+    let mut items = Vec::new();
+    let mut layout: Vec<(String, Vec<(u32, Slot)>)> = Vec::new();
+    for topic in r.topics().iter().flatten() {
+        let name = topic.name().unwrap_or_default();
+        let mut parts = Vec::new();
+        for p in topic.partitions().iter().flatten() {
+            let slot = shard.route(name, p.partition()).map(|(view, owner)| {
+                let q = OffsetQuery {
+                    topic: view.name.clone(),
+                    partition: p.partition(),
+                    timestamp_ms: p.timestamp(),
+                };
+                items.push((owner, q));
+                items.len() - 1
+            });
+            parts.push((p.partition(), slot));
+        }
+        layout.push((name.to_string(), parts));
+    }
+    let outcomes = shard.list_offsets(items).await;
+    async move {
+        let outcomes = outcomes.await;
+        let mut fbb = FlatBufferBuilder::with_capacity(256);
+        let mut topics = Vec::with_capacity(layout.len());
+        for (name, parts) in &layout {
+            let results: Vec<_> = parts
+                .iter()
+                .map(|(partition, slot)| {
+                    let outcome = match slot {
+                        Ok(i) => outcomes[*i].clone(),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let args = match outcome {
+                        Ok(found) => {
+                            let (offset, timestamp) = found.unwrap_or((-1, -1));
+                            wire::ListOffsetsPartitionResultArgs {
+                                partition: *partition,
+                                offset,
+                                timestamp,
+                                ..Default::default()
+                            }
+                        }
+                        Err(e) => wire::ListOffsetsPartitionResultArgs {
+                            partition: *partition,
+                            error: e.code,
+                            message: Some(fbb.create_string(&e.message)),
+                            ..Default::default()
+                        },
+                    };
+                    wire::ListOffsetsPartitionResult::create(&mut fbb, &args)
+                })
+                .collect();
+            let partitions = fbb.create_vector(&results);
+            let name = fbb.create_string(name);
+            topics.push(wire::ListOffsetsTopicResult::create(
+                &mut fbb,
+                &wire::ListOffsetsTopicResultArgs { name: Some(name), partitions: Some(partitions) },
+            ));
+        }
+        let topics = fbb.create_vector(&topics);
+        let body = wire::ListOffsetsResponse::create(
+            &mut fbb,
+            &wire::ListOffsetsResponseArgs { topics: Some(topics) },
+        );
+        respond(fbb, cid, ResponseBody::ListOffsetsResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}

@@ -1,0 +1,340 @@
+//! Starting and stopping the shards: one glommio executor per shard, pinned to a core.
+//!
+//! Owns: the data-directory lock, executor placement and io_memory sizing, the start-up
+//! rendezvous (mesh peer ids, listener addresses), signal handling and the two-phase shutdown
+//! (drain connections everywhere, then close partitions everywhere). This is the only module that
+//! knows glommio's executor API, so a patched glommio could be swapped in here.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use thiserror::Error;
+
+use super::mesh::ShardMsg;
+use super::Shard;
+use crate::config::BrokerConfig;
+use crate::metadata::{self, MetadataStore};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("data directory {path} is in use by another ringlog process (lock file {path}/.lock)")]
+    Locked { path: String },
+    #[error(transparent)]
+    Metadata(#[from] metadata::MetadataError),
+    #[error("cannot start shard {shard}: {message}")]
+    Shard { shard: usize, message: String },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What the shards agree on while starting; mutexes here are start-up only, never on a request.
+struct Rendezvous {
+    shards: usize,
+    shared_port: Mutex<Option<u16>>,
+    direct: Mutex<Vec<Option<SocketAddr>>>,
+    peers: Mutex<Vec<Option<usize>>>,
+    ready: AtomicUsize,
+    failed: Mutex<Option<String>>,
+}
+
+/// Shutdown coordination across shards.
+pub struct Shutdown {
+    requested: AtomicBool,
+    drained: AtomicUsize,
+}
+
+impl Shutdown {
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+}
+
+async fn poll_until(mut done: impl FnMut() -> bool) {
+    while !done() {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs a broker until SIGINT/SIGTERM; returns after every partition is flushed and closed.
+pub fn run(config: BrokerConfig) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("topics"))
+        .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let shards = config.shard_count();
+    let store = MetadataStore::open(&data_dir, shards)?;
+    remove_orphan_topic_dirs(&data_dir, &store);
+    let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
+    let io_memory = config.io_memory_for(shards);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        shards,
+        cores = cores.len(),
+        io_memory_bytes = io_memory,
+        topics = topics.len(),
+        listen = %config.listen,
+        "starting ringlog {}", env!("CARGO_PKG_VERSION")
+    );
+    tracing::info!("configuration: {config:?}");
+
+    let shutdown = Arc::new(Shutdown { requested: AtomicBool::new(false), drained: AtomicUsize::new(0) });
+    install_signal_handlers(shutdown.clone())?;
+    let rendezvous = Arc::new(Rendezvous {
+        shards,
+        shared_port: Mutex::new(None),
+        direct: Mutex::new(vec![None; shards]),
+        peers: Mutex::new(vec![None; shards]),
+        ready: AtomicUsize::new(0),
+        failed: Mutex::new(None),
+    });
+    let mesh = MeshBuilder::<ShardMsg, _>::full(shards, 1024);
+    let mut store = Some(store);
+    let mut handles = Vec::with_capacity(shards);
+    for id in 0..shards {
+        let placement = match cores.get(id % cores.len().max(1)) {
+            Some(core) => Placement::Fixed(core.id),
+            None => Placement::Unbound,
+        };
+        let ctx = ShardStart {
+            id,
+            config: config.clone(),
+            topics: topics.clone(),
+            store: if id == 0 { store.take() } else { None },
+            rendezvous: rendezvous.clone(),
+            shutdown: shutdown.clone(),
+            mesh: mesh.clone(),
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .io_memory(io_memory)
+            .spin_before_park(Duration::from_micros(50))
+            .spawn(move || async move { ctx.run().await })
+            .map_err(|e| StartError::Shard { shard: id, message: e.to_string() })?;
+        handles.push(handle);
+    }
+
+    // Report readiness (or the first failure) from the main thread.
+    loop {
+        if let Some(message) = lock(&rendezvous.failed).clone() {
+            shutdown.request();
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(StartError::Shard { shard: 0, message });
+        }
+        if rendezvous.ready.load(Ordering::Acquire) == shards {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let direct: Vec<String> = lock(&rendezvous.direct).iter().flatten().map(|a| a.to_string()).collect();
+    let port = lock(&rendezvous.shared_port).unwrap_or(0);
+    let ready = format!(
+        "ringlog ready: native={}:{port} shards={shards} direct={} data_dir={}",
+        config.listen.ip(),
+        direct.join(","),
+        data_dir.display()
+    );
+    tracing::info!("{ready}");
+    println!("{ready}");
+
+    let mut failure = None;
+    for (id, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => failure = Some(StartError::Shard { shard: id, message }),
+            Err(e) => failure = Some(StartError::Shard { shard: id, message: e.to_string() }),
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("ringlog stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct ShardStart {
+    id: usize,
+    config: Arc<BrokerConfig>,
+    topics: Arc<Vec<metadata::TopicMeta>>,
+    store: Option<MetadataStore>,
+    rendezvous: Arc<Rendezvous>,
+    shutdown: Arc<Shutdown>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+}
+
+impl ShardStart {
+    async fn run(mut self) -> Result<(), String> {
+        let store = self.store.take();
+        let result = self.start(store).await;
+        if let Err(message) = &result {
+            lock(&self.rendezvous.failed).get_or_insert_with(|| message.clone());
+        }
+        result
+    }
+
+    fn failed(&self) -> bool {
+        lock(&self.rendezvous.failed).is_some()
+    }
+
+    async fn start(&self, store: Option<MetadataStore>) -> Result<(), String> {
+        let rv = &self.rendezvous;
+        let (senders, mut receivers) =
+            self.mesh.clone().join().await.map_err(|_| "cannot join the shard mesh")?;
+        lock(&rv.peers)[self.id] = Some(senders.peer_id());
+
+        let shared = self.bind_shared().await?;
+        let direct_port = match self.config.shard_port_base {
+            0 => 0,
+            base => base.checked_add(self.id as u16).ok_or("shard_port_base + shard id exceeds 65535")?,
+        };
+        let direct_addr = SocketAddr::new(self.config.listen.ip(), direct_port);
+        let direct = TcpListener::bind(direct_addr)
+            .map_err(|e| format!("cannot listen on {direct_addr} (shard_port_base): {e}"))?;
+        let bound = direct.local_addr().map_err(|e| e.to_string())?;
+        lock(&rv.direct)[self.id] = Some(bound);
+
+        poll_until(|| {
+            self.failed()
+                || (lock(&rv.direct).iter().all(Option::is_some)
+                    && lock(&rv.peers).iter().all(Option::is_some))
+        })
+        .await;
+        if self.failed() {
+            return Err("another shard failed to start".into());
+        }
+        let advertised_host = self.config.advertised_host.clone();
+        let endpoints: Vec<SocketAddr> = lock(&rv.direct)
+            .iter()
+            .flatten()
+            .map(|a| match advertised_host.as_deref().and_then(|h| h.parse().ok()) {
+                Some(ip) => SocketAddr::new(ip, a.port()),
+                None => *a,
+            })
+            .collect();
+        let peer_of_shard: Vec<usize> = lock(&rv.peers).iter().flatten().copied().collect();
+
+        let shard = Shard::open(
+            self.id as u32,
+            self.config.clone(),
+            endpoints,
+            &self.topics,
+            store,
+            senders,
+            peer_of_shard,
+        )
+        .await?;
+
+        for (_, receiver) in receivers.streams() {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = receiver.recv().await {
+                    shard.handle(msg);
+                }
+            })
+            .detach();
+        }
+        let housekeeping = glommio::spawn_local(shard.clone().housekeeping());
+        rv.ready.fetch_add(1, Ordering::AcqRel);
+
+        crate::server::serve(shard.clone(), vec![shared, direct], self.shutdown.clone()).await;
+
+        // Phase 1 is over on this shard: no connection of ours will send new work. Other shards
+        // may still route requests here until they are drained too, so keep serving the mesh.
+        self.shutdown.drained.fetch_add(1, Ordering::AcqRel);
+        poll_until(|| self.shutdown.drained.load(Ordering::Acquire) >= rv.shards).await;
+        drop(housekeeping);
+        shard.close_partitions().await;
+        tracing::info!(shard = self.id, "shard stopped");
+        Ok(())
+    }
+
+    /// Shard 0 binds the shared listener first (it may pick a free port); the others then bind
+    /// the same port with SO_REUSEPORT so the kernel spreads connections across shards.
+    async fn bind_shared(&self) -> Result<TcpListener, String> {
+        let rv = &self.rendezvous;
+        let listen = self.config.listen;
+        if self.id == 0 {
+            let l =
+                TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen} (listen): {e}"))?;
+            let port = l.local_addr().map_err(|e| e.to_string())?.port();
+            *lock(&rv.shared_port) = Some(port);
+            return Ok(l);
+        }
+        poll_until(|| self.failed() || lock(&rv.shared_port).is_some()).await;
+        let port = lock(&rv.shared_port).ok_or("shard 0 failed to start")?;
+        let addr = SocketAddr::new(listen.ip(), port);
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (listen): {e}"))
+    }
+}
+
+fn install_signal_handlers(shutdown: Arc<Shutdown>) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(StartError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if shutdown.requested() {
+                    tracing::warn!("second signal {signal}: exiting without a clean shutdown");
+                    std::process::exit(130);
+                }
+                tracing::info!("signal {signal}: shutting down (finishing in-flight requests)");
+                shutdown.request();
+            }
+        })
+        .map_err(StartError::Signals)?;
+    Ok(())
+}
+
+/// An exclusive flock on `<data_dir>/.lock`, held for the life of the process.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = data_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::DataDir { path: path.display().to_string(), source })?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StartError::Locked { path: data_dir.display().to_string() });
+    }
+    Ok(file)
+}
+
+/// A crash between a topic's removal from the metadata file and the removal of its files leaves a
+/// directory behind; it holds no topic anyone can reach, so it is removed at start.
+fn remove_orphan_topic_dirs(data_dir: &std::path::Path, store: &MetadataStore) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("topics")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if store.get(&name).is_none() {
+            tracing::warn!(topic = %name, "removing files of a deleted topic");
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!("could not remove {}: {e}", entry.path().display());
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Storage engine: partition logs made of O_DIRECT segment files, their sparse indexes, the
+//! per-shard tail cache, crash recovery, segment rolling and retention.
+//!
+//! Owns everything under a partition directory (`<base_offset:020>.log`, `.index`, `.timeindex`,
+//! `.clean_shutdown`) and the per-shard storage context (`ShardStorage`: tail cache, disk-space
+//! monitor). May depend on `crate::record` (batch format) and glommio; never on the server, shard
+//! routing or protocol layers. Everything is shard-local (`Rc`, `RefCell`, `Cell`): a `Partition`
+//! is opened, written, read and closed by the one shard that owns it.
+//!
+//! Layout of the code, from pure to IO:
+//! - `index`, `scan`, `retention`, `tail_cache`: pure logic, unit- and property-tested.
+//! - `disk_space`, `notify`: small shard-local helpers.
+//! - `segment`: one segment's files and the recovery scan over them.
+//! - `partition`: appends, the flusher (the one writer of a partition), reads, housekeeping,
+//!   truncation and close.
+//!
+//! Durability, precisely: `append` only stages bytes in memory. The partition's flusher writes
+//! them with one O_DIRECT write at a time. With `Durability::Written` a batch counts as durable once
+//! the write holding it completed (the device has it; a power loss may still lose it if the device
+//! cache is volatile). With `Durability::Fsync` it counts once an `fdatasync` that began after that
+//! write completed (group commit). The high watermark, and with it everything consumers can read,
+//! only covers durable batches.
+
+mod disk_space;
+mod index;
+mod notify;
+mod partition;
+mod retention;
+mod scan;
+mod segment;
+mod tail_cache;
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+pub use partition::Partition;
+pub use tail_cache::CacheStats;
+
+use crate::record::BatchError;
+use disk_space::DiskSpace;
+use tail_cache::TailCache;
+
+/// When a produce is acknowledged (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// After the O_DIRECT write holding the batch completed.
+    Written,
+    /// After an fdatasync that started after that write (group commit).
+    Fsync,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// Roll the active segment when an append would make it exceed this.
+    pub segment_bytes: u64,
+    /// Roll the active segment when its first batch is older than this.
+    pub segment_ms: u64,
+    /// Per partition; delete the oldest whole segments beyond this.
+    pub retention_bytes: Option<u64>,
+    /// Delete whole segments whose newest record is older than this.
+    pub retention_ms: Option<u64>,
+    pub durability: Durability,
+    /// Sparse index: one entry per this many bytes of log.
+    pub index_interval_bytes: u32,
+    /// Enforced on append.
+    pub batch_bytes_max: usize,
+    /// Enforced on append.
+    pub records_per_batch_max: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            durability: Durability::Fsync,
+            index_interval_bytes: 4096,
+            batch_bytes_max: 1 << 20,
+            records_per_batch_max: 1 << 20,
+        }
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum StorageError {
+    #[error("batch {index} (at byte {position} of the request) was rejected: {source}")]
+    InvalidBatch {
+        index: usize,
+        position: usize,
+        #[source]
+        source: BatchError,
+    },
+    #[error(
+        "offset {requested} is out of range: the log starts at {log_start} and the high watermark is {high_watermark}"
+    )]
+    OffsetOutOfRange { requested: i64, log_start: i64, high_watermark: i64 },
+    #[error(
+        "disk almost full under {}: {free_bytes} bytes free, {reserve_bytes} reserved; produce is refused until space is freed",
+        dir.display()
+    )]
+    StorageFull { free_bytes: u64, reserve_bytes: u64, dir: PathBuf },
+    #[error("corrupt data in {}: byte {position}: {detail}", segment.display())]
+    Corrupt { segment: PathBuf, position: u64, detail: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "writing {} failed, offsets from {first_lost_offset} were not persisted and were rolled back: {detail}",
+        segment.display()
+    )]
+    WriteFailed { segment: PathBuf, first_lost_offset: i64, detail: String },
+    #[error("partition is being truncated; retry the append")]
+    Truncating,
+    #[error("partition is closed")]
+    Closed,
+}
+
+impl StorageError {
+    pub(crate) fn io(context: impl Into<String>, source: impl Into<std::io::Error>) -> StorageError {
+        StorageError::Io { context: context.into(), source: source.into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub log_start_offset: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    /// Whole batches, in offset order.
+    pub chunks: Vec<bytes::Bytes>,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+}
+
+/// A torn or damaged tail found by recovery and cut off.
+#[derive(Clone, Debug)]
+pub struct TornTail {
+    pub segment: PathBuf,
+    pub position: u64,
+    pub bytes_dropped: u64,
+    /// Last offset kept in this segment, if any.
+    pub last_good_offset: Option<i64>,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    pub dir: PathBuf,
+    pub clean_shutdown: bool,
+    pub segments_found: usize,
+    pub segments_scanned: usize,
+    pub indexes_loaded: usize,
+    pub indexes_rebuilt: usize,
+    pub torn_tails: Vec<TornTail>,
+    /// Segments deleted because an earlier segment lost data (their offsets would not follow).
+    pub segments_removed: Vec<PathBuf>,
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+}
+
+impl fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "recovered {}: {} segments ({} scanned, {} indexes loaded, {} rebuilt), offsets {}..{}, {}",
+            self.dir.display(),
+            self.segments_found,
+            self.segments_scanned,
+            self.indexes_loaded,
+            self.indexes_rebuilt,
+            self.log_start_offset,
+            self.log_end_offset,
+            if self.clean_shutdown { "clean shutdown" } else { "no clean-shutdown marker" },
+        )?;
+        for t in &self.torn_tails {
+            write!(
+                f,
+                "; truncated {} at byte {} ({} bytes dropped, last good offset {:?}: {})",
+                t.segment.display(),
+                t.position,
+                t.bytes_dropped,
+                t.last_good_offset,
+                t.detail
+            )?;
+        }
+        for s in &self.segments_removed {
+            write!(f, "; removed {}", s.display())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HousekeepReport {
+    /// Base offset of the segment rolled by age or time retention, if any.
+    pub rolled_segment: Option<i64>,
+    /// (base offset, bytes) of each deleted segment.
+    pub segments_deleted: Vec<(i64, u64)>,
+    pub log_start_offset: i64,
+}
+
+impl fmt::Display for HousekeepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rolled_segment {
+            Some(base) => write!(f, "rolled segment {base}")?,
+            None => write!(f, "no roll")?,
+        }
+        let bytes: u64 = self.segments_deleted.iter().map(|(_, b)| b).sum();
+        write!(
+            f,
+            ", deleted {} segments ({bytes} bytes), log start {}",
+            self.segments_deleted.len(),
+            self.log_start_offset
+        )
+    }
+}
+
+/// Per-shard storage context: the tail cache (one memory budget shared by the shard's
+/// partitions, LRU) and the disk-space monitor for the data directory.
+pub struct ShardStorage {
+    data_dir: PathBuf,
+    tail_cache: RefCell<TailCache>,
+    disk_space: DiskSpace,
+    next_partition_id: Cell<u64>,
+}
+
+impl ShardStorage {
+    pub fn new(
+        data_dir: PathBuf,
+        tail_cache_bytes: usize,
+        free_space_reserve_bytes: u64,
+    ) -> Rc<ShardStorage> {
+        Rc::new(ShardStorage {
+            disk_space: DiskSpace::new(data_dir.clone(), free_space_reserve_bytes),
+            data_dir,
+            tail_cache: RefCell::new(TailCache::new(tail_cache_bytes)),
+            next_partition_id: Cell::new(0),
+        })
+    }
+
+    /// Re-reads free space of the data directory (statvfs). Produce is refused while free space
+    /// is below the reserve and resumes by itself once space is freed.
+    pub fn refresh_disk_space(&self) {
+        self.disk_space.refresh();
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.tail_cache.borrow().stats()
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    fn allocate_partition_id(&self) -> u64 {
+        let id = self.next_partition_id.get();
+        self.next_partition_id.set(id + 1);
+        id
+    }
+
+    fn storage_full(&self) -> StorageError {
+        StorageError::StorageFull {
+            free_bytes: self.disk_space.free_bytes(),
+            reserve_bytes: self.disk_space.reserve_bytes(),
+            dir: self.disk_space.dir().to_path_buf(),
+        }
+    }
+}

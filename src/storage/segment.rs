@@ -1,0 +1,295 @@
+//! One segment of a partition log: its files, in-memory index and positions, and the recovery
+//! scan over its log file.
+//!
+//! Owns: file naming (`<base_offset:020>.log/.index/.timeindex`), opening the glommio `DmaFile`
+//! lazily, persisting and loading the indexes, and driving `scan::scan_batches` over aligned
+//! O_DIRECT reads. Depends on `index`, `scan`, `record`, glommio. Does not decide when to roll,
+//! write or delete: `partition` does.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use std::os::fd::AsRawFd;
+
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+
+use super::index::{SegmentIndex, SegmentSummary};
+use super::scan::{scan_batches, ScanEnd};
+use super::StorageError;
+
+/// Alignment of every O_DIRECT write and read position (covers 512 and 4096-byte devices).
+pub(crate) const ALIGN: u64 = 4096;
+/// Bytes read per step of a recovery scan.
+const SCAN_WINDOW_BYTES: u64 = 256 * 1024;
+
+pub(crate) fn align_down(v: u64) -> u64 {
+    v & !(ALIGN - 1)
+}
+
+pub(crate) fn align_up(v: u64) -> u64 {
+    align_down(v + ALIGN - 1)
+}
+
+pub(crate) fn log_path(dir: &Path, base_offset: i64) -> PathBuf {
+    dir.join(format!("{base_offset:020}.log"))
+}
+
+/// O_DIRECT read of up to `len` bytes at `pos` (both aligned) into a DMA buffer; shorter at the
+/// end of the file.
+///
+/// Why not `DmaFile::read_at_aligned`: glommio 0.9's io_uring reads fail with EOPNOTSUPP on this
+/// kernel (6.18; glommio issue #605) while its writes work. Until a patched glommio is swapped in,
+/// this issues a synchronous `pread` on the same O_DIRECT descriptor: same bytes and alignment, but
+/// the shard waits for the device (tens to hundreds of µs per read on NVMe). Every storage read goes
+/// through here, so the swap is one function.
+pub(crate) async fn read_aligned(file: &DmaFile, pos: u64, len: usize) -> std::io::Result<DmaBuffer> {
+    debug_assert!(pos % ALIGN == 0 && len as u64 % ALIGN == 0, "unaligned O_DIRECT read");
+    let mut buf = glommio::allocate_dma_buffer(len.max(ALIGN as usize));
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the destination lies within `buf` (done < len <= buf.len()) and stays alive.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = n as usize;
+        done += n;
+        // A short read of a regular file means its end; the next position may not be aligned.
+        if n == 0 || done < len {
+            break;
+        }
+    }
+    buf.trim_to_size(done);
+    Ok(buf)
+}
+
+/// Parses `<base_offset:020>.log`.
+pub(crate) fn parse_log_name(name: &str) -> Option<i64> {
+    let stem = name.strip_suffix(".log")?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// Positions and index of a segment; mutated by appends, the flusher and recovery.
+pub(crate) struct SegmentMeta {
+    /// End of the bytes accepted by `append` (the logical size).
+    pub size_bytes: u64,
+    /// End of the bytes a completed write put on disk.
+    pub written_bytes: u64,
+    /// End of the bytes that satisfy the durability policy: readers stop here.
+    pub durable_bytes: u64,
+    /// Offset the next batch appended to this segment gets.
+    pub next_offset: i64,
+    pub index: SegmentIndex,
+    /// File size reserved by fallocate (only meaningful for the active segment).
+    pub preallocated_bytes: u64,
+    /// No more appends; its final size is set (the flusher truncates the file to it).
+    pub sealed: bool,
+    /// Wall-clock time of the first append (or of recovery), for rolling by age.
+    pub first_append_ms: Option<i64>,
+}
+
+pub(crate) struct Segment {
+    pub base_offset: i64,
+    pub log_path: PathBuf,
+    file: RefCell<Option<Rc<DmaFile>>>,
+    pub meta: RefCell<SegmentMeta>,
+}
+
+impl Segment {
+    pub fn new(dir: &Path, base_offset: i64, index_interval_bytes: u32) -> Segment {
+        Segment {
+            base_offset,
+            log_path: log_path(dir, base_offset),
+            file: RefCell::new(None),
+            meta: RefCell::new(SegmentMeta {
+                size_bytes: 0,
+                written_bytes: 0,
+                durable_bytes: 0,
+                next_offset: base_offset,
+                index: SegmentIndex::new(index_interval_bytes),
+                preallocated_bytes: 0,
+                sealed: false,
+                first_append_ms: None,
+            }),
+        }
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.log_path.with_extension("index")
+    }
+
+    pub fn time_index_path(&self) -> PathBuf {
+        self.log_path.with_extension("timeindex")
+    }
+
+    /// The segment's DmaFile, opened read-write on first use.
+    pub async fn file(&self) -> Result<Rc<DmaFile>, StorageError> {
+        if let Some(f) = self.file.borrow().as_ref() {
+            return Ok(f.clone());
+        }
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&self.log_path)
+            .await
+            .map_err(|e| StorageError::io(format!("opening {}", self.log_path.display()), e))?;
+        // Another task may have opened it while we awaited; keep the first.
+        let mut slot = self.file.borrow_mut();
+        Ok(slot.get_or_insert_with(|| Rc::new(opened)).clone())
+    }
+
+    /// Hands over the open file (on close), leaving the segment without one.
+    pub fn take_file(&self) -> Option<Rc<DmaFile>> {
+        self.file.borrow_mut().take()
+    }
+
+    /// Writes both index files (small, rebuildable, crc-protected: no fsync needed).
+    pub fn persist_indexes(&self) -> Result<(), StorageError> {
+        let meta = self.meta.borrow();
+        let summary = SegmentSummary {
+            base_offset: self.base_offset,
+            log_bytes: meta.size_bytes,
+            next_offset: meta.next_offset,
+            max_timestamp_ms: meta.index.max_timestamp_ms(),
+        };
+        let index_path = self.index_path();
+        std::fs::write(&index_path, meta.index.encode_offsets(&summary))
+            .map_err(|e| StorageError::io(format!("writing {}", index_path.display()), e))?;
+        let time_path = self.time_index_path();
+        std::fs::write(&time_path, meta.index.encode_times(self.base_offset))
+            .map_err(|e| StorageError::io(format!("writing {}", time_path.display()), e))
+    }
+
+    /// Removes index files that would go stale (the segment changes again). Missing is fine.
+    pub fn remove_index_files(&self) {
+        for path in [self.index_path(), self.time_index_path()] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a stale index file");
+                }
+            }
+        }
+    }
+
+    /// Loads persisted indexes if present and consistent with a log file of `log_bytes`.
+    pub fn load_indexes(
+        &self,
+        log_bytes: u64,
+        interval_bytes: u32,
+    ) -> Result<(SegmentIndex, SegmentSummary), String> {
+        let offsets = std::fs::read(self.index_path()).map_err(|e| e.to_string())?;
+        let times = std::fs::read(self.time_index_path()).map_err(|e| e.to_string())?;
+        SegmentIndex::decode(&offsets, &times, self.base_offset, log_bytes, interval_bytes)
+    }
+}
+
+/// Result of scanning a segment file from its start.
+pub(crate) struct ScannedSegment {
+    pub index: SegmentIndex,
+    pub valid_bytes: u64,
+    pub next_offset: i64,
+    /// Set when the scan stopped at damage rather than at the end of the data: (position, detail).
+    pub damage: Option<(u64, String)>,
+}
+
+/// Scans the log file of the segment at `base_offset`, `file_bytes` long, batch by batch.
+pub(crate) async fn scan_segment_file(
+    file: &DmaFile,
+    path: &Path,
+    base_offset: i64,
+    file_bytes: u64,
+    interval_bytes: u32,
+    batch_bytes_max: usize,
+) -> Result<ScannedSegment, StorageError> {
+    let mut index = SegmentIndex::new(interval_bytes);
+    let mut position = 0u64;
+    let mut next_offset = base_offset;
+    let mut window = SCAN_WINDOW_BYTES;
+    loop {
+        if position >= file_bytes {
+            return Ok(ScannedSegment { index, valid_bytes: position, next_offset, damage: None });
+        }
+        let read_from = align_down(position);
+        let read_len = align_up((position - read_from + window).min(file_bytes - read_from));
+        let data = read_aligned(file, read_from, read_len as usize)
+            .await
+            .map_err(|e| StorageError::io(format!("reading {} at byte {read_from}", path.display()), e))?;
+        let skip = (position - read_from) as usize;
+        let buf = data.as_bytes().get(skip..).unwrap_or(&[]);
+        let at_eof = read_from + data.len() as u64 >= file_bytes;
+        let start = position;
+        let outcome = scan_batches(buf, next_offset, batch_bytes_max, |p, h| {
+            let relative = (h.base_offset - base_offset) as u32;
+            index.on_batch(relative, (start + p as u64) as u32, h.total_len() as u32, h.max_timestamp);
+        });
+        position += outcome.valid_bytes as u64;
+        next_offset = outcome.next_offset;
+        match outcome.end {
+            ScanEnd::Zeroes { .. } => {
+                return Ok(ScannedSegment { index, valid_bytes: position, next_offset, damage: None });
+            }
+            ScanEnd::Invalid { detail, .. } => {
+                return Ok(ScannedSegment {
+                    index,
+                    valid_bytes: position,
+                    next_offset,
+                    damage: Some((position, detail)),
+                });
+            }
+            ScanEnd::NeedMore { position: p, needed_bytes } => {
+                let rest = &buf[p.min(buf.len())..];
+                if at_eof {
+                    let damage = if rest.iter().all(|b| *b == 0) {
+                        None
+                    } else {
+                        Some((
+                            position,
+                            format!("incomplete batch: {} of {needed_bytes} bytes present", rest.len()),
+                        ))
+                    };
+                    return Ok(ScannedSegment { index, valid_bytes: position, next_offset, damage });
+                }
+                // Widen the window when one batch does not fit; otherwise just move on.
+                window = window.max(needed_bytes as u64 + ALIGN);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_reject_strangers() {
+        let p = log_path(Path::new("/d"), 42);
+        assert_eq!(p, PathBuf::from("/d/00000000000000000042.log"));
+        assert_eq!(parse_log_name("00000000000000000042.log"), Some(42));
+        assert_eq!(parse_log_name("42.log"), None);
+        assert_eq!(parse_log_name("0000000000000000004x.log"), None);
+        assert_eq!(parse_log_name("00000000000000000042.index"), None);
+    }
+
+    #[test]
+    fn alignment_helpers() {
+        assert_eq!(align_down(4097), 4096);
+        assert_eq!(align_up(4097), 8192);
+        assert_eq!(align_up(4096), 4096);
+        assert_eq!(align_up(0), 0);
+    }
+}

@@ -1,0 +1,239 @@
+//! Per-shard tail cache: recent record batches of all the shard's partitions, as `Bytes`.
+//!
+//! Owns: one byte budget shared by every partition of a shard, least-recently-used eviction
+//! across them, and hit/miss counters. Written through on append, filled on read misses, so a
+//! consumer near the end of the log is served without touching the disk and without copying
+//! (`Bytes` clones). Shard-local: lives in a `RefCell` in `ShardStorage`, never crosses cores.
+//! Depends on `bytes` only. Holds whatever it is given: callers serve only below the high
+//! watermark and drop entries on truncation and retention.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub used_bytes: usize,
+    pub budget_bytes: usize,
+    pub batches: usize,
+}
+
+struct CachedBatch {
+    last_offset: i64,
+    bytes: Bytes,
+    /// Position in the LRU order (key in `TailCache::lru`).
+    stamp: u64,
+}
+
+pub struct TailCache {
+    budget_bytes: usize,
+    used_bytes: usize,
+    clock: u64,
+    /// partition id → batches by base offset.
+    partitions: HashMap<u64, BTreeMap<i64, CachedBatch>>,
+    /// stamp → (partition id, base offset); the smallest stamp is the least recently used.
+    lru: BTreeMap<u64, (u64, i64)>,
+    hits: u64,
+    misses: u64,
+}
+
+impl TailCache {
+    pub fn new(budget_bytes: usize) -> TailCache {
+        TailCache {
+            budget_bytes,
+            used_bytes: 0,
+            clock: 0,
+            partitions: HashMap::new(),
+            lru: BTreeMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Caches one batch. A batch larger than the whole budget is not cached.
+    pub fn insert(&mut self, partition_id: u64, base_offset: i64, last_offset: i64, bytes: Bytes) {
+        debug_assert!(last_offset >= base_offset);
+        if bytes.len() > self.budget_bytes {
+            return;
+        }
+        self.clock += 1;
+        let stamp = self.clock;
+        self.used_bytes += bytes.len();
+        let batches = self.partitions.entry(partition_id).or_default();
+        if let Some(old) = batches.insert(base_offset, CachedBatch { last_offset, bytes, stamp }) {
+            self.used_bytes -= old.bytes.len();
+            self.lru.remove(&old.stamp);
+        }
+        self.lru.insert(stamp, (partition_id, base_offset));
+        while self.used_bytes > self.budget_bytes {
+            let Some((_, (pid, base))) = self.lru.pop_first() else { break };
+            self.remove_entry(pid, base);
+        }
+    }
+
+    /// Appends to `out` the contiguous cached batches starting with the one containing `offset`,
+    /// stopping before `end_offset` (the high watermark), after `max_bytes` (but always at least
+    /// one batch) or at the first gap. Returns false (a miss) if the batch containing `offset` is
+    /// not cached.
+    pub fn read(
+        &mut self,
+        partition_id: u64,
+        offset: i64,
+        end_offset: i64,
+        max_bytes: usize,
+        out: &mut Vec<bytes::Bytes>,
+    ) -> bool {
+        let Some(batches) = self.partitions.get_mut(&partition_id) else {
+            self.misses += 1;
+            return false;
+        };
+        let start = match batches.range(..=offset).next_back() {
+            Some((base, b)) if b.last_offset >= offset => *base,
+            _ => {
+                self.misses += 1;
+                return false;
+            }
+        };
+        let mut served_bytes = 0usize;
+        let mut expected = start;
+        for (base, batch) in batches.range_mut(start..) {
+            if *base != expected || *base >= end_offset {
+                break;
+            }
+            if !out.is_empty() && served_bytes + batch.bytes.len() > max_bytes {
+                break;
+            }
+            served_bytes += batch.bytes.len();
+            out.push(batch.bytes.clone());
+            expected = batch.last_offset + 1;
+            self.clock += 1;
+            self.lru.remove(&batch.stamp);
+            batch.stamp = self.clock;
+            self.lru.insert(batch.stamp, (partition_id, *base));
+        }
+        if out.is_empty() {
+            self.misses += 1;
+            false
+        } else {
+            self.hits += 1;
+            true
+        }
+    }
+
+    /// Drops the partition's batches with base offset >= `offset` (truncation, rollback).
+    pub fn remove_from(&mut self, partition_id: u64, offset: i64) {
+        let bases: Vec<i64> = match self.partitions.get(&partition_id) {
+            Some(b) => b.range(offset..).map(|(base, _)| *base).collect(),
+            None => return,
+        };
+        for base in bases {
+            self.remove_entry(partition_id, base);
+        }
+    }
+
+    /// Drops the partition's batches that end below `offset` (retention moved the log start).
+    pub fn remove_below(&mut self, partition_id: u64, offset: i64) {
+        let bases: Vec<i64> = match self.partitions.get(&partition_id) {
+            Some(b) => {
+                b.range(..offset).filter(|(_, c)| c.last_offset < offset).map(|(base, _)| *base).collect()
+            }
+            None => return,
+        };
+        for base in bases {
+            self.remove_entry(partition_id, base);
+        }
+    }
+
+    pub fn remove_partition(&mut self, partition_id: u64) {
+        if let Some(batches) = self.partitions.remove(&partition_id) {
+            for batch in batches.values() {
+                self.used_bytes -= batch.bytes.len();
+                self.lru.remove(&batch.stamp);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            used_bytes: self.used_bytes,
+            budget_bytes: self.budget_bytes,
+            batches: self.lru.len(),
+        }
+    }
+
+    fn remove_entry(&mut self, partition_id: u64, base_offset: i64) {
+        let Some(batches) = self.partitions.get_mut(&partition_id) else { return };
+        if let Some(old) = batches.remove(&base_offset) {
+            self.used_bytes -= old.bytes.len();
+            self.lru.remove(&old.stamp);
+        }
+        if batches.is_empty() {
+            self.partitions.remove(&partition_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(len: usize) -> Bytes {
+        Bytes::from(vec![7u8; len])
+    }
+
+    #[test]
+    fn serves_contiguous_batches_below_end_with_at_least_one() {
+        let mut c = TailCache::new(10_000);
+        c.insert(1, 0, 4, b(100));
+        c.insert(1, 5, 5, b(100));
+        c.insert(1, 6, 9, b(100));
+        let mut out = Vec::new();
+        assert!(c.read(1, 3, 10, 1, &mut out));
+        assert_eq!(out.len(), 1, "a tiny max_bytes still yields one batch");
+        out.clear();
+        assert!(c.read(1, 3, 6, 10_000, &mut out));
+        assert_eq!(out.len(), 2, "stops at the end offset (high watermark)");
+        out.clear();
+        assert!(!c.read(1, 10, 20, 10_000, &mut out));
+        assert!(!c.read(2, 0, 20, 10_000, &mut out));
+        assert_eq!(c.stats().hits, 2);
+        assert_eq!(c.stats().misses, 2);
+    }
+
+    #[test]
+    fn evicts_least_recently_used_across_partitions() {
+        let mut c = TailCache::new(300);
+        c.insert(1, 0, 0, b(100));
+        c.insert(2, 0, 0, b(100));
+        c.insert(1, 1, 1, b(100));
+        let mut out = Vec::new();
+        assert!(c.read(1, 0, 10, 100, &mut out)); // touch partition 1 offset 0
+        c.insert(3, 0, 0, b(100)); // evicts partition 2's batch, the least recently used
+        out.clear();
+        assert!(!c.read(2, 0, 10, 100, &mut out));
+        assert!(c.read(1, 0, 10, 100, &mut out));
+        assert_eq!(c.stats().used_bytes, 300);
+        c.insert(4, 0, 0, b(1000)); // larger than the budget: ignored
+        assert_eq!(c.stats().batches, 3);
+    }
+
+    #[test]
+    fn removal_by_range_and_partition_keeps_accounting() {
+        let mut c = TailCache::new(10_000);
+        for i in 0..10 {
+            c.insert(1, i, i, b(10));
+        }
+        c.insert(2, 0, 0, b(10));
+        c.remove_from(1, 7);
+        c.remove_below(1, 2);
+        assert_eq!(c.stats().batches, 6);
+        assert_eq!(c.stats().used_bytes, 60);
+        c.remove_partition(1);
+        assert_eq!(c.stats().used_bytes, 10);
+    }
+}

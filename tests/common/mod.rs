@@ -1,0 +1,222 @@
+//! Shared harness for end-to-end tests: real `ringlog` broker processes on free loopback ports,
+//! in their own temporary data directories, driven through the real CLI and client.
+#![allow(dead_code)]
+
+pub mod wire;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringlog");
+
+pub struct Broker {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub direct: Vec<String>,
+    pub args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker with `shards` shards and extra `--set` options, on free ports.
+    pub fn start(shards: usize, sets: &[&str]) -> Broker {
+        let tmp = tempfile::Builder::new().prefix("ringlog-test").tempdir_in(test_root()).unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut b = Broker::start_in(&dir, shards, sets);
+        b._tmp = Some(tmp);
+        b
+    }
+
+    /// Starts a broker on an existing data directory (for restarts).
+    pub fn start_in(dir: &Path, shards: usize, sets: &[&str]) -> Broker {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--shard-port-base".into(),
+            "0".into(),
+            "--shards".into(),
+            shards.to_string(),
+            "--set".into(),
+            "free_space_reserve_bytes=1048576".into(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.to_string());
+        }
+        let mut b = Broker {
+            child: None,
+            dir: dir.to_path_buf(),
+            addr: String::new(),
+            direct: vec![],
+            args,
+            _tmp: None,
+            log: dir.join("broker.log"),
+        };
+        b.launch();
+        b
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(&self.args)
+            .env("RINGLOG_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!(
+                "broker did not become ready; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        });
+        assert!(line.starts_with("ringlog ready:"), "unexpected first line: {line}");
+        for field in line.split_whitespace() {
+            if let Some(v) = field.strip_prefix("native=") {
+                self.addr = v.to_string();
+            }
+            if let Some(v) = field.strip_prefix("direct=") {
+                self.direct = v.split(',').map(str::to_string).collect();
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("broker running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        assert!(status.success(), "broker exited with {status:?}; log:\n{}", self.log());
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("broker running");
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.launch();
+    }
+
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Runs a `ringlog` client command against this broker.
+    pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
+        run_cli(&self.addr, args, stdin)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct CliOutput {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    #[track_caller]
+    pub fn ok(self) -> String {
+        assert!(self.status.success(), "cli failed: {}\n{}", self.status, self.stderr);
+        self.stdout
+    }
+}
+
+pub fn run_cli(bootstrap: &str, args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RINGLOG_BOOTSTRAP", bootstrap)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(data) = stdin {
+        let mut input = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+    }
+    let out = child.wait_with_output().unwrap();
+    CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Test data lives on the real disk (O_DIRECT needs a real filesystem, not tmpfs).
+pub fn test_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// Segment files of one partition, sorted by base offset.
+pub fn segments(data_dir: &Path, topic: &str, partition: u32) -> Vec<PathBuf> {
+    let dir = data_dir.join("topics").join(topic).join(partition.to_string());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
