@@ -166,6 +166,7 @@ impl Partition {
     ) -> Result<(Rc<Partition>, RecoveryReport), StorageError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        super::segment::probe_device(&dir).await?;
         let mut report = RecoveryReport { dir: dir.clone(), ..RecoveryReport::default() };
         let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
         report.clean_shutdown = marker.exists();
@@ -1027,7 +1028,7 @@ impl Partition {
             let data = read_aligned(&file, from, (to - from) as usize).await.map_err(|e| {
                 StorageError::io(format!("reading {} at byte {from}", seg.log_path.display()), e)
             })?;
-            let data = data.as_bytes();
+            let data = &data[..];
             let valid_to = ((readable_end - from) as usize).min(data.len());
             // Batches collected from this read: (start, end) within `data`, copied once below.
             let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -1234,7 +1235,7 @@ async fn read_carry(seg: &Segment, size: u64, carry: &mut Carry) -> Result<(), S
             detail: format!("file shorter than its recovered size {size}"),
         });
     }
-    carry.bytes.extend_from_slice(&block.as_bytes()[..partial]);
+    carry.bytes.extend_from_slice(&block[..partial]);
     Ok(())
 }
 
@@ -1252,7 +1253,7 @@ async fn find_batch_start(
         let block = read_aligned(file, from, len as usize)
             .await
             .map_err(|e| StorageError::io(format!("reading {} at byte {position}", path.display()), e))?;
-        let header_bytes = block.as_bytes().get((position - from) as usize..).unwrap_or(&[]);
+        let header_bytes = block.get((position - from) as usize..).unwrap_or(&[]);
         let header = BatchHeader::parse(header_bytes).map_err(|e| StorageError::Corrupt {
             segment: path.to_path_buf(),
             position,

@@ -10,9 +10,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use std::os::fd::AsRawFd;
-
-use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::io::{DmaFile, OpenOptions, ReadResult};
 
 use super::index::{SegmentIndex, SegmentSummary};
 use super::scan::{scan_batches, ScanEnd};
@@ -35,44 +33,40 @@ pub(crate) fn log_path(dir: &Path, base_offset: i64) -> PathBuf {
     dir.join(format!("{base_offset:020}.log"))
 }
 
-/// O_DIRECT read of up to `len` bytes at `pos` (both aligned) into a DMA buffer; shorter at the
-/// end of the file.
-///
-/// Why not `DmaFile::read_at_aligned`: glommio 0.9's io_uring reads fail with EOPNOTSUPP on this
-/// kernel (6.18; glommio issue #605) while its writes work. Until a patched glommio is swapped in,
-/// this issues a synchronous `pread` on the same O_DIRECT descriptor: same bytes and alignment, but
-/// the shard waits for the device (tens to hundreds of µs per read on NVMe). Every storage read goes
-/// through here, so the swap is one function.
-pub(crate) async fn read_aligned(file: &DmaFile, pos: u64, len: usize) -> std::io::Result<DmaBuffer> {
+/// O_DIRECT read of up to `len` bytes at `pos` (both aligned) through the shard's io_uring;
+/// shorter at the end of the file. Every storage read goes through here.
+pub(crate) async fn read_aligned(file: &DmaFile, pos: u64, len: usize) -> std::io::Result<ReadResult> {
     debug_assert!(pos % ALIGN == 0 && len as u64 % ALIGN == 0, "unaligned O_DIRECT read");
-    let mut buf = glommio::allocate_dma_buffer(len.max(ALIGN as usize));
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: the destination lies within `buf` (done < len <= buf.len()) and stays alive.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                buf.as_mut_ptr().add(done).cast(),
-                len - done,
-                (pos + done as u64) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let n = n as usize;
-        done += n;
-        // A short read of a regular file means its end; the next position may not be aligned.
-        if n == 0 || done < len {
-            break;
-        }
+    file.read_at_aligned(pos, len).await.map_err(std::io::Error::from)
+}
+
+thread_local! {
+    /// Devices (st_dev) whose io_uring poll-ring support this thread's glommio has probed.
+    static PROBED_DEVICES: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Makes glommio's per-thread, per-device poll-ring probe see a real device read.
+///
+/// glommio decides whether O_DIRECT reads of a device go to its IOPOLL ring by reading the first
+/// block of the first DMA file opened on that device. When that file is new and empty, the read
+/// ends at EOF without reaching the device, the device is wrongly marked pollable, and every later
+/// read fails with EOPNOTSUPP on devices without poll queues (virtio, most SATA; glommio issue
+/// #605). Opening a file that holds a block of data first makes the probe honest.
+pub(crate) async fn probe_device(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).map_err(|e| StorageError::io(format!("stat {}", dir.display()), e))?.dev();
+    if PROBED_DEVICES.with(|p| p.borrow().contains(&dev)) {
+        return Ok(());
     }
-    buf.trim_to_size(done);
-    Ok(buf)
+    let path = dir.join(format!(".io-probe-{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+    let io = |e| StorageError::io(format!("device probe file {}", path.display()), e);
+    std::fs::write(&path, vec![0xa5u8; ALIGN as usize]).map_err(io)?;
+    let opened = DmaFile::open(&path).await;
+    let _ = std::fs::remove_file(&path);
+    let file = opened.map_err(|e| io(std::io::Error::from(e)))?;
+    let _ = file.close().await;
+    PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
+    Ok(())
 }
 
 /// Parses `<base_offset:020>.log`.
@@ -230,7 +224,7 @@ pub(crate) async fn scan_segment_file(
             .await
             .map_err(|e| StorageError::io(format!("reading {} at byte {read_from}", path.display()), e))?;
         let skip = (position - read_from) as usize;
-        let buf = data.as_bytes().get(skip..).unwrap_or(&[]);
+        let buf = data.get(skip..).unwrap_or(&[]);
         let at_eof = read_from + data.len() as u64 >= file_bytes;
         let start = position;
         let outcome = scan_batches(buf, next_offset, batch_bytes_max, |p, h| {
