@@ -130,7 +130,11 @@ impl Admin {
                     );
                     let body = wire::CreateTopicRequest::create(
                         fbb,
-                        &wire::CreateTopicRequestArgs { name: Some(name), partitions, config: Some(config) },
+                        &wire::CreateTopicRequestArgs {
+                            name: Some(name),
+                            partitions: Some(partitions),
+                            config: Some(config),
+                        },
                     );
                     (wire::RequestBody::CreateTopicRequest, body.as_union_value())
                 },

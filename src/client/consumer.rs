@@ -410,7 +410,13 @@ impl Consumer {
                 Offset::Timestamp(ts) => OffsetSpec::Timestamp(ts),
             };
             let (topic, partition) = (self.assigned[i].topic.clone(), self.assigned[i].partition);
-            let listed = self.cluster.list_offsets(&topic, partition, spec).await?;
+            let mut listed = self.cluster.list_offsets(&topic, partition, spec).await?;
+            if listed.offset < 0 && matches!(spec, OffsetSpec::Timestamp(_)) {
+                // No record is stamped that late. A broker may say so with -1 (Kafka does)
+                // instead of the log end; fetching at -1 would be out of range, and a reset
+                // policy of Beginning would then re-read the whole log.
+                listed = self.cluster.list_offsets(&topic, partition, OffsetSpec::Latest).await?;
+            }
             self.assigned[i].position = Some(listed.offset);
             self.assigned[i].seek = None;
         }

@@ -72,6 +72,3 @@ impl Default for ClientConfig {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1735,7 +1735,7 @@ impl<'a> CreateTopicRequest<'a> {
   ) -> ::flatbuffers::WIPOffset<CreateTopicRequest<'bldr>> {
     let mut builder = CreateTopicRequestBuilder::new(_fbb);
     if let Some(x) = args.config { builder.add_config(x); }
-    builder.add_partitions(args.partitions);
+    if let Some(x) = args.partitions { builder.add_partitions(x); }
     if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
   }
@@ -1749,11 +1749,11 @@ impl<'a> CreateTopicRequest<'a> {
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateTopicRequest::VT_NAME, None)}
   }
   #[inline]
-  pub fn partitions(&self) -> u32 {
+  pub fn partitions(&self) -> Option<u32> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_PARTITIONS, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_PARTITIONS, None)}
   }
   #[inline]
   pub fn config(&self) -> Option<TopicConfig<'a>> {
@@ -1779,7 +1779,7 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
 }
 pub struct CreateTopicRequestArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
-    pub partitions: u32,
+    pub partitions: Option<u32>,
     pub config: Option<::flatbuffers::WIPOffset<TopicConfig<'a>>>,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
@@ -1787,7 +1787,7 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
   fn default() -> Self {
     CreateTopicRequestArgs {
       name: None,
-      partitions: 0,
+      partitions: None,
       config: None,
     }
   }
@@ -1804,7 +1804,7 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
   }
   #[inline]
   pub fn add_partitions(&mut self, partitions: u32) {
-    self.fbb_.push_slot::<u32>(CreateTopicRequest::VT_PARTITIONS, partitions, 0);
+    self.fbb_.push_slot_always::<u32>(CreateTopicRequest::VT_PARTITIONS, partitions);
   }
   #[inline]
   pub fn add_config(&mut self, config: ::flatbuffers::WIPOffset<TopicConfig<'b >>) {

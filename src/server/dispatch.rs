@@ -341,10 +341,7 @@ fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<
 
 fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) -> Boxed<Reply> {
     let name = r.name().unwrap_or_default().to_string();
-    let partitions = match r.partitions() {
-        0 => shard.config.default_partitions,
-        n => n,
-    };
+    let partitions = r.partitions().unwrap_or(shard.config.default_partitions);
     let overrides = match overrides_from_wire(r.config()) {
         Ok(o) => o,
         Err(m) => return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidConfig, &m))),
@@ -575,12 +572,17 @@ fn encode_fetch(
                         ..Default::default()
                     }
                 }
-                Err(e) => wire::FetchPartitionResultArgs {
-                    partition: *partition,
-                    error: e.code,
-                    message: Some(fbb.create_string(&e.message)),
-                    ..Default::default()
-                },
+                Err(e) => {
+                    let (log_start_offset, high_watermark) = e.log_bounds.unwrap_or((-1, -1));
+                    wire::FetchPartitionResultArgs {
+                        partition: *partition,
+                        error: e.code,
+                        message: Some(fbb.create_string(&e.message)),
+                        log_start_offset,
+                        high_watermark,
+                        ..Default::default()
+                    }
+                }
             };
             results.push(wire::FetchPartitionResult::create(&mut fbb, &args));
         }

@@ -17,11 +17,14 @@ use crate::protocol::wire::ErrorCode;
 pub struct PartitionError {
     pub code: ErrorCode,
     pub message: String,
+    /// `(log_start_offset, high_watermark)` when the error is about an offset, so a consumer
+    /// can reset without another round trip.
+    pub log_bounds: Option<(i64, i64)>,
 }
 
 impl PartitionError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        PartitionError { code, message: message.into() }
+        PartitionError { code, message: message.into(), log_bounds: None }
     }
 
     pub fn unknown_partition(topic: &str, partition: u32) -> Self {

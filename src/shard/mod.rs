@@ -462,11 +462,10 @@ impl Shard {
                 out.push(Err(PartitionError::unknown_partition(&q.topic, q.partition)));
                 continue;
             };
-            out.push(
-                p.offset_for_timestamp(q.timestamp_ms)
-                    .await
-                    .map_err(|e| storage_error(&q.topic, q.partition, e)),
-            );
+            // Kafka semantics: no record at or after the timestamp answers with the log end.
+            let found =
+                p.offset_for_timestamp(q.timestamp_ms).await.map(|f| f.or(Some((p.high_watermark(), -1))));
+            out.push(found.map_err(|e| storage_error(&q.topic, q.partition, e)));
         }
         out
     }
@@ -729,7 +728,13 @@ fn storage_error(topic: &str, partition: u32, e: StorageError) -> PartitionError
         StorageError::Closed => ErrorCode::ShuttingDown,
         _ => ErrorCode::StorageError,
     };
-    PartitionError::new(code, format!("{topic}/{partition}: {e}"))
+    let log_bounds = match &e {
+        StorageError::OffsetOutOfRange { log_start, high_watermark, .. } => {
+            Some((*log_start, *high_watermark))
+        }
+        _ => None,
+    };
+    PartitionError { log_bounds, ..PartitionError::new(code, format!("{topic}/{partition}: {e}")) }
 }
 
 pub fn now_ms() -> i64 {

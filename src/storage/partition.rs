@@ -157,6 +157,20 @@ fn remove_segment_files(seg: &Segment) {
     }
 }
 
+/// The first record of `batch` stamped at or after `timestamp_ms`, as (offset, timestamp). The
+/// batch's max timestamp is known to qualify; a batch whose records cannot be read here
+/// (compressed) answers with its base offset, which is never past the wanted record.
+fn first_record_at_or_after(batch: &[u8], header: &BatchHeader, timestamp_ms: i64) -> (i64, i64) {
+    if let Ok(records) = record::reader::records(batch) {
+        for r in records.flatten() {
+            if r.timestamp_ms >= timestamp_ms {
+                return (r.offset, r.timestamp_ms);
+            }
+        }
+    }
+    (header.base_offset, header.max_timestamp)
+}
+
 impl Partition {
     /// Opens (or creates) the partition directory and recovers it.
     pub async fn open(
@@ -484,7 +498,7 @@ impl Partition {
                     detail: format!("served batch at offset {next} has a bad header: {e}"),
                 })?;
                 if header.max_timestamp >= timestamp_ms {
-                    return Ok(Some((header.base_offset, header.max_timestamp)));
+                    return Ok(Some(first_record_at_or_after(chunk, &header, timestamp_ms)));
                 }
                 next = header.last_offset() + 1;
             }

@@ -54,7 +54,8 @@ thread_local! {
 /// #605). Opening a file that holds a block of data first makes the probe honest.
 pub(crate) async fn probe_device(dir: &Path) -> Result<(), StorageError> {
     use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(dir).map_err(|e| StorageError::io(format!("stat {}", dir.display()), e))?.dev();
+    let dev =
+        std::fs::metadata(dir).map_err(|e| StorageError::io(format!("stat {}", dir.display()), e))?.dev();
     if PROBED_DEVICES.with(|p| p.borrow().contains(&dev)) {
         return Ok(());
     }

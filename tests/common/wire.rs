@@ -83,7 +83,11 @@ impl Conn {
             let name = fbb.create_string(name);
             wire::CreateTopicRequest::create(
                 fbb,
-                &wire::CreateTopicRequestArgs { name: Some(name), partitions, config: None },
+                &wire::CreateTopicRequestArgs {
+                    name: Some(name),
+                    partitions: Some(partitions),
+                    config: None,
+                },
             )
             .as_union_value()
         });
@@ -197,4 +201,150 @@ pub fn decode_fetch(resp: &Resp, from: i64) -> Fetched {
         }
     }
     Fetched { error: p.error(), high_watermark: p.high_watermark(), records }
+}
+
+/// A complete request frame (prefix, header, payload) with an explicit protocol version, for
+/// tests that write frames themselves (pipelining from another thread, version probes).
+pub fn request_frame(
+    cid: u32,
+    version: u16,
+    body_type: RequestBody,
+    payload: &[u8],
+    build: impl FnOnce(&mut FlatBufferBuilder<'static>) -> flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
+) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::new();
+    let body = build(&mut fbb);
+    let root = wire::Request::create(
+        &mut fbb,
+        &wire::RequestArgs { correlation_id: cid, version, body_type, body: Some(body) },
+    );
+    fbb.finish_minimal(root);
+    let header = fbb.finished_data();
+    let mut frame = frame_prefix(header.len(), payload.len()).to_vec();
+    frame.extend_from_slice(header);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A complete protocol-version-1 produce frame for one partition.
+pub fn produce_frame(cid: u32, topic: &str, partition: u32, acks: i8, batch: &[u8]) -> Vec<u8> {
+    request_frame(cid, 1, RequestBody::ProduceRequest, batch, |fbb| {
+        let parts = [wire::ProducePartition::create(
+            fbb,
+            &wire::ProducePartitionArgs { partition, payload_offset: 0, payload_len: batch.len() as u32 },
+        )];
+        let parts = fbb.create_vector(&parts);
+        let name = fbb.create_string(topic);
+        let topics = [wire::ProduceTopic::create(
+            fbb,
+            &wire::ProduceTopicArgs { name: Some(name), partitions: Some(parts) },
+        )];
+        let topics = fbb.create_vector(&topics);
+        wire::ProduceRequest::create(
+            fbb,
+            &wire::ProduceRequestArgs { acks, timeout_ms: 30_000, topics: Some(topics) },
+        )
+        .as_union_value()
+    })
+}
+
+/// A complete protocol-version-1 fetch frame for one partition.
+pub fn fetch_frame(
+    cid: u32,
+    topic: &str,
+    partition: u32,
+    offset: i64,
+    max_wait_ms: u32,
+    max_bytes: u32,
+) -> Vec<u8> {
+    request_frame(cid, 1, RequestBody::FetchRequest, &[], |fbb| {
+        let parts =
+            [wire::FetchPartition::create(fbb, &wire::FetchPartitionArgs { partition, offset, max_bytes })];
+        let parts = fbb.create_vector(&parts);
+        let name = fbb.create_string(topic);
+        let topics = [wire::FetchTopic::create(
+            fbb,
+            &wire::FetchTopicArgs { name: Some(name), partitions: Some(parts) },
+        )];
+        let topics = fbb.create_vector(&topics);
+        wire::FetchRequest::create(
+            fbb,
+            &wire::FetchRequestArgs { max_wait_ms, min_bytes: 1, max_bytes, topics: Some(topics) },
+        )
+        .as_union_value()
+    })
+}
+
+/// A batch whose records all carry `timestamp_ms` (retention by time looks at it).
+pub fn batch_at(timestamp_ms: i64, values: &[&[u8]]) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    for v in values {
+        b.push(timestamp_ms, None, Some(v), &[]);
+    }
+    b.finish().to_vec()
+}
+
+/// Like `produce_result`, plus the partition's error message.
+pub fn produce_outcome(resp: &Resp) -> (wire::ErrorCode, i64, String) {
+    let root = resp.root();
+    assert_eq!(root.error(), wire::ErrorCode::None, "{:?}", root.message());
+    let body = root.body_as_produce_response().expect("produce response body");
+    let p = body.topics().unwrap().get(0).partitions().unwrap().get(0);
+    (p.error(), p.base_offset(), p.message().unwrap_or_default().to_string())
+}
+
+impl Conn {
+    /// Creates a topic with explicit per-topic settings.
+    pub fn create_topic_with(&mut self, name: &str, partitions: u32, config: wire::TopicConfigArgs) -> Resp {
+        self.send(RequestBody::CreateTopicRequest, &[], |fbb| {
+            let name = fbb.create_string(name);
+            let config = wire::TopicConfig::create(fbb, &config);
+            wire::CreateTopicRequest::create(
+                fbb,
+                &wire::CreateTopicRequestArgs {
+                    name: Some(name),
+                    partitions: Some(partitions),
+                    config: Some(config),
+                },
+            )
+            .as_union_value()
+        });
+        self.recv().expect("create topic response")
+    }
+
+    pub fn delete_topic(&mut self, name: &str) -> Resp {
+        self.send(RequestBody::DeleteTopicRequest, &[], |fbb| {
+            let name = fbb.create_string(name);
+            wire::DeleteTopicRequest::create(fbb, &wire::DeleteTopicRequestArgs { name: Some(name) })
+                .as_union_value()
+        });
+        self.recv().expect("delete topic response")
+    }
+
+    /// (log start offset, high watermark) of one partition, from metadata.
+    pub fn offsets(&mut self, topic: &str, partition: u32) -> (i64, i64) {
+        let resp = self.metadata();
+        let body = resp.root().body_as_metadata_response().expect("metadata response body");
+        let t = body.topics().unwrap().iter().find(|t| t.name() == Some(topic)).expect("topic in metadata");
+        let p = t.partitions().unwrap().iter().find(|p| p.partition() == partition).expect("partition");
+        (p.log_start_offset(), p.high_watermark())
+    }
+
+    /// Every record of one partition from `from` up to its high watermark, in as many fetches as
+    /// it takes.
+    pub fn fetch_all(&mut self, topic: &str, partition: u32, from: i64) -> Vec<(i64, Vec<u8>)> {
+        let mut records = Vec::new();
+        let mut next = from;
+        loop {
+            let f = self.fetch(topic, partition, next, 0);
+            assert_eq!(f.error, wire::ErrorCode::None, "fetch {topic}/{partition} at {next}");
+            if let Some(&(last, _)) = f.records.last() {
+                next = last + 1;
+            }
+            records.extend(f.records);
+            if next >= f.high_watermark {
+                return records;
+            }
+        }
+    }
 }

@@ -1,0 +1,298 @@
+//! End-to-end on a real, small filesystem: below the free-space reserve, produce gets StorageFull
+//! (raw protocol and CLI) while fetch, topic deletion and retention keep working; no partial batch
+//! is left behind; produce resumes by itself once space is freed.
+//!
+//! Needs root: the test formats a 64 MiB ext4 image and loop-mounts it as the data directory.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::wire::{batch_at, produce_outcome, Conn};
+use common::Broker;
+use ringlog::protocol::wire::{self, ErrorCode};
+
+const FS_BYTES: u64 = 64 << 20;
+const RESERVE_BYTES: u64 = 16 << 20;
+
+/// A loop-mounted ext4 filesystem at `<dir>/data`, unmounted (and its image removed) on drop,
+/// also when the test panics.
+struct LoopFs {
+    dir: tempfile::TempDir,
+    mount_point: PathBuf,
+    mounted: bool,
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl LoopFs {
+    fn new() -> LoopFs {
+        let dir =
+            tempfile::Builder::new().prefix("ringlog-diskfull").tempdir_in(common::test_root()).unwrap();
+        let image = dir.path().join("fs.img");
+        let mount_point = dir.path().join("data");
+        std::fs::create_dir(&mount_point).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(FS_BYTES).unwrap();
+        let mut fs = LoopFs { dir, mount_point, mounted: false };
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-m", "0"]).arg(&image))
+            .unwrap_or_else(|e| panic!("disk_full tests need mkfs.ext4: {e}"));
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&fs.mount_point)).unwrap_or_else(
+            |e| {
+                panic!(
+                    "disk_full tests must run as root to loop-mount a small filesystem (uid {}): {e}",
+                    // SAFETY: getuid has no preconditions.
+                    unsafe { libc::getuid() }
+                )
+            },
+        );
+        fs.mounted = true;
+        fs
+    }
+
+    /// Allocates filler until the filesystem refuses even one more block; returns its path.
+    fn fill_completely(&self) -> PathBuf {
+        let path = self.mount_point.join("filler");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut offset = 0i64;
+        for chunk in [1i64 << 20, 4096] {
+            // SAFETY: fallocate on a descriptor we own; no memory is passed.
+            while unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, chunk) } == 0 {
+                offset += chunk;
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "fallocate filler: {e}");
+        }
+        file.sync_all().unwrap();
+        path
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes available to unprivileged users, as the broker's free-space monitor reads it.
+    fn free_bytes(&self) -> u64 {
+        let path = CString::new(self.mount_point.as_os_str().as_bytes()).unwrap();
+        // SAFETY: an all-zero statvfs is a valid out-parameter; path is NUL-terminated.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stat) }, 0);
+        stat.f_bavail as u64 * stat.f_frsize as u64
+    }
+
+    /// Allocates a filler file leaving half the reserve free; returns its path.
+    fn fill_below_reserve(&self) -> PathBuf {
+        let path = self.mount_point.join("filler");
+        let file = std::fs::File::create(&path).unwrap();
+        let len = self.free_bytes() - RESERVE_BYTES / 2;
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        assert_eq!(rc, 0, "fallocate filler: {}", std::io::Error::last_os_error());
+        file.sync_all().unwrap();
+        assert!(self.free_bytes() < RESERVE_BYTES);
+        path
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.mounted && run(Command::new("umount").arg(&self.mount_point)).is_err() {
+            // Still busy (a broker that refused to die): detach it so the image can go.
+            let _ = run(Command::new("umount").arg("-l").arg(&self.mount_point));
+        }
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// The producer's view of `events`/0: every acknowledged record, in offset order.
+struct Ledger {
+    acked: Vec<(i64, Vec<u8>)>,
+    attempt: u32,
+}
+
+impl Ledger {
+    /// Produces one 3-record batch; records it if acknowledged. Returns the error and message.
+    fn produce(&mut self, conn: &mut Conn) -> (ErrorCode, String) {
+        self.attempt += 1;
+        let values: Vec<Vec<u8>> = (0..3).map(|r| format!("a{}-{r}", self.attempt).into_bytes()).collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        let resp = conn.produce_raw("events", 0, &batch_at(now_ms(), &refs)).expect("produce response");
+        let (err, base, message) = produce_outcome(&resp);
+        match err {
+            ErrorCode::None => {
+                assert_eq!(base, self.acked.len() as i64, "offsets stay dense");
+                self.acked.extend(values.into_iter().enumerate().map(|(i, v)| (base + i as i64, v)));
+            }
+            ErrorCode::StorageFull => {}
+            other => panic!("produce failed with {other:?}: {message}"),
+        }
+        (err, message)
+    }
+}
+
+#[test]
+fn below_the_free_space_reserve_produce_is_refused_and_resumes_once_space_is_freed() {
+    let fs = LoopFs::new();
+    // Declared after `fs`, so it is stopped (or killed) before the filesystem is unmounted.
+    let mut broker = Broker::start_in(
+        fs.root(),
+        1,
+        &[
+            &format!("free_space_reserve_bytes={RESERVE_BYTES}"),
+            "default_retention_ms=-1",
+            "default_segment_bytes=1048576",
+            "batch_bytes_max=65536",
+            "housekeeping_interval_ms=200",
+        ],
+    );
+    let mut conn = Conn::connect(&broker.addr);
+    for (name, retention_ms) in [("events", None), ("doomed", None), ("aging", Some(1500))] {
+        let config = wire::TopicConfigArgs { retention_ms, segment_bytes: Some(65536), ..Default::default() };
+        let resp = conn.create_topic_with(name, 1, config);
+        assert_eq!(resp.root().error(), ErrorCode::None, "{name}: {:?}", resp.root().message());
+    }
+    let mut ledger = Ledger { acked: Vec::new(), attempt: 0 };
+    for _ in 0..20 {
+        assert_eq!(ledger.produce(&mut conn).0, ErrorCode::None);
+    }
+    assert_eq!(conn.produce("doomed", 0, &[b"bye"]).0, ErrorCode::None);
+
+    // `aging` expires 1.5 s after its records' timestamp. The disk must be found full before that
+    // for the retention check below to mean something; on a slow machine, free it and try again.
+    let mut filler;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let resp = conn.produce_raw("aging", 0, &batch_at(now_ms(), &[b"old news"])).unwrap();
+        assert_eq!(produce_outcome(&resp).0, ErrorCode::None);
+        filler = fs.fill_below_reserve();
+        let mut refusal = String::new();
+        wait_until(Duration::from_secs(10), "produce to be refused with StorageFull", || {
+            let (err, message) = ledger.produce(&mut conn);
+            refusal = message;
+            err == ErrorCode::StorageFull
+        });
+        assert!(
+            refusal.contains("free") && refusal.contains(&RESERVE_BYTES.to_string()),
+            "the refusal says why: {refusal}"
+        );
+        let (aging_start, aging_end) = conn.offsets("aging", 0);
+        if aging_start < aging_end {
+            break;
+        }
+        assert!(attempts < 3, "retention always ran before the disk was found full");
+        std::fs::remove_file(&filler).unwrap();
+        wait_until(Duration::from_secs(10), "produce to resume", || {
+            ledger.produce(&mut conn).0 == ErrorCode::None
+        });
+    }
+
+    // Still refused, every time, and the same through the CLI: one clear line, non-zero exit.
+    for _ in 0..5 {
+        assert_eq!(ledger.produce(&mut conn).0, ErrorCode::StorageFull);
+    }
+    let out = broker.cli(&["produce", "events", "--partition", "0"], Some(b"from-cli\n"));
+    assert!(!out.status.success(), "CLI produce on a full disk must fail: {}", out.stdout);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+    assert!(out.stderr.contains("StorageFull") && out.stderr.contains("free"), "{}", out.stderr);
+
+    // Reads, deletion and retention do not need free space.
+    assert_eq!(conn.fetch_all("events", 0, 0), ledger.acked, "fetch on a full disk");
+    let resp = conn.delete_topic("doomed");
+    assert_eq!(resp.root().error(), ErrorCode::None, "delete on a full disk: {:?}", resp.root().message());
+    assert_eq!(conn.fetch("doomed", 0, 0, 0).error, ErrorCode::UnknownTopicOrPartition);
+    wait_until(Duration::from_secs(15), "retention to delete `aging`'s expired segment", || {
+        let (start, end) = conn.offsets("aging", 0);
+        start == end && end > 0
+    });
+    assert_eq!(ledger.produce(&mut conn).0, ErrorCode::StorageFull, "still full after retention");
+
+    // Free the space: produce resumes without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(Duration::from_secs(10), "produce to resume", || {
+        ledger.produce(&mut conn).0 == ErrorCode::None
+    });
+    for _ in 0..5 {
+        assert_eq!(ledger.produce(&mut conn).0, ErrorCode::None);
+    }
+    broker.cli(&["produce", "events", "--partition", "0"], Some(b"from-cli\n")).ok();
+    ledger.acked.push((ledger.acked.len() as i64, b"from-cli".to_vec()));
+
+    // Exactly the acknowledged records, dense, nothing from the refused attempts; also after a
+    // restart, which re-reads every batch from disk.
+    assert_eq!(conn.fetch_all("events", 0, 0), ledger.acked);
+    broker.stop();
+    broker.restart();
+    let mut conn = Conn::connect(&broker.addr);
+    let stored = conn.fetch_all("events", 0, 0);
+    assert_eq!(stored.len(), ledger.acked.len());
+    assert!(stored == ledger.acked, "after restart the log holds exactly the acknowledged records");
+    let log = broker.log();
+    assert!(!log.contains("panicked") && !log.contains("truncat"), "no torn batch was recovered:\n{log}");
+    broker.stop();
+}
+
+#[test]
+fn with_no_reserve_a_completely_full_disk_refuses_produce_without_a_partial_batch() {
+    let fs = LoopFs::new();
+    let mut broker = Broker::start_in(
+        fs.root(),
+        1,
+        &["free_space_reserve_bytes=0", "default_retention_ms=-1", "batch_bytes_max=65536"],
+    );
+    let mut conn = Conn::connect(&broker.addr);
+    let config = wire::TopicConfigArgs { segment_bytes: Some(65536), ..Default::default() };
+    assert_eq!(conn.create_topic_with("events", 1, config).root().error(), ErrorCode::None);
+    let mut ledger = Ledger { acked: Vec::new(), attempt: 0 };
+    for _ in 0..10 {
+        assert_eq!(ledger.produce(&mut conn).0, ErrorCode::None);
+    }
+    let filler = fs.fill_completely();
+    // The active segment was preallocated, so appends into it may still succeed; the segment
+    // after it cannot be allocated. Every 3-record batch is ~100 bytes: 64 KiB takes < 1000.
+    let mut refusal = None;
+    for _ in 0..2000 {
+        let (err, message) = ledger.produce(&mut conn);
+        if err != ErrorCode::None {
+            refusal = Some(message);
+            break;
+        }
+    }
+    let refusal = refusal.expect("produce was refused once the preallocated segment was used up");
+    assert!(refusal.contains("free"), "{refusal}");
+    assert_eq!(conn.fetch_all("events", 0, 0), ledger.acked, "fetch on a full disk");
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(Duration::from_secs(10), "produce to resume", || {
+        ledger.produce(&mut conn).0 == ErrorCode::None
+    });
+    assert_eq!(conn.fetch_all("events", 0, 0), ledger.acked);
+    broker.stop();
+    broker.restart();
+    let mut conn = Conn::connect(&broker.addr);
+    let stored = conn.fetch_all("events", 0, 0);
+    assert!(stored == ledger.acked, "after restart the log holds exactly the acknowledged records");
+    assert!(!broker.log().contains("panicked"));
+    broker.stop();
+}
