@@ -524,8 +524,13 @@ async fn sender_loop(shared: Arc<Shared>) {
             }
             take_sendable(&mut acc, shared.config.linger, Instant::now())
         };
-        let requests = dispatch(&shared, &mut permits, sendable.batches).await;
-        if requests > 0 && sendable.more {
+        let taken = sendable.batches.len();
+        let blocked = dispatch(&shared, &mut permits, sendable.batches).await;
+        // Batches left behind need another round now if this one moved anything off the queues,
+        // whether into a request or into a failure: a round whose batches all failed locally
+        // (owner unreachable) leaves no response, linger or backoff behind to wake this task.
+        // Only when every batch was blocked on in-flight slots does a response wake it.
+        if sendable.more && blocked < taken {
             continue;
         }
         match sendable.next {
@@ -538,14 +543,14 @@ async fn sender_loop(shared: Arc<Shared>) {
 }
 
 /// Groups batches by owner endpoint and queues one request per endpoint that has an in-flight
-/// slot free; the rest go back to their partitions until a response frees a slot. Returns the
-/// number of requests queued.
+/// slot free; the rest go back to their partitions until a response frees a slot. Batches whose
+/// owner cannot be reached are finished (failed or queued for a retry). Returns the number of
+/// batches put back for want of an in-flight slot.
 async fn dispatch(
     shared: &Arc<Shared>,
     permits: &mut HashMap<String, Arc<Semaphore>>,
     outbound: Vec<Outbound>,
 ) -> usize {
-    let mut requests = 0;
     let mut by_endpoint: Vec<(Connection, Vec<Outbound>)> = Vec::new();
     let mut failed: Vec<(Outbound, ClientError)> = Vec::new();
     for b in outbound {
@@ -578,7 +583,6 @@ async fn dispatch(
             payload,
             acks != ACKS_NONE,
         );
-        requests += 1;
         let shared = shared.clone();
         tokio::spawn(async move {
             let outcome = match pending {
@@ -589,13 +593,14 @@ async fn dispatch(
             complete_request(&shared, group, outcome).await;
         });
     }
+    let blocked_count = blocked.len();
     if !blocked.is_empty() {
         put_back(&mut lock(&shared.accumulator), blocked);
     }
     for (b, e) in failed {
         finish_batch(shared, b, Err(e)).await;
     }
-    requests
+    blocked_count
 }
 
 fn encode_produce_request(
