@@ -43,6 +43,9 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// Native protocol listener, shared by every shard (SO_REUSEPORT). Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Admin HTTP listener (`GET /metrics`, `GET /health`). Default: 127.0.0.1:9293, or a free
+    /// port when that one is taken (the ready line says which); port 0 picks a free port.
+    pub admin_listen: Option<SocketAddr>,
     /// Host advertised to clients for the per-shard direct ports; default: the listen address.
     pub advertised_host: Option<String>,
     /// Shard N also listens on `shard_port_base + N`, so shard-aware clients reach the owner core
@@ -88,6 +91,19 @@ pub struct BrokerConfig {
     pub default_durability: DurabilitySetting,
     /// Sparse offset index: one entry per this many bytes of log.
     pub index_interval_bytes: u32,
+    /// Partitions of the internal `__consumer_offsets` topic, fixed when the data directory is
+    /// first used (a group's coordinator is the owner of partition hash(group id) mod this).
+    pub offsets_topic_partitions: u32,
+    /// Committed offsets of a group that has had no members this long are deleted. -1 = never.
+    pub offsets_retention_ms: i64,
+    /// A group's first join phase waits this long for more members, so members starting
+    /// together land in one generation instead of one rebalance each.
+    pub group_initial_rebalance_delay_ms: u64,
+    /// Smallest and largest session timeout a member may ask for.
+    pub group_min_session_timeout_ms: u32,
+    pub group_max_session_timeout_ms: u32,
+    /// Most members in one group; further joins are refused with ResourceExhausted.
+    pub group_members_max: usize,
 }
 
 impl Default for BrokerConfig {
@@ -95,6 +111,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             data_dir: PathBuf::from("./ringlog-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
+            admin_listen: None,
             advertised_host: None,
             shard_port_base: 9300,
             shards: 0,
@@ -118,6 +135,12 @@ impl Default for BrokerConfig {
             default_retention_ms: 7 * 24 * 3600 * 1000,
             default_durability: DurabilitySetting::Fsync,
             index_interval_bytes: 4096,
+            offsets_topic_partitions: 8,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            group_initial_rebalance_delay_ms: 300,
+            group_min_session_timeout_ms: 1000,
+            group_max_session_timeout_ms: 300_000,
+            group_members_max: 1000,
         }
     }
 }
@@ -239,6 +262,23 @@ impl BrokerConfig {
         if self.housekeeping_interval_ms == 0 {
             return invalid("housekeeping_interval_ms", "must be at least 1");
         }
+        if self.offsets_topic_partitions == 0 || self.offsets_topic_partitions > 1000 {
+            return invalid("offsets_topic_partitions", "must be between 1 and 1000");
+        }
+        if self.offsets_retention_ms < -1 || self.offsets_retention_ms == 0 {
+            return invalid("offsets_retention_ms", "must be -1 (never) or positive");
+        }
+        if self.group_min_session_timeout_ms == 0
+            || self.group_min_session_timeout_ms > self.group_max_session_timeout_ms
+        {
+            return invalid(
+                "group_min_session_timeout_ms",
+                "must be at least 1 and at most group_max_session_timeout_ms",
+            );
+        }
+        if self.group_members_max == 0 {
+            return invalid("group_members_max", "must be at least 1");
+        }
         Ok(())
     }
 
@@ -282,6 +322,7 @@ pub fn option_names() -> Vec<String> {
             let mut keys: Vec<String> = table.keys().cloned().collect();
             // Options whose default is None are not serialized; list them explicitly.
             keys.push("advertised_host".into());
+            keys.push("admin_listen".into());
             keys
         }
         Err(_) => Vec::new(),

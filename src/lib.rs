@@ -14,7 +14,11 @@ pub mod record;
 #[cfg(feature = "broker")]
 pub mod config;
 #[cfg(feature = "broker")]
+pub mod groups;
+#[cfg(feature = "broker")]
 pub mod metadata;
+#[cfg(feature = "broker")]
+pub mod metrics;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]

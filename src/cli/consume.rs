@@ -1,9 +1,15 @@
-//! `ringlog consume TOPIC`: print records.
+//! `ringlog consume TOPIC [--group G]`: print records.
 //!
 //! Owns: choosing partitions and start offsets, the stop rule (the high watermarks seen at start,
 //! `--count`, or never with `--follow`) and the output format. Depends on `client::{Admin,
-//! Consumer}`. Output goes through a BufWriter flushed after every poll; a closed stdout ends
-//! the command quietly.
+//! Consumer, GroupConsumer}`. Output goes through a BufWriter flushed after every poll; a closed
+//! stdout ends the command quietly.
+//!
+//! With `--group`, the group decides the partitions and where each starts (its committed
+//! offsets), and the command commits as it goes: at most every `--commit-interval-ms`, always
+//! for records already printed and flushed (at-least-once), and once more when it stops. It
+//! stops after `--count` records, or without `--follow` once its partitions are caught up; with
+//! `--follow`, on SIGINT or SIGTERM, leaving the group so the others take over at once.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -13,7 +19,10 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{CliError, ConnectArgs};
-use crate::client::{Admin, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Offset};
+use crate::client::{
+    Admin, Assignor, ClientError, Consumer, ConsumerConfig, ConsumerRecord, GroupConsumer,
+    GroupConsumerConfig, Offset, OffsetReset,
+};
 
 /// Long-poll wait per fetch; the broker answers as soon as data arrives.
 const POLL_WAIT: Duration = Duration::from_millis(500);
@@ -36,6 +45,20 @@ pub struct ConsumeArgs {
     /// Print partition, offset, timestamp_ms, key and value, tab-separated.
     #[arg(long)]
     pub print_meta: bool,
+    /// Consume as a member of this consumer group: the group assigns the partitions, they start
+    /// at its committed offsets (`--from beginning|end` where it has none), and this command
+    /// commits as it goes.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// With --group: commit the printed records' offsets at most this often.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub commit_interval_ms: u64,
+    /// With --group: the group removes this member after this long without a heartbeat.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+    /// With --group: how the group divides partitions among members.
+    #[arg(long, default_value = "range", value_name = "range|roundrobin|sticky")]
+    pub assignor: Assignor,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -63,6 +86,9 @@ impl FromStr for FromOffset {
 }
 
 pub(super) async fn run(args: ConsumeArgs) -> Result<(), CliError> {
+    if args.group.is_some() {
+        return run_group(args).await;
+    }
     let client = args.connect.client_config();
     let description = Admin::connect(client.clone()).await?.describe_topic(&args.topic).await?;
     let partitions: Vec<_> = match args.partition {
@@ -138,6 +164,83 @@ pub(super) async fn run(args: ConsumeArgs) -> Result<(), CliError> {
     }
 }
 
+async fn run_group(args: ConsumeArgs) -> Result<(), CliError> {
+    let group_id = args.group.clone().unwrap_or_default();
+    let auto_offset_reset = match args.from {
+        FromOffset::Beginning => OffsetReset::Beginning,
+        FromOffset::End => OffsetReset::End,
+        FromOffset::At(_) => {
+            return Err(CliError::Input(
+                "--from OFFSET cannot be used with --group: the group's committed offsets decide where \
+                 it reads (move them with `ringlog group reset`)"
+                    .to_owned(),
+            ))
+        }
+    };
+    if args.partition.is_some() {
+        return Err(CliError::Input(
+            "--partition cannot be used with --group: the group assigns partitions".into(),
+        ));
+    }
+    if args.session_timeout_ms < 3 {
+        return Err(CliError::Input("--session-timeout-ms must be at least 3".into()));
+    }
+    let session_timeout = Duration::from_millis(args.session_timeout_ms);
+    let config = GroupConsumerConfig {
+        session_timeout,
+        heartbeat_interval: session_timeout / 3,
+        assignor: args.assignor,
+        auto_commit: true,
+        auto_commit_interval: Duration::from_millis(args.commit_interval_ms),
+        auto_offset_reset,
+        ..GroupConsumerConfig::new(group_id)
+    };
+    let mut consumer = GroupConsumer::connect(args.connect.client_config(), config).await?;
+    consumer.subscribe(vec![args.topic.clone()]);
+    let outcome = consume_group(&mut consumer, &args).await;
+    // Commit what was printed and leave, also after an error (a closed stdout, a signal).
+    let closed = consumer.close().await;
+    outcome?;
+    closed.map_err(CliError::from)
+}
+
+/// Polls and prints until the stop rule says so or a signal arrives.
+async fn consume_group(consumer: &mut GroupConsumer, args: &ConsumeArgs) -> Result<(), CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let stop_signal =
+        |kind| signal(kind).map_err(|source| CliError::Io { context: "installing a signal handler", source });
+    let mut interrupt = stop_signal(SignalKind::interrupt())?;
+    let mut terminate = stop_signal(SignalKind::terminate())?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut printed = 0u64;
+    loop {
+        let records = tokio::select! {
+            records = consumer.poll(POLL_WAIT) => records?,
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        };
+        for record in &records {
+            print_record(&mut out, record, args.print_meta).map_err(CliError::stdout)?;
+            printed += 1;
+            if args.count.is_some_and(|n| printed >= n) {
+                return out.flush().map_err(CliError::stdout);
+            }
+        }
+        out.flush().map_err(CliError::stdout)?;
+        if !args.follow && records.is_empty() && consumer.generation_id() >= 0 {
+            let caught_up = consumer.assignment().iter().all(|(topic, partition)| {
+                match (consumer.position(topic, *partition), consumer.high_watermark(topic, *partition)) {
+                    (Some(position), Some(end)) => position >= end,
+                    _ => false,
+                }
+            });
+            if caught_up {
+                return Ok(());
+            }
+        }
+    }
+}
+
 fn print_record(out: &mut impl Write, r: &ConsumerRecord, print_meta: bool) -> std::io::Result<()> {
     if print_meta {
         write!(out, "{}\t{}\t{}\t", r.partition, r.offset, r.timestamp_ms)?;
@@ -180,5 +283,24 @@ mod tests {
         assert_eq!("end".parse::<FromOffset>(), Ok(FromOffset::End));
         assert_eq!("0".parse::<FromOffset>(), Ok(FromOffset::At(0)));
         assert!("-3".parse::<FromOffset>().is_err());
+    }
+
+    #[tokio::test]
+    async fn group_mode_refuses_explicit_offsets_and_partitions() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ConsumeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(["consume", "t", "--group", "g"].iter().chain(extra)).unwrap().args
+        };
+        let err = run(parse(&["--from", "5"])).await.unwrap_err();
+        assert!(err.to_string().contains("ringlog group reset"), "{err}");
+        let err = run(parse(&["--partition", "1"])).await.unwrap_err();
+        assert!(err.to_string().contains("assigns partitions"), "{err}");
+        let args = parse(&["--assignor", "sticky", "--commit-interval-ms", "50"]);
+        assert_eq!((args.assignor, args.commit_interval_ms), (Assignor::Sticky, 50));
     }
 }

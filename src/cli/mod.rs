@@ -1,10 +1,11 @@
-//! The client commands of the `ringlog` binary: `topic`, `produce`, `consume`.
+//! The client commands of the `ringlog` binary: `topic`, `produce`, `consume`, `group`.
 //!
 //! Owns: argument parsing for those commands (clap), their output formats, and turning errors into
 //! one `ringlog: <error>` line and exit status 1. Depends on `client` only (builds without the
 //! `broker` feature); builds its own tokio runtime.
 
 mod consume;
+mod group;
 mod produce;
 mod topic;
 
@@ -16,6 +17,7 @@ use thiserror::Error;
 use crate::client::{ClientConfig, ClientError, DEFAULT_BOOTSTRAP};
 
 pub use consume::{ConsumeArgs, FromOffset};
+pub use group::{GroupCommand, ResetArgs, ResetTo};
 pub use produce::{AcksArg, ProduceArgs};
 pub use topic::{DurabilityArg, TopicCommand};
 
@@ -28,8 +30,13 @@ pub enum ClientCommand {
     },
     /// Produce one record per line of stdin.
     Produce(ProduceArgs),
-    /// Print a topic's records, one value per line.
+    /// Print a topic's records, one value per line (as a consumer-group member with --group).
     Consume(ConsumeArgs),
+    /// List, describe, reset or delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
 }
 
 /// Where to reach the cluster; every client command takes it.
@@ -84,6 +91,7 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Topic { command } => topic::run(command).await,
             ClientCommand::Produce(args) => produce::run(args).await,
             ClientCommand::Consume(args) => consume::run(args).await,
+            ClientCommand::Group { command } => group::run(command).await,
         }
     });
     match result {
@@ -163,5 +171,46 @@ mod tests {
         assert_eq!(c.from, FromOffset::Beginning);
         assert_eq!(c.connect.bootstrap, DEFAULT_BOOTSTRAP);
         assert!(parse(&["consume", "t", "--from", "middle"]).is_err());
+        let ClientCommand::Consume(c) = parse(&["consume", "t", "--group", "g", "--follow"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.group.as_deref(), Some("g"));
+        assert_eq!(c.commit_interval_ms, 1000);
+    }
+
+    #[test]
+    fn parses_group_commands() {
+        let ClientCommand::Group { command: GroupCommand::Reset(r) } = parse(&[
+            "group",
+            "reset",
+            "billing",
+            "--topic",
+            "orders",
+            "--to",
+            "2026-11-28T12:00:00Z",
+            "--partition",
+            "1",
+            "--partition",
+            "3",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.group.as_str(), r.topic.as_str()), ("billing", "orders"));
+        assert_eq!(r.partitions, vec![1, 3]);
+        assert_eq!(r.to, ResetTo(crate::client::ResetTarget::Timestamp(1_795_867_200_000)));
+        assert!(parse(&["group", "reset", "g", "--topic", "t"]).is_err(), "--to is required");
+        assert!(matches!(
+            parse(&["group", "describe", "g"]).unwrap(),
+            ClientCommand::Group { command: GroupCommand::Describe { .. } }
+        ));
+        assert!(matches!(
+            parse(&["group", "list"]).unwrap(),
+            ClientCommand::Group { command: GroupCommand::List { .. } }
+        ));
+        assert!(matches!(
+            parse(&["group", "delete", "g"]).unwrap(),
+            ClientCommand::Group { command: GroupCommand::Delete { .. } }
+        ));
     }
 }

@@ -1,10 +1,14 @@
-//! Topic administration: create, delete, list, describe, list offsets.
+//! Topic and group administration: create, delete, list, describe, list offsets; list, describe,
+//! delete groups, and read or reset their committed offsets.
 //!
-//! Owns: the control-plane API and its public data types. Depends on `cluster` for connections
-//! and metadata. Rare calls, kept simple: one request at a time.
+//! Owns: the control-plane API and its public data types (the group types live in `group`).
+//! Depends on `cluster` for connections and metadata, `group` for the group messages. Rare
+//! calls, kept simple: one request at a time, group requests through the bootstrap connection
+//! (the broker routes them to the group's coordinator shard).
 
 use super::cluster::Cluster;
 use super::error::{ClientError, Result};
+use super::group::{self, CommittedOffset, GroupDescription, GroupListing, ResetTarget, TopicPartitions};
 use super::ClientConfig;
 use crate::protocol::wire;
 
@@ -203,5 +207,42 @@ impl Admin {
     /// Looks up an offset of one partition on its owning shard.
     pub async fn list_offsets(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<ListedOffset> {
         self.cluster.list_offsets(topic, partition, spec).await
+    }
+
+    /// Every group on the broker, sorted by id.
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
+        group::list_groups(&self.cluster.bootstrap().await?).await
+    }
+
+    /// A group's state, generation and members with their assignments.
+    pub async fn describe_group(&self, group_id: &str) -> Result<GroupDescription> {
+        group::describe_group(&self.cluster.bootstrap().await?, group_id).await
+    }
+
+    /// The group's committed offsets with each partition's log end and lag, for `topics`
+    /// (every partition the group has committed if empty).
+    pub async fn group_offsets(
+        &self,
+        group_id: &str,
+        topics: &[TopicPartitions],
+    ) -> Result<Vec<CommittedOffset>> {
+        group::fetch_offsets(&self.cluster.bootstrap().await?, group_id, topics).await
+    }
+
+    /// Deletes a group and its committed offsets; fails with GroupNotEmpty while it has members.
+    pub async fn delete_group(&self, group_id: &str) -> Result<()> {
+        group::delete_group(&self.cluster.bootstrap().await?, group_id).await
+    }
+
+    /// Moves the group's committed offsets on `partitions` of `topic` (all partitions if empty);
+    /// fails with GroupNotEmpty while it has members. Returns the new committed offsets.
+    pub async fn reset_group_offsets(
+        &self,
+        group_id: &str,
+        topic: &str,
+        partitions: &[u32],
+        target: ResetTarget,
+    ) -> Result<Vec<CommittedOffset>> {
+        group::reset_offsets(&self.cluster.bootstrap().await?, group_id, topic, partitions, target).await
     }
 }

@@ -46,6 +46,10 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("the producer is closed")]
     ProducerClosed,
+    /// A group operation that needs membership (commit) before the member joined, or while it
+    /// rejoins: poll first.
+    #[error("not a member of group {group_id:?} (poll to join it)")]
+    NotGroupMember { group_id: String },
 }
 
 fn message_suffix(message: &str) -> String {
@@ -95,6 +99,27 @@ impl ClientError {
                 *code,
                 ErrorCode::NotOwner | ErrorCode::UnknownTopicOrPartition | ErrorCode::ResourceExhausted
             ),
+            _ => false,
+        }
+    }
+
+    /// Whether a group member must join the group again: a rebalance started, or the member was
+    /// fenced (its generation is over, or the coordinator no longer knows it).
+    pub fn needs_rejoin(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::RebalanceInProgress | ErrorCode::IllegalGeneration | ErrorCode::UnknownMemberId)
+        )
+    }
+
+    /// Whether the group coordinator may have moved or be unreachable: look it up again.
+    pub(crate) fn invalidates_coordinator(&self) -> bool {
+        match self {
+            ClientError::Broker { code, .. } => matches!(
+                *code,
+                ErrorCode::NotCoordinator | ErrorCode::CoordinatorNotAvailable | ErrorCode::ShuttingDown
+            ),
+            ClientError::Io { .. } | ClientError::NotSent { .. } | ClientError::Timeout { .. } => true,
             _ => false,
         }
     }

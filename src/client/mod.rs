@@ -1,4 +1,5 @@
-//! The native ringlog client for ordinary tokio applications: admin, producer, consumer.
+//! The native ringlog client for ordinary tokio applications: admin, producer, consumer, group
+//! consumer.
 //!
 //! Owns: everything a client process needs to talk to brokers over the native protocol.
 //! May depend on `protocol` and `record` only; never on glommio, `storage`, `shard` or `server`
@@ -7,7 +8,9 @@
 //! Layout: `connection` (one pipelined TCP connection) → `cluster` (metadata cache: partition →
 //! owning shard → that shard's direct endpoint, and a connection pool) → `admin`, `producer`,
 //! `consumer`. Producers and consumers send each partition's traffic straight to the shard that
-//! owns it, so the broker never has to hop between cores for them.
+//! owns it, so the broker never has to hop between cores for them. `group` speaks the consumer-
+//! group protocol to a group's coordinator shard; `group_consumer` is a `Consumer` whose
+//! partitions come from a group, with heartbeats and committed offsets.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ringlog::client::ClientError> {
@@ -29,6 +32,8 @@ mod cluster;
 mod connection;
 mod consumer;
 mod error;
+mod group;
+mod group_consumer;
 mod partitioner;
 mod producer;
 
@@ -40,6 +45,13 @@ pub use admin::{
 pub use connection::{Connection, ResponseFrame, RESPONSE_FRAME_BYTES_MAX};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};
 pub use error::{ClientError, ProduceError, Result};
+pub use group::{
+    CommittedOffset, GroupCoordinator, GroupDescription, GroupListing, GroupMember, JoinRequest, JoinedGroup,
+    JoinedMember, MemberAssignment, OffsetToCommit, ResetTarget, TopicPartitions, CONSUMER_PROTOCOL_TYPE,
+};
+pub use group_consumer::{
+    Assignor, GroupConsumer, GroupConsumerConfig, OffsetReset, RebalanceListener, RevokeCommit,
+};
 pub use partitioner::{key_partition, murmur2, Partitioner};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, RecordMetadata};
 

@@ -23,6 +23,8 @@ use crate::protocol::{self, PROTOCOL_VERSION};
 use crate::shard::mesh::{AppendItem, FetchItem, FetchOutcome, OffsetQuery, PartitionError};
 use crate::shard::Shard;
 
+use super::groups;
+
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
 
 /// What the handshake advertises: exactly the request types `handle` answers.
@@ -34,6 +36,17 @@ const IMPLEMENTED_APIS: &[RequestBody] = &[
     RequestBody::ProduceRequest,
     RequestBody::FetchRequest,
     RequestBody::ListOffsetsRequest,
+    RequestBody::FindCoordinatorRequest,
+    RequestBody::JoinGroupRequest,
+    RequestBody::SyncGroupRequest,
+    RequestBody::HeartbeatRequest,
+    RequestBody::LeaveGroupRequest,
+    RequestBody::OffsetCommitRequest,
+    RequestBody::OffsetFetchRequest,
+    RequestBody::ListGroupsRequest,
+    RequestBody::DescribeGroupRequest,
+    RequestBody::DeleteGroupRequest,
+    RequestBody::ResetOffsetsRequest,
 ];
 
 /// An encoded response: the FlatBuffers header and the record bytes that follow it.
@@ -57,6 +70,7 @@ fn ready(reply: Reply) -> Boxed<Reply> {
 /// Decodes and dispatches one frame. Returns the reply future and whether the connection must
 /// close after it.
 pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) {
+    let started = Instant::now();
     let RawFrame { header, payload } = frame;
     let opts = protocol::verifier_options();
     let request = match flatbuffers::root_with_opts::<wire::Request>(&opts, &header) {
@@ -104,12 +118,24 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
             Some(r) => list_offsets(shard, cid, r).await,
             None => missing_body(cid),
         },
+        other if groups::handles(other) => groups::handle(shard, cid, request),
         other => {
             let msg = format!("unknown request type {}", other.0);
             ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, &msg)))
         }
     };
-    (reply, false)
+    let api = request.body_type();
+    let reply = async move {
+        let reply = reply.await;
+        let error = match &reply {
+            Reply::None => false,
+            Reply::Frame(f) => crate::metrics::response_is_error(&f.header),
+            Reply::Close(_) => true,
+        };
+        crate::metrics::request_done(api, started, error);
+        reply
+    };
+    (reply.boxed_local(), false)
 }
 
 fn missing_body(cid: u32) -> Boxed<Reply> {
@@ -140,7 +166,7 @@ fn finish(
     ResponseFrame { header: fbb.finished_data().to_vec(), payload }
 }
 
-fn respond(
+pub(super) fn respond(
     mut fbb: FlatBufferBuilder<'_>,
     cid: u32,
     body_type: ResponseBody,
@@ -279,7 +305,8 @@ fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<
     let requested: Vec<String> =
         r.topics().map(|t| t.iter().map(str::to_string).collect()).unwrap_or_default();
     let names: Vec<Result<Arc<str>, String>> = if requested.is_empty() {
-        shard.topic_names().into_iter().map(Ok).collect()
+        // Internal topics are listed only when asked for by name.
+        shard.topic_names().into_iter().filter(|n| !crate::groups::is_internal_topic(n)).map(Ok).collect()
     } else {
         requested.into_iter().map(|n| shard.topic(&n).map(|v| v.name.clone()).ok_or(n)).collect()
     };
@@ -378,6 +405,10 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
 
 fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) -> Boxed<Reply> {
     let name = r.name().unwrap_or_default().to_string();
+    if crate::groups::is_internal_topic(&name) {
+        let msg = format!("'{name}' is internal (it holds consumer group offsets) and cannot be deleted");
+        return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, &msg)));
+    }
     let shard = shard.clone();
     async move {
         if let Err(e) = shard.delete_topic(name.clone()).await {
@@ -428,6 +459,11 @@ async fn produce(
                     ),
                 )),
                 Ok(_) if len == 0 => Err(PartitionError::new(ErrorCode::InvalidRequest, "empty record batch")),
+                // Only the group coordinator writes there, so its replayed state stays trustworthy.
+                Ok(_) if crate::groups::is_internal_topic(name) => Err(PartitionError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("'{name}' is internal; only the group coordinator writes to it"),
+                )),
                 Ok((view, owner)) => {
                     rest.advance(start - consumed);
                     let batches = rest.split_to(len);

@@ -7,6 +7,7 @@
 
 mod connection;
 mod dispatch;
+mod groups;
 
 use std::rc::Rc;
 use std::sync::Arc;

@@ -137,4 +137,14 @@ pub enum ShardMsg {
         name: Arc<str>,
         reply: oneshot::Sender<()>,
     },
+    /// A consumer-group request for the group's coordinator on the receiving shard (for
+    /// ListGroups: that shard's share).
+    Group {
+        request: Box<crate::groups::messages::GroupRequest>,
+        reply: oneshot::Sender<crate::groups::messages::GroupOutcome>,
+    },
+    /// The receiving shard's metrics, for a scrape of the admin listener.
+    Metrics {
+        reply: oneshot::Sender<crate::metrics::ShardSnapshot>,
+    },
 }

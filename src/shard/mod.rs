@@ -55,6 +55,8 @@ pub struct Shard {
     controller: Option<Controller>,
     pub connections: Cell<usize>,
     pub cross_shard_hops: Cell<u64>,
+    /// The consumer groups this shard coordinates (those of its `__consumer_offsets` partitions).
+    pub groups: crate::groups::Coordinator,
 }
 
 struct Controller {
@@ -103,6 +105,7 @@ impl Shard {
             }),
             connections: Cell::new(0),
             cross_shard_hops: Cell::new(0),
+            groups: crate::groups::Coordinator::default(),
         });
         let opened = join_all(topics.iter().map(|t| shard.apply_topic(t))).await;
         for result in opened {
@@ -121,7 +124,7 @@ impl Shard {
         names
     }
 
-    fn partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
+    pub(crate) fn partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
         self.owned.borrow().get(topic)?.get(partition as usize)?.clone()
     }
 
@@ -202,7 +205,7 @@ impl Shard {
     }
 
     /// Sends one message to another shard. Fails only when the peer has gone (shutdown).
-    async fn send(&self, shard: u32, msg: ShardMsg) -> Result<(), PartitionError> {
+    pub(crate) async fn send(&self, shard: u32, msg: ShardMsg) -> Result<(), PartitionError> {
         debug_assert_ne!(shard, self.id, "local work never crosses the mesh");
         self.cross_shard_hops.set(self.cross_shard_hops.get() + 1);
         let peer = self.peer_of_shard[shard as usize];
@@ -375,6 +378,22 @@ impl Shard {
         rx.await.map_err(|_| PartitionError::shutting_down())?
     }
 
+    /// Runs a consumer-group request on its coordinator shard `owner`: locally, or one mesh hop.
+    pub async fn group_request(
+        self: &Rc<Self>,
+        owner: u32,
+        request: crate::groups::messages::GroupRequest,
+    ) -> crate::groups::messages::GroupOutcome {
+        use crate::groups::messages::GroupError;
+        if owner == self.id {
+            return crate::groups::execute_local(self, request).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        let request = Box::new(request);
+        self.send(owner, ShardMsg::Group { request, reply }).await.map_err(|_| GroupError::ShuttingDown)?;
+        rx.await.map_err(|_| GroupError::ShuttingDown)?
+    }
+
     pub async fn delete_topic(self: &Rc<Self>, name: String) -> Result<(), PartitionError> {
         if self.controller.is_some() {
             return self.clone().controller_delete(name).await;
@@ -395,13 +414,18 @@ impl Shard {
                 let Some(partition) = self.partition(&item.topic, item.partition) else {
                     return (None, Err(PartitionError::unknown_partition(&item.topic, item.partition)), -1);
                 };
+                let bytes = item.batches.len();
                 match partition.append(item.batches) {
                     Ok(a) => {
+                        crate::metrics::appended(&item.topic, bytes, a.last_offset - a.base_offset + 1);
                         let out =
                             Appended { base_offset: a.base_offset, log_start_offset: a.log_start_offset };
                         (Some(partition), Ok(out), a.last_offset)
                     }
-                    Err(e) => (None, Err(storage_error(&item.topic, item.partition, e)), -1),
+                    Err(e) => {
+                        crate::metrics::partition_error(crate::protocol::wire::RequestBody::ProduceRequest);
+                        (None, Err(storage_error(&item.topic, item.partition, e)), -1)
+                    }
                 }
             })
             .collect();
@@ -429,7 +453,9 @@ impl Shard {
                 let Some(partition) = partition else {
                     return Err(PartitionError::unknown_partition(&item.topic, item.partition));
                 };
-                match partition.read(item.offset, item.max_bytes).await {
+                let read = partition.read(item.offset, item.max_bytes).await;
+                crate::metrics::fetch_done(&item.topic, read.as_ref().map(|r| &r.chunks[..]));
+                match read {
                     Ok(r) => Ok(Fetched {
                         chunks: r.chunks,
                         high_watermark: r.high_watermark,
@@ -542,6 +568,16 @@ impl Shard {
                 })
                 .detach();
             }
+            ShardMsg::Metrics { reply } => {
+                let _ = reply.send(crate::metrics::snapshot(self));
+            }
+            ShardMsg::Group { request, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(crate::groups::execute_local(&shard, *request).await);
+                })
+                .detach();
+            }
         }
     }
 
@@ -580,10 +616,12 @@ impl Shard {
                     format!("topic '{name}' already exists"),
                 ));
             }
-            if store.len() >= self.config.topics_max {
+            // Internal topics (__consumer_offsets) do not count against the users' limit.
+            let user_topics = store.topics().filter(|t| !crate::groups::is_internal_topic(&t.name)).count();
+            if user_topics >= self.config.topics_max {
                 return Err(PartitionError::new(
                     ErrorCode::ResourceExhausted,
-                    format!("the broker already holds {} topics (topics_max)", store.len()),
+                    format!("the broker already holds {user_topics} topics (topics_max)"),
                 ));
             }
             let loads = store.shard_loads(self.count as usize);

@@ -31,6 +31,8 @@ pub enum StartError {
     Metadata(#[from] metadata::MetadataError),
     #[error("cannot start shard {shard}: {message}")]
     Shard { shard: usize, message: String },
+    #[error("cannot listen on {addr} (admin_listen): {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -75,7 +77,8 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
     let _lock = lock_data_dir(&data_dir)?;
     let shards = config.shard_count();
-    let store = MetadataStore::open(&data_dir, shards)?;
+    let mut store = MetadataStore::open(&data_dir, shards)?;
+    crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
     remove_orphan_topic_dirs(&data_dir, &store);
     let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
     let io_memory = config.io_memory_for(shards);
@@ -101,6 +104,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         ready: AtomicUsize::new(0),
         failed: Mutex::new(None),
     });
+    let mut admin = Some(
+        crate::metrics::http::bind(config.admin_listen)
+            .map_err(|(addr, source)| StartError::Admin { addr, source })?,
+    );
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, 1024);
     let mut store = Some(store);
     let mut handles = Vec::with_capacity(shards);
@@ -117,6 +125,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             rendezvous: rendezvous.clone(),
             shutdown: shutdown.clone(),
             mesh: mesh.clone(),
+            admin: if id == 0 { admin.take() } else { None },
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -144,10 +153,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let direct: Vec<String> = lock(&rendezvous.direct).iter().flatten().map(|a| a.to_string()).collect();
     let port = lock(&rendezvous.shared_port).unwrap_or(0);
     let ready = format!(
-        "ringlog ready: native={}:{port} shards={shards} direct={} data_dir={}",
+        "ringlog ready: native={}:{port} shards={shards} direct={} data_dir={} admin={}",
         config.listen.ip(),
         direct.join(","),
-        data_dir.display()
+        data_dir.display(),
+        admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string())
     );
     tracing::info!("{ready}");
     println!("{ready}");
@@ -181,12 +191,15 @@ struct ShardStart {
     rendezvous: Arc<Rendezvous>,
     shutdown: Arc<Shutdown>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    /// Shard 0 serves the admin HTTP listener (metrics, health).
+    admin: Option<std::net::TcpListener>,
 }
 
 impl ShardStart {
     async fn run(mut self) -> Result<(), String> {
         let store = self.store.take();
-        let result = self.start(store).await;
+        let admin = self.admin.take();
+        let result = self.start(store, admin).await;
         if let Err(message) = &result {
             lock(&self.rendezvous.failed).get_or_insert_with(|| message.clone());
         }
@@ -197,7 +210,11 @@ impl ShardStart {
         lock(&self.rendezvous.failed).is_some()
     }
 
-    async fn start(&self, store: Option<MetadataStore>) -> Result<(), String> {
+    async fn start(
+        &self,
+        store: Option<MetadataStore>,
+        admin: Option<std::net::TcpListener>,
+    ) -> Result<(), String> {
         let rv = &self.rendezvous;
         let (senders, mut receivers) =
             self.mesh.clone().join().await.map_err(|_| "cannot join the shard mesh")?;
@@ -244,6 +261,8 @@ impl ShardStart {
             peer_of_shard,
         )
         .await?;
+        // Groups are rebuilt before the mesh is served, so no group request sees a half-loaded shard.
+        crate::groups::load(&shard).await?;
 
         for (_, receiver) in receivers.streams() {
             let shard = shard.clone();
@@ -255,6 +274,10 @@ impl ShardStart {
             .detach();
         }
         let housekeeping = glommio::spawn_local(shard.clone().housekeeping());
+        let group_timers = glommio::spawn_local(crate::groups::run_timers(shard.clone()));
+        let started = std::time::Instant::now();
+        let admin =
+            admin.map(|l| glommio::spawn_local(crate::metrics::http::serve_bound(shard.clone(), l, started)));
         rv.ready.fetch_add(1, Ordering::AcqRel);
 
         crate::server::serve(shard.clone(), vec![shared, direct], self.shutdown.clone()).await;
@@ -264,6 +287,8 @@ impl ShardStart {
         self.shutdown.drained.fetch_add(1, Ordering::AcqRel);
         poll_until(|| self.shutdown.drained.load(Ordering::Acquire) >= rv.shards).await;
         drop(housekeeping);
+        drop(group_timers);
+        drop(admin);
         shard.close_partitions().await;
         tracing::info!(shard = self.id, "shard stopped");
         Ok(())

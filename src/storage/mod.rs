@@ -35,6 +35,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+pub use index::{IndexEntry, SegmentIndex};
 pub use partition::Partition;
 pub use tail_cache::CacheStats;
 

@@ -850,7 +850,7 @@ impl Partition {
                 let mut ok = true;
                 for seg in &unsynced {
                     let synced = match seg.file().await {
-                        Ok(f) => f.fdatasync().await.map_err(|e| e.to_string()),
+                        Ok(f) => crate::metrics::timed_fsync(f.fdatasync()).await.map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
                     if let Err(e) = synced {
@@ -896,11 +896,13 @@ impl Partition {
         buf.trim_to_size(aligned);
         let buf = Rc::new(buf);
         let result = match segment.file().await {
-            Ok(file) => match file.write_rc_at(buf.clone(), file_pos).await {
-                Ok(n) if n == aligned => Ok(()),
-                Ok(n) => Err(format!("short write: {n} of {aligned} bytes at {file_pos}")),
-                Err(e) => Err(e.to_string()),
-            },
+            Ok(file) => {
+                match crate::metrics::timed_segment_write(file.write_rc_at(buf.clone(), file_pos)).await {
+                    Ok(n) if n == aligned => Ok(()),
+                    Ok(n) => Err(format!("short write: {n} of {aligned} bytes at {file_pos}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             Err(e) => Err(e.to_string()),
         };
         match result {

@@ -1,0 +1,927 @@
+//! One consumer group's state machine: membership, rebalances, generations, committed offsets.
+//!
+//! Owns: Kafka's classic group protocol as an explicit machine —
+//! `Empty → PreparingRebalance → CompletingRebalance → Stable` (and back to `PreparingRebalance`
+//! when a member joins, leaves or times out; `Empty` when the last member goes). Pure and
+//! synchronous: time is a `now_ms` argument, parked JoinGroup/SyncGroup requests are oneshot
+//! senders answered when their phase completes, and what must be persisted is flagged
+//! (`take_dirty`) for the coordinator to write. No IO, no glommio, so every transition is unit
+//! tested here.
+
+use std::collections::BTreeMap;
+
+use futures::channel::oneshot;
+
+use super::assignor::{self, Subscriber, ASSIGNORS};
+use super::codec::{GroupValue, MemberRecord, OffsetValue};
+use super::messages::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl GroupState {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::CompletingRebalance => "CompletingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
+/// The broker options the state machine obeys.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLimits {
+    pub initial_rebalance_delay_ms: u64,
+    pub min_session_timeout_ms: u32,
+    pub max_session_timeout_ms: u32,
+    pub members_max: usize,
+}
+
+pub type JoinWaiter = oneshot::Sender<Result<JoinResponse, GroupError>>;
+pub type SyncWaiter = oneshot::Sender<Result<SyncResponse, GroupError>>;
+
+struct Member {
+    client_id: String,
+    session_timeout_ms: u32,
+    rebalance_timeout_ms: u32,
+    topics: Vec<String>,
+    protocols: Vec<(String, Vec<u8>)>,
+    server_assignment: bool,
+    /// The current (or, while rebalancing, the previous) generation's assignment.
+    assignment: Vec<TopicPartitions>,
+    user_data: Vec<u8>,
+    last_heartbeat_ms: i64,
+    join_waiter: Option<JoinWaiter>,
+    sync_waiter: Option<SyncWaiter>,
+}
+
+impl Member {
+    /// Members with a parked request are alive by definition: they are waiting on us.
+    fn expired(&self, now_ms: i64) -> bool {
+        self.join_waiter.is_none()
+            && self.sync_waiter.is_none()
+            && now_ms - self.last_heartbeat_ms > i64::from(self.session_timeout_ms)
+    }
+}
+
+/// What a SyncGroup gets: the assignment now, or a wait for the leader's.
+pub enum SyncWait {
+    Ready(SyncResponse),
+    Parked(oneshot::Receiver<Result<SyncResponse, GroupError>>),
+}
+
+pub struct Group {
+    pub id: String,
+    state: GroupState,
+    generation: i32,
+    protocol_type: String,
+    protocol: String,
+    leader: String,
+    /// Ordered by member id, so assignors and leader choice are deterministic.
+    members: BTreeMap<String, Member>,
+    pub offsets: BTreeMap<(String, u32), OffsetValue>,
+    /// PreparingRebalance: the join phase completes once every member rejoined and this passed
+    /// (the initial rebalance delay), or at `phase_deadline_ms` regardless.
+    join_ready_at_ms: i64,
+    /// Deadline of the current join or sync phase (the members' longest rebalance timeout).
+    phase_deadline_ms: i64,
+    /// The join phase began from Empty: each new member extends the initial delay.
+    initial_rebalance: bool,
+    /// When the group last became empty (offset retention counts from here).
+    pub empty_since_ms: i64,
+    /// Group metadata changed in a way that must be recorded in `__consumer_offsets`.
+    dirty: bool,
+    /// A group-metadata record for this group exists in the log (deletion writes its tombstone).
+    pub has_metadata_record: bool,
+}
+
+impl Group {
+    pub fn new(id: String, now_ms: i64) -> Group {
+        Group {
+            id,
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: String::new(),
+            protocol: String::new(),
+            leader: String::new(),
+            members: BTreeMap::new(),
+            offsets: BTreeMap::new(),
+            join_ready_at_ms: 0,
+            phase_deadline_ms: 0,
+            initial_rebalance: false,
+            empty_since_ms: now_ms,
+            dirty: false,
+            has_metadata_record: false,
+        }
+    }
+
+    pub fn state(&self) -> GroupState {
+        self.state
+    }
+
+    pub fn generation(&self) -> i32 {
+        self.generation
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether the group's metadata must be written; clears the flag.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Restores what the log recorded. Members are not restored as live: after a restart the group
+    /// is Empty with its last generation, protocol and leader until members rejoin.
+    pub fn restore(&mut self, value: &GroupValue) {
+        debug_assert!(self.members.is_empty(), "restore runs before any member joins");
+        self.generation = value.generation;
+        self.protocol_type = value.protocol_type.clone();
+        self.protocol = value.protocol.clone();
+        self.leader = value.leader.clone();
+        self.empty_since_ms = value.state_timestamp_ms;
+        self.has_metadata_record = true;
+    }
+
+    /// The record to write for the group's current metadata.
+    pub fn metadata_record(&self, now_ms: i64) -> GroupValue {
+        GroupValue {
+            protocol_type: self.protocol_type.clone(),
+            protocol: self.protocol.clone(),
+            generation: self.generation,
+            leader: self.leader.clone(),
+            state_timestamp_ms: now_ms,
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| MemberRecord {
+                    member_id: id.clone(),
+                    client_id: m.client_id.clone(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms,
+                    topics: m.topics.clone(),
+                    assignment: m.assignment.clone(),
+                    user_data: m.user_data.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    // ---- Membership -------------------------------------------------------------------------
+
+    /// JoinGroup. On success the member is in the group and the returned receiver is answered
+    /// when the join phase completes (this call may complete it).
+    pub fn join(
+        &mut self,
+        req: JoinRequest,
+        new_member_id: impl FnOnce(&str) -> String,
+        limits: &GroupLimits,
+        partition_count: &dyn Fn(&str) -> Option<u32>,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<JoinResponse, GroupError>>, GroupError> {
+        let (min, max) = (limits.min_session_timeout_ms, limits.max_session_timeout_ms);
+        if !(min..=max).contains(&req.session_timeout_ms) {
+            return Err(GroupError::InvalidSessionTimeout { requested: req.session_timeout_ms, min, max });
+        }
+        if req.protocols.is_empty() {
+            return Err(self.inconsistent("the member lists no protocols (assignors)"));
+        }
+        if req.server_assignment && !req.protocols.iter().any(|(name, _)| ASSIGNORS.contains(&name.as_str()))
+        {
+            return Err(self.inconsistent(format!(
+                "server-side assignment needs one of the assignors {ASSIGNORS:?}; the member offers {:?}",
+                req.protocols.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        let others: Vec<&Member> =
+            self.members.iter().filter(|(id, _)| **id != req.member_id).map(|(_, m)| m).collect();
+        if !others.is_empty() {
+            if req.protocol_type != self.protocol_type {
+                return Err(self.inconsistent(format!(
+                    "protocol type '{}' differs from the group's '{}'",
+                    req.protocol_type, self.protocol_type
+                )));
+            }
+            let shared = req
+                .protocols
+                .iter()
+                .any(|(name, _)| others.iter().all(|m| m.protocols.iter().any(|(n, _)| n == name)));
+            if !shared {
+                return Err(self.inconsistent("the member's protocols share none with the other members'"));
+            }
+        }
+        let member_id = if req.member_id.is_empty() {
+            if self.members.len() >= limits.members_max {
+                return Err(GroupError::TooManyMembers {
+                    group: self.id.clone(),
+                    members: self.members.len(),
+                });
+            }
+            new_member_id(&req.client_id)
+        } else if self.members.contains_key(&req.member_id) {
+            req.member_id.clone()
+        } else {
+            return Err(GroupError::UnknownMember { group: self.id.clone(), member: req.member_id });
+        };
+        let (tx, rx) = oneshot::channel();
+        let is_new = !self.members.contains_key(&member_id);
+        let member = self.members.entry(member_id.clone()).or_insert_with(|| Member {
+            client_id: String::new(),
+            session_timeout_ms: 0,
+            rebalance_timeout_ms: 0,
+            topics: Vec::new(),
+            protocols: Vec::new(),
+            server_assignment: true,
+            assignment: Vec::new(),
+            user_data: Vec::new(),
+            last_heartbeat_ms: now_ms,
+            join_waiter: None,
+            sync_waiter: None,
+        });
+        member.client_id = req.client_id;
+        member.session_timeout_ms = req.session_timeout_ms;
+        member.rebalance_timeout_ms = req.rebalance_timeout_ms;
+        member.topics = req.topics;
+        member.protocols = req.protocols;
+        member.server_assignment = req.server_assignment;
+        member.last_heartbeat_ms = now_ms;
+        if let Some(old) = member.join_waiter.replace(tx) {
+            let _ = old.send(Err(GroupError::RebalanceInProgress { group: self.id.clone() }));
+        }
+        self.protocol_type = req.protocol_type;
+        match self.state {
+            GroupState::Empty => {
+                self.initial_rebalance = true;
+                self.prepare_rebalance(now_ms);
+                self.join_ready_at_ms = now_ms + limits.initial_rebalance_delay_ms as i64;
+            }
+            GroupState::PreparingRebalance => {
+                self.phase_deadline_ms =
+                    self.phase_deadline_ms.max(now_ms + i64::from(req.rebalance_timeout_ms));
+                if self.initial_rebalance && is_new {
+                    self.join_ready_at_ms =
+                        (now_ms + limits.initial_rebalance_delay_ms as i64).min(self.phase_deadline_ms);
+                }
+            }
+            GroupState::CompletingRebalance | GroupState::Stable => self.prepare_rebalance(now_ms),
+        }
+        self.try_complete_join(partition_count, now_ms);
+        Ok(rx)
+    }
+
+    /// SyncGroup: the member's assignment, now or once the leader sends it.
+    pub fn sync(&mut self, req: SyncRequest, now_ms: i64) -> Result<SyncWait, GroupError> {
+        self.check_member(&req.member_id, req.generation)?;
+        match self.state {
+            GroupState::Empty | GroupState::PreparingRebalance => {
+                Err(GroupError::RebalanceInProgress { group: self.id.clone() })
+            }
+            GroupState::Stable => {
+                let m = self.touch(&req.member_id, now_ms)?;
+                Ok(SyncWait::Ready(SyncResponse {
+                    partitions: m.assignment.clone(),
+                    user_data: m.user_data.clone(),
+                }))
+            }
+            GroupState::CompletingRebalance if req.member_id == self.leader => {
+                let mut given: BTreeMap<String, MemberAssignment> =
+                    req.assignments.into_iter().map(|a| (a.member_id.clone(), a)).collect();
+                for (id, m) in self.members.iter_mut() {
+                    let a = given.remove(id).unwrap_or_default();
+                    m.assignment = a.partitions;
+                    m.user_data = a.user_data;
+                }
+                self.become_stable();
+                let m = self.touch(&req.member_id, now_ms)?;
+                Ok(SyncWait::Ready(SyncResponse {
+                    partitions: m.assignment.clone(),
+                    user_data: m.user_data.clone(),
+                }))
+            }
+            GroupState::CompletingRebalance => {
+                let (tx, rx) = oneshot::channel();
+                let group = self.id.clone();
+                let m = self.touch(&req.member_id, now_ms)?;
+                if let Some(old) = m.sync_waiter.replace(tx) {
+                    let _ = old.send(Err(GroupError::RebalanceInProgress { group }));
+                }
+                Ok(SyncWait::Parked(rx))
+            }
+        }
+    }
+
+    /// Heartbeat: keeps the session alive; tells the member when it must rejoin.
+    pub fn heartbeat(&mut self, member_id: &str, generation: i32, now_ms: i64) -> Result<(), GroupError> {
+        self.check_member(member_id, generation)?;
+        self.touch(member_id, now_ms)?;
+        match self.state {
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress { group: self.id.clone() }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn leave(
+        &mut self,
+        member_id: &str,
+        partition_count: &dyn Fn(&str) -> Option<u32>,
+        now_ms: i64,
+    ) -> Result<(), GroupError> {
+        if !self.members.contains_key(member_id) {
+            return Err(self.unknown(member_id));
+        }
+        self.remove_member(member_id, "left the group");
+        self.after_removal(partition_count, now_ms);
+        Ok(())
+    }
+
+    /// Checks that a commit may be applied: a current member of the current generation (outside a
+    /// sync phase), or, with generation -1 and no member id, a group without members.
+    pub fn check_commit(&mut self, member_id: &str, generation: i32, now_ms: i64) -> Result<(), GroupError> {
+        if generation < 0 && member_id.is_empty() {
+            if self.members.is_empty() {
+                return Ok(());
+            }
+            return Err(GroupError::NotEmpty { group: self.id.clone(), members: self.members.len() });
+        }
+        self.check_member(member_id, generation)?;
+        if self.state == GroupState::CompletingRebalance {
+            return Err(GroupError::RebalanceInProgress { group: self.id.clone() });
+        }
+        self.touch(member_id, now_ms)?;
+        Ok(())
+    }
+
+    /// Deadlines: session expiry, the end of the initial delay, join and sync phase timeouts.
+    pub fn tick(&mut self, partition_count: &dyn Fn(&str) -> Option<u32>, now_ms: i64) {
+        let expired: Vec<String> =
+            self.members.iter().filter(|(_, m)| m.expired(now_ms)).map(|(id, _)| id.clone()).collect();
+        for id in &expired {
+            self.remove_member(id, "session timed out");
+        }
+        if !expired.is_empty() {
+            self.after_removal(partition_count, now_ms);
+        }
+        if self.state == GroupState::CompletingRebalance && now_ms >= self.phase_deadline_ms {
+            // The leader never sent the assignment: drop whoever has not synced, start again.
+            let pending: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.sync_waiter.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &pending {
+                self.remove_member(id, "did not sync within the rebalance timeout");
+            }
+            self.after_removal(partition_count, now_ms);
+        }
+        self.try_complete_join(partition_count, now_ms);
+    }
+
+    // ---- Reporting ----------------------------------------------------------------------------
+
+    pub fn listing(&self) -> GroupListing {
+        GroupListing {
+            group_id: self.id.clone(),
+            state: self.state.name(),
+            protocol_type: self.protocol_type.clone(),
+            members: self.members.len() as u32,
+        }
+    }
+
+    pub fn describe(&self) -> GroupDescription {
+        GroupDescription {
+            group_id: self.id.clone(),
+            state: self.state.name(),
+            protocol_type: self.protocol_type.clone(),
+            protocol: self.protocol.clone(),
+            generation: self.generation,
+            leader_id: self.leader.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| MemberDescription {
+                    member_id: id.clone(),
+                    client_id: m.client_id.clone(),
+                    assignment: m.assignment.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    // ---- Transitions --------------------------------------------------------------------------
+
+    fn inconsistent(&self, detail: impl Into<String>) -> GroupError {
+        GroupError::InconsistentProtocol { group: self.id.clone(), detail: detail.into() }
+    }
+
+    fn unknown(&self, member_id: &str) -> GroupError {
+        GroupError::UnknownMember { group: self.id.clone(), member: member_id.to_string() }
+    }
+
+    fn check_member(&self, member_id: &str, generation: i32) -> Result<(), GroupError> {
+        if !self.members.contains_key(member_id) {
+            return Err(self.unknown(member_id));
+        }
+        if generation != self.generation {
+            return Err(GroupError::IllegalGeneration {
+                group: self.id.clone(),
+                generation,
+                current: self.generation,
+            });
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self, member_id: &str, now_ms: i64) -> Result<&mut Member, GroupError> {
+        let unknown = self.unknown(member_id);
+        let m = self.members.get_mut(member_id).ok_or(unknown)?;
+        m.last_heartbeat_ms = now_ms;
+        Ok(m)
+    }
+
+    fn max_rebalance_timeout_ms(&self) -> i64 {
+        self.members.values().map(|m| i64::from(m.rebalance_timeout_ms)).max().unwrap_or(0)
+    }
+
+    /// Enters PreparingRebalance: every member must rejoin within the rebalance timeout.
+    fn prepare_rebalance(&mut self, now_ms: i64) {
+        if self.state == GroupState::CompletingRebalance {
+            self.answer_syncs_with_rebalance();
+        }
+        if self.state != GroupState::Empty {
+            self.initial_rebalance = false;
+        }
+        self.state = GroupState::PreparingRebalance;
+        self.join_ready_at_ms = now_ms;
+        self.phase_deadline_ms = now_ms + self.max_rebalance_timeout_ms();
+    }
+
+    fn answer_syncs_with_rebalance(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(w) = m.sync_waiter.take() {
+                let _ = w.send(Err(GroupError::RebalanceInProgress { group: self.id.clone() }));
+            }
+        }
+    }
+
+    fn remove_member(&mut self, member_id: &str, why: &str) {
+        if let Some(m) = self.members.remove(member_id) {
+            tracing::info!(group = %self.id, member = member_id, generation = self.generation, "member {why}");
+            let gone = || GroupError::UnknownMember { group: self.id.clone(), member: member_id.to_string() };
+            if let Some(w) = m.join_waiter {
+                let _ = w.send(Err(gone()));
+            }
+            if let Some(w) = m.sync_waiter {
+                let _ = w.send(Err(gone()));
+            }
+        }
+    }
+
+    fn after_removal(&mut self, partition_count: &dyn Fn(&str) -> Option<u32>, now_ms: i64) {
+        match self.state {
+            GroupState::Stable | GroupState::CompletingRebalance if !self.members.is_empty() => {
+                self.prepare_rebalance(now_ms)
+            }
+            GroupState::Stable | GroupState::CompletingRebalance => self.become_empty(now_ms),
+            GroupState::PreparingRebalance => self.try_complete_join(partition_count, now_ms),
+            GroupState::Empty => {}
+        }
+    }
+
+    fn become_empty(&mut self, now_ms: i64) {
+        debug_assert!(self.members.is_empty());
+        // Kafka bumps the generation when the last member goes, fencing any straggler.
+        self.generation += 1;
+        self.state = GroupState::Empty;
+        self.leader.clear();
+        self.empty_since_ms = now_ms;
+        self.initial_rebalance = false;
+        self.dirty = true;
+    }
+
+    fn become_stable(&mut self) {
+        self.state = GroupState::Stable;
+        self.dirty = true;
+        for m in self.members.values_mut() {
+            if let Some(w) = m.sync_waiter.take() {
+                let _ = w.send(Ok(SyncResponse {
+                    partitions: m.assignment.clone(),
+                    user_data: m.user_data.clone(),
+                }));
+            }
+        }
+    }
+
+    /// Ends the join phase once every member has rejoined (after the initial delay), or at the
+    /// deadline, dropping members that did not rejoin in time.
+    fn try_complete_join(&mut self, partition_count: &dyn Fn(&str) -> Option<u32>, now_ms: i64) {
+        if self.state != GroupState::PreparingRebalance {
+            return;
+        }
+        let timed_out = now_ms >= self.phase_deadline_ms;
+        if timed_out {
+            let late: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.join_waiter.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &late {
+                self.remove_member(id, "did not rejoin within the rebalance timeout");
+            }
+        } else if now_ms < self.join_ready_at_ms || self.members.values().any(|m| m.join_waiter.is_none()) {
+            return;
+        }
+        if self.members.is_empty() {
+            self.become_empty(now_ms);
+            return;
+        }
+        self.generation += 1;
+        self.initial_rebalance = false;
+        self.protocol = self.choose_protocol();
+        let server_side = self.members.values().all(|m| m.server_assignment);
+        let leader_ok = self.members.get(&self.leader).is_some_and(|m| server_side || !m.server_assignment);
+        if !leader_ok {
+            self.leader = self
+                .members
+                .iter()
+                .find(|(_, m)| server_side || !m.server_assignment)
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+        }
+        for m in self.members.values_mut() {
+            m.last_heartbeat_ms = now_ms;
+        }
+        let responses: Vec<(String, JoinResponse)> = self
+            .members
+            .keys()
+            .map(|id| {
+                let members = if !server_side && *id == self.leader {
+                    self.members
+                        .iter()
+                        .map(|(mid, m)| JoinMember {
+                            member_id: mid.clone(),
+                            client_id: m.client_id.clone(),
+                            topics: m.topics.clone(),
+                            metadata: m
+                                .protocols
+                                .iter()
+                                .find(|(n, _)| *n == self.protocol)
+                                .map(|(_, md)| md.clone())
+                                .unwrap_or_default(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let response = JoinResponse {
+                    generation: self.generation,
+                    protocol: self.protocol.clone(),
+                    leader_id: self.leader.clone(),
+                    member_id: id.clone(),
+                    members,
+                };
+                (id.clone(), response)
+            })
+            .collect();
+        if server_side {
+            self.assign_server_side(partition_count);
+            self.become_stable();
+        } else {
+            self.state = GroupState::CompletingRebalance;
+            self.phase_deadline_ms = now_ms + self.max_rebalance_timeout_ms();
+        }
+        tracing::info!(
+            group = %self.id,
+            generation = self.generation,
+            members = self.members.len(),
+            protocol = %self.protocol,
+            server_side,
+            "join phase complete"
+        );
+        for (id, response) in responses {
+            if let Some(w) = self.members.get_mut(&id).and_then(|m| m.join_waiter.take()) {
+                let _ = w.send(Ok(response));
+            }
+        }
+    }
+
+    /// Kafka's vote: among the protocols every member supports (and, with server-side assignment,
+    /// the coordinator can run), each member votes for its most preferred; ties go to the first
+    /// member's preference order.
+    fn choose_protocol(&self) -> String {
+        let server_side = self.members.values().all(|m| m.server_assignment);
+        let Some(first) = self.members.values().next() else { return String::new() };
+        let candidates: Vec<&str> = first
+            .protocols
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| self.members.values().all(|m| m.protocols.iter().any(|(p, _)| p == n)))
+            .filter(|n| !server_side || ASSIGNORS.contains(n))
+            .collect();
+        let mut votes = vec![0usize; candidates.len()];
+        for m in self.members.values() {
+            if let Some(i) = m.protocols.iter().find_map(|(n, _)| candidates.iter().position(|c| c == n)) {
+                votes[i] += 1;
+            }
+        }
+        let best = votes.iter().enumerate().max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i))).map(|(i, _)| i);
+        match best {
+            Some(i) => candidates[i].to_string(),
+            // Every member offers a known assignor but they share none: range is always possible.
+            None if server_side => "range".to_string(),
+            None => String::new(),
+        }
+    }
+
+    fn assign_server_side(&mut self, partition_count: &dyn Fn(&str) -> Option<u32>) {
+        let subscribers: BTreeMap<String, Subscriber> = self
+            .members
+            .iter()
+            .map(|(id, m)| {
+                let owned =
+                    m.assignment.iter().flat_map(|(t, ps)| ps.iter().map(move |p| (t.clone(), *p))).collect();
+                (id.clone(), Subscriber { topics: m.topics.clone(), owned })
+            })
+            .collect();
+        let assignment = assignor::assign(&self.protocol, &subscribers, partition_count)
+            .or_else(|| assignor::assign("range", &subscribers, partition_count))
+            .unwrap_or_default();
+        for (id, m) in self.members.iter_mut() {
+            m.assignment = assignment.get(id).cloned().unwrap_or_default();
+            m.user_data.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    const LIMITS: GroupLimits = GroupLimits {
+        initial_rebalance_delay_ms: 300,
+        min_session_timeout_ms: 1000,
+        max_session_timeout_ms: 60_000,
+        members_max: 10,
+    };
+
+    fn counts(t: &str) -> Option<u32> {
+        (t == "t").then_some(6)
+    }
+
+    fn join_req(member_id: &str, server_assignment: bool) -> JoinRequest {
+        JoinRequest {
+            group_id: "g".into(),
+            member_id: member_id.into(),
+            client_id: "c".into(),
+            session_timeout_ms: 3000,
+            rebalance_timeout_ms: 5000,
+            protocol_type: "consumer".into(),
+            topics: vec!["t".into()],
+            protocols: vec![("range".into(), b"md".to_vec())],
+            server_assignment,
+        }
+    }
+
+    type JoinRx = oneshot::Receiver<Result<JoinResponse, GroupError>>;
+
+    fn join(g: &mut Group, id: &str, server: bool, now: i64, next_id: &str) -> JoinRx {
+        let next = next_id.to_string();
+        g.join(join_req(id, server), move |_| next, &LIMITS, &counts, now).unwrap()
+    }
+
+    fn answered<T>(rx: &mut oneshot::Receiver<T>) -> Option<T> {
+        rx.now_or_never().map(|r| r.expect("sender answered, not dropped"))
+    }
+
+    fn assigned(g: &mut Group, id: &str, now: i64) -> Vec<u32> {
+        let req = SyncRequest {
+            group_id: "g".into(),
+            generation: g.generation(),
+            member_id: id.into(),
+            assignments: vec![],
+        };
+        match g.sync(req, now).unwrap() {
+            SyncWait::Ready(r) => r.partitions.into_iter().flat_map(|(_, ps)| ps).collect(),
+            SyncWait::Parked(_) => panic!("server-side assignment is ready after the join"),
+        }
+    }
+
+    /// Two members form generation 1 after the initial delay.
+    fn stable_pair() -> Group {
+        let mut g = Group::new("g".into(), 0);
+        let mut a = join(&mut g, "", true, 0, "a");
+        let mut b = join(&mut g, "", true, 100, "b");
+        assert!(answered(&mut a).is_none(), "JoinGroup parks through the initial delay");
+        g.tick(&counts, 350);
+        assert!(answered(&mut a).is_none(), "b's arrival extended the delay");
+        g.tick(&counts, 400);
+        let ra = answered(&mut a).unwrap().unwrap();
+        let rb = answered(&mut b).unwrap().unwrap();
+        assert_eq!((ra.generation, rb.generation), (1, 1));
+        assert_eq!((ra.member_id.as_str(), rb.member_id.as_str()), ("a", "b"));
+        assert_eq!(ra.leader_id, "a");
+        assert!(ra.members.is_empty(), "server-side assignment: no member list for the leader");
+        assert_eq!(g.state(), GroupState::Stable);
+        assert!(g.take_dirty(), "a new generation is recorded");
+        g
+    }
+
+    #[test]
+    fn members_join_together_and_get_disjoint_assignments() {
+        let mut g = stable_pair();
+        let (a, b) = (assigned(&mut g, "a", 500), assigned(&mut g, "b", 500));
+        assert_eq!(a, vec![0, 1, 2]);
+        assert_eq!(b, vec![3, 4, 5]);
+        assert!(g.heartbeat("a", 1, 600).is_ok());
+    }
+
+    #[test]
+    fn a_new_member_triggers_a_rebalance_and_fences_the_old_generation() {
+        let mut g = stable_pair();
+        let mut c = join(&mut g, "", true, 1000, "c");
+        assert_eq!(g.state(), GroupState::PreparingRebalance);
+        assert!(matches!(g.heartbeat("a", 1, 1001), Err(GroupError::RebalanceInProgress { .. })));
+        // Commits of the current generation are still accepted while rejoining (on_revoked).
+        assert!(g.check_commit("a", 1, 1002).is_ok());
+        let mut a = join(&mut g, "a", true, 1003, "unused");
+        assert!(answered(&mut c).is_none(), "b has not rejoined yet");
+        let mut b = join(&mut g, "b", true, 1004, "unused");
+        for rx in [&mut a, &mut b, &mut c] {
+            assert_eq!(answered(rx).unwrap().unwrap().generation, 2);
+        }
+        assert!(matches!(
+            g.check_commit("a", 1, 1005),
+            Err(GroupError::IllegalGeneration { current: 2, .. })
+        ));
+        assert!(matches!(g.heartbeat("b", 1, 1005), Err(GroupError::IllegalGeneration { .. })));
+        assert!(g.check_commit("a", 2, 1005).is_ok());
+        let all: Vec<u32> = ["a", "b", "c"].iter().flat_map(|m| assigned(&mut g, m, 1006)).collect();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn an_expired_member_is_removed_and_its_partitions_reassigned() {
+        let mut g = stable_pair();
+        g.heartbeat("a", 1, 2000).unwrap();
+        g.tick(&counts, 3401);
+        assert_eq!(g.state(), GroupState::PreparingRebalance, "b missed its 3 s session");
+        assert!(matches!(g.heartbeat("b", 1, 3402), Err(GroupError::UnknownMember { .. })));
+        let mut a = join(&mut g, "a", true, 3403, "unused");
+        let r = answered(&mut a).unwrap().unwrap();
+        assert_eq!(r.generation, 2);
+        assert_eq!(assigned(&mut g, "a", 3404), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn members_that_do_not_rejoin_are_dropped_at_the_rebalance_timeout() {
+        let mut g = stable_pair();
+        let mut a = join(&mut g, "a", true, 1000, "unused");
+        // b keeps heartbeating (told to rejoin) but never does.
+        for t in (1500..6000).step_by(500) {
+            assert!(matches!(g.heartbeat("b", 1, t), Err(GroupError::RebalanceInProgress { .. })));
+            g.tick(&counts, t);
+        }
+        assert!(answered(&mut a).is_none());
+        g.tick(&counts, 6000);
+        assert_eq!(answered(&mut a).unwrap().unwrap().generation, 2);
+        assert_eq!(g.member_count(), 1);
+    }
+
+    #[test]
+    fn leaving_rebalances_and_the_last_leave_empties_the_group() {
+        let mut g = stable_pair();
+        g.leave("b", &counts, 1000).unwrap();
+        assert_eq!(g.state(), GroupState::PreparingRebalance);
+        assert!(matches!(g.leave("b", &counts, 1001), Err(GroupError::UnknownMember { .. })));
+        g.leave("a", &counts, 1002).unwrap();
+        assert_eq!(g.state(), GroupState::Empty);
+        assert_eq!(g.generation(), 2, "the generation moves on so stragglers are fenced");
+        assert_eq!(g.empty_since_ms, 1002);
+        assert!(g.take_dirty());
+        assert!(g.check_commit("", -1, 1003).is_ok(), "empty groups take commits outside membership");
+    }
+
+    #[test]
+    fn commits_outside_membership_need_an_empty_group() {
+        let mut g = stable_pair();
+        assert!(matches!(g.check_commit("", -1, 500), Err(GroupError::NotEmpty { members: 2, .. })));
+        assert!(matches!(g.check_commit("zz", 1, 500), Err(GroupError::UnknownMember { .. })));
+    }
+
+    #[test]
+    fn kafka_style_leader_assignment() {
+        let mut g = Group::new("g".into(), 0);
+        let mut a = join(&mut g, "", false, 0, "a");
+        let mut b = join(&mut g, "", false, 0, "b");
+        g.tick(&counts, 300);
+        let ra = answered(&mut a).unwrap().unwrap();
+        let rb = answered(&mut b).unwrap().unwrap();
+        assert_eq!(ra.leader_id, "a");
+        assert_eq!(ra.members.len(), 2, "the leader gets every member's metadata");
+        assert_eq!(ra.members[1].metadata, b"md");
+        assert!(rb.members.is_empty());
+        assert_eq!(g.state(), GroupState::CompletingRebalance);
+        assert!(matches!(g.heartbeat("b", 1, 301), Ok(())));
+        let follower =
+            SyncRequest { group_id: "g".into(), generation: 1, member_id: "b".into(), assignments: vec![] };
+        let SyncWait::Parked(mut parked) = g.sync(follower, 302).unwrap() else { panic!("follower parks") };
+        assert!(matches!(g.check_commit("b", 1, 303), Err(GroupError::RebalanceInProgress { .. })));
+        let assignments = vec![
+            MemberAssignment {
+                member_id: "a".into(),
+                partitions: vec![("t".into(), vec![0, 1, 2])],
+                user_data: vec![],
+            },
+            MemberAssignment {
+                member_id: "b".into(),
+                partitions: vec![("t".into(), vec![3, 4, 5])],
+                user_data: vec![7],
+            },
+        ];
+        let leader = SyncRequest { group_id: "g".into(), generation: 1, member_id: "a".into(), assignments };
+        let SyncWait::Ready(mine) = g.sync(leader, 304).unwrap() else {
+            panic!("the leader's sync completes")
+        };
+        assert_eq!(mine.partitions, vec![("t".to_string(), vec![0, 1, 2])]);
+        let theirs = answered(&mut parked).unwrap().unwrap();
+        assert_eq!(
+            theirs,
+            SyncResponse { partitions: vec![("t".into(), vec![3, 4, 5])], user_data: vec![7] }
+        );
+        assert_eq!(g.state(), GroupState::Stable);
+    }
+
+    #[test]
+    fn a_leader_that_never_syncs_is_dropped() {
+        let mut g = Group::new("g".into(), 0);
+        let _a = join(&mut g, "", false, 0, "a");
+        let _b = join(&mut g, "", false, 0, "b");
+        g.tick(&counts, 300);
+        let follower =
+            SyncRequest { group_id: "g".into(), generation: 1, member_id: "b".into(), assignments: vec![] };
+        let SyncWait::Parked(mut parked) = g.sync(follower, 301).unwrap() else { panic!("parks") };
+        g.tick(&counts, 300 + 5000);
+        assert!(matches!(answered(&mut parked).unwrap(), Err(GroupError::RebalanceInProgress { .. })));
+        assert_eq!(g.member_count(), 1);
+        assert_eq!(g.state(), GroupState::PreparingRebalance);
+    }
+
+    #[test]
+    fn bad_joins_are_refused() {
+        let mut g = stable_pair();
+        let mut req = join_req("", true);
+        req.session_timeout_ms = 10;
+        assert!(matches!(
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            Err(GroupError::InvalidSessionTimeout { .. })
+        ));
+        let mut req = join_req("", true);
+        req.protocols = vec![("custom".into(), vec![])];
+        assert!(matches!(
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            Err(GroupError::InconsistentProtocol { .. })
+        ));
+        let mut req = join_req("", false);
+        req.protocols = vec![("custom".into(), vec![])];
+        assert!(matches!(
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            Err(GroupError::InconsistentProtocol { .. })
+        ));
+        assert!(matches!(
+            g.join(join_req("ghost", true), |_| "x".into(), &LIMITS, &counts, 0),
+            Err(GroupError::UnknownMember { .. })
+        ));
+        assert_eq!(g.state(), GroupState::Stable, "refused joins change nothing");
+    }
+
+    #[test]
+    fn restored_groups_are_empty_and_continue_the_generation() {
+        let g = stable_pair();
+        let record = g.metadata_record(777);
+        assert_eq!(record.members.len(), 2);
+        let mut restored = Group::new("g".into(), 0);
+        restored.restore(&record);
+        assert_eq!(restored.state(), GroupState::Empty);
+        assert_eq!(restored.member_count(), 0);
+        assert_eq!(restored.empty_since_ms, 777);
+        let mut a = join(&mut restored, "", true, 1000, "a2");
+        restored.tick(&counts, 1300);
+        assert_eq!(answered(&mut a).unwrap().unwrap().generation, 2);
+    }
+}
