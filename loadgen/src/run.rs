@@ -88,8 +88,13 @@ pub async fn run(workload: Workload, mut target: Target) -> Result<Report, Loadg
             _ => None,
         },
     };
-    for topic in &topics {
-        admin.create_topic(topic, w.partitions, &settings).await?;
+    for (i, topic) in topics.iter().enumerate() {
+        if let Err(e) = admin.create_topic(topic, w.partitions, &settings).await {
+            for created in &topics[..i] {
+                let _ = admin.delete_topic(created).await;
+            }
+            return Err(e.into());
+        }
     }
     let result = run_on_topics(workload.clone(), &client, &topics, &target, machine, started_unix_ms).await;
     if !target.keep_topics {

@@ -125,12 +125,17 @@ impl Recorder {
         })
     }
 
-    fn topic(&mut self, topic: &Arc<str>) -> &mut TopicTraffic {
-        // Lookup by &str first so the steady state clones no Arc.
-        if !self.topics.contains_key(&**topic) {
-            self.topics.insert(topic.clone(), TopicTraffic::default());
+    fn topic(&mut self, topic: &Arc<str>, add: impl FnOnce(&mut TopicTraffic)) {
+        // Looked up by &str: the Arc may belong to the connection's shard, and cloning it in the
+        // steady state would bounce its reference count between cores.
+        match self.topics.get_mut(&**topic) {
+            Some(traffic) => add(traffic),
+            None => {
+                let mut traffic = TopicTraffic::default();
+                add(&mut traffic);
+                self.topics.insert(topic.clone(), traffic);
+            }
         }
-        self.topics.entry(topic.clone()).or_default()
     }
 }
 
@@ -217,9 +222,10 @@ pub fn partition_error(api: RequestBody) {
 pub fn appended(topic: &Arc<str>, bytes: usize, records: i64) {
     debug_assert!(records > 0, "an append holds at least one record");
     with(|r| {
-        let t = r.topic(topic);
-        t.bytes_in += bytes as u64;
-        t.records_in += records as u64;
+        r.topic(topic, |t| {
+            t.bytes_in += bytes as u64;
+            t.records_in += records as u64;
+        })
     });
 }
 
@@ -242,9 +248,10 @@ pub fn fetch_done<E>(topic: &Arc<str>, read: Result<&[Bytes], E>) {
         return;
     }
     with(|r| {
-        let t = r.topic(topic);
-        t.bytes_out += bytes;
-        t.records_out += records;
+        r.topic(topic, |t| {
+            t.bytes_out += bytes;
+            t.records_out += records;
+        })
     });
 }
 
@@ -303,6 +310,9 @@ pub fn snapshot(shard: &Shard) -> ShardSnapshot {
             r.io.file_writes += writes;
             r.io.file_bytes_written += bytes_written;
         }
+        // Forget deleted topics, so topic churn does not grow the recorder.
+        let known: std::collections::HashSet<&str> = topics_owned.iter().map(|(name, _)| &**name).collect();
+        r.topics.retain(|name, _| known.contains(&**name));
         let topics = topics_owned
             .into_iter()
             .map(|(name, owned)| {

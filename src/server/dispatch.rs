@@ -27,8 +27,9 @@ use super::groups;
 
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
 
-/// What the handshake advertises: exactly the request types `handle` answers.
-const IMPLEMENTED_APIS: &[RequestBody] = &[
+/// With `groups::GROUP_APIS`, what the handshake advertises: exactly the request types `handle`
+/// answers.
+const PARTITION_APIS: &[RequestBody] = &[
     RequestBody::HandshakeRequest,
     RequestBody::MetadataRequest,
     RequestBody::CreateTopicRequest,
@@ -36,17 +37,6 @@ const IMPLEMENTED_APIS: &[RequestBody] = &[
     RequestBody::ProduceRequest,
     RequestBody::FetchRequest,
     RequestBody::ListOffsetsRequest,
-    RequestBody::FindCoordinatorRequest,
-    RequestBody::JoinGroupRequest,
-    RequestBody::SyncGroupRequest,
-    RequestBody::HeartbeatRequest,
-    RequestBody::LeaveGroupRequest,
-    RequestBody::OffsetCommitRequest,
-    RequestBody::OffsetFetchRequest,
-    RequestBody::ListGroupsRequest,
-    RequestBody::DescribeGroupRequest,
-    RequestBody::DeleteGroupRequest,
-    RequestBody::ResetOffsetsRequest,
 ];
 
 /// An encoded response: the FlatBuffers header and the record bytes that follow it.
@@ -182,8 +172,9 @@ pub(super) fn respond(
 
 fn handshake(shard: &Rc<Shard>, cid: u32) -> ResponseFrame {
     let mut fbb = FlatBufferBuilder::with_capacity(256);
-    let apis: Vec<_> = IMPLEMENTED_APIS
+    let apis: Vec<_> = PARTITION_APIS
         .iter()
+        .chain(groups::GROUP_APIS)
         .map(|b| {
             wire::ApiRange::create(
                 &mut fbb,
