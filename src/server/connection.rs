@@ -4,7 +4,9 @@
 //! response writer. The reader and writer are separate tasks on two descriptors of the same
 //! socket (a `dup`), so neither waits on the other and nothing needs a lock. Replies leave in
 //! request order; each is written with one `sendmsg` of header and record bytes when the socket
-//! takes it whole, so record bytes are never copied into a response buffer.
+//! takes it whole, so record bytes are never copied into a response buffer. Reads go straight
+//! into the receive buffer's spare capacity with a non-blocking `recv` while bytes are waiting,
+//! and park in glommio (readiness) only when the socket is empty.
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
@@ -25,6 +27,8 @@ use crate::shard::Shard;
 /// Requests read but not yet answered, per connection (pipelining depth).
 const PIPELINE_DEPTH: usize = 256;
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// What a parked read takes through glommio before the non-blocking path drains the rest.
+const WAKE_READ_BYTES: usize = 4096;
 
 struct Pending {
     reply: dispatch::Boxed<Reply>,
@@ -86,23 +90,38 @@ async fn read_loop(
                 return;
             }
         }
+        if stop.peek().is_some() {
+            return;
+        }
         if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
             buf.reserve(READ_CHUNK_BYTES);
         }
-        let filled = buf.len();
-        // Bounded so a large pending frame is not re-zeroed in full on every read.
-        let room = (buf.capacity() - filled).min(4 * READ_CHUNK_BYTES);
-        buf.resize(filled + room, 0);
-        let read = futures::select! {
-            read = stream.read(&mut buf[filled..]).fuse() => read,
-            _ = stop.clone().fuse() => {
-                buf.truncate(filled);
+        // Bytes already waiting in the socket go straight into spare capacity: no zeroing, no wait.
+        match recv_nonblocking(stream.as_raw_fd(), &mut buf) {
+            Ok(Some(0)) => {
+                if !buf.is_empty() {
+                    tracing::debug!(?peer, bytes = buf.len(), "connection closed mid-frame");
+                }
                 return;
             }
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(?peer, "connection read failed: {e}");
+                return;
+            }
+        }
+        // Nothing there: park in glommio until the socket is readable, taking at most one small
+        // block through it (the only bytes that need zeroing); the rest comes through the fast
+        // path above on the next turn.
+        let filled = buf.len();
+        buf.resize(filled + WAKE_READ_BYTES, 0);
+        let read = futures::select! {
+            read = stream.read(&mut buf[filled..]).fuse() => read,
+            _ = stop.clone().fuse() => return,
         };
         match read {
             Ok(0) => {
-                buf.truncate(filled);
                 if filled > 0 {
                     tracing::debug!(?peer, bytes = filled, "connection closed mid-frame");
                 }
@@ -115,6 +134,26 @@ async fn read_loop(
             }
         }
     }
+}
+
+/// One non-blocking `recv` into `buf`'s spare capacity. `Ok(None)` when nothing is waiting.
+fn recv_nonblocking(fd: i32, buf: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    let spare = buf.spare_capacity_mut();
+    debug_assert!(!spare.is_empty(), "recv into a full buffer would look like EOF");
+    // SAFETY: the kernel writes at most `spare.len()` bytes into memory `buf` owns; MSG_DONTWAIT
+    // keeps the blocking descriptor from blocking the shard.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = n as usize;
+    // SAFETY: recv initialized exactly `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(Some(n))
 }
 
 async fn write_loop(mut stream: TcpStream, queue: local_channel::LocalReceiver<Pending>) {
