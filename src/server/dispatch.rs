@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use futures::future::FutureExt;
+use tracing::Instrument;
 
 use crate::config::DurabilitySetting;
 use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
@@ -115,6 +116,10 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
         }
     };
     let api = request.body_type();
+    // Off unless the log filter enables TRACE for ringlog (`--log ringlog=trace`): a disabled
+    // span costs one level check on the request path.
+    let span =
+        tracing::trace_span!("request", shard = shard.id, cid, api = api.variant_name().unwrap_or("?"));
     let reply = async move {
         let reply = reply.await;
         let error = match &reply {
@@ -123,9 +128,10 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
             Reply::Close(_) => true,
         };
         crate::metrics::request_done(api, started, error);
+        tracing::trace!(error, elapsed_us = started.elapsed().as_micros() as u64, "replied");
         reply
     };
-    (reply.boxed_local(), false)
+    (reply.instrument(span).boxed_local(), false)
 }
 
 fn missing_body(cid: u32) -> Boxed<Reply> {
