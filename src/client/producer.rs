@@ -84,11 +84,19 @@ struct BatchCompletion {
     /// The broker's base offset for the batch.
     result: OnceLock<Result<i64, ProduceError>>,
     wakers: Mutex<Vec<Waker>>,
+    /// Records the partition's previous batch held: room reserved for wakers once the first
+    /// future waits, so a full batch of waiting futures does not regrow the list step by step.
+    expected_records: usize,
 }
 
 impl BatchCompletion {
-    fn new(partition: u32) -> Arc<BatchCompletion> {
-        Arc::new(BatchCompletion { partition, result: OnceLock::new(), wakers: Mutex::new(Vec::new()) })
+    fn new(partition: u32, expected_records: usize) -> Arc<BatchCompletion> {
+        Arc::new(BatchCompletion {
+            partition,
+            result: OnceLock::new(),
+            wakers: Mutex::new(Vec::new()),
+            expected_records,
+        })
     }
 
     fn complete(&self, result: Result<i64, ProduceError>) {
@@ -145,6 +153,9 @@ impl Future for DeliveryFuture {
         match this.waker_slot {
             Some(slot) if slot < wakers.len() => wakers[slot].clone_from(cx.waker()),
             _ => {
+                if wakers.capacity() == 0 {
+                    wakers.reserve(this.batch.expected_records);
+                }
                 this.waker_slot = Some(wakers.len());
                 wakers.push(cx.waker().clone());
             }
@@ -165,10 +176,44 @@ struct Shared {
 
 #[derive(Default)]
 struct Accumulator {
-    topics: HashMap<String, TopicState>,
+    /// Never removed, so a position in it stays valid.
+    topics: Vec<TopicState>,
+    /// Topic name to its position in `topics`.
+    topic_positions: HashMap<String, usize>,
+    /// Position of the topic last sent to: consecutive sends to one topic compare its name
+    /// instead of hashing it.
+    recent_topic: usize,
     /// Every batch opened and not yet known to be complete, oldest first (for `flush`).
     unfinished: VecDeque<Arc<BatchCompletion>>,
     closed: bool,
+}
+
+impl Accumulator {
+    fn topic_position(&mut self, name: &str) -> Option<usize> {
+        if self.topics.get(self.recent_topic).is_some_and(|t| &*t.name == name) {
+            return Some(self.recent_topic);
+        }
+        let position = *self.topic_positions.get(name)?;
+        self.recent_topic = position;
+        Some(position)
+    }
+
+    fn add_topic(&mut self, name: &str, partitions: usize) {
+        if self.topic_positions.contains_key(name) {
+            return;
+        }
+        self.topic_positions.insert(name.to_owned(), self.topics.len());
+        self.topics.push(TopicState {
+            name: Arc::from(name),
+            partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            round_robin: 0,
+        });
+    }
+
+    fn partition_mut(&mut self, topic: &str, partition: u32) -> Option<&mut PartitionState> {
+        let position = *self.topic_positions.get(topic)?;
+        self.topics.get_mut(position)?.partitions.get_mut(partition as usize)
+    }
 }
 
 struct TopicState {
@@ -182,6 +227,23 @@ struct PartitionState {
     open: Option<OpenBatch>,
     sealed: VecDeque<SealedBatch>,
     in_flight: u32,
+    /// The last sealed batch's size rounded up to a power of two (0 before the first): the next
+    /// batch starts with that much room, so a busy partition's batches never regrow (each step
+    /// would copy every record again) while a quiet one's stay small.
+    next_batch_bytes: usize,
+    /// Records in the last sealed batch.
+    next_batch_records: usize,
+}
+
+impl PartitionState {
+    /// Seals the open batch, if any, and remembers its size for the next one.
+    fn seal_open(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.next_batch_bytes = open.builder.encoded_len().next_power_of_two();
+            self.next_batch_records = open.builder.len();
+            self.sealed.push_back(open.seal());
+        }
+    }
 }
 
 struct OpenBatch {
@@ -315,7 +377,8 @@ impl Producer {
                     return Err(ClientError::ProducerClosed);
                 }
                 let acc = &mut *acc;
-                if let Some(state) = acc.topics.get_mut(topic) {
+                if let Some(position) = acc.topic_position(topic) {
+                    let state = &mut acc.topics[position];
                     let partitions = state.partitions.len() as u32;
                     let partition = match partition {
                         Some(p) if p >= partitions => {
@@ -349,12 +412,7 @@ impl Producer {
             if description.partitions.is_empty() {
                 return Err(ClientError::UnknownTopic { topic: topic.to_owned() });
             }
-            let mut acc = lock(&shared.accumulator);
-            acc.topics.entry(topic.to_owned()).or_insert_with(|| TopicState {
-                name: Arc::from(topic),
-                partitions: (0..description.partitions.len()).map(|_| PartitionState::default()).collect(),
-                round_robin: 0,
-            });
+            lock(&shared.accumulator).add_topic(topic, description.partitions.len());
         }
     }
 
@@ -404,50 +462,53 @@ fn append_record(
     buffer_bytes: u32,
 ) -> (DeliveryFuture, bool) {
     let mut wake = false;
+    let record_bytes_max =
+        key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES_MAX;
     if let Some(open) = &state.open {
-        let record_len = open.builder.record_encoded_len(timestamp_ms, key, value, &[]);
-        if open.builder.encoded_len() + record_len > config.batch_bytes && !open.builder.is_empty() {
-            if let Some(full) = state.open.take() {
-                state.sealed.push_back(full.seal());
-                wake = true;
-            }
+        // The exact length costs a second pass over the record's framing; only a record that
+        // might not fit needs it.
+        let fits = |record_bytes: usize| open.builder.encoded_len() + record_bytes <= config.batch_bytes;
+        if !fits(record_bytes_max)
+            && !open.builder.is_empty()
+            && !fits(open.builder.record_encoded_len(timestamp_ms, key, value, &[]))
+        {
+            state.seal_open();
+            wake = true;
         }
     }
+    let (next_batch_bytes, next_batch_records) = (state.next_batch_bytes, state.next_batch_records);
     let open = state.open.get_or_insert_with(|| {
         // A new batch has a linger deadline the sender task must learn about.
         wake = true;
         while unfinished.front().is_some_and(|c| c.is_complete()) {
             unfinished.pop_front();
         }
-        let completion = BatchCompletion::new(partition);
+        let completion = BatchCompletion::new(partition, next_batch_records);
         unfinished.push_back(completion.clone());
+        let capacity_bytes = next_batch_bytes.max(BATCH_INITIAL_BYTES).min(config.batch_bytes);
         OpenBatch {
-            builder: BatchBuilder::with_capacity(config.batch_bytes.min(BATCH_INITIAL_BYTES)),
+            builder: BatchBuilder::with_capacity(capacity_bytes),
             completion,
             opened: Instant::now(),
             buffer_bytes: 0,
         }
     });
     let index = open.builder.len() as u32;
+    let encoded_before = open.builder.encoded_len();
     open.builder.push(timestamp_ms, key, value, &[]);
+    debug_assert!(open.builder.encoded_len() - encoded_before <= record_bytes_max);
     open.buffer_bytes += buffer_bytes;
     let future = DeliveryFuture { batch: open.completion.clone(), index, waker_slot: None };
     if open.builder.encoded_len() >= config.batch_bytes {
-        if let Some(full) = state.open.take() {
-            state.sealed.push_back(full.seal());
-            wake = true;
-        }
+        state.seal_open();
+        wake = true;
     }
     (future, wake)
 }
 
 fn seal_all(acc: &mut Accumulator) {
-    for topic in acc.topics.values_mut() {
-        for p in &mut topic.partitions {
-            if let Some(open) = p.open.take() {
-                p.sealed.push_back(open.seal());
-            }
-        }
+    for topic in &mut acc.topics {
+        topic.partitions.iter_mut().for_each(PartitionState::seal_open);
     }
 }
 
@@ -468,14 +529,12 @@ fn take_sendable(acc: &mut Accumulator, linger: Duration, now: Instant) -> Senda
     let mut more = false;
     let mut next: Option<Instant> = None;
     let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-    for topic in acc.topics.values_mut() {
+    for topic in &mut acc.topics {
         for (partition, p) in topic.partitions.iter_mut().enumerate() {
             if let Some(open) = &p.open {
                 let due = open.opened + linger;
                 if due <= now {
-                    if let Some(open) = p.open.take() {
-                        p.sealed.push_back(open.seal());
-                    }
+                    p.seal_open();
                 } else {
                     earliest(due);
                 }
@@ -499,9 +558,7 @@ fn take_sendable(acc: &mut Accumulator, linger: Duration, now: Instant) -> Senda
 /// Puts batches that could not be sent back at the front of their partitions, in order.
 fn put_back(acc: &mut Accumulator, batches: Vec<Outbound>) {
     for b in batches.into_iter().rev() {
-        if let Some(p) =
-            acc.topics.get_mut(&*b.topic).and_then(|t| t.partitions.get_mut(b.partition as usize))
-        {
+        if let Some(p) = acc.partition_mut(&b.topic, b.partition) {
             p.in_flight -= 1;
             p.sealed.push_front(b.batch);
         }
@@ -510,7 +567,7 @@ fn put_back(acc: &mut Accumulator, batches: Vec<Outbound>) {
 
 fn is_idle(acc: &Accumulator) -> bool {
     acc.topics
-        .values()
+        .iter()
         .all(|t| t.partitions.iter().all(|p| p.open.is_none() && p.sealed.is_empty() && p.in_flight == 0))
 }
 
@@ -715,8 +772,7 @@ async fn finish_batch(shared: &Arc<Shared>, mut b: Outbound, result: Result<i64,
     }
     {
         let mut acc = lock(&shared.accumulator);
-        let Some(p) = acc.topics.get_mut(&*b.topic).and_then(|t| t.partitions.get_mut(b.partition as usize))
-        else {
+        let Some(p) = acc.partition_mut(&b.topic, b.partition) else {
             b.batch.completion.complete(Err(ClientError::ProducerClosed));
             return;
         };
@@ -753,20 +809,12 @@ mod tests {
 
     fn accumulator_with(topic: &str, partitions: usize) -> Accumulator {
         let mut acc = Accumulator::default();
-        acc.topics.insert(
-            topic.to_owned(),
-            TopicState {
-                name: Arc::from(topic),
-                partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
-                round_robin: 0,
-            },
-        );
+        acc.add_topic(topic, partitions);
         acc
     }
 
     fn append(acc: &mut Accumulator, cfg: &ProducerConfig, partition: u32, value: &[u8]) -> DeliveryFuture {
-        let state = acc.topics.get_mut("t").unwrap();
-        let p = &mut state.partitions[partition as usize];
+        let p = &mut acc.topics[0].partitions[partition as usize];
         append_record(cfg, p, &mut acc.unfinished, partition, 1000, None, Some(value), 10).0
     }
 
@@ -776,7 +824,7 @@ mod tests {
         let mut acc = accumulator_with("t", 2);
         let futures: Vec<DeliveryFuture> =
             (0..100).map(|i| append(&mut acc, &cfg, 0, &[i as u8; 50])).collect();
-        let p = &acc.topics["t"].partitions[0];
+        let p = &acc.topics[0].partitions[0];
         assert!(p.sealed.len() >= 4, "100 × ~57 bytes must fill several 1 KiB batches");
         assert!(p.sealed.iter().all(|b| b.bytes.len() <= 1024));
         // Indexes restart in every batch and count up within it.
@@ -792,7 +840,7 @@ mod tests {
             expected_index += 1;
         }
         seal_all(&mut acc);
-        let values: Vec<u8> = acc.topics["t"].partitions[0]
+        let values: Vec<u8> = acc.topics[0].partitions[0]
             .sealed
             .iter()
             .flat_map(|b| {
@@ -801,6 +849,32 @@ mod tests {
             })
             .collect();
         assert_eq!(values, (0..100).map(|i| i as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn topics_resolve_by_name_and_busy_partitions_size_batches_from_the_last() {
+        let mut acc = accumulator_with("t", 1);
+        acc.add_topic("u", 2);
+        acc.add_topic("t", 5);
+        assert_eq!(acc.topics.len(), 2);
+        assert_eq!(acc.topics[0].partitions.len(), 1, "adding a known topic again changes nothing");
+        assert_eq!(acc.topic_position("u"), Some(1));
+        assert_eq!(acc.topic_position("u"), Some(1));
+        assert_eq!(acc.topic_position("t"), Some(0));
+        assert_eq!(acc.topic_position("v"), None);
+        assert!(acc.partition_mut("u", 1).is_some());
+        assert!(acc.partition_mut("u", 2).is_none());
+
+        let cfg = config(64 << 10);
+        for i in 0..200u8 {
+            append(&mut acc, &cfg, 0, &[i; 1000]);
+        }
+        let p = &acc.topics[0].partitions[0];
+        assert!(p.sealed.len() >= 2);
+        assert!(p.sealed.iter().all(|b| b.bytes.len() <= 64 << 10));
+        assert_eq!(p.next_batch_bytes, 64 << 10, "a full batch makes the next one start full size");
+        let (_, last) = batches(&p.sealed.back().unwrap().bytes).next().unwrap().unwrap();
+        assert_eq!(p.next_batch_records, records(last).unwrap().count());
     }
 
     #[test]
@@ -817,10 +891,10 @@ mod tests {
         let mut partitions: Vec<u32> = out.iter().map(|b| b.partition).collect();
         partitions.sort();
         assert_eq!(partitions, vec![0, 2]);
-        assert_eq!(acc.topics["t"].partitions[0].in_flight, 1);
+        assert_eq!(acc.topics[0].partitions[0].in_flight, 1);
         put_back(&mut acc, out);
-        assert_eq!(acc.topics["t"].partitions[0].in_flight, 0);
-        assert_eq!(acc.topics["t"].partitions[0].sealed.len(), 1);
+        assert_eq!(acc.topics[0].partitions[0].in_flight, 0);
+        assert_eq!(acc.topics[0].partitions[0].sealed.len(), 1);
     }
 
     #[tokio::test]
@@ -835,15 +909,10 @@ mod tests {
         batch.complete(Ok(41));
         assert_eq!(waiter.await.unwrap().unwrap(), RecordMetadata { partition: 0, offset: 42 });
         assert_eq!(first.await.unwrap(), RecordMetadata { partition: 0, offset: 41 });
-        acc.topics.get_mut("t").unwrap().partitions[0].open = None;
+        acc.topics[0].partitions[0].open = None;
         let failed = append(&mut acc, &cfg, 0, b"c");
         let cfg_err = ClientError::broker("produce", wire::ErrorCode::StorageFull, Some("disk"));
-        acc.topics.get_mut("t").unwrap().partitions[0]
-            .open
-            .as_ref()
-            .unwrap()
-            .completion
-            .complete(Err(cfg_err));
+        acc.topics[0].partitions[0].open.as_ref().unwrap().completion.complete(Err(cfg_err));
         let err = failed.await.unwrap_err();
         assert_eq!(err.code(), Some(wire::ErrorCode::StorageFull));
     }
