@@ -163,11 +163,34 @@ impl Shard {
         }))
         .await;
         let mut slots: Vec<Option<Rc<Partition>>> = vec![None; meta.partition_shards.len()];
+        let mut failures = Vec::new();
         for (&p, result) in mine.iter().zip(opened) {
-            let (partition, report) =
-                result.map_err(|e| format!("topic '{}' partition {p}: {e}", meta.name))?;
-            tracing::info!(topic = %meta.name, partition = p, shard = self.id, "opened: {report}");
-            slots[p as usize] = Some(partition);
+            match result {
+                Ok((partition, report)) => {
+                    tracing::info!(topic = %meta.name, partition = p, shard = self.id, "opened: {report}");
+                    slots[p as usize] = Some(partition);
+                }
+                Err(e) => failures.push((p, e)),
+            }
+        }
+        if let Some((p, e)) = failures.first() {
+            // All or nothing: close what did open, releasing its descriptors (a common failure is
+            // running out of them). Files stay: on start-up they hold an existing topic's data; a
+            // failed creation removes the topic directory in `controller_create`.
+            for partition in slots.into_iter().flatten() {
+                if let Err(e) = partition.close().await {
+                    tracing::warn!(topic = %meta.name, "closing a partition after a failed open: {e}");
+                }
+            }
+            return Err(format!(
+                "topic '{}' partition {p} on shard {}: {e}{}",
+                meta.name,
+                self.id,
+                match failures.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more partitions failed to open)", n - 1),
+                }
+            ));
         }
         self.owned.borrow_mut().insert(name.clone(), slots);
         self.topics.borrow_mut().insert(
@@ -636,19 +659,22 @@ impl Shard {
                 .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
             meta
         };
-        tracing::info!(topic = %name, partitions, shards = ?meta.partition_shards, "topic created");
         let shared = Arc::new(meta.clone());
+        let mut failures: Vec<String> = Vec::new();
         let mut acks = Vec::new();
         for shard in 0..self.count {
             if shard == self.id {
                 continue;
             }
             let (reply, rx) = oneshot::channel();
-            self.send(shard, ShardMsg::ApplyTopic { topic: shared.clone(), reply }).await?;
-            acks.push(rx);
+            match self.send(shard, ShardMsg::ApplyTopic { topic: shared.clone(), reply }).await {
+                Ok(()) => acks.push(rx),
+                Err(e) => failures.push(format!("shard {shard}: {}", e.message)),
+            }
         }
-        let local = self.apply_topic(&meta).await;
-        let mut failures: Vec<String> = local.err().into_iter().collect();
+        if let Err(e) = self.apply_topic(&meta).await {
+            failures.push(e);
+        }
         for rx in acks {
             match rx.await {
                 Ok(Ok(())) => {}
@@ -656,10 +682,42 @@ impl Shard {
                 Err(_) => failures.push("a shard stopped before opening its partitions".into()),
             }
         }
-        if !failures.is_empty() {
-            return Err(PartitionError::new(ErrorCode::StorageError, failures.join("; ")));
+        if failures.is_empty() {
+            tracing::info!(topic = %name, partitions, shards = ?meta.partition_shards, "topic created");
+            return Ok(meta);
         }
-        Ok(meta)
+        // All or nothing: forget the topic everywhere and remove what was created on disk.
+        let detail = failures.join("; ");
+        tracing::warn!(topic = %name, partitions, "creating the topic failed; rolling back: {detail}");
+        if let Err(e) = controller.store.borrow_mut().remove(&name) {
+            tracing::error!(topic = %name, "rolling back: removing the topic from the metadata store failed: {e}");
+            failures.push(format!("removing the topic from the metadata store failed too: {e}"));
+        }
+        let shared: Arc<str> = Arc::from(name.as_str());
+        let mut removals = Vec::new();
+        for shard in 0..self.count {
+            if shard == self.id {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            if self.send(shard, ShardMsg::RemoveTopic { name: shared.clone(), reply }).await.is_ok() {
+                removals.push(rx);
+            }
+        }
+        self.remove_topic(&name).await;
+        for rx in removals {
+            let _ = rx.await;
+        }
+        remove_topic_dir(&self.config.data_dir, &name);
+        let code = if failures.iter().any(|f| f.contains("Too many open files")) {
+            ErrorCode::ResourceExhausted
+        } else {
+            ErrorCode::StorageError
+        };
+        Err(PartitionError::new(
+            code,
+            format!("creating topic '{name}' failed and was rolled back: {}", failures.join("; ")),
+        ))
     }
 
     async fn controller_delete(self: Rc<Self>, name: String) -> Result<(), PartitionError> {

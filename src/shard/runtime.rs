@@ -69,6 +69,34 @@ async fn poll_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit (each open partition holds about 1.5
+/// descriptors) and logs the result; an operator raises the hard limit (`LimitNOFILE`, tuning.md).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), hard = limit.rlim_max,
+                "cannot raise the soft RLIMIT_NOFILE to the hard limit");
+        }
+    }
+    tracing::info!(
+        open_files_max = limit.rlim_cur,
+        "RLIMIT_NOFILE soft limit {} (hard {}): room for roughly {} open partitions at ~1.5 descriptors each",
+        limit.rlim_cur,
+        limit.rlim_max,
+        limit.rlim_cur / 3 * 2
+    );
+}
+
 /// Runs a broker until SIGINT/SIGTERM; returns after every partition is flushed and closed.
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let config = Arc::new(config);
@@ -76,6 +104,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     std::fs::create_dir_all(data_dir.join("topics"))
         .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
     let _lock = lock_data_dir(&data_dir)?;
+    raise_open_files_limit();
     let shards = config.shard_count();
     let mut store = MetadataStore::open(&data_dir, shards)?;
     crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;

@@ -9,7 +9,8 @@
 //!
 //! Layout of the code, from pure to IO:
 //! - `index`, `scan`, `retention`, `tail_cache`: pure logic, unit- and property-tested.
-//! - `disk_space`, `notify`: small shard-local helpers.
+//! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
+//!   shard (unlinks, index writes, directory syncs).
 //! - `segment`: one segment's files and the recovery scan over them.
 //! - `partition`: appends, the flusher (the one writer of a partition), reads, housekeeping,
 //!   truncation and close.
@@ -21,6 +22,7 @@
 //! write completed (group commit). The high watermark, and with it everything consumers can read,
 //! only covers durable batches.
 
+mod blocking;
 mod disk_space;
 mod index;
 mod notify;

@@ -14,9 +14,14 @@
 //! a write fill the next chunk: group commit. With `Durability::Fsync` the flusher issues one
 //! fdatasync per round after its writes, then advances the high watermark.
 //!
-//! Metadata syscalls run synchronously on the shard, because `append` must decide before it
-//! returns: creating the next segment file on roll (once per segment) and `fallocate` (once per
-//! `PREALLOCATE_STEP_BYTES`), so ENOSPC surfaces as `StorageFull` before a byte is accepted.
+//! Space is reserved before a byte is accepted: `append` checks that the active segment is
+//! preallocated past the new end and, if not, calls `fallocate` synchronously, so ENOSPC surfaces
+//! as `StorageFull` from `append` itself. That synchronous call is the fallback, not the rule: once
+//! less than half a step of reserved space remains, the next `PREALLOCATE_STEP_BYTES` are reserved
+//! on the blocking thread pool, and once the active segment is in its last step the next segment
+//! file is created and preallocated there too (a spare, renamed into place on roll). Everything
+//! else slow on the filesystem also runs there (`blocking`): unlinking deleted segments, writing
+//! the indexes and syncing the directory when a segment is sealed.
 //!
 //! Failures. A failed write rolls the in-memory log back to the end of the last completed write
 //! (those offsets were never acknowledged), fails their durability waiters, and marks the partition
@@ -34,6 +39,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use glommio::io::DmaBuffer;
 
+use super::blocking;
 use super::notify::Notify;
 use super::retention::{segments_to_delete, RetentionInput};
 use super::segment::{align_down, align_up, parse_log_name, read_aligned, scan_segment_file, Segment, ALIGN};
@@ -54,6 +60,33 @@ const ROLLBACKS_KEPT: usize = 64;
 /// Recovery refuses to believe a length field larger than this (a scribbled header).
 const RECOVERY_BATCH_BYTES_MAX: usize = 256 << 20;
 const CLEAN_SHUTDOWN_MARKER: &str = ".clean_shutdown";
+/// Cached batches dropped per step when retention deletes segments (see `evict_cached_below`).
+const CACHE_EVICTION_SLICE_BATCHES: usize = 512;
+/// The next segment's file, created and preallocated ahead of the roll. Recovery ignores it (not
+/// a `<base_offset>.log` name) and open removes a leftover one.
+const SPARE_SEGMENT_NAME: &str = ".spare-segment";
+
+/// The next segment's file, prepared off the shard.
+#[derive(Default)]
+enum Spare {
+    #[default]
+    Absent,
+    Preparing,
+    Ready {
+        file: std::fs::File,
+        preallocated_bytes: u64,
+    },
+    /// Preparation failed (or the partition closed): not retried before the next roll.
+    Failed,
+}
+
+/// Shared with the background task that prepares the spare (which outlives no partition state).
+#[derive(Default)]
+struct SpareSlot {
+    spare: RefCell<Spare>,
+    /// Wakes `close` waiting for a preparation to finish.
+    prepared: Notify,
+}
 
 /// Bytes staged for one O_DIRECT write of one segment, starting at an aligned file position.
 struct Chunk {
@@ -121,6 +154,7 @@ pub struct Partition {
     flush_wanted: Rc<Notify>,
     /// Wakes waiters: high watermark moved, rollback, flusher idle or stopped, close.
     progress: Notify,
+    spare: Rc<SpareSlot>,
 }
 
 fn now_ms() -> i64 {
@@ -145,6 +179,17 @@ fn open_plain(path: &Path, create: bool) -> Result<std::fs::File, StorageError> 
         .truncate(create)
         .open(path)
         .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))
+}
+
+/// `fallocate` mode 0 (the file size grows with it) up to `end_bytes`.
+fn fallocate(file: &std::fs::File, end_bytes: u64) -> std::io::Result<()> {
+    // SAFETY: plain fallocate on an fd the caller owns; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, end_bytes as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn remove_segment_files(seg: &Segment) {
@@ -195,6 +240,13 @@ impl Partition {
             .collect();
         bases.sort_unstable();
         report.segments_found = bases.len();
+        let spare_path = dir.join(SPARE_SEGMENT_NAME);
+        match std::fs::remove_file(&spare_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StorageError::io(format!("removing {}", spare_path.display()), e));
+            }
+            _ => {}
+        }
 
         let segments = recover_segments(&dir, &config, &bases, &mut report).await?;
         let segments = if segments.is_empty() {
@@ -248,6 +300,7 @@ impl Partition {
             flusher_running: Cell::new(true),
             flush_wanted: Rc::new(Notify::default()),
             progress: Notify::default(),
+            spare: Rc::new(SpareSlot::default()),
         });
         glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
         tracing::info!("{report}");
@@ -313,6 +366,7 @@ impl Partition {
         let seg = active(&st).clone();
         let start_pos = seg.meta.borrow().size_bytes;
         self.ensure_preallocated(&mut st, &seg, start_pos + total_bytes)?;
+        self.prepare_ahead(&st, &seg, start_pos + total_bytes);
 
         {
             let mut meta = seg.meta.borrow_mut();
@@ -439,7 +493,14 @@ impl Partition {
                         i => st.segments[i - 1].clone(),
                     }
                 };
-                self.read_segment(&seg, offset, high_watermark, max_bytes, &mut chunks).await?;
+                let read = self.read_segment(&seg, offset, high_watermark, max_bytes, &mut chunks).await;
+                if let Err(e) = read {
+                    // Retention deleted the segment while we read it: the offset is gone, say so.
+                    if offset < self.log_start_offset.get() {
+                        return Err(self.out_of_range(offset));
+                    }
+                    return Err(e);
+                }
             }
         }
         Ok(ReadResult { chunks, high_watermark, log_start_offset: self.log_start_offset.get() })
@@ -555,7 +616,7 @@ impl Partition {
                 .iter()
                 .take_while(|s| {
                     let m = s.meta.borrow();
-                    m.sealed && m.durable_bytes == m.size_bytes && !self.seal_pending(&st, s)
+                    m.final_on_disk && m.durable_bytes == m.size_bytes && !self.seal_pending(&st, s)
                 })
                 .count();
             let deletable = segments_to_delete(
@@ -570,23 +631,55 @@ impl Partition {
             if !victims.is_empty() {
                 let start = st.segments[0].base_offset;
                 self.log_start_offset.set(start);
-                self.shard.tail_cache.borrow_mut().remove_below(self.cache_id, start);
             }
             victims
         };
-        for seg in victims {
-            let bytes = seg.meta.borrow().size_bytes;
-            if let Err(e) = glommio::io::remove(&seg.log_path).await {
-                tracing::warn!(path = %seg.log_path.display(), error = %e, "could not remove segment");
-            }
-            remove_segment_files(&seg);
-            report.segments_deleted.push((seg.base_offset, bytes));
+        if !victims.is_empty() {
+            self.evict_cached_below(self.log_start_offset.get()).await;
         }
-        if !report.segments_deleted.is_empty() {
+        let mut paths = Vec::with_capacity(3 * victims.len());
+        for seg in victims {
+            report.segments_deleted.push((seg.base_offset, seg.meta.borrow().size_bytes));
+            // Close our descriptor before the unlink: the last close of an unlinked file frees its
+            // blocks, and that must happen in the unlink on the blocking thread, not in a close on
+            // the shard. A reader still holding the file keeps reading its data and closes it last.
+            if let Some(file) = seg.take_file().and_then(|f| Rc::try_unwrap(f).ok()) {
+                if let Err(e) = file.close().await {
+                    tracing::warn!(path = %seg.log_path.display(), error = %e, "closing a deleted segment failed");
+                }
+            }
+            paths.extend(seg.file_paths_for_removal());
+        }
+        if !paths.is_empty() {
+            // Oldest segment first, indexes before logs: a crash part way leaves a contiguous
+            // suffix of segments, each with its log, which recovery accepts.
+            match blocking::run(move || blocking::remove_files(&paths)).await {
+                Ok(failures) => {
+                    for failure in failures {
+                        tracing::warn!(dir = %self.dir.display(), "retention: {failure}");
+                    }
+                }
+                Err(panic) => tracing::error!(dir = %self.dir.display(), "retention: {panic}"),
+            }
             self.shard.refresh_disk_space();
         }
         report.log_start_offset = self.log_start_offset.get();
         Ok(report)
+    }
+
+    /// Drops the cached batches below `offset` a slice at a time, letting produce and fetch run in
+    /// between: deleted segments can have tens of thousands of cached batches, and dropping them in
+    /// one go stalled the shard for tens of milliseconds. Reads below the log start are answered
+    /// with OffsetOutOfRange before the cache is consulted, so the leftovers are never served.
+    async fn evict_cached_below(&self, offset: i64) {
+        while self.shard.tail_cache.borrow_mut().remove_below(
+            self.cache_id,
+            offset,
+            CACHE_EVICTION_SLICE_BATCHES,
+        ) {
+            // A timer, unlike a plain yield, lets the executor poll for I/O in between.
+            glommio::timer::sleep(std::time::Duration::from_micros(50)).await;
+        }
     }
 
     /// Drops every batch at or above `offset` (rounded down to the start of the batch holding
@@ -629,6 +722,7 @@ impl Partition {
         if already {
             return Ok(());
         }
+        self.discard_spare().await;
         let (segments, sync_failure) = {
             let mut st = self.state.borrow_mut();
             st.active_file = None;
@@ -639,6 +733,7 @@ impl Partition {
                 return Ok(());
             }
             let Some(last) = segments.last() else { return Ok(()) };
+            last.wait_preallocation_idle().await;
             let file = last.file().await?;
             let size = last.meta.borrow().size_bytes;
             file.fdatasync()
@@ -697,7 +792,27 @@ impl Partition {
         let old = active(st).clone();
         let base_offset = old.meta.borrow().next_offset;
         let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
-        let file = open_plain(&seg.log_path, true)?;
+        let file = match self.spare.spare.replace(Spare::Absent) {
+            Spare::Ready { file, preallocated_bytes } => {
+                // One rename on the shard instead of a create and a fallocate.
+                match std::fs::rename(self.dir.join(SPARE_SEGMENT_NAME), &seg.log_path) {
+                    Ok(()) => {
+                        seg.meta.borrow_mut().preallocated_bytes = preallocated_bytes;
+                        file
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the spare segment");
+                        open_plain(&seg.log_path, true)?
+                    }
+                }
+            }
+            Spare::Preparing => {
+                // Still being prepared: it serves the roll after this one.
+                self.spare.spare.replace(Spare::Preparing);
+                open_plain(&seg.log_path, true)?
+            }
+            Spare::Absent | Spare::Failed => open_plain(&seg.log_path, true)?,
+        };
         old.meta.borrow_mut().sealed = true;
         st.pending.push_back(Job::Seal(old));
         st.segments.push(seg);
@@ -718,10 +833,7 @@ impl Partition {
         let Some(file) = st.active_file.as_ref() else {
             return Err(StorageError::Closed);
         };
-        // SAFETY: plain fallocate on an fd we own; no memory is passed.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, target as libc::off_t) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = fallocate(file, target) {
             if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
                 self.shard.refresh_disk_space();
                 return Err(self.shard.storage_full());
@@ -733,6 +845,110 @@ impl Partition {
         }
         meta.preallocated_bytes = target;
         Ok(())
+    }
+
+    /// Reserves space ahead of appends on the blocking thread pool: the active segment's next
+    /// preallocation step once less than half a step is left, and the spare next segment once the
+    /// active one is in its last step. At most one of each is in flight.
+    fn prepare_ahead(&self, st: &State, seg: &Rc<Segment>, end_bytes: u64) {
+        let cap = align_up(self.config.segment_bytes);
+        let step_target = {
+            let meta = seg.meta.borrow();
+            let wanted = !meta.preallocating
+                && meta.preallocated_bytes < cap
+                && end_bytes + PREALLOCATE_STEP_BYTES / 2 >= meta.preallocated_bytes;
+            wanted.then(|| (meta.preallocated_bytes + PREALLOCATE_STEP_BYTES).min(cap))
+        };
+        if let (Some(target), Some(active_file)) = (step_target, st.active_file.as_ref()) {
+            match active_file.try_clone() {
+                Ok(file) => {
+                    seg.meta.borrow_mut().preallocating = true;
+                    let seg = seg.clone();
+                    glommio::spawn_local(async move {
+                        let reserved = blocking::run(move || fallocate(&file, target)).await;
+                        let mut meta = seg.meta.borrow_mut();
+                        meta.preallocating = false;
+                        match reserved {
+                            Ok(Ok(())) => meta.preallocated_bytes = meta.preallocated_bytes.max(target),
+                            // `append` retries synchronously when it needs the space and reports
+                            // the error then.
+                            Ok(Err(e)) => tracing::debug!(segment = %seg.log_path.display(), error = %e,
+                                "background preallocation failed"),
+                            Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
+                        }
+                        drop(meta);
+                        seg.preallocation_idle.notify_all();
+                    })
+                    .detach();
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot duplicate the segment fd for preallocation"),
+            }
+        }
+        // Only near the end of the segment (its last step, or its second half when it is small): a
+        // spare holds a descriptor and a step of disk, which 10,000 partitions must not all pay.
+        let spare_from = self
+            .config
+            .segment_bytes
+            .saturating_sub(PREALLOCATE_STEP_BYTES)
+            .max(self.config.segment_bytes / 2);
+        if end_bytes < spare_from || !matches!(*self.spare.spare.borrow(), Spare::Absent) {
+            return;
+        }
+        self.spare.spare.replace(Spare::Preparing);
+        let slot = self.spare.clone();
+        let path = self.dir.join(SPARE_SEGMENT_NAME);
+        let preallocated_bytes = PREALLOCATE_STEP_BYTES.min(cap);
+        glommio::spawn_local(async move {
+            let shown = path.display().to_string();
+            let prepared = blocking::run(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)?;
+                fallocate(&file, preallocated_bytes)?;
+                Ok::<_, std::io::Error>(file)
+            })
+            .await;
+            let next = match prepared {
+                Ok(Ok(file)) => Spare::Ready { file, preallocated_bytes },
+                Ok(Err(e)) => {
+                    tracing::debug!(path = shown, error = %e, "preparing the next segment failed");
+                    Spare::Failed
+                }
+                Err(panic) => {
+                    tracing::warn!(path = shown, "{panic}");
+                    Spare::Failed
+                }
+            };
+            slot.spare.replace(next);
+            slot.prepared.notify_all();
+        })
+        .detach();
+    }
+
+    /// Waits for a spare in preparation and removes the spare file (on close).
+    async fn discard_spare(&self) {
+        loop {
+            let prepared = self.spare.prepared.notified();
+            if !matches!(*self.spare.spare.borrow(), Spare::Preparing) {
+                break;
+            }
+            prepared.await;
+        }
+        if let Spare::Ready { file, .. } = self.spare.spare.replace(Spare::Failed) {
+            let path = self.dir.join(SPARE_SEGMENT_NAME);
+            let removed = blocking::run(move || {
+                drop(file);
+                blocking::remove_files(&[path])
+            })
+            .await;
+            match removed {
+                Ok(failures) => failures.iter().for_each(|f| tracing::warn!("closing partition: {f}")),
+                Err(panic) => tracing::warn!("closing partition: {panic}"),
+            }
+        }
     }
 
     /// Copies `bytes` (stamped batches starting at file position `start_pos`) into the chunk
@@ -947,6 +1163,7 @@ impl Partition {
             meta.size_bytes = meta.written_bytes;
             meta.next_offset = first_lost_offset;
             meta.sealed = false;
+            meta.final_on_disk = false;
             meta.index.truncate_from((first_lost_offset - seg.base_offset) as u32);
             meta.written_bytes
         };
@@ -992,6 +1209,7 @@ impl Partition {
 
     /// Makes a rolled segment final: synced, file cut to its size, indexes on disk.
     async fn seal(&self, seg: &Rc<Segment>) -> Result<(), StorageError> {
+        seg.wait_preallocation_idle().await;
         let file = seg.file().await?;
         file.fdatasync()
             .await
@@ -1004,10 +1222,17 @@ impl Partition {
         file.truncate(size)
             .await
             .map_err(|e| StorageError::io(format!("truncating {} to {size}", seg.log_path.display()), e))?;
-        seg.persist_indexes()?;
+        let indexes = seg.encoded_indexes();
+        let dir = self.dir.clone();
         // Also makes the new segment's directory entry durable.
-        sync_dir(&self.dir)?;
-        seg.meta.borrow_mut().durable_bytes = size;
+        blocking::run(move || indexes.write().and_then(|()| sync_dir(&dir))).await.map_err(|panic| {
+            StorageError::io(format!("sealing {}", seg.log_path.display()), std::io::Error::other(panic))
+        })??;
+        {
+            let mut meta = seg.meta.borrow_mut();
+            meta.durable_bytes = size;
+            meta.final_on_disk = true;
+        }
         if next_offset > self.high_watermark.get() {
             self.high_watermark.set(next_offset);
             self.progress.notify_all();
@@ -1045,6 +1270,14 @@ impl Partition {
                 StorageError::io(format!("reading {} at byte {from}", seg.log_path.display()), e)
             })?;
             let data = &data[..];
+            if from + (data.len() as u64) < to.min(readable_end) {
+                // The file is shorter than its durable end: retention is releasing it (or it was
+                // damaged). Never loop on, never serve past what is there.
+                return Err(corrupt(
+                    from + data.len() as u64,
+                    format!("file ends before its durable end {readable_end}"),
+                ));
+            }
             let valid_to = ((readable_end - from) as usize).min(data.len());
             // Batches collected from this read: (start, end) within `data`, copied once below.
             let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -1154,6 +1387,7 @@ impl Partition {
                 .await?
         };
         let (cut_pos, cut_offset) = cut;
+        target.wait_preallocation_idle().await;
         file.truncate(cut_pos).await.map_err(|e| {
             StorageError::io(format!("truncating {} to {cut_pos}", target.log_path.display()), e)
         })?;
@@ -1187,6 +1421,7 @@ impl Partition {
             meta.index = rebuilt.index;
             meta.preallocated_bytes = cut_pos;
             meta.sealed = false;
+            meta.final_on_disk = false;
             let mut st = self.state.borrow_mut();
             let keep = st.segments.len() - later.len();
             st.segments.truncate(keep);
@@ -1342,6 +1577,7 @@ async fn recover_segments(
                     meta.next_offset = summary.next_offset;
                     meta.index = index;
                     meta.sealed = true;
+                    meta.final_on_disk = true;
                     drop(meta);
                     segments.push(seg);
                     continue;
@@ -1390,6 +1626,7 @@ async fn recover_segments(
             meta.next_offset = scanned.next_offset;
             meta.index = scanned.index;
             meta.sealed = !is_last;
+            meta.final_on_disk = !is_last;
             meta.first_append_ms = (scanned.valid_bytes > 0).then_some(recovered_at_ms);
         }
         if !is_last {
@@ -1579,6 +1816,77 @@ mod tests {
             let more = append_many(&p, 3, |i| i as i64);
             assert_eq!(BatchHeader::parse(&more[0]).unwrap().base_offset, last_good + 1);
             p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            p.close().await.unwrap();
+        });
+    }
+
+    fn files_with_extension(dir: &Path, ext: &str) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|e| e == ext))
+            .count()
+    }
+
+    #[test]
+    fn spare_segments_and_off_shard_deletion_leave_states_recovery_accepts() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let mut cfg = config(8192, Durability::Written);
+            cfg.retention_bytes = Some(4 * 8192);
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let expected = append_many(&p, 600, |i| i as i64);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            assert!(log_files(&dir).len() > 8, "many rolls, each through a spare or a fresh file");
+            assert_eq!(read_all(&p, 0, 1 << 20).await, expected);
+
+            let report = p.housekeep(now_ms()).await.unwrap();
+            assert!(!report.segments_deleted.is_empty(), "{report}");
+            let logs = log_files(&dir).len();
+            // Deleted segments lose all three files; sealed ones keep both indexes.
+            assert_eq!(files_with_extension(&dir, "index"), logs - 1);
+            assert_eq!(files_with_extension(&dir, "timeindex"), logs - 1);
+            let start = p.log_start_offset();
+            assert!(matches!(p.read(0, 100).await, Err(StorageError::OffsetOutOfRange { requested: 0, .. })));
+            let kept = read_all(&p, start, 1 << 20).await;
+            assert_eq!(kept[..], expected[expected.len() - kept.len()..]);
+            p.close().await.unwrap();
+            assert!(!dir.join(SPARE_SEGMENT_NAME).exists(), "close removes the spare");
+
+            // A crash part way through a deletion: the oldest segment's indexes are gone, its log is
+            // not; and a spare was left behind.
+            let oldest = log_files(&dir).remove(0);
+            std::fs::remove_file(oldest.with_extension("index")).unwrap();
+            std::fs::remove_file(oldest.with_extension("timeindex")).unwrap();
+            std::fs::write(dir.join(SPARE_SEGMENT_NAME), vec![0u8; 8192]).unwrap();
+            let (p, report) = Partition::open(dir.clone(), cfg, shard).await.unwrap();
+            assert_eq!(report.indexes_rebuilt, 1, "{report}");
+            assert!(!dir.join(SPARE_SEGMENT_NAME).exists(), "open removes a leftover spare");
+            assert_eq!(p.log_start_offset(), start);
+            assert_eq!(read_all(&p, start, 1 << 20).await, kept);
+            p.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn reading_a_segment_shrunk_behind_its_back_fails_instead_of_looping() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let (p, _) =
+                Partition::open(dir.clone(), config(8192, Durability::Written), shard).await.unwrap();
+            append_many(&p, 200, |i| i as i64);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            assert!(log_files(&dir).len() > 2);
+            // What retention's gradual release does to a deleted segment a reader still holds.
+            let first = log_files(&dir).remove(0);
+            std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(4096).unwrap();
+            match p.read(0, 1 << 20).await {
+                Err(StorageError::Corrupt { segment, .. }) => assert_eq!(segment, first),
+                other => panic!("expected Corrupt for a shrunk segment, got {other:?}"),
+            }
             p.close().await.unwrap();
         });
     }

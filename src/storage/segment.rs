@@ -13,6 +13,7 @@ use std::rc::Rc;
 use glommio::io::{DmaFile, OpenOptions, ReadResult};
 
 use super::index::{SegmentIndex, SegmentSummary};
+use super::notify::Notify;
 use super::scan::{scan_batches, ScanEnd};
 use super::StorageError;
 
@@ -92,8 +93,14 @@ pub(crate) struct SegmentMeta {
     pub index: SegmentIndex,
     /// File size reserved by fallocate (only meaningful for the active segment).
     pub preallocated_bytes: u64,
+    /// A background fallocate of this file is in flight; nothing may truncate the file until it
+    /// ends (it would grow the file again).
+    pub preallocating: bool,
     /// No more appends; its final size is set (the flusher truncates the file to it).
     pub sealed: bool,
+    /// The seal finished: file synced and cut to size, indexes on disk. Only such segments may be
+    /// deleted by retention (a seal in progress would otherwise write files of a deleted segment).
+    pub final_on_disk: bool,
     /// Wall-clock time of the first append (or of recovery), for rolling by age.
     pub first_append_ms: Option<i64>,
 }
@@ -103,6 +110,8 @@ pub(crate) struct Segment {
     pub log_path: PathBuf,
     file: RefCell<Option<Rc<DmaFile>>>,
     pub meta: RefCell<SegmentMeta>,
+    /// Woken when a background fallocate ends.
+    pub preallocation_idle: Notify,
 }
 
 impl Segment {
@@ -111,6 +120,7 @@ impl Segment {
             base_offset,
             log_path: log_path(dir, base_offset),
             file: RefCell::new(None),
+            preallocation_idle: Notify::default(),
             meta: RefCell::new(SegmentMeta {
                 size_bytes: 0,
                 written_bytes: 0,
@@ -118,7 +128,9 @@ impl Segment {
                 next_offset: base_offset,
                 index: SegmentIndex::new(index_interval_bytes),
                 preallocated_bytes: 0,
+                preallocating: false,
                 sealed: false,
+                final_on_disk: false,
                 first_append_ms: None,
             }),
         }
@@ -130,6 +142,17 @@ impl Segment {
 
     pub fn time_index_path(&self) -> PathBuf {
         self.log_path.with_extension("timeindex")
+    }
+
+    /// Resolves once no background fallocate of this file is in flight.
+    pub async fn wait_preallocation_idle(&self) {
+        loop {
+            let idle = self.preallocation_idle.notified();
+            if !self.meta.borrow().preallocating {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// The segment's DmaFile, opened read-write on first use.
@@ -153,8 +176,8 @@ impl Segment {
         self.file.borrow_mut().take()
     }
 
-    /// Writes both index files (small, rebuildable, crc-protected: no fsync needed).
-    pub fn persist_indexes(&self) -> Result<(), StorageError> {
+    /// Both index files as they should be written now; `IndexFiles::write` may run off the shard.
+    pub fn encoded_indexes(&self) -> IndexFiles {
         let meta = self.meta.borrow();
         let summary = SegmentSummary {
             base_offset: self.base_offset,
@@ -162,12 +185,21 @@ impl Segment {
             next_offset: meta.next_offset,
             max_timestamp_ms: meta.index.max_timestamp_ms(),
         };
-        let index_path = self.index_path();
-        std::fs::write(&index_path, meta.index.encode_offsets(&summary))
-            .map_err(|e| StorageError::io(format!("writing {}", index_path.display()), e))?;
-        let time_path = self.time_index_path();
-        std::fs::write(&time_path, meta.index.encode_times(self.base_offset))
-            .map_err(|e| StorageError::io(format!("writing {}", time_path.display()), e))
+        IndexFiles {
+            offsets: (self.index_path(), meta.index.encode_offsets(&summary)),
+            times: (self.time_index_path(), meta.index.encode_times(self.base_offset)),
+        }
+    }
+
+    /// Writes both index files (small, rebuildable, crc-protected: no fsync needed).
+    pub fn persist_indexes(&self) -> Result<(), StorageError> {
+        self.encoded_indexes().write()
+    }
+
+    /// The segment's files, indexes first: a crash while removing them in this order leaves a log
+    /// without indexes, which recovery rebuilds, never an index without its log.
+    pub fn file_paths_for_removal(&self) -> [PathBuf; 3] {
+        [self.index_path(), self.time_index_path(), self.log_path.clone()]
     }
 
     /// Removes index files that would go stale (the segment changes again). Missing is fine.
@@ -190,6 +222,22 @@ impl Segment {
         let offsets = std::fs::read(self.index_path()).map_err(|e| e.to_string())?;
         let times = std::fs::read(self.time_index_path()).map_err(|e| e.to_string())?;
         SegmentIndex::decode(&offsets, &times, self.base_offset, log_bytes, interval_bytes)
+    }
+}
+
+/// Encoded index files of one segment: owned bytes, so they can be written on another thread.
+pub(crate) struct IndexFiles {
+    offsets: (PathBuf, Vec<u8>),
+    times: (PathBuf, Vec<u8>),
+}
+
+impl IndexFiles {
+    pub fn write(&self) -> Result<(), StorageError> {
+        for (path, bytes) in [&self.offsets, &self.times] {
+            std::fs::write(path, bytes)
+                .map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
     }
 }
 

@@ -134,17 +134,24 @@ impl TailCache {
         }
     }
 
-    /// Drops the partition's batches that end below `offset` (retention moved the log start).
-    pub fn remove_below(&mut self, partition_id: u64, offset: i64) {
+    /// Drops up to `batches_max` of the partition's batches that end below `offset` (retention
+    /// moved the log start); true while more remain. Bounded so that dropping the cached data of
+    /// deleted segments (tens of thousands of small batches) can be spread between other tasks.
+    pub fn remove_below(&mut self, partition_id: u64, offset: i64, batches_max: usize) -> bool {
         let bases: Vec<i64> = match self.partitions.get(&partition_id) {
-            Some(b) => {
-                b.range(..offset).filter(|(_, c)| c.last_offset < offset).map(|(base, _)| *base).collect()
-            }
-            None => return,
+            Some(b) => b
+                .range(..offset)
+                .filter(|(_, c)| c.last_offset < offset)
+                .map(|(base, _)| *base)
+                .take(batches_max.saturating_add(1))
+                .collect(),
+            None => return false,
         };
-        for base in bases {
+        let more = bases.len() > batches_max;
+        for base in bases.into_iter().take(batches_max) {
             self.remove_entry(partition_id, base);
         }
+        more
     }
 
     pub fn remove_partition(&mut self, partition_id: u64) {
@@ -230,7 +237,10 @@ mod tests {
         }
         c.insert(2, 0, 0, b(10));
         c.remove_from(1, 7);
-        c.remove_below(1, 2);
+        assert!(c.remove_below(1, 2, 1), "one of two removed, more remain");
+        assert_eq!(c.stats().batches, 7);
+        assert!(!c.remove_below(1, 2, 1));
+        assert!(!c.remove_below(1, 2, 1));
         assert_eq!(c.stats().batches, 6);
         assert_eq!(c.stats().used_bytes, 60);
         c.remove_partition(1);
