@@ -36,6 +36,12 @@ impl Conn {
         Conn { stream, next_cid: 1 }
     }
 
+    fn take_cid(&mut self) -> u32 {
+        let cid = self.next_cid;
+        self.next_cid += 1;
+        cid
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
@@ -47,20 +53,8 @@ impl Conn {
         payload: &[u8],
         build: impl FnOnce(&mut FlatBufferBuilder<'static>) -> flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
     ) -> u32 {
-        let cid = self.next_cid;
-        self.next_cid += 1;
-        let mut fbb = FlatBufferBuilder::new();
-        let body = build(&mut fbb);
-        let root = wire::Request::create(
-            &mut fbb,
-            &wire::RequestArgs { correlation_id: cid, version: 1, body_type, body: Some(body) },
-        );
-        fbb.finish_minimal(root);
-        let header = fbb.finished_data();
-        let mut frame = frame_prefix(header.len(), payload.len()).to_vec();
-        frame.extend_from_slice(header);
-        frame.extend_from_slice(payload);
-        self.stream.write_all(&frame).unwrap();
+        let cid = self.take_cid();
+        self.send_raw(&request_frame(cid, 1, body_type, payload, build));
         cid
     }
 
@@ -103,24 +97,8 @@ impl Conn {
 
     /// Produces `batch` (raw bytes) to one partition with acks=1.
     pub fn produce_raw(&mut self, topic: &str, partition: u32, batch: &[u8]) -> Option<Resp> {
-        self.send(RequestBody::ProduceRequest, batch, |fbb| {
-            let parts = [wire::ProducePartition::create(
-                fbb,
-                &wire::ProducePartitionArgs { partition, payload_offset: 0, payload_len: batch.len() as u32 },
-            )];
-            let parts = fbb.create_vector(&parts);
-            let name = fbb.create_string(topic);
-            let topics = [wire::ProduceTopic::create(
-                fbb,
-                &wire::ProduceTopicArgs { name: Some(name), partitions: Some(parts) },
-            )];
-            let topics = fbb.create_vector(&topics);
-            wire::ProduceRequest::create(
-                fbb,
-                &wire::ProduceRequestArgs { acks: 1, timeout_ms: 30_000, topics: Some(topics) },
-            )
-            .as_union_value()
-        });
+        let cid = self.take_cid();
+        self.send_raw(&produce_frame(cid, topic, partition, 1, batch));
         self.recv()
     }
 
@@ -133,29 +111,8 @@ impl Conn {
 
     /// Fetches one partition; returns (error, high watermark, records as (offset, value)).
     pub fn fetch(&mut self, topic: &str, partition: u32, offset: i64, max_wait_ms: u32) -> Fetched {
-        self.send(RequestBody::FetchRequest, &[], |fbb| {
-            let parts = [wire::FetchPartition::create(
-                fbb,
-                &wire::FetchPartitionArgs { partition, offset, max_bytes: 1 << 20 },
-            )];
-            let parts = fbb.create_vector(&parts);
-            let name = fbb.create_string(topic);
-            let topics = [wire::FetchTopic::create(
-                fbb,
-                &wire::FetchTopicArgs { name: Some(name), partitions: Some(parts) },
-            )];
-            let topics = fbb.create_vector(&topics);
-            wire::FetchRequest::create(
-                fbb,
-                &wire::FetchRequestArgs {
-                    max_wait_ms,
-                    min_bytes: 1,
-                    max_bytes: 4 << 20,
-                    topics: Some(topics),
-                },
-            )
-            .as_union_value()
-        });
+        let cid = self.take_cid();
+        self.send_raw(&fetch_frame(cid, topic, partition, offset, max_wait_ms, 1 << 20));
         let resp = self.recv().expect("fetch response");
         decode_fetch(&resp, offset)
     }
