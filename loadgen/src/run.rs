@@ -1,22 +1,28 @@
 //! One benchmark run over the native protocol: create the topics, start consumers and producers
 //! as tokio tasks, report progress once a second, drain, and assemble the report.
 //!
-//! Owns: task layout and the run's phases. Producers follow their `Schedule`; each keeps its
-//! in-flight deliveries in a `FuturesUnordered` and records publish latency when each resolves.
+//! Owns: task layout and the run's phases. Producers follow their `Schedule`, build messages in
+//! slices of one reused buffer, keep their in-flight deliveries per partition in send order, and
+//! record each message's publish latency from its intended send time when its batch completes.
 //! Consumers read their share of the partitions from the beginning and record end-to-end latency
 //! from the send time inside each message. After the producers stop, consumers keep reading until
 //! they reach the high watermark of every partition they read (or `drain_timeout_s` passes), so
 //! the report can say whether every produced message was consumed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
+use bytes::BytesMut;
+use futures::task::{waker_ref, ArcWake, AtomicWaker};
 use ringlog::client::{
-    Admin, ClientConfig, Connection, Consumer, ConsumerConfig, Durability, Offset, Partitioner, Producer,
-    ProducerConfig, TopicSettings,
+    key_partition, Admin, ClientConfig, Connection, Consumer, ConsumerConfig, DeliveryFuture, Durability,
+    Offset, Partitioner, Producer, ProducerConfig, TopicSettings,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -330,6 +336,101 @@ async fn drain_targets(client: &ClientConfig, topics: &[String]) -> HashMap<(Arc
     targets
 }
 
+/// Messages are built in slices of one buffer of at least this many bytes. The producer copies a
+/// value into its batch and drops it before the next send, so when the buffer is used up its
+/// space is reclaimed in place instead of allocated again.
+const ARENA_BYTES_MIN: usize = 1 << 20;
+/// Longest key loadgen writes: `key-` and a u64 in decimal.
+const KEY_BYTES_MAX: usize = 24;
+
+/// One send awaiting its acknowledgement.
+struct Pending {
+    intended_us: u64,
+    value_bytes: usize,
+    delivery: DeliveryFuture,
+}
+
+/// Wakes the producer task and notes that some partition's oldest send may have completed, so
+/// the task looks at the partitions only after a batch completed, not before every send.
+struct DeliveryWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for DeliveryWake {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.woken.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
+}
+
+/// A producer's sends awaiting acknowledgement, per partition in send order. The client completes
+/// a partition's batches in order, so only each partition's oldest send needs a waker, and one
+/// wake per completed batch settles all the sends it held: no future object per send.
+struct Deliveries {
+    partitions: Vec<VecDeque<Pending>>,
+    wake: Arc<DeliveryWake>,
+    pending: usize,
+}
+
+impl Deliveries {
+    fn new(partitions: u32) -> Deliveries {
+        Deliveries {
+            partitions: (0..partitions).map(|_| VecDeque::new()).collect(),
+            wake: Arc::new(DeliveryWake { woken: AtomicBool::new(false), task: AtomicWaker::new() }),
+            pending: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending == 0
+    }
+
+    fn push(&mut self, partition: u32, pending: Pending) {
+        let queue = &mut self.partitions[partition as usize];
+        if queue.is_empty() {
+            // A partition's new oldest send has no waker yet: the next settle must poll it.
+            self.wake.woken.store(true, Ordering::Relaxed);
+        }
+        queue.push_back(pending);
+        self.pending += 1;
+    }
+
+    /// Records the publish latency of every send whose batch completed, from its intended send
+    /// time to now. Ready once at least one settled.
+    fn poll_settle(&mut self, cx: &mut Context<'_>, ctx: &ProducerCtx) -> Poll<()> {
+        self.wake.task.register(cx.waker());
+        if !self.wake.woken.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(&self.wake);
+        let mut delivery_cx = Context::from_waker(&waker);
+        let done_us = ctx.clock.now_micros();
+        let mut settled = 0;
+        let mut stats = ctx.stats.lock();
+        for queue in &mut self.partitions {
+            while let Some(front) = queue.front_mut() {
+                let Poll::Ready(result) = Pin::new(&mut front.delivery).poll(&mut delivery_cx) else {
+                    break;
+                };
+                match result {
+                    Ok(_) => stats.published(front.intended_us, done_us, front.value_bytes, &ctx.window),
+                    Err(e) => stats.error(format!("produce to {}: {e}", ctx.topic)),
+                }
+                queue.pop_front();
+                settled += 1;
+            }
+        }
+        debug_assert!(settled <= self.pending);
+        self.pending -= settled;
+        if settled > 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 async fn produce(producer: Producer, ctx: ProducerCtx) {
     let w = &*ctx.workload;
     let (size_min, size_max) = w.size_range();
@@ -338,22 +439,14 @@ async fn produce(producer: Producer, ctx: ProducerCtx) {
     for b in filler.iter_mut() {
         *b = (rng.next_u64() & 0xff) as u8;
     }
+    let arena_bytes = ARENA_BYTES_MIN.max(16 * (size_max + KEY_BYTES_MAX));
+    let mut arena = BytesMut::with_capacity(arena_bytes);
     // Keyless messages stick to one partition for a batch's worth, then move on (as Kafka's sticky
     // partitioner does), so batches fill up however many partitions there are.
     let sticky_run = (w.batch_bytes / size_min.max(1)).max(1) as u64;
     let mut sent = 0u64;
     let mut schedule = Schedule::new(ctx.start, ctx.rate);
-    let mut inflight = FuturesUnordered::new();
-    let record =
-        |done: (u64, usize, Result<ringlog::client::RecordMetadata, ringlog::client::ProduceError>)| {
-            let (intended_us, bytes, result) = done;
-            let done_us = ctx.clock.now_micros();
-            let mut s = ctx.stats.lock();
-            match result {
-                Ok(_) => s.published(intended_us, done_us, bytes, &ctx.window),
-                Err(e) => s.error(format!("produce to {}: {e}", ctx.topic)),
-            }
-        };
+    let mut deliveries = Deliveries::new(ctx.partitions);
     loop {
         let intended = schedule.next(Instant::now());
         if intended >= ctx.end {
@@ -362,37 +455,48 @@ async fn produce(producer: Producer, ctx: ProducerCtx) {
         while schedule.is_fixed_rate() && Instant::now() < intended {
             tokio::select! {
                 biased;
-                Some(done) = inflight.next(), if !inflight.is_empty() => record(done),
+                _ = poll_fn(|cx| deliveries.poll_settle(cx, &ctx)), if !deliveries.is_empty() => {}
                 _ = tokio::time::sleep_until(intended.into()) => {}
             }
         }
         let intended_us = ctx.clock.micros(intended);
         let size = if size_min == size_max { size_min } else { rng.between(size_min, size_max) };
+        if arena.capacity() < size + KEY_BYTES_MAX {
+            arena.reserve(arena_bytes);
+        }
         message::write_header(&mut filler, intended_us, ctx.id);
-        let value = Bytes::copy_from_slice(&filler[..size]);
+        arena.extend_from_slice(&filler[..size]);
+        let value = arena.split().freeze();
+        // `BytesMut` grows as `fmt::Write` and never fails.
         let key = match w.keys {
             Keys::None => None,
-            Keys::Random => Some(Bytes::from(format!("{:016x}", rng.next_u64()))),
-            Keys::Space(n) => Some(Bytes::from(format!("key-{}", rng.next_u64() % n))),
-        };
-        let partition = ((sent / sticky_run + u64::from(ctx.id)) % u64::from(ctx.partitions)) as u32;
-        let send = async {
-            match key {
-                None => producer.send_to(&ctx.topic, partition, None, value).await,
-                key => producer.send(&ctx.topic, key, value).await,
+            Keys::Random => {
+                let _ = write!(arena, "{:016x}", rng.next_u64());
+                Some(arena.split().freeze())
+            }
+            Keys::Space(n) => {
+                let _ = write!(arena, "key-{}", rng.next_u64() % n);
+                Some(arena.split().freeze())
             }
         };
+        // Keyed messages go where the client's key-hash partitioner would put them; naming the
+        // partition here tells which partition's queue of deliveries the send joins.
+        let partition = match &key {
+            None => ((sent / sticky_run + u64::from(ctx.id)) % u64::from(ctx.partitions)) as u32,
+            Some(key) => key_partition(key, ctx.partitions),
+        };
+        let send = producer.send_to(&ctx.topic, partition, key, value);
         tokio::pin!(send);
         let queued = loop {
             tokio::select! {
                 biased;
-                Some(done) = inflight.next(), if !inflight.is_empty() => record(done),
+                _ = poll_fn(|cx| deliveries.poll_settle(cx, &ctx)), if !deliveries.is_empty() => {}
                 queued = &mut send => break queued,
             }
         };
         sent += 1;
         match queued {
-            Ok(delivery) => inflight.push(async move { (intended_us, size, delivery.await) }),
+            Ok(delivery) => deliveries.push(partition, Pending { intended_us, value_bytes: size, delivery }),
             Err(e) => {
                 ctx.stats.lock().error(format!("produce to {}: {e}", ctx.topic));
                 // A refused send (closed producer, unknown topic) will not get better by spinning.
@@ -401,8 +505,8 @@ async fn produce(producer: Producer, ctx: ProducerCtx) {
         }
     }
     producer.flush().await;
-    while let Some(done) = inflight.next().await {
-        record(done);
+    while !deliveries.is_empty() {
+        poll_fn(|cx| deliveries.poll_settle(cx, &ctx)).await;
     }
     producer.close().await;
 }
