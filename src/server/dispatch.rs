@@ -424,6 +424,14 @@ fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) ->
 /// found before routing.
 type Slot = Result<usize, PartitionError>;
 
+/// A partition's outcome: its routed item's result, or the error found before routing.
+fn resolve<O: Clone>(slot: &Slot, outcomes: &[Result<O, PartitionError>]) -> Result<O, PartitionError> {
+    match slot {
+        Ok(i) => outcomes[*i].clone(),
+        Err(e) => Err(e.clone()),
+    }
+}
+
 async fn produce(
     shard: &Rc<Shard>,
     cid: u32,
@@ -485,10 +493,7 @@ async fn produce(
             let results: Vec<_> = parts
                 .iter()
                 .map(|(partition, slot)| {
-                    let outcome = match slot {
-                        Ok(i) => outcomes[*i].clone(),
-                        Err(e) => Err(e.clone()),
-                    };
+                    let outcome = resolve(slot, &outcomes);
                     let args = match outcome {
                         Ok(a) => wire::ProducePartitionResultArgs {
                             partition: *partition,
@@ -670,10 +675,7 @@ async fn list_offsets(shard: &Rc<Shard>, cid: u32, r: wire::ListOffsetsRequest<'
             let results: Vec<_> = parts
                 .iter()
                 .map(|(partition, slot)| {
-                    let outcome = match slot {
-                        Ok(i) => outcomes[*i].clone(),
-                        Err(e) => Err(e.clone()),
-                    };
+                    let outcome = resolve(slot, &outcomes);
                     let args = match outcome {
                         Ok(found) => {
                             let (offset, timestamp) = found.unwrap_or((-1, -1));
