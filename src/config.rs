@@ -46,6 +46,15 @@ pub struct BrokerConfig {
     /// Admin HTTP listener (`GET /metrics`, `GET /health`). Default: 127.0.0.1:9293, or a free
     /// port when that one is taken (the ready line says which); port 0 picks a free port.
     pub admin_listen: Option<SocketAddr>,
+    /// Kafka protocol listener (Apache Kafka clients: librdkafka, Java, kafka-python, kafkajs),
+    /// shared by every shard. `off` disables it; port 0 picks a free port.
+    pub kafka_listen: String,
+    /// `host:port` put in Kafka Metadata responses as this broker's address; default: the
+    /// address `kafka_listen` is bound to.
+    pub kafka_advertised_listener: Option<String>,
+    /// Create a topic (with `default_partitions`) when a Kafka client produces to it or asks for
+    /// its metadata and it does not exist, as Apache Kafka's `auto.create.topics.enable` does.
+    pub kafka_auto_create_topics: bool,
     /// Host advertised to clients for the per-shard direct ports; default: the listen address.
     pub advertised_host: Option<String>,
     /// Shard N also listens on `shard_port_base + N`, so shard-aware clients reach the owner core
@@ -112,6 +121,9 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./ringlog-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
             admin_listen: None,
+            kafka_listen: "127.0.0.1:9092".into(),
+            kafka_advertised_listener: None,
+            kafka_auto_create_topics: true,
             advertised_host: None,
             shard_port_base: 9300,
             shards: 0,
@@ -220,6 +232,15 @@ impl BrokerConfig {
         if self.io_memory_bytes != 0 && !(IO_MEMORY_MIN_BYTES..=1 << 30).contains(&self.io_memory_bytes) {
             return invalid("io_memory_bytes", format!("must be 0 (auto) or at least {IO_MEMORY_MIN_BYTES}"));
         }
+        if let Err(e) = self.kafka_listen_addr() {
+            return invalid("kafka_listen", e);
+        }
+        if let Some(a) = &self.kafka_advertised_listener {
+            match a.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => return invalid("kafka_advertised_listener", format!("'{a}' is not host:port")),
+            }
+        }
         if self.frame_bytes_max < 1024 {
             return invalid("frame_bytes_max", "must be at least 1024");
         }
@@ -282,6 +303,17 @@ impl BrokerConfig {
         Ok(())
     }
 
+    /// The Kafka listener address, `None` when disabled.
+    pub fn kafka_listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.kafka_listen.trim() {
+            "" | "off" | "none" | "disabled" => Ok(None),
+            addr => addr
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("'{addr}' is not an address like 127.0.0.1:9092 or `off`: {e}")),
+        }
+    }
+
     /// The shard count to run: the configured one, or one per available core.
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
@@ -323,6 +355,7 @@ pub fn option_names() -> Vec<String> {
             // Options whose default is None are not serialized; list them explicitly.
             keys.push("advertised_host".into());
             keys.push("admin_listen".into());
+            keys.push("kafka_advertised_listener".into());
             keys
         }
         Err(_) => Vec::new(),

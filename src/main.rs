@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ringlog::config::BrokerConfig;
 
+mod alloc;
+
+/// Large blocks are address-space reservations, so a wire count that sizes a `Vec` cannot abort
+/// the process (see `alloc`).
+#[global_allocator]
+static GLOBAL: alloc::ReservingAllocator = alloc::ReservingAllocator;
+
 #[derive(Parser)]
 #[command(name = "ringlog", version, about = "A thread-per-core event-streaming broker in the Kafka family")]
 struct Cli {
@@ -33,6 +40,9 @@ struct ServeArgs {
     /// Native protocol listen address (option `listen`).
     #[arg(long)]
     listen: Option<String>,
+    /// Kafka protocol listen address, `off` to disable (option `kafka_listen`).
+    #[arg(long)]
+    kafka_listen: Option<String>,
     /// Number of shards, 0 = one per core (option `shards`).
     #[arg(long)]
     shards: Option<usize>,
@@ -65,6 +75,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = &args.listen {
         overrides.push(("listen".into(), v.clone()));
+    }
+    if let Some(v) = &args.kafka_listen {
+        // Always a string option, even when it looks like a TOML literal.
+        overrides.push(("kafka_listen".into(), format!("\"{v}\"")));
     }
     if let Some(v) = args.shards {
         overrides.push(("shards".into(), v.to_string()));

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{CliError, ConnectArgs};
 use crate::client::{ClientError, DeliveryFuture, Producer, ProducerConfig};
+use crate::record::compression::Compression;
 
 const STDIN_READ_BYTES: usize = 1 << 20;
 /// Delivery results held before the oldest are awaited; bounds memory for endless input.
@@ -31,6 +32,9 @@ pub struct ProduceArgs {
     /// Acknowledgement level: 0 (none), 1 (leader) or all.
     #[arg(long, default_value = "1", value_name = "0|1|all")]
     pub acks: AcksArg,
+    /// Compress every batch's records with this codec (Kafka's compression.type).
+    #[arg(long, default_value = "none", value_name = "none|gzip|snappy|lz4|zstd")]
+    pub compression: Compression,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -72,7 +76,8 @@ pub(super) async fn run(args: ProduceArgs) -> Result<(), CliError> {
     if args.key_separator.as_deref() == Some("") {
         return Err(CliError::Input("--key-separator must not be empty".to_owned()));
     }
-    let config = ProducerConfig { acks: args.acks.0, ..ProducerConfig::default() };
+    let config =
+        ProducerConfig { acks: args.acks.0, compression: args.compression, ..ProducerConfig::default() };
     let producer = Producer::connect(args.connect.client_config(), config).await?;
     let mut chunks = spawn_stdin_reader();
     let mut line_number = 0u64;
@@ -189,4 +194,27 @@ async fn send_line(
         None => producer.send(&args.topic, key, value).await?,
     };
     Ok(delivery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ProduceArgs,
+    }
+
+    #[test]
+    fn parses_compression() {
+        let parse =
+            |extra: &[&str]| Cli::try_parse_from(["produce", "t"].iter().chain(extra)).map(|c| c.args);
+        assert_eq!(parse(&[]).unwrap().compression, Compression::None);
+        assert_eq!(parse(&["--compression", "zstd"]).unwrap().compression, Compression::Zstd);
+        assert_eq!(parse(&["--compression", "snappy"]).unwrap().compression, Compression::Snappy);
+        let err = parse(&["--compression", "brotli"]).err().unwrap().to_string();
+        assert!(err.contains("not a compression codec"), "{err}");
+    }
 }

@@ -43,6 +43,9 @@ pub struct ConsumerConfig {
     pub min_bytes: u32,
     pub partition_max_bytes: u32,
     pub fetch_max_bytes: u32,
+    /// Bound on one compressed batch's records once inflated; a batch past it fails the poll
+    /// with [`ClientError::CorruptBatch`] instead of exhausting memory.
+    pub decompressed_batch_bytes_max: usize,
 }
 
 impl Default for ConsumerConfig {
@@ -53,6 +56,7 @@ impl Default for ConsumerConfig {
             min_bytes: 1,
             partition_max_bytes: 1 << 20,
             fetch_max_bytes: 50 << 20,
+            decompressed_batch_bytes_max: reader::DECOMPRESSED_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -364,7 +368,7 @@ impl Consumer {
                 topic: a.topic.to_string(),
                 partition: a.partition,
                 position: start + at,
-                source,
+                source: source.into(),
             })?;
             if header.last_offset() < next_position {
                 continue;
@@ -375,8 +379,11 @@ impl Consumer {
                 position: start + (bytes.as_ptr() as usize - region.as_ptr() as usize),
                 source,
             };
-            for record in reader::records(bytes).map_err(corrupt)? {
-                let record = record.map_err(corrupt)?;
+            let decoded = reader::decode(bytes, self.config.decompressed_batch_bytes_max).map_err(corrupt)?;
+            // Keys and values are views of the payload, or of a compressed batch's inflated records.
+            let source = decoded.decompressed().unwrap_or(payload);
+            for record in &decoded {
+                let record = record.map_err(|e| corrupt(e.into()))?;
                 if record.offset < next_position {
                     continue;
                 }
@@ -385,8 +392,8 @@ impl Consumer {
                     partition: a.partition,
                     offset: record.offset,
                     timestamp_ms: record.timestamp_ms,
-                    key: record.key.map(|k| payload.slice_ref(k)),
-                    value: record.value.map(|v| payload.slice_ref(v)),
+                    key: record.key.map(|k| source.slice_ref(k)),
+                    value: record.value.map(|v| source.slice_ref(v)),
                 });
             }
             // Past the whole batch, even if its last offsets hold no record.
@@ -451,6 +458,52 @@ mod tests {
         c.assign(vec![("a".into(), 1), ("b".into(), 0)]);
         assert_eq!(c.position("a", 1), Some(17));
         assert!(c.seek("a", 0, Offset::End).is_err(), "no longer assigned");
+    }
+
+    /// A compressed batch: records are views of its inflated records, not of the payload.
+    #[test]
+    fn compressed_fetched_batches_become_records() {
+        use crate::record::compression::Compression;
+        for codec in [Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
+            let mut c = consumer();
+            c.assign(vec![("t".into(), 0)]);
+            c.seek("t", 0, Offset::At(5)).unwrap();
+            let mut b = BatchBuilder::new();
+            for i in 0..3i64 {
+                b.push(1000 + i, Some(b"k"), Some(format!("value {i}").as_bytes()), &[]);
+            }
+            let mut batch = b.finish_compressed(codec).unwrap();
+            set_base_offset(&mut batch, 5);
+            let payload = Bytes::from(batch.to_vec());
+            let mut fbb = flatbuffers::FlatBufferBuilder::new();
+            let p = wire::FetchPartitionResult::create(
+                &mut fbb,
+                &wire::FetchPartitionResultArgs {
+                    partition: 0,
+                    high_watermark: 8,
+                    payload_len: payload.len() as u32,
+                    ..Default::default()
+                },
+            );
+            let partitions = fbb.create_vector(&[p]);
+            let name = fbb.create_string("t");
+            let topic = wire::FetchTopicResult::create(
+                &mut fbb,
+                &wire::FetchTopicResultArgs { name: Some(name), partitions: Some(partitions) },
+            );
+            let topics = fbb.create_vector(&[topic]);
+            let body =
+                wire::FetchResponse::create(&mut fbb, &wire::FetchResponseArgs { topics: Some(topics) });
+            fbb.finish(body, None);
+            let body = flatbuffers::root::<wire::FetchResponse>(fbb.finished_data()).unwrap();
+            let result = body.topics().unwrap().get(0).partitions().unwrap().get(0);
+            let mut records = Vec::new();
+            c.apply_partition("test:1", &payload, 0, result, &mut records).unwrap();
+            let got: Vec<(i64, &[u8])> =
+                records.iter().map(|r| (r.offset, &r.value.as_ref().unwrap()[..])).collect();
+            assert_eq!(got, vec![(5, &b"value 0"[..]), (6, b"value 1"), (7, b"value 2")], "{codec}");
+            assert_eq!(c.position("t", 0), Some(8));
+        }
     }
 
     /// A fetch payload whose first batch starts before the position: records below it are

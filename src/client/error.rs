@@ -9,7 +9,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::protocol::wire::ErrorCode;
-use crate::record::BatchError;
+use crate::record::reader::DecodeError;
 
 /// Everything a client call can fail with. Broker errors carry the broker's code and message;
 /// network errors carry the address they happened on.
@@ -39,7 +39,7 @@ pub enum ClientError {
     #[error("{addr}: protocol error: {reason}")]
     Protocol { addr: String, reason: String },
     #[error("{topic}/{partition}: damaged batch at payload byte {position}: {source}")]
-    CorruptBatch { topic: String, partition: u32, position: usize, source: BatchError },
+    CorruptBatch { topic: String, partition: u32, position: usize, source: DecodeError },
     #[error("record of {record_bytes} bytes exceeds the producer's buffer of {limit_bytes} bytes")]
     RecordTooLarge { record_bytes: usize, limit_bytes: usize },
     #[error("invalid argument: {0}")]

@@ -9,6 +9,10 @@
 //! the sender task must see lingering batches when nobody calls `send`. The lock is held for one
 //! record's encoding, as Kafka's Java accumulator does, and never across an await.
 //!
+//! Compression (`ProducerConfig::compression`) happens once per batch, in the sender task after the
+//! batch left the accumulator, so `send` never waits on a codec; a retry resends the compressed
+//! bytes.
+//!
 //! Ordering: batches of one partition are sealed, sent and retried in order. A failed batch is
 //! retried only if no later batch of its partition is in flight, so a retry never overtakes it;
 //! otherwise its records fail with the error.
@@ -29,7 +33,8 @@ use super::error::{ClientError, ProduceError, Result};
 use super::partitioner::Partitioner;
 use super::ClientConfig;
 use crate::protocol::{wire, ACKS_ALL, ACKS_LEADER, ACKS_NONE};
-use crate::record::builder::BatchBuilder;
+use crate::record::builder::{compress_batch, BatchBuilder};
+use crate::record::compression::Compression;
 
 /// Upper bound on a record's framing next to its key and value: record length (5), attributes
 /// (1), timestamp delta (10), offset delta (5), key and value lengths (5 + 5), header count (1).
@@ -43,7 +48,8 @@ pub struct ProducerConfig {
     pub acks: i8,
     /// How long a batch waits for more records before it is sent.
     pub linger: Duration,
-    /// A batch is sent once it reaches this size (a single larger record makes its own batch).
+    /// A batch is sent once it reaches this size before compression (a single larger record makes
+    /// its own batch).
     pub batch_bytes: usize,
     /// Produce requests awaiting a response, per connection.
     pub max_in_flight_per_connection: usize,
@@ -53,6 +59,8 @@ pub struct ProducerConfig {
     /// How often a batch is sent again after a retriable error.
     pub retries: u32,
     pub retry_backoff: Duration,
+    /// Codec for every batch's records section (Kafka's `compression.type`).
+    pub compression: Compression,
 }
 
 impl Default for ProducerConfig {
@@ -66,6 +74,7 @@ impl Default for ProducerConfig {
             buffer_bytes: 64 << 20,
             retries: 3,
             retry_backoff: Duration::from_millis(100),
+            compression: Compression::None,
         }
     }
 }
@@ -259,6 +268,8 @@ struct SealedBatch {
     buffer_bytes: u32,
     attempts: u32,
     not_before: Option<Instant>,
+    /// `bytes` went through [`compress_batches`] already (a retry must not compress it again).
+    compressed: bool,
 }
 
 impl OpenBatch {
@@ -269,6 +280,7 @@ impl OpenBatch {
             buffer_bytes: self.buffer_bytes,
             attempts: 0,
             not_before: None,
+            compressed: false,
         }
     }
 }
@@ -574,13 +586,14 @@ fn is_idle(acc: &Accumulator) -> bool {
 async fn sender_loop(shared: Arc<Shared>) {
     let mut permits: HashMap<String, Arc<Semaphore>> = HashMap::new();
     loop {
-        let sendable = {
+        let mut sendable = {
             let mut acc = lock(&shared.accumulator);
             if acc.closed && is_idle(&acc) {
                 return;
             }
             take_sendable(&mut acc, shared.config.linger, Instant::now())
         };
+        compress_batches(shared.config.compression, &mut sendable.batches);
         let taken = sendable.batches.len();
         let blocked = dispatch(&shared, &mut permits, sendable.batches).await;
         // Batches left behind need another round now if this one moved anything off the queues,
@@ -595,6 +608,28 @@ async fn sender_loop(shared: Arc<Shared>) {
                 let _ = tokio::time::timeout_at(deadline.into(), shared.wake_sender.notified()).await;
             }
             None => shared.wake_sender.notified().await,
+        }
+    }
+}
+
+/// Compresses the batches not compressed yet. Called outside the accumulator lock: a codec may
+/// take milliseconds over a large batch.
+fn compress_batches(compression: Compression, batches: &mut [Outbound]) {
+    if compression == Compression::None {
+        return;
+    }
+    for b in batches.iter_mut().filter(|b| !b.batch.compressed) {
+        b.batch.compressed = true;
+        match compress_batch(&b.batch.bytes, compression) {
+            Ok(compressed) => b.batch.bytes = compressed.freeze(),
+            // Only a codec bug fails on our own bytes. The batch is valid as it is: sending it
+            // uncompressed beats failing the application's records.
+            Err(e) => tracing::warn!(
+                topic = %b.topic,
+                partition = b.partition,
+                error = %e,
+                "sending a batch uncompressed"
+            ),
         }
     }
 }
@@ -801,7 +836,8 @@ async fn finish_batch(shared: &Arc<Shared>, mut b: Outbound, result: Result<i64,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{batches, reader::records};
+    use crate::record::batches;
+    use crate::record::reader::{decode, records};
 
     fn config(batch_bytes: usize) -> ProducerConfig {
         ProducerConfig { batch_bytes, ..ProducerConfig::default() }
@@ -875,6 +911,34 @@ mod tests {
         assert_eq!(p.next_batch_bytes, 64 << 10, "a full batch makes the next one start full size");
         let (_, last) = batches(&p.sealed.back().unwrap().bytes).next().unwrap().unwrap();
         assert_eq!(p.next_batch_records, records(last).unwrap().count());
+    }
+
+    #[test]
+    fn batches_are_compressed_once_after_they_leave_the_accumulator() {
+        let cfg = ProducerConfig { compression: Compression::Zstd, ..config(1 << 20) };
+        let mut acc = accumulator_with("t", 1);
+        let values: Vec<Vec<u8>> = (0..50u8).map(|i| vec![b'a' + i % 3; 200]).collect();
+        for v in &values {
+            append(&mut acc, &cfg, 0, v);
+        }
+        let mut out =
+            take_sendable(&mut acc, Duration::ZERO, Instant::now() + Duration::from_millis(1)).batches;
+        assert_eq!(out.len(), 1);
+        let uncompressed_len = out[0].batch.bytes.len();
+        compress_batches(cfg.compression, &mut out);
+        let bytes = out[0].batch.bytes.clone();
+        assert!(bytes.len() < uncompressed_len / 4, "{} of {uncompressed_len} bytes", bytes.len());
+        let (header, batch) = batches(&bytes).next().unwrap().unwrap();
+        assert_eq!(header.compression(), Compression::Zstd.id());
+        let decoded = decode(batch, 1 << 20).unwrap();
+        let read: Vec<Vec<u8>> = decoded.iter().map(|r| r.unwrap().value.unwrap().to_vec()).collect();
+        assert_eq!(read, values);
+
+        // Put back for want of an in-flight slot, taken again: not compressed a second time.
+        put_back(&mut acc, out);
+        let mut again = take_sendable(&mut acc, Duration::ZERO, Instant::now()).batches;
+        compress_batches(cfg.compression, &mut again);
+        assert_eq!(again[0].batch.bytes, bytes);
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct MemberAssignment {
     pub member_id: String,
     pub partitions: Vec<TopicPartitions>,
     pub user_data: Vec<u8>,
+    /// The assignment exactly as a Kafka leader sent it (opaque to the coordinator, which hands
+    /// it back byte for byte); `partitions` and `user_data` are then decoded from it, best effort.
+    /// `None` from native leaders.
+    pub assignment_bytes: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +67,8 @@ pub struct SyncRequest {
 pub struct SyncResponse {
     pub partitions: Vec<TopicPartitions>,
     pub user_data: Vec<u8>,
+    /// The leader's opaque assignment for this member, if a Kafka leader sent one.
+    pub assignment_bytes: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +147,10 @@ pub struct MemberDescription {
     pub member_id: String,
     pub client_id: String,
     pub assignment: Vec<TopicPartitions>,
+    /// The member's opaque metadata for the group's protocol (Kafka's DescribeGroups shows it).
+    pub metadata: Vec<u8>,
+    /// As in [`SyncResponse::assignment_bytes`].
+    pub assignment_bytes: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -57,12 +57,27 @@ struct Member {
     /// The current (or, while rebalancing, the previous) generation's assignment.
     assignment: Vec<TopicPartitions>,
     user_data: Vec<u8>,
+    /// A Kafka leader's opaque assignment for this member, returned byte for byte.
+    assignment_bytes: Option<Vec<u8>>,
     last_heartbeat_ms: i64,
     join_waiter: Option<JoinWaiter>,
     sync_waiter: Option<SyncWaiter>,
 }
 
 impl Member {
+    fn sync_response(&self) -> SyncResponse {
+        SyncResponse {
+            partitions: self.assignment.clone(),
+            user_data: self.user_data.clone(),
+            assignment_bytes: self.assignment_bytes.clone(),
+        }
+    }
+
+    /// The member's metadata for `protocol` (empty if it offered none).
+    fn metadata_for(&self, protocol: &str) -> Vec<u8> {
+        self.protocols.iter().find(|(n, _)| n == protocol).map(|(_, md)| md.clone()).unwrap_or_default()
+    }
+
     /// Members with a parked request are alive by definition: they are waiting on us.
     fn expired(&self, now_ms: i64) -> bool {
         self.join_waiter.is_none()
@@ -246,6 +261,7 @@ impl Group {
             server_assignment: true,
             assignment: Vec::new(),
             user_data: Vec::new(),
+            assignment_bytes: None,
             last_heartbeat_ms: now_ms,
             join_waiter: None,
             sync_waiter: None,
@@ -288,13 +304,7 @@ impl Group {
             GroupState::Empty | GroupState::PreparingRebalance => {
                 Err(GroupError::RebalanceInProgress { group: self.id.clone() })
             }
-            GroupState::Stable => {
-                let m = self.touch(&req.member_id, now_ms)?;
-                Ok(SyncWait::Ready(SyncResponse {
-                    partitions: m.assignment.clone(),
-                    user_data: m.user_data.clone(),
-                }))
-            }
+            GroupState::Stable => Ok(SyncWait::Ready(self.touch(&req.member_id, now_ms)?.sync_response())),
             GroupState::CompletingRebalance if req.member_id == self.leader => {
                 let mut given: BTreeMap<String, MemberAssignment> =
                     req.assignments.into_iter().map(|a| (a.member_id.clone(), a)).collect();
@@ -302,13 +312,10 @@ impl Group {
                     let a = given.remove(id).unwrap_or_default();
                     m.assignment = a.partitions;
                     m.user_data = a.user_data;
+                    m.assignment_bytes = a.assignment_bytes;
                 }
                 self.become_stable();
-                let m = self.touch(&req.member_id, now_ms)?;
-                Ok(SyncWait::Ready(SyncResponse {
-                    partitions: m.assignment.clone(),
-                    user_data: m.user_data.clone(),
-                }))
+                Ok(SyncWait::Ready(self.touch(&req.member_id, now_ms)?.sync_response()))
             }
             GroupState::CompletingRebalance => {
                 let (tx, rx) = oneshot::channel();
@@ -415,6 +422,8 @@ impl Group {
                     member_id: id.clone(),
                     client_id: m.client_id.clone(),
                     assignment: m.assignment.clone(),
+                    metadata: m.metadata_for(&self.protocol),
+                    assignment_bytes: m.assignment_bytes.clone(),
                 })
                 .collect(),
         }
@@ -516,10 +525,7 @@ impl Group {
         self.dirty = true;
         for m in self.members.values_mut() {
             if let Some(w) = m.sync_waiter.take() {
-                let _ = w.send(Ok(SyncResponse {
-                    partitions: m.assignment.clone(),
-                    user_data: m.user_data.clone(),
-                }));
+                let _ = w.send(Ok(m.sync_response()));
             }
         }
     }
@@ -575,12 +581,7 @@ impl Group {
                             member_id: mid.clone(),
                             client_id: m.client_id.clone(),
                             topics: m.topics.clone(),
-                            metadata: m
-                                .protocols
-                                .iter()
-                                .find(|(n, _)| *n == self.protocol)
-                                .map(|(_, md)| md.clone())
-                                .unwrap_or_default(),
+                            metadata: m.metadata_for(&self.protocol),
                         })
                         .collect()
                 } else {
@@ -662,6 +663,7 @@ impl Group {
         for (id, m) in self.members.iter_mut() {
             m.assignment = assignment.get(id).cloned().unwrap_or_default();
             m.user_data.clear();
+            m.assignment_bytes = None;
         }
     }
 }
@@ -847,11 +849,14 @@ mod tests {
                 member_id: "a".into(),
                 partitions: vec![("t".into(), vec![0, 1, 2])],
                 user_data: vec![],
+                assignment_bytes: None,
             },
+            // A Kafka leader's opaque bytes travel with the decoded partitions.
             MemberAssignment {
                 member_id: "b".into(),
                 partitions: vec![("t".into(), vec![3, 4, 5])],
                 user_data: vec![7],
+                assignment_bytes: Some(vec![0, 1, 0xff, 0]),
             },
         ];
         let leader = SyncRequest { group_id: "g".into(), generation: 1, member_id: "a".into(), assignments };
@@ -862,9 +867,23 @@ mod tests {
         let theirs = answered(&mut parked).unwrap().unwrap();
         assert_eq!(
             theirs,
-            SyncResponse { partitions: vec![("t".into(), vec![3, 4, 5])], user_data: vec![7] }
+            SyncResponse {
+                partitions: vec![("t".into(), vec![3, 4, 5])],
+                user_data: vec![7],
+                assignment_bytes: Some(vec![0, 1, 0xff, 0]),
+            }
         );
         assert_eq!(g.state(), GroupState::Stable);
+        let again =
+            SyncRequest { group_id: "g".into(), generation: 1, member_id: "b".into(), assignments: vec![] };
+        let SyncWait::Ready(again) = g.sync(again, 305).unwrap() else {
+            panic!("stable groups answer at once")
+        };
+        assert_eq!(again, theirs);
+        let described = g.describe();
+        assert_eq!(described.members[1].metadata, b"md", "the metadata of the chosen protocol");
+        assert_eq!(described.members[1].assignment_bytes.as_deref(), Some(&[0, 1, 0xff, 0][..]));
+        assert_eq!(described.members[0].assignment_bytes, None);
     }
 
     #[test]

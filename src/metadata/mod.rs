@@ -1,9 +1,9 @@
 //! Topic metadata: which topics exist, their settings, and which shard owns each partition.
 //!
-//! Owns: the metadata file (`<data_dir>/metadata.json`), topic name rules, and the partition →
-//! shard assignment. Control plane only: written by the controller shard (shard 0) on topic
-//! create/delete, read by every shard at start. May depend on `config`; never on storage or IO
-//! runtimes (plain std file IO, rare and small).
+//! Owns: the metadata file (`<data_dir>/metadata.json`), the cluster id (`<data_dir>/cluster_id`),
+//! topic name rules, and the partition → shard assignment. Control plane only: written by the
+//! controller shard (shard 0) on topic create/delete/grow, read by every shard at start. May
+//! depend on `config`; never on storage or IO runtimes (plain std file IO, rare and small).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -241,6 +241,86 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The data directory's cluster id: Kafka's form (22 characters, base64url without padding, of a
+/// random version-4 UUID), created on first use and kept in `<data_dir>/cluster_id`, so every
+/// shard, and the broker after a restart, tells Kafka clients the same id.
+pub fn cluster_id(data_dir: &Path) -> Result<String, MetadataError> {
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    match read_cluster_id(&path) {
+        Err(MetadataError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let id =
+        random_cluster_id().map_err(|source| MetadataError::Io { path: "/dev/urandom".into(), source })?;
+    // Shards may get here at the same time: each writes its own temporary file and links it into
+    // place. A link never replaces an existing file, so the first id to land is the one every
+    // shard reads back.
+    let tmp = data_dir.join(format!("{CLUSTER_ID_FILE}.{id}.tmp"));
+    let io = |source| MetadataError::Io { path: path.clone(), source };
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        std::fs::File::open(data_dir)?.sync_all()
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(io)?;
+    read_cluster_id(&path)
+}
+
+const CLUSTER_ID_FILE: &str = "cluster_id";
+const CLUSTER_ID_CHARS: usize = 22;
+
+fn read_cluster_id(path: &Path) -> Result<String, MetadataError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| MetadataError::Io { path: path.to_path_buf(), source })?;
+    let id = text.trim();
+    let base64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if id.len() != CLUSTER_ID_CHARS || !id.chars().all(base64url) {
+        return Err(MetadataError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("'{id}' is not a cluster id ({CLUSTER_ID_CHARS} base64url characters)"),
+        });
+    }
+    Ok(id.to_string())
+}
+
+/// A random UUID (version 4) in base64url without padding, as Kafka's `Uuid.randomUuid()`
+/// prints it; like Kafka, never one starting with '-', which command-line tools would take for
+/// an option.
+fn random_cluster_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut urandom = std::fs::File::open("/dev/urandom")?;
+    loop {
+        let mut uuid = [0u8; 16];
+        urandom.read_exact(&mut uuid)?;
+        uuid[6] = (uuid[6] & 0x0f) | 0x40;
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        let id = base64url(&uuid);
+        debug_assert_eq!(id.len(), CLUSTER_ID_CHARS);
+        if !id.starts_with('-') {
+            return Ok(id);
+        }
+    }
+}
+
+/// Base64url (RFC 4648 §5) without padding.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | ((b as u32) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize] as char);
+        }
+    }
+    out
+}
+
 /// Directory of one partition's segments.
 pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
     data_dir.join("topics").join(topic).join(partition.to_string())
@@ -280,6 +360,33 @@ mod tests {
     fn leftovers_go_to_least_loaded() {
         assert_eq!(assign_partitions(1, &[5, 1]), vec![1]);
         assert_eq!(assign_partitions(3, &[5, 1]), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn base64url_matches_rfc4648() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(b"foob"), "Zm9vYg");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(base64url(&[0u8; 16]), "AAAAAAAAAAAAAAAAAAAAAA");
+    }
+
+    #[test]
+    fn cluster_id_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = cluster_id(dir.path()).unwrap();
+        assert_eq!(id.len(), CLUSTER_ID_CHARS);
+        assert!(!id.starts_with('-'));
+        assert_eq!(cluster_id(dir.path()).unwrap(), id);
+        let leftovers: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from(CLUSTER_ID_FILE)]);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(cluster_id(other.path()).unwrap(), id);
+        std::fs::write(dir.path().join(CLUSTER_ID_FILE), "not an id").unwrap();
+        assert!(matches!(cluster_id(dir.path()), Err(MetadataError::Corrupt { .. })));
     }
 
     #[test]

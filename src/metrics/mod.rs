@@ -94,6 +94,8 @@ pub struct IoCounters {
 struct Recorder {
     /// Indexed by `RequestBody` value; `None` until the first request of that type.
     apis: Vec<Option<ApiStats>>,
+    /// Kafka-protocol requests, indexed by Kafka API key.
+    kafka_apis: Vec<Option<ApiStats>>,
     topics: HashMap<Arc<str>, TopicTraffic>,
     segment_write: Latency,
     fsync: Latency,
@@ -104,6 +106,7 @@ impl Recorder {
     fn new() -> Recorder {
         Recorder {
             apis: Vec::new(),
+            kafka_apis: Vec::new(),
             topics: HashMap::new(),
             segment_write: Latency::new(),
             fsync: Latency::new(),
@@ -181,6 +184,28 @@ pub fn request_done(api: RequestBody, started: Instant, error: bool) {
     let elapsed = started.elapsed();
     with(|r| {
         let stats = r.api(api);
+        stats.requests += 1;
+        stats.errors += u64::from(error);
+        stats.latency.record(elapsed);
+    });
+}
+
+/// A Kafka-protocol request answered, labelled `name` (`kafka_produce`, ...): as
+/// [`request_done`]; `error` when the connection was closed instead of answered.
+pub fn kafka_request_done(api_key: i16, name: &'static str, started: Instant, error: bool) {
+    let elapsed = started.elapsed();
+    let Ok(index) = usize::try_from(api_key) else { return };
+    with(|r| {
+        if r.kafka_apis.len() <= index {
+            r.kafka_apis.resize_with(index + 1, || None);
+        }
+        let stats = r.kafka_apis[index].get_or_insert_with(|| ApiStats {
+            api: name,
+            requests: 0,
+            errors: 0,
+            partition_errors: 0,
+            latency: Latency::new(),
+        });
         stats.requests += 1;
         stats.errors += u64::from(error);
         stats.latency.record(elapsed);
@@ -325,7 +350,7 @@ pub fn snapshot(shard: &Shard) -> ShardSnapshot {
             connections: shard.connections.get(),
             cross_shard_hops: shard.cross_shard_hops.get(),
             topics,
-            apis: r.apis.iter().flatten().cloned().collect(),
+            apis: r.apis.iter().chain(&r.kafka_apis).flatten().cloned().collect(),
             segment_write: r.segment_write.clone(),
             fsync: r.fsync.clone(),
             cache: shard.storage.cache_stats(),

@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: i16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: i16 = 28;
+pub const ENUM_MAX_ERROR_CODE: i16 = 30;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 29] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 31] = [
   ErrorCode::None,
   ErrorCode::UnknownTopicOrPartition,
   ErrorCode::NotOwner,
@@ -46,6 +46,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 29] = [
   ErrorCode::InvalidSessionTimeout,
   ErrorCode::InconsistentGroupProtocol,
   ErrorCode::InvalidGroupId,
+  ErrorCode::OutOfOrderSequenceNumber,
+  ErrorCode::InvalidProducerEpoch,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -82,9 +84,11 @@ impl ErrorCode {
   pub const InvalidSessionTimeout: Self = Self(26);
   pub const InconsistentGroupProtocol: Self = Self(27);
   pub const InvalidGroupId: Self = Self(28);
+  pub const OutOfOrderSequenceNumber: Self = Self(29);
+  pub const InvalidProducerEpoch: Self = Self(30);
 
   pub const ENUM_MIN: i16 = 0;
-  pub const ENUM_MAX: i16 = 28;
+  pub const ENUM_MAX: i16 = 30;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopicOrPartition,
@@ -115,6 +119,8 @@ impl ErrorCode {
     Self::InvalidSessionTimeout,
     Self::InconsistentGroupProtocol,
     Self::InvalidGroupId,
+    Self::OutOfOrderSequenceNumber,
+    Self::InvalidProducerEpoch,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -148,6 +154,8 @@ impl ErrorCode {
       Self::InvalidSessionTimeout => Some("InvalidSessionTimeout"),
       Self::InconsistentGroupProtocol => Some("InconsistentGroupProtocol"),
       Self::InvalidGroupId => Some("InvalidGroupId"),
+      Self::OutOfOrderSequenceNumber => Some("OutOfOrderSequenceNumber"),
+      Self::InvalidProducerEpoch => Some("InvalidProducerEpoch"),
       _ => None,
     }
   }

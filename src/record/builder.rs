@@ -1,19 +1,25 @@
-//! Building uncompressed RecordBatch v2 batches (the client's producer, tests, benchmarks).
+//! Building RecordBatch v2 batches (the client's producer, tests, benchmarks).
 //!
-//! Owns: encoding records the way Kafka does (zigzag varints, relative offsets and timestamps) and
-//! filling in the 61-byte header and its crc32c. Depends only on the header layout in
-//! [`crate::record`]; never allocates per record: records are encoded straight into one growing
-//! buffer, their length computed before they are written.
+//! Owns: encoding records the way Kafka does (zigzag varints, relative offsets and timestamps),
+//! filling in the 61-byte header and its crc32c, and compressing a finished batch's records
+//! section ([`compress_batch`]). Depends on the header layout in [`crate::record`] and on
+//! [`crate::record::compression`]; never allocates per record: records are encoded straight into
+//! one growing buffer, their length computed before they are written.
 
 use bytes::{BufMut, BytesMut};
 
-use super::{BATCH_HEADER_LEN, BATCH_LENGTH_PREFIX, MAGIC_V2};
+use super::compression::{self, Compression, CompressionError};
+use super::{BatchHeader, BATCH_HEADER_LEN, BATCH_LENGTH_PREFIX, COMPRESSION_MASK, MAGIC_V2};
 
 /// Kafka clients send -1 for fields only a broker or an idempotent producer fills in.
 const NO_PRODUCER_ID: i64 = -1;
 const NO_PRODUCER_EPOCH: i16 = -1;
 const NO_SEQUENCE: i32 = -1;
 const NO_LEADER_EPOCH: i32 = -1;
+
+const OFF_BATCH_LENGTH: usize = 8;
+const OFF_CRC: usize = 17;
+const OFF_ATTRIBUTES: usize = 21;
 
 /// Builds one uncompressed RecordBatch v2. Base offset is 0 (the broker assigns offsets), producer
 /// id/epoch/sequence -1, attributes 0 (no compression, CreateTime timestamps).
@@ -131,9 +137,18 @@ impl BatchBuilder {
         header.put_i32(NO_SEQUENCE);
         header.put_i32(self.record_count);
         debug_assert!(header.is_empty());
-        let crc = crc32c::crc32c(&self.buf[21..]);
-        self.buf[17..21].copy_from_slice(&crc.to_be_bytes());
+        let crc = crc32c::crc32c(&self.buf[OFF_ATTRIBUTES..]);
+        self.buf[OFF_CRC..OFF_ATTRIBUTES].copy_from_slice(&crc.to_be_bytes());
         self.buf
+    }
+
+    /// [`finish`](Self::finish), then [`compress_batch`].
+    pub fn finish_compressed(self, compression: Compression) -> Result<BytesMut, CompressionError> {
+        let batch = self.finish();
+        if compression == Compression::None {
+            return Ok(batch);
+        }
+        compress_batch(&batch, compression)
     }
 
     fn record_body_len(
@@ -155,6 +170,33 @@ impl BatchBuilder {
         }
         len
     }
+}
+
+/// Re-encodes a finished uncompressed batch with its records section compressed by `compression`:
+/// same header fields, the codec in the attributes' low bits, length and crc32c recomputed (the
+/// crc covers the compressed bytes, as Kafka defines it). `Compression::None` copies the batch.
+///
+/// Panics if `batch` is not one whole uncompressed batch: only a builder's output belongs here.
+pub fn compress_batch(batch: &[u8], compression: Compression) -> Result<BytesMut, CompressionError> {
+    let header = BatchHeader::parse(batch);
+    assert!(
+        matches!(header, Ok(h) if h.compression() == 0 && h.total_len() == batch.len()),
+        "compress_batch needs one whole uncompressed batch, got {header:?} for {} bytes",
+        batch.len()
+    );
+    let mut out = Vec::with_capacity(batch.len());
+    out.extend_from_slice(&batch[..BATCH_HEADER_LEN]);
+    compression::compress(compression, &batch[BATCH_HEADER_LEN..], &mut out)?;
+    let batch_length = out.len() - BATCH_LENGTH_PREFIX;
+    assert!(batch_length <= i32::MAX as usize, "compressed record batch exceeds i32::MAX bytes");
+    out[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&(batch_length as i32).to_be_bytes());
+    let attributes = i16::from_be_bytes([out[OFF_ATTRIBUTES], out[OFF_ATTRIBUTES + 1]]);
+    let attributes = (attributes & !COMPRESSION_MASK) | compression.id();
+    out[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&out[OFF_ATTRIBUTES..]);
+    out[OFF_CRC..OFF_ATTRIBUTES].copy_from_slice(&crc.to_be_bytes());
+    // Through Bytes: it takes the Vec's allocation over, where BytesMut::from(&[u8]) would copy.
+    Ok(BytesMut::from(bytes::Bytes::from(out)))
 }
 
 fn zigzag32(v: i32) -> u64 {
@@ -302,6 +344,50 @@ mod tests {
             assert_eq!(b.encoded_len() - before, predicted);
         }
         validate(&b.finish()).unwrap();
+    }
+
+    /// Compressing keeps every header field but the codec, length and crc, which the crc covers.
+    #[test]
+    fn compressed_batches_keep_their_header() {
+        let mut b = BatchBuilder::new();
+        for i in 0..100i64 {
+            b.push(1_000 + i * 7, Some(b"key"), Some(b"a value that repeats, a value that repeats"), &[]);
+        }
+        let plain = b.finish();
+        let plain_header = validate(&plain).unwrap();
+        for codec in Compression::ALL {
+            let mut again = BatchBuilder::new();
+            for i in 0..100i64 {
+                again.push(
+                    1_000 + i * 7,
+                    Some(b"key"),
+                    Some(b"a value that repeats, a value that repeats"),
+                    &[],
+                );
+            }
+            let batch = again.finish_compressed(codec).unwrap();
+            assert_eq!(batch, compress_batch(&plain, codec).unwrap(), "{codec}: deterministic");
+            let header = validate(&batch).unwrap();
+            assert_eq!(header.total_len(), batch.len());
+            assert_eq!(header.compression(), codec.id());
+            assert_eq!(
+                BatchHeader {
+                    batch_length: plain_header.batch_length,
+                    crc: plain_header.crc,
+                    attributes: 0,
+                    ..header
+                },
+                plain_header,
+                "{codec}"
+            );
+            if codec != Compression::None {
+                assert!(batch.len() < plain.len() / 3, "{codec}: {} of {} bytes", batch.len(), plain.len());
+                let mut damaged = batch.to_vec();
+                let last = damaged.len() - 1;
+                damaged[last] ^= 1;
+                assert!(matches!(validate(&damaged), Err(crate::record::BatchError::CrcMismatch { .. })));
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The record batch format: Kafka's RecordBatch v2 (magic 2), used on the wire and on disk.
 //!
 //! Owns: parsing and validating the 61-byte batch header and its crc32c, stamping the fields the
-//! broker assigns (base offset, partition leader epoch), building batches (`builder`) and reading
-//! records out of them (`reader`). Depends on nothing in ringlog; shared by broker and client.
+//! broker assigns (base offset, partition leader epoch), building batches (`builder`), reading
+//! records out of them (`reader`) and the codecs of compressed batches (`compression`, used by the
+//! client only: the broker stores batches as sent). Depends on nothing in ringlog; shared by
+//! broker and client.
 //!
 //! Layout of the header (big-endian):
 //! ```text
@@ -15,6 +17,7 @@
 //! epoch without recomputing it.
 
 pub mod builder;
+pub mod compression;
 pub mod reader;
 
 use thiserror::Error;

@@ -1,4 +1,5 @@
-//! One client connection: read frames, hand them to dispatch in order, write replies in order.
+//! One client connection, for either wire protocol: read frames, hand them to the protocol's
+//! dispatch in order, write replies in order.
 //!
 //! Owns: the socket, the receive buffer, the per-connection bytes-in-flight limit, and the
 //! response writer. The reader and writer are separate tasks on two descriptors of the same
@@ -11,7 +12,7 @@
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::future::FutureExt;
 use futures::AsyncReadExt;
 use futures::AsyncWriteExt;
@@ -19,9 +20,7 @@ use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 
-use super::dispatch::{self, Reply, ResponseFrame};
-use super::StopSignal;
-use crate::protocol::frame::{frame_prefix, split_frame, FrameError};
+use super::{Boxed, Protocol, Reply, ResponseFrame, StopSignal};
 use crate::shard::Shard;
 
 /// Requests read but not yet answered, per connection (pipelining depth).
@@ -31,12 +30,12 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WAKE_READ_BYTES: usize = 4096;
 
 struct Pending {
-    reply: dispatch::Boxed<Reply>,
+    reply: Boxed<Reply>,
     /// Released when the reply is written: bounds bytes in flight per connection.
     _permit: Option<StaticPermit>,
 }
 
-pub(super) async fn run(shard: &Rc<Shard>, stream: TcpStream, stop: StopSignal) {
+pub(crate) async fn run<P: Protocol>(shard: &Rc<Shard>, stream: TcpStream, stop: StopSignal) {
     let peer = stream.peer_addr().ok();
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(?peer, "TCP_NODELAY not set: {e}");
@@ -53,11 +52,11 @@ pub(super) async fn run(shard: &Rc<Shard>, stream: TcpStream, stop: StopSignal) 
     let in_flight = Rc::new(Semaphore::new(shard.config.bytes_in_flight_per_connection_max as u64));
     let (queue_tx, queue_rx) = local_channel::new_bounded::<Pending>(PIPELINE_DEPTH);
     let writer_task = glommio::spawn_local(write_loop(writer, queue_rx));
-    read_loop(shard, stream, &in_flight, queue_tx, stop, peer).await;
+    read_loop::<P>(shard, stream, &in_flight, queue_tx, stop, peer).await;
     writer_task.await;
 }
 
-async fn read_loop(
+async fn read_loop<P: Protocol>(
     shard: &Rc<Shard>,
     mut stream: TcpStream,
     in_flight: &Rc<Semaphore>,
@@ -69,23 +68,22 @@ async fn read_loop(
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         loop {
-            let frame = match split_frame(&mut buf, frame_bytes_max) {
+            let frame = match P::split(&mut buf, frame_bytes_max) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(?peer, shard = shard.id, "closing connection: {e}");
-                    let code = match e {
-                        FrameError::TooLarge { .. } => crate::protocol::wire::ErrorCode::BatchTooLarge,
-                        _ => crate::protocol::wire::ErrorCode::InvalidRequest,
-                    };
-                    let reply = Reply::Close(dispatch::error_response(0, code, &e.to_string()));
-                    let _ = queue.send(Pending { reply: async { reply }.boxed_local(), _permit: None }).await;
+                    tracing::warn!(?peer, shard = shard.id, protocol = P::NAME, "closing connection: {e}");
+                    if let Some(frame) = P::framing_error(&e) {
+                        let reply = Reply::Close(frame);
+                        let _ =
+                            queue.send(Pending { reply: async { reply }.boxed_local(), _permit: None }).await;
+                    }
                     return;
                 }
             };
-            let frame_bytes = (frame.header.len() + frame.payload.len()) as u64;
+            let frame_bytes = P::frame_len(&frame) as u64;
             let Ok(permit) = in_flight.acquire_static_permit(frame_bytes).await else { return };
-            let (reply, close) = dispatch::handle(shard, frame).await;
+            let (reply, close) = P::handle(shard, frame).await;
             if queue.send(Pending { reply, _permit: Some(permit) }).await.is_err() || close {
                 return;
             }
@@ -174,14 +172,11 @@ async fn write_loop(mut stream: TcpStream, queue: local_channel::LocalReceiver<P
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
 
-/// Writes prefix, header and payload chunks. First one non-blocking `sendmsg` of all parts;
-/// whatever the socket did not take is finished with ordinary async writes.
+/// Writes the head and payload chunks. First one non-blocking `sendmsg` of all parts; whatever
+/// the socket did not take is finished with ordinary async writes.
 async fn write_frame(stream: &mut TcpStream, frame: &ResponseFrame) -> std::io::Result<()> {
-    let payload_len: usize = frame.payload.iter().map(Bytes::len).sum();
-    let prefix = frame_prefix(frame.header.len(), payload_len);
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + frame.payload.len());
-    parts.push(&prefix);
-    parts.push(&frame.header);
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + frame.payload.len());
+    parts.push(&frame.head);
     parts.extend(frame.payload.iter().map(|b| &b[..]));
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = send_vectored_nonblocking(stream.as_raw_fd(), &parts);

@@ -5,8 +5,6 @@
 //! before it returns; the reply future it returns only waits and encodes. Never panics on input:
 //! every failure becomes an error code in the response.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,15 +16,42 @@ use tracing::Instrument;
 
 use crate::config::DurabilitySetting;
 use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
-use crate::protocol::frame::RawFrame;
+use crate::protocol::frame::{frame_prefix, split_frame, FrameError, RawFrame, FRAME_PREFIX_LEN};
 use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
 use crate::protocol::{self, PROTOCOL_VERSION};
 use crate::shard::mesh::{AppendItem, FetchItem, FetchOutcome, OffsetQuery, PartitionError};
 use crate::shard::Shard;
 
 use super::groups;
+pub use super::{Boxed, Reply, ResponseFrame};
 
-pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
+/// The native protocol (FlatBuffers header + raw record payload), as a connection speaks it.
+pub(crate) struct Native;
+
+impl super::Protocol for Native {
+    const NAME: &'static str = "native";
+    type Frame = RawFrame;
+
+    fn split(buf: &mut BytesMut, frame_bytes_max: usize) -> Result<Option<RawFrame>, FrameError> {
+        split_frame(buf, frame_bytes_max)
+    }
+
+    fn frame_len(frame: &RawFrame) -> usize {
+        frame.header.len() + frame.payload.len()
+    }
+
+    fn framing_error(error: &FrameError) -> Option<ResponseFrame> {
+        let code = match error {
+            FrameError::TooLarge { .. } => ErrorCode::BatchTooLarge,
+            _ => ErrorCode::InvalidRequest,
+        };
+        Some(error_response(0, code, &error.to_string()))
+    }
+
+    async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) {
+        handle(shard, frame).await
+    }
+}
 
 /// With `groups::GROUP_APIS`, what the handshake advertises: exactly the request types `handle`
 /// answers.
@@ -39,20 +64,6 @@ const PARTITION_APIS: &[RequestBody] = &[
     RequestBody::FetchRequest,
     RequestBody::ListOffsetsRequest,
 ];
-
-/// An encoded response: the FlatBuffers header and the record bytes that follow it.
-pub struct ResponseFrame {
-    pub header: Vec<u8>,
-    pub payload: Vec<Bytes>,
-}
-
-pub enum Reply {
-    /// acks = 0: the client expects nothing.
-    None,
-    Frame(ResponseFrame),
-    /// Send this, then close the connection (the stream can no longer be trusted).
-    Close(ResponseFrame),
-}
 
 fn ready(reply: Reply) -> Boxed<Reply> {
     futures::future::ready(reply).boxed_local()
@@ -124,7 +135,7 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
         let reply = reply.await;
         let error = match &reply {
             Reply::None => false,
-            Reply::Frame(f) => crate::metrics::response_is_error(&f.header),
+            Reply::Frame(f) => crate::metrics::response_is_error(&f.head[FRAME_PREFIX_LEN..]),
             Reply::Close(_) => true,
         };
         crate::metrics::request_done(api, started, error);
@@ -159,7 +170,12 @@ fn finish(
     payload: Vec<Bytes>,
 ) -> ResponseFrame {
     fbb.finish_minimal(root);
-    ResponseFrame { header: fbb.finished_data().to_vec(), payload }
+    let header = fbb.finished_data();
+    let payload_len: usize = payload.iter().map(Bytes::len).sum();
+    let mut head = Vec::with_capacity(FRAME_PREFIX_LEN + header.len());
+    head.extend_from_slice(&frame_prefix(header.len(), payload_len));
+    head.extend_from_slice(header);
+    ResponseFrame { head, payload }
 }
 
 pub(super) fn respond(

@@ -139,6 +139,7 @@ fn decode(request: wire::Request<'_>) -> Option<GroupRequest> {
                         member_id: text(a.member_id()),
                         partitions: topic_partitions(a.partitions()),
                         user_data: a.user_data().map(|u| u.bytes().to_vec()).unwrap_or_default(),
+                        assignment_bytes: None,
                     })
                     .collect(),
             })

@@ -1,31 +1,76 @@
-//! The native-protocol server of one shard: listeners, connections, and request dispatch.
+//! The client-facing server of one shard: listeners, connections, and native-protocol dispatch.
 //!
-//! Owns: accepting connections on the shared port and the shard's direct port, the per-shard
-//! connection limit, and draining connections at shutdown. Requests are decoded and answered in
-//! `dispatch`; bytes move in `connection`. May depend on `shard` (routing) and `protocol`; never
-//! touches storage directly.
+//! Owns: accepting connections on the shared port, the shard's direct port and the Kafka port,
+//! the per-shard connection limit, and draining connections at shutdown. Bytes move in
+//! `connection`, which serves any [`Protocol`]; native requests are decoded and answered in
+//! `dispatch`, Kafka requests in `crate::kafka`. May depend on `shard` (routing) and `protocol`;
+//! never touches storage directly.
 
-mod connection;
+pub(crate) mod connection;
 mod dispatch;
 mod groups;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures::future::{FutureExt, Shared};
 use glommio::net::TcpListener;
 
+use crate::protocol::frame::FrameError;
 use crate::shard::runtime::Shutdown;
 use crate::shard::Shard;
 
 /// Resolves (for every clone) once shutdown has been requested.
 pub(crate) type StopSignal = Shared<oneshot::Receiver<()>>;
 
+pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// An encoded response as it goes on the socket: `head` (length prefix and everything up to the
+/// first record chunk), then `payload` in order. Record bytes sit in `payload` as the storage
+/// layer's own buffers, so the writer hands them to one `sendmsg` without copying them.
+pub struct ResponseFrame {
+    pub head: Vec<u8>,
+    pub payload: Vec<Bytes>,
+}
+
+pub enum Reply {
+    /// Nothing goes back (acks = 0).
+    None,
+    Frame(ResponseFrame),
+    /// Send this, then close the connection (the stream can no longer be trusted).
+    Close(ResponseFrame),
+}
+
+/// A wire protocol a connection can speak: how frames are cut from the byte stream and who
+/// answers them. `handle` does everything that must happen in arrival order before it returns
+/// (routing, produce appends, cross-shard sends); the reply future only waits and encodes.
+pub(crate) trait Protocol: 'static {
+    const NAME: &'static str;
+    type Frame;
+    /// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
+    fn split(buf: &mut BytesMut, frame_bytes_max: usize) -> Result<Option<Self::Frame>, FrameError>;
+    /// Bytes the frame holds, counted against the connection's in-flight limit.
+    fn frame_len(frame: &Self::Frame) -> usize;
+    /// What to send before closing a connection whose framing broke, if the protocol can say it.
+    fn framing_error(error: &FrameError) -> Option<ResponseFrame>;
+    /// Returns the reply future and whether the connection must close after it.
+    fn handle(shard: &Rc<Shard>, frame: Self::Frame) -> impl Future<Output = (Boxed<Reply>, bool)>;
+}
+
+/// A listener and the protocol its connections speak.
+pub(crate) enum Listener {
+    Native(TcpListener),
+    Kafka(TcpListener),
+}
+
 /// Serves until shutdown is requested, then stops accepting and waits (up to the grace period)
 /// for open connections to finish their in-flight requests.
-pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<TcpListener>, shutdown: Arc<Shutdown>) {
+pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<Listener>, shutdown: Arc<Shutdown>) {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let stop: StopSignal = stop_rx.shared();
     let watcher = glommio::spawn_local(async move {
@@ -36,7 +81,14 @@ pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<TcpListener>, shutdow
     });
     let accepts: Vec<_> = listeners
         .into_iter()
-        .map(|listener| glommio::spawn_local(accept_loop(shard.clone(), listener, stop.clone())))
+        .map(|listener| match listener {
+            Listener::Native(l) => {
+                glommio::spawn_local(accept_loop::<dispatch::Native>(shard.clone(), l, stop.clone()))
+            }
+            Listener::Kafka(l) => {
+                glommio::spawn_local(accept_loop::<crate::kafka::Kafka>(shard.clone(), l, stop.clone()))
+            }
+        })
         .collect();
     let _ = stop.clone().await;
     watcher.await;
@@ -57,7 +109,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<TcpListener>, shutdow
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: StopSignal) {
+async fn accept_loop<P: Protocol>(shard: Rc<Shard>, listener: TcpListener, stop: StopSignal) {
     loop {
         let accepted = futures::select! {
             accepted = listener.accept().fuse() => accepted,
@@ -67,7 +119,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: StopSignal) 
             Ok(stream) => stream,
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning on the error.
-                tracing::warn!(shard = shard.id, "accept failed: {e}");
+                tracing::warn!(shard = shard.id, protocol = P::NAME, "accept failed: {e}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -85,7 +137,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: StopSignal) 
         let shard = shard.clone();
         let stop = stop.clone();
         glommio::spawn_local(async move {
-            connection::run(&shard, stream, stop).await;
+            connection::run::<P>(&shard, stream, stop).await;
             shard.connections.set(shard.connections.get() - 1);
         })
         .detach();

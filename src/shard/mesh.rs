@@ -132,6 +132,27 @@ pub enum ShardMsg {
         topic: Arc<TopicMeta>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Controller request, handled by shard 0 only: raise a topic's partition count.
+    CreatePartitions {
+        name: String,
+        partitions: u32,
+        reply: oneshot::Sender<Result<TopicMeta, PartitionError>>,
+    },
+    /// From the controller to every shard: the topic grows to `topic`'s partitions. Open the new
+    /// ones you own (not yet routable) and answer on `opened`; then on `commit` true make them
+    /// visible, on false (or a dropped sender) close and remove them; answer on `done`.
+    GrowTopic {
+        topic: Arc<TopicMeta>,
+        opened: oneshot::Sender<Result<(), String>>,
+        commit: oneshot::Receiver<bool>,
+        done: oneshot::Sender<()>,
+    },
+    /// Controller request, handled by shard 0 only: a producer id and epoch for Kafka
+    /// InitProducerId; `current` is the id and epoch to bump (KIP-360), if the client sent one.
+    InitProducerId {
+        current: Option<(i64, i16)>,
+        reply: oneshot::Sender<Result<(i64, i16), PartitionError>>,
+    },
     /// From the controller to every shard: forget the topic; close and remove your partitions.
     RemoveTopic {
         name: Arc<str>,

@@ -57,11 +57,15 @@ pub struct Shard {
     pub cross_shard_hops: Cell<u64>,
     /// The consumer groups this shard coordinates (those of its `__consumer_offsets` partitions).
     pub groups: crate::groups::Coordinator,
+    /// `(host, port)` Kafka clients are told to reach this broker at; unset when the Kafka
+    /// listener is off.
+    pub kafka_endpoint: std::cell::OnceCell<(String, u16)>,
 }
 
 struct Controller {
     store: RefCell<MetadataStore>,
     gate: glommio::sync::Semaphore,
+    producer_ids: ProducerIdAllocator,
 }
 
 type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
@@ -102,10 +106,12 @@ impl Shard {
             controller: store.map(|store| Controller {
                 store: RefCell::new(store),
                 gate: glommio::sync::Semaphore::new(1),
+                producer_ids: ProducerIdAllocator::new(),
             }),
             connections: Cell::new(0),
             cross_shard_hops: Cell::new(0),
             groups: crate::groups::Coordinator::default(),
+            kafka_endpoint: std::cell::OnceCell::new(),
         });
         let opened = join_all(topics.iter().map(|t| shard.apply_topic(t))).await;
         for result in opened {
@@ -426,6 +432,37 @@ impl Shard {
         rx.await.map_err(|_| PartitionError::shutting_down())?
     }
 
+    /// Raises `name`'s partition count to `partitions`; existing partitions are untouched.
+    pub async fn create_partitions(
+        self: &Rc<Self>,
+        name: String,
+        partitions: u32,
+    ) -> Result<TopicMeta, PartitionError> {
+        if self.controller.is_some() {
+            return self.clone().controller_create_partitions(name, partitions).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(0, ShardMsg::CreatePartitions { name, partitions, reply }).await?;
+        rx.await.map_err(|_| PartitionError::shutting_down())?
+    }
+
+    /// Kafka InitProducerId without a transactional id, answered by shard 0 (see
+    /// `controller_init_producer_id`). The request is sent before this returns; the returned
+    /// future waits for the answer.
+    pub async fn init_producer_id(
+        self: &Rc<Self>,
+        current: Option<(i64, i16)>,
+    ) -> Boxed<Result<(i64, i16), PartitionError>> {
+        if self.controller.is_some() {
+            return self.clone().controller_init_producer_id(current).boxed_local();
+        }
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.send(0, ShardMsg::InitProducerId { current, reply }).await {
+            return futures::future::ready(Err(e)).boxed_local();
+        }
+        async move { rx.await.map_err(|_| PartitionError::shutting_down())? }.boxed_local()
+    }
+
     // ---- Owner-side work ----------------------------------------------------------------------
 
     /// Appends now (synchronously, so offsets follow arrival order) and returns a future that
@@ -580,6 +617,23 @@ impl Shard {
                 let shard = self.clone();
                 glommio::spawn_local(async move {
                     let _ = reply.send(shard.apply_topic(&topic).await);
+                })
+                .detach();
+            }
+            ShardMsg::CreatePartitions { name, partitions, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.controller_create_partitions(name, partitions).await);
+                })
+                .detach();
+            }
+            ShardMsg::GrowTopic { topic, opened, commit, done } => {
+                glommio::spawn_local(self.clone().grow_topic(topic, opened, commit, done)).detach();
+            }
+            ShardMsg::InitProducerId { current, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.controller_init_producer_id(current).await);
                 })
                 .detach();
             }
@@ -758,6 +812,293 @@ impl Shard {
         Ok(())
     }
 
+    /// Grows a topic all or nothing: every shard first opens the new partitions it owns where
+    /// nothing routes to them yet; only when all did is the new layout persisted and every shard
+    /// told to swap in the larger topic view. Existing partitions stay open and keep serving
+    /// throughout; a failure closes and removes the new ones everywhere.
+    async fn controller_create_partitions(
+        self: Rc<Self>,
+        name: String,
+        partitions: u32,
+    ) -> Result<TopicMeta, PartitionError> {
+        let controller = self.controller.as_ref().ok_or_else(|| {
+            PartitionError::new(
+                ErrorCode::Internal,
+                "partition creation reached a shard that is not the controller",
+            )
+        })?;
+        let _turn = controller.gate.acquire_permit(1).await.map_err(|_| PartitionError::shutting_down())?;
+        if crate::groups::is_internal_topic(&name) {
+            // A group's coordinator is the owner of partition hash(group) mod the partition count.
+            return Err(PartitionError::new(
+                ErrorCode::InvalidRequest,
+                format!("'{name}' is internal; its partition count is fixed (offsets_topic_partitions)"),
+            ));
+        }
+        let meta = {
+            let store = controller.store.borrow();
+            let current = store.get(&name).ok_or_else(|| {
+                PartitionError::new(ErrorCode::UnknownTopicOrPartition, format!("unknown topic '{name}'"))
+            })?;
+            let had = current.partition_shards.len();
+            if partitions as usize <= had {
+                return Err(PartitionError::new(
+                    ErrorCode::InvalidPartitions,
+                    format!(
+                        "topic '{name}' has {had} partitions; the count can only grow, not to {partitions}"
+                    ),
+                ));
+            }
+            if partitions > self.config.partitions_per_topic_max {
+                return Err(PartitionError::new(
+                    ErrorCode::InvalidPartitions,
+                    format!(
+                        "{partitions} partitions requested; allowed up to {} (partitions_per_topic_max)",
+                        self.config.partitions_per_topic_max
+                    ),
+                ));
+            }
+            let loads = store.shard_loads(self.count as usize);
+            let mut partition_shards = current.partition_shards.clone();
+            partition_shards.extend(metadata::assign_partitions(partitions as usize - had, &loads));
+            TopicMeta { partition_shards, ..current.clone() }
+        };
+        let shared = Arc::new(meta.clone());
+        let mut failures: Vec<String> = Vec::new();
+        let mut opened = Vec::new();
+        let mut commits = Vec::new();
+        let mut dones = Vec::new();
+        for shard in 0..self.count {
+            let (opened_tx, opened_rx) = oneshot::channel();
+            let (commit_tx, commit_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            if shard == self.id {
+                // A task of its own: it waits for the commit that this function sends.
+                glommio::spawn_local(self.clone().grow_topic(shared.clone(), opened_tx, commit_rx, done_tx))
+                    .detach();
+            } else {
+                let msg = ShardMsg::GrowTopic {
+                    topic: shared.clone(),
+                    opened: opened_tx,
+                    commit: commit_rx,
+                    done: done_tx,
+                };
+                if let Err(e) = self.send(shard, msg).await {
+                    failures.push(format!("shard {shard}: {}", e.message));
+                    continue;
+                }
+            }
+            opened.push((shard, opened_rx));
+            commits.push(commit_tx);
+            dones.push(done_rx);
+        }
+        for (shard, rx) in opened {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => failures.push(format!("shard {shard} stopped before opening its partitions")),
+            }
+        }
+        if failures.is_empty() {
+            // Replaces the topic's entry; written before any shard routes to the new partitions.
+            if let Err(e) = controller.store.borrow_mut().insert(meta.clone()) {
+                failures.push(format!("writing the metadata file failed: {e}"));
+            }
+        }
+        let commit = failures.is_empty();
+        for tx in commits {
+            let _ = tx.send(commit);
+        }
+        for rx in dones {
+            let _ = rx.await;
+        }
+        if commit {
+            tracing::info!(topic = %name, partitions, shards = ?meta.partition_shards, "partitions added");
+            return Ok(meta);
+        }
+        let detail = failures.join("; ");
+        tracing::warn!(topic = %name, partitions, "adding partitions failed; rolled back: {detail}");
+        let code = if detail.contains("Too many open files") {
+            ErrorCode::ResourceExhausted
+        } else {
+            ErrorCode::StorageError
+        };
+        Err(PartitionError::new(
+            code,
+            format!("adding partitions to topic '{name}' failed and was rolled back: {detail}"),
+        ))
+    }
+
+    /// This shard's part of growing a topic (`ShardMsg::GrowTopic`).
+    async fn grow_topic(
+        self: Rc<Self>,
+        meta: Arc<TopicMeta>,
+        opened: oneshot::Sender<Result<(), String>>,
+        commit: oneshot::Receiver<bool>,
+        done: oneshot::Sender<()>,
+    ) {
+        let added = match self.open_added_partitions(&meta).await {
+            Ok(added) => added,
+            Err(e) => {
+                let _ = opened.send(Err(e));
+                return;
+            }
+        };
+        let _ = opened.send(Ok(()));
+        let view = self.topic(&meta.name);
+        match (commit.await, view) {
+            (Ok(true), Some(view)) => {
+                // Readers holding the old view keep a consistent (smaller) layout; new lookups
+                // see every partition.
+                let grown = TopicView {
+                    name: view.name.clone(),
+                    partition_shards: meta.partition_shards.clone(),
+                    overrides: view.overrides.clone(),
+                    settings: view.settings,
+                };
+                self.topics.borrow_mut().insert(view.name.clone(), Rc::new(grown));
+            }
+            (_, view) => {
+                let had = view.map_or(0, |v| v.partition_shards.len());
+                let removed: Vec<Rc<Partition>> = match self.owned.borrow_mut().get_mut(meta.name.as_str()) {
+                    Some(slots) if slots.len() > had => slots.drain(had..).flatten().collect(),
+                    _ => Vec::new(),
+                };
+                for partition in removed {
+                    if let Err(e) = partition.remove().await {
+                        tracing::warn!(topic = %meta.name, "removing a partition after a failed grow: {e}");
+                    }
+                }
+                tracing::debug!(topic = %meta.name, shard = self.id, partitions = ?added, "grow rolled back");
+            }
+        }
+        let _ = done.send(());
+    }
+
+    /// Opens the partitions of `meta` beyond the current view that this shard owns and slots
+    /// them in. Nothing routes to them until the view grows. All or nothing: on a failure, what
+    /// did open is closed and every new directory removed.
+    async fn open_added_partitions(&self, meta: &TopicMeta) -> Result<Vec<u32>, String> {
+        let view = self
+            .topic(&meta.name)
+            .ok_or_else(|| format!("topic '{}' is unknown on shard {}", meta.name, self.id))?;
+        let had = view.partition_shards.len();
+        let wanted = meta.partition_shards.len();
+        if wanted <= had || meta.partition_shards[..had] != view.partition_shards[..] {
+            return Err(format!(
+                "topic '{}' on shard {}: its {had} partitions do not match the new layout {:?}",
+                meta.name, self.id, meta.partition_shards
+            ));
+        }
+        let log_config = self.log_config(&view.settings);
+        let mine: Vec<u32> =
+            (had..wanted).filter(|&p| meta.partition_shards[p] == self.id).map(|p| p as u32).collect();
+        let opened = join_all(mine.iter().map(|&p| {
+            let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, p);
+            Partition::open(dir, log_config.clone(), self.storage.clone())
+        }))
+        .await;
+        let mut partitions = Vec::with_capacity(mine.len());
+        let mut failures = Vec::new();
+        for (&p, result) in mine.iter().zip(opened) {
+            match result {
+                Ok((partition, report)) => {
+                    tracing::info!(topic = %meta.name, partition = p, shard = self.id, "opened: {report}");
+                    partitions.push((p, partition));
+                }
+                Err(e) => failures.push((p, e)),
+            }
+        }
+        if let Some((p, e)) = failures.first() {
+            for (_, partition) in partitions {
+                if let Err(e) = partition.remove().await {
+                    tracing::warn!(topic = %meta.name, "removing a partition after a failed open: {e}");
+                }
+            }
+            for (p, _) in &failures {
+                let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, *p);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("could not remove {}: {e}", dir.display());
+                    }
+                }
+            }
+            return Err(format!(
+                "topic '{}' partition {p} on shard {}: {e}{}",
+                meta.name,
+                self.id,
+                match failures.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more partitions failed to open)", n - 1),
+                }
+            ));
+        }
+        let mut owned = self.owned.borrow_mut();
+        let slots = owned.entry(view.name.clone()).or_default();
+        slots.resize(wanted, None);
+        for (p, partition) in partitions {
+            slots[p as usize] = Some(partition);
+        }
+        Ok(mine)
+    }
+
+    /// A producer id for Kafka InitProducerId: a new one with epoch 0, or for `current` (an id
+    /// this broker handed out, with its epoch: a KIP-360 bump) the same id with the next epoch,
+    /// and a new id once that epoch is exhausted. Apache Kafka itself ignores `current` without a
+    /// transactional id and always hands out a new id; the bump keeps the id space small and is
+    /// equally valid for clients (a higher epoch starting at sequence 0 is accepted everywhere).
+    async fn controller_init_producer_id(
+        self: Rc<Self>,
+        current: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), PartitionError> {
+        let controller = self.controller.as_ref().ok_or_else(|| {
+            PartitionError::new(
+                ErrorCode::Internal,
+                "a producer id request reached a shard that is not the controller",
+            )
+        })?;
+        let ids = &controller.producer_ids;
+        let _turn = ids.gate.acquire_permit(1).await.map_err(|_| PartitionError::shutting_down())?;
+        let path = self.config.data_dir.join(PRODUCER_IDS_FILE);
+        let failed = |detail: String| {
+            tracing::error!(path = %path.display(), "producer ids: {detail}");
+            PartitionError::new(
+                ErrorCode::StorageError,
+                format!("producer ids ({}): {detail}", path.display()),
+            )
+        };
+        let (next, end) = match ids.block.get() {
+            Some(block) => block,
+            None => {
+                let file = path.clone();
+                let end = glommio::executor()
+                    .spawn_blocking(move || read_producer_id_block_end(&file))
+                    .await
+                    .map_err(failed)?;
+                (end, end)
+            }
+        };
+        ids.block.set(Some((next, end)));
+        let end = if producer_id_from_block(next, end, current).is_some() {
+            end
+        } else {
+            let new_end = end
+                .checked_add(PRODUCER_ID_BLOCK)
+                .ok_or_else(|| failed(format!("the id space is exhausted at {end}")))?;
+            let file = path.clone();
+            glommio::executor()
+                .spawn_blocking(move || write_producer_id_block_end(&file, new_end))
+                .await
+                .map_err(|e| failed(format!("persisting the next block: {e}")))?;
+            tracing::info!(first = end, end = new_end, "reserved a block of producer ids");
+            new_end
+        };
+        let answer = producer_id_from_block(next, end, current)
+            .ok_or_else(|| failed(format!("no id in the block {next}..{end} just reserved")))?;
+        ids.block.set(Some((next_after(next, answer), end)));
+        Ok(answer)
+    }
+
     // ---- Background work ----------------------------------------------------------------------
 
     /// Periodic disk-space refresh, segment roll by age and retention, until `stop` resolves.
@@ -807,6 +1148,96 @@ fn remove_topic_dir(data_dir: &Path, name: &str) {
     }
 }
 
+/// Ids per block reserved on disk by the producer-id allocator (Kafka's block size).
+const PRODUCER_ID_BLOCK: i64 = 1000;
+/// `<data_dir>/producer_ids`: the end of the last reserved block (every id below it may have
+/// been handed out). Magic, i64 big-endian, crc32c of both.
+const PRODUCER_IDS_FILE: &str = "producer_ids";
+const PRODUCER_IDS_MAGIC: &[u8; 4] = b"RLPI";
+const PRODUCER_IDS_FILE_BYTES: usize = 4 + 8 + 4;
+
+/// Shard 0's producer ids: handed out from blocks whose end is persisted (fsync, rename) before
+/// any id of the block is, so no id is handed out twice across shards (all ask shard 0; the
+/// request is rare, one per producer start) or restarts (a restart skips the rest of a block).
+struct ProducerIdAllocator {
+    /// One request at a time: a block is persisted before its ids are used.
+    gate: glommio::sync::Semaphore,
+    /// `(next id, end of the reserved block)`; `None` until the file is read on first use.
+    block: Cell<Option<(i64, i64)>>,
+}
+
+impl ProducerIdAllocator {
+    fn new() -> ProducerIdAllocator {
+        ProducerIdAllocator { gate: glommio::sync::Semaphore::new(1), block: Cell::new(None) }
+    }
+}
+
+/// The answer from the reserved block `next..end`: for `current` (an id below `next`, so one
+/// handed out before, with an epoch Kafka would still bump: below `i16::MAX - 1`) the same id
+/// with the next epoch; else the next new id with epoch 0; `None` when the block is used up.
+fn producer_id_from_block(next: i64, end: i64, current: Option<(i64, i16)>) -> Option<(i64, i16)> {
+    debug_assert!(0 <= next && next <= end);
+    if let Some((producer_id, epoch)) = current {
+        if (0..next).contains(&producer_id) && (0..i16::MAX - 1).contains(&epoch) {
+            return Some((producer_id, epoch + 1));
+        }
+    }
+    (next < end).then_some((next, 0))
+}
+
+/// The block's next id once `answer` is handed out.
+fn next_after(next: i64, answer: (i64, i16)) -> i64 {
+    if answer == (next, 0) {
+        next + 1
+    } else {
+        next
+    }
+}
+
+/// The reserved end recorded in the producer-ids file; 0 when there is none yet (a new data
+/// directory). Blocking.
+fn read_producer_id_block_end(path: &Path) -> Result<i64, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("reading: {e}")),
+    };
+    if bytes.len() != PRODUCER_IDS_FILE_BYTES || &bytes[..4] != PRODUCER_IDS_MAGIC {
+        return Err(format!("{} bytes without the expected layout; the file is damaged", bytes.len()));
+    }
+    let (body, crc) = bytes.split_at(PRODUCER_IDS_FILE_BYTES - 4);
+    let stored = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32c::crc32c(body) != stored {
+        return Err("crc32c mismatch; the file is damaged".into());
+    }
+    let mut end = [0u8; 8];
+    end.copy_from_slice(&body[4..]);
+    match i64::from_be_bytes(end) {
+        end if end >= 0 => Ok(end),
+        end => Err(format!("negative block end {end}; the file is damaged")),
+    }
+}
+
+/// Replaces the producer-ids file atomically and durably (temp file, fsync, rename, fsync of
+/// the directory). Blocking.
+fn write_producer_id_block_end(path: &Path, end: i64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut bytes = Vec::with_capacity(PRODUCER_IDS_FILE_BYTES);
+    bytes.extend_from_slice(PRODUCER_IDS_MAGIC);
+    bytes.extend_from_slice(&end.to_be_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// Maps a storage failure to what the client is told.
 fn storage_error(topic: &str, partition: u32, e: StorageError) -> PartitionError {
     let code = match &e {
@@ -822,6 +1253,8 @@ fn storage_error(topic: &str, partition: u32, e: StorageError) -> PartitionError
         StorageError::StorageFull { .. } => ErrorCode::StorageFull,
         StorageError::Corrupt { .. } => ErrorCode::CorruptBatch,
         StorageError::Closed => ErrorCode::ShuttingDown,
+        StorageError::ProducerFenced { .. } => ErrorCode::InvalidProducerEpoch,
+        StorageError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequenceNumber,
         _ => ErrorCode::StorageError,
     };
     let log_bounds = match &e {
@@ -838,4 +1271,47 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod producer_id_tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_the_block_and_known_ids_get_the_next_epoch() {
+        assert_eq!(producer_id_from_block(0, 0, None), None, "nothing reserved yet");
+        assert_eq!(producer_id_from_block(5, 1000, None), Some((5, 0)));
+        assert_eq!(next_after(5, (5, 0)), 6);
+        // KIP-360 bump of an id handed out before.
+        assert_eq!(producer_id_from_block(5, 1000, Some((3, 7))), Some((3, 8)));
+        assert_eq!(next_after(5, (3, 8)), 5, "a bump uses no new id");
+        assert_eq!(producer_id_from_block(5, 5, Some((3, 7))), Some((3, 8)), "even with the block used up");
+        // Exhausted epochs, ids never handed out and negative epochs get a new id.
+        assert_eq!(producer_id_from_block(5, 1000, Some((3, i16::MAX - 1))), Some((5, 0)));
+        assert_eq!(producer_id_from_block(5, 1000, Some((3, i16::MAX - 2))), Some((3, i16::MAX - 1)));
+        assert_eq!(producer_id_from_block(5, 1000, Some((5, 0))), Some((5, 0)));
+        assert_eq!(producer_id_from_block(5, 1000, Some((3, -4))), Some((5, 0)));
+        assert_eq!(producer_id_from_block(1000, 1000, Some((2000, 1))), None);
+    }
+
+    #[test]
+    fn the_block_end_survives_in_its_file_and_damage_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(PRODUCER_IDS_FILE);
+        assert_eq!(read_producer_id_block_end(&path), Ok(0), "a new data directory starts at 0");
+        write_producer_id_block_end(&path, 3000).unwrap();
+        assert_eq!(read_producer_id_block_end(&path), Ok(3000));
+        write_producer_id_block_end(&path, 4000).unwrap();
+        assert_eq!(read_producer_id_block_end(&path), Ok(4000));
+        assert!(!path.with_extension("tmp").exists());
+        let good = std::fs::read(&path).unwrap();
+        for at in 0..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&path, &bad).unwrap();
+            assert!(read_producer_id_block_end(&path).is_err(), "flip at byte {at} accepted");
+        }
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(read_producer_id_block_end(&path).is_err());
+    }
 }

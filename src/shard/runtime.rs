@@ -20,6 +20,7 @@ use super::mesh::ShardMsg;
 use super::Shard;
 use crate::config::BrokerConfig;
 use crate::metadata::{self, MetadataStore};
+use crate::server::Listener;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -41,6 +42,8 @@ pub enum StartError {
 struct Rendezvous {
     shards: usize,
     shared_port: Mutex<Option<u16>>,
+    /// The Kafka listener's port, once shard 0 bound it.
+    kafka_port: Mutex<Option<u16>>,
     direct: Mutex<Vec<Option<SocketAddr>>>,
     peers: Mutex<Vec<Option<usize>>>,
     ready: AtomicUsize,
@@ -128,6 +131,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let rendezvous = Arc::new(Rendezvous {
         shards,
         shared_port: Mutex::new(None),
+        kafka_port: Mutex::new(None),
         direct: Mutex::new(vec![None; shards]),
         peers: Mutex::new(vec![None; shards]),
         ready: AtomicUsize::new(0),
@@ -181,8 +185,12 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     }
     let direct: Vec<String> = lock(&rendezvous.direct).iter().flatten().map(|a| a.to_string()).collect();
     let port = lock(&rendezvous.shared_port).unwrap_or(0);
+    let kafka = match (config.kafka_listen_addr(), *lock(&rendezvous.kafka_port)) {
+        (Ok(Some(addr)), Some(port)) => SocketAddr::new(addr.ip(), port).to_string(),
+        _ => "off".to_string(),
+    };
     let ready = format!(
-        "ringlog ready: native={}:{port} shards={shards} direct={} data_dir={} admin={}",
+        "ringlog ready: native={}:{port} kafka={kafka} shards={shards} direct={} data_dir={} admin={}",
         config.listen.ip(),
         direct.join(","),
         data_dir.display(),
@@ -249,7 +257,12 @@ impl ShardStart {
             self.mesh.clone().join().await.map_err(|_| "cannot join the shard mesh")?;
         lock(&rv.peers)[self.id] = Some(senders.peer_id());
 
-        let shared = self.bind_shared().await?;
+        let shared = self.bind_shared(self.config.listen, &rv.shared_port, "listen").await?;
+        let kafka_addr = self.config.kafka_listen_addr()?;
+        let kafka = match kafka_addr {
+            Some(addr) => Some(self.bind_shared(addr, &rv.kafka_port, "kafka_listen").await?),
+            None => None,
+        };
         let direct_port = match self.config.shard_port_base {
             0 => 0,
             base => base.checked_add(self.id as u16).ok_or("shard_port_base + shard id exceeds 65535")?,
@@ -292,6 +305,13 @@ impl ShardStart {
         .await?;
         // Groups are rebuilt before the mesh is served, so no group request sees a half-loaded shard.
         crate::groups::load(&shard).await?;
+        if let (Some(addr), Some(port)) = (kafka_addr, *lock(&rv.kafka_port)) {
+            let advertised = match &self.config.kafka_advertised_listener {
+                Some(a) => crate::kafka::parse_host_port(a)?,
+                None => (addr.ip().to_string(), port),
+            };
+            let _ = shard.kafka_endpoint.set(advertised);
+        }
 
         for (_, receiver) in receivers.streams() {
             let shard = shard.clone();
@@ -309,7 +329,9 @@ impl ShardStart {
             admin.map(|l| glommio::spawn_local(crate::metrics::http::serve_bound(shard.clone(), l, started)));
         rv.ready.fetch_add(1, Ordering::AcqRel);
 
-        crate::server::serve(shard.clone(), vec![shared, direct], self.shutdown.clone()).await;
+        let mut listeners = vec![Listener::Native(shared), Listener::Native(direct)];
+        listeners.extend(kafka.map(Listener::Kafka));
+        crate::server::serve(shard.clone(), listeners, self.shutdown.clone()).await;
 
         // Phase 1 is over on this shard: no connection of ours will send new work. Other shards
         // may still route requests here until they are drained too, so keep serving the mesh.
@@ -323,22 +345,26 @@ impl ShardStart {
         Ok(())
     }
 
-    /// Shard 0 binds the shared listener first (it may pick a free port); the others then bind
-    /// the same port with SO_REUSEPORT so the kernel spreads connections across shards.
-    async fn bind_shared(&self) -> Result<TcpListener, String> {
-        let rv = &self.rendezvous;
-        let listen = self.config.listen;
+    /// Shard 0 binds a shared listener first (it may pick a free port) and publishes the port in
+    /// `slot`; the others then bind the same port with SO_REUSEPORT so the kernel spreads
+    /// connections across shards.
+    async fn bind_shared(
+        &self,
+        listen: SocketAddr,
+        slot: &Mutex<Option<u16>>,
+        option: &str,
+    ) -> Result<TcpListener, String> {
         if self.id == 0 {
-            let l =
-                TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen} (listen): {e}"))?;
+            let l = TcpListener::bind(listen)
+                .map_err(|e| format!("cannot listen on {listen} ({option}): {e}"))?;
             let port = l.local_addr().map_err(|e| e.to_string())?.port();
-            *lock(&rv.shared_port) = Some(port);
+            *lock(slot) = Some(port);
             return Ok(l);
         }
-        poll_until(|| self.failed() || lock(&rv.shared_port).is_some()).await;
-        let port = lock(&rv.shared_port).ok_or("shard 0 failed to start")?;
+        poll_until(|| self.failed() || lock(slot).is_some()).await;
+        let port = lock(slot).ok_or("shard 0 failed to start")?;
         let addr = SocketAddr::new(listen.ip(), port);
-        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (listen): {e}"))
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} ({option}): {e}"))
     }
 }
 

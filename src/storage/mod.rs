@@ -2,13 +2,15 @@
 //! per-shard tail cache, crash recovery, segment rolling and retention.
 //!
 //! Owns everything under a partition directory (`<base_offset:020>.log`, `.index`, `.timeindex`,
-//! `.clean_shutdown`) and the per-shard storage context (`ShardStorage`: tail cache, disk-space
-//! monitor). May depend on `crate::record` (batch format) and glommio; never on the server, shard
-//! routing or protocol layers. Everything is shard-local (`Rc`, `RefCell`, `Cell`): a `Partition`
-//! is opened, written, read and closed by the one shard that owns it.
+//! `.clean_shutdown`, the producer-state `<offset:020>.snapshot`) and the per-shard storage
+//! context (`ShardStorage`: tail cache, disk-space monitor). May depend on `crate::record` (batch
+//! format) and glommio; never on the server, shard routing or protocol layers. Everything is
+//! shard-local (`Rc`, `RefCell`, `Cell`): a `Partition` is opened, written, read and closed by the
+//! one shard that owns it.
 //!
 //! Layout of the code, from pure to IO:
 //! - `index`, `scan`, `retention`, `tail_cache`: pure logic, unit- and property-tested.
+//! - `producer_state`: idempotent producers' sequence rules and state snapshots (KIP-98).
 //! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
 //!   shard (unlinks, index writes, directory syncs).
 //! - `segment`: one segment's files and the recovery scan over them.
@@ -27,6 +29,7 @@ mod disk_space;
 mod index;
 mod notify;
 mod partition;
+mod producer_state;
 mod retention;
 mod scan;
 mod segment;
@@ -39,6 +42,7 @@ use std::rc::Rc;
 
 pub use index::{IndexEntry, SegmentIndex};
 pub use partition::Partition;
+pub use producer_state::SequenceGap;
 pub use tail_cache::CacheStats;
 
 use crate::record::BatchError;
@@ -119,6 +123,14 @@ pub enum StorageError {
         segment.display()
     )]
     WriteFailed { segment: PathBuf, first_lost_offset: i64, detail: String },
+    #[error(
+        "producer {producer_id} with epoch {epoch} is fenced (batch {index} of the request): epoch {current_epoch} has written to this partition since"
+    )]
+    ProducerFenced { index: usize, producer_id: i64, epoch: i16, current_epoch: i16 },
+    #[error(
+        "out-of-order sequence: batch {index} of the request, from producer {producer_id} epoch {epoch}, starts at sequence {first_sequence}; {gap}"
+    )]
+    OutOfOrderSequence { index: usize, producer_id: i64, epoch: i16, first_sequence: i32, gap: SequenceGap },
     #[error("partition is being truncated; retry the append")]
     Truncating,
     #[error("partition is closed")]

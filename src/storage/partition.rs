@@ -23,6 +23,15 @@
 //! else slow on the filesystem also runs there (`blocking`): unlinking deleted segments, writing
 //! the indexes and syncing the directory when a segment is sealed.
 //!
+//! Idempotent producers (`producer_state`). `append` checks every idempotent batch against the
+//! producer state once nothing else can fail the append, and records it in the same step: a
+//! retried batch is answered with its original offsets and not written again. The state is
+//! persisted as a snapshot at each roll (taken at the roll, written by the seal once the sealed
+//! segment is synced, so it never covers bytes that are not durable) and at close; `open` loads
+//! the newest usable snapshot and replays the batch headers after it. Whatever cuts the log (a
+//! failed write, `truncate_to`, recovery's torn tails) cuts the state too, and removes snapshots
+//! past the cut before new appends could make them look valid.
+//!
 //! Failures. A failed write rolls the in-memory log back to the end of the last completed write
 //! (those offsets were never acknowledged), fails their durability waiters, and marks the partition
 //! degraded; the next append rewrites from there. A failed fdatasync cannot be retried safely (the
@@ -41,11 +50,15 @@ use glommio::io::DmaBuffer;
 
 use super::blocking;
 use super::notify::Notify;
+use super::producer_state::{
+    self, Appending, AppendingBatches, ProducerBatch, ProducerStates, Refused, Rejection, RequestVerdict,
+};
 use super::retention::{segments_to_delete, RetentionInput};
+use super::scan::{scan_batches, ScanEnd};
 use super::segment::{align_down, align_up, parse_log_name, read_aligned, scan_segment_file, Segment, ALIGN};
 use super::{
-    AppendResult, Durability, HousekeepReport, LogConfig, ReadResult, RecoveryReport, ShardStorage,
-    StorageError, TornTail,
+    AppendResult, Durability, HousekeepReport, IndexEntry, LogConfig, ReadResult, RecoveryReport,
+    ShardStorage, StorageError, TornTail,
 };
 use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN};
 
@@ -65,6 +78,8 @@ const CACHE_EVICTION_SLICE_BATCHES: usize = 512;
 /// The next segment's file, created and preallocated ahead of the roll. Recovery ignores it (not
 /// a `<base_offset>.log` name) and open removes a leftover one.
 const SPARE_SEGMENT_NAME: &str = ".spare-segment";
+/// Bytes read per step when replaying batch headers into the producer state.
+const REPLAY_WINDOW_BYTES: u64 = 1 << 20;
 
 /// The next segment's file, prepared off the shard.
 #[derive(Default)]
@@ -103,8 +118,15 @@ struct Chunk {
 
 enum Job {
     Write(Chunk),
-    /// The segment was rolled: sync it, truncate the file to its size, persist its indexes.
-    Seal(Rc<Segment>),
+    /// The segment was rolled: sync it, truncate the file to its size, persist its indexes and
+    /// the producer-state snapshot taken at the roll.
+    Seal(Rc<Segment>, ProducerSnapshot),
+}
+
+/// The producer state at `offset` (after every batch below it), encoded, waiting to be written.
+struct ProducerSnapshot {
+    offset: i64,
+    bytes: Vec<u8>,
 }
 
 /// The active segment's partial last block, for the next chunk to start with.
@@ -136,6 +158,8 @@ struct State {
     /// The flusher is executing a job.
     flushing: bool,
     truncating: bool,
+    /// Idempotent producers: epochs and the last batches of each, for every batch in the log.
+    producers: ProducerStates,
 }
 
 pub struct Partition {
@@ -192,6 +216,23 @@ fn fallocate(file: &std::fs::File, end_bytes: u64) -> std::io::Result<()> {
     }
 }
 
+/// The error an append gets for a batch the producer state refused.
+fn refused(r: Refused) -> StorageError {
+    let (index, producer_id, epoch) = (r.index, r.batch.producer_id, r.batch.epoch);
+    match r.rejection {
+        Rejection::Fenced { current_epoch } => {
+            StorageError::ProducerFenced { index, producer_id, epoch, current_epoch }
+        }
+        Rejection::OutOfOrder(gap) => StorageError::OutOfOrderSequence {
+            index,
+            producer_id,
+            epoch,
+            first_sequence: r.batch.first_sequence,
+            gap,
+        },
+    }
+}
+
 fn remove_segment_files(seg: &Segment) {
     for path in [seg.log_path.clone(), seg.index_path(), seg.time_index_path()] {
         if let Err(e) = std::fs::remove_file(&path) {
@@ -203,11 +244,12 @@ fn remove_segment_files(seg: &Segment) {
 }
 
 /// The first record of `batch` stamped at or after `timestamp_ms`, as (offset, timestamp). The
-/// batch's max timestamp is known to qualify; a batch whose records cannot be read here
-/// (compressed) answers with its base offset, which is never past the wanted record.
+/// batch's max timestamp is known to qualify. A compressed batch is inflated (as Kafka does for
+/// this lookup; it is off the produce and fetch paths); one that cannot be read answers with its
+/// base offset, which is never past the wanted record.
 fn first_record_at_or_after(batch: &[u8], header: &BatchHeader, timestamp_ms: i64) -> (i64, i64) {
-    if let Ok(records) = record::reader::records(batch) {
-        for r in records.flatten() {
+    if let Ok(records) = record::reader::decode(batch, record::reader::DECOMPRESSED_BYTES_MAX_DEFAULT) {
+        for r in records.iter().flatten() {
             if r.timestamp_ms >= timestamp_ms {
                 return (r.offset, r.timestamp_ms);
             }
@@ -275,6 +317,8 @@ impl Partition {
         let log_end = last.meta.borrow().next_offset;
         report.log_start_offset = log_start;
         report.log_end_offset = log_end;
+        let producers =
+            recover_producer_state(&dir, &segments, log_start, log_end, report.clean_shutdown).await?;
 
         let partition = Rc::new(Partition {
             cache_id: shard.allocate_partition_id(),
@@ -292,6 +336,7 @@ impl Partition {
                 sync_failure: None,
                 flushing: false,
                 truncating: false,
+                producers,
             }),
             high_watermark: Cell::new(log_end),
             log_start_offset: Cell::new(log_start),
@@ -308,7 +353,9 @@ impl Partition {
     }
 
     /// Validates every batch, then (all valid, disk has room) assigns offsets, stamps them, stages
-    /// the bytes for the flusher and caches them. All or nothing.
+    /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
+    /// against the producer state; a request that only retries appended batches is answered with
+    /// the originals' offsets and writes nothing.
     pub fn append(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
         if self.closed.get() {
             return Err(StorageError::Closed);
@@ -336,19 +383,24 @@ impl Partition {
             let source = BatchError::Truncated { available: 0, needed: BATCH_HEADER_LEN };
             return Err(StorageError::InvalidBatch { index: 0, position: 0, source });
         }
+        let base_offset = self.log_end_offset.get();
         let mut position = 0usize;
         let mut index = 0usize;
         let mut records = 0i64;
+        let mut idempotent = AppendingBatches::None;
         while position < batches.len() {
             let header = record::validate_for_append(&batches[position..], &limits)
                 .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
+            if let Some(batch) = ProducerBatch::of(&header) {
+                let batch_base = base_offset + records;
+                let last_offset = batch_base + i64::from(header.last_offset_delta);
+                idempotent.push(Appending { index, batch, base_offset: batch_base, last_offset });
+            }
             records += i64::from(header.last_offset_delta) + 1;
             position += header.total_len();
             index += 1;
         }
         let total_bytes = batches.len() as u64;
-
-        let base_offset = self.log_end_offset.get();
         let end_offset = base_offset + records;
         {
             let seg = active(&st);
@@ -367,6 +419,22 @@ impl Partition {
         let start_pos = seg.meta.borrow().size_bytes;
         self.ensure_preallocated(&mut st, &seg, start_pos + total_bytes)?;
         self.prepare_ahead(&st, &seg, start_pos + total_bytes);
+        // Last, because it records the batches: nothing below can fail the append.
+        let appending = idempotent.as_slice();
+        if !appending.is_empty() {
+            match st.producers.apply(appending, index).map_err(refused)? {
+                RequestVerdict::Append => {}
+                RequestVerdict::Duplicate { base_offset, last_offset } => {
+                    // A retry: the original is in the log (or being written); callers wait for
+                    // its durability as they would have for this one.
+                    return Ok(AppendResult {
+                        base_offset,
+                        last_offset,
+                        log_start_offset: self.log_start_offset.get(),
+                    });
+                }
+            }
+        }
 
         {
             let mut meta = seg.meta.borrow_mut();
@@ -579,6 +647,10 @@ impl Partition {
         let mut report = HousekeepReport::default();
         let victims = {
             let mut st = self.state.borrow_mut();
+            let expired = st.producers.expire(now_ms);
+            if expired > 0 {
+                tracing::debug!(dir = %self.dir.display(), expired, "forgot producers idle past their expiry");
+            }
             if !st.truncating && st.sync_failure.is_none() {
                 let seg = active(&st).clone();
                 let meta = seg.meta.borrow();
@@ -743,10 +815,25 @@ impl Partition {
                 .await
                 .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
             last.persist_indexes()?;
+            // The marker promises a snapshot at the log end: without one, no marker.
+            let offset = self.log_end_offset.get();
+            let bytes = self.state.borrow().producers.encode_snapshot(offset);
+            let dir = self.dir.clone();
+            blocking::run(move || producer_state::write_snapshot(&dir, offset, &bytes))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|written| written)
+                .map_err(|e| {
+                    StorageError::io(format!("writing the producer-state snapshot in {}", self.dir.display()), e)
+                })?;
             let marker = self.dir.join(CLEAN_SHUTDOWN_MARKER);
             std::fs::write(&marker, b"")
                 .map_err(|e| StorageError::io(format!("writing {}", marker.display()), e))?;
-            sync_dir(&self.dir)
+            sync_dir(&self.dir)?;
+            if let Err(e) = producer_state::prune_snapshots(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "removing old producer-state snapshots failed");
+            }
+            Ok(())
         }
         .await;
         self.shard.tail_cache.borrow_mut().remove_partition(self.cache_id);
@@ -783,7 +870,7 @@ impl Partition {
 
     fn seal_pending(&self, st: &State, seg: &Rc<Segment>) -> bool {
         st.pending.iter().any(|j| match j {
-            Job::Seal(s) | Job::Write(Chunk { segment: s, .. }) => Rc::ptr_eq(s, seg),
+            Job::Seal(s, _) | Job::Write(Chunk { segment: s, .. }) => Rc::ptr_eq(s, seg),
         })
     }
 
@@ -814,7 +901,10 @@ impl Partition {
             Spare::Absent | Spare::Failed => open_plain(&seg.log_path, true)?,
         };
         old.meta.borrow_mut().sealed = true;
-        st.pending.push_back(Job::Seal(old));
+        // No batch at or past `base_offset` is recorded yet: the state is exactly the one at it.
+        let snapshot =
+            ProducerSnapshot { offset: base_offset, bytes: st.producers.encode_snapshot(base_offset) };
+        st.pending.push_back(Job::Seal(old, snapshot));
         st.segments.push(seg);
         st.active_file = Some(file);
         st.carry.file_pos = 0;
@@ -1050,7 +1140,7 @@ impl Partition {
                         }
                     }
                 }
-                Job::Seal(seg) => match self.seal(&seg).await {
+                Job::Seal(seg, snapshot) => match self.seal(&seg, snapshot).await {
                     Ok(()) => unsynced.retain(|s| !Rc::ptr_eq(s, &seg)),
                     Err(e) => {
                         tracing::error!(segment = %seg.log_path.display(), error = %e, "sealing segment failed");
@@ -1192,6 +1282,7 @@ impl Partition {
             st.rollbacks.pop_front();
         }
         st.degraded = true;
+        st.producers.truncate_from(first_lost_offset);
         drop(st);
         self.log_end_offset.set(first_lost_offset);
         self.shard.tail_cache.borrow_mut().remove_from(self.cache_id, first_lost_offset);
@@ -1207,8 +1298,9 @@ impl Partition {
         self.progress.notify_all();
     }
 
-    /// Makes a rolled segment final: synced, file cut to its size, indexes on disk.
-    async fn seal(&self, seg: &Rc<Segment>) -> Result<(), StorageError> {
+    /// Makes a rolled segment final: synced, file cut to its size, indexes on disk; then writes
+    /// the producer-state snapshot taken at the roll, which only covers bytes synced by now.
+    async fn seal(&self, seg: &Rc<Segment>, snapshot: ProducerSnapshot) -> Result<(), StorageError> {
         seg.wait_preallocation_idle().await;
         let file = seg.file().await?;
         file.fdatasync()
@@ -1224,10 +1316,25 @@ impl Partition {
             .map_err(|e| StorageError::io(format!("truncating {} to {size}", seg.log_path.display()), e))?;
         let indexes = seg.encoded_indexes();
         let dir = self.dir.clone();
-        // Also makes the new segment's directory entry durable.
-        blocking::run(move || indexes.write().and_then(|()| sync_dir(&dir))).await.map_err(|panic| {
+        let ProducerSnapshot { offset, bytes } = snapshot;
+        let (sealed, snapshot_written) = blocking::run(move || {
+            let snapshot_written = producer_state::write_snapshot(&dir, offset, &bytes);
+            // Also makes the new segment's directory entry and the snapshot's rename durable.
+            let sealed = indexes.write().and_then(|()| sync_dir(&dir));
+            // Older snapshots go only once the new one is in place.
+            let snapshot_written = snapshot_written.and_then(|()| producer_state::prune_snapshots(&dir));
+            (sealed, snapshot_written)
+        })
+        .await
+        .map_err(|panic| {
             StorageError::io(format!("sealing {}", seg.log_path.display()), std::io::Error::other(panic))
-        })??;
+        })?;
+        sealed?;
+        if let Err(e) = snapshot_written {
+            // Not fatal: an older snapshot, or a longer scan, serves recovery.
+            tracing::warn!(dir = %self.dir.display(), offset, error = %e,
+                "writing the producer-state snapshot failed; recovery after a crash will scan more of the log");
+        }
         {
             let mut meta = seg.meta.borrow_mut();
             meta.durable_bytes = size;
@@ -1387,6 +1494,9 @@ impl Partition {
                 .await?
         };
         let (cut_pos, cut_offset) = cut;
+        // Before anything is cut: a snapshot past the cut, left behind, would look valid again
+        // once new appends pass its offset.
+        remove_snapshots_after(&self.dir, cut_offset)?;
         target.wait_preallocation_idle().await;
         file.truncate(cut_pos).await.map_err(|e| {
             StorageError::io(format!("truncating {} to {cut_pos}", target.log_path.display()), e)
@@ -1433,6 +1543,17 @@ impl Partition {
             self.high_watermark.set(cut_offset);
         }
         self.shard.tail_cache.borrow_mut().remove_from(self.cache_id, cut_offset);
+        // Exact at once; the rebuild from the log then restores producers whose every remembered
+        // batch was cut (they would otherwise be unknown, accepted at any sequence).
+        self.state.borrow_mut().producers.truncate_from(cut_offset);
+        let segments = self.state.borrow().segments.clone();
+        match recover_producer_state(&self.dir, &segments, self.log_start_offset.get(), cut_offset, false)
+            .await
+        {
+            Ok(producers) => self.state.borrow_mut().producers = producers,
+            Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e,
+                "rebuilding the producer state after truncation failed; keeping the truncated state"),
+        }
         Ok(())
     }
 }
@@ -1520,6 +1641,184 @@ async fn find_batch_start(
         position,
         detail: format!("offset {offset} not found before the end of the segment"),
     })
+}
+
+/// Removes the producer-state snapshots past `offset` and makes the removal durable.
+fn remove_snapshots_after(dir: &Path, offset: i64) -> Result<(), StorageError> {
+    let snapshots = producer_state::list_snapshots(dir)
+        .map_err(|e| StorageError::io(format!("listing producer-state snapshots in {}", dir.display()), e))?;
+    let mut removed = false;
+    for (_, path) in snapshots.iter().filter(|(at, _)| *at > offset) {
+        std::fs::remove_file(path)
+            .map_err(|e| StorageError::io(format!("removing {}", path.display()), e))?;
+        removed = true;
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the producer state of a log holding `log_start..log_end` in `segments`: the newest
+/// usable snapshot, then the batch headers after it. Snapshots past `log_end` (they describe
+/// batches the log no longer holds) and damaged ones are removed, each with a log line.
+async fn recover_producer_state(
+    dir: &Path,
+    segments: &[Rc<Segment>],
+    log_start: i64,
+    log_end: i64,
+    clean_shutdown: bool,
+) -> Result<ProducerStates, StorageError> {
+    let listing = |e| StorageError::io(format!("listing producer-state snapshots in {}", dir.display()), e);
+    producer_state::remove_temporary_snapshots(dir).map_err(listing)?;
+    let snapshots = producer_state::list_snapshots(dir).map_err(listing)?;
+    let found = snapshots.len();
+    let mut loaded: Option<(i64, ProducerStates)> = None;
+    let mut removed = false;
+    for (offset, path) in snapshots {
+        let unusable = if offset > log_end {
+            format!("it is past the log end offset {log_end}")
+        } else {
+            let decoded = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| ProducerStates::decode_snapshot(&bytes).map_err(|e| e.to_string()));
+            match decoded {
+                Ok((at, states)) if at == offset => {
+                    loaded = Some((offset, states));
+                    break;
+                }
+                Ok((at, _)) => format!("it holds the state at offset {at}, not at {offset} as named"),
+                Err(e) => e,
+            }
+        };
+        tracing::warn!(snapshot = %path.display(), "removing an unusable producer-state snapshot: {unusable}");
+        std::fs::remove_file(&path)
+            .map_err(|e| StorageError::io(format!("removing {}", path.display()), e))?;
+        removed = true;
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    let snapshot_offset = loaded.as_ref().map(|(offset, _)| *offset);
+    let (mut states, from) = match loaded {
+        Some((offset, states)) => (states, offset.max(log_start)),
+        None if found == 0 && clean_shutdown => {
+            // Every clean close writes a snapshot: this log was written before producer state
+            // was kept, and scanning all of it would find nothing to remember.
+            tracing::info!(dir = %dir.display(),
+                "no producer-state snapshot after a clean shutdown: starting with no producer state");
+            (ProducerStates::default(), log_end)
+        }
+        None => {
+            if log_end > log_start {
+                tracing::info!(dir = %dir.display(), log_start, log_end,
+                    "no usable producer-state snapshot: rebuilding it by scanning the whole log");
+            }
+            (ProducerStates::default(), log_start)
+        }
+    };
+    let replayed = replay_producer_batches(segments, from, log_end, &mut states).await?;
+    if snapshot_offset.is_none() && log_end > log_start {
+        // Spares the next recovery this scan. Safe even if the batches below `log_end` are not
+        // synced yet: should a power loss take them, the snapshot is past the log end and goes.
+        let bytes = states.encode_snapshot(log_end);
+        let target = dir.to_path_buf();
+        let written = blocking::run(move || {
+            producer_state::write_snapshot(&target, log_end, &bytes).map_err(|e| {
+                StorageError::io(format!("writing a producer-state snapshot in {}", target.display()), e)
+            })?;
+            sync_dir(&target)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}; the next recovery scans again"),
+            Err(panic) => tracing::warn!(dir = %dir.display(), "writing a producer-state snapshot: {panic}"),
+        }
+    }
+    if from < log_end || !states.is_empty() {
+        tracing::info!(
+            dir = %dir.display(),
+            snapshot = ?snapshot_offset,
+            scanned_from = from,
+            scanned_to = log_end,
+            idempotent_batches = replayed,
+            producers = states.len(),
+            "producer state recovered"
+        );
+    }
+    Ok(states)
+}
+
+/// Replays the idempotent batches with base offsets in `from..to` (`from` a batch boundary) into
+/// `states`, reading only the segments that hold them. Returns how many were replayed. Damage
+/// stops the segment's replay with a warning (reads of those offsets report it themselves).
+async fn replay_producer_batches(
+    segments: &[Rc<Segment>],
+    from: i64,
+    to: i64,
+    states: &mut ProducerStates,
+) -> Result<u64, StorageError> {
+    let mut replayed = 0u64;
+    for seg in segments {
+        let (size_bytes, start) = {
+            let meta = seg.meta.borrow();
+            if meta.next_offset <= from || seg.base_offset >= to {
+                continue;
+            }
+            let start = match u32::try_from(from - seg.base_offset) {
+                Ok(relative) if relative > 0 => meta.index.lookup(relative),
+                _ => IndexEntry { relative_offset: 0, position: 0 },
+            };
+            (meta.size_bytes, start)
+        };
+        let file = seg.file().await?;
+        let mut position = u64::from(start.position);
+        let mut expected = seg.base_offset + i64::from(start.relative_offset);
+        let mut window = REPLAY_WINDOW_BYTES;
+        while position < size_bytes {
+            let read_from = align_down(position);
+            let read_to = align_up((position + window).min(size_bytes));
+            let data = read_aligned(&file, read_from, (read_to - read_from) as usize).await.map_err(|e| {
+                StorageError::io(format!("reading {} at byte {read_from}", seg.log_path.display()), e)
+            })?;
+            let end = ((size_bytes - read_from) as usize).min(data.len());
+            let buf = data.get((position - read_from) as usize..end).unwrap_or(&[]);
+            let outcome = scan_batches(buf, expected, RECOVERY_BATCH_BYTES_MAX, |_, h| {
+                if (from..to).contains(&h.base_offset) {
+                    if let Some(batch) = ProducerBatch::of(h) {
+                        states.replay(&batch, h.base_offset, h.last_offset());
+                        replayed += 1;
+                    }
+                }
+            });
+            position += outcome.valid_bytes as u64;
+            expected = outcome.next_offset;
+            let stopped = match outcome.end {
+                ScanEnd::NeedMore { needed_bytes, .. } => {
+                    let wanted = needed_bytes as u64 + ALIGN;
+                    if position >= size_bytes || (outcome.valid_bytes == 0 && window >= wanted) {
+                        // No progress with a window that holds the batch: the file ends early.
+                        (position < size_bytes)
+                            .then(|| format!("file ends inside the batch at byte {position}"))
+                    } else {
+                        window = window.max(wanted);
+                        continue;
+                    }
+                }
+                ScanEnd::Zeroes { .. } => {
+                    Some(format!("zero bytes at {position}, before the end of the data"))
+                }
+                ScanEnd::Invalid { detail, .. } => Some(detail),
+            };
+            if let Some(detail) = stopped {
+                tracing::warn!(segment = %seg.log_path.display(), position, %detail,
+                    "producer-state replay stopped early in this segment");
+            }
+            break;
+        }
+    }
+    Ok(replayed)
 }
 
 /// Recovers the segments named by `bases` (sorted): loads or rebuilds their indexes, truncates
@@ -1642,7 +1941,7 @@ async fn recover_segments(
 mod tests {
     use super::*;
     use crate::storage::scan::tests::batch;
-    use crate::storage::Durability;
+    use crate::storage::{Durability, SequenceGap};
     use glommio::{LocalExecutorBuilder, Placement};
     use std::future::Future;
     use std::io::{Seek, SeekFrom, Write};
@@ -2112,6 +2411,350 @@ mod tests {
                 assert_eq!(p.offset_for_timestamp(ts - 5).await.unwrap(), Some((want, ts)));
             }
             assert_eq!(p.offset_for_timestamp(1000 + 10 * 200).await.unwrap(), None);
+            p.close().await.unwrap();
+        });
+    }
+
+    /// An idempotent batch of `records` records: `batch` with producer fields and its crc redone.
+    fn idempotent(producer_id: i64, epoch: i16, first_sequence: i32, records: i32) -> Vec<u8> {
+        let mut b = batch(-1, records, now_ms(), 16);
+        b[43..51].copy_from_slice(&producer_id.to_be_bytes());
+        b[51..53].copy_from_slice(&epoch.to_be_bytes());
+        b[53..57].copy_from_slice(&first_sequence.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    fn append_bytes(p: &Partition, bytes: &[u8]) -> Result<(i64, i64), StorageError> {
+        p.append(BytesMut::from(bytes)).map(|r| (r.base_offset, r.last_offset))
+    }
+
+    fn snapshot_offsets(dir: &Path) -> Vec<i64> {
+        producer_state::list_snapshots(dir).unwrap().into_iter().map(|(offset, _)| offset).collect()
+    }
+
+    #[test]
+    fn a_retried_batch_gets_its_original_offsets_and_is_not_written_again() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+            let (p, _) = Partition::open(tmp.path().join("p"), config(1 << 20, Durability::Fsync), shard)
+                .await
+                .unwrap();
+            let first = idempotent(1, 0, 0, 3);
+            let second = idempotent(1, 0, 3, 2);
+            assert_eq!(append_bytes(&p, &first).unwrap(), (0, 2));
+            assert_eq!(append_bytes(&p, &batch(-1, 2, 5, 5)).unwrap(), (3, 4), "native batches mix in");
+            assert_eq!(append_bytes(&p, &second).unwrap(), (5, 6));
+            // Retries, while the originals may still be in flight and after they are durable.
+            assert_eq!(append_bytes(&p, &second).unwrap(), (5, 6));
+            p.wait_durable(6).await.unwrap();
+            assert_eq!(append_bytes(&p, &first).unwrap(), (0, 2));
+            p.wait_durable(2).await.unwrap();
+            // A request made only of retries answers with the span of the originals.
+            let both: Vec<u8> = [first.clone(), second.clone()].concat();
+            assert_eq!(append_bytes(&p, &both).unwrap(), (0, 6));
+            assert_eq!(p.log_end_offset(), 7, "nothing was written for the retries");
+            let stored = read_all(&p, 0, 1 << 20).await;
+            assert_eq!(stored.len(), 3);
+            assert_eq!(stored[0][12..], first[12..], "the original, as sent, at offset 0");
+            assert_eq!(stored[2][12..], second[12..]);
+            // The producer continues where it was.
+            assert_eq!(append_bytes(&p, &idempotent(1, 0, 5, 1)).unwrap(), (7, 7));
+            p.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn out_of_order_and_fenced_batches_refuse_the_whole_request() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+            let (p, _) = Partition::open(tmp.path().join("p"), config(1 << 20, Durability::Written), shard)
+                .await
+                .unwrap();
+            assert_eq!(append_bytes(&p, &idempotent(1, 2, 0, 2)).unwrap(), (0, 1));
+            match append_bytes(&p, &idempotent(1, 2, 5, 1)) {
+                Err(StorageError::OutOfOrderSequence {
+                    index: 0,
+                    producer_id: 1,
+                    epoch: 2,
+                    first_sequence: 5,
+                    gap: SequenceGap::Expected { next_sequence: 2 },
+                }) => {}
+                other => panic!("expected an out-of-order sequence, got {other:?}"),
+            }
+            match append_bytes(&p, &idempotent(1, 1, 2, 1)) {
+                Err(StorageError::ProducerFenced { producer_id: 1, epoch: 1, current_epoch: 2, .. }) => {}
+                other => panic!("expected a fenced producer, got {other:?}"),
+            }
+            match append_bytes(&p, &idempotent(1, 3, 2, 1)) {
+                Err(StorageError::OutOfOrderSequence {
+                    gap: SequenceGap::NewEpoch { current_epoch: 2 },
+                    ..
+                }) => {}
+                other => panic!("expected a new epoch not at sequence 0 to be refused, got {other:?}"),
+            }
+            // A valid batch of another producer and a bad one: neither is written nor recorded.
+            let mixed: Vec<u8> = [idempotent(2, 0, 0, 1), idempotent(1, 2, 9, 1)].concat();
+            assert!(matches!(
+                append_bytes(&p, &mixed),
+                Err(StorageError::OutOfOrderSequence { index: 1, .. })
+            ));
+            // A retry and a new batch together.
+            let retry_and_new: Vec<u8> = [idempotent(1, 2, 0, 2), idempotent(1, 2, 2, 1)].concat();
+            match append_bytes(&p, &retry_and_new) {
+                Err(StorageError::OutOfOrderSequence {
+                    index: 0,
+                    gap: SequenceGap::DuplicateAmongNew,
+                    ..
+                }) => {}
+                other => panic!("expected a retry mixed with new batches to be refused, got {other:?}"),
+            }
+            assert_eq!(p.log_end_offset(), 2);
+            // Producer 2's refused batch was not recorded: sent again, it is new, not a retry.
+            assert_eq!(append_bytes(&p, &idempotent(2, 0, 0, 1)).unwrap(), (2, 2));
+            assert_eq!(append_bytes(&p, &idempotent(1, 2, 2, 1)).unwrap(), (3, 3));
+            // A new epoch from 0 takes over; the old one is fenced from then on.
+            assert_eq!(append_bytes(&p, &idempotent(1, 3, 0, 1)).unwrap(), (4, 4));
+            assert!(matches!(
+                append_bytes(&p, &idempotent(1, 2, 3, 1)),
+                Err(StorageError::ProducerFenced { .. })
+            ));
+            assert_eq!(p.log_end_offset(), 5);
+            p.close().await.unwrap();
+        });
+    }
+
+    /// A producer driven by the tests: its next sequence and every batch it sent, as
+    /// (bytes as sent, base offset, last offset).
+    struct TestProducer {
+        id: i64,
+        next_sequence: i32,
+        sent: Vec<(Vec<u8>, i64, i64)>,
+    }
+
+    fn test_producers(ids: std::ops::Range<i64>) -> Vec<TestProducer> {
+        ids.map(|id| TestProducer { id, next_sequence: 0, sent: Vec::new() }).collect()
+    }
+
+    /// Appends `count` batches per producer (1..=3 records each, producers interleaved).
+    fn append_producers(p: &Partition, producers: &mut [TestProducer], count: usize) {
+        for i in 0..count {
+            for producer in producers.iter_mut() {
+                let records = (i % 3) as i32 + 1;
+                let b = idempotent(producer.id, 0, producer.next_sequence, records);
+                let (base, last) = append_bytes(p, &b).unwrap();
+                assert_eq!(last - base, i64::from(records) - 1);
+                producer.next_sequence += records;
+                producer.sent.push((b, base, last));
+            }
+        }
+    }
+
+    /// Every producer's last five batches are retries answered with their offsets, the one before
+    /// them is out of order, and nothing is written by checking.
+    fn assert_producers_known(p: &Partition, producers: &[TestProducer]) {
+        let end = p.log_end_offset();
+        for TestProducer { id, sent, .. } in producers {
+            let recent = &sent[sent.len() - 5..];
+            for (b, base, last) in recent {
+                assert_eq!(append_bytes(p, b).unwrap(), (*base, *last), "producer {id}");
+            }
+            let older = &sent[sent.len() - 6].0;
+            assert!(
+                matches!(append_bytes(p, older), Err(StorageError::OutOfOrderSequence { .. })),
+                "producer {id}: a batch older than the last five is not a retry"
+            );
+        }
+        assert_eq!(p.log_end_offset(), end);
+    }
+
+    #[test]
+    fn producer_state_survives_close_crash_and_lost_or_damaged_snapshots() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let cfg = config(4096, Durability::Written);
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let mut producers = test_producers(10..13);
+            append_producers(&p, &mut producers, 60);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            assert!(log_files(&dir).len() > 3, "several rolls, each with a snapshot");
+            assert_producers_known(&p, &producers);
+
+            // Clean close: a snapshot at the log end, and nothing to scan on open.
+            let end = p.log_end_offset();
+            p.close().await.unwrap();
+            let snapshots = snapshot_offsets(&dir);
+            assert_eq!(snapshots[0], end);
+            assert!(snapshots.len() <= producer_state::SNAPSHOTS_KEPT, "{snapshots:?}");
+            let (p, report) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            assert!(report.clean_shutdown);
+            assert_producers_known(&p, &producers);
+
+            // Crash (no close): the newest snapshot plus a replay of what follows it.
+            append_producers(&p, &mut producers, 20);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            assert!(snapshot_offsets(&dir)[0] < p.log_end_offset());
+            drop(p);
+            let (p, report) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            assert!(!report.clean_shutdown);
+            assert_producers_known(&p, &producers);
+
+            // Crash with every snapshot lost: a scan of the whole log rebuilds the same state.
+            append_producers(&p, &mut producers, 10);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            drop(p);
+            for (_, path) in producer_state::list_snapshots(&dir).unwrap() {
+                std::fs::remove_file(path).unwrap();
+            }
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            assert_producers_known(&p, &producers);
+
+            // A damaged newest snapshot and one past the log end (claiming producer 10 moved to
+            // epoch 9) are both removed; the state is rebuilt from the log.
+            append_producers(&p, &mut producers, 30);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            let end = p.log_end_offset();
+            drop(p);
+            let newest = producer_state::list_snapshots(&dir).unwrap().remove(0).1;
+            let mut bytes = std::fs::read(&newest).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            std::fs::write(&newest, bytes).unwrap();
+            let mut bogus = ProducerStates::default();
+            let fake = ProducerBatch {
+                producer_id: 10,
+                epoch: 9,
+                first_sequence: 0,
+                last_sequence: 0,
+                timestamp_ms: now_ms(),
+            };
+            bogus.replay(&fake, end + 50, end + 50);
+            let past_end = end + 100;
+            producer_state::write_snapshot(&dir, past_end, &bogus.encode_snapshot(past_end)).unwrap();
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let left = snapshot_offsets(&dir);
+            assert!(!left.contains(&past_end), "{left:?}");
+            assert!(!newest.exists(), "the damaged snapshot is removed");
+            assert_producers_known(&p, &producers);
+            p.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_snapshot_inside_a_segment_is_replayed_from_its_offset() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let cfg = config(1 << 20, Durability::Written);
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let mut producers = test_producers(1..2);
+            append_producers(&p, &mut producers, 30);
+            let closed_at = p.log_end_offset();
+            p.close().await.unwrap();
+            assert_eq!(snapshot_offsets(&dir), vec![closed_at]);
+
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            producers.extend(test_producers(2..3));
+            append_producers(&p, &mut producers, 30);
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            drop(p);
+            assert_eq!(log_files(&dir).len(), 1, "one segment: the snapshot is inside it");
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            assert_producers_known(&p, &producers);
+            p.close().await.unwrap();
+
+            // A clean shutdown without any snapshot is a log from before producer state was kept:
+            // it is not scanned, and every producer starts unknown.
+            for (_, path) in producer_state::list_snapshots(&dir).unwrap() {
+                std::fs::remove_file(path).unwrap();
+            }
+            let (p, report) = Partition::open(dir.clone(), cfg, shard).await.unwrap();
+            assert!(report.clean_shutdown);
+            let end = p.log_end_offset();
+            assert_eq!(snapshot_offsets(&dir), vec![end], "the state it starts with is saved at once");
+            let (last, _, _) = producers[1].sent.last().unwrap();
+            assert_eq!(append_bytes(&p, last).unwrap().0, end, "written again: no state to match");
+            p.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_torn_tail_takes_its_batches_out_of_the_producer_state() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let cfg = config(1 << 20, Durability::Written);
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let sent: Vec<Vec<u8>> = (0..10).map(|i| idempotent(1, 0, i, 1)).collect();
+            for (i, b) in sent.iter().enumerate() {
+                assert_eq!(append_bytes(&p, b).unwrap(), (i as i64, i as i64));
+            }
+            p.wait_durable(9).await.unwrap();
+            drop(p);
+            let last_pos: usize = sent[..9].iter().map(Vec::len).sum();
+            let path = log_files(&dir).pop().unwrap();
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start((last_pos + sent[9].len() - 5) as u64)).unwrap();
+            f.write_all(&[0xff; 3]).unwrap();
+            drop(f);
+
+            let (p, report) = Partition::open(dir.clone(), cfg, shard).await.unwrap();
+            assert_eq!(report.torn_tails.len(), 1, "{report}");
+            assert_eq!(p.log_end_offset(), 9);
+            // The torn batch is new again: written, not answered from stale state.
+            assert_eq!(append_bytes(&p, &sent[9]).unwrap(), (9, 9));
+            assert_eq!(p.log_end_offset(), 10);
+            assert_eq!(append_bytes(&p, &sent[8]).unwrap(), (8, 8), "the kept batches are still retries");
+            assert_eq!(append_bytes(&p, &sent[9]).unwrap(), (9, 9));
+            assert_eq!(p.log_end_offset(), 10);
+            p.wait_durable(9).await.unwrap();
+            assert_eq!(read_all(&p, 0, 1 << 20).await.len(), 10);
+            p.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn truncate_to_takes_cut_batches_out_of_the_producer_state() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+            let cfg = config(4096, Durability::Written);
+            let (p, _) = Partition::open(dir.clone(), cfg.clone(), shard.clone()).await.unwrap();
+            let sent: Vec<Vec<u8>> = (0..150).map(|i| idempotent(1, 0, 2 * i, 2)).collect();
+            for (i, b) in sent.iter().enumerate() {
+                assert_eq!(append_bytes(&p, b).unwrap().0, 2 * i as i64);
+            }
+            // Producer 2 appears only past the cut.
+            assert_eq!(append_bytes(&p, &idempotent(2, 4, 7, 1)).unwrap(), (300, 300));
+            p.wait_durable(300).await.unwrap();
+            assert!(snapshot_offsets(&dir)[0] > 200, "snapshots past the cut exist before it");
+
+            p.truncate_to(201).await.unwrap();
+            assert_eq!(p.log_end_offset(), 200);
+            assert!(snapshot_offsets(&dir).iter().all(|&s| s <= 200), "{:?}", snapshot_offsets(&dir));
+            assert_eq!(append_bytes(&p, &sent[99]).unwrap(), (198, 199), "kept batches are retries");
+            assert_eq!(p.log_end_offset(), 200);
+            assert_eq!(append_bytes(&p, &sent[100]).unwrap(), (200, 201), "cut batches are new");
+            assert_eq!(p.log_end_offset(), 202);
+            // Producer 2 is unknown again: any epoch and sequence.
+            assert_eq!(append_bytes(&p, &idempotent(2, 1, 3, 1)).unwrap(), (202, 202));
+            p.wait_durable(202).await.unwrap();
+            p.close().await.unwrap();
+
+            let (p, _) = Partition::open(dir, cfg, shard).await.unwrap();
+            assert_eq!(append_bytes(&p, &sent[100]).unwrap(), (200, 201));
+            assert!(matches!(
+                append_bytes(&p, &idempotent(2, 0, 4, 1)),
+                Err(StorageError::ProducerFenced { current_epoch: 1, .. })
+            ));
             p.close().await.unwrap();
         });
     }

@@ -2,6 +2,7 @@
 //! in their own temporary data directories, driven through the real CLI and client.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Write};
@@ -16,6 +17,8 @@ pub struct Broker {
     pub child: Option<Child>,
     pub dir: PathBuf,
     pub addr: String,
+    /// The Kafka listener, `host:port`.
+    pub kafka: String,
     pub direct: Vec<String>,
     pub args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
@@ -46,6 +49,8 @@ impl Broker {
             shards.to_string(),
             "--set".into(),
             "free_space_reserve_bytes=1048576".into(),
+            "--kafka-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         for s in sets {
             args.push("--set".into());
@@ -55,6 +60,7 @@ impl Broker {
             child: None,
             dir: dir.to_path_buf(),
             addr: String::new(),
+            kafka: String::new(),
             direct: vec![],
             args,
             _tmp: None,
@@ -91,6 +97,9 @@ impl Broker {
         for field in line.split_whitespace() {
             if let Some(v) = field.strip_prefix("native=") {
                 self.addr = v.to_string();
+            }
+            if let Some(v) = field.strip_prefix("kafka=") {
+                self.kafka = v.to_string();
             }
             if let Some(v) = field.strip_prefix("direct=") {
                 self.direct = v.split(',').map(str::to_string).collect();

@@ -1,0 +1,243 @@
+//! The `ringlog` binary's global allocator: the system allocator, except that blocks of
+//! [`LARGE_BLOCK_BYTES`] or more are anonymous `MAP_NORESERVE` mappings of their own.
+//!
+//! Why: a decoder that sizes a `Vec` from a count read off the wire before reading the elements
+//! (the `kafka-protocol` crate's `Array`/`CompactArray` do: `Vec::with_capacity(n)`) turns a
+//! 30-byte request claiming 2^31 elements into a request for ~150 GB. The system allocator
+//! refuses that (the kernel's overcommit heuristic rejects a mapping larger than RAM + swap),
+//! and Rust answers an allocation failure by aborting the process: every shard, every
+//! connection. A `MAP_NORESERVE` mapping is address space only: it is not charged against the
+//! overcommit heuristic, pages are committed when first touched, so the bogus capacity costs
+//! nothing and the decode fails normally a few bytes later, when the elements run out. The
+//! block is released with `munmap` when the `Vec` drops.
+//!
+//! Everything below the threshold goes to the system allocator unchanged; the only cost on the
+//! hot path is one comparison per call. Above the threshold the system allocator would itself
+//! serve the block with a fresh `mmap` (glibc's mmap threshold is at most 32 MiB), so large
+//! legitimate blocks cost the same system calls as before. Under `vm.overcommit_memory=2`
+//! (strict accounting) the kernel ignores `MAP_NORESERVE`, and a bogus request fails exactly as
+//! it would have without this allocator.
+//!
+//! Owns nothing else and depends only on `libc`; it must never allocate itself.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+/// Blocks at least this large are mappings of their own. Above glibc's largest mmap threshold
+/// (32 MiB), so the system allocator would have used a fresh mapping for them anyway, and far
+/// below the RAM of any machine a broker runs on, so no bogus request is large enough to reach
+/// the system allocator and still be refused.
+pub const LARGE_BLOCK_BYTES: usize = 64 << 20;
+
+/// `mmap` returns page-aligned addresses; stricter alignments stay with the system allocator.
+const PAGE_BYTES: usize = 4096;
+
+/// See the module documentation.
+pub struct ReservingAllocator;
+
+/// Whether a block of this layout is (or is to be) a mapping of its own. The hot paths test only
+/// the size, one comparison; the alignment is looked at on the cold path.
+#[inline]
+fn is_mapped(size: usize, align: usize) -> bool {
+    size >= LARGE_BLOCK_BYTES && align <= PAGE_BYTES
+}
+
+// The large-block paths are cold and out of line, so the system allocator's path stays one
+// comparison and a tail call.
+
+/// A new large block: a fresh private anonymous mapping (zero-filled), or null.
+#[cold]
+#[inline(never)]
+unsafe fn alloc_large(layout: Layout, zeroed: bool) -> *mut u8 {
+    if !is_mapped(layout.size(), layout.align()) {
+        // SAFETY: forwarded with the caller's guarantees.
+        return unsafe {
+            if zeroed {
+                System.alloc_zeroed(layout)
+            } else {
+                System.alloc(layout)
+            }
+        };
+    }
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            layout.size(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        std::ptr::null_mut()
+    } else {
+        ptr.cast()
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_large(ptr: *mut u8, layout: Layout) {
+    if !is_mapped(layout.size(), layout.align()) {
+        // SAFETY: forwarded with the caller's guarantees.
+        return unsafe { System.dealloc(ptr, layout) };
+    }
+    // SAFETY: `ptr` is a live mapping of `layout.size()` bytes that nothing uses any more.
+    let rc = unsafe { libc::munmap(ptr.cast(), layout.size()) };
+    debug_assert_eq!(rc, 0, "munmap of a large block failed");
+}
+
+/// `realloc` where the old or the new size is large.
+#[cold]
+#[inline(never)]
+unsafe fn realloc_large(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    match (is_mapped(layout.size(), layout.align()), is_mapped(new_size, layout.align())) {
+        // SAFETY: forwarded with the caller's guarantees.
+        (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+        (true, true) => {
+            // SAFETY: `ptr` is a live mapping of `layout.size()` bytes; the kernel keeps its
+            // contents and its MAP_NORESERVE accounting, and the old address is not used again
+            // if it moves.
+            let moved = unsafe { libc::mremap(ptr.cast(), layout.size(), new_size, libc::MREMAP_MAYMOVE) };
+            if moved == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                moved.cast()
+            }
+        }
+        _ => {
+            // Across the threshold: a block from the other side, then a copy.
+            // SAFETY: `new_size` is non-zero and, rounded up to `layout.align()`, fits isize
+            // (the caller's guarantees for realloc).
+            let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            // SAFETY: a non-zero size, as above.
+            let new_ptr = unsafe { ReservingAllocator.alloc(new_layout) };
+            if !new_ptr.is_null() {
+                // SAFETY: both blocks are live, distinct, and at least this long.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, new_ptr, layout.size().min(new_size)) };
+                // SAFETY: `ptr` was allocated with `layout`; it is not used again.
+                unsafe { ReservingAllocator.dealloc(ptr, layout) };
+            }
+            new_ptr
+        }
+    }
+}
+
+// SAFETY: small blocks are the system allocator's, with its guarantees. A mapped block is a
+// mapping of at least `size` bytes, page-aligned (so aligned for any `align <= PAGE_BYTES`),
+// used by nobody else until it is unmapped. Whether a block is mapped is decided from its
+// layout's size and alignment alone, and `GlobalAlloc` passes `dealloc` and `realloc` the
+// layout the block was last allocated with, so every block returns to the allocator that
+// made it.
+unsafe impl GlobalAlloc for ReservingAllocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= LARGE_BLOCK_BYTES {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { alloc_large(layout, false) };
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= LARGE_BLOCK_BYTES {
+            // SAFETY: forwarded with the caller's guarantees; anonymous pages read as zero.
+            return unsafe { alloc_large(layout, true) };
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size() >= LARGE_BLOCK_BYTES {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { dealloc_large(ptr, layout) };
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.size() >= LARGE_BLOCK_BYTES || new_size >= LARGE_BLOCK_BYTES {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { realloc_large(ptr, layout, new_size) };
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bogus_capacity_costs_address_space_only() {
+        let allocator = ReservingAllocator;
+        // 2^31 elements of 72 bytes: what a 30-byte Metadata request asks the decoder for.
+        let layout = Layout::from_size_align(72 << 31, 8).unwrap();
+        unsafe {
+            let ptr = allocator.alloc(layout);
+            assert!(!ptr.is_null(), "a 144 GiB reservation failed");
+            // The first and the last page are usable; nothing in between is committed.
+            ptr.write(1);
+            ptr.add(layout.size() - 1).write(2);
+            assert_eq!((ptr.read(), ptr.add(layout.size() - 1).read()), (1, 2));
+            allocator.dealloc(ptr, layout);
+        }
+    }
+
+    #[test]
+    fn blocks_keep_their_contents_across_the_threshold() {
+        let allocator = ReservingAllocator;
+        let small = Layout::from_size_align(LARGE_BLOCK_BYTES - 8, 8).unwrap();
+        unsafe {
+            let ptr = allocator.alloc_zeroed(small);
+            assert!(!ptr.is_null());
+            assert_eq!(ptr.add(small.size() - 1).read(), 0);
+            ptr.write(7);
+            ptr.add(small.size() - 1).write(9);
+            // small → large: copied into a mapping.
+            let big_size = LARGE_BLOCK_BYTES * 2;
+            let big = allocator.realloc(ptr, small, big_size);
+            assert!(!big.is_null());
+            assert_eq!((big.read(), big.add(small.size() - 1).read()), (7, 9));
+            big.add(big_size - 1).write(5);
+            // large → larger: remapped.
+            let big_layout = Layout::from_size_align(big_size, 8).unwrap();
+            let bigger = allocator.realloc(big, big_layout, big_size * 2);
+            assert!(!bigger.is_null());
+            assert_eq!((bigger.read(), bigger.add(big_size - 1).read()), (7, 5));
+            // large → small: copied back to the system allocator.
+            let bigger_layout = Layout::from_size_align(big_size * 2, 8).unwrap();
+            let back = allocator.realloc(bigger, bigger_layout, 64);
+            assert!(!back.is_null());
+            assert_eq!(back.read(), 7);
+            allocator.dealloc(back, Layout::from_size_align(64, 8).unwrap());
+        }
+    }
+
+    #[test]
+    fn over_aligned_large_blocks_stay_with_the_system_allocator() {
+        assert!(!is_mapped(LARGE_BLOCK_BYTES, PAGE_BYTES * 2));
+        assert!(is_mapped(LARGE_BLOCK_BYTES, PAGE_BYTES));
+        assert!(!is_mapped(LARGE_BLOCK_BYTES - 1, 8));
+        let allocator = ReservingAllocator;
+        let layout = Layout::from_size_align(LARGE_BLOCK_BYTES, PAGE_BYTES * 4).unwrap();
+        unsafe {
+            let ptr = allocator.alloc(layout);
+            assert!(!ptr.is_null());
+            assert_eq!(ptr as usize % (PAGE_BYTES * 4), 0);
+            let bigger = allocator.realloc(ptr, layout, LARGE_BLOCK_BYTES * 2);
+            assert!(!bigger.is_null());
+            allocator
+                .dealloc(bigger, Layout::from_size_align(LARGE_BLOCK_BYTES * 2, PAGE_BYTES * 4).unwrap());
+        }
+    }
+}

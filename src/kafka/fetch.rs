@@ -1,0 +1,341 @@
+//! Kafka Fetch (versions 4..=12) and ListOffsets (versions 1..=6).
+//!
+//! Owns: answering fetches with storage's buffers by reference (long polling as the native
+//! protocol does it: `min_bytes`, `max_wait_ms` capped by `fetch_wait_ms_max`, woken by appends
+//! on any shard), the response-wide `max_bytes` rule of KIP-74, and offset lookups by time.
+//! Fetch sessions (KIP-227) are not kept: every answer carries session id 0, which tells clients
+//! to keep sending full fetch requests. Without transactions the last stable offset is the high
+//! watermark and no transaction is ever aborted. May depend on `shard` (routing, reads) and the
+//! sibling `codec`/`errors`; never on storage directly.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::FutureExt;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{
+    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
+};
+use kafka_protocol::ResponseError;
+
+use super::codec::{respond, respond_zero_copy, RecordSets, RequestContext};
+use super::errors::kafka_code;
+use crate::protocol::wire::ErrorCode;
+use crate::server::{Boxed, Reply};
+use crate::shard::mesh::{FetchItem, FetchOutcome, OffsetQuery, PartitionError};
+use crate::shard::Shard;
+
+/// Where a partition's outcome comes from: an index into the routed items, or an error found
+/// before routing.
+type Slot = Result<usize, PartitionError>;
+
+/// A Fetch response's shape, in request order: per topic, each partition's index and slot.
+type FetchLayout = Vec<(TopicName, Vec<(i32, Slot)>)>;
+
+/// A ListOffsets response's shape: per topic, each partition's index, asked timestamp and slot.
+type OffsetsLayout = Vec<(TopicName, Vec<(i32, i64, Slot)>)>;
+
+/// ListOffsets' sentinel timestamps (KIP-79).
+const LATEST_TIMESTAMP: i64 = -1;
+const EARLIEST_TIMESTAMP: i64 = -2;
+
+/// Every partition of this broker is led by node 0 at leader epoch 0.
+const LEADER_EPOCH: i32 = 0;
+
+fn ready(reply: Reply) -> Boxed<Reply> {
+    futures::future::ready(reply).boxed_local()
+}
+
+fn unknown_partition(topic: &str, index: i32) -> PartitionError {
+    PartitionError::new(
+        ErrorCode::UnknownTopicOrPartition,
+        format!("topic '{topic}' has no partition {index}"),
+    )
+}
+
+/// Routes `(topic, index)`; a negative index is an unknown partition.
+fn route(
+    shard: &Shard,
+    topic: &str,
+    index: i32,
+) -> Result<(Rc<crate::shard::TopicView>, u32, u32), PartitionError> {
+    let partition = u32::try_from(index).map_err(|_| unknown_partition(topic, index))?;
+    let (view, owner) = shard.route(topic, partition)?;
+    Ok((view, owner, partition))
+}
+
+/// Handles one Fetch request. Nothing here must happen in arrival order, so the work is all in
+/// the returned future.
+pub(super) async fn fetch(shard: &Rc<Shard>, ctx: RequestContext, request: FetchRequest) -> Boxed<Reply> {
+    if request.session_id != 0 {
+        // No session is ever created here, so a client naming one is behind (e.g. a broker
+        // restart); this code makes it drop the session and send a full fetch.
+        let body = FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
+        return ready(respond(&ctx, &body));
+    }
+    let config = &shard.config;
+    let max_wait_ms = u64::try_from(request.max_wait_ms).unwrap_or(0).min(config.fetch_wait_ms_max);
+    let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
+    // Bounded by the frame limit too: a response is held in memory until it is sent.
+    let max_bytes = usize::try_from(request.max_bytes).unwrap_or(0).min(config.frame_bytes_max).max(1);
+    let mut items: Vec<(u32, FetchItem)> = Vec::new();
+    let mut layout: FetchLayout = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let mut parts = Vec::with_capacity(topic.partitions.len());
+        for p in &topic.partitions {
+            let slot = route(shard, &topic.topic.0, p.partition).map(|(view, owner, partition)| {
+                let item = FetchItem {
+                    topic: view.name.clone(),
+                    partition,
+                    offset: p.fetch_offset,
+                    max_bytes: usize::try_from(p.partition_max_bytes).unwrap_or(0).clamp(1, max_bytes),
+                };
+                items.push((owner, item));
+                items.len() - 1
+            });
+            parts.push((p.partition, slot));
+        }
+        layout.push((topic.topic, parts));
+    }
+    let routing_failed = layout.iter().flat_map(|(_, parts)| parts).any(|(_, slot)| slot.is_err());
+    let shard = shard.clone();
+    async move {
+        let deadline = Instant::now() + Duration::from_millis(max_wait_ms);
+        let outcomes = loop {
+            let outcomes: Vec<FetchOutcome> = shard.fetch(items.clone()).await.await;
+            let bytes: usize = outcomes.iter().flatten().map(|f| f.len()).sum();
+            // As Kafka does, an error anywhere answers at once rather than after max_wait.
+            let failed = routing_failed || outcomes.iter().any(Result::is_err);
+            let now = Instant::now();
+            if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
+                break outcomes;
+            }
+            // Park until something past what we already have arrives on any of the partitions.
+            let waits: Vec<(u32, FetchItem)> = items
+                .iter()
+                .zip(&outcomes)
+                .map(|((owner, item), outcome)| {
+                    let mut item = item.clone();
+                    if let Ok(f) = outcome {
+                        item.offset = item.offset.max(f.high_watermark);
+                    }
+                    (*owner, item)
+                })
+                .collect();
+            shard.wait_for_data(waits, (deadline - now).as_millis() as u64).await;
+        };
+        encode_fetch(&ctx, layout, outcomes, max_bytes)
+    }
+    .boxed_local()
+}
+
+fn encode_fetch(
+    ctx: &RequestContext,
+    layout: FetchLayout,
+    outcomes: Vec<FetchOutcome>,
+    max_bytes: usize,
+) -> Reply {
+    let mut outcomes: Vec<Option<FetchOutcome>> = outcomes.into_iter().map(Some).collect();
+    let mut sets = RecordSets::default();
+    let mut included_bytes = 0usize;
+    let mut responses = Vec::with_capacity(layout.len());
+    for (topic, parts) in layout {
+        let mut partitions = Vec::with_capacity(parts.len());
+        for (index, slot) in parts {
+            let outcome = match slot {
+                Ok(i) => outcomes
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .unwrap_or_else(|| Err(PartitionError::new(ErrorCode::Internal, "fetch result missing"))),
+                Err(e) => Err(e),
+            };
+            let data = PartitionData::default().with_partition_index(index);
+            let data = match outcome {
+                Ok(fetched) => {
+                    let len = fetched.len();
+                    // KIP-74: the response-wide limit, except that the first partition with data
+                    // always gets through, so a consumer can pass a batch larger than max_bytes.
+                    let include = len > 0 && (included_bytes == 0 || included_bytes + len <= max_bytes);
+                    let records = if include {
+                        included_bytes += len;
+                        sets.add(fetched.chunks)
+                    } else {
+                        Bytes::new()
+                    };
+                    data.with_high_watermark(fetched.high_watermark)
+                        .with_last_stable_offset(fetched.high_watermark)
+                        .with_log_start_offset(fetched.log_start_offset)
+                        .with_records(Some(records))
+                }
+                Err(e) => {
+                    let (log_start_offset, high_watermark) = e.log_bounds.unwrap_or((-1, -1));
+                    data.with_error_code(kafka_code(e.code))
+                        .with_high_watermark(high_watermark)
+                        .with_last_stable_offset(high_watermark)
+                        .with_log_start_offset(log_start_offset)
+                }
+            };
+            partitions.push(data);
+        }
+        responses.push(FetchableTopicResponse::default().with_topic(topic).with_partitions(partitions));
+    }
+    let body = FetchResponse::default().with_throttle_time_ms(0).with_session_id(0).with_responses(responses);
+    respond_zero_copy(ctx, &body, sets)
+}
+
+/// Handles one ListOffsets request: -1 is the high watermark, -2 the log start, anything else the
+/// first offset whose record timestamp is at or after it.
+pub(super) async fn list_offsets(
+    shard: &Rc<Shard>,
+    ctx: RequestContext,
+    request: ListOffsetsRequest,
+) -> Boxed<Reply> {
+    let mut seen: HashSet<(TopicName, i32)> = HashSet::new();
+    let mut items = Vec::new();
+    let mut layout: OffsetsLayout = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let mut parts = Vec::with_capacity(topic.partitions.len());
+        for p in &topic.partitions {
+            let slot = if !seen.insert((topic.name.clone(), p.partition_index)) {
+                // Kafka refuses a partition asked for twice rather than pick one of the answers.
+                Err(PartitionError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("partition {} of '{}' is listed twice", p.partition_index, &*topic.name.0),
+                ))
+            } else {
+                route(shard, &topic.name.0, p.partition_index).map(|(view, owner, partition)| {
+                    let query =
+                        OffsetQuery { topic: view.name.clone(), partition, timestamp_ms: p.timestamp };
+                    items.push((owner, query));
+                    items.len() - 1
+                })
+            };
+            parts.push((p.partition_index, p.timestamp, slot));
+        }
+        layout.push((topic.name, parts));
+    }
+    let outcomes = shard.list_offsets(items).await;
+    let version = ctx.version;
+    async move {
+        let outcomes = outcomes.await;
+        let topics = layout
+            .into_iter()
+            .map(|(name, parts)| {
+                let partitions = parts
+                    .into_iter()
+                    .map(|(index, timestamp, slot)| {
+                        let outcome = match slot {
+                            Ok(i) => outcomes.get(i).cloned().unwrap_or_else(|| {
+                                Err(PartitionError::new(ErrorCode::Internal, "offset lookup result missing"))
+                            }),
+                            Err(e) => Err(e),
+                        };
+                        offsets_partition(index, timestamp, outcome, version)
+                    })
+                    .collect();
+                ListOffsetsTopicResponse::default().with_name(name).with_partitions(partitions)
+            })
+            .collect();
+        respond(&ctx, &ListOffsetsResponse::default().with_throttle_time_ms(0).with_topics(topics))
+    }
+    .boxed_local()
+}
+
+fn offsets_partition(
+    index: i32,
+    timestamp: i64,
+    outcome: Result<Option<(i64, i64)>, PartitionError>,
+    version: i16,
+) -> ListOffsetsPartitionResponse {
+    let response = ListOffsetsPartitionResponse::default().with_partition_index(index);
+    let found = match outcome {
+        Err(e) => return response.with_error_code(kafka_code(e.code)),
+        Ok(found) => found,
+    };
+    let found = match found {
+        // The shard answers a time past the last record with the log end (and no timestamp);
+        // Kafka answers "none" (-1), which clients report as no offset for that time.
+        Some((_, -1)) if !matches!(timestamp, LATEST_TIMESTAMP | EARLIEST_TIMESTAMP) => None,
+        found => found,
+    };
+    match found {
+        None => response,
+        Some((offset, record_timestamp)) => {
+            let response = response.with_offset(offset).with_timestamp(record_timestamp);
+            // The field exists from v4; the encoder refuses it earlier.
+            if version >= 4 {
+                response.with_leader_epoch(LEADER_EPOCH)
+            } else {
+                response
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::ResponseHeader;
+    use kafka_protocol::protocol::Decodable;
+
+    #[test]
+    fn offsets_follow_kafka_for_sentinels_and_misses() {
+        let latest = offsets_partition(0, LATEST_TIMESTAMP, Ok(Some((42, -1))), 6);
+        assert_eq!((latest.error_code, latest.offset, latest.timestamp, latest.leader_epoch), (0, 42, -1, 0));
+        let earliest = offsets_partition(1, EARLIEST_TIMESTAMP, Ok(Some((3, -1))), 3);
+        assert_eq!((earliest.offset, earliest.leader_epoch), (3, -1), "no leader epoch before v4");
+        let hit = offsets_partition(2, 1_000, Ok(Some((7, 1_005))), 6);
+        assert_eq!((hit.offset, hit.timestamp), (7, 1_005));
+        let miss = offsets_partition(3, 1_000, Ok(Some((42, -1))), 6);
+        assert_eq!((miss.error_code, miss.offset, miss.timestamp, miss.leader_epoch), (0, -1, -1, -1));
+        let unknown = PartitionError::new(ErrorCode::UnknownTopicOrPartition, "gone");
+        let failed = offsets_partition(4, -1, Err(unknown), 6);
+        assert_eq!((failed.error_code, failed.offset), (3, -1));
+    }
+
+    #[test]
+    fn fetch_response_holds_records_by_reference_within_max_bytes() {
+        let ctx = RequestContext {
+            api_key: Some(kafka_protocol::messages::ApiKey::Fetch),
+            api_key_raw: 1,
+            version: 12,
+            correlation_id: 9,
+            client_id: None,
+        };
+        let fetched = |chunks: Vec<Bytes>, hw| {
+            Ok(crate::shard::mesh::Fetched { chunks, high_watermark: hw, log_start_offset: 0 })
+        };
+        let (big, small) = (Bytes::from(vec![1u8; 300]), Bytes::from(vec![2u8; 50]));
+        let name = TopicName(kafka_protocol::protocol::StrBytes::from_static_str("t"));
+        let layout =
+            vec![(name, vec![(0, Ok(0)), (1, Ok(1)), (2, Ok(2)), (3, Err(unknown_partition("t", 3)))])];
+        let outcomes =
+            vec![fetched(vec![big.clone()], 10), fetched(vec![small.clone()], 4), fetched(vec![], 0)];
+        // 300 bytes exceed max_bytes but go as the first data; the next 50 would pass the limit.
+        let Reply::Frame(frame) = encode_fetch(&ctx, layout, outcomes, 100) else { panic!("not a frame") };
+        assert_eq!(frame.payload.len(), 2, "one referenced record set and the bytes after it");
+        assert_eq!(frame.payload[0].as_ptr(), big.as_ptr(), "record bytes were copied");
+        let size = i32::from_be_bytes(frame.head[..4].try_into().unwrap()) as usize;
+        let total = frame.head.len() + frame.payload.iter().map(Bytes::len).sum::<usize>();
+        assert_eq!(size + 4, total);
+        let mut body = Vec::new();
+        body.extend_from_slice(&frame.head);
+        for part in &frame.payload {
+            body.extend_from_slice(part);
+        }
+        let mut bytes = Bytes::from(body).slice(4..);
+        let _ = ResponseHeader::decode(&mut bytes, 1).unwrap();
+        let response = FetchResponse::decode(&mut bytes, 12).unwrap();
+        let parts = &response.responses[0].partitions;
+        assert_eq!(parts[0].records.as_ref().map(Bytes::len), Some(300));
+        assert_eq!(parts[1].records.as_ref().map(Bytes::len), Some(0));
+        assert_eq!((parts[1].high_watermark, parts[1].last_stable_offset), (4, 4));
+        assert_eq!(parts[3].error_code, 3);
+        assert_eq!(response.session_id, 0);
+    }
+}
