@@ -1,8 +1,9 @@
 //! A broker of loadgen's own for quick local runs (no `--bootstrap`): `ringlog serve` in a
 //! temporary data directory on free loopback ports, stopped and removed when the run ends.
 //!
-//! Owns: finding the `ringlog` binary (next to loadgen's executable, else on PATH), starting it,
-//! reading its `ringlog ready:` line, and stopping it with SIGTERM.
+//! Owns: finding the `ringlog` binary (next to loadgen's executable, else on PATH), starting it
+//! with both its native and its Kafka listener, reading its `ringlog ready:` line, and stopping it
+//! with SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ pub struct LocalBroker {
     pub binary: PathBuf,
     pub dir: PathBuf,
     pub native: String,
+    /// The Kafka listener, if the broker has one.
+    pub kafka: Option<String>,
+    pub shards: Option<u32>,
     pub admin: Option<String>,
     pub log: PathBuf,
 }
@@ -54,6 +58,8 @@ impl LocalBroker {
             "127.0.0.1:0",
             "--shard-port-base",
             "0",
+            "--kafka-listen",
+            "127.0.0.1:0",
             "--set",
             "admin_listen=127.0.0.1:0",
         ]);
@@ -85,6 +91,8 @@ impl LocalBroker {
             binary: binary.to_path_buf(),
             dir,
             native: String::new(),
+            kafka: None,
+            shards: None,
             admin: None,
             log,
         };
@@ -96,14 +104,16 @@ impl LocalBroker {
                 broker.log.display()
             ))
         })?;
-        let (native, admin) = parse_ready_line(&line).ok_or_else(|| {
+        let ready = parse_ready_line(&line).ok_or_else(|| {
             LoadgenError::Broker(format!(
                 "unexpected first line from the broker: {line:?} (log: {})",
                 broker.log.display()
             ))
         })?;
-        broker.native = native;
-        broker.admin = admin;
+        broker.native = ready.native;
+        broker.kafka = ready.kafka;
+        broker.shards = ready.shards;
+        broker.admin = ready.admin;
         Ok(broker)
     }
 
@@ -163,21 +173,36 @@ impl Drop for LocalBroker {
     }
 }
 
-/// `ringlog ready: native=HOST:PORT shards=N direct=... data_dir=PATH admin=HOST:PORT` →
-/// (native, admin).
-pub fn parse_ready_line(line: &str) -> Option<(String, Option<String>)> {
+/// What the broker's ready line says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyLine {
+    pub native: String,
+    /// `None` when the line says `kafka=off` (or, from an older broker, nothing).
+    pub kafka: Option<String>,
+    pub shards: Option<u32>,
+    pub admin: Option<String>,
+}
+
+/// `ringlog ready: native=HOST:PORT kafka=HOST:PORT shards=N direct=... data_dir=PATH
+/// admin=HOST:PORT`; `None` without a native address.
+pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
     let rest = line.strip_prefix("ringlog ready:")?;
-    let mut native = None;
-    let mut admin = None;
+    let (mut native, mut kafka, mut shards, mut admin) = (None, None, None, None);
     for field in rest.split_whitespace() {
         if let Some(v) = field.strip_prefix("native=") {
             native = Some(v.to_string());
+        }
+        if let Some(v) = field.strip_prefix("kafka=") {
+            kafka = (v != "off").then(|| v.to_string());
+        }
+        if let Some(v) = field.strip_prefix("shards=") {
+            shards = v.parse().ok();
         }
         if let Some(v) = field.strip_prefix("admin=") {
             admin = (v != "none").then(|| v.to_string());
         }
     }
-    Some((native?, admin))
+    Some(ReadyLine { native: native?, kafka, shards, admin })
 }
 
 #[cfg(test)]
@@ -186,12 +211,20 @@ mod tests {
 
     #[test]
     fn ready_line_fields() {
-        let line = "ringlog ready: native=127.0.0.1:4000 shards=2 direct=127.0.0.1:4001,127.0.0.1:4002 \
-                    data_dir=/tmp/x admin=127.0.0.1:4003";
+        let line = "ringlog ready: native=127.0.0.1:4000 kafka=127.0.0.1:4005 shards=2 \
+                    direct=127.0.0.1:4001,127.0.0.1:4002 data_dir=/tmp/x admin=127.0.0.1:4003";
         assert_eq!(
             parse_ready_line(line),
-            Some(("127.0.0.1:4000".to_string(), Some("127.0.0.1:4003".to_string())))
+            Some(ReadyLine {
+                native: "127.0.0.1:4000".into(),
+                kafka: Some("127.0.0.1:4005".into()),
+                shards: Some(2),
+                admin: Some("127.0.0.1:4003".into()),
+            })
         );
+        let off =
+            parse_ready_line("ringlog ready: native=127.0.0.1:4000 kafka=off shards=1 admin=none").unwrap();
+        assert_eq!((off.kafka, off.admin), (None, None));
         assert_eq!(parse_ready_line("ringlog ready: shards=2"), None);
         assert_eq!(parse_ready_line("hello"), None);
     }

@@ -3,13 +3,16 @@
 //! and an SVG chart.
 //!
 //! Layout: `workload` (what to run) → `run` (tasks and phases; `rate` decides when each message
-//! is sent, `message` what it carries, `stats` what is recorded) → `report` and `chart` (what is
-//! written). `broker` starts a local broker when no `--bootstrap` is given. Depends on the ringlog
-//! client only (no broker runtime).
+//! is sent, `message` what it carries, `stats` what is recorded; `native` and `kafka` speak the
+//! two protocols) → `report` and `chart` (what is written). `broker` starts a local broker when no
+//! `--bootstrap` is given. Depends on the ringlog client and record format only (no broker
+//! runtime) and on the `kafka-protocol` codecs.
 
 mod broker;
 mod chart;
+mod kafka;
 mod message;
+mod native;
 mod rate;
 mod report;
 mod run;
@@ -34,13 +37,10 @@ pub enum LoadgenError {
     Broker(String),
     #[error(transparent)]
     Client(#[from] ringlog::client::ClientError),
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaError),
     #[error("a loadgen task failed: {0}")]
     Task(String),
-    #[error(
-        "--protocol kafka is not supported yet: ringlog does not speak the Kafka protocol until the \
-         Kafka-protocol issue lands; use --protocol native"
-    )]
-    KafkaNotSupported,
 }
 
 /// Flags override the workload file, which overrides the defaults.
@@ -48,12 +48,19 @@ pub enum LoadgenError {
 #[command(
     name = "ringlog-loadgen",
     version,
-    about = "Benchmark a Kafka-family broker (ringlog native protocol)"
+    about = "Benchmark a Kafka-family broker: ringlog over its native protocol, or ringlog, Apache Kafka \
+             or Redpanda over the Kafka protocol",
+    after_help = "Consumers are assigned their share of the partitions explicitly (consumer i of a group \
+                  reads partitions p with p % consumers == i, from the beginning); no consumer-group \
+                  protocol is used, over either protocol."
 )]
 struct Cli {
-    /// Broker address; without it loadgen starts a broker of its own in a temporary directory.
+    /// Broker address (Kafka: host:port[,host:port...]); without it loadgen starts a ringlog broker
+    /// of its own in a temporary directory and uses its native or Kafka listener.
     #[arg(long)]
     bootstrap: Option<String>,
+    /// native: ringlog's protocol, shard-aware. kafka: the Kafka wire protocol (Produce, Fetch,
+    /// ListOffsets, Metadata, CreateTopics, DeleteTopics; no consumer groups, no compression).
     #[arg(long, value_enum)]
     protocol: Option<Protocol>,
     /// TOML workload file (see loadgen/workloads/).
@@ -100,9 +107,13 @@ struct Cli {
     batch_bytes: Option<usize>,
     #[arg(long)]
     linger_ms: Option<u64>,
-    /// fsync or written: the created topics' durability.
+    /// fsync or written: the created topics' durability (ringlog only; over the Kafka protocol a
+    /// broker that refuses the `ringlog.durability` topic config gets the topics without it).
     #[arg(long)]
     durability: Option<String>,
+    /// Kafka protocol: the created topics' replication factor (-1: the broker's default).
+    #[arg(long)]
+    replication_factor: Option<i16>,
     /// Write the JSON report here.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -144,6 +155,9 @@ impl Cli {
         if self.durability.is_some() {
             w.topic_config.durability = self.durability.clone();
         }
+        if self.replication_factor.is_some() {
+            w.topic_config.replication_factor = self.replication_factor;
+        }
         w.validate()?;
         Ok(w)
     }
@@ -162,9 +176,6 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, LoadgenError> {
     let workload = cli.workload()?;
-    if workload.protocol == Protocol::Kafka {
-        return Err(LoadgenError::KafkaNotSupported);
-    }
     let local = match &cli.bootstrap {
         Some(_) => None,
         None => {
@@ -177,10 +188,12 @@ fn run(cli: Cli) -> Result<ExitCode, LoadgenError> {
             })?;
             let b = broker::LocalBroker::start(&binary, cli.broker_shards, &cli.broker_set)?;
             eprintln!(
-                "ringlog-loadgen: no --bootstrap given: started a local broker ({} serve) at {} with data in {} \
-                 (log {}, metrics http://{}/metrics); it is stopped and removed after the run",
+                "ringlog-loadgen: no --bootstrap given: started a local broker ({} serve) at {} (Kafka \
+                 listener {}) with data in {} (log {}, metrics http://{}/metrics); it is stopped and removed \
+                 after the run",
                 binary.display(),
                 b.native,
+                b.kafka.as_deref().unwrap_or("off"),
                 b.dir.display(),
                 b.log.display(),
                 b.admin.as_deref().unwrap_or("-")
@@ -188,15 +201,30 @@ fn run(cli: Cli) -> Result<ExitCode, LoadgenError> {
             Some(b)
         }
     };
-    let bootstrap =
-        cli.bootstrap.clone().or_else(|| local.as_ref().map(|b| b.native.clone())).unwrap_or_default();
+    let bootstrap = match (&cli.bootstrap, &local, workload.protocol) {
+        (Some(bootstrap), _, _) => bootstrap.clone(),
+        (None, Some(b), Protocol::Native) => b.native.clone(),
+        (None, Some(b), Protocol::Kafka) => b.kafka.clone().ok_or_else(|| {
+            LoadgenError::Broker(format!(
+                "the local broker {} reported no Kafka listener (kafka=off in its ready line); its log: {}",
+                b.binary.display(),
+                b.log.display()
+            ))
+        })?,
+        (None, None, _) => String::new(),
+    };
     let broker_info = report::BrokerInfo {
         bootstrap: bootstrap.clone(),
-        protocol: "native".into(),
+        protocol: match workload.protocol {
+            Protocol::Native => "native".into(),
+            Protocol::Kafka => "kafka".into(),
+        },
         started_by_loadgen: local.is_some(),
         binary: local.as_ref().map(|b| b.binary.display().to_string()),
         version: local.as_ref().and_then(|b| b.version()),
-        shards: 0,
+        shards: local.as_ref().and_then(|b| b.shards),
+        brokers: None,
+        kafka_api_versions: None,
     };
     let target =
         run::Target { bootstrap, broker: broker_info, keep_topics: cli.keep_topics, progress: !cli.quiet };

@@ -58,8 +58,15 @@ pub struct BrokerInfo {
     /// The `ringlog` binary and its version, when loadgen started it.
     pub binary: Option<String>,
     pub version: Option<String>,
-    /// Shards the broker reported in the handshake.
-    pub shards: u32,
+    /// ringlog's shard count: from the native handshake, or the ready line of a broker loadgen
+    /// started; unknown (null) for a Kafka-protocol broker loadgen did not start.
+    pub shards: Option<u32>,
+    /// Kafka protocol: brokers in the cluster (Metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<u32>,
+    /// Kafka protocol: the version used of each API (the highest both sides speak).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_api_versions: Option<std::collections::BTreeMap<String, i16>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -125,6 +132,8 @@ pub struct Report {
     pub warmup_s: f64,
     pub workload: Workload,
     pub broker: BrokerInfo,
+    /// How consumers got their partitions.
+    pub consumer_assignment: &'static str,
     pub machine: MachineInfo,
     pub timeline: Vec<Point>,
     pub loadgen_version: &'static str,
@@ -245,6 +254,7 @@ mod tests {
                 protocol: "native".into(),
                 ..Default::default()
             },
+            consumer_assignment: crate::run::CONSUMER_ASSIGNMENT,
             machine: MachineInfo::detect(),
             timeline: vec![Point { t_s: 1.0, produce_msgs_per_s: 5.0, ..Default::default() }],
             loadgen_version: "test",

@@ -1,42 +1,42 @@
-//! One benchmark run over the native protocol: create the topics, start consumers and producers
-//! as tokio tasks, report progress once a second, drain, and assemble the report.
+//! One benchmark run: create the topics, start consumers and producers as tokio tasks, report
+//! progress once a second, drain, and assemble the report — the same for every protocol.
 //!
-//! Owns: task layout and the run's phases. Producers follow their `Schedule`, build messages in
-//! slices of one reused buffer, keep their in-flight deliveries per partition in send order, and
-//! record each message's publish latency from its intended send time when its batch completes.
-//! Consumers read their share of the partitions from the beginning and record end-to-end latency
-//! from the send time inside each message. After the producers stop, consumers keep reading until
-//! they reach the high watermark of every partition they read (or `drain_timeout_s` passes), so
-//! the report can say whether every produced message was consumed.
+//! Owns: task layout, the run's phases, and the protocol-neutral interface the tasks go through:
+//! [`Broker`] (topics, drain targets, connecting producers and consumers), [`Sink`] (a producer's
+//! sends) and [`Source`] (a consumer's polls), each with a native (`native`) and a Kafka
+//! (`kafka`) implementation. Producers follow their `Schedule` and build each message in one
+//! reused buffer; the sink records its publish latency from the intended send time when its batch
+//! is acknowledged. Consumers read their share of the partitions from the beginning (explicit
+//! assignment, no consumer-group protocol) and record end-to-end latency from the send time inside
+//! each message. After the producers stop, consumers keep reading until they reach the high
+//! watermark of every partition they read (or `drain_timeout_s` passes), so the report can say
+//! whether every produced message was consumed.
 
-use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use futures::task::{waker_ref, ArcWake, AtomicWaker};
-use ringlog::client::{
-    key_partition, Admin, ClientConfig, Connection, Consumer, ConsumerConfig, DeliveryFuture, Durability,
-    Offset, Partitioner, Producer, ProducerConfig, TopicSettings,
-};
+use ringlog::client::key_partition;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::kafka;
 use crate::message::{self, Clock, Rng};
+use crate::native;
 use crate::rate::Schedule;
 use crate::report::{round, BrokerInfo, MachineInfo, Percentiles, Point, Report};
-use crate::stats::{quantile_us, SharedStats, Tally, Window};
-use crate::workload::{Keys, Workload};
+use crate::stats::{quantile_us, Recorder, SharedStats, Tally, Window};
+use crate::workload::{Keys, Protocol, Workload};
 use crate::LoadgenError;
 
 /// How long one consumer poll waits for data.
 const POLL_WAIT: Duration = Duration::from_millis(100);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest key loadgen writes: `key-` and a u64 in decimal.
+pub const KEY_BYTES_MAX: usize = 24;
+/// What the report says about how consumers get their partitions.
+pub const CONSUMER_ASSIGNMENT: &str =
+    "explicit: each consumer reads its share of the partitions from the start (no consumer-group protocol)";
 
 /// Where to run and how to talk about it.
 pub struct Target {
@@ -53,15 +53,183 @@ type DrainTargets = Option<Arc<HashMap<(Arc<str>, u32), i64>>>;
 
 struct ProducerCtx {
     id: u32,
-    topic: String,
     partitions: u32,
     rate: f64,
     clock: Clock,
     start: Instant,
-    window: Window,
     end: Instant,
     workload: Arc<Workload>,
-    stats: SharedStats,
+    recorder: Recorder,
+}
+
+/// The broker as a run uses it, over either protocol.
+enum Broker {
+    Native(native::Admin),
+    Kafka { cluster: kafka::Cluster, layout: kafka::Layout },
+}
+
+impl Broker {
+    /// Connects and describes the broker in `info`.
+    async fn connect(w: &Workload, bootstrap: &str, info: &mut BrokerInfo) -> Result<Broker, LoadgenError> {
+        Ok(match w.protocol {
+            Protocol::Native => {
+                let admin = native::Admin::connect(bootstrap).await?;
+                info.shards = Some(admin.shards);
+                Broker::Native(admin)
+            }
+            Protocol::Kafka => {
+                let cluster = kafka::Cluster::connect(bootstrap).await?;
+                info.brokers = Some(cluster.broker_count() as u32);
+                info.kafka_api_versions = Some(cluster.versions().into_iter().collect());
+                Broker::Kafka { cluster, layout: kafka::Layout::default() }
+            }
+        })
+    }
+
+    /// Creates every topic, or none.
+    async fn create_topics(&mut self, topics: &[String], w: &Workload) -> Result<(), LoadgenError> {
+        match self {
+            Broker::Native(admin) => admin.create_topics(topics, w).await,
+            Broker::Kafka { cluster, layout } => {
+                *layout = cluster.create_topics(topics, &kafka_topic_spec(w)).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn delete_topics(&mut self, topics: &[String]) -> Result<(), String> {
+        match self {
+            Broker::Native(admin) => admin.delete_topics(topics).await,
+            Broker::Kafka { cluster, .. } => cluster.delete_topics(topics).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Every partition's high watermark.
+    async fn end_offsets(&mut self, topics: &[String]) -> Result<HashMap<(Arc<str>, u32), i64>, String> {
+        match self {
+            Broker::Native(admin) => admin.end_offsets(topics).await,
+            Broker::Kafka { cluster, .. } => {
+                cluster.list_offsets(topics, kafka::LATEST_TIMESTAMP).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn producer(&self, w: &Workload, topic: &str) -> Result<Sink, LoadgenError> {
+        Ok(match self {
+            Broker::Native(admin) => Sink::Native(admin.producer(w, topic).await?),
+            Broker::Kafka { layout, .. } => {
+                let settings = kafka::ProducerSettings {
+                    acks: i16::from(w.acks.to_wire()),
+                    linger: Duration::from_millis(w.linger_ms),
+                    batch_bytes: w.batch_bytes,
+                };
+                Sink::Kafka(kafka::Producer::connect(layout, topic, settings).await?)
+            }
+        })
+    }
+
+    async fn consumer(&self, assigned: Vec<(String, u32)>) -> Result<Source, LoadgenError> {
+        Ok(match self {
+            Broker::Native(admin) => Source::Native(Box::new(admin.consumer(assigned).await?)),
+            Broker::Kafka { layout, .. } => {
+                Source::Kafka(kafka::Consumer::connect(layout, &assigned, POLL_WAIT).await?)
+            }
+        })
+    }
+}
+
+/// The Kafka topic configs for the workload's topic settings.
+fn kafka_topic_spec(w: &Workload) -> kafka::TopicSpec {
+    let c = &w.topic_config;
+    let mut configs = Vec::new();
+    for (name, value) in [
+        ("retention.bytes", c.retention_bytes),
+        ("retention.ms", c.retention_ms),
+        ("segment.bytes", c.segment_bytes),
+    ] {
+        if let Some(v) = value {
+            configs.push((name.to_string(), v.to_string()));
+        }
+    }
+    if let Some(d) = &c.durability {
+        configs.push((kafka::DURABILITY_CONFIG.to_string(), d.clone()));
+    }
+    kafka::TopicSpec {
+        partitions: w.partitions,
+        replication_factor: c.replication_factor.unwrap_or(-1),
+        configs,
+    }
+}
+
+/// Where a producer task's messages go. Each implementation records into `recorder` every
+/// message's publish latency (or failure) once its batch is acknowledged.
+enum Sink {
+    Native(native::Sink),
+    Kafka(kafka::Producer),
+}
+
+impl Sink {
+    /// Queues one message; waits only for the protocol's backpressure.
+    async fn send(
+        &mut self,
+        partition: u32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        intended_us: u64,
+        recorder: &Recorder,
+    ) {
+        match self {
+            Sink::Native(s) => s.send(partition, key, value, intended_us, recorder).await,
+            Sink::Kafka(s) => s.send(partition, key, value, intended_us, recorder).await,
+        }
+    }
+
+    /// Settles acknowledgements until `deadline` (a fixed-rate producer between messages).
+    async fn idle_until(&mut self, deadline: Instant, recorder: &Recorder) {
+        match self {
+            Sink::Native(s) => s.idle_until(deadline, recorder).await,
+            Sink::Kafka(s) => s.idle_until(deadline, recorder).await,
+        }
+    }
+
+    /// Sends everything queued and settles every outcome.
+    async fn finish(self, recorder: &Recorder) {
+        match self {
+            Sink::Native(s) => s.finish(recorder).await,
+            Sink::Kafka(s) => s.finish(recorder).await,
+        }
+    }
+}
+
+/// Where a consumer task's messages come from. Each implementation records into `recorder`
+/// every message's end-to-end latency.
+enum Source {
+    // Boxed: the native consumer is several times the size of the Kafka one.
+    Native(Box<native::Source>),
+    Kafka(kafka::Consumer),
+}
+
+impl Source {
+    async fn poll(&mut self, recorder: &Recorder) -> Result<(), String> {
+        match self {
+            Source::Native(s) => s.poll(POLL_WAIT, recorder).await,
+            Source::Kafka(s) => s.poll(recorder).await,
+        }
+    }
+
+    fn assignment(&self) -> &[(Arc<str>, u32)] {
+        match self {
+            Source::Native(s) => s.assignment(),
+            Source::Kafka(s) => s.assignment(),
+        }
+    }
+
+    fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        match self {
+            Source::Native(s) => s.position(topic, partition),
+            Source::Kafka(s) => s.position(topic, partition),
+        }
+    }
 }
 
 pub async fn run(workload: Workload, mut target: Target) -> Result<Report, LoadgenError> {
@@ -71,43 +239,15 @@ pub async fn run(workload: Workload, mut target: Target) -> Result<Report, Loadg
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let machine = MachineInfo::detect();
-    let client = ClientConfig {
-        bootstrap: target.bootstrap.clone(),
-        client_id: "ringlog-loadgen".into(),
-        request_timeout: REQUEST_TIMEOUT,
-    };
-    let handshake = Connection::connect(&client.bootstrap, &client.client_id, REQUEST_TIMEOUT).await?;
-    target.broker.shards = handshake.shard_count();
-    drop(handshake);
-
-    let admin = Admin::connect(client.clone()).await?;
+    let mut broker = Broker::connect(w, &target.bootstrap, &mut target.broker).await?;
     let prefix = topic_prefix(&w.name, started_unix_ms);
     let topics: Vec<String> = (0..w.topics).map(|i| format!("{prefix}-{i}")).collect();
-    let settings = TopicSettings {
-        retention_bytes: w.topic_config.retention_bytes,
-        retention_ms: w.topic_config.retention_ms,
-        segment_bytes: w.topic_config.segment_bytes,
-        segment_ms: None,
-        durability: match w.topic_config.durability.as_deref() {
-            Some("written") => Some(Durability::Written),
-            Some("fsync") => Some(Durability::Fsync),
-            _ => None,
-        },
-    };
-    for (i, topic) in topics.iter().enumerate() {
-        if let Err(e) = admin.create_topic(topic, w.partitions, &settings).await {
-            for created in &topics[..i] {
-                let _ = admin.delete_topic(created).await;
-            }
-            return Err(e.into());
-        }
-    }
-    let result = run_on_topics(workload.clone(), &client, &topics, &target, machine, started_unix_ms).await;
+    broker.create_topics(&topics, w).await?;
+    let result =
+        run_on_topics(workload.clone(), &mut broker, &topics, &target, machine, started_unix_ms).await;
     if !target.keep_topics {
-        for topic in &topics {
-            if let Err(e) = admin.delete_topic(topic).await {
-                eprintln!("ringlog-loadgen: could not delete topic {topic}: {e}");
-            }
+        if let Err(e) = broker.delete_topics(&topics).await {
+            eprintln!("ringlog-loadgen: could not delete the run's topics: {e}");
         }
     }
     result
@@ -115,7 +255,7 @@ pub async fn run(workload: Workload, mut target: Target) -> Result<Report, Loadg
 
 async fn run_on_topics(
     workload: Arc<Workload>,
-    client: &ClientConfig,
+    broker: &mut Broker,
     topics: &[String],
     target: &Target,
     machine: MachineInfo,
@@ -126,7 +266,6 @@ async fn run_on_topics(
     let (drain_tx, drain_rx) = watch::channel::<DrainTargets>(None);
 
     // Consumers first, so they are waiting when the first message arrives.
-    let mut consumers: Vec<(SharedStats, JoinHandle<()>)> = Vec::new();
     let mut consumer_start = Vec::new();
     for topic in topics {
         for _group in 0..w.consumer_groups.max(1) * u32::from(w.consumers > 0) {
@@ -136,25 +275,14 @@ async fn run_on_topics(
                 if assigned.is_empty() {
                     continue;
                 }
-                let config =
-                    ConsumerConfig { initial_offset: Offset::Beginning, ..ConsumerConfig::default() };
-                let mut consumer = Consumer::connect(client.clone(), config).await?;
-                consumer.assign(assigned);
-                consumer_start.push(consumer);
+                consumer_start.push(broker.consumer(assigned).await?);
             }
         }
     }
     let mut producers_ready = Vec::new();
     for topic in topics {
         for _ in 0..w.producers {
-            let config = ProducerConfig {
-                acks: w.acks.to_wire(),
-                linger: Duration::from_millis(w.linger_ms),
-                batch_bytes: w.batch_bytes,
-                partitioner: Partitioner::KeyHash,
-                ..ProducerConfig::default()
-            };
-            producers_ready.push((topic.clone(), Producer::connect(client.clone(), config).await?));
+            producers_ready.push(broker.producer(w, topic).await?);
         }
     }
 
@@ -164,28 +292,30 @@ async fn run_on_topics(
     let end = start + warmup + measured;
     let window = Window { start_us: clock.micros(start + warmup), end_us: clock.micros(end) };
     let give_up = end + Duration::from_secs_f64(w.drain_timeout_s);
-    for consumer in consumer_start {
-        let stats = SharedStats::new();
-        let task = tokio::spawn(consume(consumer, clock, window, give_up, drain_rx.clone(), stats.clone()));
-        consumers.push((stats, task));
+    let mut consumers: Vec<(SharedStats, JoinHandle<()>)> = Vec::new();
+    for source in consumer_start {
+        let recorder = Recorder { stats: SharedStats::new(), clock, window };
+        consumers.push((
+            recorder.stats.clone(),
+            tokio::spawn(consume(source, give_up, drain_rx.clone(), recorder)),
+        ));
     }
     let total_producers = producers_ready.len() as f64;
     let mut producers: Vec<(SharedStats, JoinHandle<()>)> = Vec::new();
-    for (id, (topic, producer)) in producers_ready.into_iter().enumerate() {
-        let stats = SharedStats::new();
+    for (id, sink) in producers_ready.into_iter().enumerate() {
+        let recorder = Recorder { stats: SharedStats::new(), clock, window };
+        let stats = recorder.stats.clone();
         let ctx = ProducerCtx {
             id: id as u32,
-            topic,
             partitions: w.partitions,
             rate: w.rate / total_producers,
             clock,
             start,
-            window,
             end,
             workload: workload.clone(),
-            stats: stats.clone(),
+            recorder,
         };
-        producers.push((stats, tokio::spawn(produce(producer, ctx))));
+        producers.push((stats, tokio::spawn(produce(sink, ctx))));
     }
 
     // Progress once a second until every task is done; the producers' end opens the drain.
@@ -244,7 +374,12 @@ async fn run_on_topics(
         timeline.push(point);
         if !drain_opened && producers.iter().all(|(_, t)| t.is_finished()) {
             drain_opened = true;
-            let targets = drain_targets(client, topics).await;
+            let targets = broker.end_offsets(topics).await.unwrap_or_else(|e| {
+                eprintln!(
+                    "ringlog-loadgen: cannot read the final offsets ({e}); consumers stop at the drain timeout"
+                );
+                HashMap::new()
+            });
             let _ = drain_tx.send(Some(Arc::new(targets)));
         }
         if drain_opened && consumers.iter().all(|(_, t)| t.is_finished()) {
@@ -290,6 +425,7 @@ async fn run_on_topics(
         warmup_s: w.warmup_s,
         workload: (*workload).clone(),
         broker: target.broker.clone(),
+        consumer_assignment: CONSUMER_ASSIGNMENT,
         machine,
         timeline,
         loadgen_version: env!("CARGO_PKG_VERSION"),
@@ -307,131 +443,7 @@ fn topic_prefix(name: &str, unix_ms: u64) -> String {
     format!("loadgen-{clean}-{unix_ms:x}")
 }
 
-/// Every partition's high watermark once the producers are done.
-async fn drain_targets(client: &ClientConfig, topics: &[String]) -> HashMap<(Arc<str>, u32), i64> {
-    let mut targets = HashMap::new();
-    let admin = match Admin::connect(client.clone()).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!(
-                "ringlog-loadgen: cannot read the final offsets ({e}); consumers stop at the drain timeout"
-            );
-            return targets;
-        }
-    };
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    match admin.describe_topics(&names).await {
-        Ok(described) => {
-            for t in described {
-                let name: Arc<str> = Arc::from(t.name.as_str());
-                for p in t.partitions {
-                    targets.insert((name.clone(), p.partition), p.high_watermark);
-                }
-            }
-        }
-        Err(e) => eprintln!(
-            "ringlog-loadgen: cannot read the final offsets ({e}); consumers stop at the drain timeout"
-        ),
-    }
-    targets
-}
-
-/// Messages are built in slices of one buffer of at least this many bytes. The producer copies a
-/// value into its batch and drops it before the next send, so when the buffer is used up its
-/// space is reclaimed in place instead of allocated again.
-const ARENA_BYTES_MIN: usize = 1 << 20;
-/// Longest key loadgen writes: `key-` and a u64 in decimal.
-const KEY_BYTES_MAX: usize = 24;
-
-/// One send awaiting its acknowledgement.
-struct Pending {
-    intended_us: u64,
-    value_bytes: usize,
-    delivery: DeliveryFuture,
-}
-
-/// Wakes the producer task and notes that some partition's oldest send may have completed, so
-/// the task looks at the partitions only after a batch completed, not before every send.
-struct DeliveryWake {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl ArcWake for DeliveryWake {
-    fn wake_by_ref(arc_self: &Arc<Self>) {
-        arc_self.woken.store(true, Ordering::Release);
-        arc_self.task.wake();
-    }
-}
-
-/// A producer's sends awaiting acknowledgement, per partition in send order. The client completes
-/// a partition's batches in order, so only each partition's oldest send needs a waker, and one
-/// wake per completed batch settles all the sends it held: no future object per send.
-struct Deliveries {
-    partitions: Vec<VecDeque<Pending>>,
-    wake: Arc<DeliveryWake>,
-    pending: usize,
-}
-
-impl Deliveries {
-    fn new(partitions: u32) -> Deliveries {
-        Deliveries {
-            partitions: (0..partitions).map(|_| VecDeque::new()).collect(),
-            wake: Arc::new(DeliveryWake { woken: AtomicBool::new(false), task: AtomicWaker::new() }),
-            pending: 0,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.pending == 0
-    }
-
-    fn push(&mut self, partition: u32, pending: Pending) {
-        let queue = &mut self.partitions[partition as usize];
-        if queue.is_empty() {
-            // A partition's new oldest send has no waker yet: the next settle must poll it.
-            self.wake.woken.store(true, Ordering::Relaxed);
-        }
-        queue.push_back(pending);
-        self.pending += 1;
-    }
-
-    /// Records the publish latency of every send whose batch completed, from its intended send
-    /// time to now. Ready once at least one settled.
-    fn poll_settle(&mut self, cx: &mut Context<'_>, ctx: &ProducerCtx) -> Poll<()> {
-        self.wake.task.register(cx.waker());
-        if !self.wake.woken.swap(false, Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        let waker = waker_ref(&self.wake);
-        let mut delivery_cx = Context::from_waker(&waker);
-        let done_us = ctx.clock.now_micros();
-        let mut settled = 0;
-        let mut stats = ctx.stats.lock();
-        for queue in &mut self.partitions {
-            while let Some(front) = queue.front_mut() {
-                let Poll::Ready(result) = Pin::new(&mut front.delivery).poll(&mut delivery_cx) else {
-                    break;
-                };
-                match result {
-                    Ok(_) => stats.published(front.intended_us, done_us, front.value_bytes, &ctx.window),
-                    Err(e) => stats.error(format!("produce to {}: {e}", ctx.topic)),
-                }
-                queue.pop_front();
-                settled += 1;
-            }
-        }
-        debug_assert!(settled <= self.pending);
-        self.pending -= settled;
-        if settled > 0 {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-async fn produce(producer: Producer, ctx: ProducerCtx) {
+async fn produce(mut sink: Sink, ctx: ProducerCtx) {
     let w = &*ctx.workload;
     let (size_min, size_max) = w.size_range();
     let mut rng = Rng::new(0x5eed_0000 + u64::from(ctx.id));
@@ -439,107 +451,65 @@ async fn produce(producer: Producer, ctx: ProducerCtx) {
     for b in filler.iter_mut() {
         *b = (rng.next_u64() & 0xff) as u8;
     }
-    let arena_bytes = ARENA_BYTES_MIN.max(16 * (size_max + KEY_BYTES_MAX));
-    let mut arena = BytesMut::with_capacity(arena_bytes);
+    let mut key = Vec::with_capacity(KEY_BYTES_MAX);
     // Keyless messages stick to one partition for a batch's worth, then move on (as Kafka's sticky
     // partitioner does), so batches fill up however many partitions there are.
     let sticky_run = (w.batch_bytes / size_min.max(1)).max(1) as u64;
     let mut sent = 0u64;
     let mut schedule = Schedule::new(ctx.start, ctx.rate);
-    let mut deliveries = Deliveries::new(ctx.partitions);
     loop {
         let intended = schedule.next(Instant::now());
         if intended >= ctx.end {
             break;
         }
-        while schedule.is_fixed_rate() && Instant::now() < intended {
-            tokio::select! {
-                biased;
-                _ = poll_fn(|cx| deliveries.poll_settle(cx, &ctx)), if !deliveries.is_empty() => {}
-                _ = tokio::time::sleep_until(intended.into()) => {}
-            }
+        if schedule.is_fixed_rate() && Instant::now() < intended {
+            sink.idle_until(intended, &ctx.recorder).await;
         }
         let intended_us = ctx.clock.micros(intended);
         let size = if size_min == size_max { size_min } else { rng.between(size_min, size_max) };
-        if arena.capacity() < size + KEY_BYTES_MAX {
-            arena.reserve(arena_bytes);
-        }
         message::write_header(&mut filler, intended_us, ctx.id);
-        arena.extend_from_slice(&filler[..size]);
-        let value = arena.split().freeze();
-        // `BytesMut` grows as `fmt::Write` and never fails.
+        // Writing to a Vec never fails.
+        key.clear();
         let key = match w.keys {
             Keys::None => None,
             Keys::Random => {
-                let _ = write!(arena, "{:016x}", rng.next_u64());
-                Some(arena.split().freeze())
+                let _ = write!(key, "{:016x}", rng.next_u64());
+                Some(&key[..])
             }
             Keys::Space(n) => {
-                let _ = write!(arena, "key-{}", rng.next_u64() % n);
-                Some(arena.split().freeze())
+                let _ = write!(key, "key-{}", rng.next_u64() % n);
+                Some(&key[..])
             }
         };
-        // Keyed messages go where the client's key-hash partitioner would put them; naming the
-        // partition here tells which partition's queue of deliveries the send joins.
-        let partition = match &key {
+        debug_assert!(key.map_or(0, <[u8]>::len) <= KEY_BYTES_MAX);
+        // Keyed messages go where Kafka's key-hash partitioner would put them.
+        let partition = match key {
             None => ((sent / sticky_run + u64::from(ctx.id)) % u64::from(ctx.partitions)) as u32,
             Some(key) => key_partition(key, ctx.partitions),
         };
-        let send = producer.send_to(&ctx.topic, partition, key, value);
-        tokio::pin!(send);
-        let queued = loop {
-            tokio::select! {
-                biased;
-                _ = poll_fn(|cx| deliveries.poll_settle(cx, &ctx)), if !deliveries.is_empty() => {}
-                queued = &mut send => break queued,
-            }
-        };
+        sink.send(partition, key, &filler[..size], intended_us, &ctx.recorder).await;
         sent += 1;
-        match queued {
-            Ok(delivery) => deliveries.push(partition, Pending { intended_us, value_bytes: size, delivery }),
-            Err(e) => {
-                ctx.stats.lock().error(format!("produce to {}: {e}", ctx.topic));
-                // A refused send (closed producer, unknown topic) will not get better by spinning.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
     }
-    producer.flush().await;
-    while !deliveries.is_empty() {
-        poll_fn(|cx| deliveries.poll_settle(cx, &ctx)).await;
-    }
-    producer.close().await;
+    sink.finish(&ctx.recorder).await;
 }
 
 async fn consume(
-    mut consumer: Consumer,
-    clock: Clock,
-    window: Window,
+    mut source: Source,
     give_up: Instant,
     mut drain: watch::Receiver<DrainTargets>,
-    stats: SharedStats,
+    recorder: Recorder,
 ) {
-    let assigned = consumer.assignment();
+    let stats = &recorder.stats;
     loop {
-        match consumer.poll(POLL_WAIT).await {
-            Ok(records) => {
-                let now_us = clock.now_micros();
-                let mut s = stats.lock();
-                for r in &records {
-                    let value = r.value.as_deref().unwrap_or_default();
-                    s.consumed(message::read_header(value), now_us, value.len(), &window);
-                }
-            }
-            Err(e) => {
-                stats.lock().error(format!("consume: {e}"));
-                tokio::time::sleep(POLL_WAIT).await;
-            }
+        if let Err(e) = source.poll(&recorder).await {
+            stats.lock().error(format!("consume: {e}"));
+            tokio::time::sleep(POLL_WAIT).await;
         }
         let targets = drain.borrow_and_update().clone();
         if let Some(targets) = targets {
-            let caught_up = assigned.iter().all(|(topic, p)| {
+            let caught_up = source.assignment().iter().all(|(topic, p)| {
                 let target = targets.get(&(topic.clone(), *p)).copied().unwrap_or(0);
-                consumer.position(topic, *p).is_some_and(|pos| pos >= target)
+                source.position(topic, *p).is_some_and(|pos| pos >= target)
             });
             if caught_up {
                 return;

@@ -10,6 +10,8 @@
 use hdrhistogram::Histogram;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::message::Clock;
+
 /// Latencies in microseconds, 1 µs to 1 hour, 3 significant digits (0.1%).
 const LATENCY_US_MAX: u64 = 3_600_000_000;
 
@@ -143,9 +145,25 @@ impl TaskStats {
     }
 
     pub fn error(&mut self, message: String) {
-        self.errors += 1;
-        self.first_error.get_or_insert(message);
+        self.errors(1, || message);
     }
+
+    /// `count` messages failed for one reason (a batch's worth); the message is built only if it
+    /// is the run's first.
+    pub fn errors(&mut self, count: u64, message: impl FnOnce() -> String) {
+        self.errors += count;
+        if self.first_error.is_none() {
+            self.first_error = Some(message());
+        }
+    }
+}
+
+/// What a producer or consumer task records into, with the run's time base and window.
+#[derive(Clone)]
+pub struct Recorder {
+    pub stats: SharedStats,
+    pub clock: Clock,
+    pub window: Window,
 }
 
 /// A task's stats, shared with the reporter.

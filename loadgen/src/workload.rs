@@ -17,7 +17,7 @@ pub const MESSAGE_BYTES_MIN: usize = crate::message::HEADER_BYTES;
 pub enum Protocol {
     /// ringlog's native protocol, shard-aware through the ringlog client.
     Native,
-    /// The Apache Kafka wire protocol (not supported yet).
+    /// The Apache Kafka wire protocol: ringlog's Kafka listener, Apache Kafka or Redpanda.
     Kafka,
 }
 
@@ -116,6 +116,9 @@ pub struct TopicConfig {
     pub segment_bytes: Option<i64>,
     pub retention_bytes: Option<i64>,
     pub retention_ms: Option<i64>,
+    /// Kafka protocol only: the CreateTopics replication factor; unset = -1, the broker's
+    /// default. ringlog keeps one replica (its native protocol has no such setting).
+    pub replication_factor: Option<i16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +224,21 @@ impl Workload {
         if !(self.warmup_s >= 0.0 && self.warmup_s.is_finite()) {
             return bad("warmup must not be negative".into());
         }
+        match (self.protocol, self.topic_config.replication_factor) {
+            (_, None) | (Protocol::Kafka, Some(-1)) => {}
+            (Protocol::Native, Some(r)) => {
+                return bad(format!(
+                    "topic_config.replication_factor {r}: only --protocol kafka creates topics with a \
+                     replication factor (ringlog's native protocol creates single-replica topics)"
+                ))
+            }
+            (Protocol::Kafka, Some(r)) if r < 1 => {
+                return bad(format!(
+                    "topic_config.replication_factor must be -1 (broker default) or ≥ 1, not {r}"
+                ))
+            }
+            (Protocol::Kafka, Some(_)) => {}
+        }
         if let Some(d) = &self.topic_config.durability {
             if d != "fsync" && d != "written" {
                 return bad(format!("topic_config.durability must be fsync or written, not {d:?}"));
@@ -261,6 +279,18 @@ mod tests {
         assert!(toml::from_str::<Workload>("partition = 3").is_err(), "typos are refused");
         assert_eq!("none".parse::<Keys>(), Ok(Keys::None));
         assert!("x".parse::<Acks>().is_err());
+    }
+
+    #[test]
+    fn replication_factor_is_a_kafka_setting() {
+        let mut w: Workload =
+            toml::from_str("protocol = \"kafka\"\n[topic_config]\nreplication_factor = 3").unwrap();
+        w.validate().unwrap();
+        w.topic_config.replication_factor = Some(0);
+        assert!(w.validate().unwrap_err().to_string().contains("-1"));
+        w.protocol = Protocol::Native;
+        w.topic_config.replication_factor = Some(3);
+        assert!(w.validate().unwrap_err().to_string().contains("--protocol kafka"));
     }
 
     #[test]
