@@ -477,7 +477,9 @@ impl Shard {
                 let bytes = item.batches.len();
                 match partition.append(item.batches) {
                     Ok(a) => {
-                        crate::metrics::appended(&item.topic, bytes, a.last_offset - a.base_offset + 1);
+                        if !a.duplicate {
+                            crate::metrics::appended(&item.topic, bytes, a.last_offset - a.base_offset + 1);
+                        }
                         let out =
                             Appended { base_offset: a.base_offset, log_start_offset: a.log_start_offset };
                         (Some(partition), Ok(out), a.last_offset)

@@ -148,6 +148,9 @@ pub struct AppendResult {
     pub base_offset: i64,
     pub last_offset: i64,
     pub log_start_offset: i64,
+    /// An idempotent producer's retry of batches already in the log: nothing was written and
+    /// the offsets are the originals'.
+    pub duplicate: bool,
 }
 
 #[derive(Clone, Debug)]

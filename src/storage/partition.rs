@@ -431,6 +431,7 @@ impl Partition {
                         base_offset,
                         last_offset,
                         log_start_offset: self.log_start_offset.get(),
+                        duplicate: true,
                     });
                 }
             }
@@ -481,6 +482,7 @@ impl Partition {
             base_offset,
             last_offset: end_offset - 1,
             log_start_offset: self.log_start_offset.get(),
+            duplicate: false,
         })
     }
 
