@@ -528,3 +528,21 @@ fn sigterm_with_long_poll_and_produces_in_flight_exits_cleanly_and_keeps_acknowl
     assert!(!broker.log().contains("panicked"));
     broker.stop();
 }
+
+#[test]
+fn the_kafka_listener_can_be_disabled_and_bad_kafka_addresses_are_refused() {
+    let broker = Broker::start(1, &["kafka_listen=off"]);
+    assert_eq!(broker.kafka, "off", "the ready line says the Kafka listener is off");
+    let mut conn = Conn::connect(&broker.addr);
+    create_ok(&mut conn, "native-only", 1);
+
+    let err = serve_fails(&["--kafka-listen", "127.0.0.1"], &[]);
+    assert!(err.contains("kafka_listen"), "{err}");
+    let err =
+        serve_fails(&["--kafka-listen", "127.0.0.1:0", "--set", "kafka_advertised_listener=nohost"], &[]);
+    assert!(err.contains("kafka_advertised_listener"), "{err}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let err = serve_fails(&["--kafka-listen", &taken], &[]);
+    assert!(err.contains("kafka_listen") && err.contains(&taken), "{err}");
+}

@@ -171,7 +171,10 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
 
     // Report readiness (or the first failure) from the main thread.
     loop {
-        if let Some(message) = lock(&rendezvous.failed).clone() {
+        // Bound first: a guard in the `if let` scrutinee would be held through the joins below,
+        // while the other shards still take this lock to learn that start-up failed.
+        let failed = lock(&rendezvous.failed).clone();
+        if let Some(message) = failed {
             shutdown.request();
             for h in handles {
                 let _ = h.join();
