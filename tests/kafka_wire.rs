@@ -912,7 +912,7 @@ fn group_apis_at_every_version() {
 }
 
 #[test]
-fn join_group_v4_hands_out_the_member_id_in_the_first_answer() {
+fn join_group_v4_requires_a_member_id_first() {
     let (broker, table) = start(&[]);
     let mut conn = KafkaConn::connect(&broker.kafka);
     let join = |member_id: &str| {
@@ -924,21 +924,37 @@ fn join_group_v4_hands_out_the_member_id_in_the_first_answer() {
             .with_protocol_type(s("consumer"))
             .with_protocols(vec![JoinGroupRequestProtocol::default().with_name(s("range"))])
     };
-    for version in versions(&table, ApiKey::JoinGroup).filter(|v| *v >= 4) {
-        // ringlog does not answer MEMBER_ID_REQUIRED (KIP-394, optional for brokers): a new
-        // member gets its id with its first successful answer, which every client takes, and a
-        // rejoin with that id is the same member.
+    let leave = |member_id: &str| {
+        LeaveGroupRequest::default()
+            .with_group_id(group("kip-394"))
+            .with_members(vec![MemberIdentity::default().with_member_id(s(member_id))])
+    };
+    for version in versions(&table, ApiKey::JoinGroup) {
         let resp = conn.call(version, &join(""));
-        assert_eq!(resp.error_code, 0, "JoinGroup v{version}");
         assert!(!resp.member_id.is_empty(), "JoinGroup v{version}: no member id handed out");
         let member_id = resp.member_id.to_string();
-        let resp = conn.call(version, &join(&member_id));
-        assert_eq!((resp.error_code, resp.member_id.as_str()), (0, member_id.as_str()), "v{version}");
-        let leave = LeaveGroupRequest::default()
-            .with_group_id(group("kip-394"))
-            .with_members(vec![MemberIdentity::default().with_member_id(s(&member_id))]);
-        assert_eq!(conn.call(4, &leave).error_code, 0);
+        if version >= 4 {
+            // KIP-394: the first answer only hands out the id; the member joins with it.
+            assert_eq!(resp.error_code, E::MemberIdRequired.code(), "JoinGroup v{version}");
+            assert_eq!(resp.generation_id, -1, "JoinGroup v{version}: not a member yet");
+            let resp = conn.call(version, &join(&member_id));
+            assert_eq!((resp.error_code, resp.member_id.as_str()), (0, member_id.as_str()), "v{version}");
+            assert_eq!(resp.leader.as_str(), member_id, "v{version}: the only member leads");
+        } else {
+            assert_eq!(resp.error_code, 0, "JoinGroup v{version}: joins at once");
+            assert_eq!(resp.leader.as_str(), member_id, "v{version}: the only member leads");
+        }
+        // The member's client host, as Kafka shows it.
+        let described = conn.call(5, &DescribeGroupsRequest::default().with_groups(vec![group("kip-394")]));
+        let members = &described.groups[0].members;
+        assert_eq!(members.len(), 1, "v{version}: {described:?}");
+        assert_eq!(members[0].client_host.as_str(), "/127.0.0.1", "v{version}");
+        assert_eq!(conn.call(4, &leave(&member_id)).error_code, 0, "v{version}");
     }
+    // An id the coordinator never handed out is refused.
+    let version = *versions(&table, ApiKey::JoinGroup).end();
+    let resp = conn.call(version, &join("never-handed-out"));
+    assert_eq!(resp.error_code, E::UnknownMemberId.code());
 }
 
 /// Produces `a`, `b` on both partitions of "good" through a fresh Kafka connection; checks the

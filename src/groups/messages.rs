@@ -26,6 +26,16 @@ pub struct JoinRequest {
     pub server_assignment: bool,
 }
 
+/// What a join carries beyond the native JoinGroup's fields; the default is a native join.
+#[derive(Debug, Clone, Default)]
+pub struct JoinContext {
+    /// The client's address as Kafka reports it (`/127.0.0.1`); empty for native clients.
+    pub client_host: String,
+    /// KIP-394: a join with an empty member id gets a new id but does not join yet; the member
+    /// joins when it comes back with that id (Kafka JoinGroup v4+ without a group instance id).
+    pub require_known_member_id: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinMember {
     pub member_id: String,
@@ -146,6 +156,8 @@ pub struct GroupListing {
 pub struct MemberDescription {
     pub member_id: String,
     pub client_id: String,
+    /// As in [`JoinContext::client_host`].
+    pub client_host: String,
     pub assignment: Vec<TopicPartitions>,
     /// The member's opaque metadata for the group's protocol (Kafka's DescribeGroups shows it).
     pub metadata: Vec<u8>,
@@ -166,7 +178,10 @@ pub struct GroupDescription {
 
 #[derive(Debug)]
 pub enum GroupRequest {
+    /// A native join.
     Join(JoinRequest),
+    /// A join with a [`JoinContext`] (Kafka's).
+    JoinWith(JoinRequest, JoinContext),
     Sync(SyncRequest),
     Heartbeat(MemberRef),
     Leave {
@@ -190,7 +205,7 @@ impl GroupRequest {
     /// The group the request is about; `None` for requests that span every coordinator.
     pub fn group_id(&self) -> Option<&str> {
         Some(match self {
-            GroupRequest::Join(r) => &r.group_id,
+            GroupRequest::Join(r) | GroupRequest::JoinWith(r, _) => &r.group_id,
             GroupRequest::Sync(r) => &r.group_id,
             GroupRequest::Heartbeat(r) => &r.group_id,
             GroupRequest::Commit(r) => &r.member.group_id,
@@ -227,6 +242,9 @@ pub enum GroupError {
     IllegalGeneration { group: String, generation: i32, current: i32 },
     #[error("group '{group}' is rebalancing; rejoin (JoinGroup) before heartbeating or committing")]
     RebalanceInProgress { group: String },
+    /// KIP-394: the new member must join again with this id, which the coordinator now expects.
+    #[error("group '{group}': rejoin with the member id '{member}' the coordinator assigned")]
+    MemberIdRequired { group: String, member: String },
     #[error("group '{group}' has {members} active member(s); this needs an empty group")]
     NotEmpty { group: String, members: usize },
     #[error("group '{group}' does not exist")]
@@ -244,7 +262,10 @@ pub enum GroupError {
     InvalidGroupId(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("group '{group}' already has {members} members (broker option group_members_max)")]
+    #[error(
+        "group '{group}' already has {members} members, counting those yet to rejoin with their \
+         assigned id (broker option group_members_max)"
+    )]
     TooManyMembers { group: String, members: usize },
     #[error("the group coordinator is not available: {0}")]
     CoordinatorNotAvailable(String),
@@ -262,6 +283,8 @@ impl GroupError {
             GroupError::UnknownMember { .. } => ErrorCode::UnknownMemberId,
             GroupError::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
             GroupError::RebalanceInProgress { .. } => ErrorCode::RebalanceInProgress,
+            // Only joins with `require_known_member_id` end here, and native joins never set it.
+            GroupError::MemberIdRequired { .. } => ErrorCode::InvalidRequest,
             GroupError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
             GroupError::NotFound { .. } => ErrorCode::GroupIdNotFound,
             GroupError::InvalidSessionTimeout { .. } => ErrorCode::InvalidSessionTimeout,

@@ -185,7 +185,8 @@ pub async fn execute_local(shard: &Rc<Shard>, request: GroupRequest) -> GroupOut
         }
     }
     match request {
-        GroupRequest::Join(r) => join(shard, r).await,
+        GroupRequest::Join(r) => join(shard, r, JoinContext::default()).await,
+        GroupRequest::JoinWith(r, context) => join(shard, r, context).await,
         GroupRequest::Sync(r) => sync(shard, r).await,
         GroupRequest::Heartbeat(r) => with_group(shard, &r.group_id, &r.member_id, |g, _, now| {
             g.heartbeat(&r.member_id, r.generation, now)
@@ -255,7 +256,7 @@ fn check_topic_names<'a>(mut topics: impl Iterator<Item = &'a String>) -> Result
     }
 }
 
-async fn join(shard: &Rc<Shard>, req: JoinRequest) -> GroupOutcome {
+async fn join(shard: &Rc<Shard>, req: JoinRequest, context: JoinContext) -> GroupOutcome {
     check_join(&req)?;
     let now = now_ms();
     let group_id = req.group_id.clone();
@@ -265,6 +266,7 @@ async fn join(shard: &Rc<Shard>, req: JoinRequest) -> GroupOutcome {
         let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id.clone(), now));
         let joined = group.join(
             req,
+            context,
             |client| co.new_member_id(shard.id, client),
             &limits(&shard.config),
             &partition_counts(shard),
@@ -301,10 +303,11 @@ async fn sync(shard: &Rc<Shard>, req: SyncRequest) -> GroupOutcome {
 }
 
 /// Drops a group that holds nothing (a refused first join, a failed commit into a new group).
+/// Member ids handed out with MEMBER_ID_REQUIRED keep it: their members are about to join.
 fn forget_if_unused(groups: &mut HashMap<String, Group>, group_id: &str) {
     if let Entry::Occupied(e) = groups.entry(group_id.to_string()) {
         let g = e.get();
-        if g.is_empty() && g.offsets.is_empty() && !g.has_metadata_record {
+        if g.is_empty() && !g.has_pending_members() && g.offsets.is_empty() && !g.has_metadata_record {
             e.remove();
         }
     }

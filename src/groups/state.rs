@@ -6,7 +6,8 @@
 //! synchronous: time is a `now_ms` argument, parked JoinGroup/SyncGroup requests are oneshot
 //! senders answered when their phase completes, and what must be persisted is flagged
 //! (`take_dirty`) for the coordinator to write. No IO, no glommio, so every transition is unit
-//! tested here.
+//! tested here. Member ids handed out with MEMBER_ID_REQUIRED (KIP-394) are kept as pending until
+//! the member joins with one or its session timeout passes; like members, they are not persisted.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +50,7 @@ pub type SyncWaiter = oneshot::Sender<Result<SyncResponse, GroupError>>;
 
 struct Member {
     client_id: String,
+    client_host: String,
     session_timeout_ms: u32,
     rebalance_timeout_ms: u32,
     topics: Vec<String>,
@@ -101,6 +103,9 @@ pub struct Group {
     leader: String,
     /// Ordered by member id, so assignors and leader choice are deterministic.
     members: BTreeMap<String, Member>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED, not yet joined → when each expires (the
+    /// session timeout of the join that got it). They count toward `members_max`.
+    pending: BTreeMap<String, i64>,
     pub offsets: BTreeMap<(String, u32), OffsetValue>,
     /// PreparingRebalance: the join phase completes once every member rejoined and this passed
     /// (the initial rebalance delay), or at `phase_deadline_ms` regardless.
@@ -127,6 +132,7 @@ impl Group {
             protocol: String::new(),
             leader: String::new(),
             members: BTreeMap::new(),
+            pending: BTreeMap::new(),
             offsets: BTreeMap::new(),
             join_ready_at_ms: 0,
             phase_deadline_ms: 0,
@@ -151,6 +157,11 @@ impl Group {
 
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
+    }
+
+    /// Whether member ids handed out with MEMBER_ID_REQUIRED await their member's join.
+    pub fn has_pending_members(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Whether the group's metadata must be written; clears the flag.
@@ -197,10 +208,13 @@ impl Group {
     // ---- Membership -------------------------------------------------------------------------
 
     /// JoinGroup. On success the member is in the group and the returned receiver is answered
-    /// when the join phase completes (this call may complete it).
+    /// when the join phase completes (this call may complete it). With
+    /// `context.require_known_member_id`, an empty member id gets a new pending id in
+    /// [`GroupError::MemberIdRequired`] instead, and a join naming a pending id joins.
     pub fn join(
         &mut self,
         req: JoinRequest,
+        context: JoinContext,
         new_member_id: impl FnOnce(&str) -> String,
         limits: &GroupLimits,
         partition_count: &dyn Fn(&str) -> Option<u32>,
@@ -237,15 +251,19 @@ impl Group {
                 return Err(self.inconsistent("the member's protocols share none with the other members'"));
             }
         }
+        self.pending.retain(|_, expires_ms| now_ms <= *expires_ms);
         let member_id = if req.member_id.is_empty() {
-            if self.members.len() >= limits.members_max {
-                return Err(GroupError::TooManyMembers {
-                    group: self.id.clone(),
-                    members: self.members.len(),
-                });
+            let members = self.members.len() + self.pending.len();
+            if members >= limits.members_max {
+                return Err(GroupError::TooManyMembers { group: self.id.clone(), members });
             }
-            new_member_id(&req.client_id)
-        } else if self.members.contains_key(&req.member_id) {
+            let member_id = new_member_id(&req.client_id);
+            if context.require_known_member_id {
+                self.pending.insert(member_id.clone(), now_ms + i64::from(req.session_timeout_ms));
+                return Err(GroupError::MemberIdRequired { group: self.id.clone(), member: member_id });
+            }
+            member_id
+        } else if self.members.contains_key(&req.member_id) || self.pending.remove(&req.member_id).is_some() {
             req.member_id.clone()
         } else {
             return Err(GroupError::UnknownMember { group: self.id.clone(), member: req.member_id });
@@ -254,6 +272,7 @@ impl Group {
         let is_new = !self.members.contains_key(&member_id);
         let member = self.members.entry(member_id.clone()).or_insert_with(|| Member {
             client_id: String::new(),
+            client_host: String::new(),
             session_timeout_ms: 0,
             rebalance_timeout_ms: 0,
             topics: Vec::new(),
@@ -267,6 +286,7 @@ impl Group {
             sync_waiter: None,
         });
         member.client_id = req.client_id;
+        member.client_host = context.client_host;
         member.session_timeout_ms = req.session_timeout_ms;
         member.rebalance_timeout_ms = req.rebalance_timeout_ms;
         member.topics = req.topics;
@@ -345,6 +365,10 @@ impl Group {
         partition_count: &dyn Fn(&str) -> Option<u32>,
         now_ms: i64,
     ) -> Result<(), GroupError> {
+        // As Kafka: a member that got its id but never joined may leave too, freeing its place.
+        if self.pending.remove(member_id).is_some() {
+            return Ok(());
+        }
         if !self.members.contains_key(member_id) {
             return Err(self.unknown(member_id));
         }
@@ -421,6 +445,7 @@ impl Group {
                 .map(|(id, m)| MemberDescription {
                     member_id: id.clone(),
                     client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
                     assignment: m.assignment.clone(),
                     metadata: m.metadata_for(&self.protocol),
                     assignment_bytes: m.assignment_bytes.clone(),
@@ -702,7 +727,7 @@ mod tests {
 
     fn join(g: &mut Group, id: &str, server: bool, now: i64, next_id: &str) -> JoinRx {
         let next = next_id.to_string();
-        g.join(join_req(id, server), move |_| next, &LIMITS, &counts, now).unwrap()
+        g.join(join_req(id, server), JoinContext::default(), move |_| next, &LIMITS, &counts, now).unwrap()
     }
 
     fn answered<T>(rx: &mut oneshot::Receiver<T>) -> Option<T> {
@@ -907,23 +932,23 @@ mod tests {
         let mut req = join_req("", true);
         req.session_timeout_ms = 10;
         assert!(matches!(
-            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InvalidSessionTimeout { .. })
         ));
         let mut req = join_req("", true);
         req.protocols = vec![("custom".into(), vec![])];
         assert!(matches!(
-            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InconsistentProtocol { .. })
         ));
         let mut req = join_req("", false);
         req.protocols = vec![("custom".into(), vec![])];
         assert!(matches!(
-            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InconsistentProtocol { .. })
         ));
         assert!(matches!(
-            g.join(join_req("ghost", true), |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(join_req("ghost", true), JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::UnknownMember { .. })
         ));
         assert_eq!(g.state(), GroupState::Stable, "refused joins change nothing");
@@ -942,5 +967,65 @@ mod tests {
         let mut a = join(&mut restored, "", true, 1000, "a2");
         restored.tick(&counts, 1300);
         assert_eq!(answered(&mut a).unwrap().unwrap().generation, 2);
+    }
+
+    /// A Kafka v4+ join: KIP-394 applies, and the client's address comes along.
+    fn join_kip394(g: &mut Group, id: &str, now: i64, next_id: &str) -> Result<JoinRx, GroupError> {
+        let context = JoinContext { client_host: "/10.0.0.7".into(), require_known_member_id: true };
+        let next = next_id.to_string();
+        g.join(join_req(id, false), context, move |_| next, &LIMITS, &counts, now)
+    }
+
+    #[test]
+    fn a_pending_member_id_becomes_a_member_when_it_rejoins() {
+        let mut g = Group::new("g".into(), 0);
+        let refused = join_kip394(&mut g, "", 0, "p").map(|_| ());
+        assert!(
+            matches!(&refused, Err(GroupError::MemberIdRequired { member, .. }) if member == "p"),
+            "{refused:?}"
+        );
+        assert_eq!((g.state(), g.member_count()), (GroupState::Empty, 0), "not a member yet");
+        assert!(g.has_pending_members());
+        let mut p = join_kip394(&mut g, "p", 100, "unused").unwrap();
+        assert!(!g.has_pending_members(), "the pending id is now a member's");
+        assert_eq!((g.state(), g.member_count()), (GroupState::PreparingRebalance, 1));
+        g.tick(&counts, 400);
+        let r = answered(&mut p).unwrap().unwrap();
+        assert_eq!((r.member_id.as_str(), r.leader_id.as_str(), r.generation), ("p", "p", 1));
+        let described = g.describe();
+        assert_eq!(described.members[0].client_host, "/10.0.0.7");
+        // Once a member, its id rejoins as any member's does.
+        assert!(join_kip394(&mut g, "p", 500, "unused").is_ok());
+    }
+
+    #[test]
+    fn an_id_neither_member_nor_pending_is_refused_and_pending_ids_count_toward_the_limit() {
+        let mut g = stable_pair();
+        assert!(matches!(join_kip394(&mut g, "ghost", 500, "unused"), Err(GroupError::UnknownMember { .. })));
+        let limits = GroupLimits { members_max: 3, ..LIMITS };
+        let kip394 = JoinContext { client_host: String::new(), require_known_member_id: true };
+        let join_new = |g: &mut Group, next: &'static str| {
+            g.join(join_req("", false), kip394.clone(), move |_| next.into(), &limits, &counts, 600)
+                .map(|_| ())
+        };
+        assert!(matches!(join_new(&mut g, "p"), Err(GroupError::MemberIdRequired { .. })));
+        assert!(
+            matches!(join_new(&mut g, "q"), Err(GroupError::TooManyMembers { members: 3, .. })),
+            "two members and one pending id fill a group of 3"
+        );
+        g.leave("p", &counts, 700).unwrap();
+        assert!(!g.has_pending_members(), "a pending id may leave, freeing its place");
+        assert_eq!(g.state(), GroupState::Stable, "leaving before joining changes nothing else");
+        assert!(matches!(join_new(&mut g, "q"), Err(GroupError::MemberIdRequired { .. })));
+    }
+
+    #[test]
+    fn a_pending_member_id_expires_after_the_session_timeout() {
+        let mut g = Group::new("g".into(), 0);
+        assert!(matches!(join_kip394(&mut g, "", 0, "p"), Err(GroupError::MemberIdRequired { .. })));
+        // join_req's session timeout is 3 s.
+        assert!(matches!(join_kip394(&mut g, "p", 3001, "unused"), Err(GroupError::UnknownMember { .. })));
+        assert!(!g.has_pending_members(), "swept by the later join");
+        assert_eq!(g.member_count(), 0);
     }
 }

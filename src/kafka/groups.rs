@@ -13,19 +13,21 @@
 //!   the leader sent for it. The consumer-protocol subscription and assignment inside those bytes
 //!   are decoded best effort (bounded reader below) only to show topics and partitions to
 //!   DescribeGroups, `ringlog group describe` and native members of a mixed group.
-//! - A JoinGroup with an empty member id gets its id in the same response at every version (no
-//!   MEMBER_ID_REQUIRED round trip): librdkafka, kafka-python, kafkajs and the Java client all
-//!   take the member id from any successful response, and it saves each member a rejoin.
+//! - KIP-394, as Kafka: from JoinGroup v4, a join with an empty member id (and no group instance
+//!   id) is answered MEMBER_ID_REQUIRED with a new member id, which the coordinator keeps pending
+//!   for the session timeout; the member joins by coming back with it. Up to v3 the new member
+//!   joins at once and gets its id with the join's answer.
 //! - Static membership (`group_instance_id`, v5+) is not supported: such members are treated as
 //!   dynamic, and a LeaveGroup naming only an instance id answers UNKNOWN_MEMBER_ID.
-//! - DescribeGroups has no client host to show (`client_host` is empty): the connection's peer
-//!   address does not reach request handlers.
+//! - DescribeGroups shows each member's client host as Kafka does (`/` and the connection's peer
+//!   IP); members that joined through the native protocol have none.
 //!
 //! Decoding and validation happen before the handler returns; the coordinator round trip (which
 //! may park for a whole rebalance) runs in the reply future, which the connection polls in
 //! request order, so requests on one connection reach their coordinator in arrival order.
 //! May depend on `groups`, `shard`, `server` (replies) and `config`; never on storage.
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -92,6 +94,7 @@ fn group_code(e: &GroupError) -> i16 {
         }
         // Kafka's answer when group.max.size is reached.
         GroupError::TooManyMembers { .. } => K::GroupMaxSizeReached.code(),
+        GroupError::MemberIdRequired { .. } => K::MemberIdRequired.code(),
         e => kafka_code(e.code()),
     }
 }
@@ -138,6 +141,12 @@ fn client_id(ctx: &RequestContext) -> String {
     id
 }
 
+/// The client's address as Kafka's DescribeGroups shows it: Java's `InetAddress.toString()` of an
+/// address without a resolved host name, `/` then the IP.
+fn client_host(peer: Option<SocketAddr>) -> String {
+    peer.map(|p| format!("/{}", p.ip().to_canonical())).unwrap_or_default()
+}
+
 // ---- FindCoordinator -----------------------------------------------------------------------------
 
 pub(super) async fn find_coordinator(
@@ -180,6 +189,7 @@ pub(super) async fn find_coordinator(
 pub(super) async fn join_group(
     shard: &Rc<Shard>,
     ctx: RequestContext,
+    peer: Option<SocketAddr>,
     request: JoinGroupRequest,
 ) -> Boxed<Reply> {
     let protocol_type = request.protocol_type.to_string();
@@ -219,9 +229,13 @@ pub(super) async fn join_group(
         protocols,
         server_assignment: false,
     };
+    let context = JoinContext {
+        client_host: client_host(peer),
+        require_known_member_id: ctx.version >= 4 && request.group_instance_id.is_none(),
+    };
     let shard = shard.clone();
     async move {
-        let joined = run(&shard, GroupRequest::Join(join), |r| match r {
+        let joined = run(&shard, GroupRequest::JoinWith(join, context), |r| match r {
             GroupReply::Join(r) => Some(r),
             _ => None,
         })
@@ -254,7 +268,12 @@ pub(super) async fn join_group(
             }
             Err(e) => {
                 tracing::debug!("kafka: JoinGroup: {e}");
-                join_error(&ctx, group_code(&e), &member_id)
+                // KIP-394: MEMBER_ID_REQUIRED carries the id the member must join with.
+                let member_id = match &e {
+                    GroupError::MemberIdRequired { member, .. } => member,
+                    _ => &member_id,
+                };
+                join_error(&ctx, group_code(&e), member_id)
             }
         };
         respond(&ctx, &response)
@@ -705,7 +724,8 @@ fn described_group(group_id: GroupId, described: Result<GroupDescription, GroupE
         .map(|m| {
             let member = DescribedGroupMember::default()
                 .with_member_id(text(m.member_id))
-                .with_client_id(text(m.client_id));
+                .with_client_id(text(m.client_id))
+                .with_client_host(text(m.client_host));
             if !stable {
                 return member;
             }
@@ -964,6 +984,7 @@ mod tests {
         assert_eq!(group_code(&GroupError::Storage { group: group(), detail: String::new() }), 15);
         assert_eq!(group_code(&GroupError::TooManyMembers { group: group(), members: 3 }), 81);
         assert_eq!(group_code(&GroupError::UnknownMember { group: group(), member: group() }), 25);
+        assert_eq!(group_code(&GroupError::MemberIdRequired { group: group(), member: group() }), 79);
         assert_eq!(group_code(&GroupError::NotEmpty { group: group(), members: 1 }), 68);
         assert_eq!(group_code(&GroupError::NotFound { group: group() }), 69);
         assert_eq!(group_code(&GroupError::InvalidGroupId(String::new())), 24);

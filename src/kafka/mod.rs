@@ -21,6 +21,7 @@ mod produce;
 mod producer_ids;
 pub mod versions;
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -58,8 +59,8 @@ impl Protocol for Kafka {
         None
     }
 
-    async fn handle(shard: &Rc<Shard>, frame: BytesMut) -> (Boxed<Reply>, bool) {
-        handle(shard, frame).await
+    async fn handle(shard: &Rc<Shard>, frame: BytesMut, peer: Option<SocketAddr>) -> (Boxed<Reply>, bool) {
+        handle(shard, frame, peer).await
     }
 }
 
@@ -80,7 +81,7 @@ fn close() -> (Boxed<Reply>, bool) {
 
 /// Decodes one request and dispatches it. Everything that must happen in arrival order (produce
 /// appends, cross-shard sends) happens before this returns.
-async fn handle(shard: &Rc<Shard>, frame: BytesMut) -> (Boxed<Reply>, bool) {
+async fn handle(shard: &Rc<Shard>, frame: BytesMut, peer: Option<SocketAddr>) -> (Boxed<Reply>, bool) {
     let started = Instant::now();
     let (ctx, body_offset) = match codec::decode_header(&frame) {
         Ok(parsed) => parsed,
@@ -111,7 +112,7 @@ async fn handle(shard: &Rc<Shard>, frame: BytesMut) -> (Boxed<Reply>, bool) {
         return (finish(api, started, reply).instrument(span).boxed_local(), close);
     }
     let mut body = frame.freeze().slice(body_offset..);
-    let reply = match dispatch(shard, ctx, api, &mut body).await {
+    let reply = match dispatch(shard, ctx, api, &mut body, peer).await {
         Ok(reply) => reply,
         Err(message) => {
             tracing::warn!(shard = shard.id, api = ?api, "kafka: closing connection: malformed request: {message}");
@@ -165,6 +166,7 @@ async fn dispatch(
     ctx: RequestContext,
     api: ApiKey,
     body: &mut Bytes,
+    peer: Option<SocketAddr>,
 ) -> Result<Boxed<Reply>, String> {
     Ok(match api {
         ApiKey::ApiVersions => {
@@ -182,7 +184,7 @@ async fn dispatch(
             producer_ids::init_producer_id(shard, ctx.clone(), decode(body, &ctx)?).await
         }
         ApiKey::FindCoordinator => groups::find_coordinator(shard, ctx.clone(), decode(body, &ctx)?).await,
-        ApiKey::JoinGroup => groups::join_group(shard, ctx.clone(), decode(body, &ctx)?).await,
+        ApiKey::JoinGroup => groups::join_group(shard, ctx.clone(), peer, decode(body, &ctx)?).await,
         ApiKey::SyncGroup => groups::sync_group(shard, ctx.clone(), decode(body, &ctx)?).await,
         ApiKey::Heartbeat => groups::heartbeat(shard, ctx.clone(), decode(body, &ctx)?).await,
         ApiKey::LeaveGroup => groups::leave_group(shard, ctx.clone(), decode(body, &ctx)?).await,

@@ -83,7 +83,7 @@ async fn read_loop<P: Protocol>(
             };
             let frame_bytes = P::frame_len(&frame) as u64;
             let Ok(permit) = in_flight.acquire_static_permit(frame_bytes).await else { return };
-            let (reply, close) = P::handle(shard, frame).await;
+            let (reply, close) = P::handle(shard, frame, peer).await;
             if queue.send(Pending { reply, _permit: Some(permit) }).await.is_err() || close {
                 return;
             }

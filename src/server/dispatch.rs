@@ -48,7 +48,11 @@ impl super::Protocol for Native {
         Some(error_response(0, code, &error.to_string()))
     }
 
-    async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) {
+    async fn handle(
+        shard: &Rc<Shard>,
+        frame: RawFrame,
+        _peer: Option<std::net::SocketAddr>,
+    ) -> (Boxed<Reply>, bool) {
         handle(shard, frame).await
     }
 }

@@ -58,8 +58,13 @@ pub(crate) trait Protocol: 'static {
     fn frame_len(frame: &Self::Frame) -> usize;
     /// What to send before closing a connection whose framing broke, if the protocol can say it.
     fn framing_error(error: &FrameError) -> Option<ResponseFrame>;
-    /// Returns the reply future and whether the connection must close after it.
-    fn handle(shard: &Rc<Shard>, frame: Self::Frame) -> impl Future<Output = (Boxed<Reply>, bool)>;
+    /// Returns the reply future and whether the connection must close after it. `peer` is the
+    /// client's address, when the socket could tell it.
+    fn handle(
+        shard: &Rc<Shard>,
+        frame: Self::Frame,
+        peer: Option<std::net::SocketAddr>,
+    ) -> impl Future<Output = (Boxed<Reply>, bool)>;
 }
 
 /// A listener and the protocol its connections speak.
