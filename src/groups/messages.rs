@@ -24,6 +24,7 @@ pub struct JoinRequest {
     /// (assignor name, opaque metadata), in the member's order of preference.
     pub protocols: Vec<(String, Vec<u8>)>,
     pub server_assignment: bool,
+    pub context: JoinContext,
 }
 
 /// What a join carries beyond the native JoinGroup's fields; the default is a native join.
@@ -178,10 +179,7 @@ pub struct GroupDescription {
 
 #[derive(Debug)]
 pub enum GroupRequest {
-    /// A native join.
     Join(JoinRequest),
-    /// A join with a [`JoinContext`] (Kafka's).
-    JoinWith(JoinRequest, JoinContext),
     Sync(SyncRequest),
     Heartbeat(MemberRef),
     Leave {
@@ -205,7 +203,7 @@ impl GroupRequest {
     /// The group the request is about; `None` for requests that span every coordinator.
     pub fn group_id(&self) -> Option<&str> {
         Some(match self {
-            GroupRequest::Join(r) | GroupRequest::JoinWith(r, _) => &r.group_id,
+            GroupRequest::Join(r) => &r.group_id,
             GroupRequest::Sync(r) => &r.group_id,
             GroupRequest::Heartbeat(r) => &r.group_id,
             GroupRequest::Commit(r) => &r.member.group_id,

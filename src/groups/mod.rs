@@ -185,8 +185,7 @@ pub async fn execute_local(shard: &Rc<Shard>, request: GroupRequest) -> GroupOut
         }
     }
     match request {
-        GroupRequest::Join(r) => join(shard, r, JoinContext::default()).await,
-        GroupRequest::JoinWith(r, context) => join(shard, r, context).await,
+        GroupRequest::Join(r) => join(shard, r).await,
         GroupRequest::Sync(r) => sync(shard, r).await,
         GroupRequest::Heartbeat(r) => with_group(shard, &r.group_id, &r.member_id, |g, _, now| {
             g.heartbeat(&r.member_id, r.generation, now)
@@ -256,7 +255,7 @@ fn check_topic_names<'a>(mut topics: impl Iterator<Item = &'a String>) -> Result
     }
 }
 
-async fn join(shard: &Rc<Shard>, req: JoinRequest, context: JoinContext) -> GroupOutcome {
+async fn join(shard: &Rc<Shard>, req: JoinRequest) -> GroupOutcome {
     check_join(&req)?;
     let now = now_ms();
     let group_id = req.group_id.clone();
@@ -266,7 +265,6 @@ async fn join(shard: &Rc<Shard>, req: JoinRequest, context: JoinContext) -> Grou
         let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id.clone(), now));
         let joined = group.join(
             req,
-            context,
             |client| co.new_member_id(shard.id, client),
             &limits(&shard.config),
             &partition_counts(shard),

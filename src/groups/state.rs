@@ -209,17 +209,17 @@ impl Group {
 
     /// JoinGroup. On success the member is in the group and the returned receiver is answered
     /// when the join phase completes (this call may complete it). With
-    /// `context.require_known_member_id`, an empty member id gets a new pending id in
+    /// `req.context.require_known_member_id`, an empty member id gets a new pending id in
     /// [`GroupError::MemberIdRequired`] instead, and a join naming a pending id joins.
     pub fn join(
         &mut self,
-        req: JoinRequest,
-        context: JoinContext,
+        mut req: JoinRequest,
         new_member_id: impl FnOnce(&str) -> String,
         limits: &GroupLimits,
         partition_count: &dyn Fn(&str) -> Option<u32>,
         now_ms: i64,
     ) -> Result<oneshot::Receiver<Result<JoinResponse, GroupError>>, GroupError> {
+        let context = std::mem::take(&mut req.context);
         let (min, max) = (limits.min_session_timeout_ms, limits.max_session_timeout_ms);
         if !(min..=max).contains(&req.session_timeout_ms) {
             return Err(GroupError::InvalidSessionTimeout { requested: req.session_timeout_ms, min, max });
@@ -720,6 +720,7 @@ mod tests {
             topics: vec!["t".into()],
             protocols: vec![("range".into(), b"md".to_vec())],
             server_assignment,
+            context: JoinContext::default(),
         }
     }
 
@@ -727,7 +728,7 @@ mod tests {
 
     fn join(g: &mut Group, id: &str, server: bool, now: i64, next_id: &str) -> JoinRx {
         let next = next_id.to_string();
-        g.join(join_req(id, server), JoinContext::default(), move |_| next, &LIMITS, &counts, now).unwrap()
+        g.join(join_req(id, server), move |_| next, &LIMITS, &counts, now).unwrap()
     }
 
     fn answered<T>(rx: &mut oneshot::Receiver<T>) -> Option<T> {
@@ -932,23 +933,23 @@ mod tests {
         let mut req = join_req("", true);
         req.session_timeout_ms = 10;
         assert!(matches!(
-            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InvalidSessionTimeout { .. })
         ));
         let mut req = join_req("", true);
         req.protocols = vec![("custom".into(), vec![])];
         assert!(matches!(
-            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InconsistentProtocol { .. })
         ));
         let mut req = join_req("", false);
         req.protocols = vec![("custom".into(), vec![])];
         assert!(matches!(
-            g.join(req, JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(req, |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::InconsistentProtocol { .. })
         ));
         assert!(matches!(
-            g.join(join_req("ghost", true), JoinContext::default(), |_| "x".into(), &LIMITS, &counts, 0),
+            g.join(join_req("ghost", true), |_| "x".into(), &LIMITS, &counts, 0),
             Err(GroupError::UnknownMember { .. })
         ));
         assert_eq!(g.state(), GroupState::Stable, "refused joins change nothing");
@@ -973,7 +974,7 @@ mod tests {
     fn join_kip394(g: &mut Group, id: &str, now: i64, next_id: &str) -> Result<JoinRx, GroupError> {
         let context = JoinContext { client_host: "/10.0.0.7".into(), require_known_member_id: true };
         let next = next_id.to_string();
-        g.join(join_req(id, false), context, move |_| next, &LIMITS, &counts, now)
+        g.join(JoinRequest { context, ..join_req(id, false) }, move |_| next, &LIMITS, &counts, now)
     }
 
     #[test]
@@ -1005,8 +1006,14 @@ mod tests {
         let limits = GroupLimits { members_max: 3, ..LIMITS };
         let kip394 = JoinContext { client_host: String::new(), require_known_member_id: true };
         let join_new = |g: &mut Group, next: &'static str| {
-            g.join(join_req("", false), kip394.clone(), move |_| next.into(), &limits, &counts, 600)
-                .map(|_| ())
+            g.join(
+                JoinRequest { context: kip394.clone(), ..join_req("", false) },
+                move |_| next.into(),
+                &limits,
+                &counts,
+                600,
+            )
+            .map(|_| ())
         };
         assert!(matches!(join_new(&mut g, "p"), Err(GroupError::MemberIdRequired { .. })));
         assert!(

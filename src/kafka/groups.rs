@@ -228,14 +228,14 @@ pub(super) async fn join_group(
         topics,
         protocols,
         server_assignment: false,
-    };
-    let context = JoinContext {
-        client_host: client_host(peer),
-        require_known_member_id: ctx.version >= 4 && request.group_instance_id.is_none(),
+        context: JoinContext {
+            client_host: client_host(peer),
+            require_known_member_id: ctx.version >= 4 && request.group_instance_id.is_none(),
+        },
     };
     let shard = shard.clone();
     async move {
-        let joined = run(&shard, GroupRequest::JoinWith(join, context), |r| match r {
+        let joined = run(&shard, GroupRequest::Join(join), |r| match r {
             GroupReply::Join(r) => Some(r),
             _ => None,
         })

@@ -123,6 +123,7 @@ fn decode(request: wire::Request<'_>) -> Option<GroupRequest> {
                     .map(|p| (text(p.name()), p.metadata().map(|m| m.bytes().to_vec()).unwrap_or_default()))
                     .collect(),
                 server_assignment: r.server_assignment(),
+                context: Default::default(),
             })
         }
         RequestBody::SyncGroupRequest => {
