@@ -36,12 +36,11 @@ use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
-use super::errors::kafka_code;
+use super::errors::Failure;
 use crate::config::{BrokerConfig, DurabilitySetting, SEGMENT_BYTES_MIN};
 use crate::metadata::{self, TopicOverrides};
 use crate::protocol::wire::ErrorCode;
 use crate::server::{Boxed, Reply};
-use crate::shard::mesh::PartitionError;
 use crate::shard::{Shard, TopicView};
 
 /// The one broker's node id: leader, only replica and controller of everything.
@@ -82,25 +81,6 @@ fn topic_name(s: &str) -> TopicName {
 /// Topics only the broker itself may create, delete or resize.
 fn is_internal(name: &str) -> bool {
     crate::groups::is_internal_topic(name) || name == TRANSACTION_STATE_TOPIC
-}
-
-/// A per-topic failure as the client will see it: a Kafka error code and ringlog's message.
-#[derive(Debug, Clone, PartialEq)]
-struct Failure {
-    code: i16,
-    message: String,
-}
-
-impl Failure {
-    fn new(code: ResponseError, message: impl Into<String>) -> Self {
-        Failure { code: code.code(), message: message.into() }
-    }
-}
-
-impl From<PartitionError> for Failure {
-    fn from(e: PartitionError) -> Self {
-        Failure { code: kafka_code(e.code), message: e.message }
-    }
 }
 
 /// How often each name occurs, so a name given twice in one request is refused rather than

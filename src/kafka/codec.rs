@@ -136,7 +136,7 @@ pub fn respond<R: Encodable + HeaderVersion>(ctx: &RequestContext, body: &R) -> 
     }
     let size = (buf.len() - 4) as i32;
     buf[..4].copy_from_slice(&size.to_be_bytes());
-    Reply::Frame(ResponseFrame { head: buf.to_vec(), payload: Vec::new() })
+    Reply::Frame(ResponseFrame { head: Vec::from(buf), payload: Vec::new() })
 }
 
 /// Record sets to send by reference in one response. [`RecordSets::add`] takes a partition's
@@ -210,8 +210,6 @@ pub fn respond_zero_copy<R: Encodable + HeaderVersion>(
         let met = buf.next_set;
         return encode_error(ctx, format!("{met} of {expected} record sets were referenced"));
     }
-    let size = (buf.offset() - 4) as i32;
-    buf.range(0..4).copy_from_slice(&size.to_be_bytes());
     Reply::Frame(buf.into_frame())
 }
 
@@ -250,13 +248,19 @@ impl SegmentedBuf {
         Some(std::mem::take(set))
     }
 
+    /// The frame, with the size prefix (the first 4 bytes written, always in the head) filled in.
     fn into_frame(mut self) -> ResponseFrame {
+        let size = (self.offset() - 4) as i32;
         let mut parts = std::mem::take(&mut self.parts);
         if !self.current.is_empty() {
             parts.push(self.current.split().freeze());
         }
         let mut parts = parts.into_iter();
-        let head = parts.next().map(|b| b.to_vec()).unwrap_or_default();
+        let mut head = parts.next().map(Vec::from).unwrap_or_default();
+        debug_assert!(head.len() >= 4, "the size prefix is written first");
+        if let Some(prefix) = head.get_mut(..4) {
+            prefix.copy_from_slice(&size.to_be_bytes());
+        }
         ResponseFrame { head, payload: parts.filter(|p| !p.is_empty()).collect() }
     }
 }
@@ -307,17 +311,9 @@ impl ByteBufMut for SegmentedBuf {
     }
 
     fn range(&mut self, r: Range<usize>) -> &mut [u8] {
-        if r.start < self.parts_len {
-            // Only the size prefix lives before the first record buffer: it is in parts[0].
-            assert!(r.end <= self.parts.first().map_or(0, Bytes::len), "range spans a referenced buffer");
-            let first = std::mem::take(&mut self.parts[0]);
-            let mut owned = BytesMut::from(&first[..]);
-            let ptr = owned.as_mut_ptr();
-            self.parts[0] = owned.freeze();
-            // SAFETY: parts[0] was just rebuilt from a unique BytesMut; the slice stays within
-            // it and nothing else references that allocation until the returned borrow ends.
-            return unsafe { std::slice::from_raw_parts_mut(ptr.add(r.start), r.end - r.start) };
-        }
+        // The crate fills gaps only within the field it is writing, never before a record set;
+        // the size prefix is filled by `into_frame`.
+        assert!(r.start >= self.parts_len, "range reaches into an already finished part");
         let start = r.start - self.parts_len;
         let end = r.end - self.parts_len;
         &mut self.current[start..end]
@@ -341,8 +337,6 @@ mod tests {
         buf.put_slice(&first[..]);
         buf.put_slice(b"z");
         buf.put_slice(&second[..]);
-        let size = (buf.offset() - 4) as i32;
-        buf.range(0..4).copy_from_slice(&size.to_be_bytes());
         assert_eq!(buf.next_set, 2);
         let frame = buf.into_frame();
         assert_eq!(frame.head, [&1052i32.to_be_bytes()[..], b"abc"].concat());

@@ -1,12 +1,33 @@
 //! ringlog error codes as Kafka error codes.
 //!
-//! Owns: the one mapping from `wire::ErrorCode` (what shards, storage and the group coordinator
-//! report) to the Kafka code a Kafka client acts on, chosen so that clients retry, refresh
-//! metadata, rebalance or fail exactly as they would against Apache Kafka.
+//! Owns: [`Failure`], and the one mapping from `wire::ErrorCode` (what shards, storage and the
+//! group coordinator report) to the Kafka code a Kafka client acts on, chosen so that clients
+//! retry, refresh metadata, rebalance or fail exactly as they would against Apache Kafka.
 
 use kafka_protocol::ResponseError as K;
 
 use crate::protocol::wire::ErrorCode;
+use crate::shard::mesh::PartitionError;
+
+/// A per-topic or per-partition failure as the client will see it: a Kafka error code and
+/// ringlog's message.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Failure {
+    pub code: i16,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: K, message: impl Into<String>) -> Self {
+        Failure { code: code.code(), message: message.into() }
+    }
+}
+
+impl From<PartitionError> for Failure {
+    fn from(e: PartitionError) -> Self {
+        Failure { code: kafka_code(e.code), message: e.message }
+    }
+}
 
 /// The Kafka error code for a ringlog error (0 for none).
 pub fn kafka_code(code: ErrorCode) -> i16 {

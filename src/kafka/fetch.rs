@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::FutureExt;
@@ -105,30 +105,9 @@ pub(super) async fn fetch(shard: &Rc<Shard>, ctx: RequestContext, request: Fetch
     let routing_failed = layout.iter().flat_map(|(_, parts)| parts).any(|(_, slot)| slot.is_err());
     let shard = shard.clone();
     async move {
-        let deadline = Instant::now() + Duration::from_millis(max_wait_ms);
-        let outcomes = loop {
-            let outcomes: Vec<FetchOutcome> = shard.fetch(items.clone()).await.await;
-            let bytes: usize = outcomes.iter().flatten().map(|f| f.len()).sum();
-            // As Kafka does, an error anywhere answers at once rather than after max_wait.
-            let failed = routing_failed || outcomes.iter().any(Result::is_err);
-            let now = Instant::now();
-            if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
-                break outcomes;
-            }
-            // Park until something past what we already have arrives on any of the partitions.
-            let waits: Vec<(u32, FetchItem)> = items
-                .iter()
-                .zip(&outcomes)
-                .map(|((owner, item), outcome)| {
-                    let mut item = item.clone();
-                    if let Ok(f) = outcome {
-                        item.offset = item.offset.max(f.high_watermark);
-                    }
-                    (*owner, item)
-                })
-                .collect();
-            shard.wait_for_data(waits, (deadline - now).as_millis() as u64).await;
-        };
+        // As Kafka does, an error anywhere answers at once rather than after max_wait.
+        let max_wait = Duration::from_millis(max_wait_ms);
+        let outcomes = shard.fetch_long_poll(items, min_bytes, max_wait, routing_failed).await;
         encode_fetch(&ctx, layout, outcomes, max_bytes)
     }
     .boxed_local()

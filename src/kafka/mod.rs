@@ -158,7 +158,7 @@ fn metrics_label(api: ApiKey) -> &'static str {
 }
 
 fn decode<T: Decodable>(body: &mut Bytes, ctx: &RequestContext) -> Result<T, String> {
-    T::decode(body, ctx.version).map_err(|e| format!("{:?} v{}: {e}", ctx.api_key, ctx.version))
+    T::decode(body, ctx.version).map_err(|e| format!("API {} v{}: {e}", ctx.api_key_raw, ctx.version))
 }
 
 async fn dispatch(

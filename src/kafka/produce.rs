@@ -19,10 +19,10 @@ use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
-use super::errors::kafka_code;
+use super::errors::Failure;
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::server::{Boxed, Reply, ResponseFrame};
-use crate::shard::mesh::{AppendItem, Appended, PartitionError};
+use crate::shard::mesh::{AppendItem, Appended};
 use crate::shard::Shard;
 
 /// RecordBatch attributes bit: the batch belongs to a transaction.
@@ -33,25 +33,6 @@ const ATTRIBUTE_CONTROL: i16 = 0x20;
 const ACKS_NONE: i16 = 0;
 const ACKS_LEADER: i16 = 1;
 const ACKS_ALL: i16 = -1;
-
-/// A partition's failure as the client will see it: a Kafka error code and ringlog's message.
-#[derive(Debug, Clone)]
-struct Failure {
-    code: i16,
-    message: String,
-}
-
-impl Failure {
-    fn new(code: ResponseError, message: impl Into<String>) -> Self {
-        Failure { code: code.code(), message: message.into() }
-    }
-}
-
-impl From<PartitionError> for Failure {
-    fn from(e: PartitionError) -> Self {
-        Failure { code: kafka_code(e.code), message: e.message }
-    }
-}
 
 /// What the handler needs from a ProduceRequest, all owned: nothing in it borrows the frame.
 #[derive(Debug)]

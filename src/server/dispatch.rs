@@ -572,29 +572,7 @@ fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply>
     }
     let shard = shard.clone();
     async move {
-        let deadline = Instant::now() + max_wait;
-        let outcomes = loop {
-            let outcomes: Vec<FetchOutcome> = shard.fetch(items.clone()).await.await;
-            let bytes: usize = outcomes.iter().flatten().map(|f| f.len()).sum();
-            let failed = outcomes.iter().any(Result::is_err);
-            let now = Instant::now();
-            if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
-                break outcomes;
-            }
-            // Park until something past what we already have arrives on any of the partitions.
-            let waits: Vec<(u32, FetchItem)> = items
-                .iter()
-                .zip(&outcomes)
-                .map(|((owner, item), outcome)| {
-                    let mut item = item.clone();
-                    if let Ok(f) = outcome {
-                        item.offset = item.offset.max(f.high_watermark);
-                    }
-                    (*owner, item)
-                })
-                .collect();
-            shard.wait_for_data(waits, (deadline - now).as_millis() as u64).await;
-        };
+        let outcomes = shard.fetch_long_poll(items, min_bytes, max_wait, false).await;
         encode_fetch(cid, &layout, outcomes, max_bytes)
     }
     .boxed_local()

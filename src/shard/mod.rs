@@ -366,6 +366,40 @@ impl Shard {
         futures::future::select(select_all(waits), timeout).await;
     }
 
+    /// A fetch with long polling, for both protocols: reads until the items together hold
+    /// `min_bytes`, any fails, `answer_now` is set (an error found before routing), or `max_wait`
+    /// passes, parking between reads until data past what was read arrives.
+    pub async fn fetch_long_poll(
+        self: &Rc<Self>,
+        items: Vec<(u32, FetchItem)>,
+        min_bytes: usize,
+        max_wait: Duration,
+        answer_now: bool,
+    ) -> Vec<FetchOutcome> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            let outcomes: Vec<FetchOutcome> = self.fetch(items.clone()).await.await;
+            let bytes: usize = outcomes.iter().flatten().map(Fetched::len).sum();
+            let failed = answer_now || outcomes.iter().any(Result::is_err);
+            let now = std::time::Instant::now();
+            if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
+                return outcomes;
+            }
+            let waits: Vec<(u32, FetchItem)> = items
+                .iter()
+                .zip(&outcomes)
+                .map(|((owner, item), outcome)| {
+                    let mut item = item.clone();
+                    if let Ok(f) = outcome {
+                        item.offset = item.offset.max(f.high_watermark);
+                    }
+                    (*owner, item)
+                })
+                .collect();
+            self.wait_for_data(waits, (deadline - now).as_millis() as u64).await;
+        }
+    }
+
     pub async fn list_offsets(self: &Rc<Self>, items: Vec<(u32, OffsetQuery)>) -> Boxed<Vec<OffsetOutcome>> {
         self.scatter(
             items,
