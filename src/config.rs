@@ -62,6 +62,10 @@ pub struct BrokerConfig {
     pub shard_port_base: u16,
     /// Number of shards (one thread pinned per core). 0 = one per available core.
     pub shards: usize,
+    /// How long an idle shard busy-polls its rings before it sleeps in the kernel. Spinning
+    /// saves a wake-up per request on cores the broker has to itself, and takes CPU from
+    /// anything else scheduled on them (clients, other processes); see tuning.md.
+    pub spin_before_park_us: u64,
     /// io_uring registered buffer memory per shard. 0 = fit RLIMIT_MEMLOCK (each shard registers it
     /// in three rings); see tuning.md.
     pub io_memory_bytes: usize,
@@ -127,6 +131,7 @@ impl Default for BrokerConfig {
             advertised_host: None,
             shard_port_base: 9300,
             shards: 0,
+            spin_before_park_us: 50,
             io_memory_bytes: 0,
             tail_cache_bytes: 256 << 20,
             free_space_reserve_bytes: 256 << 20,
@@ -283,6 +288,9 @@ impl BrokerConfig {
         if self.housekeeping_interval_ms == 0 {
             return invalid("housekeeping_interval_ms", "must be at least 1");
         }
+        if self.spin_before_park_us > 1_000_000 {
+            return invalid("spin_before_park_us", "must be at most 1000000 (one second)");
+        }
         if self.offsets_topic_partitions == 0 || self.offsets_topic_partitions > 1000 {
             return invalid("offsets_topic_partitions", "must be between 1 and 1000");
         }
@@ -405,6 +413,9 @@ mod tests {
         let flags = vec![("batch_bytes_max".to_string(), "10".to_string())];
         let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
         assert!(err.contains("batch_bytes_max"), "{err}");
+        let flags = vec![("spin_before_park_us".to_string(), "2000000".to_string())];
+        let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
+        assert!(err.contains("spin_before_park_us"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();

@@ -21,6 +21,7 @@ use ringlog::client::{
 };
 
 use crate::message;
+use crate::rate::{self, PreciseSleep};
 use crate::stats::Recorder;
 use crate::workload::Workload;
 use crate::LoadgenError;
@@ -268,13 +269,13 @@ impl Sink {
     }
 
     /// Settles deliveries until `deadline`.
-    pub async fn idle_until(&mut self, deadline: Instant, recorder: &Recorder) {
+    pub async fn idle_until(&mut self, deadline: Instant, sleep: &mut PreciseSleep, recorder: &Recorder) {
         let (deliveries, topic) = (&mut self.deliveries, &self.topic);
         while Instant::now() < deadline {
             tokio::select! {
                 biased;
                 _ = poll_fn(|cx| deliveries.poll_settle(cx, topic, recorder)), if !deliveries.is_empty() => {}
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                slept = sleep.until(deadline) => rate::sleep_failed(slept, deadline, recorder).await,
             }
         }
     }

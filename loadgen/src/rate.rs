@@ -6,8 +6,19 @@
 //! then measured from the *intended* time, so a stall shows up in every message it delayed —
 //! the coordinated-omission correction — instead of only in the one message that was stuck.
 //! At max rate there is no grid: the intended time is simply when the send starts.
+//!
+//! Waiting for an intended time uses a `timerfd` ([`PreciseSleep`]), not tokio's timer: tokio
+//! rounds every deadline up to its next millisecond tick, which would put up to a millisecond of
+//! loadgen's own lateness into every fixed-rate latency figure.
 
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::stats::Recorder;
 
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -36,6 +47,71 @@ impl Schedule {
 
     pub fn is_fixed_rate(&self) -> bool {
         self.rate.is_some()
+    }
+}
+
+/// A one-shot monotonic timer with the kernel's hrtimer precision, awaited on the tokio reactor.
+pub struct PreciseSleep {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PreciseSleep {
+    pub fn new() -> io::Result<PreciseSleep> {
+        // SAFETY: plain syscall; the returned descriptor is checked and then owned.
+        let raw =
+            unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an `OwnedFd` stays open and returns the same descriptor until it is dropped.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)?;
+        Ok(PreciseSleep { fd })
+    }
+
+    /// Returns at `deadline` (immediately if it has passed). Cancel-safe: dropping the future
+    /// leaves the timer armed, and the next call re-arms it.
+    pub async fn until(&mut self, deadline: Instant) -> io::Result<()> {
+        let Some(wait) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+            return Ok(());
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: wait.as_secs() as libc::time_t,
+                tv_nsec: wait.subsec_nanos() as libc::c_long,
+            },
+        };
+        let fd = self.fd.get_ref().as_raw_fd();
+        // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+        if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut expirations = 0u64;
+            // SAFETY: reads 8 bytes into a u64 owned here.
+            let n = unsafe { libc::read(fd, (&mut expirations as *mut u64).cast(), 8) };
+            if n == 8 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::WouldBlock {
+                return Err(err);
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+/// Reports a failed [`PreciseSleep`] and waits on tokio's coarser timer instead, so a broken
+/// timer costs precision, not the run.
+pub async fn sleep_failed(slept: io::Result<()>, deadline: Instant, recorder: &Recorder) {
+    if let Err(e) = slept {
+        recorder.stats.lock().error(format!("precise timer: {e}"));
+        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -74,5 +150,18 @@ mod tests {
         let now = start + Duration::from_millis(42);
         assert_eq!(s.next(now), now);
         assert!(!s.is_fixed_rate());
+    }
+
+    #[tokio::test]
+    async fn precise_sleep_never_wakes_early() {
+        let mut sleep = PreciseSleep::new().unwrap();
+        for wait_us in [50u64, 300, 1500] {
+            let start = Instant::now();
+            sleep.until(start + Duration::from_micros(wait_us)).await.unwrap();
+            let waited = start.elapsed();
+            assert!(waited >= Duration::from_micros(wait_us), "woke early: {waited:?}");
+        }
+        // A deadline in the past returns at once.
+        sleep.until(Instant::now() - Duration::from_millis(1)).await.unwrap();
     }
 }

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::kafka;
 use crate::message::{self, Clock, Rng};
 use crate::native;
-use crate::rate::Schedule;
+use crate::rate::{PreciseSleep, Schedule};
 use crate::report::{round, BrokerInfo, MachineInfo, Percentiles, Point, Report};
 use crate::stats::{quantile_us, Recorder, SharedStats, Tally, Window};
 use crate::workload::{Keys, Protocol, Workload};
@@ -185,10 +185,10 @@ impl Sink {
     }
 
     /// Settles acknowledgements until `deadline` (a fixed-rate producer between messages).
-    async fn idle_until(&mut self, deadline: Instant, recorder: &Recorder) {
+    async fn idle_until(&mut self, deadline: Instant, sleep: &mut PreciseSleep, recorder: &Recorder) {
         match self {
-            Sink::Native(s) => s.idle_until(deadline, recorder).await,
-            Sink::Kafka(s) => s.idle_until(deadline, recorder).await,
+            Sink::Native(s) => s.idle_until(deadline, sleep, recorder).await,
+            Sink::Kafka(s) => s.idle_until(deadline, sleep, recorder).await,
         }
     }
 
@@ -457,13 +457,20 @@ async fn produce(mut sink: Sink, ctx: ProducerCtx) {
     let sticky_run = (w.batch_bytes / size_min.max(1)).max(1) as u64;
     let mut sent = 0u64;
     let mut schedule = Schedule::new(ctx.start, ctx.rate);
+    let mut sleep = match PreciseSleep::new() {
+        Ok(sleep) => sleep,
+        Err(e) => {
+            ctx.recorder.stats.lock().error(format!("producer {}: creating its timer: {e}", ctx.id));
+            return;
+        }
+    };
     loop {
         let intended = schedule.next(Instant::now());
         if intended >= ctx.end {
             break;
         }
         if schedule.is_fixed_rate() && Instant::now() < intended {
-            sink.idle_until(intended, &ctx.recorder).await;
+            sink.idle_until(intended, &mut sleep, &ctx.recorder).await;
         }
         let intended_us = ctx.clock.micros(intended);
         let size = if size_min == size_max { size_min } else { rng.between(size_min, size_max) };

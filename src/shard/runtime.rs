@@ -163,7 +163,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(io_memory)
-            .spin_before_park(Duration::from_micros(50))
+            .spin_before_park(Duration::from_micros(config.spin_before_park_us))
             .spawn(move || async move { ctx.run().await })
             .map_err(|e| StartError::Shard { shard: id, message: e.to_string() })?;
         handles.push(handle);

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use super::cluster::{Layout, REQUEST_TIMEOUT};
 use super::connection::{Connection, Response, Responses};
 use super::{describe, KafkaError, Result};
+use crate::rate::{self, PreciseSleep};
 use crate::stats::Recorder;
 
 /// Produce requests awaiting their response, per connection (Kafka's
@@ -266,7 +267,7 @@ impl Producer {
 
     /// Settles acknowledgements and sends lingering batches until `deadline` (a fixed-rate
     /// producer between two messages).
-    pub async fn idle_until(&mut self, deadline: Instant, recorder: &Recorder) {
+    pub async fn idle_until(&mut self, deadline: Instant, sleep: &mut PreciseSleep, recorder: &Recorder) {
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -288,9 +289,12 @@ impl Producer {
                 biased;
                 response = self.responses.recv() => match response {
                     Some(response) => self.settle(response, recorder),
-                    None => return tokio::time::sleep_until(deadline.into()).await,
+                    None => {
+                        let slept = sleep.until(deadline).await;
+                        return rate::sleep_failed(slept, deadline, recorder).await;
+                    }
                 },
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                slept = sleep.until(wake) => rate::sleep_failed(slept, wake, recorder).await,
             }
             self.pump(Instant::now(), false, recorder).await;
         }
