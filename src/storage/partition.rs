@@ -7,10 +7,10 @@
 //!
 //! Write path. `append` (synchronous: call order is offset order) validates, stamps offsets and
 //! copies the batches once into the tail of a queue of 4 KiB-aligned chunks (`DmaBuffer`s). The
-//! flusher, one detached task per partition, pops chunks and writes each with one O_DIRECT write;
-//! exactly one write is in flight per partition, so rewrites of the partial last block never
-//! reorder. A chunk starts at the aligned position below the segment end and carries a copy of that
-//! partial block (at most 4 KiB), which is rewritten with the new bytes. Appends that arrive during
+//! flusher, one detached task per partition, pops chunks and writes each with O_DIRECT; exactly one
+//! chunk is in flight per partition, so rewrites of the partial last block never reorder. A chunk
+//! starts at the aligned position below the segment end and carries a copy of that partial block
+//! (at most 4 KiB), which is rewritten with the new bytes, as a write of its own (see `Chunk`). Appends that arrive during
 //! a write fill the next chunk: group commit. With `Durability::Fsync` the flusher issues one
 //! fdatasync per round after its writes, then advances the high watermark.
 //!
@@ -103,10 +103,21 @@ struct SpareSlot {
     prepared: Notify,
 }
 
-/// Bytes staged for one O_DIRECT write of one segment, starting at an aligned file position.
+/// Bytes staged for one segment, starting at an aligned file position, written by the flusher
+/// as one O_DIRECT write, or two when the chunk starts with the carried partial block.
+///
+/// Why two: a write that covers both an already-written block and fallocated, never-written
+/// blocks is not an overwrite to ext4, which then wants the inode lock exclusively; io_uring's
+/// non-blocking attempt fails with EAGAIN and the write is re-issued from an io-wq worker thread,
+/// two context switches per write. Written apart, the rewritten block is a plain overwrite and the
+/// rest touches unwritten blocks only, and both complete inline. They never overlap, so they are
+/// issued together.
 struct Chunk {
     segment: Rc<Segment>,
-    buf: DmaBuffer,
+    /// The carried partial block and the first new bytes (exactly one block), when there is one.
+    head: Option<DmaBuffer>,
+    /// The bytes after `head` (from `file_pos` when there is no head), block-aligned.
+    body: DmaBuffer,
     file_pos: u64,
     /// Bytes filled, from `file_pos` (including the carried partial block).
     len: usize,
@@ -114,6 +125,52 @@ struct Chunk {
     first_offset: i64,
     /// Offset after the last batch staged in this chunk.
     end_offset: i64,
+}
+
+impl Chunk {
+    fn head_len(&self) -> usize {
+        if self.head.is_some() {
+            ALIGN as usize
+        } else {
+            0
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.head_len() + self.body.len()
+    }
+
+    /// Copies `bytes` in at chunk position `at` (head first, then body).
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        debug_assert!(at + bytes.len() <= self.capacity());
+        let head_len = self.head_len();
+        let (to_head, to_body) = bytes.split_at(head_len.saturating_sub(at).min(bytes.len()));
+        if let (Some(head), false) = (self.head.as_mut(), to_head.is_empty()) {
+            head.as_bytes_mut()[at..at + to_head.len()].copy_from_slice(to_head);
+        }
+        if !to_body.is_empty() {
+            let body_at = at.max(head_len) - head_len;
+            self.body.as_bytes_mut()[body_at..body_at + to_body.len()].copy_from_slice(to_body);
+        }
+    }
+
+    /// Bytes `from..to` of the chunk, which must lie within one block (head and body never share
+    /// one).
+    fn block_bytes(&self, from: usize, to: usize) -> &[u8] {
+        debug_assert!(from <= to && to <= self.len);
+        assert_eq!(
+            align_down(from as u64),
+            align_down(to.saturating_sub(1).max(from) as u64),
+            "range spans blocks"
+        );
+        match &self.head {
+            Some(head) if from < ALIGN as usize => &head.as_bytes()[from..to],
+            _ => {
+                let head_len = self.head_len();
+                &self.body.as_bytes()[from - head_len..to - head_len]
+            }
+        }
+    }
 }
 
 enum Job {
@@ -1055,19 +1112,29 @@ impl Partition {
         start_pos: u64,
     ) {
         let fits = match st.pending.back() {
-            Some(Job::Write(c)) if Rc::ptr_eq(&c.segment, seg) => c.len + bytes.len() <= c.buf.len(),
+            Some(Job::Write(c)) if Rc::ptr_eq(&c.segment, seg) => c.len + bytes.len() <= c.capacity(),
             _ => false,
         };
         if !fits {
             let file_pos = align_down(start_pos);
             let prefix_len = (start_pos - file_pos) as usize;
             let capacity = align_up((prefix_len + bytes.len()).max(CHUNK_BYTES_MIN) as u64) as usize;
-            let mut buf = glommio::allocate_dma_buffer(capacity);
+            let head = (prefix_len > 0).then(|| glommio::allocate_dma_buffer(ALIGN as usize));
+            let head_len = if head.is_some() { ALIGN as usize } else { 0 };
+            let mut chunk = Chunk {
+                segment: seg.clone(),
+                head,
+                body: glommio::allocate_dma_buffer(capacity - head_len),
+                file_pos,
+                len: prefix_len,
+                first_offset,
+                end_offset: first_offset,
+            };
             match st.pending.back() {
                 Some(Job::Write(c)) if Rc::ptr_eq(&c.segment, seg) => {
                     debug_assert_eq!(c.file_pos + c.len as u64, start_pos);
                     let from = (file_pos - c.file_pos) as usize;
-                    buf.as_bytes_mut()[..prefix_len].copy_from_slice(&c.buf.as_bytes()[from..c.len]);
+                    chunk.put(0, c.block_bytes(from, c.len));
                 }
                 _ => {
                     assert!(
@@ -1076,23 +1143,16 @@ impl Partition {
                         st.carry.bytes.len(),
                         st.carry.file_pos
                     );
-                    buf.as_bytes_mut()[..prefix_len].copy_from_slice(&st.carry.bytes);
+                    chunk.put(0, &st.carry.bytes);
                 }
             }
-            st.pending.push_back(Job::Write(Chunk {
-                segment: seg.clone(),
-                buf,
-                file_pos,
-                len: prefix_len,
-                first_offset,
-                end_offset: first_offset,
-            }));
+            st.pending.push_back(Job::Write(chunk));
         }
         let Some(Job::Write(chunk)) = st.pending.back_mut() else {
             unreachable!("a write chunk was just ensured at the back of the queue")
         };
         debug_assert_eq!(chunk.file_pos + chunk.len as u64, start_pos);
-        chunk.buf.as_bytes_mut()[chunk.len..chunk.len + bytes.len()].copy_from_slice(bytes);
+        chunk.put(chunk.len, bytes);
         chunk.len += bytes.len();
         chunk.end_offset = end_offset;
     }
@@ -1110,7 +1170,7 @@ impl Partition {
                 let tail_from = align_down(end);
                 st.carry.file_pos = tail_from;
                 st.carry.bytes.clear();
-                st.carry.bytes.extend_from_slice(&c.buf.as_bytes()[(tail_from - c.file_pos) as usize..c.len]);
+                st.carry.bytes.extend_from_slice(c.block_bytes((tail_from - c.file_pos) as usize, c.len));
             }
         }
         Some(job)
@@ -1196,23 +1256,53 @@ impl Partition {
         }
     }
 
-    /// Writes one chunk. On failure rolls the log back and returns false.
+    /// Writes one chunk (its head and body together). On failure rolls the log back and returns
+    /// false.
     async fn write_chunk(&self, chunk: Chunk) -> bool {
-        let Chunk { segment, mut buf, file_pos, len, first_offset, end_offset } = chunk;
+        let head_len = chunk.head_len();
+        let Chunk { segment, head, mut body, file_pos, len, first_offset, end_offset } = chunk;
         let aligned = align_up(len as u64) as usize;
-        buf.as_bytes_mut()[len..aligned].fill(0);
-        buf.trim_to_size(aligned);
-        let buf = Rc::new(buf);
+        let head = head.map(|mut head| {
+            head.as_bytes_mut()[len.min(head_len)..].fill(0);
+            Rc::new(head)
+        });
+        let body_len = aligned.saturating_sub(head_len);
+        body.as_bytes_mut()[len.saturating_sub(head_len)..body_len].fill(0);
+        body.trim_to_size(body_len);
+        let body = Rc::new(body);
         let result = match segment.file().await {
             Ok(file) => {
-                match crate::metrics::timed_segment_write(file.write_rc_at(buf.clone(), file_pos)).await {
-                    Ok(n) if n == aligned => Ok(()),
-                    Ok(n) => Err(format!("short write: {n} of {aligned} bytes at {file_pos}")),
-                    Err(e) => Err(e.to_string()),
-                }
+                let write = |buf: &Rc<DmaBuffer>, pos: u64| {
+                    let (buf, file) = (buf.clone(), file.clone());
+                    async move {
+                        let want = buf.len();
+                        match file.write_rc_at(buf, pos).await {
+                            Ok(n) if n == want => Ok(()),
+                            Ok(n) => Err(format!("short write: {n} of {want} bytes at {pos}")),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                let head_write = async {
+                    match &head {
+                        Some(head) => write(head, file_pos).await,
+                        None => Ok(()),
+                    }
+                };
+                let body_write = async {
+                    match body_len {
+                        0 => Ok(()),
+                        _ => write(&body, file_pos + head_len as u64).await,
+                    }
+                };
+                let (head_written, body_written) =
+                    crate::metrics::timed_segment_write(futures::future::join(head_write, body_write)).await;
+                head_written.and(body_written)
             }
             Err(e) => Err(e.to_string()),
         };
+        // The bytes from `file_pos` on, for the carried block a rollback keeps.
+        let first_block = head.as_ref().unwrap_or(&body);
         match result {
             Ok(()) => {
                 let mut meta = segment.meta.borrow_mut();
@@ -1227,7 +1317,7 @@ impl Partition {
                     segment = %segment.log_path.display(), position = file_pos, first_offset, end_offset,
                     error = %detail, "write failed; rolling back unacknowledged batches"
                 );
-                self.roll_back_write(&segment, first_offset, file_pos, &buf, detail);
+                self.roll_back_write(&segment, first_offset, file_pos, first_block, detail);
                 false
             }
         }
@@ -2048,6 +2138,44 @@ mod tests {
             assert_eq!(after.misses, before.misses);
             p.close().await.unwrap();
             q.close().await.unwrap();
+        });
+    }
+
+    /// Batches of many sizes, so chunks start with a carried block and then fill only that block,
+    /// end exactly at its boundary, or run far past it: the head and body writes put every byte
+    /// where a reopened log reads it back.
+    #[test]
+    fn chunks_split_at_the_carried_block_read_back_after_reopen() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("p");
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            let (p, _) = Partition::open(dir.clone(), config(8 << 20, Durability::Fsync), shard.clone())
+                .await
+                .unwrap();
+            let sizes = [1usize, 4000, 17, 4096, 9000, 3, 70_000, 500, 4095, 200_000, 12];
+            let mut expected = Vec::new();
+            for round in 0..6 {
+                for (i, value_len) in sizes.iter().enumerate() {
+                    let b = batch(-1, 1, (round * 100 + i) as i64, *value_len);
+                    let r = p.append(BytesMut::from(&b[..])).unwrap();
+                    expected.push(batch(r.base_offset, 1, (round * 100 + i) as i64, *value_len));
+                }
+                // Alternate between letting every chunk reach the disk and queueing several.
+                if round % 2 == 0 {
+                    p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+                }
+            }
+            p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+            assert_eq!(read_all(&p, 0, 64 << 10).await, expected);
+            p.close().await.unwrap();
+
+            let (p, report) = Partition::open(dir.clone(), config(8 << 20, Durability::Fsync), shard.clone())
+                .await
+                .unwrap();
+            assert!(report.torn_tails.is_empty(), "{report}");
+            assert_eq!(read_all(&p, 0, 1 << 20).await, expected);
+            p.close().await.unwrap();
         });
     }
 
