@@ -221,6 +221,47 @@ async fn acks_none_and_all_both_deliver() {
     }
 }
 
+/// Full batches for 32 partitions add up to 4 MiB per shard, four times the broker's frame limit:
+/// the producer cuts them into requests of at most `max_request_bytes` and every record lands,
+/// where one request per shard would be refused and its connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stay_under_max_request_bytes() {
+    const TOPIC: &str = "wide";
+    const PARTITIONS: u32 = 32;
+    const RECORDS: usize = 16;
+    let broker = Broker::start(2, &["frame_bytes_max=1048576", "batch_bytes_max=262144"]);
+    let admin = Admin::connect(client(&broker)).await.unwrap();
+    admin.create_topic(TOPIC, PARTITIONS, &TopicSettings::default()).await.unwrap();
+    let config = ProducerConfig {
+        batch_bytes: 128 << 10,
+        // Long enough that every partition's batch is full before any is sent by time.
+        linger: Duration::from_secs(2),
+        max_request_bytes: 512 << 10,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::connect(client(&broker), config).await.unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..RECORDS {
+        for partition in 0..PARTITIONS {
+            let value = Bytes::from(vec![(i as u8) ^ (partition as u8); 8000]);
+            deliveries.push((partition, producer.send_to(TOPIC, partition, None, value).await.unwrap()));
+        }
+    }
+    producer.flush().await;
+    for (partition, delivery) in deliveries {
+        let written = delivery.await.unwrap_or_else(|e| panic!("partition {partition}: {e}"));
+        assert_eq!(written.partition, partition);
+    }
+    let mut consumer = connect_consumer(&broker, ConsumerConfig::default(), TOPIC, PARTITIONS).await;
+    let ends = (0..PARTITIONS).map(|p| (p, RECORDS as i64)).collect();
+    let read = read_until(&mut consumer, TOPIC, &ends).await;
+    for (partition, records) in read {
+        let values: Vec<u8> = records.iter().map(|r| r.value.as_ref().unwrap()[0]).collect();
+        let expected: Vec<u8> = (0..RECORDS).map(|i| (i as u8) ^ (partition as u8)).collect();
+        assert_eq!(values, expected, "partition {partition}");
+    }
+}
+
 /// A one-partition topic of 1500 records of ~1 KB in 256 KiB segments, kept to 512 KiB: waits
 /// until retention deleted offset 0 and returns the produced values.
 async fn topic_past_retention(broker: &Broker, topic: &str) -> (Admin, Vec<Bytes>) {

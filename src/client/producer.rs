@@ -25,7 +25,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::cluster::Cluster;
 use super::connection::{Connection, PendingReply, ResponseFrame};
@@ -53,6 +53,10 @@ pub struct ProducerConfig {
     pub batch_bytes: usize,
     /// Produce requests awaiting a response, per connection.
     pub max_in_flight_per_connection: usize,
+    /// Most bytes of batches one produce request carries (a larger batch goes alone): keep it
+    /// below the broker's `frame_bytes_max` (16 MiB by default), which closes the connection on
+    /// a larger frame. Kafka's `max.request.size`.
+    pub max_request_bytes: usize,
     pub partitioner: Partitioner,
     /// Memory for records not yet acknowledged; `send` waits when it is used up.
     pub buffer_bytes: usize,
@@ -70,6 +74,7 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             batch_bytes: 256 << 10,
             max_in_flight_per_connection: 5,
+            max_request_bytes: 4 << 20,
             partitioner: Partitioner::KeyHash,
             buffer_bytes: 64 << 20,
             retries: 3,
@@ -660,30 +665,15 @@ async fn dispatch(
             .entry(conn.addr().to_owned())
             .or_insert_with(|| Arc::new(Semaphore::new(shared.config.max_in_flight_per_connection)))
             .clone();
-        let Ok(permit) = slots.try_acquire_owned() else {
-            blocked.append(&mut group);
-            continue;
-        };
-        // Group by topic so each topic appears once in the request; stable, so order holds.
+        // Group by topic so each topic appears once in a request; stable, so order holds.
         group.sort_by(|a, b| a.topic.cmp(&b.topic));
-        let payload: Vec<Bytes> = group.iter().map(|b| b.batch.bytes.clone()).collect();
-        let acks = shared.config.acks;
-        let timeout_ms =
-            u32::try_from(shared.cluster.config().request_timeout.as_millis()).unwrap_or(u32::MAX);
-        let pending = conn.start(
-            |fbb| encode_produce_request(fbb, acks, timeout_ms, &group),
-            payload,
-            acks != ACKS_NONE,
-        );
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let outcome = match pending {
-                Ok(pending) => await_produce(pending, acks, &group).await,
-                Err(e) => Err(e),
+        for group in split_requests(group, shared.config.max_request_bytes) {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                blocked.extend(group);
+                continue;
             };
-            drop(permit);
-            complete_request(&shared, group, outcome).await;
-        });
+            send_request(shared, &conn, permit, group);
+        }
     }
     let blocked_count = blocked.len();
     if !blocked.is_empty() {
@@ -693,6 +683,45 @@ async fn dispatch(
         finish_batch(shared, b, Err(e)).await;
     }
     blocked_count
+}
+
+/// Cuts one endpoint's batches (at most one per partition, sorted by topic) into requests of at
+/// most `max_bytes` of batches each, in order; a batch larger than that goes alone.
+fn split_requests(group: Vec<Outbound>, max_bytes: usize) -> Vec<Vec<Outbound>> {
+    let mut requests: Vec<Vec<Outbound>> = Vec::new();
+    let mut request_bytes = 0;
+    for b in group {
+        let len = b.batch.bytes.len();
+        match requests.last_mut() {
+            Some(request) if request_bytes + len <= max_bytes => {
+                request_bytes += len;
+                request.push(b);
+            }
+            _ => {
+                request_bytes = len;
+                requests.push(vec![b]);
+            }
+        }
+    }
+    requests
+}
+
+/// Sends one produce request and completes its batches from the response, in a task of its own.
+fn send_request(shared: &Arc<Shared>, conn: &Connection, permit: OwnedSemaphorePermit, group: Vec<Outbound>) {
+    let payload: Vec<Bytes> = group.iter().map(|b| b.batch.bytes.clone()).collect();
+    let acks = shared.config.acks;
+    let timeout_ms = u32::try_from(shared.cluster.config().request_timeout.as_millis()).unwrap_or(u32::MAX);
+    let pending =
+        conn.start(|fbb| encode_produce_request(fbb, acks, timeout_ms, &group), payload, acks != ACKS_NONE);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let outcome = match pending {
+            Ok(pending) => await_produce(pending, acks, &group).await,
+            Err(e) => Err(e),
+        };
+        drop(permit);
+        complete_request(&shared, group, outcome).await;
+    });
 }
 
 fn encode_produce_request(

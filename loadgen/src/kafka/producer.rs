@@ -34,6 +34,9 @@ use crate::stats::Recorder;
 /// Produce requests awaiting their response, per connection (Kafka's
 /// `max.in.flight.requests.per.connection` default, and the native client's).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 5;
+/// A request stops taking batches once it carries this many bytes (so it is at most this plus one
+/// batch): brokers refuse frames past a limit (ringlog's `frame_bytes_max`, 16 MiB by default).
+const REQUEST_BYTES_MAX: usize = 4 << 20;
 /// Message bytes accepted and not yet acknowledged; sending waits beyond it (as the native
 /// client's `buffer_bytes`).
 pub const BUFFER_BYTES_MAX: usize = 64 << 20;
@@ -339,22 +342,25 @@ impl Producer {
         partition_data.clear();
         let leader = &mut self.leaders[l];
         let mut linger_due: Option<Instant> = None;
+        let mut request_bytes = 0;
         let mut i = 0;
         while i < leader.active.len() {
             let partition = leader.active[i];
             let p = &mut self.partitions[partition as usize];
-            let taken = match p.sealed.pop_front() {
-                Some(sealed) => {
-                    leader.sealed_batches -= 1;
-                    Some(sealed)
-                }
-                None if p.open.as_ref().is_some_and(|o| flushing || o.opened + linger <= now) => {
-                    leader.open_batches -= 1;
-                    p.seal()
-                }
-                None => None,
+            let taken = if request_bytes >= REQUEST_BYTES_MAX {
+                // Left for the next request.
+                None
+            } else if let Some(sealed) = p.sealed.pop_front() {
+                leader.sealed_batches -= 1;
+                Some(sealed)
+            } else if p.open.as_ref().is_some_and(|o| flushing || o.opened + linger <= now) {
+                leader.open_batches -= 1;
+                p.seal()
+            } else {
+                None
             };
             if let Some(sealed) = taken {
+                request_bytes += sealed.bytes.len();
                 partition_data.push(
                     PartitionProduceData::default()
                         .with_index(partition as i32)
