@@ -8,6 +8,10 @@
 //! `--bootstrap` is given. Depends on the ringlog client and record format only (no broker
 //! runtime) and on the `kafka-protocol` codecs.
 
+/// The benchmark's own allocations must not be what limits it; see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod broker;
 mod chart;
 mod kafka;
