@@ -46,7 +46,9 @@ const BATCH_INITIAL_BYTES: usize = 16 << 10;
 pub struct ProducerConfig {
     /// 0 (no response), 1 (leader), or -1 (all; durable per the topic's durability).
     pub acks: i8,
-    /// How long a batch waits for more records before it is sent.
+    /// How long a batch waits for more records before it is sent. A batch that has lingered also
+    /// waits while its partition has a request in flight (at most one round trip): records arriving
+    /// meanwhile join it, so a steady stream makes fuller requests instead of one per record.
     pub linger: Duration,
     /// A batch is sent once it reaches this size before compression (a single larger record makes
     /// its own batch).
@@ -548,7 +550,10 @@ fn take_sendable(acc: &mut Accumulator, linger: Duration, now: Instant) -> Senda
     let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
     for topic in &mut acc.topics {
         for (partition, p) in topic.partitions.iter_mut().enumerate() {
-            if let Some(open) = &p.open {
+            // A lingered batch waits while its partition has a request in flight: records arriving
+            // in the meantime join it, and the response (which wakes this task) sends it. Without
+            // this, a short linger at a steady rate makes a request of every record or two.
+            if let (Some(open), 0) = (&p.open, p.in_flight) {
                 let due = open.opened + linger;
                 if due <= now {
                     p.seal_open();
@@ -865,8 +870,8 @@ async fn finish_batch(shared: &Arc<Shared>, mut b: Outbound, result: Result<i64,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::batches;
     use crate::record::reader::{decode, records};
+    use crate::record::{batches, BatchHeader};
 
     fn config(batch_bytes: usize) -> ProducerConfig {
         ProducerConfig { batch_bytes, ..ProducerConfig::default() }
@@ -988,6 +993,31 @@ mod tests {
         put_back(&mut acc, out);
         assert_eq!(acc.topics[0].partitions[0].in_flight, 0);
         assert_eq!(acc.topics[0].partitions[0].sealed.len(), 1);
+    }
+
+    #[test]
+    fn a_lingered_batch_waits_for_its_partitions_request_in_flight() {
+        let cfg = config(1 << 20);
+        let mut acc = accumulator_with("t", 2);
+        append(&mut acc, &cfg, 0, b"a");
+        let now = Instant::now();
+        let first = take_sendable(&mut acc, Duration::ZERO, now).batches;
+        assert_eq!(first.len(), 1, "an idle partition's record goes at once");
+        // Records arriving while that request is out join one batch instead of going one by one.
+        append(&mut acc, &cfg, 0, b"b");
+        append(&mut acc, &cfg, 0, b"c");
+        append(&mut acc, &cfg, 1, b"d");
+        let s = take_sendable(&mut acc, Duration::ZERO, now + Duration::from_millis(5));
+        let partitions: Vec<u32> = s.batches.iter().map(|b| b.partition).collect();
+        assert_eq!(partitions, vec![1], "partition 0 waits for its response");
+        assert_eq!(s.next, None, "the response, not a timer, wakes the sender");
+        // Its response arrived: the waiting batch goes, with both records.
+        acc.topics[0].partitions[0].in_flight -= 1;
+        let s = take_sendable(&mut acc, Duration::ZERO, now + Duration::from_millis(6));
+        assert_eq!(s.batches.len(), 1);
+        assert_eq!(s.batches[0].partition, 0);
+        assert_eq!(batches(&s.batches[0].batch.bytes).count(), 1);
+        assert_eq!(BatchHeader::parse(&s.batches[0].batch.bytes).unwrap().record_count, 2);
     }
 
     #[tokio::test]
