@@ -21,7 +21,7 @@ use ringlog::client::{
 };
 
 use crate::message;
-use crate::rate::{self, PreciseSleep};
+use crate::rate::PreciseSleep;
 use crate::stats::Recorder;
 use crate::workload::Workload;
 use crate::LoadgenError;
@@ -275,7 +275,7 @@ impl Sink {
             tokio::select! {
                 biased;
                 _ = poll_fn(|cx| deliveries.poll_settle(cx, topic, recorder)), if !deliveries.is_empty() => {}
-                slept = sleep.until(deadline) => rate::sleep_failed(slept, deadline, recorder).await,
+                _ = sleep.until(deadline, recorder) => {}
             }
         }
     }

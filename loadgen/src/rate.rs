@@ -71,9 +71,18 @@ impl PreciseSleep {
         Ok(PreciseSleep { fd })
     }
 
+    /// Returns at `deadline`. A timer that fails is reported once per failure and tokio's coarser
+    /// timer used instead, so it costs precision, not the run. Cancel-safe.
+    pub async fn until(&mut self, deadline: Instant, recorder: &Recorder) {
+        if let Err(e) = self.try_until(deadline).await {
+            recorder.stats.lock().error(format!("precise timer: {e}"));
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+
     /// Returns at `deadline` (immediately if it has passed). Cancel-safe: dropping the future
     /// leaves the timer armed, and the next call re-arms it.
-    pub async fn until(&mut self, deadline: Instant) -> io::Result<()> {
+    pub async fn try_until(&mut self, deadline: Instant) -> io::Result<()> {
         let Some(wait) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
             return Ok(());
         };
@@ -103,15 +112,6 @@ impl PreciseSleep {
             }
             ready.clear_ready();
         }
-    }
-}
-
-/// Reports a failed [`PreciseSleep`] and waits on tokio's coarser timer instead, so a broken
-/// timer costs precision, not the run.
-pub async fn sleep_failed(slept: io::Result<()>, deadline: Instant, recorder: &Recorder) {
-    if let Err(e) = slept {
-        recorder.stats.lock().error(format!("precise timer: {e}"));
-        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -157,11 +157,11 @@ mod tests {
         let mut sleep = PreciseSleep::new().unwrap();
         for wait_us in [50u64, 300, 1500] {
             let start = Instant::now();
-            sleep.until(start + Duration::from_micros(wait_us)).await.unwrap();
+            sleep.try_until(start + Duration::from_micros(wait_us)).await.unwrap();
             let waited = start.elapsed();
             assert!(waited >= Duration::from_micros(wait_us), "woke early: {waited:?}");
         }
         // A deadline in the past returns at once.
-        sleep.until(Instant::now() - Duration::from_millis(1)).await.unwrap();
+        sleep.try_until(Instant::now() - Duration::from_millis(1)).await.unwrap();
     }
 }

@@ -10,9 +10,9 @@
 //! flusher, one detached task per partition, pops chunks and writes each with O_DIRECT; exactly one
 //! chunk is in flight per partition, so rewrites of the partial last block never reorder. A chunk
 //! starts at the aligned position below the segment end and carries a copy of that partial block
-//! (at most 4 KiB), which is rewritten with the new bytes, as a write of its own (see `Chunk`). Appends that arrive during
-//! a write fill the next chunk: group commit. With `Durability::Fsync` the flusher issues one
-//! fdatasync per round after its writes, then advances the high watermark.
+//! (at most 4 KiB), which is rewritten with the new bytes as a write of its own (see `Chunk`).
+//! Appends that arrive during a write fill the next chunk: group commit. With `Durability::Fsync`
+//! the flusher issues one fdatasync per round after its writes, then advances the high watermark.
 //!
 //! Space is reserved before a byte is accepted: `append` checks that the active segment is
 //! preallocated past the new end and, if not, calls `fallocate` synchronously, so ENOSPC surfaces
@@ -1119,11 +1119,10 @@ impl Partition {
             let file_pos = align_down(start_pos);
             let prefix_len = (start_pos - file_pos) as usize;
             let capacity = align_up((prefix_len + bytes.len()).max(CHUNK_BYTES_MIN) as u64) as usize;
-            let head = (prefix_len > 0).then(|| glommio::allocate_dma_buffer(ALIGN as usize));
-            let head_len = if head.is_some() { ALIGN as usize } else { 0 };
+            let head_len = if prefix_len > 0 { ALIGN as usize } else { 0 };
             let mut chunk = Chunk {
                 segment: seg.clone(),
-                head,
+                head: (head_len > 0).then(|| glommio::allocate_dma_buffer(head_len)),
                 body: glommio::allocate_dma_buffer(capacity - head_len),
                 file_pos,
                 len: prefix_len,

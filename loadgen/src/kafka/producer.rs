@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::cluster::{Layout, REQUEST_TIMEOUT};
 use super::connection::{Connection, Response, Responses};
 use super::{describe, KafkaError, Result};
-use crate::rate::{self, PreciseSleep};
+use crate::rate::PreciseSleep;
 use crate::stats::Recorder;
 
 /// Produce requests awaiting their response, per connection (Kafka's
@@ -293,11 +293,10 @@ impl Producer {
                 response = self.responses.recv() => match response {
                     Some(response) => self.settle(response, recorder),
                     None => {
-                        let slept = sleep.until(deadline).await;
-                        return rate::sleep_failed(slept, deadline, recorder).await;
+                        return sleep.until(deadline, recorder).await;
                     }
                 },
-                slept = sleep.until(wake) => rate::sleep_failed(slept, wake, recorder).await,
+                _ = sleep.until(wake, recorder) => {}
             }
             self.pump(Instant::now(), false, recorder).await;
         }
