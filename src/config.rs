@@ -91,6 +91,9 @@ pub struct BrokerConfig {
     pub bytes_in_flight_per_connection_max: usize,
     /// Longest a fetch may park waiting for data, whatever the client asks.
     pub fetch_wait_ms_max: u64,
+    /// Most record bytes one fetch response holds, whatever the client asks (Kafka's
+    /// `fetch.max.bytes`); the first partition with data still goes whole, so consumers progress.
+    pub fetch_bytes_max: usize,
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace_ms: u64,
     /// Topic defaults, each overridable per topic at creation.
@@ -144,6 +147,8 @@ impl Default for BrokerConfig {
             connections_per_shard_max: 10_000,
             bytes_in_flight_per_connection_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
+            // Kafka's default `fetch.max.bytes`.
+            fetch_bytes_max: 55 << 20,
             shutdown_grace_ms: 10_000,
             default_partitions: 1,
             default_segment_bytes: 1 << 30,
@@ -254,6 +259,9 @@ impl BrokerConfig {
         }
         if self.bytes_in_flight_per_connection_max < self.frame_bytes_max {
             return invalid("bytes_in_flight_per_connection_max", "must be at least frame_bytes_max");
+        }
+        if self.fetch_bytes_max == 0 {
+            return invalid("fetch_bytes_max", "must be at least 1");
         }
         if self.records_per_batch_max == 0 {
             return invalid("records_per_batch_max", "must be at least 1");

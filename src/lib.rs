@@ -1,9 +1,19 @@
 //! ringlog: a thread-per-core event-streaming broker in the Kafka family.
 //!
-//! Layout, following a produce request: `protocol` (bytes on the wire) → `server` (connections,
-//! native request dispatch; `kafka` decodes and answers the Apache Kafka protocol) → `shard` (routing to the owning core, controller) → `storage` (partition
-//! logs, segments, indexes). `metadata` holds topics and partition ownership; `config` every
-//! option. `record` is the Kafka RecordBatch v2 format shared by all of them and by `client`.
+//! Layers, top to bottom; a module depends only on modules below it:
+//!
+//! - `broker`: process start-up, signals, wiring of listeners and shards, the admin listener.
+//! - `native`, `kafka`: the two wire protocols, side by side (decode, call the shard API, encode;
+//!   each maps the broker's errors to its own codes in one table).
+//! - `server`: listeners, connections, the `Protocol` trait, the copy-free writer.
+//! - `groups`: consumer-group coordinators.
+//! - `controller`: topic lifecycle and producer ids (shard 0), over the metadata store.
+//! - `shard`: routing to the owning core, the mesh, owner-side operations, the rules both
+//!   protocols apply, and `BrokerError`.
+//! - `storage`: partition logs, segments, indexes.
+//! - leaves: `metadata` (topics, partition ownership, the metadata file), `metrics`, `config`,
+//!   `record` (the Kafka RecordBatch v2 format, shared with `client`), `protocol` (native wire).
+//!
 //! Everything but `record`, `protocol`, `client` and `cli` needs the `broker` feature (glommio).
 
 pub mod cli;
@@ -12,7 +22,11 @@ pub mod protocol;
 pub mod record;
 
 #[cfg(feature = "broker")]
+pub mod broker;
+#[cfg(feature = "broker")]
 pub mod config;
+#[cfg(feature = "broker")]
+pub mod controller;
 #[cfg(feature = "broker")]
 pub mod groups;
 #[cfg(feature = "broker")]
@@ -21,6 +35,8 @@ pub mod kafka;
 pub mod metadata;
 #[cfg(feature = "broker")]
 pub mod metrics;
+#[cfg(feature = "broker")]
+pub mod native;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]

@@ -100,7 +100,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match ringlog::shard::runtime::run(config) {
+    match ringlog::broker::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringlog: {e}");

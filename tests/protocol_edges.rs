@@ -157,3 +157,39 @@ fn bad_input_gets_errors_and_costs_well_behaved_clients_nothing() {
     assert!(!broker.log().contains("panicked"));
     broker.stop();
 }
+
+/// `batch` with its attributes replaced and its crc32c recomputed, so only the attributes make it
+/// unwelcome.
+fn with_attributes(mut batch: Vec<u8>, attributes: i16) -> Vec<u8> {
+    batch[21..23].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[21..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    batch
+}
+
+#[test]
+fn control_and_transactional_batches_from_a_client_are_refused_and_nothing_is_written() {
+    let broker = Broker::start(1, &[]);
+    let mut conn = Conn::connect(&broker.addr);
+    conn.create_topic("tx", 1);
+    assert_eq!(conn.produce("tx", 0, &[b"before"]), (ErrorCode::None, 0));
+    let control = with_attributes(batch_of(&[b"marker"]), 0x20);
+    let transactional = with_attributes(batch_of(&[b"in-a-transaction"]), 0x10);
+    // A good batch ahead of the control batch in the same payload is refused with it.
+    let mixed = [batch_of(&[b"good"]), control.clone()].concat();
+    for (what, payload, needle) in [
+        ("control", &control, "control batch"),
+        ("transactional", &transactional, "transactional"),
+        ("good + control", &mixed, "control batch"),
+    ] {
+        let resp = conn.produce_raw("tx", 0, payload).expect("produce response");
+        let (code, _, message) = common::wire::produce_outcome(&resp);
+        assert_eq!(code, ErrorCode::InvalidRequest, "{what}: {message}");
+        assert!(message.contains(needle), "{what}: the message says why: {message}");
+    }
+    let fetched = conn.fetch("tx", 0, 0, 0);
+    assert_eq!(fetched.high_watermark, 1, "nothing was appended");
+    assert_eq!(fetched.records, vec![(0, b"before".to_vec())]);
+    // The connection still works, and the next good batch gets the next offset.
+    assert_eq!(conn.produce("tx", 0, &[b"after"]), (ErrorCode::None, 1));
+}

@@ -1,13 +1,13 @@
 //! Consumer-group requests and replies as plain owned values, and the errors they can end in.
 //!
-//! Owns: the shapes that cross shards (`ShardMsg::Group` carries a [`GroupRequest`] to the
-//! coordinator shard and a [`GroupOutcome`] back), decoded from and encoded to the wire by
-//! `server::groups`. Everything here is `Send`. Errors map to wire codes in one place,
-//! [`GroupError::code`].
+//! Owns: the shapes that cross shards (a [`GroupRequest`] travels to the coordinator shard and a
+//! [`GroupOutcome`] back), decoded from and encoded to the wire by `native::groups` and
+//! `kafka::groups`. Everything here is `Send`. Each protocol maps [`GroupError`] to its wire codes
+//! in its one error table.
 
 use thiserror::Error;
 
-use crate::protocol::wire::ErrorCode;
+use crate::shard::BrokerError;
 
 /// (topic, partitions), the unit of assignments and offset requests.
 pub type TopicPartitions = (String, Vec<u32>);
@@ -105,7 +105,7 @@ pub struct CommitRequest {
 }
 
 /// One partition's result in a commit: `None` when committed.
-pub type CommitResult = (String, u32, Option<(ErrorCode, String)>);
+pub type CommitResult = (String, u32, Option<GroupError>);
 
 #[derive(Debug, Clone)]
 pub struct OffsetFetchRequest {
@@ -115,7 +115,7 @@ pub struct OffsetFetchRequest {
 }
 
 /// A committed offset as reported to clients, with the partition's log end and the lag.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PartitionOffset {
     pub topic: String,
     pub partition: u32,
@@ -126,7 +126,7 @@ pub struct PartitionOffset {
     pub log_end_offset: i64,
     /// `log_end_offset - offset` when both are known, else -1.
     pub lag: i64,
-    pub error: Option<(ErrorCode, String)>,
+    pub error: Option<GroupError>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,32 +269,12 @@ pub enum GroupError {
     CoordinatorNotAvailable(String),
     #[error("shard {shard} does not coordinate group '{group}'; ask FindCoordinator")]
     NotCoordinator { group: String, shard: u32 },
-    #[error("group '{group}': writing __consumer_offsets failed: {detail}")]
-    Storage { group: String, detail: String },
+    #[error("group '{group}': writing __consumer_offsets failed: {source}")]
+    Storage { group: String, source: BrokerError },
+    /// One partition of a commit, offset fetch or reset (unknown topic or partition, a failed
+    /// offset lookup).
+    #[error(transparent)]
+    Partition(BrokerError),
     #[error("the broker is shutting down")]
     ShuttingDown,
-}
-
-impl GroupError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            GroupError::UnknownMember { .. } => ErrorCode::UnknownMemberId,
-            GroupError::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
-            GroupError::RebalanceInProgress { .. } => ErrorCode::RebalanceInProgress,
-            // Only joins with `require_known_member_id` end here, and native joins never set it.
-            GroupError::MemberIdRequired { .. } => ErrorCode::InvalidRequest,
-            GroupError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
-            GroupError::NotFound { .. } => ErrorCode::GroupIdNotFound,
-            GroupError::InvalidSessionTimeout { .. } => ErrorCode::InvalidSessionTimeout,
-            GroupError::InconsistentProtocol { .. } => ErrorCode::InconsistentGroupProtocol,
-            GroupError::UnknownTopic { .. } => ErrorCode::UnknownTopicOrPartition,
-            GroupError::InvalidGroupId(_) => ErrorCode::InvalidGroupId,
-            GroupError::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            GroupError::TooManyMembers { .. } => ErrorCode::ResourceExhausted,
-            GroupError::CoordinatorNotAvailable(_) => ErrorCode::CoordinatorNotAvailable,
-            GroupError::NotCoordinator { .. } => ErrorCode::NotCoordinator,
-            GroupError::Storage { .. } => ErrorCode::StorageError,
-            GroupError::ShuttingDown => ErrorCode::ShuttingDown,
-        }
-    }
 }

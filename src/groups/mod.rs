@@ -2,12 +2,13 @@
 //!
 //! Owns: which shard coordinates a group (Kafka's placement: the owner of partition
 //! `abs(java_hashcode(group_id)) % offsets_topic_partitions` of `__consumer_offsets`), the groups
-//! that shard coordinates (`Coordinator`, one per shard, in `Shard::groups`), their persistence
-//! as keyed records in that topic (written through `Partition::append` + `wait_durable`, replayed
-//! by `load` when the shard starts), their timers and offset retention.
+//! that shard coordinates (`Coordinator`, one per shard, a shard extension), their persistence
+//! as keyed records in that topic (written through the shard's append API like every other write,
+//! replayed by `load` when the shard starts), their timers and offset retention.
 //! The state machine is in `state`, assignors in `assignor`, the record layout in `codec`, the
-//! request/reply values in `messages`. May depend on `shard` (routing, partitions, metadata view),
-//! `storage`, `record`, `config`; never on connections (the wire is `server::groups`).
+//! request/reply values in `messages`. May depend on `shard` (routing, appends, metadata view),
+//! `storage` (reading a partition back at load), `metadata`, `record`, `config`; never on
+//! connections or protocols (the wire is `native::groups` and `kafka::groups`).
 //! Control plane: nothing here is on the produce/fetch path.
 
 pub mod assignor;
@@ -26,18 +27,15 @@ use bytes::BytesMut;
 use futures::future::join_all;
 
 use crate::config::{BrokerConfig, DurabilitySetting};
-use crate::metadata::{self, MetadataError, MetadataStore, TopicMeta, TopicOverrides};
-use crate::protocol::wire::ErrorCode;
+use crate::metadata::{self, MetadataError, MetadataStore, TopicMeta, TopicOverrides, OFFSETS_TOPIC};
 use crate::record::builder::BatchBuilder;
-use crate::shard::mesh::OffsetQuery;
-use crate::shard::{now_ms, Shard};
+use crate::shard::mesh::{AppendItem, OffsetQuery};
+use crate::shard::{now_ms, BrokerError, PendingAppend, Shard};
 use crate::storage::Partition;
 use codec::{OffsetValue, RecordKey};
 use messages::*;
 use state::{Group, GroupLimits, SyncWait};
 
-/// The internal topic holding committed offsets and group metadata.
-pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Longest group id, member id and client id accepted.
 pub const GROUP_ID_BYTES_MAX: usize = 255;
 /// Longest metadata string stored with a committed offset (Kafka's `offset.metadata.max.bytes`).
@@ -50,10 +48,6 @@ const RETENTION_CHECK_INTERVAL_MS: i64 = 60_000;
 const OFFSETS_SEGMENT_BYTES: u64 = 100 << 20;
 /// Bytes read per step while replaying an offsets partition.
 const REPLAY_READ_BYTES: usize = 1 << 20;
-
-pub fn is_internal_topic(name: &str) -> bool {
-    name == OFFSETS_TOPIC
-}
 
 /// Java's `String.hashCode` over UTF-16 code units, so group placement matches Kafka's.
 pub fn java_string_hash(s: &str) -> i32 {
@@ -122,6 +116,24 @@ impl Coordinator {
     }
 }
 
+/// This shard's coordinator, registered on first use (`load` does so at start-up).
+fn coordinator(shard: &Shard) -> Rc<Coordinator> {
+    shard.extension::<Coordinator>().unwrap_or_else(|| {
+        let co = Rc::new(Coordinator::default());
+        shard.set_extension(co.clone());
+        co
+    })
+}
+
+/// Runs a group request on its coordinator shard `owner`: locally, or one mesh hop.
+async fn request_on(shard: &Rc<Shard>, owner: u32, request: GroupRequest) -> GroupOutcome {
+    if owner == shard.id {
+        return execute_local(shard, request).await;
+    }
+    let answer = shard.invoke_on(owner, move |s| async move { execute_local(&s, request).await }).await;
+    answer.await.map_err(|_| GroupError::ShuttingDown)?
+}
+
 fn limits(config: &BrokerConfig) -> GroupLimits {
     GroupLimits {
         initial_rebalance_delay_ms: config.group_initial_rebalance_delay_ms,
@@ -162,7 +174,7 @@ pub fn coordinator_of(shard: &Shard, group_id: &str) -> Result<(u32, u32), Group
 /// for ListGroups, on every shard.
 pub async fn execute(shard: &Rc<Shard>, request: GroupRequest) -> GroupOutcome {
     let Some(group_id) = request.group_id() else {
-        let parts = join_all((0..shard.count).map(|s| shard.group_request(s, GroupRequest::ListLocal))).await;
+        let parts = join_all((0..shard.count).map(|s| request_on(shard, s, GroupRequest::ListLocal))).await;
         let mut all = Vec::new();
         for part in parts {
             if let GroupReply::List(groups) = part? {
@@ -173,7 +185,7 @@ pub async fn execute(shard: &Rc<Shard>, request: GroupRequest) -> GroupOutcome {
         return Ok(GroupReply::List(all));
     };
     let (_, owner) = coordinator_of(shard, group_id)?;
-    shard.group_request(owner, request).await
+    request_on(shard, owner, request).await
 }
 
 /// Runs a group request on this shard, which must be the group's coordinator.
@@ -197,14 +209,14 @@ pub async fn execute_local(shard: &Rc<Shard>, request: GroupRequest) -> GroupOut
         }
         GroupRequest::Commit(r) => commit(shard, r).await,
         GroupRequest::FetchOffsets(r) => fetch_offsets(shard, r).await,
-        GroupRequest::Describe { group_id } => match shard.groups.groups.borrow().get(&group_id) {
+        GroupRequest::Describe { group_id } => match coordinator(shard).groups.borrow().get(&group_id) {
             Some(g) => Ok(GroupReply::Describe(g.describe())),
             None => Err(GroupError::NotFound { group: group_id }),
         },
         GroupRequest::Delete { group_id } => delete(shard, group_id).await,
         GroupRequest::Reset(r) => reset(shard, r).await,
         GroupRequest::ListLocal => {
-            Ok(GroupReply::List(shard.groups.groups.borrow().values().map(Group::listing).collect()))
+            Ok(GroupReply::List(coordinator(shard).groups.borrow().values().map(Group::listing).collect()))
         }
     }
 }
@@ -218,7 +230,8 @@ fn with_group<T>(
     op: impl FnOnce(&mut Group, &dyn Fn(&str) -> Option<u32>, i64) -> Result<T, GroupError>,
 ) -> Result<T, GroupError> {
     let now = now_ms();
-    let mut groups = shard.groups.groups.borrow_mut();
+    let co = coordinator(shard);
+    let mut groups = co.groups.borrow_mut();
     let group = groups.get_mut(group_id).ok_or_else(|| GroupError::UnknownMember {
         group: group_id.to_string(),
         member: member_id.to_string(),
@@ -260,7 +273,7 @@ async fn join(shard: &Rc<Shard>, req: JoinRequest) -> GroupOutcome {
     let now = now_ms();
     let group_id = req.group_id.clone();
     let parked = {
-        let co = &shard.groups;
+        let co = coordinator(shard);
         let mut groups = co.groups.borrow_mut();
         let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id.clone(), now));
         let joined = group.join(
@@ -313,19 +326,16 @@ fn forget_if_unused(groups: &mut HashMap<String, Group>, group_id: &str) {
 
 // ---- Writing __consumer_offsets ------------------------------------------------------------------
 
-/// Appends keyed records to the group's offsets partition (synchronously, so the log order is the
-/// order of the state changes) and returns what to wait on for durability.
+/// Appends keyed records to the group's offsets partition (synchronously, through the shard's
+/// append API, so the log order is the order of the state changes) and returns what to wait on
+/// for durability.
 fn append_records(
     shard: &Shard,
     group_id: &str,
     records: &[(Vec<u8>, Option<Vec<u8>>)],
     now: i64,
-) -> Result<(Rc<Partition>, i64), GroupError> {
-    let storage = |detail: String| GroupError::Storage { group: group_id.to_string(), detail };
-    let (partition_id, _) = coordinator_of(shard, group_id)?;
-    let partition = shard
-        .partition(OFFSETS_TOPIC, partition_id)
-        .ok_or_else(|| storage(format!("partition {partition_id} is not open on shard {}", shard.id)))?;
+) -> Result<PendingAppend, GroupError> {
+    let (partition, _) = coordinator_of(shard, group_id)?;
     let batch_bytes_max = shard.config.batch_bytes_max;
     let records_max = shard.config.records_per_batch_max as usize;
     let mut batches = BytesMut::new();
@@ -342,15 +352,15 @@ fn append_records(
     if !builder.is_empty() {
         batches.extend_from_slice(&builder.finish());
     }
-    let appended = partition.append(batches).map_err(|e| storage(e.to_string()))?;
-    Ok((partition, appended.last_offset))
+    let item = AppendItem { topic: std::sync::Arc::from(OFFSETS_TOPIC), partition, batches };
+    shard.append_owned(item).map_err(|source| GroupError::Storage { group: group_id.to_string(), source })
 }
 
-async fn wait_durable(group_id: &str, partition: &Partition, last_offset: i64) -> Result<(), GroupError> {
-    partition
-        .wait_durable(last_offset)
-        .await
-        .map_err(|e| GroupError::Storage { group: group_id.to_string(), detail: e.to_string() })
+async fn wait_durable(group_id: &str, pending: PendingAppend) -> Result<(), GroupError> {
+    match pending.durable().await {
+        Ok(_) => Ok(()),
+        Err(source) => Err(GroupError::Storage { group: group_id.to_string(), source }),
+    }
 }
 
 /// Records the group's metadata if a transition flagged it. The record is appended in order now;
@@ -363,11 +373,11 @@ fn persist_if_dirty(shard: &Shard, group: &mut Group, now: i64) {
     let key = RecordKey::Group { group: group.id.clone() }.encode();
     let value = group.metadata_record(now).encode();
     match append_records(shard, &group.id, &[(key, Some(value))], now) {
-        Ok((partition, last)) => {
+        Ok(pending) => {
             group.has_metadata_record = true;
             let group_id = group.id.clone();
             glommio::spawn_local(async move {
-                if let Err(e) = wait_durable(&group_id, &partition, last).await {
+                if let Err(e) = wait_durable(&group_id, pending).await {
                     tracing::error!(group = %group_id, "group metadata record not durable: {e}");
                 }
             })
@@ -389,14 +399,8 @@ fn offset_record(
 
 // ---- Offsets --------------------------------------------------------------------------------------
 
-fn check_partition(shard: &Shard, topic: &str, partition: u32) -> Result<(), (ErrorCode, String)> {
-    match shard.topic(topic) {
-        None => Err((ErrorCode::UnknownTopicOrPartition, format!("unknown topic '{topic}'"))),
-        Some(v) if partition as usize >= v.partition_shards.len() => {
-            Err((ErrorCode::UnknownTopicOrPartition, format!("topic '{topic}' has no partition {partition}")))
-        }
-        Some(_) => Ok(()),
-    }
+fn check_partition(shard: &Shard, topic: &str, partition: u32) -> Result<(), GroupError> {
+    shard.route(topic, partition).map(|_| ()).map_err(GroupError::Partition)
 }
 
 async fn commit(shard: &Rc<Shard>, req: CommitRequest) -> GroupOutcome {
@@ -407,12 +411,12 @@ async fn commit(shard: &Rc<Shard>, req: CommitRequest) -> GroupOutcome {
     for p in req.partitions {
         let verdict = check_partition(shard, &p.topic, p.partition).and_then(|()| {
             if p.offset < 0 {
-                Err((ErrorCode::InvalidRequest, format!("offset {} is negative", p.offset)))
+                Err(GroupError::InvalidRequest(format!("offset {} is negative", p.offset)))
             } else if p.metadata.len() > OFFSET_METADATA_BYTES_MAX {
-                Err((
-                    ErrorCode::InvalidRequest,
-                    format!("metadata of {} bytes exceeds {OFFSET_METADATA_BYTES_MAX}", p.metadata.len()),
-                ))
+                Err(GroupError::InvalidRequest(format!(
+                    "metadata of {} bytes exceeds {OFFSET_METADATA_BYTES_MAX}",
+                    p.metadata.len()
+                )))
             } else {
                 Ok(())
             }
@@ -424,7 +428,8 @@ async fn commit(shard: &Rc<Shard>, req: CommitRequest) -> GroupOutcome {
         results.push((p.topic, p.partition, verdict.err()));
     }
     let durable = {
-        let mut groups = shard.groups.groups.borrow_mut();
+        let co = coordinator(shard);
+        let mut groups = co.groups.borrow_mut();
         let outside_membership = generation < 0 && member_id.is_empty();
         let group = match groups.entry(group_id.clone()) {
             Entry::Occupied(e) => e.into_mut(),
@@ -459,11 +464,11 @@ async fn commit(shard: &Rc<Shard>, req: CommitRequest) -> GroupOutcome {
     let failure = match durable {
         None => None,
         Some(Err(e)) => Some(e),
-        Some(Ok((partition, last))) => wait_durable(&group_id, &partition, last).await.err(),
+        Some(Ok(pending)) => wait_durable(&group_id, pending).await.err(),
     };
     if let Some(e) = failure {
         for (_, _, verdict) in results.iter_mut().filter(|(_, _, v)| v.is_none()) {
-            *verdict = Some((e.code(), e.to_string()));
+            *verdict = Some(e.clone());
         }
     }
     Ok(GroupReply::Commit(results))
@@ -507,7 +512,8 @@ fn committed(group: Option<&Group>, topic: &str, partition: u32) -> PartitionOff
 
 async fn fetch_offsets(shard: &Rc<Shard>, req: OffsetFetchRequest) -> GroupOutcome {
     let offsets: Vec<PartitionOffset> = {
-        let groups = shard.groups.groups.borrow();
+        let co = coordinator(shard);
+        let groups = co.groups.borrow();
         let group = groups.get(&req.group_id);
         if req.topics.is_empty() {
             group
@@ -540,8 +546,9 @@ async fn fetch_offsets(shard: &Rc<Shard>, req: OffsetFetchRequest) -> GroupOutco
 
 async fn delete(shard: &Rc<Shard>, group_id: String) -> GroupOutcome {
     let now = now_ms();
-    let (partition, last) = {
-        let mut groups = shard.groups.groups.borrow_mut();
+    let pending = {
+        let co = coordinator(shard);
+        let mut groups = co.groups.borrow_mut();
         let group = groups.get(&group_id).ok_or_else(|| GroupError::NotFound { group: group_id.clone() })?;
         if !group.is_empty() {
             return Err(GroupError::NotEmpty { group: group_id, members: group.member_count() });
@@ -554,13 +561,13 @@ async fn delete(shard: &Rc<Shard>, group_id: String) -> GroupOutcome {
         appended
     };
     tracing::info!(group = %group_id, "group deleted");
-    wait_durable(&group_id, &partition, last).await?;
+    wait_durable(&group_id, pending).await?;
     Ok(GroupReply::Done)
 }
 
 async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
     let ensure_empty = || -> Result<(), GroupError> {
-        match shard.groups.groups.borrow().get(&req.group_id) {
+        match coordinator(shard).groups.borrow().get(&req.group_id) {
             Some(g) if !g.is_empty() => {
                 Err(GroupError::NotEmpty { group: req.group_id.clone(), members: g.member_count() })
             }
@@ -579,7 +586,7 @@ async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
     let mut query_rows = Vec::new();
     for (i, row) in rows.iter_mut().enumerate() {
         match shard.route(&req.topic, row.partition) {
-            Err(e) => row.error = Some((e.code, e.message)),
+            Err(e) => row.error = Some(GroupError::Partition(e)),
             Ok((_, owner)) => {
                 let timestamp_ms = match req.target {
                     ResetTarget::Timestamp(ts) => ts,
@@ -604,15 +611,13 @@ async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
     for ((i, outcome), state) in query_rows.into_iter().zip(found).zip(states) {
         let row = &mut rows[i];
         match (req.target, outcome, state) {
-            (_, Err(e), _) => row.error = Some((e.code, e.message)),
+            (_, Err(e), _) => row.error = Some(GroupError::Partition(e)),
             (ResetTarget::Offset(o), Ok(_), Some((start, end))) => row.offset = o.clamp(start, end),
             (ResetTarget::Timestamp(_), Ok(Some((o, _))), _) => row.offset = o,
             (ResetTarget::Timestamp(_), Ok(None), Some((_, end))) => row.offset = end,
             (_, Ok(_), _) => {
-                row.error = Some((
-                    ErrorCode::UnknownTopicOrPartition,
-                    format!("{}/{} is gone", req.topic, row.partition),
-                ))
+                row.error =
+                    Some(GroupError::Partition(BrokerError::unknown_partition(&req.topic, row.partition)))
             }
         }
     }
@@ -666,7 +671,7 @@ pub async fn load(shard: &Rc<Shard>) -> Result<(), String> {
     if !groups.is_empty() || records > 0 {
         tracing::info!(shard = shard.id, groups = groups.len(), records, "consumer groups loaded");
     }
-    *shard.groups.groups.borrow_mut() = groups;
+    *coordinator(shard).groups.borrow_mut() = groups;
     Ok(())
 }
 
@@ -752,7 +757,8 @@ pub async fn run_timers(shard: Rc<Shard>) {
         glommio::timer::sleep(Duration::from_millis(TIMER_TICK_MS)).await;
         let now = now_ms();
         {
-            let mut groups = shard.groups.groups.borrow_mut();
+            let co = coordinator(&shard);
+            let mut groups = co.groups.borrow_mut();
             let counts = partition_counts(&shard);
             for group in groups.values_mut().filter(|g| !g.is_empty()) {
                 group.tick(&counts, now);
@@ -767,7 +773,7 @@ pub async fn run_timers(shard: Rc<Shard>) {
 /// offsets and metadata.
 fn expire_offsets(shard: &Shard, now: i64) {
     let retention_ms = shard.config.offsets_retention_ms;
-    let co = &shard.groups;
+    let co = coordinator(shard);
     if retention_ms < 0
         || now - co.last_retention_check_ms.get() < RETENTION_CHECK_INTERVAL_MS.min(retention_ms)
     {

@@ -4,11 +4,11 @@
 //! Owns: the cluster Kafka clients see (one broker, node 0, leader of every partition at epoch
 //! 0, the only replica and the whole ISR), the mapping between Kafka topic configs
 //! (`retention.ms`, ...) and ringlog's `TopicOverrides`, and the broker configs Kafka clients can
-//! read. Topic changes go through the controller (`Shard::create_topic`, `delete_topic`,
+//! read. Topic changes go through the controller (`controller::create_topic`, `delete_topic`,
 //! `create_partitions`). Each handler finishes its work before returning, so a request that
 //! follows on the same connection sees the effect, as with Kafka, which serves one request per
-//! connection at a time. May depend on `shard`, `metadata`, `config` and `groups` (internal topic
-//! names); never on storage.
+//! connection at a time. May depend on `controller`, `shard`, `metadata`, `server` (replies) and
+//! `config`; never on storage.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,8 +39,8 @@ use super::codec::{respond, RequestContext};
 use super::errors::Failure;
 use crate::config::{BrokerConfig, DurabilitySetting, SEGMENT_BYTES_MIN};
 use crate::metadata::{self, TopicOverrides};
-use crate::protocol::wire::ErrorCode;
 use crate::server::{Boxed, Reply};
+use crate::shard::BrokerError;
 use crate::shard::{Shard, TopicView};
 
 /// The one broker's node id: leader, only replica and controller of everything.
@@ -80,7 +80,7 @@ fn topic_name(s: &str) -> TopicName {
 
 /// Topics only the broker itself may create, delete or resize.
 fn is_internal(name: &str) -> bool {
-    crate::groups::is_internal_topic(name) || name == TRANSACTION_STATE_TOPIC
+    crate::metadata::is_internal_topic(name) || name == TRANSACTION_STATE_TOPIC
 }
 
 /// How often each name occurs, so a name given twice in one request is refused rather than
@@ -113,10 +113,12 @@ pub(super) async fn auto_create(shard: &Rc<Shard>, names: Vec<String>) {
             continue;
         }
         let partitions = shard.config.default_partitions;
-        match shard.create_topic(name.clone(), partitions, TopicOverrides::default()).await {
+        match crate::controller::create_topic(shard, name.clone(), partitions, TopicOverrides::default())
+            .await
+        {
             Ok(_) => tracing::info!(topic = %name, partitions, "kafka: auto-created topic"),
-            Err(e) if e.code == ErrorCode::TopicAlreadyExists => {}
-            Err(e) => tracing::warn!(topic = %name, "kafka: auto-creating the topic failed: {}", e.message),
+            Err(BrokerError::TopicAlreadyExists { .. }) => {}
+            Err(e) => tracing::warn!(topic = %name, "kafka: auto-creating the topic failed: {e}"),
         }
     }
 }
@@ -686,7 +688,9 @@ async fn create_one(
         }
         return Ok(request);
     }
-    let meta = shard.create_topic(name.to_string(), request.partitions, request.overrides).await?;
+    let meta =
+        crate::controller::create_topic(shard, name.to_string(), request.partitions, request.overrides)
+            .await?;
     Ok(TopicRequest { partitions: meta.partition_shards.len() as u32, overrides: meta.overrides })
 }
 
@@ -765,7 +769,7 @@ async fn delete_one(shard: &Rc<Shard>, name: &str) -> Result<(), Failure> {
     if shard.topic(name).is_none() {
         return Err(Failure::new(ResponseError::UnknownTopicOrPartition, format!("unknown topic '{name}'")));
     }
-    shard.delete_topic(name.to_string()).await.map_err(Failure::from)
+    crate::controller::delete_topic(shard, name.to_string()).await.map_err(Failure::from)
 }
 
 pub(super) async fn delete_topics(
@@ -849,7 +853,10 @@ async fn grow_one(
     if validate_only {
         return Ok(());
     }
-    shard.create_partitions(name.to_string(), wanted as u32).await.map(|_| ()).map_err(Failure::from)
+    crate::controller::create_partitions(shard, name.to_string(), wanted as u32)
+        .await
+        .map(|_| ())
+        .map_err(Failure::from)
 }
 
 pub(super) async fn create_partitions(

@@ -1,13 +1,14 @@
-//! ringlog error codes as Kafka error codes.
+//! The broker's errors as Kafka error codes: the one table of this protocol.
 //!
-//! Owns: [`Failure`], and the one mapping from `wire::ErrorCode` (what shards, storage and the
-//! group coordinator report) to the Kafka code a Kafka client acts on, chosen so that clients
-//! retry, refresh metadata, rebalance or fail exactly as they would against Apache Kafka.
+//! Owns: [`Failure`], and the mapping from [`BrokerError`] (what shards, storage and the
+//! controller report) and [`GroupError`] (what a group coordinator reports) to the Kafka code a
+//! Kafka client acts on, chosen so that clients retry, refresh metadata, rebalance or fail
+//! exactly as they would against Apache Kafka.
 
 use kafka_protocol::ResponseError as K;
 
-use crate::protocol::wire::ErrorCode;
-use crate::shard::mesh::PartitionError;
+use crate::groups::messages::GroupError;
+use crate::shard::{BrokerError, StorageFailure};
 
 /// A per-topic or per-partition failure as the client will see it: a Kafka error code and
 /// ringlog's message.
@@ -23,71 +24,136 @@ impl Failure {
     }
 }
 
-impl From<PartitionError> for Failure {
-    fn from(e: PartitionError) -> Self {
-        Failure { code: kafka_code(e.code), message: e.message }
+impl From<BrokerError> for Failure {
+    fn from(e: BrokerError) -> Self {
+        Failure { code: broker_code(&e), message: e.to_string() }
     }
 }
 
-/// The Kafka error code for a ringlog error (0 for none).
-pub fn kafka_code(code: ErrorCode) -> i16 {
-    let k = match code {
-        ErrorCode::None => return 0,
-        ErrorCode::UnknownTopicOrPartition => K::UnknownTopicOrPartition,
-        // One broker owns every partition; a shard mismatch is routed internally, never seen.
-        ErrorCode::NotOwner => K::NotLeaderOrFollower,
-        ErrorCode::BatchTooLarge => K::MessageTooLarge,
-        ErrorCode::CorruptBatch => K::CorruptMessage,
-        ErrorCode::InvalidRequest => K::InvalidRequest,
-        ErrorCode::UnsupportedVersion => K::UnsupportedVersion,
+/// The Kafka code for a broker error.
+pub fn broker_code(e: &BrokerError) -> i16 {
+    let k = match e {
+        BrokerError::UnknownTopic { .. } | BrokerError::UnknownPartition { .. } => K::UnknownTopicOrPartition,
+        BrokerError::InternalTopic { .. } | BrokerError::InvalidTopicName(_) => K::InvalidTopicException,
+        BrokerError::ControlBatch { .. } => K::InvalidRecord,
+        // Kafka answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED when it will not let a producer
+        // write transactionally; clients treat it as fatal (no retry loop) and surface the
+        // message, which is what a producer configured for transactions should see here.
+        BrokerError::TransactionalBatch { .. } => K::TransactionalIdAuthorizationFailed,
+        BrokerError::InvalidRequest(_) => K::InvalidRequest,
+        BrokerError::InvalidPartitions(_) => K::InvalidPartitions,
+        BrokerError::InvalidConfig(_) => K::InvalidConfig,
+        BrokerError::TopicAlreadyExists { .. } => K::TopicAlreadyExists,
         // Retriable in Kafka clients, which is what a full limit wants.
-        ErrorCode::ResourceExhausted => K::ThrottlingQuotaExceeded,
-        ErrorCode::StorageFull => K::KafkaStorageError,
-        ErrorCode::OffsetOutOfRange => K::OffsetOutOfRange,
-        ErrorCode::TopicAlreadyExists => K::TopicAlreadyExists,
-        ErrorCode::InvalidConfig => K::InvalidConfig,
-        ErrorCode::InvalidTopicName => K::InvalidTopicException,
-        ErrorCode::InvalidPartitions => K::InvalidPartitions,
-        ErrorCode::TooManyRecords => K::RecordListTooLarge,
-        ErrorCode::RequestTimedOut => K::RequestTimedOut,
+        BrokerError::TooManyTopics { .. } => K::ThrottlingQuotaExceeded,
+        e @ (BrokerError::OpenFailed { .. } | BrokerError::RolledBack { .. })
+            if e.is_out_of_descriptors() =>
+        {
+            K::ThrottlingQuotaExceeded
+        }
+        BrokerError::OpenFailed { .. }
+        | BrokerError::RolledBack { .. }
+        | BrokerError::ControllerFile { .. } => K::KafkaStorageError,
+        BrokerError::Storage { failure, .. } => storage_code(*failure),
         // Kafka clients retry NOT_LEADER on another broker or after a metadata refresh: the
         // behaviour a restarting broker wants.
-        ErrorCode::ShuttingDown => K::NotLeaderOrFollower,
-        ErrorCode::StorageError => K::KafkaStorageError,
-        ErrorCode::Internal => K::UnknownServerError,
-        ErrorCode::CoordinatorNotAvailable => K::CoordinatorNotAvailable,
-        ErrorCode::NotCoordinator => K::NotCoordinator,
-        ErrorCode::IllegalGeneration => K::IllegalGeneration,
-        ErrorCode::UnknownMemberId => K::UnknownMemberId,
-        ErrorCode::RebalanceInProgress => K::RebalanceInProgress,
-        ErrorCode::GroupNotEmpty => K::NonEmptyGroup,
-        ErrorCode::GroupIdNotFound => K::GroupIdNotFound,
-        ErrorCode::InvalidSessionTimeout => K::InvalidSessionTimeout,
-        ErrorCode::InconsistentGroupProtocol => K::InconsistentGroupProtocol,
-        ErrorCode::InvalidGroupId => K::InvalidGroupId,
-        ErrorCode::OutOfOrderSequenceNumber => K::OutOfOrderSequenceNumber,
-        ErrorCode::InvalidProducerEpoch => K::InvalidProducerEpoch,
-        _ => K::UnknownServerError,
+        BrokerError::ShuttingDown => K::NotLeaderOrFollower,
+        BrokerError::Internal(_) => K::UnknownServerError,
     };
     k.code()
 }
 
+fn storage_code(failure: StorageFailure) -> K {
+    match failure {
+        StorageFailure::BatchTooLarge => K::MessageTooLarge,
+        StorageFailure::TooManyRecords => K::RecordListTooLarge,
+        StorageFailure::CorruptBatch | StorageFailure::CorruptLog => K::CorruptMessage,
+        StorageFailure::InvalidBatch => K::InvalidRequest,
+        StorageFailure::OffsetOutOfRange => K::OffsetOutOfRange,
+        StorageFailure::Closed => K::NotLeaderOrFollower,
+        StorageFailure::ProducerFenced => K::InvalidProducerEpoch,
+        StorageFailure::OutOfOrderSequence => K::OutOfOrderSequenceNumber,
+        StorageFailure::StorageFull | StorageFailure::Io => K::KafkaStorageError,
+    }
+}
+
+/// The Kafka code for a failed group request.
+pub fn group_code(e: &GroupError) -> i16 {
+    let k = match e {
+        GroupError::UnknownMember { .. } => K::UnknownMemberId,
+        GroupError::IllegalGeneration { .. } => K::IllegalGeneration,
+        GroupError::RebalanceInProgress { .. } => K::RebalanceInProgress,
+        GroupError::MemberIdRequired { .. } => K::MemberIdRequired,
+        GroupError::NotEmpty { .. } => K::NonEmptyGroup,
+        GroupError::NotFound { .. } => K::GroupIdNotFound,
+        GroupError::InvalidSessionTimeout { .. } => K::InvalidSessionTimeout,
+        GroupError::InconsistentProtocol { .. } => K::InconsistentGroupProtocol,
+        GroupError::UnknownTopic { .. } => K::UnknownTopicOrPartition,
+        GroupError::InvalidGroupId(_) => K::InvalidGroupId,
+        GroupError::InvalidRequest(_) => K::InvalidRequest,
+        // Kafka's answer when group.max.size is reached.
+        GroupError::TooManyMembers { .. } => K::GroupMaxSizeReached,
+        // This broker coordinates every group, so "ask another broker" is never the answer: a
+        // shard that cannot serve right now is an unavailable coordinator, which clients retry.
+        GroupError::CoordinatorNotAvailable(_)
+        | GroupError::NotCoordinator { .. }
+        | GroupError::ShuttingDown
+        | GroupError::Storage { .. } => K::CoordinatorNotAvailable,
+        GroupError::Partition(e) => return broker_code(e),
+    };
+    k.code()
+}
+
+/// The Kafka code for one partition's failed commit: as Kafka does with a failed append to its
+/// offsets topic, retriable (COORDINATOR_NOT_AVAILABLE), never fatal.
+pub fn commit_code(e: &GroupError) -> i16 {
+    match e {
+        GroupError::Partition(BrokerError::Storage { .. } | BrokerError::ShuttingDown) => {
+            K::CoordinatorNotAvailable.code()
+        }
+        e => group_code(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::storage::StorageError;
+
+    fn group() -> String {
+        "g".into()
+    }
 
     #[test]
     fn codes_match_kafka_numbers() {
-        assert_eq!(kafka_code(ErrorCode::None), 0);
-        assert_eq!(kafka_code(ErrorCode::OffsetOutOfRange), 1);
-        assert_eq!(kafka_code(ErrorCode::CorruptBatch), 2);
-        assert_eq!(kafka_code(ErrorCode::UnknownTopicOrPartition), 3);
-        assert_eq!(kafka_code(ErrorCode::BatchTooLarge), 10);
-        assert_eq!(kafka_code(ErrorCode::NotCoordinator), 16);
-        assert_eq!(kafka_code(ErrorCode::IllegalGeneration), 22);
-        assert_eq!(kafka_code(ErrorCode::UnknownMemberId), 25);
-        assert_eq!(kafka_code(ErrorCode::RebalanceInProgress), 27);
-        assert_eq!(kafka_code(ErrorCode::OutOfOrderSequenceNumber), 45);
-        assert_eq!(kafka_code(ErrorCode::InvalidProducerEpoch), 47);
+        let storage = |e: StorageError| BrokerError::storage(&Arc::from("t"), 0, e);
+        let out_of_range = StorageError::OffsetOutOfRange { requested: 9, log_start: 0, high_watermark: 1 };
+        assert_eq!(broker_code(&storage(out_of_range)), 1);
+        assert_eq!(broker_code(&BrokerError::UnknownTopic { topic: group() }), 3);
+        assert_eq!(broker_code(&BrokerError::unknown_partition("t", 7)), 3);
+        assert_eq!(broker_code(&BrokerError::ControlBatch { position: 0 }), 87);
+        assert_eq!(broker_code(&BrokerError::TransactionalBatch { position: 0 }), 53);
+        assert_eq!(broker_code(&BrokerError::ShuttingDown), 6);
+        assert_eq!(broker_code(&storage(StorageError::Closed)), 6);
+        assert_eq!(group_code(&GroupError::NotCoordinator { group: group(), shard: 1 }), 15);
+        assert_eq!(group_code(&GroupError::ShuttingDown), 15);
+        let failed = GroupError::Storage { group: group(), source: BrokerError::ShuttingDown };
+        assert_eq!(group_code(&failed), 15);
+        assert_eq!(group_code(&GroupError::TooManyMembers { group: group(), members: 3 }), 81);
+        assert_eq!(group_code(&GroupError::UnknownMember { group: group(), member: group() }), 25);
+        assert_eq!(
+            group_code(&GroupError::IllegalGeneration { group: group(), generation: 1, current: 2 }),
+            22
+        );
+        assert_eq!(group_code(&GroupError::RebalanceInProgress { group: group() }), 27);
+        assert_eq!(group_code(&GroupError::MemberIdRequired { group: group(), member: group() }), 79);
+        assert_eq!(group_code(&GroupError::NotEmpty { group: group(), members: 1 }), 68);
+        assert_eq!(group_code(&GroupError::NotFound { group: group() }), 69);
+        assert_eq!(group_code(&GroupError::InvalidGroupId(String::new())), 24);
+        assert_eq!(commit_code(&failed), 15);
+        assert_eq!(commit_code(&GroupError::Partition(storage(StorageError::Closed))), 15);
+        assert_eq!(commit_code(&GroupError::Partition(BrokerError::UnknownTopic { topic: group() })), 3);
     }
 }

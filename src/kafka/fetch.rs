@@ -2,15 +2,15 @@
 //!
 //! Owns: answering fetches with storage's buffers by reference (long polling as the native
 //! protocol does it: `min_bytes`, `max_wait_ms` capped by `fetch_wait_ms_max`, woken by appends
-//! on any shard), the response-wide `max_bytes` rule of KIP-74, and offset lookups by time.
+//! on any shard), sized by the rules shared with the native protocol (`shard::rules`: the
+//! response-wide `max_bytes` of KIP-74), and offset lookups by time.
 //! Fetch sessions (KIP-227) are not kept: every answer carries session id 0, which tells clients
 //! to keep sending full fetch requests. Without transactions the last stable offset is the high
-//! watermark and no transaction is ever aborted. May depend on `shard` (routing, reads) and the
-//! sibling `codec`/`errors`; never on storage directly.
+//! watermark and no transaction is ever aborted. May depend on `shard` (routing, reads, rules),
+//! `server` (replies) and the siblings `codec`/`errors`; never on storage.
 
 use std::collections::HashSet;
 use std::rc::Rc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::FutureExt;
@@ -24,15 +24,15 @@ use kafka_protocol::messages::{
 use kafka_protocol::ResponseError;
 
 use super::codec::{respond, respond_zero_copy, RecordSets, RequestContext};
-use super::errors::kafka_code;
-use crate::protocol::wire::ErrorCode;
+use super::errors::broker_code;
 use crate::server::{Boxed, Reply};
-use crate::shard::mesh::{FetchItem, FetchOutcome, OffsetQuery, PartitionError};
+use crate::shard::mesh::{BrokerError, FetchItem, FetchOutcome, OffsetQuery};
+use crate::shard::rules::{self, FetchBudget};
 use crate::shard::Shard;
 
 /// Where a partition's outcome comes from: an index into the routed items, or an error found
 /// before routing.
-type Slot = Result<usize, PartitionError>;
+type Slot = Result<usize, BrokerError>;
 
 /// A Fetch response's shape, in request order: per topic, each partition's index and slot.
 type FetchLayout = Vec<(TopicName, Vec<(i32, Slot)>)>;
@@ -51,20 +51,13 @@ fn ready(reply: Reply) -> Boxed<Reply> {
     futures::future::ready(reply).boxed_local()
 }
 
-fn unknown_partition(topic: &str, index: i32) -> PartitionError {
-    PartitionError::new(
-        ErrorCode::UnknownTopicOrPartition,
-        format!("topic '{topic}' has no partition {index}"),
-    )
-}
-
 /// Routes `(topic, index)`; a negative index is an unknown partition.
 fn route(
     shard: &Shard,
     topic: &str,
     index: i32,
-) -> Result<(Rc<crate::shard::TopicView>, u32, u32), PartitionError> {
-    let partition = u32::try_from(index).map_err(|_| unknown_partition(topic, index))?;
+) -> Result<(Rc<crate::shard::TopicView>, u32, u32), BrokerError> {
+    let partition = u32::try_from(index).map_err(|_| BrokerError::unknown_partition(topic, index))?;
     let (view, owner) = shard.route(topic, partition)?;
     Ok((view, owner, partition))
 }
@@ -78,11 +71,9 @@ pub(super) async fn fetch(shard: &Rc<Shard>, ctx: RequestContext, request: Fetch
         let body = FetchResponse::default().with_error_code(ResponseError::FetchSessionIdNotFound.code());
         return ready(respond(&ctx, &body));
     }
-    let config = &shard.config;
-    let max_wait_ms = u64::try_from(request.max_wait_ms).unwrap_or(0).min(config.fetch_wait_ms_max);
+    let max_wait = rules::fetch_max_wait(&shard.config, u64::try_from(request.max_wait_ms).unwrap_or(0));
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
-    // Bounded by the frame limit too: a response is held in memory until it is sent.
-    let max_bytes = usize::try_from(request.max_bytes).unwrap_or(0).min(config.frame_bytes_max).max(1);
+    let budget = FetchBudget::new(&shard.config, i64::from(request.max_bytes));
     let mut items: Vec<(u32, FetchItem)> = Vec::new();
     let mut layout: FetchLayout = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
@@ -93,7 +84,7 @@ pub(super) async fn fetch(shard: &Rc<Shard>, ctx: RequestContext, request: Fetch
                     topic: view.name.clone(),
                     partition,
                     offset: p.fetch_offset,
-                    max_bytes: usize::try_from(p.partition_max_bytes).unwrap_or(0).clamp(1, max_bytes),
+                    max_bytes: budget.partition_max_bytes(i64::from(p.partition_max_bytes)),
                 };
                 items.push((owner, item));
                 items.len() - 1
@@ -106,9 +97,8 @@ pub(super) async fn fetch(shard: &Rc<Shard>, ctx: RequestContext, request: Fetch
     let shard = shard.clone();
     async move {
         // As Kafka does, an error anywhere answers at once rather than after max_wait.
-        let max_wait = Duration::from_millis(max_wait_ms);
         let outcomes = shard.fetch_long_poll(items, min_bytes, max_wait, routing_failed).await;
-        encode_fetch(&ctx, layout, outcomes, max_bytes)
+        encode_fetch(&ctx, layout, outcomes, budget)
     }
     .boxed_local()
 }
@@ -117,11 +107,10 @@ fn encode_fetch(
     ctx: &RequestContext,
     layout: FetchLayout,
     outcomes: Vec<FetchOutcome>,
-    max_bytes: usize,
+    mut budget: FetchBudget,
 ) -> Reply {
     let mut outcomes: Vec<Option<FetchOutcome>> = outcomes.into_iter().map(Some).collect();
     let mut sets = RecordSets::default();
-    let mut included_bytes = 0usize;
     let mut responses = Vec::with_capacity(layout.len());
     for (topic, parts) in layout {
         let mut partitions = Vec::with_capacity(parts.len());
@@ -130,30 +119,22 @@ fn encode_fetch(
                 Ok(i) => outcomes
                     .get_mut(i)
                     .and_then(Option::take)
-                    .unwrap_or_else(|| Err(PartitionError::new(ErrorCode::Internal, "fetch result missing"))),
+                    .unwrap_or_else(|| Err(BrokerError::Internal("fetch result missing".into()))),
                 Err(e) => Err(e),
             };
             let data = PartitionData::default().with_partition_index(index);
             let data = match outcome {
                 Ok(fetched) => {
-                    let len = fetched.len();
-                    // KIP-74: the response-wide limit, except that the first partition with data
-                    // always gets through, so a consumer can pass a batch larger than max_bytes.
-                    let include = len > 0 && (included_bytes == 0 || included_bytes + len <= max_bytes);
-                    let records = if include {
-                        included_bytes += len;
-                        sets.add(fetched.chunks)
-                    } else {
-                        Bytes::new()
-                    };
+                    let records =
+                        if budget.admit(fetched.len()) { sets.add(fetched.chunks) } else { Bytes::new() };
                     data.with_high_watermark(fetched.high_watermark)
                         .with_last_stable_offset(fetched.high_watermark)
                         .with_log_start_offset(fetched.log_start_offset)
                         .with_records(Some(records))
                 }
                 Err(e) => {
-                    let (log_start_offset, high_watermark) = e.log_bounds.unwrap_or((-1, -1));
-                    data.with_error_code(kafka_code(e.code))
+                    let (log_start_offset, high_watermark) = e.log_bounds().unwrap_or((-1, -1));
+                    data.with_error_code(broker_code(&e))
                         .with_high_watermark(high_watermark)
                         .with_last_stable_offset(high_watermark)
                         .with_log_start_offset(log_start_offset)
@@ -182,10 +163,10 @@ pub(super) async fn list_offsets(
         for p in &topic.partitions {
             let slot = if !seen.insert((topic.name.clone(), p.partition_index)) {
                 // Kafka refuses a partition asked for twice rather than pick one of the answers.
-                Err(PartitionError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("partition {} of '{}' is listed twice", p.partition_index, &*topic.name.0),
-                ))
+                Err(BrokerError::InvalidRequest(format!(
+                    "partition {} of '{}' is listed twice",
+                    p.partition_index, &*topic.name.0
+                )))
             } else {
                 route(shard, &topic.name.0, p.partition_index).map(|(view, owner, partition)| {
                     let query =
@@ -210,7 +191,7 @@ pub(super) async fn list_offsets(
                     .map(|(index, timestamp, slot)| {
                         let outcome = match slot {
                             Ok(i) => outcomes.get(i).cloned().unwrap_or_else(|| {
-                                Err(PartitionError::new(ErrorCode::Internal, "offset lookup result missing"))
+                                Err(BrokerError::Internal("offset lookup result missing".into()))
                             }),
                             Err(e) => Err(e),
                         };
@@ -228,12 +209,12 @@ pub(super) async fn list_offsets(
 fn offsets_partition(
     index: i32,
     timestamp: i64,
-    outcome: Result<Option<(i64, i64)>, PartitionError>,
+    outcome: Result<Option<(i64, i64)>, BrokerError>,
     version: i16,
 ) -> ListOffsetsPartitionResponse {
     let response = ListOffsetsPartitionResponse::default().with_partition_index(index);
     let found = match outcome {
-        Err(e) => return response.with_error_code(kafka_code(e.code)),
+        Err(e) => return response.with_error_code(broker_code(&e)),
         Ok(found) => found,
     };
     let found = match found {
@@ -272,7 +253,7 @@ mod tests {
         assert_eq!((hit.offset, hit.timestamp), (7, 1_005));
         let miss = offsets_partition(3, 1_000, Ok(Some((42, -1))), 6);
         assert_eq!((miss.error_code, miss.offset, miss.timestamp, miss.leader_epoch), (0, -1, -1, -1));
-        let unknown = PartitionError::new(ErrorCode::UnknownTopicOrPartition, "gone");
+        let unknown = BrokerError::unknown_partition("gone", 4);
         let failed = offsets_partition(4, -1, Err(unknown), 6);
         assert_eq!((failed.error_code, failed.offset), (3, -1));
     }
@@ -291,12 +272,21 @@ mod tests {
         };
         let (big, small) = (Bytes::from(vec![1u8; 300]), Bytes::from(vec![2u8; 50]));
         let name = TopicName(kafka_protocol::protocol::StrBytes::from_static_str("t"));
-        let layout =
-            vec![(name, vec![(0, Ok(0)), (1, Ok(1)), (2, Ok(2)), (3, Err(unknown_partition("t", 3)))])];
+        let layout = vec![(
+            name,
+            vec![(0, Ok(0)), (1, Ok(1)), (2, Ok(2)), (3, Err(BrokerError::unknown_partition("t", 3)))],
+        )];
         let outcomes =
             vec![fetched(vec![big.clone()], 10), fetched(vec![small.clone()], 4), fetched(vec![], 0)];
         // 300 bytes exceed max_bytes but go as the first data; the next 50 would pass the limit.
-        let Reply::Frame(frame) = encode_fetch(&ctx, layout, outcomes, 100) else { panic!("not a frame") };
+        let Reply::Frame(frame) = encode_fetch(
+            &ctx,
+            layout,
+            outcomes,
+            FetchBudget::new(&crate::config::BrokerConfig::default(), 100),
+        ) else {
+            panic!("not a frame")
+        };
         assert_eq!(frame.payload.len(), 2, "one referenced record set and the bytes after it");
         assert_eq!(frame.payload[0].as_ptr(), big.as_ptr(), "record bytes were copied");
         let size = i32::from_be_bytes(frame.head[..4].try_into().unwrap()) as usize;

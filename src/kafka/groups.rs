@@ -56,13 +56,12 @@ use kafka_protocol::protocol::{Encodable, StrBytes};
 use kafka_protocol::ResponseError as K;
 
 use super::codec::{respond, RequestContext};
-use super::errors::kafka_code;
+use super::errors::{commit_code, group_code};
 use crate::config::TOPIC_NAME_BYTES_MAX;
 use crate::groups::messages::OffsetFetchRequest as CoordinatorOffsetFetch;
 use crate::groups::messages::*;
 use crate::groups::state::GroupState;
 use crate::groups::{self, GROUP_ID_BYTES_MAX, OFFSET_METADATA_BYTES_MAX};
-use crate::protocol::wire::ErrorCode;
 use crate::server::{Boxed, Reply};
 use crate::shard::Shard;
 
@@ -82,33 +81,6 @@ fn text(s: impl Into<String>) -> StrBytes {
 
 fn ready(reply: Reply) -> Boxed<Reply> {
     futures::future::ready(reply).boxed_local()
-}
-
-/// The Kafka code for a failed group request.
-fn group_code(e: &GroupError) -> i16 {
-    match e {
-        // This broker coordinates every group, so "ask another broker" is never the answer: a
-        // shard that cannot serve right now is an unavailable coordinator, which clients retry.
-        GroupError::NotCoordinator { .. } | GroupError::ShuttingDown | GroupError::Storage { .. } => {
-            K::CoordinatorNotAvailable.code()
-        }
-        // Kafka's answer when group.max.size is reached.
-        GroupError::TooManyMembers { .. } => K::GroupMaxSizeReached.code(),
-        GroupError::MemberIdRequired { .. } => K::MemberIdRequired.code(),
-        e => kafka_code(e.code()),
-    }
-}
-
-/// The Kafka code for one partition's failed commit.
-fn commit_code(code: ErrorCode) -> i16 {
-    match code {
-        // As Kafka does with a failed append to its offsets topic: retriable, never fatal.
-        ErrorCode::StorageError
-        | ErrorCode::StorageFull
-        | ErrorCode::ShuttingDown
-        | ErrorCode::NotCoordinator => K::CoordinatorNotAvailable.code(),
-        code => kafka_code(code),
-    }
 }
 
 /// Runs `request` on its group's coordinator and takes the reply `want` expects.
@@ -485,7 +457,7 @@ pub(super) async fn offset_commit(
             .await;
             match committed {
                 Ok(results) => {
-                    results.into_iter().map(|(_, _, e)| e.map_or(0, |(code, _)| commit_code(code))).collect()
+                    results.into_iter().map(|(_, _, e)| e.as_ref().map_or(0, commit_code)).collect()
                 }
                 Err(e) => {
                     tracing::debug!("kafka: OffsetCommit: {e}");
@@ -587,7 +559,7 @@ pub(super) async fn offset_fetch(
         match rows {
             Ok(rows) => {
                 for r in rows {
-                    let code = r.error.map_or(0, |(code, _)| kafka_code(code));
+                    let code = r.error.as_ref().map_or(0, group_code);
                     let index = i32::try_from(r.partition).unwrap_or(i32::MAX);
                     add(r.topic, partition(index, r.offset, r.metadata, code));
                 }
@@ -974,21 +946,5 @@ mod tests {
         ]
         .concat();
         assert_eq!(decode_assignment(&negative_partition), None);
-    }
-
-    #[test]
-    fn group_errors_map_to_what_kafka_clients_act_on() {
-        let group = || "g".to_string();
-        assert_eq!(group_code(&GroupError::NotCoordinator { group: group(), shard: 1 }), 15);
-        assert_eq!(group_code(&GroupError::ShuttingDown), 15);
-        assert_eq!(group_code(&GroupError::Storage { group: group(), detail: String::new() }), 15);
-        assert_eq!(group_code(&GroupError::TooManyMembers { group: group(), members: 3 }), 81);
-        assert_eq!(group_code(&GroupError::UnknownMember { group: group(), member: group() }), 25);
-        assert_eq!(group_code(&GroupError::MemberIdRequired { group: group(), member: group() }), 79);
-        assert_eq!(group_code(&GroupError::NotEmpty { group: group(), members: 1 }), 68);
-        assert_eq!(group_code(&GroupError::NotFound { group: group() }), 69);
-        assert_eq!(group_code(&GroupError::InvalidGroupId(String::new())), 24);
-        assert_eq!(commit_code(ErrorCode::StorageError), 15);
-        assert_eq!(commit_code(ErrorCode::UnknownTopicOrPartition), 3);
     }
 }

@@ -9,8 +9,11 @@
 //! `fetch` (Fetch, ListOffsets), `groups` (the consumer-group APIs). Codecs come from the
 //! `kafka-protocol` crate; record batches are never decoded or re-encoded here: produce hands the
 //! client's bytes to storage as sent and fetch returns storage's buffers as they are.
-//! May depend on `server` (connections, replies), `shard` (routing), `groups`, `metadata`,
-//! `config`, `record`; never on storage directly.
+//! Errors become Kafka codes in one table (`errors`); what a client may append and how a fetch is
+//! sized are the rules shared with the native protocol (`shard::rules`).
+//! May depend on `server` (connections, replies), `shard` (routing, the data path, rules,
+//! `BrokerError`), `controller` (topics, producer ids), `groups`, `metadata`, `metrics`,
+//! `protocol::frame`, `config`; never on storage.
 
 mod admin;
 pub mod codec;
@@ -36,10 +39,8 @@ use crate::server::{Boxed, Protocol, Reply, ResponseFrame};
 use crate::shard::Shard;
 use codec::RequestContext;
 
-pub use errors::kafka_code;
-
 /// The Kafka protocol as a connection speaks it.
-pub(crate) struct Kafka;
+pub struct Kafka;
 
 impl Protocol for Kafka {
     const NAME: &'static str = "kafka";
@@ -125,7 +126,12 @@ async fn handle(shard: &Rc<Shard>, frame: BytesMut, peer: Option<SocketAddr>) ->
 async fn finish(api: ApiKey, started: Instant, reply: Boxed<Reply>) -> Reply {
     let reply = reply.await;
     let closed = matches!(reply, Reply::Close(_));
-    crate::metrics::kafka_request_done(api as i16, metrics_label(api), started, closed);
+    let label = crate::metrics::Api {
+        family: crate::metrics::Family::Kafka,
+        key: api as u16,
+        name: metrics_label(api),
+    };
+    crate::metrics::request_done(label, started, closed);
     tracing::trace!(?api, elapsed_us = started.elapsed().as_micros() as u64, "replied");
     reply
 }

@@ -5,8 +5,9 @@
 //! of the frame only to learn where each partition's records lie, and those byte ranges are then
 //! split off the frame itself and handed to storage (which validates and stamps them). Errors are
 //! per partition, as Kafka reports them; only a request that cannot be decoded closes the
-//! connection. May depend on `shard` (routing, appends), `groups` (internal topic names),
-//! `record` (batch headers) and the sibling `admin` (auto-creation); never on storage directly.
+//! connection. What a client may append is `shard::rules`, shared with the native protocol; only
+//! the request-level `transactional_id` is Kafka's own. May depend on `shard` (routing, rules,
+//! appends), `server` (replies) and the sibling `admin` (auto-creation); never on storage.
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -20,15 +21,9 @@ use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
 use super::errors::Failure;
-use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::server::{Boxed, Reply, ResponseFrame};
 use crate::shard::mesh::{AppendItem, Appended};
 use crate::shard::Shard;
-
-/// RecordBatch attributes bit: the batch belongs to a transaction.
-const ATTRIBUTE_TRANSACTIONAL: i16 = 0x10;
-/// RecordBatch attributes bit: a control batch (transaction marker), written by brokers only.
-const ATTRIBUTE_CONTROL: i16 = 0x20;
 
 const ACKS_NONE: i16 = 0;
 const ACKS_LEADER: i16 = 1;
@@ -118,26 +113,6 @@ fn split_out(rest: &mut BytesMut, consumed: &mut usize, range: Range<usize>) -> 
     rest.advance(range.start - *consumed);
     *consumed = range.end;
     Ok(rest.split_to(range.end - range.start))
-}
-
-/// Checks the batch headers for what a client may not write here, without validating the batches
-/// (storage does that).
-fn refuse_attributes(records: &[u8]) -> Result<(), Failure> {
-    let mut position = 0usize;
-    while records.len().saturating_sub(position) >= BATCH_HEADER_LEN {
-        let Ok(header) = BatchHeader::parse(&records[position..]) else { break };
-        if header.attributes & ATTRIBUTE_TRANSACTIONAL != 0 {
-            return Err(transactions_refused());
-        }
-        if header.attributes & ATTRIBUTE_CONTROL != 0 {
-            return Err(Failure::new(
-                ResponseError::InvalidRecord,
-                format!("the batch at byte {position} is a control batch; only brokers write those"),
-            ));
-        }
-        position = position.saturating_add(header.total_len());
-    }
-    Ok(())
 }
 
 /// Kafka answers TRANSACTIONAL_ID_AUTHORIZATION_FAILED when it will not let a producer write
@@ -301,13 +276,6 @@ fn route_partition(
     rest: &mut BytesMut,
     consumed: &mut usize,
 ) -> Result<(u32, AppendItem), Failure> {
-    if crate::groups::is_internal_topic(topic) {
-        // Only the group coordinator writes there, so its replayed state stays trustworthy.
-        return Err(Failure::new(
-            ResponseError::InvalidTopicException,
-            format!("'{topic}' is internal; only the group coordinator writes to it"),
-        ));
-    }
     let partition = u32::try_from(p.index).map_err(|_| {
         Failure::new(
             ResponseError::UnknownTopicOrPartition,
@@ -322,7 +290,7 @@ fn route_partition(
         ));
     };
     let batches = split_out(rest, consumed, range)?;
-    refuse_attributes(&batches)?;
+    crate::shard::rules::check_client_append(topic, &batches)?;
     Ok((owner, AppendItem { topic: view.name.clone(), partition, batches }))
 }
 
@@ -452,18 +420,6 @@ mod tests {
         assert_eq!(&second[..], &b[..]);
         let (from, past) = (consumed, consumed + rest.len() + 1);
         assert!(split_out(&mut rest, &mut consumed, from..past).is_err());
-    }
-
-    #[test]
-    fn transactional_and_control_batches_are_refused() {
-        assert!(refuse_attributes(&batch(0x03, 0, 90)).is_ok(), "compression bits are fine");
-        let mut two = batch(0, 0, 70);
-        two.extend(batch(ATTRIBUTE_TRANSACTIONAL, 0, 61));
-        let e = refuse_attributes(&two).unwrap_err();
-        assert_eq!(e.code, ResponseError::TransactionalIdAuthorizationFailed.code());
-        let e = refuse_attributes(&batch(ATTRIBUTE_CONTROL, 0, 61)).unwrap_err();
-        assert_eq!(e.code, ResponseError::InvalidRecord.code());
-        assert!(refuse_attributes(&[0u8; 10]).is_ok(), "storage judges what is not a batch");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Kafka InitProducerId (versions 0..=4): producer ids and epochs for idempotent producers.
 //!
 //! Owns the request's rules at the protocol edge: which requests get an id, which an error, and
-//! with which Kafka code. The ids come from `Shard::init_producer_id` (shard 0 hands them out
+//! with which Kafka code. The ids come from `controller::init_producer_id` (shard 0 hands them out
 //! from blocks persisted in the data directory); the sequence checks they enable live in
-//! `storage`. May depend on `shard` and this module's siblings; never on storage.
+//! `storage`. May depend on `controller`, `shard`, `server` (replies) and this module's siblings;
+//! never on storage.
 
 use std::rc::Rc;
 
@@ -12,7 +13,7 @@ use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, Pr
 use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
-use super::kafka_code;
+use super::errors::broker_code;
 use crate::server::{Boxed, Reply};
 use crate::shard::Shard;
 
@@ -57,17 +58,16 @@ pub(super) async fn init_producer_id(
         }
         (true, producer_id, epoch) => Some((producer_id, epoch)),
     };
-    let allocated = shard.init_producer_id(current).await;
+    let allocated = crate::controller::init_producer_id(shard, current).await;
     async move {
         match allocated.await {
             Ok((producer_id, epoch)) => answer(&ctx, 0, producer_id, epoch),
             Err(e) => {
                 tracing::warn!(
                     client = ctx.client_id.as_deref().unwrap_or(""),
-                    "kafka: InitProducerId failed: {}",
-                    e.message
+                    "kafka: InitProducerId failed: {e}"
                 );
-                answer(&ctx, kafka_code(e.code), NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+                answer(&ctx, broker_code(&e), NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
             }
         }
     }

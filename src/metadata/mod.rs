@@ -222,6 +222,16 @@ pub fn assign_partitions(partitions: usize, loads: &[usize]) -> Vec<u32> {
     (0..partitions).map(|p| order[p % order.len()] as u32).collect()
 }
 
+/// The internal topic holding committed offsets and group metadata (written by the group
+/// coordinators only).
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// Whether clients see `name` as internal: listed only when asked for by name, never written,
+/// deleted or grown by them.
+pub fn is_internal_topic(name: &str) -> bool {
+    name == OFFSETS_TOPIC
+}
+
 /// Kafka's topic name rules: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() {

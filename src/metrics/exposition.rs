@@ -171,8 +171,8 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
         "Partitions of produce/fetch requests that failed, counted on the partition's owner shard.",
     );
     for (s, id) in shards.iter().zip(&ids) {
-        for a in s.apis.iter().filter(|a| a.partition_errors > 0 || a.api == "produce" || a.api == "fetch") {
-            o.sample("ringlog_partition_errors_total", &[("shard", id), ("api", a.api)], a.partition_errors);
+        for (api, count) in &s.partition_errors {
+            o.sample("ringlog_partition_errors_total", &[("shard", id), ("api", api)], *count);
         }
     }
     o.header(
@@ -252,8 +252,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::{ApiStats, IoCounters, TopicTraffic};
-    use crate::storage::CacheStats;
+    use crate::metrics::{ApiStats, CacheStats, IoCounters, TopicTraffic};
 
     fn shard(id: u32) -> ShardSnapshot {
         let mut latency = Latency::new();
@@ -269,13 +268,8 @@ mod tests {
                 3,
                 TopicTraffic { bytes_in: 100, records_in: 4, bytes_out: 50, records_out: 2 },
             )],
-            apis: vec![ApiStats {
-                api: "produce",
-                requests: 5,
-                errors: 1,
-                partition_errors: 0,
-                latency: latency.clone(),
-            }],
+            apis: vec![ApiStats { api: "produce", requests: 5, errors: 1, latency: latency.clone() }],
+            partition_errors: vec![("produce", 0), ("fetch", 3)],
             segment_write: latency.clone(),
             fsync: Latency::new(),
             cache: CacheStats { hits: 1, misses: 2, used_bytes: 10, budget_bytes: 20, batches: 1 },

@@ -1,20 +1,18 @@
-//! Broker metrics: shard-local recording, snapshots gathered over the mesh, Prometheus exposition
-//! and the admin HTTP listener (`GET /metrics`, `GET /health`).
+//! Broker metrics: shard-local recording, per-shard snapshots and their Prometheus exposition.
 //!
 //! Owns: every counter and latency histogram the broker keeps about itself. Recording is
 //! shard-local: each shard thread has its own `Recorder` in a thread-local `RefCell` (a glommio
 //! executor is one thread, so the thread *is* the shard), written with plain adds and HDR
 //! histogram increments — no atomics, no locks, no allocation after a topic's first record. A
-//! scrape on shard 0 asks every other shard for a `ShardSnapshot` (one `ShardMsg::Metrics` each)
-//! and renders them all; nothing is shared between shards in between.
+//! scrape (the admin listener in `broker::admin`) asks every shard for a [`ShardSnapshot`], which
+//! the shard builds from its gauges ([`ShardGauges`]) and what it recorded here; nothing is shared
+//! between shards in between.
 //!
-//! The thread-local is deliberate: the storage layer records write and fsync latency without
-//! knowing about shards, and the hooks in `server`, `shard` and `storage` stay one line each.
-//! May depend on `shard` (to read its gauges at snapshot time), `storage::CacheStats`, `protocol`
-//! enums and glommio; nothing depends on it but those one-line hooks.
+//! A leaf: the layers above record into it with one-line hooks and hand it plain numbers and
+//! names. The thread-local is deliberate: the storage layer records write and fsync latency
+//! without knowing about shards. Depends on nothing in the crate.
 
 pub mod exposition;
-pub mod http;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -22,12 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
-
-use crate::protocol::wire::{self, RequestBody};
-use crate::shard::Shard;
-use crate::storage::CacheStats;
 
 /// Latencies are kept in microseconds from 1 µs to 10 minutes, 2 significant digits: about 20 KiB
 /// per histogram, 1% value resolution, far finer than the exposition's buckets.
@@ -67,9 +60,50 @@ pub struct ApiStats {
     pub requests: u64,
     /// Requests answered with a request-level error or a closed connection.
     pub errors: u64,
-    /// Partitions of produce or fetch requests that failed on this shard (their owner).
-    pub partition_errors: u64,
     pub latency: Latency,
+}
+
+/// Which protocol an API belongs to; each numbers its APIs on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Native,
+    Kafka,
+}
+
+/// An API as the metrics label it: its protocol, its number there, and its label.
+#[derive(Clone, Copy, Debug)]
+pub struct Api {
+    pub family: Family,
+    pub key: u16,
+    pub name: &'static str,
+}
+
+/// The partition operations whose per-partition failures are counted on the owner shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionOp {
+    Produce,
+    Fetch,
+}
+
+impl PartitionOp {
+    pub const ALL: [PartitionOp; 2] = [PartitionOp::Produce, PartitionOp::Fetch];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PartitionOp::Produce => "produce",
+            PartitionOp::Fetch => "fetch",
+        }
+    }
+}
+
+/// Counters of the shard's tail cache (filled in by the storage layer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub used_bytes: usize,
+    pub budget_bytes: usize,
+    pub batches: usize,
 }
 
 /// Traffic of one topic's partitions owned by one shard.
@@ -92,10 +126,12 @@ pub struct IoCounters {
 
 /// What a shard records as it works. One per shard thread.
 struct Recorder {
-    /// Indexed by `RequestBody` value; `None` until the first request of that type.
+    /// Native-protocol requests, indexed by API number; `None` until the first of that type.
     apis: Vec<Option<ApiStats>>,
     /// Kafka-protocol requests, indexed by Kafka API key.
     kafka_apis: Vec<Option<ApiStats>>,
+    /// Indexed like `PartitionOp::ALL`.
+    partition_errors: [u64; 2],
     topics: HashMap<Arc<str>, TopicTraffic>,
     segment_write: Latency,
     fsync: Latency,
@@ -107,6 +143,7 @@ impl Recorder {
         Recorder {
             apis: Vec::new(),
             kafka_apis: Vec::new(),
+            partition_errors: [0; 2],
             topics: HashMap::new(),
             segment_write: Latency::new(),
             fsync: Latency::new(),
@@ -114,16 +151,19 @@ impl Recorder {
         }
     }
 
-    fn api(&mut self, api: RequestBody) -> &mut ApiStats {
-        let index = api.0 as usize;
-        if self.apis.len() <= index {
-            self.apis.resize_with(index + 1, || None);
+    fn api(&mut self, api: Api) -> &mut ApiStats {
+        let table = match api.family {
+            Family::Native => &mut self.apis,
+            Family::Kafka => &mut self.kafka_apis,
+        };
+        let index = usize::from(api.key);
+        if table.len() <= index {
+            table.resize_with(index + 1, || None);
         }
-        self.apis[index].get_or_insert_with(|| ApiStats {
-            api: api_name(api),
+        table[index].get_or_insert_with(|| ApiStats {
+            api: api.name,
             requests: 0,
             errors: 0,
-            partition_errors: 0,
             latency: Latency::new(),
         })
     }
@@ -150,37 +190,11 @@ fn with<R>(f: impl FnOnce(&mut Recorder) -> R) -> R {
     RECORDER.with(|r| f(&mut r.borrow_mut()))
 }
 
-/// The API's name as the metrics label: the request type without its `Request` suffix, in
-/// snake case (`ProduceRequest` → `produce`).
-pub fn api_name(api: RequestBody) -> &'static str {
-    match api {
-        RequestBody::HandshakeRequest => "handshake",
-        RequestBody::MetadataRequest => "metadata",
-        RequestBody::CreateTopicRequest => "create_topic",
-        RequestBody::DeleteTopicRequest => "delete_topic",
-        RequestBody::ProduceRequest => "produce",
-        RequestBody::FetchRequest => "fetch",
-        RequestBody::ListOffsetsRequest => "list_offsets",
-        RequestBody::FindCoordinatorRequest => "find_coordinator",
-        RequestBody::JoinGroupRequest => "join_group",
-        RequestBody::SyncGroupRequest => "sync_group",
-        RequestBody::HeartbeatRequest => "heartbeat",
-        RequestBody::LeaveGroupRequest => "leave_group",
-        RequestBody::OffsetCommitRequest => "offset_commit",
-        RequestBody::OffsetFetchRequest => "offset_fetch",
-        RequestBody::ListGroupsRequest => "list_groups",
-        RequestBody::DescribeGroupRequest => "describe_group",
-        RequestBody::DeleteGroupRequest => "delete_group",
-        RequestBody::ResetOffsetsRequest => "reset_offsets",
-        _ => "unknown",
-    }
-}
-
 // ---- Recording hooks (one call per site) --------------------------------------------------------
 
 /// A request answered: its API, the time from decode to the reply being ready, and whether the
-/// reply was a request-level error.
-pub fn request_done(api: RequestBody, started: Instant, error: bool) {
+/// reply was a request-level error (or the connection was closed instead of answered).
+pub fn request_done(api: Api, started: Instant, error: bool) {
     let elapsed = started.elapsed();
     with(|r| {
         let stats = r.api(api);
@@ -190,57 +204,10 @@ pub fn request_done(api: RequestBody, started: Instant, error: bool) {
     });
 }
 
-/// A Kafka-protocol request answered, labelled `name` (`kafka_produce`, ...): as
-/// [`request_done`]; `error` when the connection was closed instead of answered.
-pub fn kafka_request_done(api_key: i16, name: &'static str, started: Instant, error: bool) {
-    let elapsed = started.elapsed();
-    let Ok(index) = usize::try_from(api_key) else { return };
-    with(|r| {
-        if r.kafka_apis.len() <= index {
-            r.kafka_apis.resize_with(index + 1, || None);
-        }
-        let stats = r.kafka_apis[index].get_or_insert_with(|| ApiStats {
-            api: name,
-            requests: 0,
-            errors: 0,
-            partition_errors: 0,
-            latency: Latency::new(),
-        });
-        stats.requests += 1;
-        stats.errors += u64::from(error);
-        stats.latency.record(elapsed);
-    });
-}
-
-/// Whether an encoded `Response` header carries a request-level error code. Reads the one field
-/// through bounds-checked slicing instead of verifying the whole buffer, whose cost grows with
-/// the number of partitions in the response.
-pub fn response_is_error(header: &[u8]) -> bool {
-    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-        Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
-    }
-    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-        Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
-    }
-    let code = (|| {
-        let table = u32_at(header, 0)? as usize;
-        let vtable = (table as i64).checked_sub(i64::from(u32_at(header, table)? as i32))?;
-        let vtable = usize::try_from(vtable).ok()?;
-        let field = usize::from(wire::Response::VT_ERROR);
-        if usize::from(u16_at(header, vtable)?) <= field {
-            return Some(0);
-        }
-        match u16_at(header, vtable + field)? {
-            0 => Some(0),
-            offset => u16_at(header, table + usize::from(offset)),
-        }
-    })();
-    code.is_some_and(|c| c != 0)
-}
-
 /// One partition of a produce or fetch failed on its owner shard.
-pub fn partition_error(api: RequestBody) {
-    with(|r| r.api(api).partition_errors += 1);
+pub fn partition_error(op: PartitionOp) {
+    let index = PartitionOp::ALL.iter().position(|&o| o == op).unwrap_or(0);
+    with(|r| r.partition_errors[index] += 1);
 }
 
 /// Batches appended to a partition of `topic` owned by this shard.
@@ -254,21 +221,8 @@ pub fn appended(topic: &Arc<str>, bytes: usize, records: i64) {
     });
 }
 
-/// A fetch read from a partition of `topic` owned by this shard: the whole batches it returned,
-/// or its failure.
-pub fn fetch_done<E>(topic: &Arc<str>, read: Result<&[Bytes], E>) {
-    let Ok(chunks) = read else {
-        partition_error(RequestBody::FetchRequest);
-        return;
-    };
-    let mut bytes = 0u64;
-    let mut records = 0u64;
-    for chunk in chunks {
-        bytes += chunk.len() as u64;
-        for (header, _) in crate::record::batches(chunk).flatten() {
-            records += (i64::from(header.last_offset_delta) + 1) as u64;
-        }
-    }
+/// A fetch read `bytes` holding `records` records from a partition of `topic` owned by this shard.
+pub fn fetched(topic: &Arc<str>, bytes: u64, records: u64) {
     if bytes == 0 {
         return;
     }
@@ -307,53 +261,59 @@ pub struct ShardSnapshot {
     /// Topic → partitions of it this shard owns, and their traffic.
     pub topics: Vec<(Arc<str>, usize, TopicTraffic)>,
     pub apis: Vec<ApiStats>,
+    /// Per-partition failures of produce and fetch on this shard (their owner), by operation.
+    pub partition_errors: Vec<(&'static str, u64)>,
     pub segment_write: Latency,
     pub fsync: Latency,
     pub cache: CacheStats,
     pub io: IoCounters,
 }
 
-/// This shard's snapshot. Runs on the shard's own thread (directly or from `ShardMsg::Metrics`).
-pub fn snapshot(shard: &Shard) -> ShardSnapshot {
-    let io_delta = glommio::executor().io_stats();
-    let topics_owned: Vec<(Arc<str>, usize)> = shard
-        .topic_names()
-        .into_iter()
-        .filter_map(|name| {
-            let view = shard.topic(&name)?;
-            let owned = view.partition_shards.iter().filter(|&&s| s == shard.id).count();
-            Some((name, owned))
-        })
-        .collect();
+/// What the shard knows about itself at snapshot time; the rest comes from its recorder.
+pub struct ShardGauges {
+    pub shard: u32,
+    pub connections: usize,
+    pub cross_shard_hops: u64,
+    /// Topic → partitions of it this shard owns. Topics not listed are forgotten, so topic churn
+    /// does not grow the recorder.
+    pub topics_owned: Vec<(Arc<str>, usize)>,
+    pub cache: CacheStats,
+    /// I/O since the previous snapshot (glommio resets its counters when read).
+    pub io_delta: IoCounters,
+}
+
+/// This shard's snapshot. Runs on the shard's own thread.
+pub fn snapshot(gauges: ShardGauges) -> ShardSnapshot {
     with(|r| {
-        // glommio resets its counters when read, so they are accumulated here.
-        for ring in [io_delta.main_ring, io_delta.latency_ring, io_delta.poll_ring] {
-            let (reads, bytes_read) = ring.file_reads();
-            let (writes, bytes_written) = ring.file_writes();
-            r.io.file_reads += reads;
-            r.io.file_bytes_read += bytes_read;
-            r.io.file_writes += writes;
-            r.io.file_bytes_written += bytes_written;
-        }
-        // Forget deleted topics, so topic churn does not grow the recorder.
-        let known: std::collections::HashSet<&str> = topics_owned.iter().map(|(name, _)| &**name).collect();
+        r.io.file_reads += gauges.io_delta.file_reads;
+        r.io.file_bytes_read += gauges.io_delta.file_bytes_read;
+        r.io.file_writes += gauges.io_delta.file_writes;
+        r.io.file_bytes_written += gauges.io_delta.file_bytes_written;
+        let known: std::collections::HashSet<&str> =
+            gauges.topics_owned.iter().map(|(name, _)| &**name).collect();
         r.topics.retain(|name, _| known.contains(&**name));
-        let topics = topics_owned
-            .into_iter()
+        let topics = gauges
+            .topics_owned
+            .iter()
             .map(|(name, owned)| {
-                let traffic = r.topics.get(&*name).copied().unwrap_or_default();
-                (name, owned, traffic)
+                let traffic = r.topics.get(&**name).copied().unwrap_or_default();
+                (name.clone(), *owned, traffic)
             })
             .collect();
         ShardSnapshot {
-            shard: shard.id,
-            connections: shard.connections.get(),
-            cross_shard_hops: shard.cross_shard_hops.get(),
+            shard: gauges.shard,
+            connections: gauges.connections,
+            cross_shard_hops: gauges.cross_shard_hops,
             topics,
             apis: r.apis.iter().chain(&r.kafka_apis).flatten().cloned().collect(),
+            partition_errors: PartitionOp::ALL
+                .iter()
+                .zip(r.partition_errors)
+                .map(|(op, count)| (op.label(), count))
+                .collect(),
             segment_write: r.segment_write.clone(),
             fsync: r.fsync.clone(),
-            cache: shard.storage.cache_stats(),
+            cache: gauges.cache,
             io: r.io,
         }
     })

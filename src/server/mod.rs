@@ -1,18 +1,19 @@
-//! The client-facing server of one shard: listeners, connections, and native-protocol dispatch.
+//! The client-facing server of one shard: listeners, connections, and the seam to the protocols.
 //!
-//! Owns: accepting connections on the shared port, the shard's direct port and the Kafka port,
-//! the per-shard connection limit, and draining connections at shutdown. Bytes move in
-//! `connection`, which serves any [`Protocol`]; native requests are decoded and answered in
-//! `dispatch`, Kafka requests in `crate::kafka`. May depend on `shard` (routing) and `protocol`;
+//! Owns: accepting connections on the listeners it is given, the per-shard connection limit, the
+//! shutdown signal, and draining connections at shutdown. Bytes move in `connection`, which serves
+//! any [`Protocol`] and hands record bytes to one `sendmsg` without copying them. Which protocol a
+//! listener speaks is decided by whoever wires it (`broker`): the protocols (`native`, `kafka`)
+//! sit above this module and implement [`Protocol`]; nothing here knows either of them.
+//! May depend on `shard` (the connection's shard: config, counters) and `protocol::frame`;
 //! never touches storage directly.
 
 pub(crate) mod connection;
-mod dispatch;
-mod groups;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +23,26 @@ use futures::future::{FutureExt, Shared};
 use glommio::net::TcpListener;
 
 use crate::protocol::frame::FrameError;
-use crate::shard::runtime::Shutdown;
 use crate::shard::Shard;
 
+/// Shutdown requested (a signal, or a failed start-up), shared by every shard of the process.
+#[derive(Default)]
+pub struct Shutdown {
+    requested: AtomicBool,
+}
+
+impl Shutdown {
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+}
+
 /// Resolves (for every clone) once shutdown has been requested.
-pub(crate) type StopSignal = Shared<oneshot::Receiver<()>>;
+pub type StopSignal = Shared<oneshot::Receiver<()>>;
 
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -49,7 +65,7 @@ pub enum Reply {
 /// A wire protocol a connection can speak: how frames are cut from the byte stream and who
 /// answers them. `handle` does everything that must happen in arrival order before it returns
 /// (routing, produce appends, cross-shard sends); the reply future only waits and encodes.
-pub(crate) trait Protocol: 'static {
+pub trait Protocol: 'static {
     const NAME: &'static str;
     type Frame;
     /// Takes one complete frame off the front of `buf`; `Ok(None)` when more bytes are needed.
@@ -67,15 +83,24 @@ pub(crate) trait Protocol: 'static {
     ) -> impl Future<Output = (Boxed<Reply>, bool)>;
 }
 
-/// A listener and the protocol its connections speak.
-pub(crate) enum Listener {
-    Native(TcpListener),
-    Kafka(TcpListener),
+/// A listener and the protocol its connections speak, ready to be served by [`serve`].
+pub struct Listener {
+    accept: Box<dyn FnOnce(Rc<Shard>, StopSignal) -> glommio::Task<()>>,
+}
+
+impl Listener {
+    pub fn new<P: Protocol>(listener: TcpListener) -> Listener {
+        Listener {
+            accept: Box::new(move |shard, stop| {
+                glommio::spawn_local(accept_loop::<P>(shard, listener, stop))
+            }),
+        }
+    }
 }
 
 /// Serves until shutdown is requested, then stops accepting and waits (up to the grace period)
 /// for open connections to finish their in-flight requests.
-pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<Listener>, shutdown: Arc<Shutdown>) {
+pub async fn serve(shard: Rc<Shard>, listeners: Vec<Listener>, shutdown: Arc<Shutdown>) {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let stop: StopSignal = stop_rx.shared();
     let watcher = glommio::spawn_local(async move {
@@ -84,17 +109,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, listeners: Vec<Listener>, shutdown: 
         }
         drop(stop_tx);
     });
-    let accepts: Vec<_> = listeners
-        .into_iter()
-        .map(|listener| match listener {
-            Listener::Native(l) => {
-                glommio::spawn_local(accept_loop::<dispatch::Native>(shard.clone(), l, stop.clone()))
-            }
-            Listener::Kafka(l) => {
-                glommio::spawn_local(accept_loop::<crate::kafka::Kafka>(shard.clone(), l, stop.clone()))
-            }
-        })
-        .collect();
+    let accepts: Vec<_> = listeners.into_iter().map(|l| (l.accept)(shard.clone(), stop.clone())).collect();
     let _ = stop.clone().await;
     watcher.await;
     for accept in accepts {

@@ -4,7 +4,8 @@
 //! Owns everything under a partition directory (`<base_offset:020>.log`, `.index`, `.timeindex`,
 //! `.clean_shutdown`, the producer-state `<offset:020>.snapshot`) and the per-shard storage
 //! context (`ShardStorage`: tail cache, disk-space monitor). May depend on `crate::record` (batch
-//! format) and glommio; never on the server, shard routing or protocol layers. Everything is
+//! format), `crate::metrics` (one-line hooks: write and fsync latency, the tail cache's counter
+//! type) and glommio; never on the server, shard routing, controller, groups or protocol layers. Everything is
 //! shard-local (`Rc`, `RefCell`, `Cell`): a `Partition` is opened, written, read and closed by the
 //! one shard that owns it.
 //!
@@ -117,6 +118,9 @@ pub enum StorageError {
         context: String,
         #[source]
         source: std::io::Error,
+        /// The OS error number, kept apart: glommio's errors lose it when they become
+        /// `std::io::Error`, and callers classify by it (descriptors exhausted, disk full).
+        errno: Option<i32>,
     },
     #[error(
         "writing {} failed, offsets from {first_lost_offset} were not persisted and were rolled back: {detail}",
@@ -138,8 +142,38 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(context: impl Into<String>, source: impl Into<std::io::Error>) -> StorageError {
-        StorageError::Io { context: context.into(), source: source.into() }
+    pub(crate) fn io(context: impl Into<String>, source: impl Into<IoFailure>) -> StorageError {
+        let IoFailure { error, errno } = source.into();
+        StorageError::Io { context: context.into(), source: error, errno }
+    }
+
+    /// The process or the system ran out of file descriptors (EMFILE, ENFILE): an operator's
+    /// limit (`LimitNOFILE`), not damage.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        matches!(self, StorageError::Io { errno: Some(libc::EMFILE | libc::ENFILE), .. })
+    }
+}
+
+/// An I/O failure with its OS error number, from `std` or from glommio.
+pub(crate) struct IoFailure {
+    error: std::io::Error,
+    errno: Option<i32>,
+}
+
+impl From<std::io::Error> for IoFailure {
+    fn from(error: std::io::Error) -> IoFailure {
+        IoFailure { errno: error.raw_os_error(), error }
+    }
+}
+
+impl<T> From<glommio::GlommioError<T>> for IoFailure {
+    fn from(e: glommio::GlommioError<T>) -> IoFailure {
+        let errno = match &e {
+            glommio::GlommioError::IoError(source)
+            | glommio::GlommioError::EnhancedIoError { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        IoFailure { error: e.into(), errno }
     }
 }
 

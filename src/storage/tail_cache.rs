@@ -4,22 +4,14 @@
 //! across them, and hit/miss counters. Written through on append, filled on read misses, so a
 //! consumer near the end of the log is served without touching the disk and without copying
 //! (`Bytes` clones). Shard-local: lives in a `RefCell` in `ShardStorage`, never crosses cores.
-//! Depends on `bytes` only. Holds whatever it is given: callers serve only below the high
+//! Depends on `bytes` and the counters' type in `metrics`. Holds whatever it is given: callers serve only below the high
 //! watermark and drop entries on truncation and retention.
 
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
-/// Counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub hits: u64,
-    pub misses: u64,
-    pub used_bytes: usize,
-    pub budget_bytes: usize,
-    pub batches: usize,
-}
+pub use crate::metrics::CacheStats;
 
 struct CachedBatch {
     last_offset: i64,

@@ -14,9 +14,8 @@ use futures::future::FutureExt;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use super::exposition::{self, ProcessInfo};
-use super::ShardSnapshot;
-use crate::shard::mesh::ShardMsg;
+use crate::metrics::exposition::{self, ProcessInfo};
+use crate::metrics::ShardSnapshot;
 use crate::shard::Shard;
 
 /// Largest request head (request line + headers) accepted.
@@ -131,14 +130,11 @@ async fn respond(
 async fn gather(shard: &Rc<Shard>) -> Vec<ShardSnapshot> {
     let mut replies = Vec::new();
     for other in (0..shard.count).filter(|&s| s != shard.id) {
-        let (reply, rx) = futures::channel::oneshot::channel();
-        if shard.send(other, ShardMsg::Metrics { reply }).await.is_ok() {
-            replies.push(rx);
-        }
+        replies.push(shard.invoke_on(other, |s| async move { s.metrics_snapshot() }).await);
     }
-    let mut all = vec![super::snapshot(shard)];
-    for rx in replies {
-        if let Ok(snapshot) = rx.await {
+    let mut all = vec![shard.metrics_snapshot()];
+    for reply in replies {
+        if let Ok(snapshot) = reply.await {
             all.push(snapshot);
         }
     }

@@ -5,14 +5,16 @@
 //! where errors go: a failure of the whole request (unknown member, stale generation, rebalance in
 //! progress, group not empty, ...) is the response's `error` with a message; failures of single
 //! partitions (OffsetCommit, OffsetFetch, ResetOffsets) are reported per partition.
-//! May depend on `groups`, `shard` (FindCoordinator's endpoint) and `protocol`; never on storage.
+//! Error codes come from the protocol's one table (`errors`). May depend on `groups`, `shard`
+//! (FindCoordinator's endpoint) and `protocol`; never on storage.
 
 use std::rc::Rc;
 
 use flatbuffers::{FlatBufferBuilder, ForwardsUOffset, Vector, WIPOffset};
 use futures::future::FutureExt;
 
-use super::dispatch::{error_response, respond, Boxed, Reply};
+use super::errors::group_code;
+use super::{error_response, respond, Boxed, Reply};
 use crate::groups::messages::*;
 use crate::groups::{self};
 use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
@@ -42,7 +44,7 @@ fn ready(reply: Reply) -> Boxed<Reply> {
 }
 
 fn fail(cid: u32, e: &GroupError) -> Reply {
-    Reply::Frame(error_response(cid, e.code(), &e.to_string()))
+    Reply::Frame(error_response(cid, group_code(e), &e.to_string()))
 }
 
 fn missing_body(cid: u32) -> Boxed<Reply> {
@@ -255,7 +257,7 @@ fn encode_offsets<'a>(
                 .map(|r| {
                     let metadata = fbb.create_string(&r.metadata);
                     let (error, message) = match &r.error {
-                        Some((code, message)) => (*code, Some(fbb.create_string(message))),
+                        Some(e) => (group_code(e), Some(fbb.create_string(&e.to_string()))),
                         None => (ErrorCode::None, None),
                     };
                     wire::OffsetFetchPartition::create(
@@ -355,7 +357,7 @@ fn encode(cid: u32, asked: RequestBody, reply: GroupReply) -> Reply {
                         .iter()
                         .map(|(_, partition, verdict)| {
                             let (error, message) = match verdict {
-                                Some((code, message)) => (*code, Some(fbb.create_string(message))),
+                                Some(e) => (group_code(e), Some(fbb.create_string(&e.to_string()))),
                                 None => (ErrorCode::None, None),
                             };
                             wire::PartitionResult::create(

@@ -1,13 +1,19 @@
-//! Request dispatch: decode one native-protocol request, route its parts, encode the response.
+//! The native protocol (FlatBuffers header + raw record payload): decode one request, call the
+//! shard API, encode the response.
 //!
-//! Owns: the mapping between wire messages and shard operations. `handle` does everything that
-//! must happen in arrival order (verification, routing, produce appends and cross-shard sends)
-//! before it returns; the reply future it returns only waits and encodes. Never panics on input:
-//! every failure becomes an error code in the response.
+//! Owns: the mapping between wire messages and shard, controller and group operations; the
+//! consumer-group APIs are in `groups`. `handle` does everything that must happen in arrival
+//! order (verification, routing, produce appends and cross-shard sends) before it returns; the
+//! reply future it returns only waits and encodes. Never panics on input: every failure becomes
+//! an error code in the response. May depend on `server` (the `Protocol` seam), `groups`,
+//! `controller`, `shard`, `metadata`, `metrics`, `protocol`, `config`; never on storage.
+
+mod errors;
+mod groups;
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
@@ -19,16 +25,16 @@ use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
 use crate::protocol::frame::{frame_prefix, split_frame, FrameError, RawFrame, FRAME_PREFIX_LEN};
 use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
 use crate::protocol::{self, PROTOCOL_VERSION};
-use crate::shard::mesh::{AppendItem, FetchItem, FetchOutcome, OffsetQuery, PartitionError};
+use crate::shard::mesh::{AppendItem, BrokerError, FetchItem, FetchOutcome, OffsetQuery};
+use crate::shard::rules::{self, FetchBudget};
 use crate::shard::Shard;
 
-use super::groups;
-pub use super::{Boxed, Reply, ResponseFrame};
+pub use crate::server::{Boxed, Reply, ResponseFrame};
 
 /// The native protocol (FlatBuffers header + raw record payload), as a connection speaks it.
-pub(crate) struct Native;
+pub struct Native;
 
-impl super::Protocol for Native {
+impl crate::server::Protocol for Native {
     const NAME: &'static str = "native";
     type Frame = RawFrame;
 
@@ -139,18 +145,78 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
         let reply = reply.await;
         let error = match &reply {
             Reply::None => false,
-            Reply::Frame(f) => crate::metrics::response_is_error(&f.head[FRAME_PREFIX_LEN..]),
+            Reply::Frame(f) => response_is_error(&f.head[FRAME_PREFIX_LEN..]),
             Reply::Close(_) => true,
         };
-        crate::metrics::request_done(api, started, error);
+        let label = crate::metrics::Api {
+            family: crate::metrics::Family::Native,
+            key: u16::from(api.0),
+            name: api_name(api),
+        };
+        crate::metrics::request_done(label, started, error);
         tracing::trace!(error, elapsed_us = started.elapsed().as_micros() as u64, "replied");
         reply
     };
     (reply.instrument(span).boxed_local(), false)
 }
 
+/// The API's name as the metrics label: the request type without its `Request` suffix, in
+/// snake case (`ProduceRequest` → `produce`).
+fn api_name(api: RequestBody) -> &'static str {
+    match api {
+        RequestBody::HandshakeRequest => "handshake",
+        RequestBody::MetadataRequest => "metadata",
+        RequestBody::CreateTopicRequest => "create_topic",
+        RequestBody::DeleteTopicRequest => "delete_topic",
+        RequestBody::ProduceRequest => "produce",
+        RequestBody::FetchRequest => "fetch",
+        RequestBody::ListOffsetsRequest => "list_offsets",
+        RequestBody::FindCoordinatorRequest => "find_coordinator",
+        RequestBody::JoinGroupRequest => "join_group",
+        RequestBody::SyncGroupRequest => "sync_group",
+        RequestBody::HeartbeatRequest => "heartbeat",
+        RequestBody::LeaveGroupRequest => "leave_group",
+        RequestBody::OffsetCommitRequest => "offset_commit",
+        RequestBody::OffsetFetchRequest => "offset_fetch",
+        RequestBody::ListGroupsRequest => "list_groups",
+        RequestBody::DescribeGroupRequest => "describe_group",
+        RequestBody::DeleteGroupRequest => "delete_group",
+        RequestBody::ResetOffsetsRequest => "reset_offsets",
+        _ => "unknown",
+    }
+}
+/// Whether an encoded `Response` header carries a request-level error code. Reads the one field
+/// through bounds-checked slicing instead of verifying the whole buffer, whose cost grows with
+/// the number of partitions in the response.
+fn response_is_error(header: &[u8]) -> bool {
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    }
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    }
+    let code = (|| {
+        let table = u32_at(header, 0)? as usize;
+        let vtable = (table as i64).checked_sub(i64::from(u32_at(header, table)? as i32))?;
+        let vtable = usize::try_from(vtable).ok()?;
+        let field = usize::from(wire::Response::VT_ERROR);
+        if usize::from(u16_at(header, vtable)?) <= field {
+            return Some(0);
+        }
+        match u16_at(header, vtable + field)? {
+            0 => Some(0),
+            offset => u16_at(header, table + usize::from(offset)),
+        }
+    })();
+    code.is_some_and(|c| c != 0)
+}
+
 fn missing_body(cid: u32) -> Boxed<Reply> {
     ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, "request has no body")))
+}
+
+fn broker_error_response(cid: u32, e: &BrokerError) -> ResponseFrame {
+    error_response(cid, errors::broker_code(e), &e.to_string())
 }
 
 pub fn error_response(cid: u32, code: ErrorCode, message: &str) -> ResponseFrame {
@@ -323,7 +389,7 @@ fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<
         r.topics().map(|t| t.iter().map(str::to_string).collect()).unwrap_or_default();
     let names: Vec<Result<Arc<str>, String>> = if requested.is_empty() {
         // Internal topics are listed only when asked for by name.
-        shard.topic_names().into_iter().filter(|n| !crate::groups::is_internal_topic(n)).map(Ok).collect()
+        shard.topic_names().into_iter().filter(|n| !crate::metadata::is_internal_topic(n)).map(Ok).collect()
     } else {
         requested.into_iter().map(|n| shard.topic(&n).map(|v| v.name.clone()).ok_or(n)).collect()
     };
@@ -402,9 +468,10 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
     };
     let shard = shard.clone();
     async move {
-        let meta: TopicMeta = match shard.create_topic(name, partitions, overrides).await {
+        let meta: TopicMeta = match crate::controller::create_topic(&shard, name, partitions, overrides).await
+        {
             Ok(meta) => meta,
-            Err(e) => return Reply::Frame(error_response(cid, e.code, &e.message)),
+            Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
         };
         let layout = vec![(Arc::<str>::from(meta.name.as_str()), meta.partition_shards.clone())];
         let parts = partition_metadata(&shard, &layout).await;
@@ -422,14 +489,10 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
 
 fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) -> Boxed<Reply> {
     let name = r.name().unwrap_or_default().to_string();
-    if crate::groups::is_internal_topic(&name) {
-        let msg = format!("'{name}' is internal (it holds consumer group offsets) and cannot be deleted");
-        return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidRequest, &msg)));
-    }
     let shard = shard.clone();
     async move {
-        if let Err(e) = shard.delete_topic(name.clone()).await {
-            return Reply::Frame(error_response(cid, e.code, &e.message));
+        if let Err(e) = crate::controller::delete_topic(&shard, name.clone()).await {
+            return Reply::Frame(broker_error_response(cid, &e));
         }
         let mut fbb = FlatBufferBuilder::with_capacity(128);
         let name = fbb.create_string(&name);
@@ -442,10 +505,10 @@ fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) ->
 
 /// Where each partition of a response comes from: an index into the routed items, or an error
 /// found before routing.
-type Slot = Result<usize, PartitionError>;
+type Slot = Result<usize, BrokerError>;
 
 /// A partition's outcome: its routed item's result, or the error found before routing.
-fn resolve<O: Clone>(slot: &Slot, outcomes: &[Result<O, PartitionError>]) -> Result<O, PartitionError> {
+fn resolve<O: Clone>(slot: &Slot, outcomes: &[Result<O, BrokerError>]) -> Result<O, BrokerError> {
     match slot {
         Ok(i) => outcomes[*i].clone(),
         Err(e) => Err(e.clone()),
@@ -476,25 +539,24 @@ async fn produce(
             let (start, len) = (p.payload_offset() as usize, p.payload_len() as usize);
             let slot = match shard.route(name, partition) {
                 Err(e) => Err(e),
-                Ok(_) if start < consumed || start.saturating_add(len) > payload_len => Err(PartitionError::new(
-                    ErrorCode::InvalidRequest,
-                    format!(
+                Ok(_) if start < consumed || start.saturating_add(len) > payload_len => {
+                    Err(BrokerError::InvalidRequest(format!(
                         "payload range {start}+{len} is outside the {payload_len}-byte payload or overlaps an \
                          earlier partition's (ranges must be in ascending order)"
-                    ),
-                )),
-                Ok(_) if len == 0 => Err(PartitionError::new(ErrorCode::InvalidRequest, "empty record batch")),
-                // Only the group coordinator writes there, so its replayed state stays trustworthy.
-                Ok(_) if crate::groups::is_internal_topic(name) => Err(PartitionError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("'{name}' is internal; only the group coordinator writes to it"),
-                )),
+                    )))
+                }
+                Ok(_) if len == 0 => Err(BrokerError::InvalidRequest("empty record batch".into())),
                 Ok((view, owner)) => {
                     rest.advance(start - consumed);
                     let batches = rest.split_to(len);
                     consumed = start + len;
-                    items.push((owner, AppendItem { topic: view.name.clone(), partition, batches }));
-                    Ok(items.len() - 1)
+                    match rules::check_client_append(name, &batches) {
+                        Ok(()) => {
+                            items.push((owner, AppendItem { topic: view.name.clone(), partition, batches }));
+                            Ok(items.len() - 1)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             };
             parts.push((partition, slot));
@@ -523,8 +585,8 @@ async fn produce(
                         },
                         Err(e) => wire::ProducePartitionResultArgs {
                             partition: *partition,
-                            error: e.code,
-                            message: Some(fbb.create_string(&e.message)),
+                            error: errors::broker_code(&e),
+                            message: Some(fbb.create_string(&e.to_string())),
                             ..Default::default()
                         },
                     };
@@ -547,9 +609,9 @@ async fn produce(
 }
 
 fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply> {
-    let max_wait = Duration::from_millis(u64::from(r.max_wait_ms()).min(shard.config.fetch_wait_ms_max));
+    let max_wait = rules::fetch_max_wait(&shard.config, u64::from(r.max_wait_ms()));
     let min_bytes = r.min_bytes() as usize;
-    let max_bytes = (r.max_bytes() as usize).max(1);
+    let budget = FetchBudget::new(&shard.config, i64::from(r.max_bytes()));
     let mut items: Vec<(u32, FetchItem)> = Vec::new();
     let mut layout: Vec<(String, Vec<(u32, Slot)>)> = Vec::new();
     for topic in r.topics().iter().flatten() {
@@ -561,7 +623,7 @@ fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply>
                     topic: view.name.clone(),
                     partition: p.partition(),
                     offset: p.offset(),
-                    max_bytes: (p.max_bytes() as usize).clamp(1, max_bytes),
+                    max_bytes: budget.partition_max_bytes(i64::from(p.max_bytes())),
                 };
                 items.push((owner, item));
                 items.len() - 1
@@ -573,7 +635,7 @@ fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply>
     let shard = shard.clone();
     async move {
         let outcomes = shard.fetch_long_poll(items, min_bytes, max_wait, false).await;
-        encode_fetch(cid, &layout, outcomes, max_bytes)
+        encode_fetch(cid, &layout, outcomes, budget)
     }
     .boxed_local()
 }
@@ -582,31 +644,27 @@ fn encode_fetch(
     cid: u32,
     layout: &[(String, Vec<(u32, Slot)>)],
     outcomes: Vec<FetchOutcome>,
-    max_bytes: usize,
+    mut budget: FetchBudget,
 ) -> Reply {
     let mut outcomes: Vec<Option<FetchOutcome>> = outcomes.into_iter().map(Some).collect();
     let mut fbb = FlatBufferBuilder::with_capacity(512);
     let mut payload: Vec<Bytes> = Vec::new();
-    let mut payload_len = 0usize;
     let mut topics = Vec::with_capacity(layout.len());
     for (name, parts) in layout {
         let mut results = Vec::with_capacity(parts.len());
         for (partition, slot) in parts {
             let outcome = match slot {
                 Ok(i) => outcomes[*i].take().unwrap_or_else(|| {
-                    Err(PartitionError::new(ErrorCode::Internal, "partition listed twice in one fetch"))
+                    Err(BrokerError::Internal("partition listed twice in one fetch".into()))
                 }),
                 Err(e) => Err(e.clone()),
             };
             let args = match outcome {
                 Ok(fetched) => {
-                    let start = payload_len;
+                    let start = budget.included_bytes();
                     let len = fetched.len();
-                    // The response-wide limit; the first partition with data always gets through
-                    // so a consumer can make progress past a batch larger than max_bytes.
-                    let include = payload_len == 0 || payload_len + len <= max_bytes;
+                    let include = budget.admit(len);
                     if include {
-                        payload_len += len;
                         payload.extend(fetched.chunks);
                     }
                     wire::FetchPartitionResultArgs {
@@ -619,11 +677,11 @@ fn encode_fetch(
                     }
                 }
                 Err(e) => {
-                    let (log_start_offset, high_watermark) = e.log_bounds.unwrap_or((-1, -1));
+                    let (log_start_offset, high_watermark) = e.log_bounds().unwrap_or((-1, -1));
                     wire::FetchPartitionResultArgs {
                         partition: *partition,
-                        error: e.code,
-                        message: Some(fbb.create_string(&e.message)),
+                        error: errors::broker_code(&e),
+                        message: Some(fbb.create_string(&e.to_string())),
                         log_start_offset,
                         high_watermark,
                         ..Default::default()
@@ -686,8 +744,8 @@ async fn list_offsets(shard: &Rc<Shard>, cid: u32, r: wire::ListOffsetsRequest<'
                         }
                         Err(e) => wire::ListOffsetsPartitionResultArgs {
                             partition: *partition,
-                            error: e.code,
-                            message: Some(fbb.create_string(&e.message)),
+                            error: errors::broker_code(&e),
+                            message: Some(fbb.create_string(&e.to_string())),
                             ..Default::default()
                         },
                     };

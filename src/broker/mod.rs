@@ -1,13 +1,18 @@
-//! Starting and stopping the shards: one glommio executor per shard, pinned to a core.
+//! The broker process: starting and stopping the shards, one glommio executor per shard, pinned
+//! to a core, and wiring each shard's listeners to the protocols.
 //!
 //! Owns: the data-directory lock, executor placement and io_memory sizing, the start-up
-//! rendezvous (mesh peer ids, listener addresses), signal handling and the two-phase shutdown
-//! (drain connections everywhere, then close partitions everywhere). This is the only module that
-//! knows glommio's executor API, so a patched glommio could be swapped in here.
+//! rendezvous (mesh peer ids, listener addresses), signal handling, the admin HTTP listener
+//! (`admin`) and the two-phase shutdown (drain connections everywhere, then close partitions
+//! everywhere). This is the only module that knows glommio's executor API, so a patched glommio
+//! could be swapped in here. The top layer: it may depend on every other module; none depends on
+//! it.
+
+pub mod admin;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,11 +21,11 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
-use super::mesh::ShardMsg;
-use super::Shard;
 use crate::config::BrokerConfig;
 use crate::metadata::{self, MetadataStore};
-use crate::server::Listener;
+use crate::server::{Listener, Shutdown};
+use crate::shard::mesh::ShardMsg;
+use crate::shard::Shard;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -48,22 +53,8 @@ struct Rendezvous {
     peers: Mutex<Vec<Option<usize>>>,
     ready: AtomicUsize,
     failed: Mutex<Option<String>>,
-}
-
-/// Shutdown coordination across shards.
-pub struct Shutdown {
-    requested: AtomicBool,
+    /// Shards whose connections are drained (the first phase of shutdown).
     drained: AtomicUsize,
-}
-
-impl Shutdown {
-    pub fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
-    }
-
-    pub fn request(&self) {
-        self.requested.store(true, Ordering::Release);
-    }
 }
 
 async fn poll_until(mut done: impl FnMut() -> bool) {
@@ -126,7 +117,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     );
     tracing::info!("configuration: {config:?}");
 
-    let shutdown = Arc::new(Shutdown { requested: AtomicBool::new(false), drained: AtomicUsize::new(0) });
+    let shutdown = Arc::new(Shutdown::default());
     install_signal_handlers(shutdown.clone())?;
     let rendezvous = Arc::new(Rendezvous {
         shards,
@@ -136,11 +127,10 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         peers: Mutex::new(vec![None; shards]),
         ready: AtomicUsize::new(0),
         failed: Mutex::new(None),
+        drained: AtomicUsize::new(0),
     });
-    let mut admin = Some(
-        crate::metrics::http::bind(config.admin_listen)
-            .map_err(|(addr, source)| StartError::Admin { addr, source })?,
-    );
+    let mut admin =
+        Some(admin::bind(config.admin_listen).map_err(|(addr, source)| StartError::Admin { addr, source })?);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, 1024);
     let mut store = Some(store);
@@ -296,16 +286,12 @@ impl ShardStart {
             .collect();
         let peer_of_shard: Vec<usize> = lock(&rv.peers).iter().flatten().copied().collect();
 
-        let shard = Shard::open(
-            self.id as u32,
-            self.config.clone(),
-            endpoints,
-            &self.topics,
-            store,
-            senders,
-            peer_of_shard,
-        )
-        .await?;
+        let shard =
+            Shard::open(self.id as u32, self.config.clone(), endpoints, &self.topics, senders, peer_of_shard)
+                .await?;
+        if let Some(store) = store {
+            crate::controller::install(&shard, store);
+        }
         // Groups are rebuilt before the mesh is served, so no group request sees a half-loaded shard.
         crate::groups::load(&shard).await?;
         if let (Some(addr), Some(port)) = (kafka_addr, *lock(&rv.kafka_port)) {
@@ -328,18 +314,20 @@ impl ShardStart {
         let housekeeping = glommio::spawn_local(shard.clone().housekeeping());
         let group_timers = glommio::spawn_local(crate::groups::run_timers(shard.clone()));
         let started = std::time::Instant::now();
-        let admin =
-            admin.map(|l| glommio::spawn_local(crate::metrics::http::serve_bound(shard.clone(), l, started)));
+        let admin = admin.map(|l| glommio::spawn_local(admin::serve_bound(shard.clone(), l, started)));
         rv.ready.fetch_add(1, Ordering::AcqRel);
 
-        let mut listeners = vec![Listener::Native(shared), Listener::Native(direct)];
-        listeners.extend(kafka.map(Listener::Kafka));
+        let mut listeners = vec![
+            Listener::new::<crate::native::Native>(shared),
+            Listener::new::<crate::native::Native>(direct),
+        ];
+        listeners.extend(kafka.map(Listener::new::<crate::kafka::Kafka>));
         crate::server::serve(shard.clone(), listeners, self.shutdown.clone()).await;
 
         // Phase 1 is over on this shard: no connection of ours will send new work. Other shards
         // may still route requests here until they are drained too, so keep serving the mesh.
-        self.shutdown.drained.fetch_add(1, Ordering::AcqRel);
-        poll_until(|| self.shutdown.drained.load(Ordering::Acquire) >= rv.shards).await;
+        rv.drained.fetch_add(1, Ordering::AcqRel);
+        poll_until(|| rv.drained.load(Ordering::Acquire) >= rv.shards).await;
         drop(housekeeping);
         drop(group_timers);
         drop(admin);

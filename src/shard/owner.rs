@@ -1,0 +1,196 @@
+//! Owner-side operations: what a shard does for the partitions it owns, whether the request
+//! came from one of its own connections or over the mesh, and the handler of mesh messages.
+//!
+//! Owns: appends (in call order, so offsets follow arrival order), reads, waits for data, offset
+//! lookups, and the metrics hooks of the partition traffic. Depends on `storage` through
+//! `Partition` and on `metrics`.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{join_all, select_all, FutureExt};
+
+use super::mesh::*;
+use super::{Boxed, Shard};
+use crate::storage::Partition;
+
+impl Shard {
+    /// Appends now (synchronously, so offsets follow arrival order) and returns a future that
+    /// resolves when each append is durable per its topic's policy (at once when `wait` is false).
+    pub fn append_local(&self, items: Vec<AppendItem>, wait: bool) -> Boxed<Vec<ProduceOutcome>> {
+        let appended: Vec<Result<PendingAppend, BrokerError>> =
+            items.into_iter().map(|item| self.append_owned(item)).collect();
+        async move {
+            let mut outcomes = Vec::with_capacity(appended.len());
+            for pending in appended {
+                outcomes.push(match pending {
+                    Ok(pending) if wait => pending.durable().await,
+                    Ok(pending) => Ok(pending.appended),
+                    Err(e) => Err(e),
+                });
+            }
+            outcomes
+        }
+        .boxed_local()
+    }
+
+    /// Appends one partition's batches to a partition this shard owns, now. Every write of the
+    /// broker goes through here: clients' produce requests and the group coordinator's records.
+    pub fn append_owned(&self, item: AppendItem) -> Result<PendingAppend, BrokerError> {
+        let AppendItem { topic, partition: index, batches } = item;
+        let Some(partition) = self.partition(&topic, index) else {
+            return Err(BrokerError::unknown_partition(&topic, index));
+        };
+        let bytes = batches.len();
+        match partition.append(batches) {
+            Ok(a) => {
+                if !a.duplicate {
+                    crate::metrics::appended(&topic, bytes, a.last_offset - a.base_offset + 1);
+                }
+                let appended = Appended { base_offset: a.base_offset, log_start_offset: a.log_start_offset };
+                Ok(PendingAppend { partition, appended, last_offset: a.last_offset, topic, index })
+            }
+            Err(e) => {
+                crate::metrics::partition_error(crate::metrics::PartitionOp::Produce);
+                Err(BrokerError::storage(&topic, index, e))
+            }
+        }
+    }
+
+    pub(super) async fn fetch_local(self: Rc<Self>, items: Vec<FetchItem>) -> Vec<FetchOutcome> {
+        let reads = items.iter().map(|item| {
+            let partition = self.partition(&item.topic, item.partition);
+            async move {
+                let Some(partition) = partition else {
+                    return Err(BrokerError::unknown_partition(&item.topic, item.partition));
+                };
+                let read = partition.read(item.offset, item.max_bytes).await;
+                match &read {
+                    Ok(r) => {
+                        let (bytes, records) = count_records(&r.chunks);
+                        crate::metrics::fetched(&item.topic, bytes, records);
+                    }
+                    Err(_) => crate::metrics::partition_error(crate::metrics::PartitionOp::Fetch),
+                }
+                match read {
+                    Ok(r) => Ok(Fetched {
+                        chunks: r.chunks,
+                        high_watermark: r.high_watermark,
+                        log_start_offset: r.log_start_offset,
+                    }),
+                    Err(e) => Err(BrokerError::storage(&item.topic, item.partition, e)),
+                }
+            }
+        });
+        join_all(reads).await
+    }
+
+    pub(super) async fn wait_local(self: Rc<Self>, items: Vec<FetchItem>, max_wait_ms: u64) {
+        let waits: Vec<Boxed<()>> = items
+            .iter()
+            .filter_map(|item| self.partition(&item.topic, item.partition).map(|p| (p, item.offset)))
+            .map(|(p, offset)| async move { p.wait_for_data(offset).await }.boxed_local())
+            .collect();
+        if waits.is_empty() {
+            return;
+        }
+        let timeout = glommio::timer::sleep(Duration::from_millis(max_wait_ms)).boxed_local();
+        futures::future::select(select_all(waits), timeout).await;
+    }
+
+    pub(super) async fn list_offsets_local(self: Rc<Self>, items: Vec<OffsetQuery>) -> Vec<OffsetOutcome> {
+        let mut out = Vec::with_capacity(items.len());
+        for q in items {
+            let Some(p) = self.partition(&q.topic, q.partition) else {
+                out.push(Err(BrokerError::unknown_partition(&q.topic, q.partition)));
+                continue;
+            };
+            // Kafka semantics: no record at or after the timestamp answers with the log end.
+            let found =
+                p.offset_for_timestamp(q.timestamp_ms).await.map(|f| f.or(Some((p.high_watermark(), -1))));
+            out.push(found.map_err(|e| BrokerError::storage(&q.topic, q.partition, e)));
+        }
+        out
+    }
+
+    pub(super) fn partition_states_local(&self, items: &[(Arc<str>, u32)]) -> Vec<PartitionState> {
+        items
+            .iter()
+            .map(|(t, p)| self.partition(t, *p).map(|p| (p.log_start_offset(), p.high_watermark())))
+            .collect()
+    }
+
+    /// Handles a message from another shard. Produce appends happen before this returns, so
+    /// messages from one shard are appended in the order they were sent.
+    pub(crate) fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Produce { items, wait, reply } => {
+                let done = self.append_local(items, wait);
+                glommio::spawn_local(async move {
+                    let _ = reply.send(done.await);
+                })
+                .detach();
+            }
+            ShardMsg::Fetch { items, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.fetch_local(items).await);
+                })
+                .detach();
+            }
+            ShardMsg::WaitForData { items, max_wait_ms, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    shard.wait_local(items, max_wait_ms).await;
+                    let _ = reply.send(());
+                })
+                .detach();
+            }
+            ShardMsg::ListOffsets { items, reply } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.list_offsets_local(items).await);
+                })
+                .detach();
+            }
+            ShardMsg::PartitionStates { items, reply } => {
+                let _ = reply.send(self.partition_states_local(&items));
+            }
+            ShardMsg::Invoke(work) => work(self.clone()),
+        }
+    }
+}
+
+/// An append that is in the log (offsets assigned, readable once durable) and may not be durable
+/// yet.
+pub struct PendingAppend {
+    partition: Rc<Partition>,
+    pub appended: Appended,
+    pub last_offset: i64,
+    topic: Arc<str>,
+    index: u32,
+}
+
+impl PendingAppend {
+    /// Resolves once the append is durable per its topic's policy.
+    pub async fn durable(self) -> ProduceOutcome {
+        match self.partition.wait_durable(self.last_offset).await {
+            Ok(()) => Ok(self.appended),
+            Err(e) => Err(BrokerError::storage(&self.topic, self.index, e)),
+        }
+    }
+}
+
+/// Bytes and records in whole batches read from a partition, for the traffic metrics.
+fn count_records(chunks: &[bytes::Bytes]) -> (u64, u64) {
+    let mut bytes = 0u64;
+    let mut records = 0u64;
+    for chunk in chunks {
+        bytes += chunk.len() as u64;
+        for (header, _) in crate::record::batches(chunk).flatten() {
+            records += (i64::from(header.last_offset_delta) + 1) as u64;
+        }
+    }
+    (bytes, records)
+}
