@@ -15,8 +15,9 @@
 //! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
 //!   shard (unlinks, index writes, directory syncs).
 //! - `segment`: one segment's files and the recovery scan over them.
-//! - `partition`: appends, the flusher (the one writer of a partition), reads, housekeeping,
-//!   truncation and close.
+//! - `partition/`: one partition log, a file per concern: `append`, `flusher` (the one writer of a
+//!   partition), `read`, `housekeeping` (roll by age, retention, truncation) and `recovery`;
+//!   `partition/mod.rs` holds the shared state, open and close.
 //!
 //! Durability, precisely: `append` only stages bytes in memory. The partition's flusher writes
 //! them with one O_DIRECT write at a time. With `Durability::Written` a batch counts as durable once

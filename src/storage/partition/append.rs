@@ -1,0 +1,505 @@
+//! The write path up to the flusher: `append` (validation, offsets, producer-state check, the one
+//! copy of the bytes into chunks), space reservation (synchronous fallocate, background steps, the
+//! spare next segment) and the roll to a new active segment. Never writes record bytes to a file
+//! itself: only the flusher does.
+
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use glommio::io::DmaBuffer;
+
+use super::{active, now_ms, open_plain, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME};
+use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN};
+use crate::storage::blocking;
+use crate::storage::notify::Notify;
+use crate::storage::producer_state::{
+    Appending, AppendingBatches, ProducerBatch, Refused, Rejection, RequestVerdict,
+};
+use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
+use crate::storage::{AppendResult, StorageError};
+
+/// fallocate granularity ahead of the write position (capped at `segment_bytes`).
+const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
+/// Smallest chunk allocated for staging appends; larger batches get a chunk of their size.
+const CHUNK_BYTES_MIN: usize = 128 << 10;
+
+/// The next segment's file, prepared off the shard.
+#[derive(Default)]
+enum Spare {
+    #[default]
+    Absent,
+    Preparing,
+    Ready {
+        file: std::fs::File,
+        preallocated_bytes: u64,
+    },
+    /// Preparation failed (or the partition closed): not retried before the next roll.
+    Failed,
+}
+
+/// Shared with the background task that prepares the spare (which outlives no partition state).
+#[derive(Default)]
+pub(super) struct SpareSlot {
+    spare: RefCell<Spare>,
+    /// Wakes `close` waiting for a preparation to finish.
+    prepared: Notify,
+}
+
+/// Bytes staged for one segment, starting at an aligned file position, written by the flusher
+/// as one O_DIRECT write, or two when the chunk starts with the carried partial block.
+///
+/// Why two: a write that covers both an already-written block and fallocated, never-written
+/// blocks is not an overwrite to ext4, which then wants the inode lock exclusively; io_uring's
+/// non-blocking attempt fails with EAGAIN and the write is re-issued from an io-wq worker thread,
+/// two context switches per write. Written apart, the rewritten block is a plain overwrite and the
+/// rest touches unwritten blocks only, and both complete inline. They never overlap, so they are
+/// issued together.
+pub(super) struct Chunk {
+    pub(super) segment: Rc<Segment>,
+    /// The carried partial block and the first new bytes (exactly one block), when there is one.
+    pub(super) head: Option<DmaBuffer>,
+    /// The bytes after `head` (from `file_pos` when there is no head), block-aligned.
+    pub(super) body: DmaBuffer,
+    pub(super) file_pos: u64,
+    /// Bytes filled, from `file_pos` (including the carried partial block).
+    pub(super) len: usize,
+    /// First offset staged in this chunk (not counting the carried block).
+    pub(super) first_offset: i64,
+    /// Offset after the last batch staged in this chunk.
+    pub(super) end_offset: i64,
+}
+
+impl Chunk {
+    pub(super) fn head_len(&self) -> usize {
+        if self.head.is_some() {
+            ALIGN as usize
+        } else {
+            0
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.head_len() + self.body.len()
+    }
+
+    /// Copies `bytes` in at chunk position `at` (head first, then body).
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        debug_assert!(at + bytes.len() <= self.capacity());
+        let head_len = self.head_len();
+        let (to_head, to_body) = bytes.split_at(head_len.saturating_sub(at).min(bytes.len()));
+        if let (Some(head), false) = (self.head.as_mut(), to_head.is_empty()) {
+            head.as_bytes_mut()[at..at + to_head.len()].copy_from_slice(to_head);
+        }
+        if !to_body.is_empty() {
+            let body_at = at.max(head_len) - head_len;
+            self.body.as_bytes_mut()[body_at..body_at + to_body.len()].copy_from_slice(to_body);
+        }
+    }
+
+    /// Bytes `from..to` of the chunk, which must lie within one block (head and body never share
+    /// one).
+    pub(super) fn block_bytes(&self, from: usize, to: usize) -> &[u8] {
+        debug_assert!(from <= to && to <= self.len);
+        assert_eq!(
+            align_down(from as u64),
+            align_down(to.saturating_sub(1).max(from) as u64),
+            "range spans blocks"
+        );
+        match &self.head {
+            Some(head) if from < ALIGN as usize => &head.as_bytes()[from..to],
+            _ => {
+                let head_len = self.head_len();
+                &self.body.as_bytes()[from - head_len..to - head_len]
+            }
+        }
+    }
+}
+
+/// `fallocate` mode 0 (the file size grows with it) up to `end_bytes`.
+fn fallocate(file: &std::fs::File, end_bytes: u64) -> std::io::Result<()> {
+    // SAFETY: plain fallocate on an fd the caller owns; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, end_bytes as libc::off_t) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The error an append gets for a batch the producer state refused.
+fn refused(r: Refused) -> StorageError {
+    let (index, producer_id, epoch) = (r.index, r.batch.producer_id, r.batch.epoch);
+    match r.rejection {
+        Rejection::Fenced { current_epoch } => {
+            StorageError::ProducerFenced { index, producer_id, epoch, current_epoch }
+        }
+        Rejection::OutOfOrder(gap) => StorageError::OutOfOrderSequence {
+            index,
+            producer_id,
+            epoch,
+            first_sequence: r.batch.first_sequence,
+            gap,
+        },
+    }
+}
+
+impl Partition {
+    /// Validates every batch, then (all valid, disk has room) assigns offsets, stamps them, stages
+    /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
+    /// against the producer state; a request that only retries appended batches is answered with
+    /// the originals' offsets and writes nothing.
+    pub fn append(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
+        if self.closed.get() {
+            return Err(StorageError::Closed);
+        }
+        let mut st = self.state.borrow_mut();
+        if st.truncating {
+            return Err(StorageError::Truncating);
+        }
+        if let Some(detail) = &st.sync_failure {
+            return Err(StorageError::WriteFailed {
+                segment: active(&st).log_path.clone(),
+                first_lost_offset: self.high_watermark.get(),
+                detail: detail.clone(),
+            });
+        }
+        if self.shard.disk_space.check().is_err() {
+            return Err(self.shard.storage_full());
+        }
+
+        let limits = BatchLimits {
+            batch_bytes_max: self.config.batch_bytes_max,
+            records_per_batch_max: self.config.records_per_batch_max,
+        };
+        if batches.is_empty() {
+            let source = BatchError::Truncated { available: 0, needed: BATCH_HEADER_LEN };
+            return Err(StorageError::InvalidBatch { index: 0, position: 0, source });
+        }
+        let base_offset = self.log_end_offset.get();
+        let mut position = 0usize;
+        let mut index = 0usize;
+        let mut records = 0i64;
+        let mut idempotent = AppendingBatches::None;
+        while position < batches.len() {
+            let header = record::validate_for_append(&batches[position..], &limits)
+                .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
+            if let Some(batch) = ProducerBatch::of(&header) {
+                let batch_base = base_offset + records;
+                let last_offset = batch_base + i64::from(header.last_offset_delta);
+                idempotent.push(Appending { index, batch, base_offset: batch_base, last_offset });
+            }
+            records += i64::from(header.last_offset_delta) + 1;
+            position += header.total_len();
+            index += 1;
+        }
+        let total_bytes = batches.len() as u64;
+        let end_offset = base_offset + records;
+        {
+            let seg = active(&st);
+            let meta = seg.meta.borrow();
+            // Index entries hold positions and relative offsets as u32.
+            let too_big = meta.size_bytes + total_bytes > self.config.segment_bytes
+                || meta.size_bytes + total_bytes > u64::from(u32::MAX)
+                || end_offset - seg.base_offset > i64::from(u32::MAX);
+            let must_roll = meta.size_bytes > 0 && too_big;
+            drop(meta);
+            if must_roll {
+                self.roll(&mut st)?;
+            }
+        }
+        let seg = active(&st).clone();
+        let start_pos = seg.meta.borrow().size_bytes;
+        self.ensure_preallocated(&mut st, &seg, start_pos + total_bytes)?;
+        self.prepare_ahead(&st, &seg, start_pos + total_bytes);
+        // Last, because it records the batches: nothing below can fail the append.
+        let appending = idempotent.as_slice();
+        if !appending.is_empty() {
+            match st.producers.apply(appending, index).map_err(refused)? {
+                RequestVerdict::Append => {}
+                RequestVerdict::Duplicate { base_offset, last_offset } => {
+                    // A retry: the original is in the log (or being written); callers wait for
+                    // its durability as they would have for this one.
+                    return Ok(AppendResult {
+                        base_offset,
+                        last_offset,
+                        log_start_offset: self.log_start_offset.get(),
+                        duplicate: true,
+                    });
+                }
+            }
+        }
+
+        {
+            let mut meta = seg.meta.borrow_mut();
+            assert_eq!(meta.next_offset, base_offset, "active segment end and log end offset disagree");
+            let mut position = 0usize;
+            let mut offset = base_offset;
+            while position < batches.len() {
+                let header = BatchHeader::parse(&batches[position..])
+                    .map_err(|source| StorageError::InvalidBatch { index: 0, position, source })?;
+                record::set_base_offset(&mut batches[position..], offset);
+                let relative = (offset - seg.base_offset) as u32;
+                let batch_pos = (start_pos + position as u64) as u32;
+                meta.index.on_batch(relative, batch_pos, header.total_len() as u32, header.max_timestamp);
+                offset += i64::from(header.last_offset_delta) + 1;
+                position += header.total_len();
+            }
+            debug_assert_eq!(offset, end_offset);
+            meta.size_bytes += total_bytes;
+            meta.next_offset = end_offset;
+            meta.first_append_ms.get_or_insert_with(now_ms);
+        }
+        self.stage(&mut st, &seg, &batches, base_offset, end_offset, start_pos);
+        drop(st);
+
+        let frozen = batches.freeze();
+        let mut cache = self.shard.tail_cache.borrow_mut();
+        let mut position = 0usize;
+        while position < frozen.len() {
+            let Ok(header) = BatchHeader::parse(&frozen[position..]) else { break };
+            let len = header.total_len();
+            cache.insert(
+                self.cache_id,
+                header.base_offset,
+                header.last_offset(),
+                frozen.slice(position..position + len),
+            );
+            position += len;
+        }
+        drop(cache);
+
+        self.log_end_offset.set(end_offset);
+        self.flush_wanted.notify_all();
+        Ok(AppendResult {
+            base_offset,
+            last_offset: end_offset - 1,
+            log_start_offset: self.log_start_offset.get(),
+            duplicate: false,
+        })
+    }
+
+    /// Starts a new active segment at the log end; the old one is sealed by the flusher.
+    pub(super) fn roll(&self, st: &mut State) -> Result<(), StorageError> {
+        let old = active(st).clone();
+        let base_offset = old.meta.borrow().next_offset;
+        let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
+        let file = match self.spare.spare.replace(Spare::Absent) {
+            Spare::Ready { file, preallocated_bytes } => {
+                // One rename on the shard instead of a create and a fallocate.
+                match std::fs::rename(self.dir.join(SPARE_SEGMENT_NAME), &seg.log_path) {
+                    Ok(()) => {
+                        seg.meta.borrow_mut().preallocated_bytes = preallocated_bytes;
+                        file
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the spare segment");
+                        open_plain(&seg.log_path, true)?
+                    }
+                }
+            }
+            Spare::Preparing => {
+                // Still being prepared: it serves the roll after this one.
+                self.spare.spare.replace(Spare::Preparing);
+                open_plain(&seg.log_path, true)?
+            }
+            Spare::Absent | Spare::Failed => open_plain(&seg.log_path, true)?,
+        };
+        old.meta.borrow_mut().sealed = true;
+        // No batch at or past `base_offset` is recorded yet: the state is exactly the one at it.
+        let snapshot =
+            ProducerSnapshot { offset: base_offset, bytes: st.producers.encode_snapshot(base_offset) };
+        st.pending.push_back(Job::Seal(old, snapshot));
+        st.segments.push(seg);
+        st.active_file = Some(file);
+        st.carry.file_pos = 0;
+        st.carry.bytes.clear();
+        Ok(())
+    }
+
+    /// Reserves file space up to `need_end` in large steps, so appends do not extend the file.
+    fn ensure_preallocated(&self, st: &mut State, seg: &Segment, need_end: u64) -> Result<(), StorageError> {
+        let mut meta = seg.meta.borrow_mut();
+        if need_end <= meta.preallocated_bytes {
+            return Ok(());
+        }
+        let cap = align_up(self.config.segment_bytes.max(need_end));
+        let target = align_up(need_end.max(meta.preallocated_bytes + PREALLOCATE_STEP_BYTES)).min(cap);
+        let Some(file) = st.active_file.as_ref() else {
+            return Err(StorageError::Closed);
+        };
+        if let Err(e) = fallocate(file, target) {
+            if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                self.shard.refresh_disk_space();
+                return Err(self.shard.storage_full());
+            }
+            return Err(StorageError::io(
+                format!("preallocating {} bytes of {}", target, seg.log_path.display()),
+                e,
+            ));
+        }
+        meta.preallocated_bytes = target;
+        Ok(())
+    }
+
+    /// Reserves space ahead of appends on the blocking thread pool: the active segment's next
+    /// preallocation step once less than half a step is left, and the spare next segment once the
+    /// active one is in its last step. At most one of each is in flight.
+    fn prepare_ahead(&self, st: &State, seg: &Rc<Segment>, end_bytes: u64) {
+        let cap = align_up(self.config.segment_bytes);
+        let step_target = {
+            let meta = seg.meta.borrow();
+            let wanted = !meta.preallocating
+                && meta.preallocated_bytes < cap
+                && end_bytes + PREALLOCATE_STEP_BYTES / 2 >= meta.preallocated_bytes;
+            wanted.then(|| (meta.preallocated_bytes + PREALLOCATE_STEP_BYTES).min(cap))
+        };
+        if let (Some(target), Some(active_file)) = (step_target, st.active_file.as_ref()) {
+            match active_file.try_clone() {
+                Ok(file) => {
+                    seg.meta.borrow_mut().preallocating = true;
+                    let seg = seg.clone();
+                    glommio::spawn_local(async move {
+                        let reserved = blocking::run(move || fallocate(&file, target)).await;
+                        let mut meta = seg.meta.borrow_mut();
+                        meta.preallocating = false;
+                        match reserved {
+                            Ok(Ok(())) => meta.preallocated_bytes = meta.preallocated_bytes.max(target),
+                            // `append` retries synchronously when it needs the space and reports
+                            // the error then.
+                            Ok(Err(e)) => tracing::debug!(segment = %seg.log_path.display(), error = %e,
+                                "background preallocation failed"),
+                            Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
+                        }
+                        drop(meta);
+                        seg.preallocation_idle.notify_all();
+                    })
+                    .detach();
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot duplicate the segment fd for preallocation"),
+            }
+        }
+        // Only near the end of the segment (its last step, or its second half when it is small): a
+        // spare holds a descriptor and a step of disk, which 10,000 partitions must not all pay.
+        let spare_from = self
+            .config
+            .segment_bytes
+            .saturating_sub(PREALLOCATE_STEP_BYTES)
+            .max(self.config.segment_bytes / 2);
+        if end_bytes < spare_from || !matches!(*self.spare.spare.borrow(), Spare::Absent) {
+            return;
+        }
+        self.spare.spare.replace(Spare::Preparing);
+        let slot = self.spare.clone();
+        let path = self.dir.join(SPARE_SEGMENT_NAME);
+        let preallocated_bytes = PREALLOCATE_STEP_BYTES.min(cap);
+        glommio::spawn_local(async move {
+            let shown = path.display().to_string();
+            let prepared = blocking::run(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)?;
+                fallocate(&file, preallocated_bytes)?;
+                Ok::<_, std::io::Error>(file)
+            })
+            .await;
+            let next = match prepared {
+                Ok(Ok(file)) => Spare::Ready { file, preallocated_bytes },
+                Ok(Err(e)) => {
+                    tracing::debug!(path = shown, error = %e, "preparing the next segment failed");
+                    Spare::Failed
+                }
+                Err(panic) => {
+                    tracing::warn!(path = shown, "{panic}");
+                    Spare::Failed
+                }
+            };
+            slot.spare.replace(next);
+            slot.prepared.notify_all();
+        })
+        .detach();
+    }
+
+    /// Waits for a spare in preparation and removes the spare file (on close).
+    pub(super) async fn discard_spare(&self) {
+        loop {
+            let prepared = self.spare.prepared.notified();
+            if !matches!(*self.spare.spare.borrow(), Spare::Preparing) {
+                break;
+            }
+            prepared.await;
+        }
+        if let Spare::Ready { file, .. } = self.spare.spare.replace(Spare::Failed) {
+            let path = self.dir.join(SPARE_SEGMENT_NAME);
+            let removed = blocking::run(move || {
+                drop(file);
+                blocking::remove_files(&[path])
+            })
+            .await;
+            match removed {
+                Ok(failures) => failures.iter().for_each(|f| tracing::warn!("closing partition: {f}")),
+                Err(panic) => tracing::warn!("closing partition: {panic}"),
+            }
+        }
+    }
+
+    /// Copies `bytes` (stamped batches starting at file position `start_pos`) into the chunk
+    /// queue: the single copy of record bytes on the write path.
+    fn stage(
+        &self,
+        st: &mut State,
+        seg: &Rc<Segment>,
+        bytes: &[u8],
+        first_offset: i64,
+        end_offset: i64,
+        start_pos: u64,
+    ) {
+        let fits = match st.pending.back() {
+            Some(Job::Write(c)) if Rc::ptr_eq(&c.segment, seg) => c.len + bytes.len() <= c.capacity(),
+            _ => false,
+        };
+        if !fits {
+            let file_pos = align_down(start_pos);
+            let prefix_len = (start_pos - file_pos) as usize;
+            let capacity = align_up((prefix_len + bytes.len()).max(CHUNK_BYTES_MIN) as u64) as usize;
+            let head_len = if prefix_len > 0 { ALIGN as usize } else { 0 };
+            let mut chunk = Chunk {
+                segment: seg.clone(),
+                head: (head_len > 0).then(|| glommio::allocate_dma_buffer(head_len)),
+                body: glommio::allocate_dma_buffer(capacity - head_len),
+                file_pos,
+                len: prefix_len,
+                first_offset,
+                end_offset: first_offset,
+            };
+            match st.pending.back() {
+                Some(Job::Write(c)) if Rc::ptr_eq(&c.segment, seg) => {
+                    debug_assert_eq!(c.file_pos + c.len as u64, start_pos);
+                    let from = (file_pos - c.file_pos) as usize;
+                    chunk.put(0, c.block_bytes(from, c.len));
+                }
+                _ => {
+                    assert!(
+                        st.carry.file_pos == file_pos && st.carry.bytes.len() == prefix_len,
+                        "carried block ({} bytes at {}) does not match the segment end {start_pos}",
+                        st.carry.bytes.len(),
+                        st.carry.file_pos
+                    );
+                    chunk.put(0, &st.carry.bytes);
+                }
+            }
+            st.pending.push_back(Job::Write(chunk));
+        }
+        let Some(Job::Write(chunk)) = st.pending.back_mut() else {
+            unreachable!("a write chunk was just ensured at the back of the queue")
+        };
+        debug_assert_eq!(chunk.file_pos + chunk.len as u64, start_pos);
+        chunk.put(chunk.len, bytes);
+        chunk.len += bytes.len();
+        chunk.end_offset = end_offset;
+    }
+}

@@ -1,0 +1,296 @@
+//! Housekeeping: the roll by age, retention's deletes of whole sealed segments (files unlinked
+//! off the shard, cached batches evicted a slice at a time) and `truncate_to`, which cuts the log
+//! on disk, in the caches, indexes and producer state. Only whole segments whose seal finished are
+//! ever deleted.
+
+use std::path::Path;
+use std::rc::Rc;
+
+use super::append::Chunk;
+use super::recovery::{read_carry, recover_producer_state, remove_snapshots_after};
+use super::{
+    active, open_plain, remove_segment_files, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX,
+};
+use crate::record::{BatchHeader, BATCH_HEADER_LEN};
+use crate::storage::blocking;
+use crate::storage::retention::{segments_to_delete, RetentionInput};
+use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment, ALIGN};
+use crate::storage::{HousekeepReport, StorageError};
+
+/// Cached batches dropped per step when retention deletes segments (see `evict_cached_below`).
+const CACHE_EVICTION_SLICE_BATCHES: usize = 512;
+
+impl Partition {
+    /// Rolls the active segment by age (or when it is past time retention) and deletes whole
+    /// segments beyond size and time retention.
+    pub async fn housekeep(&self, now_ms: i64) -> Result<HousekeepReport, StorageError> {
+        if self.closed.get() {
+            return Err(StorageError::Closed);
+        }
+        let mut report = HousekeepReport::default();
+        let victims = {
+            let mut st = self.state.borrow_mut();
+            let expired = st.producers.expire(now_ms);
+            if expired > 0 {
+                tracing::debug!(dir = %self.dir.display(), expired, "forgot producers idle past their expiry");
+            }
+            if !st.truncating && st.sync_failure.is_none() {
+                let seg = active(&st).clone();
+                let meta = seg.meta.borrow();
+                let aged = meta
+                    .first_append_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) >= self.config.segment_ms as i64);
+                let expired = self.config.retention_ms.is_some_and(|r| {
+                    meta.index.max_timestamp_ms() != i64::MIN
+                        && now_ms.saturating_sub(meta.index.max_timestamp_ms()) > r as i64
+                });
+                let roll = meta.size_bytes > 0 && (aged || expired);
+                drop(meta);
+                if roll {
+                    self.roll(&mut st)?;
+                    report.rolled_segment = Some(seg.base_offset);
+                    self.flush_wanted.notify_all();
+                }
+            }
+            // Only segments whose seal finished (file final, indexes on disk) may go.
+            let inputs: Vec<RetentionInput> = st
+                .segments
+                .iter()
+                .map(|s| {
+                    let m = s.meta.borrow();
+                    RetentionInput {
+                        base_offset: s.base_offset,
+                        next_offset: m.next_offset,
+                        size_bytes: m.size_bytes,
+                        max_timestamp_ms: m.index.max_timestamp_ms(),
+                    }
+                })
+                .collect();
+            let sealed_prefix = st
+                .segments
+                .iter()
+                .take_while(|s| {
+                    let m = s.meta.borrow();
+                    m.final_on_disk && m.durable_bytes == m.size_bytes && !self.seal_pending(&st, s)
+                })
+                .count();
+            let deletable = segments_to_delete(
+                &inputs,
+                self.config.retention_bytes,
+                self.config.retention_ms,
+                now_ms,
+                self.high_watermark.get(),
+            )
+            .min(sealed_prefix);
+            let victims: Vec<Rc<Segment>> = st.segments.drain(..deletable).collect();
+            if !victims.is_empty() {
+                let start = st.segments[0].base_offset;
+                self.log_start_offset.set(start);
+            }
+            victims
+        };
+        if !victims.is_empty() {
+            self.evict_cached_below(self.log_start_offset.get()).await;
+        }
+        let mut paths = Vec::with_capacity(3 * victims.len());
+        for seg in victims {
+            report.segments_deleted.push((seg.base_offset, seg.meta.borrow().size_bytes));
+            // Close our descriptor before the unlink: the last close of an unlinked file frees its
+            // blocks, and that must happen in the unlink on the blocking thread, not in a close on
+            // the shard. A reader still holding the file keeps reading its data and closes it last.
+            if let Some(file) = seg.take_file().and_then(|f| Rc::try_unwrap(f).ok()) {
+                if let Err(e) = file.close().await {
+                    tracing::warn!(path = %seg.log_path.display(), error = %e, "closing a deleted segment failed");
+                }
+            }
+            paths.extend(seg.file_paths_for_removal());
+        }
+        if !paths.is_empty() {
+            // Oldest segment first, indexes before logs: a crash part way leaves a contiguous
+            // suffix of segments, each with its log, which recovery accepts.
+            match blocking::run(move || blocking::remove_files(&paths)).await {
+                Ok(failures) => {
+                    for failure in failures {
+                        tracing::warn!(dir = %self.dir.display(), "retention: {failure}");
+                    }
+                }
+                Err(panic) => tracing::error!(dir = %self.dir.display(), "retention: {panic}"),
+            }
+            self.shard.refresh_disk_space();
+        }
+        report.log_start_offset = self.log_start_offset.get();
+        Ok(report)
+    }
+
+    /// Drops the cached batches below `offset` a slice at a time, letting produce and fetch run in
+    /// between: deleted segments can have tens of thousands of cached batches, and dropping them in
+    /// one go stalled the shard for tens of milliseconds. Reads below the log start are answered
+    /// with OffsetOutOfRange before the cache is consulted, so the leftovers are never served.
+    async fn evict_cached_below(&self, offset: i64) {
+        while self.shard.tail_cache.borrow_mut().remove_below(
+            self.cache_id,
+            offset,
+            CACHE_EVICTION_SLICE_BATCHES,
+        ) {
+            // A timer, unlike a plain yield, lets the executor poll for I/O in between.
+            glommio::timer::sleep(std::time::Duration::from_micros(50)).await;
+        }
+    }
+
+    /// Drops every batch at or above `offset` (rounded down to the start of the batch holding
+    /// it), on disk and in caches and indexes. Appends are refused while it runs.
+    pub async fn truncate_to(&self, offset: i64) -> Result<(), StorageError> {
+        if self.closed.get() {
+            return Err(StorageError::Closed);
+        }
+        if offset >= self.log_end_offset.get() {
+            return Ok(());
+        }
+        self.state.borrow_mut().truncating = true;
+        loop {
+            let notified = self.progress.notified();
+            {
+                let st = self.state.borrow();
+                if st.pending.is_empty() && !st.flushing {
+                    break;
+                }
+            }
+            notified.await;
+        }
+        let result = self.truncate_drained(offset.max(self.log_start_offset.get())).await;
+        self.state.borrow_mut().truncating = false;
+        self.progress.notify_all();
+        result
+    }
+
+    fn seal_pending(&self, st: &State, seg: &Rc<Segment>) -> bool {
+        st.pending.iter().any(|j| match j {
+            Job::Seal(s, _) | Job::Write(Chunk { segment: s, .. }) => Rc::ptr_eq(s, seg),
+        })
+    }
+
+    async fn truncate_drained(&self, offset: i64) -> Result<(), StorageError> {
+        let (target, later) = {
+            let st = self.state.borrow();
+            let i = st.segments.partition_point(|s| s.base_offset <= offset).max(1);
+            (st.segments[i - 1].clone(), st.segments[i..].to_vec())
+        };
+        let file = target.file().await?;
+        let size = target.meta.borrow().size_bytes;
+        // Rebuild the segment's view by scanning it, then cut at the batch holding `offset`.
+        let scanned = scan_segment_file(
+            &file,
+            &target.log_path,
+            target.base_offset,
+            size,
+            self.config.index_interval_bytes,
+            RECOVERY_BATCH_BYTES_MAX,
+        )
+        .await?;
+        if let Some((position, detail)) = scanned.damage {
+            return Err(StorageError::Corrupt { segment: target.log_path.clone(), position, detail });
+        }
+        let relative = (offset - target.base_offset) as u32;
+        let cut = if offset == target.base_offset {
+            (0, target.base_offset)
+        } else {
+            let entry = scanned.index.lookup(relative);
+            find_batch_start(&file, &target.log_path, entry.position.into(), scanned.valid_bytes, offset)
+                .await?
+        };
+        let (cut_pos, cut_offset) = cut;
+        // Before anything is cut: a snapshot past the cut, left behind, would look valid again
+        // once new appends pass its offset.
+        remove_snapshots_after(&self.dir, cut_offset)?;
+        target.wait_preallocation_idle().await;
+        file.truncate(cut_pos).await.map_err(|e| {
+            StorageError::io(format!("truncating {} to {cut_pos}", target.log_path.display()), e)
+        })?;
+        let rebuilt = scan_segment_file(
+            &file,
+            &target.log_path,
+            target.base_offset,
+            cut_pos,
+            self.config.index_interval_bytes,
+            RECOVERY_BATCH_BYTES_MAX,
+        )
+        .await?;
+        assert!(
+            rebuilt.valid_bytes == cut_pos && rebuilt.next_offset == cut_offset,
+            "segment {} does not end at the truncation point after truncating",
+            target.log_path.display()
+        );
+        target.remove_index_files();
+        for seg in &later {
+            remove_segment_files(seg);
+        }
+        let mut carry = Carry { file_pos: align_down(cut_pos), bytes: Vec::with_capacity(ALIGN as usize) };
+        read_carry(&target, cut_pos, &mut carry).await?;
+        let active_file = open_plain(&target.log_path, false)?;
+        {
+            let mut meta = target.meta.borrow_mut();
+            meta.size_bytes = cut_pos;
+            meta.written_bytes = cut_pos;
+            meta.durable_bytes = cut_pos;
+            meta.next_offset = cut_offset;
+            meta.index = rebuilt.index;
+            meta.preallocated_bytes = cut_pos;
+            meta.sealed = false;
+            meta.final_on_disk = false;
+            let mut st = self.state.borrow_mut();
+            let keep = st.segments.len() - later.len();
+            st.segments.truncate(keep);
+            st.carry = carry;
+            st.active_file = Some(active_file);
+        }
+        self.log_end_offset.set(cut_offset);
+        if self.high_watermark.get() > cut_offset {
+            self.high_watermark.set(cut_offset);
+        }
+        self.shard.tail_cache.borrow_mut().remove_from(self.cache_id, cut_offset);
+        // Exact at once; the rebuild from the log then restores producers whose every remembered
+        // batch was cut (they would otherwise be unknown, accepted at any sequence).
+        self.state.borrow_mut().producers.truncate_from(cut_offset);
+        let segments = self.state.borrow().segments.clone();
+        match recover_producer_state(&self.dir, &segments, self.log_start_offset.get(), cut_offset, false)
+            .await
+        {
+            Ok(producers) => self.state.borrow_mut().producers = producers,
+            Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e,
+                "rebuilding the producer state after truncation failed; keeping the truncated state"),
+        }
+        Ok(())
+    }
+}
+
+/// Walks batch headers from `position` (a batch start) to the batch holding `offset`.
+async fn find_batch_start(
+    file: &glommio::io::DmaFile,
+    path: &Path,
+    mut position: u64,
+    end: u64,
+    offset: i64,
+) -> Result<(u64, i64), StorageError> {
+    while position < end {
+        let from = align_down(position);
+        let len = align_up(position + BATCH_HEADER_LEN as u64) - from;
+        let block = read_aligned(file, from, len as usize)
+            .await
+            .map_err(|e| StorageError::io(format!("reading {} at byte {position}", path.display()), e))?;
+        let header_bytes = block.get((position - from) as usize..).unwrap_or(&[]);
+        let header = BatchHeader::parse(header_bytes).map_err(|e| StorageError::Corrupt {
+            segment: path.to_path_buf(),
+            position,
+            detail: e.to_string(),
+        })?;
+        if header.last_offset() >= offset {
+            return Ok((position, header.base_offset));
+        }
+        position += header.total_len() as u64;
+    }
+    Err(StorageError::Corrupt {
+        segment: path.to_path_buf(),
+        position,
+        detail: format!("offset {offset} not found before the end of the segment"),
+    })
+}

@@ -1,0 +1,375 @@
+//! One partition log: appends, the flusher, reads, offsets by time, housekeeping (roll by age,
+//! retention), truncation, recovery on open and clean close.
+//!
+//! Owns the partition directory and the state of its segments. May call `segment`, `index`,
+//! `scan`, `retention`, the shard's tail cache and disk monitor, `record`, glommio. Never blocks
+//! the shard on the data path except for the rare metadata syscalls named below.
+//!
+//! Layout: this file holds the shared state (`Partition`, `State`, the job queue's types), `open`,
+//! `close`, `remove`, the accessors and the small helpers every part uses. `append`: validation,
+//! staging into chunks, preallocation and the spare segment, roll. `flusher`: the flusher task
+//! (writes, fdatasync, seal, rollback of a failed write) and `wait_durable`. `read`: fetches, long
+//! polls, offsets by time. `housekeeping`: roll by age, retention, truncation. `recovery`: segments
+//! and producer state rebuilt on open (and after a truncation), the carried block, snapshots past a
+//! cut.
+//!
+//! Write path. `append` (synchronous: call order is offset order) validates, stamps offsets and
+//! copies the batches once into the tail of a queue of 4 KiB-aligned chunks (`DmaBuffer`s). The
+//! flusher, one detached task per partition, pops chunks and writes each with O_DIRECT; exactly one
+//! chunk is in flight per partition, so rewrites of the partial last block never reorder. A chunk
+//! starts at the aligned position below the segment end and carries a copy of that partial block
+//! (at most 4 KiB), which is rewritten with the new bytes as a write of its own (see `Chunk`).
+//! Appends that arrive during a write fill the next chunk: group commit. With `Durability::Fsync`
+//! the flusher issues one fdatasync per round after its writes, then advances the high watermark.
+//!
+//! Space is reserved before a byte is accepted: `append` checks that the active segment is
+//! preallocated past the new end and, if not, calls `fallocate` synchronously, so ENOSPC surfaces
+//! as `StorageFull` from `append` itself. That synchronous call is the fallback, not the rule: once
+//! less than half a step of reserved space remains, the next `PREALLOCATE_STEP_BYTES` are reserved
+//! on the blocking thread pool, and once the active segment is in its last step the next segment
+//! file is created and preallocated there too (a spare, renamed into place on roll). Everything
+//! else slow on the filesystem also runs there (`blocking`): unlinking deleted segments, writing
+//! the indexes and syncing the directory when a segment is sealed.
+//!
+//! Idempotent producers (`producer_state`). `append` checks every idempotent batch against the
+//! producer state once nothing else can fail the append, and records it in the same step: a
+//! retried batch is answered with its original offsets and not written again. The state is
+//! persisted as a snapshot at each roll (taken at the roll, written by the seal once the sealed
+//! segment is synced, so it never covers bytes that are not durable) and at close; `open` loads
+//! the newest usable snapshot and replays the batch headers after it. Whatever cuts the log (a
+//! failed write, `truncate_to`, recovery's torn tails) cuts the state too, and removes snapshots
+//! past the cut before new appends could make them look valid.
+//!
+//! Failures. A failed write rolls the in-memory log back to the end of the last completed write
+//! (those offsets were never acknowledged), fails their durability waiters, and marks the partition
+//! degraded; the next append rewrites from there. A failed fdatasync cannot be retried safely (the
+//! kernel may have dropped the dirty pages), so the partition stops accepting appends until it is
+//! reopened and recovery has re-read what is really on disk.
+
+mod append;
+mod flusher;
+mod housekeeping;
+mod read;
+mod recovery;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::blocking;
+use super::notify::Notify;
+use super::producer_state::{self, ProducerStates};
+use super::segment::{align_down, parse_log_name, Segment, ALIGN};
+use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
+use append::{Chunk, SpareSlot};
+use flusher::{run_flusher, Rollback};
+use recovery::{read_carry, recover_producer_state, recover_segments};
+
+/// Recovery refuses to believe a length field larger than this (a scribbled header).
+const RECOVERY_BATCH_BYTES_MAX: usize = 256 << 20;
+const CLEAN_SHUTDOWN_MARKER: &str = ".clean_shutdown";
+/// The next segment's file, created and preallocated ahead of the roll. Recovery ignores it (not
+/// a `<base_offset>.log` name) and open removes a leftover one.
+const SPARE_SEGMENT_NAME: &str = ".spare-segment";
+
+enum Job {
+    Write(Chunk),
+    /// The segment was rolled: sync it, truncate the file to its size, persist its indexes and
+    /// the producer-state snapshot taken at the roll.
+    Seal(Rc<Segment>, ProducerSnapshot),
+}
+
+/// The producer state at `offset` (after every batch below it), encoded, waiting to be written.
+struct ProducerSnapshot {
+    offset: i64,
+    bytes: Vec<u8>,
+}
+
+/// The active segment's partial last block, for the next chunk to start with.
+struct Carry {
+    file_pos: u64,
+    bytes: Vec<u8>,
+}
+
+struct State {
+    /// Ordered by base offset; never empty; the last one is active.
+    segments: Vec<Rc<Segment>>,
+    pending: VecDeque<Job>,
+    carry: Carry,
+    /// Plain fd of the active segment, for synchronous fallocate.
+    active_file: Option<std::fs::File>,
+    rollbacks: VecDeque<Rollback>,
+    rollback_generation: u64,
+    /// A write failed and was rolled back; cleared by the next successful write.
+    degraded: bool,
+    /// An fdatasync failed: no more appends until reopened.
+    sync_failure: Option<String>,
+    /// The flusher is executing a job.
+    flushing: bool,
+    truncating: bool,
+    /// Idempotent producers: epochs and the last batches of each, for every batch in the log.
+    producers: ProducerStates,
+}
+
+pub struct Partition {
+    dir: PathBuf,
+    config: LogConfig,
+    shard: Rc<ShardStorage>,
+    /// Key of this partition in the shard's tail cache.
+    cache_id: u64,
+    state: RefCell<State>,
+    high_watermark: Cell<i64>,
+    log_start_offset: Cell<i64>,
+    log_end_offset: Cell<i64>,
+    closed: Cell<bool>,
+    flusher_running: Cell<bool>,
+    /// Wakes the flusher: new jobs, or close.
+    flush_wanted: Rc<Notify>,
+    /// Wakes waiters: high watermark moved, rollback, flusher idle or stopped, close.
+    progress: Notify,
+    spare: Rc<SpareSlot>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn active(st: &State) -> &Rc<Segment> {
+    st.segments.last().expect("a partition always has an active segment")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
+}
+
+fn open_plain(path: &Path, create: bool) -> Result<std::fs::File, StorageError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(create)
+        .open(path)
+        .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))
+}
+
+fn remove_segment_files(seg: &Segment) {
+    for path in [seg.log_path.clone(), seg.index_path(), seg.time_index_path()] {
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove segment file");
+            }
+        }
+    }
+}
+
+impl Partition {
+    /// Opens (or creates) the partition directory and recovers it.
+    pub async fn open(
+        dir: PathBuf,
+        config: LogConfig,
+        shard: Rc<ShardStorage>,
+    ) -> Result<(Rc<Partition>, RecoveryReport), StorageError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        super::segment::probe_device(&dir).await?;
+        let mut report = RecoveryReport { dir: dir.clone(), ..RecoveryReport::default() };
+        let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
+        report.clean_shutdown = marker.exists();
+        if report.clean_shutdown {
+            std::fs::remove_file(&marker)
+                .map_err(|e| StorageError::io(format!("removing {}", marker.display()), e))?;
+        }
+
+        let mut bases: Vec<i64> = std::fs::read_dir(&dir)
+            .map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?
+            .filter_map(|entry| entry.ok().and_then(|e| e.file_name().to_str().and_then(parse_log_name)))
+            .collect();
+        bases.sort_unstable();
+        report.segments_found = bases.len();
+        let spare_path = dir.join(SPARE_SEGMENT_NAME);
+        match std::fs::remove_file(&spare_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StorageError::io(format!("removing {}", spare_path.display()), e));
+            }
+            _ => {}
+        }
+
+        let segments = recover_segments(&dir, &config, &bases, &mut report).await?;
+        let segments = if segments.is_empty() {
+            let seg = Rc::new(Segment::new(&dir, 0, config.index_interval_bytes));
+            open_plain(&seg.log_path, true)?;
+            vec![seg]
+        } else {
+            segments
+        };
+
+        let last = segments.last().expect("at least one segment").clone();
+        let (size, carry) = {
+            let mut meta = last.meta.borrow_mut();
+            meta.sealed = false;
+            (
+                meta.size_bytes,
+                Carry { file_pos: align_down(meta.size_bytes), bytes: Vec::with_capacity(ALIGN as usize) },
+            )
+        };
+        last.remove_index_files();
+        let mut carry = carry;
+        read_carry(&last, size, &mut carry).await?;
+        let active_file = open_plain(&last.log_path, false)?;
+
+        let log_start = segments[0].base_offset;
+        let log_end = last.meta.borrow().next_offset;
+        report.log_start_offset = log_start;
+        report.log_end_offset = log_end;
+        let producers =
+            recover_producer_state(&dir, &segments, log_start, log_end, report.clean_shutdown).await?;
+
+        let partition = Rc::new(Partition {
+            cache_id: shard.allocate_partition_id(),
+            dir,
+            config,
+            shard,
+            state: RefCell::new(State {
+                segments,
+                pending: VecDeque::new(),
+                carry,
+                active_file: Some(active_file),
+                rollbacks: VecDeque::new(),
+                rollback_generation: 0,
+                degraded: false,
+                sync_failure: None,
+                flushing: false,
+                truncating: false,
+                producers,
+            }),
+            high_watermark: Cell::new(log_end),
+            log_start_offset: Cell::new(log_start),
+            log_end_offset: Cell::new(log_end),
+            closed: Cell::new(false),
+            flusher_running: Cell::new(true),
+            flush_wanted: Rc::new(Notify::default()),
+            progress: Notify::default(),
+            spare: Rc::new(SpareSlot::default()),
+        });
+        glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
+        tracing::info!("{report}");
+        Ok((partition, report))
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        self.high_watermark.get()
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start_offset.get()
+    }
+
+    pub fn log_end_offset(&self) -> i64 {
+        self.log_end_offset.get()
+    }
+
+    /// Flushes, fdatasyncs, persists indexes, writes the clean-shutdown marker and closes files.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        let already = self.closed.replace(true);
+        self.flush_wanted.notify_all();
+        loop {
+            let notified = self.progress.notified();
+            if !self.flusher_running.get() {
+                break;
+            }
+            notified.await;
+        }
+        if already {
+            return Ok(());
+        }
+        self.discard_spare().await;
+        let (segments, sync_failure) = {
+            let mut st = self.state.borrow_mut();
+            st.active_file = None;
+            (std::mem::take(&mut st.segments), st.sync_failure.clone())
+        };
+        let result = async {
+            if sync_failure.is_some() {
+                return Ok(());
+            }
+            let Some(last) = segments.last() else { return Ok(()) };
+            last.wait_preallocation_idle().await;
+            let file = last.file().await?;
+            let size = last.meta.borrow().size_bytes;
+            file.fdatasync()
+                .await
+                .map_err(|e| StorageError::io(format!("syncing {}", last.log_path.display()), e))?;
+            file.truncate(size)
+                .await
+                .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
+            last.persist_indexes()?;
+            // The marker promises a snapshot at the log end: without one, no marker.
+            let offset = self.log_end_offset.get();
+            let bytes = self.state.borrow().producers.encode_snapshot(offset);
+            let dir = self.dir.clone();
+            blocking::run(move || producer_state::write_snapshot(&dir, offset, &bytes))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|written| written)
+                .map_err(|e| {
+                    StorageError::io(format!("writing the producer-state snapshot in {}", self.dir.display()), e)
+                })?;
+            let marker = self.dir.join(CLEAN_SHUTDOWN_MARKER);
+            std::fs::write(&marker, b"")
+                .map_err(|e| StorageError::io(format!("writing {}", marker.display()), e))?;
+            sync_dir(&self.dir)?;
+            if let Err(e) = producer_state::prune_snapshots(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "removing old producer-state snapshots failed");
+            }
+            Ok(())
+        }
+        .await;
+        self.shard.tail_cache.borrow_mut().remove_partition(self.cache_id);
+        for seg in segments {
+            if let Some(file) = seg.take_file() {
+                if let Ok(file) = Rc::try_unwrap(file) {
+                    if let Err(e) = file.close().await {
+                        tracing::warn!(path = %seg.log_path.display(), error = %e, "closing segment failed");
+                    }
+                }
+            }
+        }
+        self.progress.notify_all();
+        result
+    }
+
+    /// Closes the partition and removes its directory (topic deletion).
+    pub async fn remove(&self) -> Result<(), StorageError> {
+        self.close().await?;
+        let dir = self.dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| StorageError::io(format!("removing {}", self.dir.display()), e))
+    }
+
+    fn out_of_range(&self, requested: i64) -> StorageError {
+        StorageError::OffsetOutOfRange {
+            requested,
+            log_start: self.log_start_offset.get(),
+            high_watermark: self.high_watermark.get(),
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        // Lets the flusher notice the partition is gone and end.
+        self.flush_wanted.notify_all();
+        if let Ok(mut cache) = self.shard.tail_cache.try_borrow_mut() {
+            cache.remove_partition(self.cache_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
