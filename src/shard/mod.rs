@@ -64,7 +64,7 @@ pub struct Shard {
     pub connections: Cell<usize>,
     pub cross_shard_hops: Cell<u64>,
     /// Per-shard state of the layers above (the group coordinator; the controller on shard 0),
-    /// one value per type, registered at start-up. Keyed by type so the shard needs not name them.
+    /// one value per type, registered at start-up. Keyed by type so the shard need not name them.
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
     /// `(host, port)` Kafka clients are told to reach this broker at; unset when the Kafka
     /// listener is off.
