@@ -118,6 +118,10 @@ struct Cli {
     /// Kafka protocol: the created topics' replication factor (-1: the broker's default).
     #[arg(long)]
     replication_factor: Option<i16>,
+    /// Backlog drain: produce this many bytes of message values first, then start the consumers
+    /// from the beginning; the report's consume rate is the drain rate.
+    #[arg(long)]
+    backlog_bytes: Option<u64>,
     /// Write the JSON report here.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -152,7 +156,8 @@ impl Cli {
         set!(protocol => protocol, name => name, topics => topics, partitions => partitions,
              message_size => message_size, keys => keys, producers => producers, consumers => consumers,
              consumer_groups => consumer_groups, rate => rate, duration => duration_s, warmup => warmup_s,
-             acks => acks, batch_bytes => batch_bytes, linger_ms => linger_ms);
+             acks => acks, batch_bytes => batch_bytes, linger_ms => linger_ms,
+             backlog_bytes => backlog_bytes);
         if self.message_size_max.is_some() {
             w.message_size_max = self.message_size_max;
         }

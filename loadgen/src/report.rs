@@ -109,7 +109,18 @@ impl MachineInfo {
     }
 }
 
+/// A backlog drain's figures (see `Workload::backlog_bytes`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Backlog {
+    /// Bytes of message values in the backlog.
+    pub bytes: u64,
+    /// Time to produce it, and to read it all from the beginning, seconds.
+    pub fill_s: f64,
+    pub drain_s: f64,
+}
+
 /// The JSON report. Throughput is over the measured window; MB = 10^6 bytes of message values.
+/// For a backlog drain the produce rate is over the fill and the consume rate over the drain.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub produce_msgs_per_s: f64,
@@ -130,6 +141,9 @@ pub struct Report {
     pub first_error: Option<String>,
     pub measured_s: f64,
     pub warmup_s: f64,
+    /// A backlog drain's phases; absent for the other workloads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<Backlog>,
     pub workload: Workload,
     pub broker: BrokerInfo,
     /// How consumers got their partitions.
@@ -177,6 +191,14 @@ impl Report {
                 crate::workload::Acks::All => "all",
             }
         ));
+        if let Some(b) = &self.backlog {
+            s.push_str(&format!(
+                "backlog drain: {:.1} MB produced in {:.1} s, then read from the beginning in {:.1} s\n",
+                b.bytes as f64 / 1e6,
+                b.fill_s,
+                b.drain_s
+            ));
+        }
         s.push_str(&format!(
             "broker {} ({}{}), measured {:.1} s after {:.1} s warm-up\n",
             self.broker.bootstrap,
@@ -248,6 +270,7 @@ mod tests {
             first_error: None,
             measured_s: 2.0,
             warmup_s: 1.0,
+            backlog: None,
             workload: Workload::default(),
             broker: BrokerInfo {
                 bootstrap: "127.0.0.1:9292".into(),

@@ -25,13 +25,15 @@ use crate::kafka;
 use crate::message::{self, Clock, Rng};
 use crate::native;
 use crate::rate::{PreciseSleep, Schedule};
-use crate::report::{round, BrokerInfo, MachineInfo, Percentiles, Point, Report};
+use crate::report::{round, Backlog, BrokerInfo, MachineInfo, Percentiles, Point, Report};
 use crate::stats::{quantile_us, Recorder, SharedStats, Tally, Window};
 use crate::workload::{Keys, Protocol, Workload};
 use crate::LoadgenError;
 
 /// How long one consumer poll waits for data.
 const POLL_WAIT: Duration = Duration::from_millis(100);
+/// How often a backlog phase checks whether its tasks are done.
+const PHASE_END_CHECK: Duration = Duration::from_millis(5);
 /// Longest key loadgen writes: `key-` and a u64 in decimal.
 pub const KEY_BYTES_MAX: usize = 24;
 /// What the report says about how consumers get their partitions.
@@ -58,6 +60,8 @@ struct ProducerCtx {
     clock: Clock,
     start: Instant,
     end: Instant,
+    /// Stop after sending this many bytes of message values (the backlog fill).
+    bytes_max: u64,
     workload: Arc<Workload>,
     recorder: Recorder,
 }
@@ -262,6 +266,9 @@ async fn run_on_topics(
     started_unix_ms: u64,
 ) -> Result<Report, LoadgenError> {
     let w = &*workload;
+    if w.backlog_bytes > 0 {
+        return run_backlog(workload.clone(), broker, topics, target, machine, started_unix_ms).await;
+    }
     let clock = Clock::new();
     let (drain_tx, drain_rx) = watch::channel::<DrainTargets>(None);
 
@@ -312,6 +319,7 @@ async fn run_on_topics(
             clock,
             start,
             end,
+            bytes_max: u64::MAX,
             workload: workload.clone(),
             recorder,
         };
@@ -423,6 +431,7 @@ async fn run_on_topics(
         first_error,
         measured_s: round(window.seconds(), 3),
         warmup_s: w.warmup_s,
+        backlog: None,
         workload: (*workload).clone(),
         broker: target.broker.clone(),
         consumer_assignment: CONSUMER_ASSIGNMENT,
@@ -431,6 +440,193 @@ async fn run_on_topics(
         loadgen_version: env!("CARGO_PKG_VERSION"),
         started_unix_ms,
     })
+}
+
+/// The backlog drain (`Workload::backlog_bytes`): the producers write the backlog while nothing
+/// reads, then the consumers read it all from the beginning. The report's produce rate is the
+/// fill's, its consume rate the drain's, each over its own phase.
+async fn run_backlog(
+    workload: Arc<Workload>,
+    broker: &mut Broker,
+    topics: &[String],
+    target: &Target,
+    machine: MachineInfo,
+    started_unix_ms: u64,
+) -> Result<Report, LoadgenError> {
+    let w = &*workload;
+    let clock = Clock::new();
+    // Phases end when their work is done, not at a set time: every event counts.
+    let unbounded = Duration::from_secs(7 * 24 * 3600);
+    let start = Instant::now();
+    let window = Window { start_us: clock.micros(start), end_us: clock.micros(start + unbounded) };
+    let mut sinks = Vec::new();
+    for topic in topics {
+        for _ in 0..w.producers {
+            sinks.push(broker.producer(w, topic).await?);
+        }
+    }
+    let producer_count = sinks.len() as u64;
+    let mut producers: Vec<(SharedStats, JoinHandle<()>)> = Vec::new();
+    for (id, sink) in sinks.into_iter().enumerate() {
+        let recorder = Recorder { stats: SharedStats::new(), clock, window };
+        let stats = recorder.stats.clone();
+        let ctx = ProducerCtx {
+            id: id as u32,
+            partitions: w.partitions,
+            rate: w.rate / producer_count as f64,
+            clock,
+            start,
+            end: start + unbounded,
+            bytes_max: w.backlog_bytes.div_ceil(producer_count),
+            workload: workload.clone(),
+            recorder,
+        };
+        producers.push((stats, tokio::spawn(produce(sink, ctx))));
+    }
+    let mut timeline: Vec<Point> = Vec::new();
+    watch_phase(&producers, start, "fill   ", target.progress, 0, &mut timeline).await;
+    let fill_s = start.elapsed().as_secs_f64();
+
+    let targets = broker.end_offsets(topics).await.map_err(LoadgenError::Broker)?;
+    let (_drain_tx, drain_rx) = watch::channel::<DrainTargets>(Some(Arc::new(targets)));
+    let mut sources = Vec::new();
+    for topic in topics {
+        for _group in 0..w.consumer_groups.max(1) {
+            for c in 0..w.consumers {
+                let assigned: Vec<(String, u32)> =
+                    (0..w.partitions).filter(|p| p % w.consumers == c).map(|p| (topic.clone(), p)).collect();
+                if !assigned.is_empty() {
+                    sources.push(broker.consumer(assigned).await?);
+                }
+            }
+        }
+    }
+    let acked: u64 = producers.iter().map(|(s, _)| s.lock().acked_total).sum();
+    let drain_start = Instant::now();
+    let give_up = drain_start + Duration::from_secs_f64(w.drain_timeout_s);
+    let mut consumers: Vec<(SharedStats, JoinHandle<()>)> = Vec::new();
+    for source in sources {
+        let recorder = Recorder { stats: SharedStats::new(), clock, window };
+        consumers.push((
+            recorder.stats.clone(),
+            tokio::spawn(consume(source, give_up, drain_rx.clone(), recorder)),
+        ));
+    }
+    let expected = acked * u64::from(w.consumer_groups);
+    watch_phase(&consumers, start, "drain  ", target.progress, expected, &mut timeline).await;
+    let drain_s = drain_start.elapsed().as_secs_f64();
+
+    let mut produced_tally = Tally::new();
+    let mut consumed_tally = Tally::new();
+    let (mut produced, mut consumed, mut produce_errors, mut consume_errors) = (0, 0, 0, 0);
+    let mut first_error = None;
+    let is_producer = (0..producers.len()).map(|_| true).chain((0..consumers.len()).map(|_| false));
+    for ((stats, task), is_producer) in producers.into_iter().chain(consumers).zip(is_producer) {
+        task.await.map_err(|e| LoadgenError::Task(e.to_string()))?;
+        let s = stats.lock();
+        if is_producer {
+            produced_tally.add(&s.measured);
+            produced += s.acked_total;
+            produce_errors += s.errors;
+        } else {
+            consumed_tally.add(&s.measured);
+            consumed += s.consumed_total;
+            consume_errors += s.errors;
+        }
+        if first_error.is_none() {
+            first_error = s.first_error.clone();
+        }
+    }
+    let (produce_msgs_per_s, produce_mb_per_s, _, _) = Report::rates(&produced_tally, fill_s);
+    let (_, _, consume_msgs_per_s, consume_mb_per_s) = Report::rates(&consumed_tally, drain_s);
+    Ok(Report {
+        produce_msgs_per_s,
+        produce_mb_per_s,
+        consume_msgs_per_s,
+        consume_mb_per_s,
+        publish_latency_us: Percentiles::of(&produced_tally.publish_us),
+        e2e_latency_us: Percentiles::of(&consumed_tally.e2e_us),
+        produced_msgs: produced,
+        consumed_msgs: consumed,
+        expected_consumed_msgs: produced * u64::from(w.consumer_groups),
+        produce_errors,
+        consume_errors,
+        first_error,
+        measured_s: round(drain_s, 3),
+        warmup_s: 0.0,
+        backlog: Some(Backlog {
+            bytes: produced_tally.produced_bytes,
+            fill_s: round(fill_s, 6),
+            drain_s: round(drain_s, 6),
+        }),
+        workload: (*workload).clone(),
+        broker: target.broker.clone(),
+        consumer_assignment: CONSUMER_ASSIGNMENT,
+        machine,
+        timeline,
+        loadgen_version: env!("CARGO_PKG_VERSION"),
+        started_unix_ms,
+    })
+}
+
+/// Reports progress once a second until every task of a phase is done. `expected` is the number
+/// of messages the phase's consumers must read (0 for a phase of producers).
+async fn watch_phase(
+    tasks: &[(SharedStats, JoinHandle<()>)],
+    start: Instant,
+    phase: &str,
+    progress: bool,
+    expected: u64,
+    timeline: &mut Vec<Point>,
+) {
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let mut last_tick = Instant::now();
+    let mut interval = Tally::new();
+    loop {
+        // The phase's end is noticed within a few milliseconds; progress comes once a second.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(PHASE_END_CHECK) => {
+                if tasks.iter().all(|(_, t)| t.is_finished()) {
+                    return;
+                }
+                continue;
+            }
+        }
+        let now = Instant::now();
+        interval.reset();
+        let (mut acked, mut consumed) = (0u64, 0u64);
+        for (stats, _) in tasks {
+            let mut s = stats.lock();
+            interval.add(&s.interval);
+            s.interval.reset();
+            acked += s.acked_total;
+            consumed += s.consumed_total;
+        }
+        let dt = (now - last_tick).as_secs_f64().max(1e-3);
+        last_tick = now;
+        let point = Point {
+            t_s: round((now - start).as_secs_f64(), 2),
+            produce_msgs_per_s: round(interval.produced_msgs as f64 / dt, 1),
+            consume_msgs_per_s: round(interval.consumed_msgs as f64 / dt, 1),
+            publish_p99_us: quantile_us(&interval.publish_us, 0.99),
+            e2e_p99_us: quantile_us(&interval.e2e_us, 0.99),
+            backlog_msgs: if expected > 0 { expected.saturating_sub(consumed) as i64 } else { acked as i64 },
+        };
+        if progress {
+            eprintln!(
+                "[{:>6.1}s {phase}] produce {:>8.2} MB/s | consume {:>8.2} MB/s | backlog {:>10} msgs",
+                point.t_s,
+                interval.produced_bytes as f64 / dt / 1e6,
+                interval.consumed_bytes as f64 / dt / 1e6,
+                point.backlog_msgs,
+            );
+        }
+        timeline.push(point);
+    }
 }
 
 /// Topic names: `loadgen-<workload name>-<start time>`, limited to the characters topics allow.
@@ -456,6 +652,7 @@ async fn produce(mut sink: Sink, ctx: ProducerCtx) {
     // partitioner does), so batches fill up however many partitions there are.
     let sticky_run = (w.batch_bytes / size_min.max(1)).max(1) as u64;
     let mut sent = 0u64;
+    let mut sent_bytes = 0u64;
     let mut schedule = Schedule::new(ctx.start, ctx.rate);
     let mut sleep = match PreciseSleep::new() {
         Ok(sleep) => sleep,
@@ -496,6 +693,10 @@ async fn produce(mut sink: Sink, ctx: ProducerCtx) {
         };
         sink.send(partition, key, &filler[..size], intended_us, &ctx.recorder).await;
         sent += 1;
+        sent_bytes += size as u64;
+        if sent_bytes >= ctx.bytes_max {
+            break;
+        }
     }
     sink.finish(&ctx.recorder).await;
 }

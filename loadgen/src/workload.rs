@@ -152,6 +152,11 @@ pub struct Workload {
     pub linger_ms: u64,
     /// How long consumers may take after the producers stop to read everything that was produced.
     pub drain_timeout_s: f64,
+    /// Backlog drain (OpenMessaging Benchmark's backlog test) when above 0: the producers write
+    /// this many bytes of message values first while no consumer reads, then the consumers start
+    /// from the beginning and read it all; the report's consume rate is the drain rate.
+    /// `duration_s` and `warmup_s` do not apply.
+    pub backlog_bytes: u64,
     pub topic_config: TopicConfig,
 }
 
@@ -175,6 +180,7 @@ impl Default for Workload {
             batch_bytes: 256 << 10,
             linger_ms: 1,
             drain_timeout_s: 30.0,
+            backlog_bytes: 0,
             topic_config: TopicConfig::default(),
         }
     }
@@ -194,6 +200,11 @@ impl Workload {
         let bad = |m: String| Err(LoadgenError::Workload(m));
         if self.topics == 0 || self.partitions == 0 {
             return bad("topics and partitions must be at least 1".into());
+        }
+        if self.backlog_bytes > 0 && (self.consumers == 0 || self.producers == 0) {
+            return bad(
+                "a backlog drain (backlog_bytes) needs producers to write it and consumers to read it".into(),
+            );
         }
         if self.message_size < MESSAGE_BYTES_MIN {
             return bad(format!(

@@ -165,3 +165,33 @@ fn bad_workload_values_are_refused_before_connecting() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("message_sizes"));
 }
+
+#[test]
+fn backlog_drain_reads_everything_the_fill_wrote_over_both_protocols() {
+    ringlog_binary();
+    for protocol in ["native", "kafka"] {
+        let dir = tempfile::tempdir().unwrap();
+        let report_path = dir.path().join("report.json");
+        let out = Command::new(LOADGEN)
+            .args(["--protocol", protocol, "--backlog-bytes", "20000000", "--message-size", "1000"])
+            .args(["--partitions", "3", "--producers", "1", "--consumers", "2", "--quiet"])
+            .arg("--report-json")
+            .arg(&report_path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{protocol}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("backlog drain: 20.0 MB produced"), "{protocol}: {stdout}");
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+        everything_consumed(&report);
+        assert_eq!(count(&report, "produced_msgs"), 20_000, "{protocol}: the fill stops at the backlog size");
+        let backlog = &report["backlog"];
+        assert_eq!(backlog["bytes"].as_u64(), Some(20_000_000), "{protocol}: {report}");
+        let (fill_s, drain_s) = (backlog["fill_s"].as_f64().unwrap(), backlog["drain_s"].as_f64().unwrap());
+        assert!(fill_s > 0.0 && drain_s > 0.0, "{protocol}: {backlog}");
+        // The rates are the phases' own: bytes over each phase's time.
+        let consume = num(&report, "consume_mb_per_s");
+        assert!((consume - 20.0 / drain_s).abs() <= 0.01 * consume + 0.01, "{protocol}: {report}");
+        assert_eq!(report["workload"]["backlog_bytes"].as_u64(), Some(20_000_000));
+    }
+}
