@@ -1,9 +1,18 @@
-//! The `ringlog` binary's global allocator: the system allocator, except that blocks of
+//! The `ringlog` binary's global allocator: mimalloc, except that blocks of
 //! [`LARGE_BLOCK_BYTES`] or more are anonymous `MAP_NORESERVE` mappings of their own.
 //!
-//! Why: a decoder that sizes a `Vec` from a count read off the wire before reading the elements
+//! Why mimalloc below the threshold: under a steady produce/consume load glibc malloc kept
+//! growing (~12 MB/min at 100,000 msgs/s while every accounted structure held steady) and gave
+//! nothing back when every topic was deleted: glibc returns memory to the kernel only by trimming
+//! the top of a heap, so free chunks below a live one stay resident, and a broker's heaps mix
+//! short-lived blocks (requests, staged chunks) with long-lived ones (cached batches, indexes)
+//! allocated on one shard and freed on another. mimalloc keeps per-thread heaps of size-segregated
+//! pages, hands frees from other threads back to the owning page, and returns (purges) pages left
+//! empty. The soak figures are in docs/benchmarks.md.
+//!
+//! Why the large-block mappings: a decoder that sizes a `Vec` from a count read off the wire before reading the elements
 //! (the `kafka-protocol` crate's `Array`/`CompactArray` do: `Vec::with_capacity(n)`) turns a
-//! 30-byte request claiming 2^31 elements into a request for ~150 GB. The system allocator
+//! 30-byte request claiming 2^31 elements into a request for ~150 GB. An ordinary allocator
 //! refuses that (the kernel's overcommit heuristic rejects a mapping larger than RAM + swap),
 //! and Rust answers an allocation failure by aborting the process: every shard, every
 //! connection. A `MAP_NORESERVE` mapping is address space only: it is not charged against the
@@ -11,24 +20,24 @@
 //! nothing and the decode fails normally a few bytes later, when the elements run out. The
 //! block is released with `munmap` when the `Vec` drops.
 //!
-//! Everything below the threshold goes to the system allocator unchanged; the only cost on the
-//! hot path is one comparison per call. Above the threshold the system allocator would itself
-//! serve the block with a fresh `mmap` (glibc's mmap threshold is at most 32 MiB), so large
-//! legitimate blocks cost the same system calls as before. Under `vm.overcommit_memory=2`
-//! (strict accounting) the kernel ignores `MAP_NORESERVE`, and a bogus request fails exactly as
-//! it would have without this allocator.
+//! Everything below the threshold goes to mimalloc unchanged; the only cost on the hot path is one
+//! comparison per call. Above the threshold mimalloc would itself serve the block from fresh OS
+//! memory (its huge-object path), so large legitimate blocks cost the same system calls as before.
+//! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
+//! bogus request fails exactly as it would have without this allocator.
 //!
-//! Owns nothing else and depends only on `libc`; it must never allocate itself.
+//! Owns nothing else and depends only on `libc` and `mimalloc`; it must never allocate itself.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 
-/// Blocks at least this large are mappings of their own. Above glibc's largest mmap threshold
-/// (32 MiB), so the system allocator would have used a fresh mapping for them anyway, and far
-/// below the RAM of any machine a broker runs on, so no bogus request is large enough to reach
-/// the system allocator and still be refused.
+use mimalloc::MiMalloc as Small;
+
+/// Blocks at least this large are mappings of their own. Beyond mimalloc's large objects (its
+/// huge-object path maps them separately anyway), and far below the RAM of any machine a broker
+/// runs on, so no bogus request is large enough to reach mimalloc and still be refused.
 pub const LARGE_BLOCK_BYTES: usize = 64 << 20;
 
-/// `mmap` returns page-aligned addresses; stricter alignments stay with the system allocator.
+/// `mmap` returns page-aligned addresses; stricter alignments stay with mimalloc.
 const PAGE_BYTES: usize = 4096;
 
 /// See the module documentation.
@@ -41,7 +50,7 @@ fn is_mapped(size: usize, align: usize) -> bool {
     size >= LARGE_BLOCK_BYTES && align <= PAGE_BYTES
 }
 
-// The large-block paths are cold and out of line, so the system allocator's path stays one
+// The large-block paths are cold and out of line, so mimalloc's path stays one
 // comparison and a tail call.
 
 /// A new large block: a fresh private anonymous mapping (zero-filled), or null.
@@ -52,9 +61,9 @@ unsafe fn alloc_large(layout: Layout, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded with the caller's guarantees.
         return unsafe {
             if zeroed {
-                System.alloc_zeroed(layout)
+                Small.alloc_zeroed(layout)
             } else {
-                System.alloc(layout)
+                Small.alloc(layout)
             }
         };
     }
@@ -82,7 +91,7 @@ unsafe fn alloc_large(layout: Layout, zeroed: bool) -> *mut u8 {
 unsafe fn dealloc_large(ptr: *mut u8, layout: Layout) {
     if !is_mapped(layout.size(), layout.align()) {
         // SAFETY: forwarded with the caller's guarantees.
-        return unsafe { System.dealloc(ptr, layout) };
+        return unsafe { Small.dealloc(ptr, layout) };
     }
     // SAFETY: `ptr` is a live mapping of `layout.size()` bytes that nothing uses any more.
     let rc = unsafe { libc::munmap(ptr.cast(), layout.size()) };
@@ -95,7 +104,7 @@ unsafe fn dealloc_large(ptr: *mut u8, layout: Layout) {
 unsafe fn realloc_large(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
     match (is_mapped(layout.size(), layout.align()), is_mapped(new_size, layout.align())) {
         // SAFETY: forwarded with the caller's guarantees.
-        (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+        (false, false) => unsafe { Small.realloc(ptr, layout, new_size) },
         (true, true) => {
             // SAFETY: `ptr` is a live mapping of `layout.size()` bytes; the kernel keeps its
             // contents and its MAP_NORESERVE accounting, and the old address is not used again
@@ -125,7 +134,7 @@ unsafe fn realloc_large(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u
     }
 }
 
-// SAFETY: small blocks are the system allocator's, with its guarantees. A mapped block is a
+// SAFETY: small blocks are mimalloc's, with its guarantees. A mapped block is a
 // mapping of at least `size` bytes, page-aligned (so aligned for any `align <= PAGE_BYTES`),
 // used by nobody else until it is unmapped. Whether a block is mapped is decided from its
 // layout's size and alignment alone, and `GlobalAlloc` passes `dealloc` and `realloc` the
@@ -139,7 +148,7 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             return unsafe { alloc_large(layout, false) };
         }
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.alloc(layout) }
+        unsafe { Small.alloc(layout) }
     }
 
     #[inline]
@@ -149,7 +158,7 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             return unsafe { alloc_large(layout, true) };
         }
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { Small.alloc_zeroed(layout) }
     }
 
     #[inline]
@@ -159,7 +168,7 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             return unsafe { dealloc_large(ptr, layout) };
         }
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { Small.dealloc(ptr, layout) }
     }
 
     #[inline]
@@ -169,7 +178,7 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             return unsafe { realloc_large(ptr, layout, new_size) };
         }
         // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { Small.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -214,7 +223,7 @@ mod tests {
             let bigger = allocator.realloc(big, big_layout, big_size * 2);
             assert!(!bigger.is_null());
             assert_eq!((bigger.read(), bigger.add(big_size - 1).read()), (7, 5));
-            // large → small: copied back to the system allocator.
+            // large → small: copied back to mimalloc.
             let bigger_layout = Layout::from_size_align(big_size * 2, 8).unwrap();
             let back = allocator.realloc(bigger, bigger_layout, 64);
             assert!(!back.is_null());
@@ -224,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn over_aligned_large_blocks_stay_with_the_system_allocator() {
+    fn over_aligned_large_blocks_stay_with_mimalloc() {
         assert!(!is_mapped(LARGE_BLOCK_BYTES, PAGE_BYTES * 2));
         assert!(is_mapped(LARGE_BLOCK_BYTES, PAGE_BYTES));
         assert!(!is_mapped(LARGE_BLOCK_BYTES - 1, 8));

@@ -134,6 +134,25 @@ fn metrics_endpoint_reports_the_traffic_sent() {
         total(&m, "ringlog_tail_cache_hits_total", &[]) + total(&m, "ringlog_tail_cache_misses_total", &[]);
     assert!(cache_reads > 0.0, "the consume read through the tail cache or the disk");
 
+    // Memory by owner: every component on every shard, the ones this traffic fills above zero.
+    let memory = |m: &HashMap<Series, f64>, component: &str| {
+        total(m, "ringlog_memory_bytes", &[("component", component)])
+    };
+    for shard in ["0", "1"] {
+        let reported = m
+            .keys()
+            .filter(|(n, l)| n == "ringlog_memory_bytes" && l.iter().any(|(k, v)| k == "shard" && v == shard))
+            .count();
+        assert_eq!(reported, 10, "every component on shard {shard}");
+    }
+    let cached = memory(&m, "tail_cache");
+    assert_eq!(cached, total(&m, "ringlog_memory_used_bytes", &[]));
+    assert!(cached >= bytes_in, "the appended batches are cached: {cached} < {bytes_in}");
+    assert!(memory(&m, "tail_cache_pinned") >= cached);
+    assert!(memory(&m, "tail_cache_index") > 0.0);
+    assert!(memory(&m, "segment_indexes") > 0.0, "each written segment has index entries");
+    assert!(memory(&m, "metrics") > 0.0, "the latency histograms");
+
     // A failing request is counted as an error of its API.
     let failed = broker.cli(&["topic", "create", "scraped", "--partitions", "4"], None);
     assert!(!failed.status.success());
@@ -144,4 +163,12 @@ fn metrics_endpoint_reports_the_traffic_sent() {
         "{}",
         failed.stderr
     );
+
+    // Deleting the topic releases what its partitions held (the internal topics' partitions keep
+    // their staging blocks, never written, so `write_staging` is not among these).
+    broker.cli(&["topic", "delete", "scraped"], None).ok();
+    let m = parse(&http_get(&admin, "/metrics").1);
+    for component in ["tail_cache", "tail_cache_pinned", "tail_cache_index", "segment_indexes"] {
+        assert_eq!(memory(&m, component), 0.0, "{component} after the topic was deleted");
+    }
 }

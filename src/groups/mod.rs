@@ -116,11 +116,25 @@ impl Coordinator {
     }
 }
 
-/// This shard's coordinator, registered on first use (`load` does so at start-up).
+impl Coordinator {
+    /// Bytes its groups hold, for `ringlog_memory_bytes{component="group_state"}`.
+    fn memory_bytes(&self) -> usize {
+        let groups = self.groups.borrow();
+        let table = groups.capacity() * (std::mem::size_of::<(String, Group)>() + 1);
+        table + groups.iter().map(|(id, g)| id.capacity() + g.memory_bytes()).sum::<usize>()
+    }
+}
+
+/// This shard's coordinator, registered on first use (`load` does so at start-up), with the
+/// measure of its memory.
 fn coordinator(shard: &Shard) -> Rc<Coordinator> {
     shard.extension::<Coordinator>().unwrap_or_else(|| {
         let co = Rc::new(Coordinator::default());
         shard.set_extension(co.clone());
+        let weak = Rc::downgrade(&co);
+        crate::metrics::memory_source(crate::metrics::Memory::GroupState, move || {
+            weak.upgrade().map_or(0, |co| co.memory_bytes())
+        });
         co
     })
 }

@@ -67,6 +67,30 @@ struct Member {
 }
 
 impl Member {
+    /// Bytes this member holds beyond its own struct (strings, lists, assignment).
+    fn heap_bytes(&self) -> usize {
+        let topics: usize = self.topics.iter().map(|t| t.capacity() + std::mem::size_of::<String>()).sum();
+        let protocols: usize = self
+            .protocols
+            .iter()
+            .map(|(name, meta)| name.capacity() + meta.capacity() + std::mem::size_of::<(String, Vec<u8>)>())
+            .sum();
+        let assignment: usize = self
+            .assignment
+            .iter()
+            .map(|(topic, parts)| {
+                topic.capacity() + parts.capacity() * 4 + std::mem::size_of::<TopicPartitions>()
+            })
+            .sum();
+        self.client_id.capacity()
+            + self.client_host.capacity()
+            + topics
+            + protocols
+            + assignment
+            + self.user_data.capacity()
+            + self.assignment_bytes.as_ref().map_or(0, Vec::capacity)
+    }
+
     fn sync_response(&self) -> SyncResponse {
         SyncResponse {
             partitions: self.assignment.clone(),
@@ -123,6 +147,36 @@ pub struct Group {
 }
 
 impl Group {
+    /// Bytes the group holds: its strings, members, pending member ids and committed offsets. B-tree
+    /// entries are counted at their size plus half (nodes are half to fully used).
+    pub fn memory_bytes(&self) -> usize {
+        let entry = |bytes: usize| bytes * 3 / 2;
+        let members: usize = self
+            .members
+            .iter()
+            .map(|(id, m)| id.capacity() + m.heap_bytes() + entry(std::mem::size_of::<(String, Member)>()))
+            .sum();
+        let pending: usize =
+            self.pending.keys().map(|id| id.capacity() + entry(std::mem::size_of::<(String, i64)>())).sum();
+        let offsets: usize = self
+            .offsets
+            .iter()
+            .map(|((topic, _), v)| {
+                topic.capacity()
+                    + v.metadata.capacity()
+                    + entry(std::mem::size_of::<((String, u32), OffsetValue)>())
+            })
+            .sum();
+        std::mem::size_of::<Group>()
+            + self.id.capacity()
+            + self.protocol_type.capacity()
+            + self.protocol.capacity()
+            + self.leader.capacity()
+            + members
+            + pending
+            + offsets
+    }
+
     pub fn new(id: String, now_ms: i64) -> Group {
         Group {
             id,

@@ -222,6 +222,17 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
     for (s, id) in shards.iter().zip(&ids) {
         o.sample("ringlog_memory_budget_bytes", &[("shard", id)], s.cache.budget_bytes);
     }
+    o.header(
+        "ringlog_memory_bytes",
+        "gauge",
+        "Long-lived memory of the shard by owner. tail_cache_pinned counts the allocations the \
+         cached batches keep alive, so tail_cache and tail_cache_pinned overlap: do not add them.",
+    );
+    for (s, id) in shards.iter().zip(&ids) {
+        for (component, bytes) in &s.memory {
+            o.sample("ringlog_memory_bytes", &[("shard", id), ("component", component.label())], bytes);
+        }
+    }
 
     let io: [Family<super::IoCounters>; 4] = [
         ("ringlog_io_file_reads_total", "File reads submitted through the shard's io_uring rings.", |c| {
@@ -252,7 +263,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::{ApiStats, CacheStats, IoCounters, TopicTraffic};
+    use crate::metrics::{ApiStats, CacheStats, IoCounters, Memory, TopicTraffic};
 
     fn shard(id: u32) -> ShardSnapshot {
         let mut latency = Latency::new();
@@ -274,6 +285,7 @@ mod tests {
             fsync: Latency::new(),
             cache: CacheStats { hits: 1, misses: 2, used_bytes: 10, budget_bytes: 20, batches: 1 },
             io: IoCounters::default(),
+            memory: Memory::ALL.iter().map(|&c| (c, 7)).collect(),
         }
     }
 

@@ -106,6 +106,70 @@ pub struct CacheStats {
     pub batches: usize,
 }
 
+/// Long-lived memory of a shard, by owner: the `component` label of `ringlog_memory_bytes`.
+/// Most are computed by their owner when a snapshot is taken; the two connection gauges are
+/// kept by plain adds as buffers and requests come and go ([`memory_grew`], [`memory_shrank`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    /// Record batches the tail cache holds (what its budget counts).
+    TailCache,
+    /// The allocations those batches keep alive (at least `TailCache`; see `storage::tail_cache`).
+    TailCachePinned,
+    /// The tail cache's bookkeeping: its per-batch entries and LRU order.
+    TailCacheIndex,
+    /// In-memory offset and time indexes of every open segment.
+    SegmentIndexes,
+    /// Idempotent producers' state (epochs, last batches) of every partition.
+    ProducerState,
+    /// Bytes staged in aligned chunks for the partitions' flushers, and snapshots to write.
+    WriteStaging,
+    /// Consumer groups coordinated on this shard: members, assignments, committed offsets.
+    GroupState,
+    /// Connections' receive buffers.
+    ConnectionBuffers,
+    /// Requests read and not yet answered (bounded per connection by `bytes_in_flight_per_connection_max`).
+    RequestsInFlight,
+    /// This recorder: latency histograms and per-topic counters.
+    Metrics,
+}
+
+impl Memory {
+    pub const ALL: [Memory; 10] = [
+        Memory::TailCache,
+        Memory::TailCachePinned,
+        Memory::TailCacheIndex,
+        Memory::SegmentIndexes,
+        Memory::ProducerState,
+        Memory::WriteStaging,
+        Memory::GroupState,
+        Memory::ConnectionBuffers,
+        Memory::RequestsInFlight,
+        Memory::Metrics,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Memory::TailCache => "tail_cache",
+            Memory::TailCachePinned => "tail_cache_pinned",
+            Memory::TailCacheIndex => "tail_cache_index",
+            Memory::SegmentIndexes => "segment_indexes",
+            Memory::ProducerState => "producer_state",
+            Memory::WriteStaging => "write_staging",
+            Memory::GroupState => "group_state",
+            Memory::ConnectionBuffers => "connection_buffers",
+            Memory::RequestsInFlight => "requests_in_flight",
+            Memory::Metrics => "metrics",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Sizes one owner's memory at snapshot time (an upper layer registers it with [`memory_source`]).
+type MemorySource = Box<dyn Fn() -> usize>;
+
 /// Traffic of one topic's partitions owned by one shard.
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct TopicTraffic {
@@ -136,6 +200,9 @@ struct Recorder {
     segment_write: Latency,
     fsync: Latency,
     io: IoCounters,
+    /// The gauges kept by plain adds, indexed like `Memory::ALL`.
+    memory_held: [usize; Memory::ALL.len()],
+    memory_sources: Vec<(Memory, MemorySource)>,
 }
 
 impl Recorder {
@@ -148,7 +215,21 @@ impl Recorder {
             segment_write: Latency::new(),
             fsync: Latency::new(),
             io: IoCounters::default(),
+            memory_held: [0; Memory::ALL.len()],
+            memory_sources: Vec::new(),
         }
+    }
+
+    /// What the recorder itself holds: the histograms' count arrays and the per-topic counters.
+    fn own_bytes(&self) -> usize {
+        let histogram = |l: &Latency| l.histogram_us.distinct_values() * std::mem::size_of::<u64>();
+        let apis: usize =
+            self.apis.iter().chain(&self.kafka_apis).flatten().map(|a| histogram(&a.latency)).sum();
+        let tables =
+            (self.apis.capacity() + self.kafka_apis.capacity()) * std::mem::size_of::<Option<ApiStats>>();
+        // A hash map entry: key, value and one control byte; the key's string is a shared Arc.
+        let topics = self.topics.capacity() * (std::mem::size_of::<(Arc<str>, TopicTraffic)>() + 1);
+        apis + tables + topics + histogram(&self.segment_write) + histogram(&self.fsync)
     }
 
     fn api(&mut self, api: Api) -> &mut ApiStats {
@@ -250,6 +331,26 @@ pub async fn timed_fsync<F: Future>(sync: F) -> F::Output {
     out
 }
 
+/// `bytes` more of `component` are held on this shard (one of the gauges kept by plain adds).
+pub fn memory_grew(component: Memory, bytes: usize) {
+    with(|r| r.memory_held[component.index()] += bytes);
+}
+
+/// `bytes` of `component` were released on this shard.
+pub fn memory_shrank(component: Memory, bytes: usize) {
+    with(|r| {
+        let held = &mut r.memory_held[component.index()];
+        debug_assert!(*held >= bytes, "{} released more than it held", component.label());
+        *held = held.saturating_sub(bytes);
+    });
+}
+
+/// Registers `size` as this shard's measure of `component`, called at each snapshot. For state an
+/// upper layer owns (group coordinators); `size` should hold a `Weak` to it, not keep it alive.
+pub fn memory_source(component: Memory, size: impl Fn() -> usize + 'static) {
+    with(|r| r.memory_sources.push((component, Box::new(size))));
+}
+
 // ---- Snapshots --------------------------------------------------------------------------------
 
 /// Everything one shard reports, owned and `Send` so it can cross the mesh to the scraping shard.
@@ -267,6 +368,8 @@ pub struct ShardSnapshot {
     pub fsync: Latency,
     pub cache: CacheStats,
     pub io: IoCounters,
+    /// Bytes per component, in `Memory::ALL` order.
+    pub memory: Vec<(Memory, usize)>,
 }
 
 /// What the shard knows about itself at snapshot time; the rest comes from its recorder.
@@ -280,11 +383,28 @@ pub struct ShardGauges {
     pub cache: CacheStats,
     /// I/O since the previous snapshot (glommio resets its counters when read).
     pub io_delta: IoCounters,
+    /// Memory the shard's own structures hold (storage), sized now.
+    pub memory: Vec<(Memory, usize)>,
 }
 
 /// This shard's snapshot. Runs on the shard's own thread.
 pub fn snapshot(gauges: ShardGauges) -> ShardSnapshot {
+    // Sources run outside the recorder's borrow: one may record a metric itself.
+    let sources = with(|r| std::mem::take(&mut r.memory_sources));
+    let mut memory: Vec<(Memory, usize)> = Memory::ALL.iter().map(|&c| (c, 0)).collect();
+    for (component, size) in &sources {
+        memory[component.index()].1 += size();
+    }
+    for (component, bytes) in &gauges.memory {
+        memory[component.index()].1 += bytes;
+    }
     with(|r| {
+        let registered_meanwhile = std::mem::replace(&mut r.memory_sources, sources);
+        r.memory_sources.extend(registered_meanwhile);
+        for (held, (_, bytes)) in r.memory_held.iter().zip(memory.iter_mut()) {
+            *bytes += held;
+        }
+        memory[Memory::Metrics.index()].1 += r.own_bytes();
         r.io.file_reads += gauges.io_delta.file_reads;
         r.io.file_bytes_read += gauges.io_delta.file_bytes_read;
         r.io.file_writes += gauges.io_delta.file_writes;
@@ -315,6 +435,7 @@ pub fn snapshot(gauges: ShardGauges) -> ShardSnapshot {
             fsync: r.fsync.clone(),
             cache: gauges.cache,
             io: r.io,
+            memory,
         }
     })
 }

@@ -1,7 +1,8 @@
 //! One client connection, for either wire protocol: read frames, hand them to the protocol's
 //! dispatch in order, write replies in order.
 //!
-//! Owns: the socket, the receive buffer, the per-connection bytes-in-flight limit, and the
+//! Owns: the socket, the receive buffer, the per-connection bytes-in-flight limit (both counted in
+//! the shard's memory gauges: `connection_buffers`, `requests_in_flight`), and the
 //! response writer. The reader and writer are separate tasks on two descriptors of the same
 //! socket (a `dup`), so neither waits on the other and nothing needs a lock. Replies leave in
 //! request order; each is written with one `sendmsg` of header and record bytes when the socket
@@ -21,6 +22,7 @@ use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 
 use super::{Boxed, Protocol, Reply, ResponseFrame, StopSignal};
+use crate::metrics::{self, Memory};
 use crate::shard::Shard;
 
 /// Requests read but not yet answered, per connection (pipelining depth).
@@ -32,7 +34,48 @@ const WAKE_READ_BYTES: usize = 4096;
 struct Pending {
     reply: Boxed<Reply>,
     /// Released when the reply is written: bounds bytes in flight per connection.
-    _permit: Option<StaticPermit>,
+    _permit: Option<InFlight>,
+}
+
+/// A request's bytes counted against the connection's in-flight limit and in the shard's
+/// `requests_in_flight` memory until its reply is written.
+struct InFlight {
+    _permit: StaticPermit,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn new(permit: StaticPermit, bytes: usize) -> InFlight {
+        metrics::memory_grew(Memory::RequestsInFlight, bytes);
+        InFlight { _permit: permit, bytes }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::memory_shrank(Memory::RequestsInFlight, self.bytes);
+    }
+}
+
+/// The receive buffer's capacity as counted in the shard's `connection_buffers` memory, kept in
+/// step with the buffer and released with the connection.
+struct BufferGauge(usize);
+
+impl BufferGauge {
+    fn set(&mut self, capacity: usize) {
+        if capacity > self.0 {
+            metrics::memory_grew(Memory::ConnectionBuffers, capacity - self.0);
+        } else if capacity < self.0 {
+            metrics::memory_shrank(Memory::ConnectionBuffers, self.0 - capacity);
+        }
+        self.0 = capacity;
+    }
+}
+
+impl Drop for BufferGauge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 pub(crate) async fn run<P: Protocol>(shard: &Rc<Shard>, stream: TcpStream, stop: StopSignal) {
@@ -66,6 +109,7 @@ async fn read_loop<P: Protocol>(
 ) {
     let frame_bytes_max = shard.config.frame_bytes_max;
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut gauge = BufferGauge(0);
     loop {
         loop {
             let frame = match P::split(&mut buf, frame_bytes_max) {
@@ -81,8 +125,9 @@ async fn read_loop<P: Protocol>(
                     return;
                 }
             };
-            let frame_bytes = P::frame_len(&frame) as u64;
-            let Ok(permit) = in_flight.acquire_static_permit(frame_bytes).await else { return };
+            let frame_bytes = P::frame_len(&frame);
+            let Ok(permit) = in_flight.acquire_static_permit(frame_bytes as u64).await else { return };
+            let permit = InFlight::new(permit, frame_bytes);
             let (reply, close) = P::handle(shard, frame, peer).await;
             if queue.send(Pending { reply, _permit: Some(permit) }).await.is_err() || close {
                 return;
@@ -94,6 +139,7 @@ async fn read_loop<P: Protocol>(
         if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
             buf.reserve(READ_CHUNK_BYTES);
         }
+        gauge.set(buf.capacity());
         // Bytes already waiting in the socket go straight into spare capacity: no zeroing, no wait.
         match recv_nonblocking(stream.as_raw_fd(), &mut buf) {
             Ok(Some(0)) => {

@@ -417,6 +417,10 @@ impl Shard {
             .values()
             .map(|view| (view.name.clone(), view.partition_shards.iter().filter(|&&s| s == self.id).count()))
             .collect();
+        let mut memory = self.storage.cache_memory().to_vec();
+        for partition in self.owned_partitions() {
+            memory.extend(partition.memory());
+        }
         crate::metrics::snapshot(crate::metrics::ShardGauges {
             shard: self.id,
             connections: self.connections.get(),
@@ -424,6 +428,7 @@ impl Shard {
             topics_owned,
             cache: self.storage.cache_stats(),
             io_delta,
+            memory,
         })
     }
 

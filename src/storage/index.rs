@@ -112,6 +112,12 @@ impl SegmentIndex {
         self.bytes_since_entry = u64::from(self.interval_bytes);
     }
 
+    /// Bytes the entries hold in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.offsets.capacity() * std::mem::size_of::<IndexEntry>()
+            + self.times.capacity() * std::mem::size_of::<TimeEntry>()
+    }
+
     /// Largest max timestamp of any batch recorded (i64::MIN when empty).
     pub fn max_timestamp_ms(&self) -> i64 {
         self.max_timestamp_ms

@@ -312,6 +312,17 @@ impl ShardStorage {
         self.tail_cache.borrow().stats()
     }
 
+    /// The tail cache's memory: its batches, the allocations they pin, its bookkeeping.
+    pub fn cache_memory(&self) -> [(crate::metrics::Memory, usize); 3] {
+        use crate::metrics::Memory;
+        let cache = self.tail_cache.borrow();
+        [
+            (Memory::TailCache, cache.stats().used_bytes),
+            (Memory::TailCachePinned, cache.pinned_bytes()),
+            (Memory::TailCacheIndex, cache.index_bytes()),
+        ]
+    }
+
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
     }

@@ -302,6 +302,11 @@ pub(crate) struct ProducerStates {
 }
 
 impl ProducerStates {
+    /// Bytes the table holds: an entry and a control byte per slot.
+    pub fn memory_bytes(&self) -> usize {
+        self.producers.capacity() * (std::mem::size_of::<(i64, ProducerEntry)>() + 1)
+    }
+
     pub fn len(&self) -> usize {
         self.producers.len()
     }

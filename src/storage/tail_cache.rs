@@ -1,28 +1,57 @@
 //! Per-shard tail cache: recent record batches of all the shard's partitions, as `Bytes`.
 //!
 //! Owns: one byte budget shared by every partition of a shard, least-recently-used eviction
-//! across them, and hit/miss counters. Written through on append, filled on read misses, so a
+//! across them, and hit/miss counters. A cached batch is a slice of some allocation (a copy made
+//! for the cache, or a request's receive buffer) and keeps all of it alive: the caller says which
+//! ([`Pin`]), the cache counts each pinned allocation once while any batch of it is cached, and
+//! the budget bounds the pinned bytes, which are what the cache really holds. Written through on append, filled on read misses, so a
 //! consumer near the end of the log is served without touching the disk and without copying
 //! (`Bytes` clones). Shard-local: lives in a `RefCell` in `ShardStorage`, never crosses cores.
 //! Depends on `bytes` and the counters' type in `metrics`. Holds whatever it is given: callers serve only below the high
 //! watermark and drop entries on truncation and retention.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use bytes::Bytes;
 
 pub use crate::metrics::CacheStats;
 
+/// One allocation that cached batches are slices of: its size, and how many cached batches share it.
+pub struct Pin {
+    bytes: usize,
+    holders: Cell<usize>,
+}
+
+impl Pin {
+    pub fn new(bytes: usize) -> Rc<Pin> {
+        Rc::new(Pin { bytes, holders: Cell::new(0) })
+    }
+}
+
 struct CachedBatch {
     last_offset: i64,
     bytes: Bytes,
+    pin: Rc<Pin>,
     /// Position in the LRU order (key in `TailCache::lru`).
     stamp: u64,
 }
 
+/// Bookkeeping per cached batch: its entries in a partition's map and in the LRU order, B-tree
+/// nodes being from half to fully used (counted at 2/3), and its share of a `Pin`.
+const ENTRY_BYTES: usize =
+    (std::mem::size_of::<(i64, CachedBatch)>() + std::mem::size_of::<(u64, (u64, i64))>()) * 3 / 2;
+/// A `Pin` in its `Rc`: two counters and two fields.
+const PIN_BYTES: usize = 4 * std::mem::size_of::<usize>();
+
 pub struct TailCache {
     budget_bytes: usize,
     used_bytes: usize,
+    /// Bytes of the allocations cached batches are slices of, each counted once.
+    pinned_bytes: usize,
+    /// Allocations counted in `pinned_bytes`.
+    pins: usize,
     clock: u64,
     /// partition id → batches by base offset.
     partitions: HashMap<u64, BTreeMap<i64, CachedBatch>>,
@@ -37,6 +66,8 @@ impl TailCache {
         TailCache {
             budget_bytes,
             used_bytes: 0,
+            pinned_bytes: 0,
+            pins: 0,
             clock: 0,
             partitions: HashMap::new(),
             lru: BTreeMap::new(),
@@ -45,22 +76,35 @@ impl TailCache {
         }
     }
 
-    /// Caches one batch. A batch larger than the whole budget is not cached.
-    pub fn insert(&mut self, partition_id: u64, base_offset: i64, last_offset: i64, bytes: Bytes) {
+    /// Caches one batch, a slice of the allocation `pin` stands for. A batch whose allocation is
+    /// larger than the whole budget is not cached.
+    pub fn insert(
+        &mut self,
+        partition_id: u64,
+        base_offset: i64,
+        last_offset: i64,
+        bytes: Bytes,
+        pin: &Rc<Pin>,
+    ) {
         debug_assert!(last_offset >= base_offset);
-        if bytes.len() > self.budget_bytes {
+        debug_assert!(bytes.len() <= pin.bytes, "a batch is a slice of its allocation");
+        if pin.bytes > self.budget_bytes {
             return;
         }
         self.clock += 1;
         let stamp = self.clock;
         self.used_bytes += bytes.len();
+        self.hold(pin);
         let batches = self.partitions.entry(partition_id).or_default();
-        if let Some(old) = batches.insert(base_offset, CachedBatch { last_offset, bytes, stamp }) {
+        if let Some(old) =
+            batches.insert(base_offset, CachedBatch { last_offset, bytes, pin: pin.clone(), stamp })
+        {
             self.used_bytes -= old.bytes.len();
+            self.release(&old.pin);
             self.lru.remove(&old.stamp);
         }
         self.lru.insert(stamp, (partition_id, base_offset));
-        while self.used_bytes > self.budget_bytes {
+        while self.pinned_bytes > self.budget_bytes {
             let Some((_, (pid, base))) = self.lru.pop_first() else { break };
             self.remove_entry(pid, base);
         }
@@ -150,6 +194,7 @@ impl TailCache {
         if let Some(batches) = self.partitions.remove(&partition_id) {
             for batch in batches.values() {
                 self.used_bytes -= batch.bytes.len();
+                self.release(&batch.pin);
                 self.lru.remove(&batch.stamp);
             }
         }
@@ -165,14 +210,43 @@ impl TailCache {
         }
     }
 
+    /// Bytes of the allocations the cached batches keep alive (at least `stats().used_bytes`).
+    pub fn pinned_bytes(&self) -> usize {
+        self.pinned_bytes
+    }
+
+    /// The cache's own bookkeeping, estimated from its entry count.
+    pub fn index_bytes(&self) -> usize {
+        self.lru.len() * ENTRY_BYTES + self.pins * PIN_BYTES
+    }
+
+    fn hold(&mut self, pin: &Pin) {
+        if pin.holders.get() == 0 {
+            self.pinned_bytes += pin.bytes;
+            self.pins += 1;
+        }
+        pin.holders.set(pin.holders.get() + 1);
+    }
+
+    fn release(&mut self, pin: &Pin) {
+        let holders = pin.holders.get() - 1;
+        pin.holders.set(holders);
+        if holders == 0 {
+            self.pinned_bytes -= pin.bytes;
+            self.pins -= 1;
+        }
+    }
+
     fn remove_entry(&mut self, partition_id: u64, base_offset: i64) {
         let Some(batches) = self.partitions.get_mut(&partition_id) else { return };
-        if let Some(old) = batches.remove(&base_offset) {
-            self.used_bytes -= old.bytes.len();
-            self.lru.remove(&old.stamp);
-        }
+        let removed = batches.remove(&base_offset);
         if batches.is_empty() {
             self.partitions.remove(&partition_id);
+        }
+        if let Some(old) = removed {
+            self.used_bytes -= old.bytes.len();
+            self.release(&old.pin);
+            self.lru.remove(&old.stamp);
         }
     }
 }
@@ -188,9 +262,9 @@ mod tests {
     #[test]
     fn serves_contiguous_batches_below_end_with_at_least_one() {
         let mut c = TailCache::new(10_000);
-        c.insert(1, 0, 4, b(100));
-        c.insert(1, 5, 5, b(100));
-        c.insert(1, 6, 9, b(100));
+        c.insert(1, 0, 4, b(100), &Pin::new(100));
+        c.insert(1, 5, 5, b(100), &Pin::new(100));
+        c.insert(1, 6, 9, b(100), &Pin::new(100));
         let mut out = Vec::new();
         assert!(c.read(1, 3, 10, 1, &mut out));
         assert_eq!(out.len(), 1, "a tiny max_bytes still yields one batch");
@@ -207,17 +281,17 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_across_partitions() {
         let mut c = TailCache::new(300);
-        c.insert(1, 0, 0, b(100));
-        c.insert(2, 0, 0, b(100));
-        c.insert(1, 1, 1, b(100));
+        c.insert(1, 0, 0, b(100), &Pin::new(100));
+        c.insert(2, 0, 0, b(100), &Pin::new(100));
+        c.insert(1, 1, 1, b(100), &Pin::new(100));
         let mut out = Vec::new();
         assert!(c.read(1, 0, 10, 100, &mut out)); // touch partition 1 offset 0
-        c.insert(3, 0, 0, b(100)); // evicts partition 2's batch, the least recently used
+        c.insert(3, 0, 0, b(100), &Pin::new(100)); // evicts partition 2's batch, the least recently used
         out.clear();
         assert!(!c.read(2, 0, 10, 100, &mut out));
         assert!(c.read(1, 0, 10, 100, &mut out));
         assert_eq!(c.stats().used_bytes, 300);
-        c.insert(4, 0, 0, b(1000)); // larger than the budget: ignored
+        c.insert(4, 0, 0, b(1000), &Pin::new(1000)); // larger than the budget: ignored
         assert_eq!(c.stats().batches, 3);
     }
 
@@ -225,9 +299,9 @@ mod tests {
     fn removal_by_range_and_partition_keeps_accounting() {
         let mut c = TailCache::new(10_000);
         for i in 0..10 {
-            c.insert(1, i, i, b(10));
+            c.insert(1, i, i, b(10), &Pin::new(10));
         }
-        c.insert(2, 0, 0, b(10));
+        c.insert(2, 0, 0, b(10), &Pin::new(10));
         c.remove_from(1, 7);
         assert!(c.remove_below(1, 2, 1), "one of two removed, more remain");
         assert_eq!(c.stats().batches, 7);
@@ -237,5 +311,29 @@ mod tests {
         assert_eq!(c.stats().used_bytes, 60);
         c.remove_partition(1);
         assert_eq!(c.stats().used_bytes, 10);
+    }
+
+    #[test]
+    fn a_shared_allocation_counts_once_and_against_the_budget() {
+        let mut c = TailCache::new(1000);
+        let payload = b(300);
+        let pin = Pin::new(600); // the receive buffer the payload came from is twice its size
+        c.insert(1, 0, 0, payload.slice(0..100), &pin);
+        c.insert(1, 1, 1, payload.slice(100..300), &pin);
+        assert_eq!((c.stats().used_bytes, c.pinned_bytes()), (300, 600));
+        assert!(c.index_bytes() > 0);
+        c.insert(2, 0, 0, b(300), &Pin::new(300));
+        assert_eq!(c.pinned_bytes(), 900);
+        // Over budget by pinned bytes (1,200 > 1,000) though not by batch bytes (900): evicting
+        // the least recently used batch frees nothing while its neighbour pins the allocation,
+        // so both go.
+        c.insert(3, 0, 0, b(300), &Pin::new(300));
+        assert_eq!(c.stats().batches, 2);
+        assert_eq!((c.stats().used_bytes, c.pinned_bytes()), (600, 600));
+        let mut out = Vec::new();
+        assert!(!c.read(1, 1, 10, 1000, &mut out));
+        c.remove_partition(2);
+        c.remove_below(3, 1, 10);
+        assert_eq!((c.stats().used_bytes, c.pinned_bytes(), c.index_bytes()), (0, 0, 0));
     }
 }

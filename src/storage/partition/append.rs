@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use glommio::io::DmaBuffer;
 
 use super::{active, now_ms, open_plain, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME};
@@ -18,12 +18,16 @@ use crate::storage::producer_state::{
     Appending, AppendingBatches, ProducerBatch, Refused, Rejection, RequestVerdict,
 };
 use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
+use crate::storage::tail_cache::Pin;
 use crate::storage::{AppendResult, StorageError};
 
 /// fallocate granularity ahead of the write position (capped at `segment_bytes`).
 const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
 /// Smallest chunk allocated for staging appends; larger batches get a chunk of their size.
 const CHUNK_BYTES_MIN: usize = 128 << 10;
+/// Request payloads smaller than this are copied for the tail cache rather than sliced (see
+/// `append`): the size of a connection's receive buffer.
+const CACHE_COPY_BELOW_BYTES: usize = 64 << 10;
 
 /// The next segment's file, prepared off the shard.
 #[derive(Default)]
@@ -254,17 +258,28 @@ impl Partition {
         self.stage(&mut st, &seg, &batches, base_offset, end_offset, start_pos);
         drop(st);
 
-        let frozen = batches.freeze();
+        // A cached slice keeps its whole allocation alive. A small payload shares a connection's
+        // receive buffer (64 KiB and up) with other requests, kept for as long as any of their
+        // batches stays cached: it is copied into an allocation of its own size. A large one is
+        // most of its buffer (a frame larger than the receive buffer is read into one of its own
+        // size), and copying it would cost more than it frees.
+        let (cached, pin) = if batches.len() < CACHE_COPY_BELOW_BYTES {
+            (Bytes::copy_from_slice(&batches), Pin::new(batches.len()))
+        } else {
+            let pinned = batches.len();
+            (batches.freeze(), Pin::new(pinned))
+        };
         let mut cache = self.shard.tail_cache.borrow_mut();
         let mut position = 0usize;
-        while position < frozen.len() {
-            let Ok(header) = BatchHeader::parse(&frozen[position..]) else { break };
+        while position < cached.len() {
+            let Ok(header) = BatchHeader::parse(&cached[position..]) else { break };
             let len = header.total_len();
             cache.insert(
                 self.cache_id,
                 header.base_offset,
                 header.last_offset(),
-                frozen.slice(position..position + len),
+                cached.slice(position..position + len),
+                &pin,
             );
             position += len;
         }

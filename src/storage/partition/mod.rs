@@ -63,6 +63,7 @@ use super::notify::Notify;
 use super::producer_state::{self, ProducerStates};
 use super::segment::{align_down, parse_log_name, Segment, ALIGN};
 use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
+use crate::metrics::Memory;
 use append::{Chunk, SpareSlot};
 use flusher::{run_flusher, Rollback};
 use recovery::{read_carry, recover_producer_state, recover_segments};
@@ -350,6 +351,27 @@ impl Partition {
             .spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
             .map_err(|e| StorageError::io(format!("removing {}", self.dir.display()), e))
+    }
+
+    /// What this partition holds in memory, by owner (sized for a metrics snapshot): its
+    /// segments' indexes, its producer state, and the chunks and snapshots queued for the
+    /// flusher (not the one chunk it may be writing).
+    pub fn memory(&self) -> [(Memory, usize); 3] {
+        let st = self.state.borrow();
+        let indexes = st.segments.iter().map(|seg| seg.meta.borrow().index.memory_bytes()).sum();
+        let queued: usize = st
+            .pending
+            .iter()
+            .map(|job| match job {
+                Job::Write(chunk) => chunk.head_len() + chunk.body.len(),
+                Job::Seal(_, snapshot) => snapshot.bytes.capacity(),
+            })
+            .sum();
+        [
+            (Memory::SegmentIndexes, indexes),
+            (Memory::ProducerState, st.producers.memory_bytes()),
+            (Memory::WriteStaging, queued + st.carry.bytes.capacity()),
+        ]
     }
 
     fn out_of_range(&self, requested: i64) -> StorageError {

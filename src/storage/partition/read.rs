@@ -9,6 +9,7 @@ use bytes::Bytes;
 use super::Partition;
 use crate::record::{self, BatchError, BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::segment::{align_down, align_up, read_aligned, Segment, ALIGN};
+use crate::storage::tail_cache::Pin;
 use crate::storage::{ReadResult, StorageError};
 
 /// Largest single O_DIRECT read when serving a fetch or scanning.
@@ -221,11 +222,12 @@ impl Partition {
             }
             if let (Some(first), Some(last)) = (spans.first(), spans.last()) {
                 let copied = Bytes::copy_from_slice(&data[first.0..last.1]);
+                let pin = Pin::new(copied.len());
                 let mut cache = self.shard.tail_cache.borrow_mut();
                 for (start, end) in &spans {
                     let batch = copied.slice(start - first.0..end - first.0);
                     if let Ok(h) = BatchHeader::parse(&batch) {
-                        cache.insert(self.cache_id, h.base_offset, h.last_offset(), batch.clone());
+                        cache.insert(self.cache_id, h.base_offset, h.last_offset(), batch.clone(), &pin);
                     }
                     out.push(batch);
                 }
