@@ -261,8 +261,9 @@ impl Partition {
         // A cached slice keeps its whole allocation alive. A small payload shares a connection's
         // receive buffer (64 KiB and up) with other requests, kept for as long as any of their
         // batches stays cached: it is copied into an allocation of its own size. A large one is
-        // most of its buffer (a frame larger than the receive buffer is read into one of its own
-        // size), and copying it would cost more than it frees.
+        // most of its buffer (a frame larger than the receive buffer is read into one reserved
+        // for it), and copying it would cost more than it frees; it is counted as pinning its own
+        // length, an underestimate when the buffer grew by doubling.
         let (cached, pin) = if batches.len() < CACHE_COPY_BELOW_BYTES {
             (Bytes::copy_from_slice(&batches), Pin::new(batches.len()))
         } else {
