@@ -12,7 +12,7 @@ use super::{active, remove_segment_files, Carry, Job, Partition, State, RECOVERY
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
 use crate::storage::retention::{segments_to_delete, RetentionInput};
-use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment, ALIGN};
+use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment};
 use crate::storage::{Durability, HousekeepReport, StorageError};
 
 /// Marks a checkpoint write in flight; clears the mark and wakes waiters when dropped.
@@ -275,7 +275,7 @@ impl Partition {
         for seg in &later {
             remove_segment_files(seg);
         }
-        let mut carry = Carry { file_pos: align_down(cut_pos), bytes: Vec::with_capacity(ALIGN as usize) };
+        let mut carry = Carry { file_pos: align_down(cut_pos), bytes: Vec::new() };
         read_carry(&target, cut_pos, &mut carry).await?;
         {
             let mut meta = target.meta.borrow_mut();

@@ -71,7 +71,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::blocking;
 use super::notify::Notify;
 use super::producer_state::{self, ProducerStates};
-use super::segment::{align_down, parse_log_name, Segment, ALIGN};
+use super::segment::{align_down, parse_log_name, Segment};
 use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
 use append::{Chunk, SpareSlot};
 use flusher::{run_flusher, Rollback};
@@ -239,7 +239,8 @@ impl Partition {
             meta.sealed = false;
             (
                 meta.size_bytes,
-                Carry { file_pos: align_down(meta.size_bytes), bytes: Vec::with_capacity(ALIGN as usize) },
+                // Empty until there is a partial block: no per-partition buffer before a write.
+                Carry { file_pos: align_down(meta.size_bytes), bytes: Vec::new() },
             )
         };
         let mut carry = carry;

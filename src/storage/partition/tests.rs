@@ -5,6 +5,7 @@ use super::*;
 use crate::record::{BatchError, BatchHeader};
 use crate::storage::producer_state::ProducerBatch;
 use crate::storage::scan::tests::batch;
+use crate::storage::segment::ALIGN;
 use crate::storage::{Durability, SequenceGap};
 use bytes::BytesMut;
 use glommio::{LocalExecutorBuilder, Placement};
