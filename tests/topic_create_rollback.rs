@@ -1,6 +1,7 @@
 //! Topic creation is all-or-nothing: when a shard cannot open its partitions (here: the broker
 //! runs out of file descriptors for real), the topic is forgotten everywhere, its directory is
-//! removed, the client gets the error, and the broker keeps serving.
+//! removed, the client gets the error, and the broker keeps serving. A topic beyond the
+//! descriptor budget is refused before anything is opened.
 
 mod common;
 
@@ -24,11 +25,21 @@ fn topic_that_runs_out_of_descriptors_is_rolled_back_and_the_broker_keeps_servin
     let mut broker = Broker::start(2, &[]);
     let pid = broker.child.as_ref().unwrap().id();
     assert!(broker.log().contains("RLIMIT_NOFILE soft limit"), "start-up logs the descriptor limit");
-    // Room for the small topic below and connections, far from enough for 2,000 partitions
-    // (each takes about 1.5 descriptors).
+    // 600 idle connections take more descriptors than the budget reserves for everything but
+    // partitions, so a topic the budget admits can still run out of descriptors for real.
+    let before = open_fds(pid);
+    let idle: Vec<std::net::TcpStream> =
+        (0..600).map(|_| std::net::TcpStream::connect(&broker.addr).unwrap()).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while open_fds(pid) < before + 600 {
+        assert!(std::time::Instant::now() < deadline, "the broker did not accept the idle connections");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // 200 descriptors left: room for the small topic below, not for 400 partitions, which the
+    // budget (limit less 256 reserved, 1 per partition) admits.
     limit_open_files(pid, open_fds(pid) + 200);
 
-    let out = broker.cli(&["topic", "create", "huge", "--partitions", "2000"], None);
+    let out = broker.cli(&["topic", "create", "huge", "--partitions", "400"], None);
     assert!(!out.status.success(), "a topic beyond the descriptor limit was created: {}", out.stdout);
     assert!(out.stderr.contains("rolled back"), "{}", out.stderr);
     assert!(out.stderr.contains("Too many open files"), "{}", out.stderr);
@@ -51,6 +62,14 @@ fn topic_that_runs_out_of_descriptors_is_rolled_back_and_the_broker_keeps_servin
     let mut expected: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
     expected.sort_unstable();
     assert_eq!(values, expected);
+
+    // The budget refuses at once what the limit cannot hold, before opening anything.
+    let out = broker.cli(&["topic", "create", "giant", "--partitions", "2000"], None);
+    assert!(!out.status.success(), "a topic beyond the descriptor budget was created: {}", out.stdout);
+    assert!(out.stderr.contains("descriptor budget"), "{}", out.stderr);
+    assert!(out.stderr.contains("ResourceExhausted"), "{}", out.stderr);
+    assert!(!broker.data_dir().join("topics").join("giant").exists());
+    drop(idle);
 
     // After a restart with its normal limit, the failed topic stays gone.
     broker.stop();

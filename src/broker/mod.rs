@@ -26,6 +26,7 @@ use crate::metadata::{self, MetadataStore};
 use crate::server::{Listener, Shutdown};
 use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
+use crate::storage::descriptors::{self, DescriptorBudget};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -37,8 +38,12 @@ pub enum StartError {
     Metadata(#[from] metadata::MetadataError),
     #[error("cannot start shard {shard}: {message}")]
     Shard { shard: usize, message: String },
+    #[error("shard {shard} failed: {message}")]
+    ShardFailed { shard: usize, message: String },
     #[error("cannot listen on {addr} (admin_listen): {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot open the partitions of {path}: {detail}")]
+    Descriptors { path: String, detail: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -52,9 +57,23 @@ struct Rendezvous {
     direct: Mutex<Vec<Option<SocketAddr>>>,
     peers: Mutex<Vec<Option<usize>>>,
     ready: AtomicUsize,
-    failed: Mutex<Option<String>>,
+    /// The first failure of any shard, at start-up or later: (shard, what happened and what to do).
+    failed: Mutex<Option<(usize, String)>>,
     /// Shards whose connections are drained (the first phase of shutdown).
     drained: AtomicUsize,
+    /// Shards that ended without draining (an error or a panic): nothing routes through them any
+    /// more, so the others need not wait for them to drain.
+    gone: AtomicUsize,
+    /// Shard threads that have ended or are unwinding a panic.
+    stopped: AtomicUsize,
+}
+
+impl Rendezvous {
+    /// Records `shard`'s failure (the first one wins) and counts it as gone.
+    fn fail(&self, shard: usize, message: String) {
+        lock(&self.failed).get_or_insert((shard, message));
+        self.gone.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 async fn poll_until(mut done: impl FnMut() -> bool) {
@@ -63,8 +82,8 @@ async fn poll_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (each open partition holds about 1.5
-/// descriptors) and logs the result; an operator raises the hard limit (`LimitNOFILE`, tuning.md).
+/// Raises the soft RLIMIT_NOFILE to the hard limit and logs the partition budget it gives
+/// (`storage::descriptors`); an operator raises the hard limit (`LimitNOFILE`, tuning.md).
 fn raise_open_files_limit() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
@@ -82,12 +101,17 @@ fn raise_open_files_limit() {
                 "cannot raise the soft RLIMIT_NOFILE to the hard limit");
         }
     }
+    let budget = DescriptorBudget::for_limit(limit.rlim_cur);
     tracing::info!(
         open_files_max = limit.rlim_cur,
-        "RLIMIT_NOFILE soft limit {} (hard {}): room for roughly {} open partitions at ~1.5 descriptors each",
+        partitions_max = budget.partitions_max(),
+        "RLIMIT_NOFILE soft limit {} (hard {}): room for {} open partitions at {} descriptor each, \
+         {} descriptors reserved for connections and other files",
         limit.rlim_cur,
         limit.rlim_max,
-        limit.rlim_cur / 3 * 2
+        budget.partitions_max(),
+        descriptors::PER_PARTITION,
+        budget.reserved
     );
 }
 
@@ -103,6 +127,15 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let mut store = MetadataStore::open(&data_dir, shards)?;
     crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
     remove_orphan_topic_dirs(&data_dir, &store);
+    // The check topic creation makes, made again: refuse at once what cannot be opened, rather
+    // than fail (or crawl) half-way through opening it.
+    let partitions: u64 = store.topics().map(|t| t.partition_shards.len() as u64).sum();
+    if let Some(budget) = DescriptorBudget::current().filter(|b| !b.fits(partitions)) {
+        return Err(StartError::Descriptors {
+            path: data_dir.display().to_string(),
+            detail: budget.explain(partitions),
+        });
+    }
     let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
     let io_memory = config.io_memory_for(shards);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -128,7 +161,10 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         ready: AtomicUsize::new(0),
         failed: Mutex::new(None),
         drained: AtomicUsize::new(0),
+        gone: AtomicUsize::new(0),
+        stopped: AtomicUsize::new(0),
     });
+    report_shard_panics(rendezvous.clone());
     let mut admin =
         Some(admin::bind(config.admin_listen).map_err(|(addr, source)| StartError::Admin { addr, source })?);
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -159,17 +195,14 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         handles.push(handle);
     }
 
-    // Report readiness (or the first failure) from the main thread.
+    // Readiness, or the first failure, from the main thread.
     loop {
-        // Bound first: a guard in the `if let` scrutinee would be held through the joins below,
-        // while the other shards still take this lock to learn that start-up failed.
+        // Bound first: a guard in the `if let` scrutinee would be held while the other shards
+        // still take this lock to learn that start-up failed.
         let failed = lock(&rendezvous.failed).clone();
-        if let Some(message) = failed {
-            shutdown.request();
-            for h in handles {
-                let _ = h.join();
-            }
-            return Err(StartError::Shard { shard: 0, message });
+        if let Some((shard, message)) = failed {
+            stop_after_failure(&shutdown, &rendezvous, handles, &config);
+            return Err(StartError::Shard { shard, message });
         }
         if rendezvous.ready.load(Ordering::Acquire) == shards {
             break;
@@ -192,12 +225,25 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     tracing::info!("{ready}");
     println!("{ready}");
 
+    // Serving: until every shard stopped (shutdown), or one failed, which stops them all.
+    loop {
+        let failed = lock(&rendezvous.failed).clone();
+        if let Some((shard, message)) = failed {
+            tracing::error!(shard, "shard {shard} failed, stopping the broker: {message}");
+            stop_after_failure(&shutdown, &rendezvous, handles, &config);
+            return Err(StartError::ShardFailed { shard, message });
+        }
+        if rendezvous.stopped.load(Ordering::Acquire) >= shards {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut failure = None;
     for (id, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(())) => {}
-            Ok(Err(message)) => failure = Some(StartError::Shard { shard: id, message }),
-            Err(e) => failure = Some(StartError::Shard { shard: id, message: e.to_string() }),
+            Ok(Err(message)) => failure = Some(StartError::ShardFailed { shard: id, message }),
+            Err(e) => failure = Some(StartError::ShardFailed { shard: id, message: e.to_string() }),
         }
     }
     match failure {
@@ -207,6 +253,65 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             Ok(())
         }
     }
+}
+
+/// After a shard failed: asks every shard to stop and joins them if they all do within the
+/// shutdown grace (plus a margin); otherwise leaves them, so the process exits with the error
+/// instead of waiting on a shard that cannot finish. Their partitions then recover on the next
+/// start as after a crash.
+fn stop_after_failure(
+    shutdown: &Shutdown,
+    rendezvous: &Rendezvous,
+    handles: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
+    config: &BrokerConfig,
+) {
+    shutdown.request();
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms) + Duration::from_secs(2);
+    while rendezvous.stopped.load(Ordering::Acquire) < handles.len() {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("shards still running after a shard failed; exiting without waiting for them");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+/// Makes a panic in a shard's thread a failure of the broker: logged with where it happened and
+/// recorded in the rendezvous, so the main thread stops everything instead of waiting for a shard
+/// that is gone. Other threads' panics keep the default behaviour.
+fn report_shard_panics(rendezvous: Arc<Rendezvous>) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let thread = std::thread::current();
+        // glommio names an executor's thread `<name>-<executor id>`: here `shard-<shard>-<n>`.
+        let Some(shard) = thread
+            .name()
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|id| id.parse::<usize>().ok())
+        else {
+            return;
+        };
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string());
+        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = format!(
+            "its thread panicked{place}: {what}. This is a bug in ringlog; please report it with this \
+             log. The broker stopped; its partitions recover on the next start"
+        );
+        tracing::error!(shard, "shard {shard}: {message}");
+        rendezvous.fail(shard, message);
+        rendezvous.stopped.fetch_add(1, Ordering::AcqRel);
+    }));
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -231,13 +336,28 @@ impl ShardStart {
         let admin = self.admin.take();
         let result = self.start(store, admin).await;
         if let Err(message) = &result {
-            lock(&self.rendezvous.failed).get_or_insert_with(|| message.clone());
+            self.rendezvous.fail(self.id, message.clone());
         }
+        self.rendezvous.stopped.fetch_add(1, Ordering::AcqRel);
         result
     }
 
     fn failed(&self) -> bool {
         lock(&self.rendezvous.failed).is_some()
+    }
+
+    /// What a shard that could not open its partitions reports: the failure and, when the process
+    /// ran out of descriptors, the budget and the way out.
+    fn open_failure(&self, e: &crate::shard::BrokerError) -> String {
+        if !e.is_out_of_descriptors() {
+            return format!("opening its partitions failed: {e}");
+        }
+        let partitions: u64 = self.topics.iter().map(|t| t.partition_shards.len() as u64).sum();
+        let budget = DescriptorBudget::current().map_or_else(
+            || "raise RLIMIT_NOFILE (LimitNOFILE= in the systemd unit)".into(),
+            |b| b.explain(partitions),
+        );
+        format!("opening its partitions failed: {e}. The process ran out of file descriptors: {budget}")
     }
 
     async fn start(
@@ -288,7 +408,8 @@ impl ShardStart {
 
         let shard =
             Shard::open(self.id as u32, self.config.clone(), endpoints, &self.topics, senders, peer_of_shard)
-                .await?;
+                .await
+                .map_err(|e| self.open_failure(&e))?;
         if let Some(store) = store {
             crate::controller::install(&shard, store);
         }
@@ -327,7 +448,8 @@ impl ShardStart {
         // Phase 1 is over on this shard: no connection of ours will send new work. Other shards
         // may still route requests here until they are drained too, so keep serving the mesh.
         rv.drained.fetch_add(1, Ordering::AcqRel);
-        poll_until(|| rv.drained.load(Ordering::Acquire) >= rv.shards).await;
+        poll_until(|| rv.drained.load(Ordering::Acquire) + rv.gone.load(Ordering::Acquire) >= rv.shards)
+            .await;
         drop(housekeeping);
         drop(group_timers);
         drop(admin);

@@ -115,6 +115,11 @@ fn rolled_back(action: &'static str, topic: &str, failures: &[BrokerError]) -> B
     }
 }
 
+/// Partitions of every topic in the store, internal ones included: each holds descriptors.
+fn store_partitions(store: &MetadataStore) -> u64 {
+    store.topics().map(|t| t.partition_shards.len() as u64).sum()
+}
+
 fn store_failed(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::ControllerFile { file: "the metadata file".into(), detail: e.to_string() }
 }
@@ -146,6 +151,7 @@ impl Controller {
             if user_topics >= shard.config.topics_max {
                 return Err(BrokerError::TooManyTopics { topics: user_topics });
             }
+            shard::check_descriptor_budget(&name, store_partitions(&store), u64::from(partitions))?;
             let loads = store.shard_loads(shard.count as usize);
             let meta = TopicMeta {
                 name: name.clone(),
@@ -236,6 +242,11 @@ impl Controller {
                     shard.config.partitions_per_topic_max
                 )));
             }
+            shard::check_descriptor_budget(
+                &name,
+                store_partitions(&store),
+                (partitions as usize - had) as u64,
+            )?;
             let loads = store.shard_loads(shard.count as usize);
             let mut partition_shards = current.partition_shards.clone();
             partition_shards.extend(metadata::assign_partitions(partitions as usize - had, &loads));

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::oneshot;
-use futures::future::{join_all, select_all, FutureExt};
+use futures::future::{select_all, FutureExt};
+use futures::StreamExt;
 use glommio::channels::channel_mesh::Senders;
 
 use crate::config::BrokerConfig;
@@ -39,7 +40,7 @@ use mesh::*;
 
 pub use error::{BrokerError, StorageFailure};
 pub use owner::PendingAppend;
-pub use topics::remove_topic_dir;
+pub use topics::{check_descriptor_budget, remove_topic_dir};
 
 /// A topic as every shard sees it.
 pub struct TopicView {
@@ -80,7 +81,8 @@ type PartitionSlots = Vec<Option<Rc<Partition>>>;
 type ScatterPart<O> = (Vec<usize>, Boxed<Result<Vec<O>, BrokerError>>);
 
 impl Shard {
-    /// Builds the shard and opens every partition it owns, in parallel.
+    /// Builds the shard and opens every partition it owns: one topic after another, a bounded
+    /// number of partitions at a time (`topics::OPENS_IN_FLIGHT`). Logs one summary line.
     pub async fn open(
         id: u32,
         config: Arc<BrokerConfig>,
@@ -88,7 +90,7 @@ impl Shard {
         topics: &[TopicMeta],
         senders: Senders<ShardMsg>,
         peer_of_shard: Vec<usize>,
-    ) -> Result<Rc<Shard>, String> {
+    ) -> Result<Rc<Shard>, BrokerError> {
         let count = endpoints.len() as u32;
         let storage = ShardStorage::new(
             config.data_dir.clone(),
@@ -110,10 +112,28 @@ impl Shard {
             extensions: RefCell::new(HashMap::new()),
             kafka_endpoint: std::cell::OnceCell::new(),
         });
-        let opened = join_all(topics.iter().map(|t| shard.apply_topic(t))).await;
-        for result in opened {
-            result.map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        let mut summary = crate::storage::RecoverySummary::default();
+        for topic in topics {
+            match shard.apply_topic(topic).await {
+                Ok(found) => summary.merge(&found),
+                Err(e) => {
+                    // Release what earlier topics opened before reporting.
+                    shard.close_partitions().await;
+                    return Err(e);
+                }
+            }
         }
+        tracing::info!(
+            shard = id,
+            partitions = summary.partitions,
+            segments_scanned = summary.segments_scanned,
+            truncated = summary.truncated,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shard {id} opened {} topics in {:.3} s: {summary}",
+            topics.len(),
+            started.elapsed().as_secs_f64()
+        );
         Ok(shard)
     }
 
@@ -432,14 +452,17 @@ impl Shard {
         })
     }
 
-    /// Flushes and closes every partition this shard owns.
+    /// Flushes and closes every partition this shard owns, a bounded number at a time.
     pub(crate) async fn close_partitions(&self) {
         let partitions = self.owned_partitions();
-        for result in join_all(partitions.iter().map(|p| p.close())).await {
-            if let Err(e) = result {
-                tracing::error!(shard = self.id, "closing a partition failed: {e}");
-            }
-        }
+        let id = self.id;
+        futures::stream::iter(partitions)
+            .for_each_concurrent(topics::OPENS_IN_FLIGHT, |partition| async move {
+                if let Err(e) = partition.close().await {
+                    tracing::error!(shard = id, "closing a partition failed: {e}");
+                }
+            })
+            .await;
     }
 }
 

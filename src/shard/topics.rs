@@ -1,5 +1,6 @@
 //! Topics on one shard: applying a topic the controller created (opening the partitions this
-//! shard owns, recovering them), growing it, removing it.
+//! shard owns, recovering them, a bounded number at a time), growing it, removing it; and the
+//! descriptor-budget check the controller makes before any of it.
 //!
 //! Owns: the shard's topic views and owned-partition slots as they change. All or nothing per
 //! shard: a failed open closes what did open. Called by the controller through `invoke_on`; never
@@ -9,12 +10,47 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use futures::channel::oneshot;
-use futures::future::join_all;
+use futures::StreamExt;
 
 use super::{BrokerError, Shard, TopicView};
 use crate::config::DurabilitySetting;
 use crate::metadata::{self, TopicMeta, TopicSettings};
-use crate::storage::{self, LogConfig, Partition};
+use crate::storage::descriptors::DescriptorBudget;
+use crate::storage::{self, LogConfig, Partition, RecoverySummary, StorageError};
+
+/// Partitions a shard opens (or closes) at once: enough to keep the device busy, few enough that
+/// a topic of 10,000 partitions does not have 10,000 opens, their buffers and wakers in flight.
+pub(super) const OPENS_IN_FLIGHT: usize = 32;
+
+/// What opening a set of partitions gave: the opened ones, the first failure and how many more
+/// failed or were not tried after it, and what recovery found in those that opened.
+struct Opened {
+    partitions: Vec<(u32, Rc<Partition>)>,
+    failure: Option<(u32, StorageError, usize)>,
+    summary: RecoverySummary,
+}
+
+/// Closes and removes `partitions`, `OPENS_IN_FLIGHT` at a time, logging failures.
+async fn remove_all(topic: &str, partitions: impl IntoIterator<Item = Rc<Partition>>) {
+    futures::stream::iter(partitions)
+        .for_each_concurrent(OPENS_IN_FLIGHT, |partition| async move {
+            if let Err(e) = partition.remove().await {
+                tracing::warn!(topic, "removing partition files failed: {e}");
+            }
+        })
+        .await;
+}
+
+/// Closes `partitions`, `OPENS_IN_FLIGHT` at a time, logging failures (undoing a failed open).
+pub(super) async fn close_all(topic: &str, partitions: impl IntoIterator<Item = Rc<Partition>>) {
+    futures::stream::iter(partitions)
+        .for_each_concurrent(OPENS_IN_FLIGHT, |partition| async move {
+            if let Err(e) = partition.close().await {
+                tracing::warn!(topic, "closing a partition: {e}");
+            }
+        })
+        .await;
+}
 
 impl Shard {
     pub(super) fn log_config(&self, settings: &TopicSettings) -> LogConfig {
@@ -34,40 +70,21 @@ impl Shard {
         }
     }
 
-    /// Records a topic in this shard's view and opens (recovering) the partitions it owns.
-    pub async fn apply_topic(&self, meta: &TopicMeta) -> Result<(), BrokerError> {
+    /// Records a topic in this shard's view and opens (recovering) the partitions it owns;
+    /// returns what recovery found in them.
+    pub async fn apply_topic(&self, meta: &TopicMeta) -> Result<RecoverySummary, BrokerError> {
         let settings = meta.overrides.resolve(&self.config);
         let name: Arc<str> = Arc::from(meta.name.as_str());
         let log_config = self.log_config(&settings);
         let mine: Vec<u32> = (0..meta.partition_shards.len() as u32)
             .filter(|&p| meta.partition_shards[p as usize] == self.id)
             .collect();
-        let opened = join_all(mine.iter().map(|&p| {
-            let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, p);
-            Partition::open(dir, log_config.clone(), self.storage.clone())
-        }))
-        .await;
-        let mut slots: Vec<Option<Rc<Partition>>> = vec![None; meta.partition_shards.len()];
-        let mut failures = Vec::new();
-        for (&p, result) in mine.iter().zip(opened) {
-            match result {
-                Ok((partition, report)) => {
-                    tracing::info!(topic = %meta.name, partition = p, shard = self.id, "opened: {report}");
-                    slots[p as usize] = Some(partition);
-                }
-                Err(e) => failures.push((p, e)),
-            }
-        }
-        let more = failures.len().saturating_sub(1);
-        if let Some((p, e)) = failures.into_iter().next() {
+        let opened = self.open_partitions(&meta.name, &mine, &log_config).await;
+        if let Some((p, e, more)) = opened.failure {
             // All or nothing: close what did open, releasing its descriptors (a common failure is
             // running out of them). Files stay: on start-up they hold an existing topic's data; a
             // failed creation removes the topic directory (`controller`).
-            for partition in slots.into_iter().flatten() {
-                if let Err(e) = partition.close().await {
-                    tracing::warn!(topic = %meta.name, "closing a partition after a failed open: {e}");
-                }
-            }
+            close_all(&meta.name, opened.partitions.into_iter().map(|(_, partition)| partition)).await;
             return Err(BrokerError::OpenFailed {
                 topic: meta.name.clone(),
                 partition: p,
@@ -75,6 +92,10 @@ impl Shard {
                 more,
                 source: Arc::new(e),
             });
+        }
+        let mut slots: Vec<Option<Rc<Partition>>> = vec![None; meta.partition_shards.len()];
+        for (p, partition) in opened.partitions {
+            slots[p as usize] = Some(partition);
         }
         self.owned.borrow_mut().insert(name.clone(), slots);
         self.topics.borrow_mut().insert(
@@ -86,17 +107,53 @@ impl Shard {
                 settings,
             }),
         );
-        Ok(())
+        Ok(opened.summary)
+    }
+
+    /// Opens partitions `ids` of `topic`, `OPENS_IN_FLIGHT` at a time. After the first failure
+    /// no further open starts (at start-up they would fail the same way, e.g. out of descriptors).
+    async fn open_partitions(&self, topic: &str, ids: &[u32], log_config: &LogConfig) -> Opened {
+        let failed = std::cell::Cell::new(false);
+        let results: Vec<(u32, Option<Result<_, StorageError>>)> = futures::stream::iter(ids.iter().copied())
+            .map(|p| {
+                let failed = &failed;
+                async move {
+                    if failed.get() {
+                        return (p, None);
+                    }
+                    let dir = metadata::partition_dir(&self.config.data_dir, topic, p);
+                    let result = Partition::open(dir, log_config.clone(), self.storage.clone()).await;
+                    failed.set(failed.get() || result.is_err());
+                    (p, Some(result))
+                }
+            })
+            .buffer_unordered(OPENS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut opened =
+            Opened { partitions: Vec::new(), failure: None, summary: RecoverySummary::default() };
+        let mut more = 0;
+        for (p, result) in results {
+            match result {
+                Some(Ok((partition, report))) => {
+                    tracing::debug!(topic, partition = p, shard = self.id, "opened: {report}");
+                    opened.summary.add(&report);
+                    opened.partitions.push((p, partition));
+                }
+                Some(Err(e)) if opened.failure.is_none() => opened.failure = Some((p, e, 0)),
+                Some(Err(_)) | None => more += 1,
+            }
+        }
+        if let Some((_, _, rest)) = opened.failure.as_mut() {
+            *rest = more;
+        }
+        opened
     }
 
     pub async fn remove_topic(&self, name: &str) {
         self.topics.borrow_mut().remove(name);
         let removed = self.owned.borrow_mut().remove(name);
-        for partition in removed.into_iter().flatten().flatten() {
-            if let Err(e) = partition.remove().await {
-                tracing::error!(topic = name, "removing partition files failed: {e}");
-            }
-        }
+        remove_all(name, removed.into_iter().flatten().flatten()).await;
     }
 
     /// This shard's part of growing a topic: open the new partitions it owns (not yet routable)
@@ -135,11 +192,7 @@ impl Shard {
                     Some(slots) if slots.len() > had => slots.drain(had..).flatten().collect(),
                     _ => Vec::new(),
                 };
-                for partition in removed {
-                    if let Err(e) = partition.remove().await {
-                        tracing::warn!(topic = %meta.name, "removing a partition after a failed grow: {e}");
-                    }
-                }
+                remove_all(&meta.name, removed).await;
                 tracing::debug!(topic = %meta.name, shard = self.id, partitions = ?added, "grow rolled back");
             }
         }
@@ -162,32 +215,13 @@ impl Shard {
         let log_config = self.log_config(&view.settings);
         let mine: Vec<u32> =
             (had..wanted).filter(|&p| meta.partition_shards[p] == self.id).map(|p| p as u32).collect();
-        let opened = join_all(mine.iter().map(|&p| {
-            let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, p);
-            Partition::open(dir, log_config.clone(), self.storage.clone())
-        }))
-        .await;
-        let mut partitions = Vec::with_capacity(mine.len());
-        let mut failures = Vec::new();
-        for (&p, result) in mine.iter().zip(opened) {
-            match result {
-                Ok((partition, report)) => {
-                    tracing::info!(topic = %meta.name, partition = p, shard = self.id, "opened: {report}");
-                    partitions.push((p, partition));
-                }
-                Err(e) => failures.push((p, e)),
-            }
-        }
-        let more = failures.len().saturating_sub(1);
-        let failed: Vec<u32> = failures.iter().map(|(p, _)| *p).collect();
-        if let Some((p, e)) = failures.into_iter().next() {
-            for (_, partition) in partitions {
-                if let Err(e) = partition.remove().await {
-                    tracing::warn!(topic = %meta.name, "removing a partition after a failed open: {e}");
-                }
-            }
-            for p in failed {
-                let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, p);
+        let opened = self.open_partitions(&meta.name, &mine, &log_config).await;
+        if let Some((p, e, more)) = opened.failure {
+            let opened_ids: std::collections::HashSet<u32> =
+                opened.partitions.iter().map(|(p, _)| *p).collect();
+            remove_all(&meta.name, opened.partitions.into_iter().map(|(_, partition)| partition)).await;
+            for p in mine.iter().filter(|p| !opened_ids.contains(p)) {
+                let dir = metadata::partition_dir(&self.config.data_dir, &meta.name, *p);
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::warn!("could not remove {}: {e}", dir.display());
@@ -202,6 +236,7 @@ impl Shard {
                 source: Arc::new(e),
             });
         }
+        let partitions = opened.partitions;
         let mut owned = self.owned.borrow_mut();
         let slots = owned.entry(view.name.clone()).or_default();
         slots.resize(wanted, None);
@@ -209,6 +244,20 @@ impl Shard {
             slots[p as usize] = Some(partition);
         }
         Ok(mine)
+    }
+}
+
+/// Refuses a change that would give the broker more partitions (`held` + `adding`, all topics,
+/// all shards) than its descriptor budget allows: the check start-up makes too, so what a running
+/// broker accepts it can open again after a restart with the same limit.
+pub fn check_descriptor_budget(topic: &str, held: u64, adding: u64) -> Result<(), BrokerError> {
+    match DescriptorBudget::current() {
+        Some(budget) if !budget.fits(held + adding) => Err(BrokerError::DescriptorBudget {
+            topic: topic.to_string(),
+            adding,
+            detail: budget.explain(held + adding),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -38,6 +38,15 @@ pub struct TimeEntry {
     pub relative_offset: u32,
 }
 
+/// How much of its log file a persisted index must describe to be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// All of it: a sealed segment, or an active one closed cleanly.
+    Exact,
+    /// A prefix of it: a checkpoint of the active segment; the rest is scanned.
+    Prefix,
+}
+
 /// What a persisted `.index` says about its segment; compared with the log file before trusting it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentSummary {
@@ -118,6 +127,33 @@ impl SegmentIndex {
             + self.times.capacity() * std::mem::size_of::<TimeEntry>()
     }
 
+    /// The entry to resume a scan from so that every byte from `position` on is read again: the
+    /// last one at or below it (the segment start if none). Entries from it on are dropped; the
+    /// scan records them again.
+    pub fn resume_at_or_below(&mut self, position: u64) -> IndexEntry {
+        let kept = self.offsets.partition_point(|e| u64::from(e.position) <= position);
+        let start = match kept {
+            0 => IndexEntry { relative_offset: 0, position: 0 },
+            n => self.offsets[n - 1],
+        };
+        self.truncate_from(start.relative_offset);
+        start
+    }
+
+    /// The entries of the batches below byte `log_bytes` and relative offset `next_relative`
+    /// (where the bytes end), for a checkpoint. The max timestamp is kept whole: an overestimate
+    /// only delays time retention.
+    pub fn prefix(&self, log_bytes: u64, next_relative: u32) -> SegmentIndex {
+        let below = |e: &IndexEntry| u64::from(e.position) < log_bytes && e.relative_offset < next_relative;
+        SegmentIndex {
+            offsets: self.offsets.iter().copied().filter(below).collect(),
+            times: self.times.iter().copied().filter(|t| t.relative_offset < next_relative).collect(),
+            interval_bytes: self.interval_bytes,
+            bytes_since_entry: 0,
+            max_timestamp_ms: self.max_timestamp_ms,
+        }
+    }
+
     /// Largest max timestamp of any batch recorded (i64::MIN when empty).
     pub fn max_timestamp_ms(&self) -> i64 {
         self.max_timestamp_ms
@@ -167,13 +203,15 @@ impl SegmentIndex {
     }
 
     /// Decodes a persisted pair of index files for the segment at `base_offset` whose log file is
-    /// `log_bytes` long. Returns why it is not plausible instead of trusting it.
+    /// `file_bytes` long, covering it as `coverage` asks. Returns why it is not plausible instead
+    /// of trusting it.
     pub fn decode(
         offsets_file: &[u8],
         times_file: &[u8],
         base_offset: i64,
-        log_bytes: u64,
+        file_bytes: u64,
         interval_bytes: u32,
+        coverage: Coverage,
     ) -> Result<(SegmentIndex, SegmentSummary), String> {
         let body = checked_body(offsets_file, INDEX_MAGIC, INDEX_HEADER_LEN)?;
         let summary = SegmentSummary {
@@ -185,9 +223,14 @@ impl SegmentIndex {
         if summary.base_offset != base_offset {
             return Err(format!("index is for base offset {}, not {base_offset}", summary.base_offset));
         }
-        if summary.log_bytes != log_bytes {
-            return Err(format!("index covers {} log bytes, the log has {log_bytes}", summary.log_bytes));
+        let covered = match coverage {
+            Coverage::Exact => summary.log_bytes == file_bytes,
+            Coverage::Prefix => summary.log_bytes <= file_bytes,
+        };
+        if !covered {
+            return Err(format!("index covers {} log bytes, the log has {file_bytes}", summary.log_bytes));
         }
+        let log_bytes = summary.log_bytes;
         if summary.next_offset < base_offset || (log_bytes > 0) != (summary.next_offset > base_offset) {
             return Err(format!("index next offset {} is implausible", summary.next_offset));
         }
@@ -298,16 +341,34 @@ mod tests {
             SegmentSummary { base_offset: 40, log_bytes: 650, next_offset: 44, max_timestamp_ms: 10 };
         let off = index.encode_offsets(&summary);
         let times = index.encode_times(40);
-        let (back, s) = SegmentIndex::decode(&off, &times, 40, 650, 100).unwrap();
+        let exact = Coverage::Exact;
+        let (back, s) = SegmentIndex::decode(&off, &times, 40, 650, 100, exact).unwrap();
         assert_eq!(s, summary);
         assert_eq!(back.entries(), index.entries());
         assert_eq!(back.time_entries(), index.time_entries());
-        assert!(SegmentIndex::decode(&off, &times, 40, 651, 100).is_err(), "log length changed");
-        assert!(SegmentIndex::decode(&off, &times, 41, 650, 100).is_err(), "wrong segment");
+        assert!(SegmentIndex::decode(&off, &times, 40, 651, 100, exact).is_err(), "log length changed");
+        assert!(SegmentIndex::decode(&off, &times, 41, 650, 100, exact).is_err(), "wrong segment");
         let mut bad = off.clone();
         bad[INDEX_HEADER_LEN + 2] ^= 1;
-        assert!(SegmentIndex::decode(&bad, &times, 40, 650, 100).is_err(), "crc must catch a flip");
-        assert!(SegmentIndex::decode(&off[..off.len() - 1], &times, 40, 650, 100).is_err());
+        assert!(SegmentIndex::decode(&bad, &times, 40, 650, 100, exact).is_err(), "crc must catch a flip");
+        assert!(SegmentIndex::decode(&off[..off.len() - 1], &times, 40, 650, 100, exact).is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_covers_a_prefix_and_resumes_below_the_last_block() {
+        let (index, _) = build(&[(100, 5), (200, 3), (300, 9), (50, 10)], 100);
+        let summary =
+            SegmentSummary { base_offset: 40, log_bytes: 650, next_offset: 44, max_timestamp_ms: 10 };
+        let (off, times) = (index.encode_offsets(&summary), index.encode_times(40));
+        let prefix = Coverage::Prefix;
+        let (mut back, s) = SegmentIndex::decode(&off, &times, 40, 1 << 20, 100, prefix).unwrap();
+        assert_eq!(s, summary, "a longer (preallocated) file keeps the checkpoint");
+        assert!(SegmentIndex::decode(&off, &times, 40, 649, 100, prefix).is_err(), "a shorter file does not");
+        // Entries at positions 0, 100, 300, 600: resuming at 512 re-reads from the batch at 300.
+        assert_eq!(back.resume_at_or_below(512), IndexEntry { relative_offset: 2, position: 300 });
+        assert_eq!(back.entries().len(), 2);
+        assert_eq!(back.resume_at_or_below(0), IndexEntry { relative_offset: 0, position: 0 });
+        assert!(back.entries().is_empty());
     }
 
     proptest! {

@@ -12,6 +12,8 @@
 //! Layout of the code, from pure to IO:
 //! - `index`, `scan`, `retention`, `tail_cache`: pure logic, unit- and property-tested.
 //! - `producer_state`: idempotent producers' sequence rules and state snapshots (KIP-98).
+//! - `descriptors`: the descriptor budget (partitions per RLIMIT_NOFILE), shared by topic creation
+//!   and start-up.
 //! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
 //!   shard (unlinks, index writes, directory syncs).
 //! - `segment`: one segment's files and the recovery scan over them.
@@ -27,6 +29,7 @@
 //! only covers durable batches.
 
 mod blocking;
+pub mod descriptors;
 mod disk_space;
 mod index;
 mod notify;
@@ -38,9 +41,10 @@ mod segment;
 mod tail_cache;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 pub use index::{IndexEntry, SegmentIndex};
 pub use partition::Partition;
@@ -49,6 +53,7 @@ pub use tail_cache::CacheStats;
 
 use crate::record::BatchError;
 use disk_space::DiskSpace;
+use segment::Segment;
 use tail_cache::TailCache;
 
 /// When a produce is acknowledged (see the module documentation).
@@ -213,6 +218,8 @@ pub struct RecoveryReport {
     pub clean_shutdown: bool,
     pub segments_found: usize,
     pub segments_scanned: usize,
+    /// Log bytes read by the scans (a tail scan counts only the tail).
+    pub bytes_scanned: u64,
     pub indexes_loaded: usize,
     pub indexes_rebuilt: usize,
     pub torn_tails: Vec<TornTail>,
@@ -226,10 +233,11 @@ impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recovered {}: {} segments ({} scanned, {} indexes loaded, {} rebuilt), offsets {}..{}, {}",
+            "recovered {}: {} segments ({} scanned, {} bytes, {} indexes loaded, {} rebuilt), offsets {}..{}, {}",
             self.dir.display(),
             self.segments_found,
             self.segments_scanned,
+            self.bytes_scanned,
             self.indexes_loaded,
             self.indexes_rebuilt,
             self.log_start_offset,
@@ -251,6 +259,67 @@ impl fmt::Display for RecoveryReport {
             write!(f, "; removed {}", s.display())?;
         }
         Ok(())
+    }
+}
+
+/// What opening a set of partitions found, summed for one log line.
+#[derive(Clone, Debug, Default)]
+pub struct RecoverySummary {
+    pub partitions: usize,
+    /// Partitions without a clean-shutdown marker.
+    pub after_crash: usize,
+    pub segments: usize,
+    pub segments_scanned: usize,
+    pub bytes_scanned: u64,
+    pub indexes_rebuilt: usize,
+    /// Torn or damaged tails cut off, and the bytes they held.
+    pub truncated: usize,
+    pub bytes_dropped: u64,
+    pub segments_removed: usize,
+}
+
+impl RecoverySummary {
+    pub fn add(&mut self, r: &RecoveryReport) {
+        self.partitions += 1;
+        self.after_crash += usize::from(!r.clean_shutdown);
+        self.segments += r.segments_found;
+        self.segments_scanned += r.segments_scanned;
+        self.bytes_scanned += r.bytes_scanned;
+        self.indexes_rebuilt += r.indexes_rebuilt;
+        self.truncated += r.torn_tails.len();
+        self.bytes_dropped += r.torn_tails.iter().map(|t| t.bytes_dropped).sum::<u64>();
+        self.segments_removed += r.segments_removed.len();
+    }
+
+    pub fn merge(&mut self, other: &RecoverySummary) {
+        self.partitions += other.partitions;
+        self.after_crash += other.after_crash;
+        self.segments += other.segments;
+        self.segments_scanned += other.segments_scanned;
+        self.bytes_scanned += other.bytes_scanned;
+        self.indexes_rebuilt += other.indexes_rebuilt;
+        self.truncated += other.truncated;
+        self.bytes_dropped += other.bytes_dropped;
+        self.segments_removed += other.segments_removed;
+    }
+}
+
+impl fmt::Display for RecoverySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} partitions ({} without a clean shutdown), {} segments, {} scanned ({} bytes), {} indexes \
+             rebuilt, {} torn tails truncated ({} bytes dropped), {} segments removed",
+            self.partitions,
+            self.after_crash,
+            self.segments,
+            self.segments_scanned,
+            self.bytes_scanned,
+            self.indexes_rebuilt,
+            self.truncated,
+            self.bytes_dropped,
+            self.segments_removed
+        )
     }
 }
 
@@ -280,12 +349,16 @@ impl fmt::Display for HousekeepReport {
 }
 
 /// Per-shard storage context: the tail cache (one memory budget shared by the shard's
-/// partitions, LRU) and the disk-space monitor for the data directory.
+/// partitions, LRU), the disk-space monitor for the data directory and the bounded set of sealed
+/// segment files open for reads.
 pub struct ShardStorage {
     data_dir: PathBuf,
     tail_cache: RefCell<TailCache>,
     disk_space: DiskSpace,
     next_partition_id: Cell<u64>,
+    /// Sealed segments whose files are open for reads, least recently read first; at most
+    /// `descriptors::SEALED_FILES_PER_SHARD` (part of the descriptor reserve).
+    sealed_open: RefCell<VecDeque<Weak<Segment>>>,
 }
 
 impl ShardStorage {
@@ -299,7 +372,21 @@ impl ShardStorage {
             data_dir,
             tail_cache: RefCell::new(TailCache::new(tail_cache_bytes)),
             next_partition_id: Cell::new(0),
+            sealed_open: RefCell::new(VecDeque::new()),
         })
+    }
+
+    /// `seg`, sealed, was just read with its file open: it becomes the most recently read, and
+    /// the least recently read beyond the bound close their files.
+    fn note_sealed_read(&self, seg: &Rc<Segment>) {
+        let mut open = self.sealed_open.borrow_mut();
+        let me = Rc::downgrade(seg);
+        open.retain(|w| w.strong_count() > 0 && !w.ptr_eq(&me));
+        open.push_back(me);
+        while open.len() > descriptors::SEALED_FILES_PER_SHARD {
+            let Some(seg) = open.pop_front().and_then(|w| w.upgrade()) else { continue };
+            glommio::spawn_local(async move { seg.close_file().await }).detach();
+        }
     }
 
     /// Re-reads free space of the data directory (statvfs). Produce is refused while free space

@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use glommio::io::{DmaFile, OpenOptions, ReadResult};
 
-use super::index::{SegmentIndex, SegmentSummary};
+use super::index::{Coverage, IndexEntry, SegmentIndex, SegmentSummary};
 use super::notify::Notify;
 use super::scan::{scan_batches, ScanEnd};
 use super::StorageError;
@@ -176,6 +176,21 @@ impl Segment {
         self.file.borrow_mut().take()
     }
 
+    /// The segment's DmaFile if it is open; never opens it.
+    pub fn open_file(&self) -> Option<Rc<DmaFile>> {
+        self.file.borrow().clone()
+    }
+
+    /// Closes the segment's file if it is open. A reader still holding it keeps it until done;
+    /// the descriptor goes with the last holder.
+    pub async fn close_file(&self) {
+        if let Some(file) = self.take_file().and_then(|f| Rc::try_unwrap(f).ok()) {
+            if let Err(e) = file.close().await {
+                tracing::warn!(path = %self.log_path.display(), error = %e, "closing a segment file failed");
+            }
+        }
+    }
+
     /// Both index files as they should be written now; `IndexFiles::write` may run off the shard.
     pub fn encoded_indexes(&self) -> IndexFiles {
         let meta = self.meta.borrow();
@@ -188,6 +203,23 @@ impl Segment {
         IndexFiles {
             offsets: (self.index_path(), meta.index.encode_offsets(&summary)),
             times: (self.time_index_path(), meta.index.encode_times(self.base_offset)),
+        }
+    }
+
+    /// Index files describing only the first `log_bytes` of the log, which end where offset
+    /// `next_offset` starts: a checkpoint of the active segment for recovery.
+    pub fn encoded_checkpoint(&self, log_bytes: u64, next_offset: i64) -> IndexFiles {
+        let meta = self.meta.borrow();
+        let index = meta.index.prefix(log_bytes, (next_offset - self.base_offset) as u32);
+        let summary = SegmentSummary {
+            base_offset: self.base_offset,
+            log_bytes,
+            next_offset,
+            max_timestamp_ms: index.max_timestamp_ms(),
+        };
+        IndexFiles {
+            offsets: (self.index_path(), index.encode_offsets(&summary)),
+            times: (self.time_index_path(), index.encode_times(self.base_offset)),
         }
     }
 
@@ -213,15 +245,18 @@ impl Segment {
         }
     }
 
-    /// Loads persisted indexes if present and consistent with a log file of `log_bytes`.
+    /// Loads persisted indexes if present and consistent with a log file of `log_bytes`: covering
+    /// all of it (`Coverage::Exact`), or a prefix of it (`Coverage::Prefix`, a checkpoint of the
+    /// active segment).
     pub fn load_indexes(
         &self,
         log_bytes: u64,
         interval_bytes: u32,
+        coverage: Coverage,
     ) -> Result<(SegmentIndex, SegmentSummary), String> {
         let offsets = std::fs::read(self.index_path()).map_err(|e| e.to_string())?;
         let times = std::fs::read(self.time_index_path()).map_err(|e| e.to_string())?;
-        SegmentIndex::decode(&offsets, &times, self.base_offset, log_bytes, interval_bytes)
+        SegmentIndex::decode(&offsets, &times, self.base_offset, log_bytes, interval_bytes, coverage)
     }
 }
 
@@ -259,9 +294,24 @@ pub(crate) async fn scan_segment_file(
     interval_bytes: u32,
     batch_bytes_max: usize,
 ) -> Result<ScannedSegment, StorageError> {
-    let mut index = SegmentIndex::new(interval_bytes);
-    let mut position = 0u64;
-    let mut next_offset = base_offset;
+    let index = SegmentIndex::new(interval_bytes);
+    let start = IndexEntry { relative_offset: 0, position: 0 };
+    scan_segment_file_from(file, path, base_offset, file_bytes, index, start, batch_bytes_max).await
+}
+
+/// Scans as `scan_segment_file` does, from the batch at `start` on: `index` already holds the
+/// entries below it (a checkpoint), the scan adds the rest.
+pub(crate) async fn scan_segment_file_from(
+    file: &DmaFile,
+    path: &Path,
+    base_offset: i64,
+    file_bytes: u64,
+    mut index: SegmentIndex,
+    start: IndexEntry,
+    batch_bytes_max: usize,
+) -> Result<ScannedSegment, StorageError> {
+    let mut position = u64::from(start.position);
+    let mut next_offset = base_offset + i64::from(start.relative_offset);
     let mut window = SCAN_WINDOW_BYTES;
     loop {
         if position >= file_bytes {

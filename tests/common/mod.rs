@@ -21,6 +21,8 @@ pub struct Broker {
     pub kafka: String,
     pub direct: Vec<String>,
     pub args: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) the broker process starts with, at every (re)start.
+    pub open_files_limit: Option<u64>,
     _tmp: Option<tempfile::TempDir>,
     log: PathBuf,
 }
@@ -35,8 +37,26 @@ impl Broker {
         b
     }
 
+    /// Starts a broker whose process may open at most `open_files` descriptors.
+    pub fn start_limited(shards: usize, sets: &[&str], open_files: u64) -> Broker {
+        let tmp = tempfile::Builder::new().prefix("ringlog-test").tempdir_in(test_root()).unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut b = Broker::prepare(&dir, shards, sets);
+        b._tmp = Some(tmp);
+        b.open_files_limit = Some(open_files);
+        b.launch();
+        b
+    }
+
     /// Starts a broker on an existing data directory (for restarts).
     pub fn start_in(dir: &Path, shards: usize, sets: &[&str]) -> Broker {
+        let mut b = Broker::prepare(dir, shards, sets);
+        b.launch();
+        b
+    }
+
+    /// The command line of a broker on `dir`, not started.
+    fn prepare(dir: &Path, shards: usize, sets: &[&str]) -> Broker {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -56,29 +76,27 @@ impl Broker {
             args.push("--set".into());
             args.push(s.to_string());
         }
-        let mut b = Broker {
+        Broker {
             child: None,
             dir: dir.to_path_buf(),
             addr: String::new(),
             kafka: String::new(),
             direct: vec![],
             args,
+            open_files_limit: None,
             _tmp: None,
             log: dir.join("broker.log"),
-        };
-        b.launch();
-        b
+        }
     }
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut child = Command::new(BIN)
-            .args(&self.args)
-            .env("RINGLOG_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(BIN);
+        command.args(&self.args).env("RINGLOG_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::from(log));
+        if let Some(max) = self.open_files_limit {
+            limit_open_files(&mut command, max, 0);
+        }
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -193,6 +211,28 @@ pub fn run_cli(bootstrap: &str, args: &[&str], stdin: Option<&[u8]>) -> CliOutpu
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Makes `command`'s process start with RLIMIT_NOFILE `max` (soft and hard) and `taken`
+/// descriptors already open (inherited copies of stderr), so only `max - taken` remain for it.
+pub fn limit_open_files(command: &mut Command, max: u64, taken: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls run (setrlimit, dup), and no
+    // memory is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            for _ in 0..taken {
+                if libc::dup(2) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let limit = libc::rlimit { rlim_cur: max, rlim_max: max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -4,13 +4,15 @@
 //! itself: only the flusher does.
 
 use std::cell::RefCell;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::io::DmaBuffer;
 
-use super::{active, now_ms, open_plain, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME};
+use super::{
+    active, active_fd, now_ms, open_plain, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME,
+};
 use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN};
 use crate::storage::blocking;
 use crate::storage::notify::Notify;
@@ -21,8 +23,16 @@ use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
 use crate::storage::tail_cache::Pin;
 use crate::storage::{AppendResult, StorageError};
 
-/// fallocate granularity ahead of the write position (capped at `segment_bytes`).
+/// Largest fallocate step ahead of the write position (capped at `segment_bytes`).
 const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
+/// Smallest step. Steps grow with the file (as much again as it holds), so a partition that gets
+/// one record reserves 256 KiB, not 16 MiB: 50,000 such partitions must fit a disk.
+const PREALLOCATE_STEP_MIN_BYTES: u64 = 256 << 10;
+
+/// The next preallocation step for a file with `preallocated` bytes reserved.
+fn preallocate_step(preallocated: u64) -> u64 {
+    preallocated.clamp(PREALLOCATE_STEP_MIN_BYTES, PREALLOCATE_STEP_BYTES)
+}
 /// Smallest chunk allocated for staging appends; larger batches get a chunk of their size.
 const CHUNK_BYTES_MIN: usize = 128 << 10;
 /// Request payloads smaller than this are copied for the tail cache rather than sliced (see
@@ -35,8 +45,8 @@ enum Spare {
     #[default]
     Absent,
     Preparing,
+    /// Created and preallocated; closed (a spare holds no descriptor), opened again at the roll.
     Ready {
-        file: std::fs::File,
         preallocated_bytes: u64,
     },
     /// Preparation failed (or the partition closed): not retried before the next roll.
@@ -122,9 +132,9 @@ impl Chunk {
 }
 
 /// `fallocate` mode 0 (the file size grows with it) up to `end_bytes`.
-fn fallocate(file: &std::fs::File, end_bytes: u64) -> std::io::Result<()> {
-    // SAFETY: plain fallocate on an fd the caller owns; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, end_bytes as libc::off_t) };
+fn fallocate(fd: RawFd, end_bytes: u64) -> std::io::Result<()> {
+    // SAFETY: plain fallocate on an fd the caller keeps open for the call; no memory is passed.
+    let rc = unsafe { libc::fallocate(fd, 0, 0, end_bytes as libc::off_t) };
     if rc == 0 {
         Ok(())
     } else {
@@ -302,12 +312,12 @@ impl Partition {
         let base_offset = old.meta.borrow().next_offset;
         let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
         let file = match self.spare.spare.replace(Spare::Absent) {
-            Spare::Ready { file, preallocated_bytes } => {
-                // One rename on the shard instead of a create and a fallocate.
+            Spare::Ready { preallocated_bytes } => {
+                // A rename and an open on the shard instead of a create and a fallocate.
                 match std::fs::rename(self.dir.join(SPARE_SEGMENT_NAME), &seg.log_path) {
                     Ok(()) => {
                         seg.meta.borrow_mut().preallocated_bytes = preallocated_bytes;
-                        file
+                        open_plain(&seg.log_path, false)?
                     }
                     Err(e) => {
                         tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the spare segment");
@@ -329,6 +339,7 @@ impl Partition {
         st.pending.push_back(Job::Seal(old, snapshot));
         st.segments.push(seg);
         st.active_file = Some(file);
+        st.checkpointed_bytes = 0;
         st.carry.file_pos = 0;
         st.carry.bytes.clear();
         Ok(())
@@ -341,11 +352,12 @@ impl Partition {
             return Ok(());
         }
         let cap = align_up(self.config.segment_bytes.max(need_end));
-        let target = align_up(need_end.max(meta.preallocated_bytes + PREALLOCATE_STEP_BYTES)).min(cap);
-        let Some(file) = st.active_file.as_ref() else {
+        let step = preallocate_step(meta.preallocated_bytes);
+        let target = align_up(need_end.max(meta.preallocated_bytes + step)).min(cap);
+        let Some(fd) = active_fd(st) else {
             return Err(StorageError::Closed);
         };
-        if let Err(e) = fallocate(file, target) {
+        if let Err(e) = fallocate(fd, target) {
             if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
                 self.shard.refresh_disk_space();
                 return Err(self.shard.storage_full());
@@ -366,18 +378,22 @@ impl Partition {
         let cap = align_up(self.config.segment_bytes);
         let step_target = {
             let meta = seg.meta.borrow();
+            let step = preallocate_step(meta.preallocated_bytes);
             let wanted = !meta.preallocating
                 && meta.preallocated_bytes < cap
-                && end_bytes + PREALLOCATE_STEP_BYTES / 2 >= meta.preallocated_bytes;
-            wanted.then(|| (meta.preallocated_bytes + PREALLOCATE_STEP_BYTES).min(cap))
+                && end_bytes + step / 2 >= meta.preallocated_bytes;
+            wanted.then(|| (meta.preallocated_bytes + step).min(cap))
         };
-        if let (Some(target), Some(active_file)) = (step_target, st.active_file.as_ref()) {
-            match active_file.try_clone() {
-                Ok(file) => {
+        if let (Some(target), Some(fd)) = (step_target, active_fd(st)) {
+            // SAFETY: `fd` is the active segment's, open while `st` is borrowed; the duplicate
+            // lives only as long as the background fallocate.
+            match unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() {
+                Ok(owned) => {
+                    let file = std::fs::File::from(owned);
                     seg.meta.borrow_mut().preallocating = true;
                     let seg = seg.clone();
                     glommio::spawn_local(async move {
-                        let reserved = blocking::run(move || fallocate(&file, target)).await;
+                        let reserved = blocking::run(move || fallocate(file.as_raw_fd(), target)).await;
                         let mut meta = seg.meta.borrow_mut();
                         meta.preallocating = false;
                         match reserved {
@@ -397,7 +413,7 @@ impl Partition {
             }
         }
         // Only near the end of the segment (its last step, or its second half when it is small): a
-        // spare holds a descriptor and a step of disk, which 10,000 partitions must not all pay.
+        // spare holds a step of disk, which 10,000 partitions must not all pay.
         let spare_from = self
             .config
             .segment_bytes
@@ -419,12 +435,11 @@ impl Partition {
                     .create(true)
                     .truncate(true)
                     .open(&path)?;
-                fallocate(&file, preallocated_bytes)?;
-                Ok::<_, std::io::Error>(file)
+                fallocate(file.as_raw_fd(), preallocated_bytes)
             })
             .await;
             let next = match prepared {
-                Ok(Ok(file)) => Spare::Ready { file, preallocated_bytes },
+                Ok(Ok(())) => Spare::Ready { preallocated_bytes },
                 Ok(Err(e)) => {
                     tracing::debug!(path = shown, error = %e, "preparing the next segment failed");
                     Spare::Failed
@@ -449,13 +464,9 @@ impl Partition {
             }
             prepared.await;
         }
-        if let Spare::Ready { file, .. } = self.spare.spare.replace(Spare::Failed) {
+        if let Spare::Ready { .. } = self.spare.spare.replace(Spare::Failed) {
             let path = self.dir.join(SPARE_SEGMENT_NAME);
-            let removed = blocking::run(move || {
-                drop(file);
-                blocking::remove_files(&[path])
-            })
-            .await;
+            let removed = blocking::run(move || blocking::remove_files(&[path])).await;
             match removed {
                 Ok(failures) => failures.iter().for_each(|f| tracing::warn!("closing partition: {f}")),
                 Err(panic) => tracing::warn!("closing partition: {panic}"),

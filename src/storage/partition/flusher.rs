@@ -164,6 +164,15 @@ impl Partition {
         self.progress.notify_all();
     }
 
+    /// `seg`'s DmaFile is open: the plain descriptor a roll opened for it is not needed any more
+    /// (a partition at rest holds one descriptor).
+    fn release_plain_fd(&self, seg: &Rc<Segment>) {
+        let mut st = self.state.borrow_mut();
+        if st.active_file.is_some() && Rc::ptr_eq(active(&st), seg) {
+            st.active_file = None;
+        }
+    }
+
     fn advance_durable(&self, seg: &Segment, end_offset: i64) {
         {
             let mut meta = seg.meta.borrow_mut();
@@ -191,6 +200,7 @@ impl Partition {
         let body = Rc::new(body);
         let result = match segment.file().await {
             Ok(file) => {
+                self.release_plain_fd(&segment);
                 let write = |buf: &Rc<DmaBuffer>, pos: u64| {
                     let (buf, file) = (buf.clone(), file.clone());
                     async move {
@@ -273,11 +283,14 @@ impl Partition {
         st.carry.bytes.clear();
         st.carry.bytes.extend_from_slice(&buf.as_bytes()[..(keep_bytes - file_pos) as usize]);
         if !removed.is_empty() {
-            match open_plain(&seg.log_path, false) {
-                Ok(f) => st.active_file = Some(f),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot reopen the rolled-back segment for appends");
-                    st.active_file = None;
+            // `seg` is active again; it needs a plain descriptor only if its DmaFile is not open.
+            st.active_file = None;
+            if seg.open_file().is_none() {
+                match open_plain(&seg.log_path, false) {
+                    Ok(f) => st.active_file = Some(f),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reopen the rolled-back segment for appends")
+                    }
                 }
             }
         }
@@ -325,6 +338,7 @@ impl Partition {
         file.truncate(size)
             .await
             .map_err(|e| StorageError::io(format!("truncating {} to {size}", seg.log_path.display()), e))?;
+        self.wait_checkpoint_written().await;
         let indexes = seg.encoded_indexes();
         let dir = self.dir.clone();
         let ProducerSnapshot { offset, bytes } = snapshot;
@@ -351,6 +365,8 @@ impl Partition {
             meta.durable_bytes = size;
             meta.final_on_disk = true;
         }
+        // Sealed segments hold no descriptor; reads reopen them (`ShardStorage::note_sealed_read`).
+        seg.close_file().await;
         if next_offset > self.high_watermark.get() {
             self.high_watermark.set(next_offset);
             self.progress.notify_all();

@@ -8,14 +8,22 @@ use std::rc::Rc;
 
 use super::append::Chunk;
 use super::recovery::{read_carry, recover_producer_state, remove_snapshots_after};
-use super::{
-    active, open_plain, remove_segment_files, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX,
-};
+use super::{active, remove_segment_files, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX};
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
 use crate::storage::retention::{segments_to_delete, RetentionInput};
-use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment, ALIGN};
-use crate::storage::{HousekeepReport, StorageError};
+use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment};
+use crate::storage::{Durability, HousekeepReport, StorageError};
+
+/// Marks a checkpoint write in flight; clears the mark and wakes waiters when dropped.
+struct CheckpointGuard<'a>(&'a Partition);
+
+impl Drop for CheckpointGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.borrow_mut().checkpointing = false;
+        self.0.progress.notify_all();
+    }
+}
 
 /// Cached batches dropped per step when retention deletes segments (see `evict_cached_below`).
 const CACHE_EVICTION_SLICE_BATCHES: usize = 512;
@@ -119,6 +127,7 @@ impl Partition {
             self.shard.refresh_disk_space();
         }
         report.log_start_offset = self.log_start_offset.get();
+        self.checkpoint_active().await;
         Ok(report)
     }
 
@@ -137,6 +146,47 @@ impl Partition {
         }
     }
 
+    /// Writes the active segment's index as a checkpoint covering its synced bytes, when they grew
+    /// since the last one, so recovery after a crash scans only what follows (`recovery`). Only
+    /// with `Durability::Fsync`: under `Written` no byte is known to be synced before the seal.
+    pub(super) async fn checkpoint_active(&self) {
+        if self.config.durability != Durability::Fsync {
+            return;
+        }
+        let (seg, covered, files) = {
+            let mut st = self.state.borrow_mut();
+            if st.truncating || st.checkpointing || st.sync_failure.is_some() {
+                return;
+            }
+            let seg = active(&st).clone();
+            let meta = seg.meta.borrow();
+            // Set together after each fdatasync: the synced end of the active segment and the
+            // offset that starts there.
+            let (covered, next_offset) = (meta.durable_bytes, self.high_watermark.get());
+            let in_segment = next_offset > seg.base_offset && next_offset <= meta.next_offset;
+            if meta.sealed || !in_segment || covered <= st.checkpointed_bytes {
+                return;
+            }
+            drop(meta);
+            st.checkpointing = true;
+            let files = seg.encoded_checkpoint(covered, next_offset);
+            (seg, covered, files)
+        };
+        // Cleared even if this future is dropped (housekeeping stops at shutdown).
+        let _writing = CheckpointGuard(self);
+        match blocking::run(move || files.write()).await {
+            Ok(Ok(())) => {
+                let mut st = self.state.borrow_mut();
+                if Rc::ptr_eq(active(&st), &seg) {
+                    st.checkpointed_bytes = covered;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(segment = %seg.log_path.display(), error = %e,
+                "writing a recovery checkpoint failed; a crash would scan more of the segment"),
+            Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
+        }
+    }
+
     /// Drops every batch at or above `offset` (rounded down to the start of the batch holding
     /// it), on disk and in caches and indexes. Appends are refused while it runs.
     pub async fn truncate_to(&self, offset: i64) -> Result<(), StorageError> {
@@ -151,7 +201,8 @@ impl Partition {
             let notified = self.progress.notified();
             {
                 let st = self.state.borrow();
-                if st.pending.is_empty() && !st.flushing {
+                // A checkpoint in flight must land before the cut, which removes it.
+                if st.pending.is_empty() && !st.flushing && !st.checkpointing {
                     break;
                 }
             }
@@ -224,9 +275,8 @@ impl Partition {
         for seg in &later {
             remove_segment_files(seg);
         }
-        let mut carry = Carry { file_pos: align_down(cut_pos), bytes: Vec::with_capacity(ALIGN as usize) };
+        let mut carry = Carry { file_pos: align_down(cut_pos), bytes: Vec::new() };
         read_carry(&target, cut_pos, &mut carry).await?;
-        let active_file = open_plain(&target.log_path, false)?;
         {
             let mut meta = target.meta.borrow_mut();
             meta.size_bytes = cut_pos;
@@ -241,7 +291,9 @@ impl Partition {
             let keep = st.segments.len() - later.len();
             st.segments.truncate(keep);
             st.carry = carry;
-            st.active_file = Some(active_file);
+            // The target's DmaFile is open: no plain descriptor.
+            st.active_file = None;
+            st.checkpointed_bytes = 0;
         }
         self.log_end_offset.set(cut_offset);
         if self.high_watermark.get() > cut_offset {

@@ -25,11 +25,21 @@
 //! Space is reserved before a byte is accepted: `append` checks that the active segment is
 //! preallocated past the new end and, if not, calls `fallocate` synchronously, so ENOSPC surfaces
 //! as `StorageFull` from `append` itself. That synchronous call is the fallback, not the rule: once
-//! less than half a step of reserved space remains, the next `PREALLOCATE_STEP_BYTES` are reserved
-//! on the blocking thread pool, and once the active segment is in its last step the next segment
-//! file is created and preallocated there too (a spare, renamed into place on roll). Everything
-//! else slow on the filesystem also runs there (`blocking`): unlinking deleted segments, writing
-//! the indexes and syncing the directory when a segment is sealed.
+//! less than half a step of reserved space remains, the next step (as much again as the file
+//! holds, 256 KiB to `PREALLOCATE_STEP_BYTES`) is reserved on the blocking thread pool, and once
+//! the active segment is in its last step the next segment file is created and preallocated there
+//! too (a spare, renamed into place on roll). Everything else slow on the filesystem also runs
+//! there (`blocking`): unlinking deleted segments, writing the indexes and syncing the directory
+//! when a segment is sealed.
+//!
+//! Descriptors: a partition holds one, its active segment's DmaFile, whether just created or
+//! reopened (`descriptors::PER_PARTITION`). Sealed segments are opened only to be read and closed
+//! again by the shard's bounded set (`ShardStorage::note_sealed_read`); a spare holds none; a roll
+//! holds a plain one until the flusher's first write opens the DmaFile.
+//!
+//! Recovery checkpoints: with `Durability::Fsync`, housekeeping writes the active segment's index
+//! covering its synced bytes (`checkpoint_active`), so recovery after a crash scans only what
+//! follows; after a clean shutdown nothing is scanned.
 //!
 //! Idempotent producers (`producer_state`). `append` checks every idempotent batch against the
 //! producer state once nothing else can fail the append, and records it in the same step: a
@@ -61,7 +71,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::blocking;
 use super::notify::Notify;
 use super::producer_state::{self, ProducerStates};
-use super::segment::{align_down, parse_log_name, Segment, ALIGN};
+use super::segment::{align_down, parse_log_name, Segment};
 use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
 use crate::metrics::Memory;
 use append::{Chunk, SpareSlot};
@@ -99,7 +109,9 @@ struct State {
     segments: Vec<Rc<Segment>>,
     pending: VecDeque<Job>,
     carry: Carry,
-    /// Plain fd of the active segment, for synchronous fallocate.
+    /// Plain fd of the active segment while its DmaFile is not open: from a roll until the
+    /// flusher's first write to it opens the DmaFile (then this one is dropped, so a partition
+    /// holds one descriptor at rest). Use `active_fd`.
     active_file: Option<std::fs::File>,
     rollbacks: VecDeque<Rollback>,
     rollback_generation: u64,
@@ -109,6 +121,10 @@ struct State {
     sync_failure: Option<String>,
     /// The flusher is executing a job.
     flushing: bool,
+    /// A checkpoint of the active segment's index is being written (`checkpoint_active`).
+    checkpointing: bool,
+    /// Log bytes of the active segment the last checkpoint covers.
+    checkpointed_bytes: u64,
     truncating: bool,
     /// Idempotent producers: epochs and the last batches of each, for every batch in the log.
     producers: ProducerStates,
@@ -139,6 +155,13 @@ fn now_ms() -> i64 {
 
 fn active(st: &State) -> &Rc<Segment> {
     st.segments.last().expect("a partition always has an active segment")
+}
+
+/// The active segment's descriptor for synchronous calls (fallocate): its DmaFile's, or the plain
+/// one a roll opened before the DmaFile was.
+fn active_fd(st: &State) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    active(st).open_file().map(|f| f.as_raw_fd()).or_else(|| st.active_file.as_ref().map(AsRawFd::as_raw_fd))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -209,18 +232,20 @@ impl Partition {
         };
 
         let last = segments.last().expect("at least one segment").clone();
+        // The partition's one descriptor (`descriptors::PER_PARTITION`), the same whether it was
+        // just created or reopened: its active segment's DmaFile.
+        last.file().await?;
         let (size, carry) = {
             let mut meta = last.meta.borrow_mut();
             meta.sealed = false;
             (
                 meta.size_bytes,
-                Carry { file_pos: align_down(meta.size_bytes), bytes: Vec::with_capacity(ALIGN as usize) },
+                // Empty until there is a partial block: no per-partition buffer before a write.
+                Carry { file_pos: align_down(meta.size_bytes), bytes: Vec::new() },
             )
         };
-        last.remove_index_files();
         let mut carry = carry;
         read_carry(&last, size, &mut carry).await?;
-        let active_file = open_plain(&last.log_path, false)?;
 
         let log_start = segments[0].base_offset;
         let log_end = last.meta.borrow().next_offset;
@@ -228,6 +253,10 @@ impl Partition {
         report.log_end_offset = log_end;
         let producers =
             recover_producer_state(&dir, &segments, log_start, log_end, report.clean_shutdown).await?;
+        // Replaying producer state may have opened sealed segments; reads reopen them on demand.
+        for seg in &segments[..segments.len() - 1] {
+            seg.close_file().await;
+        }
 
         let partition = Rc::new(Partition {
             cache_id: shard.allocate_partition_id(),
@@ -238,12 +267,14 @@ impl Partition {
                 segments,
                 pending: VecDeque::new(),
                 carry,
-                active_file: Some(active_file),
+                active_file: None,
                 rollbacks: VecDeque::new(),
                 rollback_generation: 0,
                 degraded: false,
                 sync_failure: None,
                 flushing: false,
+                checkpointing: false,
+                checkpointed_bytes: 0,
                 truncating: false,
                 producers,
             }),
@@ -257,7 +288,7 @@ impl Partition {
             spare: Rc::new(SpareSlot::default()),
         });
         glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
-        tracing::info!("{report}");
+        tracing::debug!("{report}");
         Ok((partition, report))
     }
 
@@ -307,6 +338,7 @@ impl Partition {
             file.truncate(size)
                 .await
                 .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
+            self.wait_checkpoint_written().await;
             last.persist_indexes()?;
             // The marker promises a snapshot at the log end: without one, no marker.
             let offset = self.log_end_offset.get();
@@ -341,6 +373,18 @@ impl Partition {
         }
         self.progress.notify_all();
         result
+    }
+
+    /// Resolves once no checkpoint write is in flight: what writes the segment's final indexes
+    /// waits, so a checkpoint never lands after them.
+    pub(super) async fn wait_checkpoint_written(&self) {
+        loop {
+            let notified = self.progress.notified();
+            if !self.state.borrow().checkpointing {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Closes the partition and removes its directory (topic deletion).

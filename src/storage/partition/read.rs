@@ -139,6 +139,9 @@ impl Partition {
             (u64::from(meta.index.lookup(relative).position), meta.durable_bytes)
         };
         let file = seg.file().await?;
+        if seg.meta.borrow().final_on_disk {
+            self.shard.note_sealed_read(seg);
+        }
         let mut served_bytes = 0usize;
         let mut expected: Option<i64> = None;
         let mut window = (max_bytes as u64 + u64::from(self.config.index_interval_bytes) + ALIGN)

@@ -1,5 +1,6 @@
 //! Recovery: the segments found on open (indexes loaded or rebuilt, torn tails cut, segments past
-//! an offset gap removed), the active segment's carried partial block, and the producer state
+//! an offset gap removed; the active segment scanned only past its checkpoint, not at all after a
+//! clean shutdown), the active segment's carried partial block, and the producer state
 //! rebuilt from the newest usable snapshot plus a replay of the batch headers after it (also after
 //! a truncation). Removes snapshots past a cut so they can never look valid again.
 
@@ -8,10 +9,11 @@ use std::rc::Rc;
 
 use super::{now_ms, remove_segment_files, sync_dir, Carry, RECOVERY_BATCH_BYTES_MAX};
 use crate::storage::blocking;
+use crate::storage::index::Coverage;
 use crate::storage::producer_state::{self, ProducerBatch, ProducerStates};
 use crate::storage::scan::{scan_batches, ScanEnd};
-use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment, ALIGN};
-use crate::storage::{IndexEntry, LogConfig, RecoveryReport, StorageError, TornTail};
+use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file_from, Segment, ALIGN};
+use crate::storage::{IndexEntry, LogConfig, RecoveryReport, SegmentIndex, StorageError, TornTail};
 
 /// Bytes read per step when replaying batch headers into the producer state.
 const REPLAY_WINDOW_BYTES: u64 = 1 << 20;
@@ -254,45 +256,65 @@ pub(super) async fn recover_segments(
             }
         }
         let is_last = i + 1 == bases.len();
-        let file = seg.file().await?;
-        let file_bytes = file
-            .file_size()
-            .await
-            .map_err(|e| StorageError::io(format!("sizing {}", seg.log_path.display()), e))?;
-
-        if !is_last {
-            match seg.load_indexes(file_bytes, config.index_interval_bytes) {
-                Ok((index, summary)) => {
-                    report.indexes_loaded += 1;
-                    let mut meta = seg.meta.borrow_mut();
-                    meta.size_bytes = file_bytes;
-                    meta.written_bytes = file_bytes;
-                    meta.durable_bytes = file_bytes;
-                    meta.preallocated_bytes = file_bytes;
-                    meta.next_offset = summary.next_offset;
-                    meta.index = index;
-                    meta.sealed = true;
-                    meta.final_on_disk = true;
-                    drop(meta);
-                    segments.push(seg);
-                    continue;
-                }
-                Err(reason) => {
+        // Sized without opening: a sealed segment whose indexes load stays closed until read.
+        let file_bytes = std::fs::metadata(&seg.log_path)
+            .map_err(|e| StorageError::io(format!("sizing {}", seg.log_path.display()), e))?
+            .len();
+        // The active segment's index is a checkpoint: all of it after a clean shutdown, a synced
+        // prefix otherwise (written by housekeeping), so a crash costs a scan of the tail only.
+        let coverage = if is_last { Coverage::Prefix } else { Coverage::Exact };
+        let (index, start, checkpoint_bytes) = match seg.load_indexes(
+            file_bytes,
+            config.index_interval_bytes,
+            coverage,
+        ) {
+            Ok((index, summary))
+                if !is_last || (report.clean_shutdown && summary.log_bytes == file_bytes) =>
+            {
+                report.indexes_loaded += 1;
+                let mut meta = seg.meta.borrow_mut();
+                meta.size_bytes = file_bytes;
+                meta.written_bytes = file_bytes;
+                meta.durable_bytes = file_bytes;
+                meta.preallocated_bytes = file_bytes;
+                meta.next_offset = summary.next_offset;
+                meta.index = index;
+                meta.sealed = !is_last;
+                meta.final_on_disk = !is_last;
+                meta.first_append_ms = (is_last && file_bytes > 0).then_some(recovered_at_ms);
+                drop(meta);
+                segments.push(seg);
+                continue;
+            }
+            Ok((mut index, summary)) => {
+                report.indexes_loaded += 1;
+                // Every byte of the checkpoint's last block is read again: the flusher
+                // rewrites that block, so it is the one a crash may have torn.
+                let start = index.resume_at_or_below(align_down(summary.log_bytes));
+                (index, start, Some(summary.log_bytes))
+            }
+            Err(reason) => {
+                if !is_last || report.clean_shutdown {
                     tracing::info!(segment = %seg.log_path.display(), %reason, "rebuilding index by scanning");
                 }
+                let start = IndexEntry { relative_offset: 0, position: 0 };
+                (SegmentIndex::new(config.index_interval_bytes), start, None)
             }
-        }
+        };
 
-        let scanned = scan_segment_file(
+        let file = seg.file().await?;
+        let scanned = scan_segment_file_from(
             &file,
             &seg.log_path,
             base,
             file_bytes,
-            config.index_interval_bytes,
+            index,
+            start,
             RECOVERY_BATCH_BYTES_MAX,
         )
         .await?;
         report.segments_scanned += 1;
+        report.bytes_scanned += scanned.valid_bytes.saturating_sub(u64::from(start.position));
         if let Some((position, detail)) = &scanned.damage {
             let last_good_offset = (scanned.next_offset > base).then_some(scanned.next_offset - 1);
             tracing::warn!(
@@ -306,6 +328,10 @@ pub(super) async fn recover_segments(
                 last_good_offset,
                 detail: detail.clone(),
             });
+        }
+        if checkpoint_bytes.is_some_and(|covered| scanned.valid_bytes < covered) {
+            // The cut went below the checkpoint: it no longer describes this log.
+            seg.remove_index_files();
         }
         if file_bytes > scanned.valid_bytes {
             file.truncate(scanned.valid_bytes)
@@ -327,6 +353,7 @@ pub(super) async fn recover_segments(
         if !is_last {
             report.indexes_rebuilt += 1;
             seg.persist_indexes()?;
+            seg.close_file().await;
         }
         segments.push(seg);
     }

@@ -5,6 +5,7 @@ use super::*;
 use crate::record::{BatchError, BatchHeader};
 use crate::storage::producer_state::ProducerBatch;
 use crate::storage::scan::tests::batch;
+use crate::storage::segment::ALIGN;
 use crate::storage::{Durability, SequenceGap};
 use bytes::BytesMut;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -168,7 +169,8 @@ fn close_and_reopen_keeps_everything() {
         assert!(report.clean_shutdown, "{report}");
         assert!(report.torn_tails.is_empty(), "{report}");
         assert!(report.indexes_loaded > 0, "{report}");
-        assert_eq!(report.segments_scanned, 1, "only the last segment is scanned: {report}");
+        assert_eq!(report.segments_scanned, 0, "a clean shutdown needs no scan: {report}");
+        assert_eq!(report.bytes_scanned, 0, "{report}");
         assert!(!dir.join(CLEAN_SHUTDOWN_MARKER).exists());
         let end = p.log_end_offset();
         assert_eq!(read_all(&p, 0, 4096).await, expected);
@@ -215,6 +217,56 @@ fn crash_with_torn_tail_is_truncated_and_reported() {
         let more = append_many(&p, 3, |i| i as i64);
         assert_eq!(BatchHeader::parse(&more[0]).unwrap().base_offset, last_good + 1);
         p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+        p.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_crash_after_a_checkpoint_scans_only_the_tail() {
+    run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p");
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+        let cfg = || config(1 << 20, Durability::Fsync);
+        let (p, _) = Partition::open(dir.clone(), cfg(), shard.clone()).await.unwrap();
+        let mut expected = append_many(&p, 300, |i| i as i64);
+        p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+        p.checkpoint_active().await;
+        let checkpointed: u64 = expected.iter().map(|b| b.len() as u64).sum();
+        expected.extend(append_many(&p, 20, |i| 300 + i as i64));
+        p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+        drop(p); // "crash": no close, no marker, file still preallocated with zeroes.
+
+        // Damage the last batch: the tail scan still finds and cuts it.
+        let last_pos: u64 = expected[..319].iter().map(|b| b.len() as u64).sum();
+        let path = log_files(&dir).pop().unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(last_pos + 30)).unwrap();
+        f.write_all(&[0xff; 3]).unwrap();
+        drop(f);
+
+        let (p, report) = Partition::open(dir.clone(), cfg(), shard.clone()).await.unwrap();
+        assert!(!report.clean_shutdown);
+        assert_eq!((report.indexes_loaded, report.segments_scanned), (1, 1), "{report}");
+        let tail = last_pos - checkpointed;
+        // From the last index entry at or below the checkpoint's last block: at most one
+        // block, one index interval and one batch before the checkpoint end.
+        let slack = ALIGN + 256 + expected[299].len() as u64;
+        assert!(
+            report.bytes_scanned >= tail && report.bytes_scanned <= tail + slack,
+            "scanned {} bytes for a tail of {tail}: {report}",
+            report.bytes_scanned
+        );
+        assert_eq!(report.torn_tails.len(), 1, "{report}");
+        assert_eq!(report.torn_tails[0].position, last_pos);
+        assert_eq!(read_all(&p, 0, 1000).await, expected[..319].to_vec());
+        assert_eq!(p.read(250, 100).await.unwrap().chunks.len(), 1, "the index still finds old batches");
+        p.close().await.unwrap();
+
+        // A clean close writes the whole index over the checkpoint: the next open scans nothing.
+        let (p, report) = Partition::open(dir.clone(), cfg(), shard).await.unwrap();
+        assert_eq!(report.segments_scanned, 0, "{report}");
+        assert_eq!(read_all(&p, 0, 1000).await, expected[..319].to_vec());
         p.close().await.unwrap();
     });
 }
