@@ -41,13 +41,20 @@ pub enum DurabilitySetting {
 pub struct BrokerConfig {
     /// Directory holding topic metadata and partition segments.
     pub data_dir: PathBuf,
-    /// Native protocol listener, shared by every shard (SO_REUSEPORT). Port 0 picks a free port.
+    /// Native protocol listener: one socket, exclusive to this process, accepted from by every
+    /// shard. Port 0 picks a free port.
     pub listen: SocketAddr,
     /// Admin HTTP listener (`GET /metrics`, `GET /health`). Default: 127.0.0.1:9293, or a free
-    /// port when that one is taken (the ready line says which); port 0 picks a free port.
+    /// port when another program holds that one (the ready line says which, a warning says
+    /// why); an address set here must be free. Port 0 picks a free port.
     pub admin_listen: Option<SocketAddr>,
+    /// How long start-up retries (every 50 ms) a listening address that is in use — typically
+    /// by a predecessor just killed, whose sockets close a moment after it — before it exits
+    /// naming the listener, the address and what holds it. 0 = do not wait.
+    pub listen_wait_ms: u64,
     /// Kafka protocol listener (Apache Kafka clients: librdkafka, Java, kafka-python, kafkajs),
-    /// shared by every shard. `off` disables it; port 0 picks a free port.
+    /// one socket shared by every shard, exclusive to this process. `off` disables it; port 0
+    /// picks a free port.
     pub kafka_listen: String,
     /// `host:port` put in Kafka Metadata responses as this broker's address; default: the
     /// address `kafka_listen` is bound to.
@@ -128,6 +135,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./ringlog-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
             admin_listen: None,
+            listen_wait_ms: 5000,
             kafka_listen: "127.0.0.1:9092".into(),
             kafka_advertised_listener: None,
             kafka_auto_create_topics: true,
@@ -170,6 +178,8 @@ impl Default for BrokerConfig {
 /// Smallest io_memory glommio accepts.
 const IO_MEMORY_MIN_BYTES: usize = 512 << 10;
 const IO_MEMORY_MAX_BYTES: usize = 10 << 20;
+/// A supervisor should see a broker that cannot get its ports fail, not hang.
+const LISTEN_WAIT_MS_MAX: u64 = 600_000;
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
 
@@ -250,6 +260,9 @@ impl BrokerConfig {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => return invalid("kafka_advertised_listener", format!("'{a}' is not host:port")),
             }
+        }
+        if self.listen_wait_ms > LISTEN_WAIT_MS_MAX {
+            return invalid("listen_wait_ms", format!("must be at most {LISTEN_WAIT_MS_MAX} (ten minutes)"));
         }
         if self.frame_bytes_max < 1024 {
             return invalid("frame_bytes_max", "must be at least 1024");
@@ -421,6 +434,9 @@ mod tests {
         let flags = vec![("batch_bytes_max".to_string(), "10".to_string())];
         let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
         assert!(err.contains("batch_bytes_max"), "{err}");
+        let flags = vec![("listen_wait_ms".to_string(), "600001".to_string())];
+        let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
+        assert!(err.contains("listen_wait_ms"), "{err}");
         let flags = vec![("spin_before_park_us".to_string(), "2000000".to_string())];
         let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
         assert!(err.contains("spin_before_park_us"), "{err}");

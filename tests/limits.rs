@@ -543,6 +543,7 @@ fn the_kafka_listener_can_be_disabled_and_bad_kafka_addresses_are_refused() {
     assert!(err.contains("kafka_advertised_listener"), "{err}");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
-    let err = serve_fails(&["--kafka-listen", &taken], &[]);
+    let err = serve_fails(&["--kafka-listen", &taken, "--set", "listen_wait_ms=200"], &[]);
     assert!(err.contains("kafka_listen") && err.contains(&taken), "{err}");
+    assert!(err.contains(&format!("held by pid {}", std::process::id())), "names the holder: {err}");
 }

@@ -5,8 +5,6 @@
 //! more and a bigger HTTP stack would be the largest dependency of the broker. A scrape gathers
 //! one snapshot from every shard over the mesh; no shard ever waits on the admin listener.
 
-use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +24,7 @@ const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTIONS_MAX: usize = 64;
 
 /// Accepts admin connections until the task is dropped (at shutdown).
-async fn serve(shard: Rc<Shard>, listener: TcpListener, started: Instant) {
+pub(crate) async fn serve(shard: Rc<Shard>, listener: TcpListener, started: Instant) {
     let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
@@ -140,30 +138,4 @@ async fn gather(shard: &Rc<Shard>) -> Vec<ShardSnapshot> {
     }
     all.sort_by_key(|s| s.shard);
     all
-}
-
-/// The admin listener's default address.
-pub const ADMIN_LISTEN_DEFAULT: &str = "127.0.0.1:9293";
-
-/// Binds the admin listener on the main thread (before the shards start, so the ready line can
-/// name it). An explicit `admin_listen` must bind; the default falls back to a free port when
-/// 9293 is taken, so a second broker on one host still starts — the ready line says where.
-pub fn bind(configured: Option<SocketAddr>) -> Result<std::net::TcpListener, (SocketAddr, std::io::Error)> {
-    if let Some(addr) = configured {
-        return std::net::TcpListener::bind(addr).map_err(|e| (addr, e));
-    }
-    let default: SocketAddr =
-        ADMIN_LISTEN_DEFAULT.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9293)));
-    std::net::TcpListener::bind(default).or_else(|e| {
-        tracing::warn!("admin listener: {default} is not available ({e}); using a free port instead");
-        let any = SocketAddr::new(default.ip(), 0);
-        std::net::TcpListener::bind(any).map_err(|e| (any, e))
-    })
-}
-
-/// Serves a listener bound by [`bind`] on the current shard until the task is dropped.
-pub(crate) async fn serve_bound(shard: Rc<Shard>, listener: std::net::TcpListener, started: Instant) {
-    // SAFETY: the descriptor comes from a bound, listening std listener whose ownership moves here.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-    serve(shard, listener, started).await
 }

@@ -2,13 +2,14 @@
 //! to a core, and wiring each shard's listeners to the protocols.
 //!
 //! Owns: the data-directory lock, executor placement and io_memory sizing, the start-up
-//! rendezvous (mesh peer ids, listener addresses), signal handling, the admin HTTP listener
-//! (`admin`) and the two-phase shutdown (drain connections everywhere, then close partitions
-//! everywhere). This is the only module that knows glommio's executor API, so a patched glommio
+//! rendezvous (mesh peer ids), signal handling, the listening sockets (`listeners`), the admin
+//! HTTP listener (`admin`) and the two-phase shutdown (drain connections everywhere, then close
+//! partitions everywhere). This is the only module that knows glommio's executor API, so a patched glommio
 //! could be swapped in here. The top layer: it may depend on every other module; none depends on
 //! it.
 
 pub mod admin;
+pub mod listeners;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -17,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
@@ -40,10 +40,10 @@ pub enum StartError {
     Shard { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
     ShardFailed { shard: usize, message: String },
-    #[error("cannot listen on {addr} (admin_listen): {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
     #[error("cannot open the partitions of {path}: {detail}")]
     Descriptors { path: String, detail: String },
+    #[error(transparent)]
+    Listen(#[from] listeners::ListenError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -51,10 +51,10 @@ pub enum StartError {
 /// What the shards agree on while starting; mutexes here are start-up only, never on a request.
 struct Rendezvous {
     shards: usize,
-    shared_port: Mutex<Option<u16>>,
-    /// The Kafka listener's port, once shard 0 bound it.
-    kafka_port: Mutex<Option<u16>>,
-    direct: Mutex<Vec<Option<SocketAddr>>>,
+    /// The Kafka listener's bound address, when it is on.
+    kafka: Option<SocketAddr>,
+    /// Each shard's direct address, in shard order.
+    direct: Vec<SocketAddr>,
     peers: Mutex<Vec<Option<usize>>>,
     ready: AtomicUsize,
     /// The first failure of any shard, at start-up or later: (shard, what happened and what to do).
@@ -152,11 +152,12 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
 
     let shutdown = Arc::new(Shutdown::default());
     install_signal_handlers(shutdown.clone())?;
+    let listeners = listeners::bind(&config, shards)?;
+    let (native_addr, admin_addr) = (listeners.native_addr(), listeners.admin_addr());
     let rendezvous = Arc::new(Rendezvous {
         shards,
-        shared_port: Mutex::new(None),
-        kafka_port: Mutex::new(None),
-        direct: Mutex::new(vec![None; shards]),
+        kafka: listeners.kafka_addr(),
+        direct: listeners.direct_addrs(),
         peers: Mutex::new(vec![None; shards]),
         ready: AtomicUsize::new(0),
         failed: Mutex::new(None),
@@ -165,13 +166,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         stopped: AtomicUsize::new(0),
     });
     report_shard_panics(rendezvous.clone());
-    let mut admin =
-        Some(admin::bind(config.admin_listen).map_err(|(addr, source)| StartError::Admin { addr, source })?);
-    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let shard_listeners = listeners.into_shards()?;
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, 1024);
     let mut store = Some(store);
     let mut handles = Vec::with_capacity(shards);
-    for id in 0..shards {
+    for (id, listeners) in shard_listeners.into_iter().enumerate() {
         let placement = match cores.get(id % cores.len().max(1)) {
             Some(core) => Placement::Fixed(core.id),
             None => Placement::Unbound,
@@ -184,7 +183,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             rendezvous: rendezvous.clone(),
             shutdown: shutdown.clone(),
             mesh: mesh.clone(),
-            admin: if id == 0 { admin.take() } else { None },
+            listeners: Some(listeners),
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -209,18 +208,12 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let direct: Vec<String> = lock(&rendezvous.direct).iter().flatten().map(|a| a.to_string()).collect();
-    let port = lock(&rendezvous.shared_port).unwrap_or(0);
-    let kafka = match (config.kafka_listen_addr(), *lock(&rendezvous.kafka_port)) {
-        (Ok(Some(addr)), Some(port)) => SocketAddr::new(addr.ip(), port).to_string(),
-        _ => "off".to_string(),
-    };
+    let direct: Vec<String> = rendezvous.direct.iter().map(SocketAddr::to_string).collect();
+    let kafka = rendezvous.kafka.map_or_else(|| "off".to_string(), |a| a.to_string());
     let ready = format!(
-        "ringlog ready: native={}:{port} kafka={kafka} shards={shards} direct={} data_dir={} admin={}",
-        config.listen.ip(),
+        "ringlog ready: native={native_addr} kafka={kafka} shards={shards} direct={} data_dir={} admin={admin_addr}",
         direct.join(","),
         data_dir.display(),
-        admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string())
     );
     tracing::info!("{ready}");
     println!("{ready}");
@@ -326,15 +319,15 @@ struct ShardStart {
     rendezvous: Arc<Rendezvous>,
     shutdown: Arc<Shutdown>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
-    /// Shard 0 serves the admin HTTP listener (metrics, health).
-    admin: Option<std::net::TcpListener>,
+    /// This shard's descriptors of the broker's sockets (shard 0's include the admin listener).
+    listeners: Option<listeners::ShardListeners>,
 }
 
 impl ShardStart {
     async fn run(mut self) -> Result<(), String> {
         let store = self.store.take();
-        let admin = self.admin.take();
-        let result = self.start(store, admin).await;
+        let listeners = self.listeners.take();
+        let result = self.start(store, listeners).await;
         if let Err(message) = &result {
             self.rendezvous.fail(self.id, message.clone());
         }
@@ -363,42 +356,21 @@ impl ShardStart {
     async fn start(
         &self,
         store: Option<MetadataStore>,
-        admin: Option<std::net::TcpListener>,
+        listeners: Option<listeners::ShardListeners>,
     ) -> Result<(), String> {
         let rv = &self.rendezvous;
         let (senders, mut receivers) =
             self.mesh.clone().join().await.map_err(|_| "cannot join the shard mesh")?;
         lock(&rv.peers)[self.id] = Some(senders.peer_id());
 
-        let shared = self.bind_shared(self.config.listen, &rv.shared_port, "listen").await?;
-        let kafka_addr = self.config.kafka_listen_addr()?;
-        let kafka = match kafka_addr {
-            Some(addr) => Some(self.bind_shared(addr, &rv.kafka_port, "kafka_listen").await?),
-            None => None,
-        };
-        let direct_port = match self.config.shard_port_base {
-            0 => 0,
-            base => base.checked_add(self.id as u16).ok_or("shard_port_base + shard id exceeds 65535")?,
-        };
-        let direct_addr = SocketAddr::new(self.config.listen.ip(), direct_port);
-        let direct = TcpListener::bind(direct_addr)
-            .map_err(|e| format!("cannot listen on {direct_addr} (shard_port_base): {e}"))?;
-        let bound = direct.local_addr().map_err(|e| e.to_string())?;
-        lock(&rv.direct)[self.id] = Some(bound);
-
-        poll_until(|| {
-            self.failed()
-                || (lock(&rv.direct).iter().all(Option::is_some)
-                    && lock(&rv.peers).iter().all(Option::is_some))
-        })
-        .await;
+        poll_until(|| self.failed() || lock(&rv.peers).iter().all(Option::is_some)).await;
         if self.failed() {
             return Err("another shard failed to start".into());
         }
         let advertised_host = self.config.advertised_host.clone();
-        let endpoints: Vec<SocketAddr> = lock(&rv.direct)
+        let endpoints: Vec<SocketAddr> = rv
+            .direct
             .iter()
-            .flatten()
             .map(|a| match advertised_host.as_deref().and_then(|h| h.parse().ok()) {
                 Some(ip) => SocketAddr::new(ip, a.port()),
                 None => *a,
@@ -415,10 +387,10 @@ impl ShardStart {
         }
         // Groups are rebuilt before the mesh is served, so no group request sees a half-loaded shard.
         crate::groups::load(&shard).await?;
-        if let (Some(addr), Some(port)) = (kafka_addr, *lock(&rv.kafka_port)) {
+        if let Some(addr) = rv.kafka {
             let advertised = match &self.config.kafka_advertised_listener {
                 Some(a) => crate::kafka::parse_host_port(a)?,
-                None => (addr.ip().to_string(), port),
+                None => (addr.ip().to_string(), addr.port()),
             };
             let _ = shard.kafka_endpoint.set(advertised);
         }
@@ -435,14 +407,15 @@ impl ShardStart {
         let housekeeping = glommio::spawn_local(shard.clone().housekeeping());
         let group_timers = glommio::spawn_local(crate::groups::run_timers(shard.clone()));
         let started = std::time::Instant::now();
-        let admin = admin.map(|l| glommio::spawn_local(admin::serve_bound(shard.clone(), l, started)));
+        let open = listeners.ok_or("no listeners were bound for this shard")?.open();
+        let admin = open.admin.map(|l| glommio::spawn_local(admin::serve(shard.clone(), l, started)));
         rv.ready.fetch_add(1, Ordering::AcqRel);
 
         let mut listeners = vec![
-            Listener::new::<crate::native::Native>(shared),
-            Listener::new::<crate::native::Native>(direct),
+            Listener::new::<crate::native::Native>(open.native),
+            Listener::new::<crate::native::Native>(open.direct),
         ];
-        listeners.extend(kafka.map(Listener::new::<crate::kafka::Kafka>));
+        listeners.extend(open.kafka.map(Listener::new::<crate::kafka::Kafka>));
         crate::server::serve(shard.clone(), listeners, self.shutdown.clone()).await;
 
         // Phase 1 is over on this shard: no connection of ours will send new work. Other shards
@@ -456,28 +429,6 @@ impl ShardStart {
         shard.close_partitions().await;
         tracing::info!(shard = self.id, "shard stopped");
         Ok(())
-    }
-
-    /// Shard 0 binds a shared listener first (it may pick a free port) and publishes the port in
-    /// `slot`; the others then bind the same port with SO_REUSEPORT so the kernel spreads
-    /// connections across shards.
-    async fn bind_shared(
-        &self,
-        listen: SocketAddr,
-        slot: &Mutex<Option<u16>>,
-        option: &str,
-    ) -> Result<TcpListener, String> {
-        if self.id == 0 {
-            let l = TcpListener::bind(listen)
-                .map_err(|e| format!("cannot listen on {listen} ({option}): {e}"))?;
-            let port = l.local_addr().map_err(|e| e.to_string())?.port();
-            *lock(slot) = Some(port);
-            return Ok(l);
-        }
-        poll_until(|| self.failed() || lock(slot).is_some()).await;
-        let port = lock(slot).ok_or("shard 0 failed to start")?;
-        let addr = SocketAddr::new(listen.ip(), port);
-        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} ({option}): {e}"))
     }
 }
 
