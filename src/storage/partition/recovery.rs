@@ -1,6 +1,6 @@
 //! Recovery: the segments found on open (indexes loaded or rebuilt, torn tails cut, segments past
-//! an offset gap removed; the active segment scanned only past its checkpoint, not at all after a
-//! clean shutdown), the active segment's carried partial block, and the producer state
+//! an offset gap removed; the active segment scanned only past its checkpoint, and after a clean
+//! shutdown only its last block), the active segment's carried partial block, and the producer state
 //! rebuilt from the newest usable snapshot plus a replay of the batch headers after it (also after
 //! a truncation). Removes snapshots past a cut so they can never look valid again.
 
@@ -262,15 +262,15 @@ pub(super) async fn recover_segments(
             .len();
         // The active segment's index is a checkpoint: all of it after a clean shutdown, a synced
         // prefix otherwise (written by housekeeping), so a crash costs a scan of the tail only.
+        // Even after a clean shutdown the last block is read again and its batches checked: it is
+        // the one a write rewrites, and damage at rest there must be cut, not served as corrupt.
         let coverage = if is_last { Coverage::Prefix } else { Coverage::Exact };
         let (index, start, checkpoint_bytes) = match seg.load_indexes(
             file_bytes,
             config.index_interval_bytes,
             coverage,
         ) {
-            Ok((index, summary))
-                if !is_last || (report.clean_shutdown && summary.log_bytes == file_bytes) =>
-            {
+            Ok((index, summary)) if !is_last => {
                 report.indexes_loaded += 1;
                 let mut meta = seg.meta.borrow_mut();
                 meta.size_bytes = file_bytes;
