@@ -128,7 +128,7 @@ impl Shard {
             shard = id,
             partitions = summary.partitions,
             segments_scanned = summary.segments_scanned,
-            truncated = summary.truncated,
+            damaged_tails = summary.truncated,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "shard {id} opened {} topics in {:.3} s: {summary}",
             topics.len(),

@@ -309,17 +309,20 @@ impl fmt::Display for RecoverySummary {
         write!(
             f,
             "{} partitions ({} without a clean shutdown), {} segments, {} scanned ({} bytes), {} indexes \
-             rebuilt, {} torn tails truncated ({} bytes dropped), {} segments removed",
+             rebuilt, ",
             self.partitions,
             self.after_crash,
             self.segments,
             self.segments_scanned,
             self.bytes_scanned,
             self.indexes_rebuilt,
-            self.truncated,
-            self.bytes_dropped,
-            self.segments_removed
-        )
+        )?;
+        // Damage is named only when there was some, so a log search for it finds only real cuts.
+        match self.truncated {
+            0 => write!(f, "no damaged tails")?,
+            n => write!(f, "{n} torn tails truncated ({} bytes dropped)", self.bytes_dropped)?,
+        }
+        write!(f, ", {} segments removed", self.segments_removed)
     }
 }
 
