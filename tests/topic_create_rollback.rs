@@ -30,10 +30,18 @@ fn topic_that_runs_out_of_descriptors_is_rolled_back_and_the_broker_keeps_servin
     let before = open_fds(pid);
     let idle: Vec<std::net::TcpStream> =
         (0..600).map(|_| std::net::TcpStream::connect(&broker.addr).unwrap()).collect();
+    // Each connection costs the broker more than one descriptor (the socket and the writer's
+    // dup): wait until it has set all of them up, i.e. until its count stops growing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while open_fds(pid) < before + 600 {
+    let mut last = 0;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = open_fds(pid);
+        if now >= before + 600 && now == last {
+            break;
+        }
         assert!(std::time::Instant::now() < deadline, "the broker did not accept the idle connections");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        last = now;
     }
     // 200 descriptors left: room for the small topic below, not for 400 partitions, which the
     // budget (limit less 256 reserved, 1 per partition) admits.
