@@ -273,19 +273,7 @@ async fn run_on_topics(
     let (drain_tx, drain_rx) = watch::channel::<DrainTargets>(None);
 
     // Consumers first, so they are waiting when the first message arrives.
-    let mut consumer_start = Vec::new();
-    for topic in topics {
-        for _group in 0..w.consumer_groups.max(1) * u32::from(w.consumers > 0) {
-            for c in 0..w.consumers {
-                let assigned: Vec<(String, u32)> =
-                    (0..w.partitions).filter(|p| p % w.consumers == c).map(|p| (topic.clone(), p)).collect();
-                if assigned.is_empty() {
-                    continue;
-                }
-                consumer_start.push(broker.consumer(assigned).await?);
-            }
-        }
-    }
+    let consumer_start = connect_consumers(broker, w, topics).await?;
     let mut producers_ready = Vec::new();
     for topic in topics {
         for _ in 0..w.producers {
@@ -442,6 +430,28 @@ async fn run_on_topics(
     })
 }
 
+/// One consumer per topic, group and consumer index, each assigned its share of the topic's
+/// partitions (`p % consumers == c`); none when the workload has no consumers.
+async fn connect_consumers(
+    broker: &Broker,
+    w: &Workload,
+    topics: &[String],
+) -> Result<Vec<Source>, LoadgenError> {
+    let mut sources = Vec::new();
+    for topic in topics {
+        for _group in 0..w.consumer_groups.max(1) * u32::from(w.consumers > 0) {
+            for c in 0..w.consumers {
+                let assigned: Vec<(String, u32)> =
+                    (0..w.partitions).filter(|p| p % w.consumers == c).map(|p| (topic.clone(), p)).collect();
+                if !assigned.is_empty() {
+                    sources.push(broker.consumer(assigned).await?);
+                }
+            }
+        }
+    }
+    Ok(sources)
+}
+
 /// The backlog drain (`Workload::backlog_bytes`): the producers write the backlog while nothing
 /// reads, then the consumers read it all from the beginning. The report's produce rate is the
 /// fill's, its consume rate the drain's, each over its own phase.
@@ -489,18 +499,7 @@ async fn run_backlog(
 
     let targets = broker.end_offsets(topics).await.map_err(LoadgenError::Broker)?;
     let (_drain_tx, drain_rx) = watch::channel::<DrainTargets>(Some(Arc::new(targets)));
-    let mut sources = Vec::new();
-    for topic in topics {
-        for _group in 0..w.consumer_groups.max(1) {
-            for c in 0..w.consumers {
-                let assigned: Vec<(String, u32)> =
-                    (0..w.partitions).filter(|p| p % w.consumers == c).map(|p| (topic.clone(), p)).collect();
-                if !assigned.is_empty() {
-                    sources.push(broker.consumer(assigned).await?);
-                }
-            }
-        }
-    }
+    let sources = connect_consumers(broker, w, topics).await?;
     let acked: u64 = producers.iter().map(|(s, _)| s.lock().acked_total).sum();
     let drain_start = Instant::now();
     let give_up = drain_start + Duration::from_secs_f64(w.drain_timeout_s);

@@ -279,9 +279,9 @@ pub(super) async fn recover_segments(
                 meta.preallocated_bytes = file_bytes;
                 meta.next_offset = summary.next_offset;
                 meta.index = index;
-                meta.sealed = !is_last;
-                meta.final_on_disk = !is_last;
-                meta.first_append_ms = (is_last && file_bytes > 0).then_some(recovered_at_ms);
+                // Only sealed segments take this branch (the active one's tail is always checked).
+                meta.sealed = true;
+                meta.final_on_disk = true;
                 drop(meta);
                 segments.push(seg);
                 continue;
