@@ -92,6 +92,10 @@ pub struct BrokerConfig {
     pub partitions_per_topic_max: u32,
     /// Most topics the broker holds.
     pub topics_max: usize,
+    /// Most partitions per shard (the broker holds this many times its shards, all topics
+    /// together); topic creation and growth beyond it are refused. Idle partitions hold no file
+    /// descriptor, so this bounds memory (about 4 KB per idle partition) and disk, not descriptors.
+    pub partitions_per_shard_max: u64,
     /// Most open client connections per shard; more are accepted and closed at once, with a log line.
     pub connections_per_shard_max: usize,
     /// Request bytes a connection may have in flight before the broker stops reading from it.
@@ -152,6 +156,7 @@ impl Default for BrokerConfig {
             records_per_batch_max: 1_000_000,
             partitions_per_topic_max: 10_000,
             topics_max: 100_000,
+            partitions_per_shard_max: 100_000,
             connections_per_shard_max: 10_000,
             bytes_in_flight_per_connection_max: 64 << 20,
             fetch_wait_ms_max: 30_000,
@@ -281,6 +286,9 @@ impl BrokerConfig {
         }
         if self.partitions_per_topic_max == 0 {
             return invalid("partitions_per_topic_max", "must be at least 1");
+        }
+        if self.partitions_per_shard_max == 0 {
+            return invalid("partitions_per_shard_max", "must be at least 1");
         }
         if self.connections_per_shard_max == 0 {
             return invalid("connections_per_shard_max", "must be at least 1");

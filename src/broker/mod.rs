@@ -26,7 +26,7 @@ use crate::metadata::{self, MetadataStore};
 use crate::server::{Listener, Shutdown};
 use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
-use crate::storage::descriptors::{self, DescriptorBudget};
+use crate::storage::descriptors::DescriptorBudget;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -40,8 +40,6 @@ pub enum StartError {
     Shard { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
     ShardFailed { shard: usize, message: String },
-    #[error("cannot open the partitions of {path}: {detail}")]
-    Descriptors { path: String, detail: String },
     #[error(transparent)]
     Listen(#[from] listeners::ListenError),
     #[error("cannot install signal handlers: {0}")]
@@ -82,9 +80,9 @@ async fn poll_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit and logs the partition budget it gives
+/// Raises the soft RLIMIT_NOFILE to the hard limit and logs how it is shared out
 /// (`storage::descriptors`); an operator raises the hard limit (`LimitNOFILE`, tuning.md).
-fn raise_open_files_limit() {
+fn raise_open_files_limit(shards: usize) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
@@ -104,13 +102,13 @@ fn raise_open_files_limit() {
     let budget = DescriptorBudget::for_limit(limit.rlim_cur);
     tracing::info!(
         open_files_max = limit.rlim_cur,
-        partitions_max = budget.partitions_max(),
-        "RLIMIT_NOFILE soft limit {} (hard {}): room for {} open partitions at {} descriptor each, \
-         {} descriptors reserved for connections and other files",
+        active_files_per_shard = budget.active_files_per_shard(shards),
+        "RLIMIT_NOFILE soft limit {} (hard {}): {} active segment files open per shard at most \
+         (partitions in use; idle ones hold none), {} descriptors for connections, {} reserved",
         limit.rlim_cur,
         limit.rlim_max,
-        budget.partitions_max(),
-        descriptors::PER_PARTITION,
+        budget.active_files_per_shard(shards),
+        limit.rlim_cur - budget.reserved - budget.active_files_max(),
         budget.reserved
     );
 }
@@ -122,20 +120,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     std::fs::create_dir_all(data_dir.join("topics"))
         .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
     let _lock = lock_data_dir(&data_dir)?;
-    raise_open_files_limit();
     let shards = config.shard_count();
+    raise_open_files_limit(shards);
     let mut store = MetadataStore::open(&data_dir, shards)?;
     crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
     remove_orphan_topic_dirs(&data_dir, &store);
-    // The check topic creation makes, made again: refuse at once what cannot be opened, rather
-    // than fail (or crawl) half-way through opening it.
-    let partitions: u64 = store.topics().map(|t| t.partition_shards.len() as u64).sum();
-    if let Some(budget) = DescriptorBudget::current().filter(|b| !b.fits(partitions)) {
-        return Err(StartError::Descriptors {
-            path: data_dir.display().to_string(),
-            detail: budget.explain(partitions),
-        });
-    }
     let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
     let io_memory = config.io_memory_for(shards);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -345,11 +334,8 @@ impl ShardStart {
         if !e.is_out_of_descriptors() {
             return format!("opening its partitions failed: {e}");
         }
-        let partitions: u64 = self.topics.iter().map(|t| t.partition_shards.len() as u64).sum();
-        let budget = DescriptorBudget::current().map_or_else(
-            || "raise RLIMIT_NOFILE (LimitNOFILE= in the systemd unit)".into(),
-            |b| b.explain(partitions),
-        );
+        let budget = DescriptorBudget::current()
+            .map_or_else(|| "raise RLIMIT_NOFILE (LimitNOFILE= in the systemd unit)".into(), |b| b.explain());
         format!("opening its partitions failed: {e}. The process ran out of file descriptors: {budget}")
     }
 

@@ -151,7 +151,7 @@ impl Controller {
             if user_topics >= shard.config.topics_max {
                 return Err(BrokerError::TooManyTopics { topics: user_topics });
             }
-            shard::check_descriptor_budget(&name, store_partitions(&store), u64::from(partitions))?;
+            shard::check_partition_budget(shard, &name, store_partitions(&store), u64::from(partitions))?;
             let loads = store.shard_loads(shard.count as usize);
             let meta = TopicMeta {
                 name: name.clone(),
@@ -242,7 +242,8 @@ impl Controller {
                     shard.config.partitions_per_topic_max
                 )));
             }
-            shard::check_descriptor_budget(
+            shard::check_partition_budget(
+                shard,
                 &name,
                 store_partitions(&store),
                 (partitions as usize - had) as u64,

@@ -46,7 +46,7 @@ pub fn broker_code(e: &BrokerError) -> i16 {
         BrokerError::TopicAlreadyExists { .. } => K::TopicAlreadyExists,
         // Retriable in Kafka clients, which is what a full limit wants.
         BrokerError::TooManyTopics { .. } => K::ThrottlingQuotaExceeded,
-        BrokerError::DescriptorBudget { .. } => K::ThrottlingQuotaExceeded,
+        BrokerError::PartitionBudget { .. } => K::ThrottlingQuotaExceeded,
         e @ (BrokerError::OpenFailed { .. } | BrokerError::RolledBack { .. })
             if e.is_out_of_descriptors() =>
         {

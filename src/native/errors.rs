@@ -22,7 +22,7 @@ pub fn broker_code(e: &BrokerError) -> ErrorCode {
         BrokerError::InvalidConfig(_) => ErrorCode::InvalidConfig,
         BrokerError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
         BrokerError::TooManyTopics { .. } => ErrorCode::ResourceExhausted,
-        BrokerError::DescriptorBudget { .. } => ErrorCode::ResourceExhausted,
+        BrokerError::PartitionBudget { .. } => ErrorCode::ResourceExhausted,
         e @ (BrokerError::OpenFailed { .. } | BrokerError::RolledBack { .. })
             if e.is_out_of_descriptors() =>
         {

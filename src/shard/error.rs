@@ -46,12 +46,10 @@ pub enum BrokerError {
     /// Opening a partition's files failed on a shard (creation, growth, start-up).
     #[error("topic '{topic}' partition {partition} on shard {shard}: {source}{}", more_failures(*more))]
     OpenFailed { topic: String, partition: u32, shard: u32, more: usize, source: Arc<StorageError> },
-    /// A topic change refused before anything was opened: the broker's partitions would not fit
-    /// its descriptor budget (`storage::descriptors`).
-    #[error(
-        "topic '{topic}': {adding} more partitions do not fit this broker's descriptor budget: {detail}"
-    )]
-    DescriptorBudget { topic: String, adding: u64, detail: String },
+    /// A topic change refused before anything was opened: the broker would hold more partitions
+    /// than `partitions_per_shard_max` allows.
+    #[error("topic '{topic}': {adding} more partitions do not fit this broker: {detail}")]
+    PartitionBudget { topic: String, adding: u64, detail: String },
     /// A topic change that failed on some shard and was undone everywhere.
     #[error("{action} topic '{topic}' failed and was rolled back: {detail}")]
     RolledBack { action: &'static str, topic: String, detail: String, out_of_descriptors: bool },
@@ -152,7 +150,6 @@ impl BrokerError {
                 source.is_out_of_descriptors()
             }
             BrokerError::RolledBack { out_of_descriptors, .. } => *out_of_descriptors,
-            BrokerError::DescriptorBudget { .. } => true,
             _ => false,
         }
     }

@@ -40,7 +40,7 @@ use mesh::*;
 
 pub use error::{BrokerError, StorageFailure};
 pub use owner::PendingAppend;
-pub use topics::{check_descriptor_budget, remove_topic_dir};
+pub use topics::{check_partition_budget, remove_topic_dir};
 
 /// A topic as every shard sees it.
 pub struct TopicView {
@@ -97,6 +97,9 @@ impl Shard {
             config.tail_cache_bytes,
             config.free_space_reserve_bytes,
         );
+        if let Some(budget) = crate::storage::descriptors::DescriptorBudget::current() {
+            storage.set_active_files_max(budget.active_files_per_shard(count as usize));
+        }
         let shard = Rc::new(Shard {
             id,
             count,

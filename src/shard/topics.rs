@@ -15,7 +15,6 @@ use futures::StreamExt;
 use super::{BrokerError, Shard, TopicView};
 use crate::config::DurabilitySetting;
 use crate::metadata::{self, TopicMeta, TopicSettings};
-use crate::storage::descriptors::DescriptorBudget;
 use crate::storage::{self, LogConfig, Partition, RecoverySummary, StorageError};
 
 /// Partitions a shard opens (or closes) at once: enough to keep the device busy, few enough that
@@ -248,17 +247,25 @@ impl Shard {
 }
 
 /// Refuses a change that would give the broker more partitions (`held` + `adding`, all topics,
-/// all shards) than its descriptor budget allows: the check start-up makes too, so what a running
-/// broker accepts it can open again after a restart with the same limit.
-pub fn check_descriptor_budget(topic: &str, held: u64, adding: u64) -> Result<(), BrokerError> {
-    match DescriptorBudget::current() {
-        Some(budget) if !budget.fits(held + adding) => Err(BrokerError::DescriptorBudget {
-            topic: topic.to_string(),
-            adding,
-            detail: budget.explain(held + adding),
-        }),
-        _ => Ok(()),
+/// all shards) than `partitions_per_shard_max` on each of its shards. Descriptors do not bound
+/// the count (idle partitions hold none); memory (a few KB per idle partition) and disk do, and
+/// this option is how an operator keeps within them.
+pub fn check_partition_budget(shard: &Shard, topic: &str, held: u64, adding: u64) -> Result<(), BrokerError> {
+    let per_shard = shard.config.partitions_per_shard_max;
+    let max = per_shard.saturating_mul(u64::from(shard.count));
+    if held + adding <= max {
+        return Ok(());
     }
+    Err(BrokerError::PartitionBudget {
+        topic: topic.to_string(),
+        adding,
+        detail: format!(
+            "it would hold {} partitions and {} shards allow {max} (partitions_per_shard_max {per_shard}); \
+             raise partitions_per_shard_max if memory (about 4 KB per idle partition) and disk allow",
+            held + adding,
+            shard.count
+        ),
+    })
 }
 
 pub fn remove_topic_dir(data_dir: &std::path::Path, name: &str) {

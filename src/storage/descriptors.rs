@@ -1,26 +1,28 @@
-//! The descriptor budget: how many partitions this process can keep open under its
-//! RLIMIT_NOFILE, counted the same way when a topic is created and when the broker starts.
+//! The descriptor budget: how many active segment files each shard may keep open under the
+//! process's RLIMIT_NOFILE. Partitions hold a descriptor only while used (`partition/idle.rs`),
+//! so the limit bounds how many partitions are open at once, not how many exist.
 //!
-//! Owns the count of descriptors a partition holds while open (`PER_PARTITION`: its active
-//! segment's file; sealed segments are opened only while read, from a small per-shard set
-//! counted in the reserve) and the reserve kept for everything else (listeners, connections,
-//! io_uring rings, transient files). Pure arithmetic over `getrlimit`; depends on libc only.
+//! Owns the split of the limit: a fixed reserve for listeners, io_uring rings, sealed segments
+//! open for reads and transient files; of the rest, half for connections (each costs two: the
+//! socket and the writer's duplicate) and half for active segment files, shared evenly by the
+//! shards. Pure arithmetic over `getrlimit`; depends on libc only.
 
-/// Descriptors an open partition holds, whether it was just created or reopened.
-pub const PER_PARTITION: u64 = 1;
 /// Sealed segments a shard keeps open for reads (least recently read closed first).
 pub const SEALED_FILES_PER_SHARD: usize = 32;
-/// Smallest reserve for listeners, connections, io_uring rings and transient files.
+/// Fewest active files a shard keeps open, whatever the limit: fewer would close and reopen
+/// files on nearly every request of a modest workload.
+pub const ACTIVE_FILES_PER_SHARD_MIN: usize = 16;
+/// Smallest reserve for listeners, io_uring rings, sealed segments and transient files.
 const RESERVED_MIN: u64 = 256;
 /// The reserve grows with the limit: one descriptor in this many.
 const RESERVED_SHARE: u64 = 16;
 
-/// The process's descriptor limit and how much of it partitions may use.
+/// The process's descriptor limit and how it is shared out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DescriptorBudget {
     /// The soft RLIMIT_NOFILE.
     pub limit: u64,
-    /// Kept for everything but partitions.
+    /// Kept for everything but connections and active segment files.
     pub reserved: u64,
 }
 
@@ -40,26 +42,28 @@ impl DescriptorBudget {
         DescriptorBudget { limit, reserved }
     }
 
-    /// Most partitions the process can hold open.
-    pub fn partitions_max(&self) -> u64 {
-        (self.limit - self.reserved) / PER_PARTITION
+    /// Active segment files all shards together keep open: half of what the reserve leaves.
+    pub fn active_files_max(&self) -> u64 {
+        (self.limit - self.reserved) / 2
     }
 
-    /// Whether `partitions` in total fit.
-    pub fn fits(&self, partitions: u64) -> bool {
-        partitions <= self.partitions_max()
+    /// Active segment files one of `shards` shards keeps open.
+    pub fn active_files_per_shard(&self, shards: usize) -> usize {
+        let per_shard = self.active_files_max() / shards.max(1) as u64;
+        usize::try_from(per_shard).unwrap_or(usize::MAX).max(ACTIVE_FILES_PER_SHARD_MIN)
     }
 
-    /// What an operator reads when partitions do not fit: the numbers and the way out.
-    pub fn explain(&self, partitions: u64) -> String {
+    /// What an operator reads when the process ran out of descriptors anyway: the numbers and
+    /// the way out.
+    pub fn explain(&self) -> String {
         format!(
-            "{partitions} partitions need {} open files at {PER_PARTITION} per partition, and RLIMIT_NOFILE \
-             {} less {} reserved for connections and other files leaves room for {}; raise the limit \
-             (LimitNOFILE= in the systemd unit, `ulimit -n` in the shell that starts ringlog)",
-            partitions * PER_PARTITION,
+            "RLIMIT_NOFILE {} less {} reserved leaves {} descriptors for connections (two each) and \
+             {} for the active segment files of partitions in use; raise the limit (LimitNOFILE= in \
+             the systemd unit, `ulimit -n` in the shell that starts ringlog)",
             self.limit,
             self.reserved,
-            self.partitions_max()
+            self.limit - self.reserved - self.active_files_max(),
+            self.active_files_max(),
         )
     }
 }
@@ -71,18 +75,19 @@ mod tests {
     #[test]
     fn reserve_grows_with_the_limit_and_never_exceeds_it() {
         assert_eq!(DescriptorBudget::for_limit(20_000).reserved, 1_250);
-        assert_eq!(DescriptorBudget::for_limit(20_000).partitions_max(), 18_750);
+        assert_eq!(DescriptorBudget::for_limit(20_000).active_files_max(), 9_375);
+        assert_eq!(DescriptorBudget::for_limit(20_000).active_files_per_shard(2), 4_687);
         assert_eq!(DescriptorBudget::for_limit(1_024).reserved, 256);
-        assert_eq!(DescriptorBudget::for_limit(100).partitions_max(), 0);
-        assert!(DescriptorBudget::for_limit(4_096).fits(3_840));
-        assert!(!DescriptorBudget::for_limit(4_096).fits(3_841));
+        assert_eq!(DescriptorBudget::for_limit(1_024).active_files_per_shard(2), 192);
+        assert_eq!(DescriptorBudget::for_limit(100).active_files_max(), 0);
+        assert_eq!(DescriptorBudget::for_limit(100).active_files_per_shard(2), ACTIVE_FILES_PER_SHARD_MIN);
     }
 
     #[test]
     fn the_explanation_names_the_limit_and_the_way_out() {
-        let text = DescriptorBudget::for_limit(4_096).explain(5_000);
+        let text = DescriptorBudget::for_limit(4_096).explain();
         assert!(text.contains("RLIMIT_NOFILE 4096"), "{text}");
-        assert!(text.contains("room for 3840"), "{text}");
+        assert!(text.contains("1920 for the active segment files"), "{text}");
         assert!(text.contains("LimitNOFILE"), "{text}");
     }
 }

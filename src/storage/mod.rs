@@ -12,8 +12,8 @@
 //! Layout of the code, from pure to IO:
 //! - `index`, `scan`, `retention`, `tail_cache`: pure logic, unit- and property-tested.
 //! - `producer_state`: idempotent producers' sequence rules and state snapshots (KIP-98).
-//! - `descriptors`: the descriptor budget (partitions per RLIMIT_NOFILE), shared by topic creation
-//!   and start-up.
+//! - `descriptors`: how RLIMIT_NOFILE is shared out, and so how many active segment files a
+//!   shard keeps open (`partition/idle.rs` releases the least recently used idle ones).
 //! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
 //!   shard (unlinks, index writes, directory syncs).
 //! - `segment`: one segment's files and the recovery scan over them.
@@ -352,8 +352,8 @@ impl fmt::Display for HousekeepReport {
 }
 
 /// Per-shard storage context: the tail cache (one memory budget shared by the shard's
-/// partitions, LRU), the disk-space monitor for the data directory and the bounded set of sealed
-/// segment files open for reads.
+/// partitions, LRU), the disk-space monitor for the data directory, the bounded set of sealed
+/// segment files open for reads and the bounded set of partitions whose active file is open.
 pub struct ShardStorage {
     data_dir: PathBuf,
     tail_cache: RefCell<TailCache>,
@@ -362,6 +362,10 @@ pub struct ShardStorage {
     /// Sealed segments whose files are open for reads, least recently read first; at most
     /// `descriptors::SEALED_FILES_PER_SHARD` (part of the descriptor reserve).
     sealed_open: RefCell<VecDeque<Weak<Segment>>>,
+    /// Partitions whose active segment file may be open, in the order they joined; swept as a
+    /// clock (one used since the last sweep is passed over once) when over `active_files_max`.
+    active_open: RefCell<VecDeque<Weak<Partition>>>,
+    active_files_max: Cell<usize>,
 }
 
 impl ShardStorage {
@@ -376,7 +380,39 @@ impl ShardStorage {
             tail_cache: RefCell::new(TailCache::new(tail_cache_bytes)),
             next_partition_id: Cell::new(0),
             sealed_open: RefCell::new(VecDeque::new()),
+            active_open: RefCell::new(VecDeque::new()),
+            active_files_max: Cell::new(descriptors::ACTIVE_FILES_PER_SHARD_MIN),
         })
+    }
+
+    /// Bounds the active segment files this shard keeps open (`descriptors::DescriptorBudget`).
+    pub fn set_active_files_max(&self, files: usize) {
+        self.active_files_max.set(files.max(descriptors::ACTIVE_FILES_PER_SHARD_MIN));
+    }
+
+    /// Partitions whose active file may be open now (at most the bound, unless every one of them
+    /// was busy when the last joined).
+    pub fn active_files(&self) -> usize {
+        self.active_open.borrow().len()
+    }
+
+    /// `partition` is about to open its active file: it joins the set, and while the set is over
+    /// its bound the least recently used idle partitions release their files. One pass at most:
+    /// partitions that are busy (writing, syncing) stay, and the set stays over its bound until
+    /// one of them is idle at a later sweep.
+    fn note_active_open(&self, partition: Weak<Partition>) {
+        let mut open = self.active_open.borrow_mut();
+        open.push_back(partition);
+        let max = self.active_files_max.get();
+        let mut visits = open.len();
+        while open.len() > max && visits > 0 {
+            visits -= 1;
+            let Some(weak) = open.pop_front() else { break };
+            let Some(p) = weak.upgrade() else { continue };
+            if p.take_recent_use() || !p.release_active_file() {
+                open.push_back(weak);
+            }
+        }
     }
 
     /// `seg`, sealed, was just read with its file open: it becomes the most recently read, and

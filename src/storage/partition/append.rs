@@ -30,7 +30,7 @@ const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
 const PREALLOCATE_STEP_MIN_BYTES: u64 = 256 << 10;
 
 /// The next preallocation step for a file with `preallocated` bytes reserved.
-fn preallocate_step(preallocated: u64) -> u64 {
+pub(super) fn preallocate_step(preallocated: u64) -> u64 {
     preallocated.clamp(PREALLOCATE_STEP_MIN_BYTES, PREALLOCATE_STEP_BYTES)
 }
 /// Smallest chunk allocated for staging appends; larger batches get a chunk of their size.
@@ -132,7 +132,7 @@ impl Chunk {
 }
 
 /// `fallocate` mode 0 (the file size grows with it) up to `end_bytes`.
-fn fallocate(fd: RawFd, end_bytes: u64) -> std::io::Result<()> {
+pub(super) fn fallocate(fd: RawFd, end_bytes: u64) -> std::io::Result<()> {
     // SAFETY: plain fallocate on an fd the caller keeps open for the call; no memory is passed.
     let rc = unsafe { libc::fallocate(fd, 0, 0, end_bytes as libc::off_t) };
     if rc == 0 {
@@ -168,6 +168,7 @@ impl Partition {
         if self.closed.get() {
             return Err(StorageError::Closed);
         }
+        self.touch();
         let mut st = self.state.borrow_mut();
         if st.truncating {
             return Err(StorageError::Truncating);
@@ -308,6 +309,8 @@ impl Partition {
 
     /// Starts a new active segment at the log end; the old one is sealed by the flusher.
     pub(super) fn roll(&self, st: &mut State) -> Result<(), StorageError> {
+        // The new active file is opened here.
+        self.touch();
         let old = active(st).clone();
         let base_offset = old.meta.borrow().next_offset;
         let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
@@ -355,7 +358,9 @@ impl Partition {
         let step = preallocate_step(meta.preallocated_bytes);
         let target = align_up(need_end.max(meta.preallocated_bytes + step)).min(cap);
         let Some(fd) = active_fd(st) else {
-            return Err(StorageError::Closed);
+            // The file is closed (released while idle): the flusher reserves the space off the
+            // shard before it writes (`reserve_off_shard`) rather than the append opening it here.
+            return Ok(());
         };
         if let Err(e) = fallocate(fd, target) {
             if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
@@ -380,6 +385,7 @@ impl Partition {
             let meta = seg.meta.borrow();
             let step = preallocate_step(meta.preallocated_bytes);
             let wanted = !meta.preallocating
+                && !st.releasing
                 && meta.preallocated_bytes < cap
                 && end_bytes + step / 2 >= meta.preallocated_bytes;
             wanted.then(|| (meta.preallocated_bytes + step).min(cap))

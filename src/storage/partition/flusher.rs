@@ -148,6 +148,8 @@ impl Partition {
                     }
                 }
                 if ok {
+                    // The flusher is the only writer: every write so far is covered.
+                    self.state.borrow_mut().unsynced = false;
                     for seg in &unsynced {
                         let mut meta = seg.meta.borrow_mut();
                         meta.durable_bytes = meta.written_bytes;
@@ -198,6 +200,12 @@ impl Partition {
         body.as_bytes_mut()[len.saturating_sub(head_len)..body_len].fill(0);
         body.trim_to_size(body_len);
         let body = Rc::new(body);
+        // A release in progress cuts the file to its old size: write after it. An append that
+        // found the file released reserved nothing: reserve now, off the shard.
+        self.wait_released().await;
+        if segment.meta.borrow().preallocated_bytes < file_pos + aligned as u64 {
+            self.reserve_off_shard(&segment, file_pos + aligned as u64).await;
+        }
         let result = match segment.file().await {
             Ok(file) => {
                 self.release_plain_fd(&segment);
@@ -238,7 +246,9 @@ impl Partition {
                 debug_assert!(file_pos + len as u64 >= meta.written_bytes);
                 meta.written_bytes = file_pos + len as u64;
                 drop(meta);
-                self.state.borrow_mut().degraded = false;
+                let mut st = self.state.borrow_mut();
+                st.degraded = false;
+                st.unsynced = true;
                 true
             }
             Err(detail) => {

@@ -196,13 +196,15 @@ impl Partition {
         if offset >= self.log_end_offset.get() {
             return Ok(());
         }
+        self.touch();
         self.state.borrow_mut().truncating = true;
         loop {
             let notified = self.progress.notified();
             {
                 let st = self.state.borrow();
-                // A checkpoint in flight must land before the cut, which removes it.
-                if st.pending.is_empty() && !st.flushing && !st.checkpointing {
+                // A checkpoint in flight must land before the cut, which removes it; a release
+                // would cut the file again after it.
+                if st.pending.is_empty() && !st.flushing && !st.checkpointing && !st.releasing {
                     break;
                 }
             }

@@ -32,10 +32,15 @@
 //! there (`blocking`): unlinking deleted segments, writing the indexes and syncing the directory
 //! when a segment is sealed.
 //!
-//! Descriptors: a partition holds one, its active segment's DmaFile, whether just created or
-//! reopened (`descriptors::PER_PARTITION`). Sealed segments are opened only to be read and closed
-//! again by the shard's bounded set (`ShardStorage::note_sealed_read`); a spare holds none; a roll
-//! holds a plain one until the flusher's first write opens the DmaFile.
+//! Descriptors: a partition holds at most one, its active segment's, and only while used (`idle`):
+//! open and recovery close every file they opened; the first append, read or write opens the
+//! active one again, and the shard's bounded set of open active files
+//! (`ShardStorage::note_active_open`) releases the least recently used idle ones. An append that
+//! finds the file closed stages its bytes without reserving space, and the flusher reserves it
+//! off the shard before writing (so ENOSPC then fails the write, which is rolled back, instead of
+//! the append). Sealed segments are opened only to be read and closed again by the shard's
+//! bounded set (`ShardStorage::note_sealed_read`); a spare holds none; a roll holds a plain one
+//! until the flusher's first write opens the DmaFile.
 //!
 //! Recovery checkpoints: with `Durability::Fsync`, housekeeping writes the active segment's index
 //! covering its synced bytes (`checkpoint_active`), so recovery after a crash scans only what
@@ -60,13 +65,14 @@
 mod append;
 mod flusher;
 mod housekeeping;
+mod idle;
 mod read;
 mod recovery;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::blocking;
@@ -127,6 +133,10 @@ struct State {
     /// Log bytes of the active segment the last checkpoint covers.
     checkpointed_bytes: u64,
     truncating: bool,
+    /// The idle active file is being synced, cut to size and closed (`idle`): no write may start.
+    releasing: bool,
+    /// A write completed that no fdatasync has covered yet.
+    unsynced: bool,
     /// Idempotent producers: epochs and the last batches of each, for every batch in the log.
     producers: ProducerStates,
 }
@@ -148,6 +158,12 @@ pub struct Partition {
     /// Wakes waiters: high watermark moved, rollback, flusher idle or stopped, close.
     progress: Notify,
     spare: Rc<SpareSlot>,
+    /// This partition, for the shard's set of open active files (`idle`).
+    self_ref: Weak<Partition>,
+    /// In the shard's set of partitions whose active file may be open.
+    in_open_set: Cell<bool>,
+    /// Used since the shard's last sweep of that set.
+    recently_used: Cell<bool>,
 }
 
 fn now_ms() -> i64 {
@@ -233,9 +249,6 @@ impl Partition {
         };
 
         let last = segments.last().expect("at least one segment").clone();
-        // The partition's one descriptor (`descriptors::PER_PARTITION`), the same whether it was
-        // just created or reopened: its active segment's DmaFile.
-        last.file().await?;
         let (size, carry) = {
             let mut meta = last.meta.borrow_mut();
             meta.sealed = false;
@@ -254,12 +267,13 @@ impl Partition {
         report.log_end_offset = log_end;
         let producers =
             recover_producer_state(&dir, &segments, log_start, log_end, report.clean_shutdown).await?;
-        // Replaying producer state may have opened sealed segments; reads reopen them on demand.
-        for seg in &segments[..segments.len() - 1] {
+        // Recovery and replay opened files; none stays open: the first append, read or write
+        // opens the active one again (`idle`), reads reopen sealed ones on demand.
+        for seg in &segments {
             seg.close_file().await;
         }
 
-        let partition = Rc::new(Partition {
+        let partition = Rc::new_cyclic(|self_ref| Partition {
             cache_id: shard.allocate_partition_id(),
             dir,
             config,
@@ -277,6 +291,8 @@ impl Partition {
                 checkpointing: false,
                 checkpointed_bytes: 0,
                 truncating: false,
+                releasing: false,
+                unsynced: false,
                 producers,
             }),
             high_watermark: Cell::new(log_end),
@@ -287,6 +303,9 @@ impl Partition {
             flush_wanted: Rc::new(Notify::default()),
             progress: Notify::default(),
             spare: Rc::new(SpareSlot::default()),
+            self_ref: self_ref.clone(),
+            in_open_set: Cell::new(false),
+            recently_used: Cell::new(false),
         });
         glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
         tracing::debug!("{report}");
@@ -319,11 +338,13 @@ impl Partition {
         if already {
             return Ok(());
         }
+        self.wait_released().await;
         self.discard_spare().await;
-        let (segments, sync_failure) = {
+        let (segments, sync_failure, unsynced) = {
             let mut st = self.state.borrow_mut();
+            // A roll's plain descriptor: its file is truncated below when it holds reserved space.
             st.active_file = None;
-            (std::mem::take(&mut st.segments), st.sync_failure.clone())
+            (std::mem::take(&mut st.segments), st.sync_failure.clone(), st.unsynced)
         };
         let result = async {
             if sync_failure.is_some() {
@@ -331,14 +352,21 @@ impl Partition {
             }
             let Some(last) = segments.last() else { return Ok(()) };
             last.wait_preallocation_idle().await;
-            let file = last.file().await?;
-            let size = last.meta.borrow().size_bytes;
-            file.fdatasync()
-                .await
-                .map_err(|e| StorageError::io(format!("syncing {}", last.log_path.display()), e))?;
-            file.truncate(size)
-                .await
-                .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
+            let (size, reserved) = {
+                let meta = last.meta.borrow();
+                (meta.size_bytes, meta.preallocated_bytes)
+            };
+            // A file released while idle, or never written since open, is synced and cut to size
+            // already: closing it costs no reopen.
+            if unsynced || reserved > size {
+                let file = last.file().await?;
+                file.fdatasync()
+                    .await
+                    .map_err(|e| StorageError::io(format!("syncing {}", last.log_path.display()), e))?;
+                file.truncate(size)
+                    .await
+                    .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
+            }
             self.wait_checkpoint_written().await;
             last.persist_indexes()?;
             // The marker promises a snapshot at the log end: without one, no marker.

@@ -41,6 +41,7 @@ impl Partition {
         if offset < self.log_start_offset.get() || offset > high_watermark {
             return Err(self.out_of_range(offset));
         }
+        self.touch();
         let mut chunks = Vec::new();
         if offset < high_watermark {
             let hit = self.shard.tail_cache.borrow_mut().read(

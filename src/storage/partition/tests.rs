@@ -898,3 +898,58 @@ fn truncate_to_takes_cut_batches_out_of_the_producer_state() {
         p.close().await.unwrap();
     });
 }
+
+/// More partitions than the shard keeps files open for, under both durability policies: each is
+/// written, released while idle (synced, cut to its size, closed), written again through a
+/// reopen, read back from disk, closed and reopened; the shard's open set stays at its bound
+/// (descriptors are counted per process by tests/many_partitions.rs, not here: tests share it).
+#[test]
+fn idle_partitions_release_their_files_and_reopen_on_use() {
+    run(|| async {
+        for durability in [Durability::Fsync, Durability::Written] {
+            let tmp = tempfile::tempdir().unwrap();
+            // No tail cache: reads go to the files.
+            let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+            shard.set_active_files_max(16);
+            let mut partitions = Vec::new();
+            for i in 0..60 {
+                let dir = tmp.path().join(format!("t/{i}"));
+                let (p, _) = Partition::open(dir, config(1 << 20, durability), shard.clone()).await.unwrap();
+                partitions.push(p);
+            }
+            assert_eq!(shard.active_files(), 0, "open partitions hold no file before use");
+            let mut expected: Vec<Vec<Vec<u8>>> = Vec::new();
+            for round in 0..2 {
+                for p in &partitions {
+                    expected.push(append_many(p, 3, |i| (round * 10 + i) as i64));
+                    p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+                }
+                // Let the releases' syncs and closes finish.
+                glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+                assert!(shard.active_files() <= 17, "{} active files open", shard.active_files());
+            }
+            for (i, p) in partitions.iter().enumerate() {
+                let mut want = expected[i].clone();
+                want.extend(expected[partitions.len() + i].clone());
+                assert_eq!(read_all(p, 0, 1 << 20).await, want, "partition {i}");
+            }
+            // A released file keeps no space reserved past its end.
+            let first = tmp.path().join("t/0").join("00000000000000000000.log");
+            let size: usize = expected[0].iter().chain(&expected[60]).map(Vec::len).sum();
+            assert_eq!(std::fs::metadata(&first).unwrap().len(), size as u64);
+            for p in &partitions {
+                p.close().await.unwrap();
+            }
+            for (i, _) in partitions.iter().enumerate() {
+                let dir = tmp.path().join(format!("t/{i}"));
+                let (p, report) =
+                    Partition::open(dir, config(1 << 20, durability), shard.clone()).await.unwrap();
+                assert!(report.clean_shutdown && report.torn_tails.is_empty(), "{report}");
+                let mut want = expected[i].clone();
+                want.extend(expected[partitions.len() + i].clone());
+                assert_eq!(read_all(&p, 0, 1 << 20).await, want, "partition {i} reopened");
+                p.close().await.unwrap();
+            }
+        }
+    });
+}
