@@ -466,6 +466,11 @@ impl Shard {
                 }
             })
             .await;
+        // Makes the clean-shutdown markers durable; without this a restart after a power loss
+        // recovers as after a crash, which is slower, not wrong.
+        if let Err(e) = self.storage.sync_filesystem().await {
+            tracing::warn!(shard = id, "{e}");
+        }
     }
 }
 

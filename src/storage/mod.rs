@@ -428,6 +428,27 @@ impl ShardStorage {
         }
     }
 
+    /// Makes everything written under the data directory durable with one syncfs, on the blocking
+    /// thread: after closing every partition, instead of a directory fsync per partition.
+    pub async fn sync_filesystem(&self) -> Result<(), StorageError> {
+        let dir = self.data_dir.clone();
+        let synced = blocking::run(move || {
+            use std::os::fd::AsRawFd;
+            let handle = std::fs::File::open(&dir)?;
+            // SAFETY: syncfs on a descriptor we hold open for the call; no memory is passed.
+            match unsafe { libc::syncfs(handle.as_raw_fd()) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|synced| synced);
+        synced.map_err(|e| {
+            StorageError::io(format!("syncing the filesystem of {}", self.data_dir.display()), e)
+        })
+    }
+
     /// Re-reads free space of the data directory (statvfs). Produce is refused while free space
     /// is below the reserve and resumes by itself once space is freed.
     pub fn refresh_disk_space(&self) {

@@ -652,11 +652,24 @@ pub(crate) fn remove_temporary_snapshots(dir: &Path) -> std::io::Result<()> {
 /// Writes a snapshot atomically: a temporary file, fsync, rename. The caller syncs the directory
 /// (to make the rename durable) before relying on it. Blocking: run off the shard.
 pub(crate) fn write_snapshot(dir: &Path, offset: i64, bytes: &[u8]) -> std::io::Result<()> {
+    write_snapshot_file(dir, offset, bytes, true)
+}
+
+/// Writes a snapshot as `write_snapshot` does but without the fsync, for snapshots nothing relies
+/// on being there after a crash: one that is lost or torn fails its crc at load, is removed, and
+/// recovery replays from an older one or the log start instead. Blocking: run off the shard.
+pub(crate) fn write_snapshot_unsynced(dir: &Path, offset: i64, bytes: &[u8]) -> std::io::Result<()> {
+    write_snapshot_file(dir, offset, bytes, false)
+}
+
+fn write_snapshot_file(dir: &Path, offset: i64, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let path = snapshot_path(dir, offset);
     let temp = dir.join(format!("{offset:020}{SNAPSHOT_TEMP_SUFFIX}"));
     let mut file = std::fs::File::create(&temp)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
+    if sync {
+        file.sync_all()?;
+    }
     drop(file);
     std::fs::rename(&temp, &path)
 }

@@ -306,7 +306,7 @@ impl Partition {
         // batch was cut (they would otherwise be unknown, accepted at any sequence).
         self.state.borrow_mut().producers.truncate_from(cut_offset);
         let segments = self.state.borrow().segments.clone();
-        match recover_producer_state(&self.dir, &segments, self.log_start_offset.get(), cut_offset, false)
+        match recover_producer_state(&self.dir, &segments, self.log_start_offset.get(), cut_offset, None)
             .await
         {
             Ok(producers) => self.state.borrow_mut().producers = producers,

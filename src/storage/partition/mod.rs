@@ -83,7 +83,7 @@ use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
 use crate::metrics::Memory;
 use append::{Chunk, SpareSlot};
 use flusher::{run_flusher, Rollback};
-use recovery::{read_carry, recover_producer_state, recover_segments};
+use recovery::{read_carry, recover_producer_state, recover_segments, Promise};
 
 /// Recovery refuses to believe a length field larger than this (a scribbled header).
 const RECOVERY_BATCH_BYTES_MAX: usize = 256 << 20;
@@ -219,11 +219,16 @@ impl Partition {
         super::segment::probe_device(&dir).await?;
         let mut report = RecoveryReport { dir: dir.clone(), ..RecoveryReport::default() };
         let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
-        report.clean_shutdown = marker.exists();
-        if report.clean_shutdown {
-            std::fs::remove_file(&marker)
-                .map_err(|e| StorageError::io(format!("removing {}", marker.display()), e))?;
-        }
+        let promise = match std::fs::read_to_string(&marker) {
+            Ok(text) => {
+                std::fs::remove_file(&marker)
+                    .map_err(|e| StorageError::io(format!("removing {}", marker.display()), e))?;
+                Promise::parse(&text)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StorageError::io(format!("reading {}", marker.display()), e)),
+        };
+        report.clean_shutdown = promise.is_some();
 
         let mut bases: Vec<i64> = std::fs::read_dir(&dir)
             .map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?
@@ -265,8 +270,7 @@ impl Partition {
         let log_end = last.meta.borrow().next_offset;
         report.log_start_offset = log_start;
         report.log_end_offset = log_end;
-        let producers =
-            recover_producer_state(&dir, &segments, log_start, log_end, report.clean_shutdown).await?;
+        let producers = recover_producer_state(&dir, &segments, log_start, log_end, promise).await?;
         // Recovery and replay opened files; none stays open: the first append, read or write
         // opens the active one again (`idle`), reads reopen sealed ones on demand.
         for seg in &segments {
@@ -325,6 +329,7 @@ impl Partition {
     }
 
     /// Flushes, fdatasyncs, persists indexes, writes the clean-shutdown marker and closes files.
+    /// The marker and indexes are not synced here (see `ShardStorage::sync_filesystem`).
     pub async fn close(&self) -> Result<(), StorageError> {
         let already = self.closed.replace(true);
         self.flush_wanted.notify_all();
@@ -368,26 +373,40 @@ impl Partition {
                     .map_err(|e| StorageError::io(format!("truncating {}", last.log_path.display()), e))?;
             }
             self.wait_checkpoint_written().await;
-            last.persist_indexes()?;
-            // The marker promises a snapshot at the log end: without one, no marker.
+            let indexes = last.encoded_indexes();
+            // The marker says what recovery will find of the producer state: nothing at all (most
+            // partitions: no file to write or read), or a snapshot at the log end.
             let offset = self.log_end_offset.get();
-            let bytes = self.state.borrow().producers.encode_snapshot(offset);
+            let (promise, snapshot) = {
+                let st = self.state.borrow();
+                match st.producers.is_empty() {
+                    true => (Promise::NoProducers, None),
+                    false => (Promise::Snapshot(offset), Some(st.producers.encode_snapshot(offset))),
+                }
+            };
             let dir = self.dir.clone();
-            blocking::run(move || producer_state::write_snapshot(&dir, offset, &bytes))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|written| written)
-                .map_err(|e| {
-                    StorageError::io(format!("writing the producer-state snapshot in {}", self.dir.display()), e)
-                })?;
-            let marker = self.dir.join(CLEAN_SHUTDOWN_MARKER);
-            std::fs::write(&marker, b"")
-                .map_err(|e| StorageError::io(format!("writing {}", marker.display()), e))?;
-            sync_dir(&self.dir)?;
-            if let Err(e) = producer_state::prune_snapshots(&self.dir) {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "removing old producer-state snapshots failed");
-            }
-            Ok(())
+            // One trip to the blocking thread and no fsync: the log is synced above; the files
+            // written here are checked when read (crcs, the marker's promise), and the shard syncs
+            // the filesystem once after closing all its partitions (`ShardStorage::sync_filesystem`).
+            let written = blocking::run(move || -> Result<(), StorageError> {
+                indexes.write()?;
+                if let Some(bytes) = snapshot {
+                    producer_state::write_snapshot_unsynced(&dir, offset, &bytes).map_err(|e| {
+                        StorageError::io(format!("writing the producer-state snapshot in {}", dir.display()), e)
+                    })?;
+                }
+                let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
+                std::fs::write(&marker, promise.marker_text())
+                    .map_err(|e| StorageError::io(format!("writing {}", marker.display()), e))?;
+                if let Err(e) = producer_state::prune_snapshots(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing old producer-state snapshots failed");
+                }
+                Ok(())
+            })
+            .await;
+            written.map_err(|panic| {
+                StorageError::io(format!("closing {}", self.dir.display()), std::io::Error::other(panic))
+            })?
         }
         .await;
         self.shard.tail_cache.borrow_mut().remove_partition(self.cache_id);

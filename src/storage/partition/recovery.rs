@@ -17,6 +17,40 @@ use crate::storage::{IndexEntry, LogConfig, RecoveryReport, SegmentIndex, Storag
 
 /// Bytes read per step when replaying batch headers into the producer state.
 const REPLAY_WINDOW_BYTES: u64 = 1 << 20;
+/// A replay that read more than this leaves a snapshot behind, so the next recovery starts there;
+/// a shorter one costs the next recovery less than writing a file per partition now would.
+const SNAPSHOT_AFTER_REPLAY_BYTES: u64 = 1 << 20;
+/// First words of the clean-shutdown marker; an empty marker (older versions, or one a crash left
+/// unwritten) promises nothing and is treated as no marker.
+const MARKER_NO_PRODUCERS: &str = "producer state: none";
+const MARKER_SNAPSHOT: &str = "producer state: snapshot at ";
+
+/// What a cleanly closed partition promised, in its clean-shutdown marker, about the producer
+/// state at its log end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Promise {
+    /// No producer state: recovery starts empty and replays nothing.
+    NoProducers,
+    /// A snapshot at this offset; recovery loads it (or, if it was lost, replays as after a crash).
+    Snapshot(i64),
+}
+
+impl Promise {
+    pub(super) fn marker_text(self) -> String {
+        match self {
+            Promise::NoProducers => format!("{MARKER_NO_PRODUCERS}\n"),
+            Promise::Snapshot(offset) => format!("{MARKER_SNAPSHOT}{offset}\n"),
+        }
+    }
+
+    pub(super) fn parse(text: &str) -> Option<Promise> {
+        let line = text.lines().next()?.trim();
+        if line == MARKER_NO_PRODUCERS {
+            return Some(Promise::NoProducers);
+        }
+        line.strip_prefix(MARKER_SNAPSHOT)?.parse().ok().map(Promise::Snapshot)
+    }
+}
 
 /// Fills `carry` with the bytes of the partial block below `size` (the next write rewrites it).
 pub(super) async fn read_carry(seg: &Segment, size: u64, carry: &mut Carry) -> Result<(), StorageError> {
@@ -59,14 +93,18 @@ pub(super) fn remove_snapshots_after(dir: &Path, offset: i64) -> Result<(), Stor
 
 /// Rebuilds the producer state of a log holding `log_start..log_end` in `segments`: the newest
 /// usable snapshot, then the batch headers after it. Snapshots past `log_end` (they describe
-/// batches the log no longer holds) and damaged ones are removed, each with a log line.
+/// batches the log no longer holds) and damaged ones are removed, each with a log line. A clean
+/// shutdown that promised no producer state (`Promise::NoProducers`) costs nothing.
 pub(super) async fn recover_producer_state(
     dir: &Path,
     segments: &[Rc<Segment>],
     log_start: i64,
     log_end: i64,
-    clean_shutdown: bool,
+    promise: Option<Promise>,
 ) -> Result<ProducerStates, StorageError> {
+    if promise == Some(Promise::NoProducers) {
+        return Ok(ProducerStates::default());
+    }
     let listing = |e| StorageError::io(format!("listing producer-state snapshots in {}", dir.display()), e);
     producer_state::remove_temporary_snapshots(dir).map_err(listing)?;
     let snapshots = producer_state::list_snapshots(dir).map_err(listing)?;
@@ -100,32 +138,26 @@ pub(super) async fn recover_producer_state(
     let snapshot_offset = loaded.as_ref().map(|(offset, _)| *offset);
     let (mut states, from) = match loaded {
         Some((offset, states)) => (states, offset.max(log_start)),
-        None if found == 0 && clean_shutdown => {
-            // Every clean close writes a snapshot: this log was written before producer state
-            // was kept, and scanning all of it would find nothing to remember.
-            tracing::info!(dir = %dir.display(),
-                "no producer-state snapshot after a clean shutdown: starting with no producer state");
-            (ProducerStates::default(), log_end)
-        }
         None => {
             if log_end > log_start {
-                tracing::info!(dir = %dir.display(), log_start, log_end,
+                tracing::debug!(dir = %dir.display(), log_start, log_end, found,
                     "no usable producer-state snapshot: rebuilding it by scanning the whole log");
             }
             (ProducerStates::default(), log_start)
         }
     };
-    let replayed = replay_producer_batches(segments, from, log_end, &mut states).await?;
-    if snapshot_offset.is_none() && log_end > log_start {
+    let (replayed, replayed_bytes) = replay_producer_batches(segments, from, log_end, &mut states).await?;
+    let worth_keeping = !states.is_empty() || replayed_bytes > SNAPSHOT_AFTER_REPLAY_BYTES;
+    if snapshot_offset.is_none() && log_end > log_start && worth_keeping {
         // Spares the next recovery this scan. Safe even if the batches below `log_end` are not
         // synced yet: should a power loss take them, the snapshot is past the log end and goes.
+        // Not synced: one lost to a crash only means the next recovery scans again.
         let bytes = states.encode_snapshot(log_end);
         let target = dir.to_path_buf();
         let written = blocking::run(move || {
-            producer_state::write_snapshot(&target, log_end, &bytes).map_err(|e| {
+            producer_state::write_snapshot_unsynced(&target, log_end, &bytes).map_err(|e| {
                 StorageError::io(format!("writing a producer-state snapshot in {}", target.display()), e)
-            })?;
-            sync_dir(&target)
+            })
         })
         .await;
         match written {
@@ -135,7 +167,7 @@ pub(super) async fn recover_producer_state(
         }
     }
     if from < log_end || !states.is_empty() {
-        tracing::info!(
+        tracing::debug!(
             dir = %dir.display(),
             snapshot = ?snapshot_offset,
             scanned_from = from,
@@ -149,15 +181,17 @@ pub(super) async fn recover_producer_state(
 }
 
 /// Replays the idempotent batches with base offsets in `from..to` (`from` a batch boundary) into
-/// `states`, reading only the segments that hold them. Returns how many were replayed. Damage
+/// `states`, reading only the segments that hold them. Returns how many were replayed and the
+/// bytes read. Damage
 /// stops the segment's replay with a warning (reads of those offsets report it themselves).
 async fn replay_producer_batches(
     segments: &[Rc<Segment>],
     from: i64,
     to: i64,
     states: &mut ProducerStates,
-) -> Result<u64, StorageError> {
+) -> Result<(u64, u64), StorageError> {
     let mut replayed = 0u64;
+    let mut bytes_read = 0u64;
     for seg in segments {
         let (size_bytes, start) = {
             let meta = seg.meta.borrow();
@@ -190,6 +224,7 @@ async fn replay_producer_batches(
                     }
                 }
             });
+            bytes_read += data.len() as u64;
             position += outcome.valid_bytes as u64;
             expected = outcome.next_offset;
             let stopped = match outcome.end {
@@ -216,7 +251,7 @@ async fn replay_producer_batches(
             break;
         }
     }
-    Ok(replayed)
+    Ok((replayed, bytes_read))
 }
 
 /// Recovers the segments named by `bases` (sorted): loads or rebuilds their indexes, truncates
