@@ -218,3 +218,147 @@ fn creation_refuses_what_partitions_per_shard_max_does_not_allow_and_what_it_acc
     drop(conn);
     broker.stop();
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+/// Produces one record `r<p>-<index>` to every partition of `topic`, pipelined (`WINDOW` requests
+/// in flight, so their fsyncs are shared), each answered without error at offset `index`.
+fn produce_to_all(conn: &mut Conn, topic: &str, partitions: u32, index: i64) {
+    const WINDOW: u32 = 512;
+    let mut next = 0;
+    while next < partitions {
+        let end = (next + WINDOW).min(partitions);
+        for p in next..end {
+            let batch = common::wire::batch_of(&[format!("r{p}-{index}").as_bytes()]);
+            conn.send_raw(&common::wire::produce_frame(p, topic, p, 1, &batch));
+        }
+        for _ in next..end {
+            let resp = conn.recv().expect("produce response");
+            assert_eq!(common::wire::produce_result(&resp), (ErrorCode::None, index));
+        }
+        next = end;
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Not a pass/fail test: issue 15's judgement, with figures printed. SCALE_TOPICS topics of
+/// SCALE_PARTITIONS partitions (default 5 × 10,000) are created on a 2-shard broker under the
+/// limit this process has, one record is produced to every partition, and the broker is restarted
+/// cleanly and after kill -9, every record read back after each; RSS per idle partition is
+/// measured after the clean restart. Then, after a minute with no traffic, 2,000 partitions idle
+/// since the restart each take one produce (acks=1, fsync) while another connection keeps 1,000
+/// other partitions busy; their latencies are printed. Run
+/// `TEST_BROKER_BIN=target/release/ringlog cargo test --test many_partitions scale -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn scale_partitions_restart_and_idle_produce() {
+    let env = |k: &str, d: u32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (topics, per_topic) = (env("SCALE_TOPICS", 5), env("SCALE_PARTITIONS", 10_000));
+    let total = topics * per_topic;
+    let mut broker = Broker::start(2, &["spin_before_park_us=0"]);
+    let rss_empty = rss_bytes(broker.child.as_ref().unwrap().id());
+    let mut conn = Conn::connect(&broker.addr);
+    let started = Instant::now();
+    for t in 0..topics {
+        create_ok(&mut conn, &format!("t{t}"), per_topic);
+    }
+    println!("created {topics} x {per_topic} partitions in {:.2} s", started.elapsed().as_secs_f64());
+    let started = Instant::now();
+    for t in 0..topics {
+        produce_to_all(&mut conn, &format!("t{t}"), per_topic, 0);
+    }
+    let pid = broker.child.as_ref().unwrap().id();
+    println!(
+        "one record to each of {total} partitions in {:.2} s; {} descriptors open",
+        started.elapsed().as_secs_f64(),
+        open_fds(pid)
+    );
+    drop(conn);
+    let read_back = |broker: &Broker, when: &str| {
+        let mut conn = Conn::connect(&broker.addr);
+        let started = Instant::now();
+        for t in 0..topics {
+            for p in 0..per_topic {
+                let fetched = conn.fetch(&format!("t{t}"), p, 0, 0);
+                assert_eq!(fetched.records, vec![(0, format!("r{p}-0").into_bytes())], "{when}: t{t}/{p}");
+            }
+        }
+        println!("{when}: all {total} records read back in {:.2} s", started.elapsed().as_secs_f64());
+    };
+
+    let started = Instant::now();
+    broker.stop();
+    println!("clean stop of {total} partitions: {:.2} s", started.elapsed().as_secs_f64());
+    let started = Instant::now();
+    broker.restart();
+    println!("clean restart of {total} partitions: ready in {:.2} s", started.elapsed().as_secs_f64());
+    let pid = broker.child.as_ref().unwrap().id();
+    let rss_idle = rss_bytes(pid);
+    println!(
+        "RSS {} MiB empty, {} MiB with {total} idle partitions: {:.0} bytes per idle partition; {} descriptors open",
+        rss_empty >> 20,
+        rss_idle >> 20,
+        (rss_idle.saturating_sub(rss_empty)) as f64 / f64::from(total),
+        open_fds(pid)
+    );
+    read_back(&broker, "after the clean restart");
+
+    broker.kill9();
+    let started = Instant::now();
+    broker.restart();
+    println!("kill -9 restart of {total} partitions: ready in {:.2} s", started.elapsed().as_secs_f64());
+    read_back(&broker, "after the kill -9 restart");
+    let pid = broker.child.as_ref().unwrap().id();
+    println!("{} descriptors open after reading every partition", open_fds(pid));
+    if std::env::var("SCALE_SKIP_IDLE").is_ok() {
+        broker.stop();
+        return;
+    }
+
+    // The probe's partitions were last read before the other 40,000 or so: their files were
+    // released long ago; the busy topic's partitions keep theirs.
+    let mut conn = Conn::connect(&broker.addr);
+    create_ok(&mut conn, "busy", 1_000);
+    std::thread::sleep(Duration::from_secs(61));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (stop, addr) = (stop.clone(), broker.addr.clone());
+        std::thread::spawn(move || {
+            let mut conn = Conn::connect(&addr);
+            let mut round = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                produce_to_all(&mut conn, "busy", 1_000, round);
+                round += 1;
+            }
+            round * 1_000
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut latencies = Vec::new();
+    for p in 0..2_000u32.min(per_topic) {
+        let started = Instant::now();
+        assert_eq!(conn.produce("t0", p, &[b"after a minute"]), (ErrorCode::None, 1), "t0/{p}");
+        latencies.push(started.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let busy_records = busy.join().unwrap();
+    latencies.sort_unstable();
+    println!(
+        "produce to {} partitions idle for a minute, while 1,000 others took {busy_records} records: \
+         p50 {:?} p99 {:?} max {:?}",
+        latencies.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1]
+    );
+    drop(conn);
+    broker.stop();
+}

@@ -2,7 +2,7 @@
 //! per-shard tail cache, crash recovery, segment rolling and retention.
 //!
 //! Owns everything under a partition directory (`<base_offset:020>.log`, `.index`, `.timeindex`,
-//! `.clean_shutdown`, the producer-state `<offset:020>.snapshot`) and the per-shard storage
+//! `.clean_shutdown.<promise>`, the producer-state `<offset:020>.snapshot`) and the per-shard storage
 //! context (`ShardStorage`: tail cache, disk-space monitor). May depend on `crate::record` (batch
 //! format), `crate::metrics` (one-line hooks: write and fsync latency, the tail cache's counter
 //! type) and glommio; never on the server, shard routing, controller, groups or protocol layers. Everything is

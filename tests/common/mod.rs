@@ -91,7 +91,9 @@ impl Broker {
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut command = Command::new(BIN);
+        // Benchmarks written as ignored tests run a release build the same way.
+        let bin = std::env::var("TEST_BROKER_BIN").unwrap_or_else(|_| BIN.to_string());
+        let mut command = Command::new(bin);
         command.args(&self.args).env("RINGLOG_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::from(log));
         if let Some(max) = self.open_files_limit {
             limit_open_files(&mut command, max, 0);

@@ -51,8 +51,10 @@
 //! producer state once nothing else can fail the append, and records it in the same step: a
 //! retried batch is answered with its original offsets and not written again. The state is
 //! persisted as a snapshot at each roll (taken at the roll, written by the seal once the sealed
-//! segment is synced, so it never covers bytes that are not durable) and at close; `open` loads
-//! the newest usable snapshot and replays the batch headers after it. Whatever cuts the log (a
+//! segment is synced, so it never covers bytes that are not durable) and at close when there is
+//! any state (the clean-shutdown marker says which: `recovery::Promise`); `open` loads the newest
+//! usable snapshot and replays the batch headers after it, or nothing when the marker promised
+//! no state. Whatever cuts the log (a
 //! failed write, `truncate_to`, recovery's torn tails) cuts the state too, and removes snapshots
 //! past the cut before new appends could make them look valid.
 //!
@@ -218,23 +220,27 @@ impl Partition {
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
         super::segment::probe_device(&dir).await?;
         let mut report = RecoveryReport { dir: dir.clone(), ..RecoveryReport::default() };
-        let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
-        let promise = match std::fs::read_to_string(&marker) {
-            Ok(text) => {
-                std::fs::remove_file(&marker)
-                    .map_err(|e| StorageError::io(format!("removing {}", marker.display()), e))?;
-                Promise::parse(&text)
+        let mut bases: Vec<i64> = Vec::new();
+        let mut markers: Vec<String> = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?
+        {
+            let Some(name) = entry.ok().and_then(|e| e.file_name().into_string().ok()) else { continue };
+            match parse_log_name(&name) {
+                Some(base) => bases.push(base),
+                None if name.starts_with(CLEAN_SHUTDOWN_MARKER) => markers.push(name),
+                None => {}
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(StorageError::io(format!("reading {}", marker.display()), e)),
-        };
-        report.clean_shutdown = promise.is_some();
-
-        let mut bases: Vec<i64> = std::fs::read_dir(&dir)
-            .map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?
-            .filter_map(|entry| entry.ok().and_then(|e| e.file_name().to_str().and_then(parse_log_name)))
-            .collect();
+        }
         bases.sort_unstable();
+        // The marker is gone before anything can change: from here on the log is in use.
+        let promise = markers.iter().find_map(|name| Promise::from_marker_name(name));
+        report.clean_shutdown = promise.is_some();
+        for name in markers {
+            let marker = dir.join(name);
+            std::fs::remove_file(&marker)
+                .map_err(|e| StorageError::io(format!("removing {}", marker.display()), e))?;
+        }
         report.segments_found = bases.len();
         let spare_path = dir.join(SPARE_SEGMENT_NAME);
         match std::fs::remove_file(&spare_path) {
@@ -395,8 +401,8 @@ impl Partition {
                         StorageError::io(format!("writing the producer-state snapshot in {}", dir.display()), e)
                     })?;
                 }
-                let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
-                std::fs::write(&marker, promise.marker_text())
+                let marker = dir.join(promise.marker_name());
+                std::fs::write(&marker, b"")
                     .map_err(|e| StorageError::io(format!("writing {}", marker.display()), e))?;
                 if let Err(e) = producer_state::prune_snapshots(&dir) {
                     tracing::warn!(dir = %dir.display(), error = %e, "removing old producer-state snapshots failed");

@@ -142,6 +142,9 @@ impl Partition {
         let file = seg.file().await?;
         if seg.meta.borrow().final_on_disk {
             self.shard.note_sealed_read(seg);
+        } else {
+            // A release may have run while the file opened: count it as open again.
+            self.touch();
         }
         let mut served_bytes = 0usize;
         let mut expected: Option<i64> = None;

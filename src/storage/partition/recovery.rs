@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::rc::Rc;
 
-use super::{now_ms, remove_segment_files, sync_dir, Carry, RECOVERY_BATCH_BYTES_MAX};
+use super::{now_ms, remove_segment_files, sync_dir, Carry, CLEAN_SHUTDOWN_MARKER, RECOVERY_BATCH_BYTES_MAX};
 use crate::storage::blocking;
 use crate::storage::index::Coverage;
 use crate::storage::producer_state::{self, ProducerBatch, ProducerStates};
@@ -20,10 +20,12 @@ const REPLAY_WINDOW_BYTES: u64 = 1 << 20;
 /// A replay that read more than this leaves a snapshot behind, so the next recovery starts there;
 /// a shorter one costs the next recovery less than writing a file per partition now would.
 const SNAPSHOT_AFTER_REPLAY_BYTES: u64 = 1 << 20;
-/// First words of the clean-shutdown marker; an empty marker (older versions, or one a crash left
-/// unwritten) promises nothing and is treated as no marker.
-const MARKER_NO_PRODUCERS: &str = "producer state: none";
-const MARKER_SNAPSHOT: &str = "producer state: snapshot at ";
+/// The promise is in the marker's name, after `CLEAN_SHUTDOWN_MARKER` and a dot; the file is empty.
+/// An empty file holds no data block, so removing it at the next open is cheap (freeing a block
+/// cost ~3 ms an unlink on ext4 mounted with `discard`), and a name cannot be half written. The
+/// bare marker of older versions promises nothing and is treated as no marker.
+const MARKER_NO_PRODUCERS: &str = "no-producers";
+const MARKER_SNAPSHOT: &str = "snapshot-";
 
 /// What a cleanly closed partition promised, in its clean-shutdown marker, about the producer
 /// state at its log end.
@@ -36,19 +38,21 @@ pub(super) enum Promise {
 }
 
 impl Promise {
-    pub(super) fn marker_text(self) -> String {
+    /// The clean-shutdown marker's file name.
+    pub(super) fn marker_name(self) -> String {
         match self {
-            Promise::NoProducers => format!("{MARKER_NO_PRODUCERS}\n"),
-            Promise::Snapshot(offset) => format!("{MARKER_SNAPSHOT}{offset}\n"),
+            Promise::NoProducers => format!("{CLEAN_SHUTDOWN_MARKER}.{MARKER_NO_PRODUCERS}"),
+            Promise::Snapshot(offset) => format!("{CLEAN_SHUTDOWN_MARKER}.{MARKER_SNAPSHOT}{offset}"),
         }
     }
 
-    pub(super) fn parse(text: &str) -> Option<Promise> {
-        let line = text.lines().next()?.trim();
-        if line == MARKER_NO_PRODUCERS {
+    /// The promise a directory entry named `name` makes, if it is a marker that makes one.
+    pub(super) fn from_marker_name(name: &str) -> Option<Promise> {
+        let promise = name.strip_prefix(CLEAN_SHUTDOWN_MARKER)?.strip_prefix('.')?;
+        if promise == MARKER_NO_PRODUCERS {
             return Some(Promise::NoProducers);
         }
-        line.strip_prefix(MARKER_SNAPSHOT)?.parse().ok().map(Promise::Snapshot)
+        promise.strip_prefix(MARKER_SNAPSHOT)?.parse().ok().map(Promise::Snapshot)
     }
 }
 
