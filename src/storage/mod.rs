@@ -363,9 +363,15 @@ pub struct ShardStorage {
     /// `descriptors::SEALED_FILES_PER_SHARD` (part of the descriptor reserve).
     sealed_open: RefCell<VecDeque<Weak<Segment>>>,
     /// Partitions whose active segment file may be open, in the order they joined; swept as a
-    /// clock (one used since the last sweep is passed over once) when over `active_files_max`.
+    /// clock (one used since the last sweep is passed over once) when the slots run out.
     active_open: RefCell<VecDeque<Weak<Partition>>>,
     active_files_max: Cell<usize>,
+    /// Slots taken: partitions allowed to hold their active file open (one each, until its
+    /// release has closed it). Opening waits for a slot, so descriptors stay bounded even when
+    /// one request touches thousands of partitions at once.
+    file_slots_taken: Cell<usize>,
+    /// Of those, slots whose release is under way (given back when its close is done).
+    file_slots_releasing: Cell<usize>,
 }
 
 impl ShardStorage {
@@ -382,7 +388,41 @@ impl ShardStorage {
             sealed_open: RefCell::new(VecDeque::new()),
             active_open: RefCell::new(VecDeque::new()),
             active_files_max: Cell::new(descriptors::ACTIVE_FILES_PER_SHARD_MIN),
+            file_slots_taken: Cell::new(0),
+            file_slots_releasing: Cell::new(0),
         })
+    }
+
+    /// Takes a slot for one active file, first releasing idle partitions' files when none is
+    /// free; while every holder is busy (writing, syncing), waits for one to finish.
+    async fn take_file_slot(&self) {
+        loop {
+            if self.file_slots_taken.get() < self.active_files_max.get() {
+                self.file_slots_taken.set(self.file_slots_taken.get() + 1);
+                return;
+            }
+            self.sweep();
+            if self.file_slots_taken.get() < self.active_files_max.get() {
+                continue;
+            }
+            // Releases free slots when their close is done; busy holders become idle without
+            // telling anyone: look again shortly.
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    fn give_back_file_slot(&self) {
+        self.file_slots_taken.set(self.file_slots_taken.get().saturating_sub(1));
+    }
+
+    fn file_slot_releasing(&self, releasing: bool) {
+        let n = self.file_slots_releasing.get();
+        self.file_slots_releasing.set(if releasing { n + 1 } else { n.saturating_sub(1) });
+    }
+
+    /// Slots neither free nor about to be.
+    fn file_slots_kept(&self) -> usize {
+        self.file_slots_taken.get().saturating_sub(self.file_slots_releasing.get())
     }
 
     /// Bounds the active segment files this shard keeps open (`descriptors::DescriptorBudget`).
@@ -396,16 +436,21 @@ impl ShardStorage {
         self.active_open.borrow().len()
     }
 
-    /// `partition` is about to open its active file: it joins the set, and while the set is over
-    /// its bound the least recently used idle partitions release their files. One pass at most:
-    /// partitions that are busy (writing, syncing) stay, and the set stays over its bound until
-    /// one of them is idle at a later sweep.
+    /// `partition` is in use and may open its active file: it joins the set the sweep visits.
     fn note_active_open(&self, partition: Weak<Partition>) {
+        self.active_open.borrow_mut().push_back(partition);
+        if self.file_slots_taken.get() >= self.active_files_max.get() {
+            self.sweep();
+        }
+    }
+
+    /// Asks the least recently used idle partitions to release their active files while no slot
+    /// is free. One pass at most: busy partitions stay, for a later sweep.
+    fn sweep(&self) {
         let mut open = self.active_open.borrow_mut();
-        open.push_back(partition);
         let max = self.active_files_max.get();
         let mut visits = open.len();
-        while open.len() > max && visits > 0 {
+        while self.file_slots_kept() >= max && visits > 0 {
             visits -= 1;
             let Some(weak) = open.pop_front() else { break };
             let Some(p) = weak.upgrade() else { continue };

@@ -267,10 +267,25 @@ pub(crate) struct IndexFiles {
 }
 
 impl IndexFiles {
+    /// Overwrites both files in place. Not truncated first: an active segment's index only grows
+    /// between writes, and freeing its blocks to allocate them again costs milliseconds an index
+    /// on ext4 mounted with `discard` (what made a clean stop of 10,000 partitions take 7 s). A
+    /// crash part way leaves a file whose crc fails, which recovery rebuilds by scanning.
     pub fn write(&self) -> Result<(), StorageError> {
+        use std::io::Write;
         for (path, bytes) in [&self.offsets, &self.times] {
-            std::fs::write(path, bytes)
-                .map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
+            let written =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path).and_then(
+                    |mut file| {
+                        file.write_all(bytes)?;
+                        // Only what a shorter index leaves at the end is cut (after a truncation).
+                        if file.metadata()?.len() > bytes.len() as u64 {
+                            file.set_len(bytes.len() as u64)?;
+                        }
+                        Ok(())
+                    },
+                );
+            written.map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
         }
         Ok(())
     }

@@ -206,6 +206,7 @@ impl Partition {
         if segment.meta.borrow().preallocated_bytes < file_pos + aligned as u64 {
             self.reserve_off_shard(&segment, file_pos + aligned as u64).await;
         }
+        self.ensure_file_slot().await;
         let result = match segment.file().await {
             Ok(file) => {
                 self.release_plain_fd(&segment);

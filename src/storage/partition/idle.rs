@@ -1,10 +1,12 @@
 //! Descriptors of idle partitions: a partition's active segment file is open only while it is
-//! used. `touch` enters the partition in its shard's set of open active files
-//! (`ShardStorage::note_active_open`); when the set is over its bound the shard asks the least
-//! recently used idle partitions to `release_active_file`, which syncs the file, gives back the
-//! space reserved past its end and closes it. The next append, read or write opens it again
-//! through the ring (glommio's open is an io_uring OPENAT) and reserves space on the blocking
-//! thread pool (`reserve_off_shard`), so reopening never blocks the shard on the filesystem.
+//! used. Opening it takes one of the shard's slots (`ensure_file_slot`; as many as the
+//! descriptor budget gives the shard); when none is free, the shard asks the least recently used
+//! idle partitions (a clock over the partitions `touch` entered) to `release_active_file`, which
+//! syncs the file, gives back the space reserved past its end, closes it and then frees the slot;
+//! while every holder is busy, the opener waits. So descriptors stay bounded even when one request
+//! touches thousands of partitions. The next append, read or write opens the file again through
+//! the ring (glommio's open is an io_uring OPENAT) and reserves space on the blocking thread pool
+//! (`reserve_off_shard`), so reopening never blocks the shard on the filesystem.
 //!
 //! Never releases a file with staged, unwritten or (under `Durability::Fsync`) unsynced bytes,
 //! nor while the flusher, a checkpoint, a truncation or a background fallocate is at work: the
@@ -47,7 +49,13 @@ impl Partition {
         }
         // Borrowed elsewhere: the partition is in the middle of something.
         let Ok(mut st) = self.state.try_borrow_mut() else { return false };
-        if !st.pending.is_empty() || st.flushing || st.checkpointing || st.truncating || st.releasing {
+        if !st.pending.is_empty()
+            || st.flushing
+            || st.checkpointing
+            || st.truncating
+            || st.releasing
+            || self.active_readers.get() > 0
+        {
             return false;
         }
         let seg = active(&st).clone();
@@ -63,13 +71,18 @@ impl Partition {
         self.in_open_set.set(false);
         let plain = st.active_file.take();
         let file = seg.take_file();
-        if file.is_none() && plain.is_none() {
+        let Some(partition) = self.self_ref.upgrade().filter(|_| file.is_some() || plain.is_some()) else {
+            if self.holds_file_slot.replace(false) {
+                self.shard.give_back_file_slot();
+            }
             return true;
-        }
-        let Some(partition) = self.self_ref.upgrade() else { return true };
+        };
         st.releasing = true;
         let unsynced = st.unsynced;
         drop(st);
+        if self.holds_file_slot.get() {
+            self.shard.file_slot_releasing(true);
+        }
         glommio::spawn_local(async move { partition.finish_release(seg, file, plain, unsynced).await })
             .detach();
         true
@@ -118,8 +131,24 @@ impl Partition {
                 tracing::warn!(segment = %seg.log_path.display(), error = %e, "closing an idle segment file");
             }
         }
+        if self.holds_file_slot.replace(false) {
+            self.shard.file_slot_releasing(false);
+            self.shard.give_back_file_slot();
+        }
         self.state.borrow_mut().releasing = false;
         self.progress.notify_all();
+    }
+
+    /// Before the active file is opened (or used): waits for a release in progress to end, then
+    /// for one of the shard's slots for open active files if this partition holds none.
+    pub(super) async fn ensure_file_slot(&self) {
+        self.wait_released().await;
+        if !self.holds_file_slot.get() {
+            self.shard.take_file_slot().await;
+            self.holds_file_slot.set(true);
+            // A sweep may have dropped it from the set while it waited (it held no file then).
+            self.touch();
+        }
     }
 
     /// Resolves once no release of the active file is in progress.

@@ -166,6 +166,10 @@ pub struct Partition {
     in_open_set: Cell<bool>,
     /// Used since the shard's last sweep of that set.
     recently_used: Cell<bool>,
+    /// Holds one of the shard's slots for open active files (`idle`).
+    holds_file_slot: Cell<bool>,
+    /// Reads of the active segment under way: the file may not be released under them.
+    active_readers: Cell<usize>,
 }
 
 fn now_ms() -> i64 {
@@ -316,6 +320,8 @@ impl Partition {
             self_ref: self_ref.clone(),
             in_open_set: Cell::new(false),
             recently_used: Cell::new(false),
+            holds_file_slot: Cell::new(false),
+            active_readers: Cell::new(0),
         });
         glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
         tracing::debug!("{report}");
@@ -425,6 +431,9 @@ impl Partition {
                 }
             }
         }
+        if self.holds_file_slot.replace(false) {
+            self.shard.give_back_file_slot();
+        }
         self.progress.notify_all();
         result
     }
@@ -485,6 +494,9 @@ impl Drop for Partition {
     fn drop(&mut self) {
         // Lets the flusher notice the partition is gone and end.
         self.flush_wanted.notify_all();
+        if self.holds_file_slot.get() {
+            self.shard.give_back_file_slot();
+        }
         if let Ok(mut cache) = self.shard.tail_cache.try_borrow_mut() {
             cache.remove_partition(self.cache_id);
         }

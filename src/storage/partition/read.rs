@@ -30,6 +30,22 @@ fn first_record_at_or_after(batch: &[u8], header: &BatchHeader, timestamp_ms: i6
     (header.base_offset, header.max_timestamp)
 }
 
+/// A read of the active segment under way (`Partition::active_readers`).
+struct ActiveRead<'a>(&'a Partition);
+
+impl<'a> ActiveRead<'a> {
+    fn new(partition: &'a Partition) -> ActiveRead<'a> {
+        partition.active_readers.set(partition.active_readers.get() + 1);
+        ActiveRead(partition)
+    }
+}
+
+impl Drop for ActiveRead<'_> {
+    fn drop(&mut self) {
+        self.0.active_readers.set(self.0.active_readers.get() - 1);
+    }
+}
+
 impl Partition {
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch),
     /// only below the high watermark; from the tail cache if it has them, else from disk.
@@ -139,12 +155,15 @@ impl Partition {
             let relative = u32::try_from(offset - seg.base_offset).unwrap_or(u32::MAX);
             (u64::from(meta.index.lookup(relative).position), meta.durable_bytes)
         };
+        let active = !seg.meta.borrow().final_on_disk;
+        if active {
+            self.ensure_file_slot().await;
+        }
+        // Keeps a release away while this read opens and uses the active file.
+        let _reading = active.then(|| ActiveRead::new(self));
         let file = seg.file().await?;
-        if seg.meta.borrow().final_on_disk {
+        if !active {
             self.shard.note_sealed_read(seg);
-        } else {
-            // A release may have run while the file opened: count it as open again.
-            self.touch();
         }
         let mut served_bytes = 0usize;
         let mut expected: Option<i64> = None;
