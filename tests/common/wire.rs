@@ -124,12 +124,16 @@ pub struct Fetched {
     pub records: Vec<(i64, Vec<u8>)>,
 }
 
+/// A batch of `values` stamped November 2023: past the default time retention, which rolls and
+/// deletes it at the next housekeeping pass.
 pub fn batch_of(values: &[&[u8]]) -> Vec<u8> {
-    let mut b = BatchBuilder::new();
-    for v in values {
-        b.push(1_700_000_000_000, None, Some(v), &[]);
-    }
-    b.finish().to_vec()
+    batch_at(1_700_000_000_000, values)
+}
+
+/// A batch of `values` stamped now: kept by time retention.
+pub fn batch_now(values: &[&[u8]]) -> Vec<u8> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    batch_at(now.as_millis() as i64, values)
 }
 
 pub fn produce_result(resp: &Resp) -> (wire::ErrorCode, i64) {

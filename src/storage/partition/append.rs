@@ -4,14 +4,14 @@
 //! itself: only the flusher does.
 
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::io::DmaBuffer;
 
 use super::{
-    active, active_fd, now_ms, open_plain, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME,
+    active, active_fd, create_empty, now_ms, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME,
 };
 use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN};
 use crate::storage::blocking;
@@ -307,41 +307,40 @@ impl Partition {
         })
     }
 
-    /// Starts a new active segment at the log end; the old one is sealed by the flusher.
+    /// Starts a new active segment at the log end; the old one is sealed by the flusher. The new
+    /// file is created (or renamed from the spare) but not kept open: the flusher opens it
+    /// through the shard's slots on its first write, so a housekeeping pass that rolls thousands
+    /// of idle partitions at once (time retention) holds no descriptor for them.
     pub(super) fn roll(&self, st: &mut State) -> Result<(), StorageError> {
-        // The new active file is opened here.
         self.touch();
         let old = active(st).clone();
         let base_offset = old.meta.borrow().next_offset;
         let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
-        let file = match self.spare.spare.replace(Spare::Absent) {
+        let create = || create_empty(&seg.log_path);
+        match self.spare.spare.replace(Spare::Absent) {
             Spare::Ready { preallocated_bytes } => {
-                // A rename and an open on the shard instead of a create and a fallocate.
+                // A rename on the shard instead of a create and a fallocate.
                 match std::fs::rename(self.dir.join(SPARE_SEGMENT_NAME), &seg.log_path) {
-                    Ok(()) => {
-                        seg.meta.borrow_mut().preallocated_bytes = preallocated_bytes;
-                        open_plain(&seg.log_path, false)?
-                    }
+                    Ok(()) => seg.meta.borrow_mut().preallocated_bytes = preallocated_bytes,
                     Err(e) => {
                         tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the spare segment");
-                        open_plain(&seg.log_path, true)?
+                        create()?;
                     }
                 }
             }
             Spare::Preparing => {
                 // Still being prepared: it serves the roll after this one.
                 self.spare.spare.replace(Spare::Preparing);
-                open_plain(&seg.log_path, true)?
+                create()?;
             }
-            Spare::Absent | Spare::Failed => open_plain(&seg.log_path, true)?,
-        };
+            Spare::Absent | Spare::Failed => create()?,
+        }
         old.meta.borrow_mut().sealed = true;
         // No batch at or past `base_offset` is recorded yet: the state is exactly the one at it.
         let snapshot =
             ProducerSnapshot { offset: base_offset, bytes: st.producers.encode_snapshot(base_offset) };
         st.pending.push_back(Job::Seal(old, snapshot));
         st.segments.push(seg);
-        st.active_file = Some(file);
         st.checkpointed_bytes = 0;
         st.carry.file_pos = 0;
         st.carry.bytes.clear();
@@ -390,33 +389,33 @@ impl Partition {
                 && end_bytes + step / 2 >= meta.preallocated_bytes;
             wanted.then(|| (meta.preallocated_bytes + step).min(cap))
         };
-        if let (Some(target), Some(fd)) = (step_target, active_fd(st)) {
-            // SAFETY: `fd` is the active segment's, open while `st` is borrowed; the duplicate
-            // lives only as long as the background fallocate.
-            match unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() {
-                Ok(owned) => {
-                    let file = std::fs::File::from(owned);
-                    seg.meta.borrow_mut().preallocating = true;
-                    let seg = seg.clone();
-                    glommio::spawn_local(async move {
-                        let reserved = blocking::run(move || fallocate(file.as_raw_fd(), target)).await;
-                        let mut meta = seg.meta.borrow_mut();
-                        meta.preallocating = false;
-                        match reserved {
-                            Ok(Ok(())) => meta.preallocated_bytes = meta.preallocated_bytes.max(target),
-                            // `append` retries synchronously when it needs the space and reports
-                            // the error then.
-                            Ok(Err(e)) => tracing::debug!(segment = %seg.log_path.display(), error = %e,
-                                "background preallocation failed"),
-                            Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
-                        }
-                        drop(meta);
-                        seg.preallocation_idle.notify_all();
-                    })
-                    .detach();
+        if let Some(target) = step_target {
+            // Opened by path on the pool thread, not a duplicate of the active descriptor: a
+            // duplicate waiting in the pool's queue is a descriptor outside the shard's slots, and
+            // thousands of first appends queue thousands of them.
+            seg.meta.borrow_mut().preallocating = true;
+            let seg = seg.clone();
+            glommio::spawn_local(async move {
+                let path = seg.log_path.clone();
+                let reserved = blocking::run(move || {
+                    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    fallocate(file.as_raw_fd(), target)
+                })
+                .await;
+                let mut meta = seg.meta.borrow_mut();
+                meta.preallocating = false;
+                match reserved {
+                    Ok(Ok(())) => meta.preallocated_bytes = meta.preallocated_bytes.max(target),
+                    // `append` retries synchronously when it needs the space and reports the
+                    // error then.
+                    Ok(Err(e)) => tracing::debug!(segment = %seg.log_path.display(), error = %e,
+                        "background preallocation failed"),
+                    Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot duplicate the segment fd for preallocation"),
-            }
+                drop(meta);
+                seg.preallocation_idle.notify_all();
+            })
+            .detach();
         }
         // Only near the end of the segment (its last step, or its second half when it is small): a
         // spare holds a step of disk, which 10,000 partitions must not all pay.

@@ -9,7 +9,7 @@ use std::rc::{Rc, Weak};
 use glommio::io::DmaBuffer;
 
 use super::append::Chunk;
-use super::{active, open_plain, remove_segment_files, sync_dir, Job, Partition, ProducerSnapshot};
+use super::{active, remove_segment_files, sync_dir, Job, Partition, ProducerSnapshot};
 use crate::storage::blocking;
 use crate::storage::notify::Notify;
 use crate::storage::producer_state;
@@ -168,13 +168,6 @@ impl Partition {
 
     /// `seg`'s DmaFile is open: the plain descriptor a roll opened for it is not needed any more
     /// (a partition at rest holds one descriptor).
-    fn release_plain_fd(&self, seg: &Rc<Segment>) {
-        let mut st = self.state.borrow_mut();
-        if st.active_file.is_some() && Rc::ptr_eq(active(&st), seg) {
-            st.active_file = None;
-        }
-    }
-
     fn advance_durable(&self, seg: &Segment, end_offset: i64) {
         {
             let mut meta = seg.meta.borrow_mut();
@@ -209,7 +202,6 @@ impl Partition {
         self.ensure_file_slot().await;
         let result = match segment.file().await {
             Ok(file) => {
-                self.release_plain_fd(&segment);
                 let write = |buf: &Rc<DmaBuffer>, pos: u64| {
                     let (buf, file) = (buf.clone(), file.clone());
                     async move {
@@ -293,18 +285,6 @@ impl Partition {
         st.carry.file_pos = file_pos;
         st.carry.bytes.clear();
         st.carry.bytes.extend_from_slice(&buf.as_bytes()[..(keep_bytes - file_pos) as usize]);
-        if !removed.is_empty() {
-            // `seg` is active again; it needs a plain descriptor only if its DmaFile is not open.
-            st.active_file = None;
-            if seg.open_file().is_none() {
-                match open_plain(&seg.log_path, false) {
-                    Ok(f) => st.active_file = Some(f),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot reopen the rolled-back segment for appends")
-                    }
-                }
-            }
-        }
         st.rollback_generation += 1;
         let generation = st.rollback_generation;
         st.rollbacks.push_back(Rollback {
@@ -337,18 +317,38 @@ impl Partition {
     /// the producer-state snapshot taken at the roll, which only covers bytes synced by now.
     async fn seal(&self, seg: &Rc<Segment>, snapshot: ProducerSnapshot) -> Result<(), StorageError> {
         seg.wait_preallocation_idle().await;
-        let file = seg.file().await?;
-        file.fdatasync()
-            .await
-            .map_err(|e| StorageError::io(format!("syncing {}", seg.log_path.display()), e))?;
-        let (size, next_offset) = {
+        let (size, next_offset, reserved) = {
             let meta = seg.meta.borrow();
             assert_eq!(meta.written_bytes, meta.size_bytes, "sealing a segment with unwritten bytes");
-            (meta.size_bytes, meta.next_offset)
+            (meta.size_bytes, meta.next_offset, meta.preallocated_bytes)
         };
-        file.truncate(size)
-            .await
-            .map_err(|e| StorageError::io(format!("truncating {} to {size}", seg.log_path.display()), e))?;
+        if let Some(file) = seg.open_file() {
+            file.fdatasync()
+                .await
+                .map_err(|e| StorageError::io(format!("syncing {}", seg.log_path.display()), e))?;
+            file.truncate(size).await.map_err(|e| {
+                StorageError::io(format!("truncating {} to {size}", seg.log_path.display()), e)
+            })?;
+        } else {
+            // Closed: released while idle (synced and cut then, unless that failed) or never
+            // reopened since. Whatever is left is done by path on the blocking pool, so a
+            // housekeeping pass sealing thousands of idle partitions opens nothing on the shard.
+            let unsynced = self.state.borrow().unsynced;
+            if unsynced || reserved != size {
+                let path = seg.log_path.clone();
+                blocking::run(move || {
+                    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    file.set_len(size)?;
+                    file.sync_data()
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|done| done)
+                .map_err(|e| {
+                    StorageError::io(format!("syncing {} at its seal", seg.log_path.display()), e)
+                })?;
+            }
+        }
         self.wait_checkpoint_written().await;
         let indexes = seg.encoded_indexes();
         let dir = self.dir.clone();

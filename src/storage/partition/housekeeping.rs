@@ -228,6 +228,7 @@ impl Partition {
             let i = st.segments.partition_point(|s| s.base_offset <= offset).max(1);
             (st.segments[i - 1].clone(), st.segments[i..].to_vec())
         };
+        self.ensure_file_slot().await;
         let file = target.file().await?;
         let size = target.meta.borrow().size_bytes;
         // Rebuild the segment's view by scanning it, then cut at the batch holding `offset`.
@@ -293,8 +294,6 @@ impl Partition {
             let keep = st.segments.len() - later.len();
             st.segments.truncate(keep);
             st.carry = carry;
-            // The target's DmaFile is open: no plain descriptor.
-            st.active_file = None;
             st.checkpointed_bytes = 0;
         }
         self.log_end_offset.set(cut_offset);

@@ -69,9 +69,7 @@ impl Partition {
             }
         }
         self.in_open_set.set(false);
-        let plain = st.active_file.take();
-        let file = seg.take_file();
-        let Some(partition) = self.self_ref.upgrade().filter(|_| file.is_some() || plain.is_some()) else {
+        let (Some(file), Some(partition)) = (seg.take_file(), self.self_ref.upgrade()) else {
             if self.holds_file_slot.replace(false) {
                 self.shard.give_back_file_slot();
             }
@@ -83,36 +81,21 @@ impl Partition {
         if self.holds_file_slot.get() {
             self.shard.file_slot_releasing(true);
         }
-        glommio::spawn_local(async move { partition.finish_release(seg, file, plain, unsynced).await })
-            .detach();
+        glommio::spawn_local(async move { partition.finish_release(seg, file, unsynced).await }).detach();
         true
     }
 
-    async fn finish_release(
-        &self,
-        seg: Rc<Segment>,
-        file: Option<Rc<DmaFile>>,
-        plain: Option<std::fs::File>,
-        unsynced: bool,
-    ) {
+    async fn finish_release(&self, seg: Rc<Segment>, file: Rc<DmaFile>, unsynced: bool) {
         let (size, reserved) = {
             let meta = seg.meta.borrow();
             (meta.size_bytes, meta.preallocated_bytes)
         };
         let outcome: Result<(), String> = async {
-            if let Some(file) = &file {
-                if unsynced {
-                    file.fdatasync().await.map_err(|e| format!("fdatasync: {e}"))?;
-                }
-                if reserved > size {
-                    file.truncate(size).await.map_err(|e| format!("truncating to {size}: {e}"))?;
-                }
+            if unsynced {
+                file.fdatasync().await.map_err(|e| format!("fdatasync: {e}"))?;
             }
-            if let Some(plain) = plain {
-                // Only a roll opens a plain descriptor, and nothing was written through it.
-                blocking::run(move || plain.set_len(size).and_then(|()| plain.sync_data()))
-                    .await?
-                    .map_err(|e| format!("truncating to {size}: {e}"))?;
+            if reserved > size {
+                file.truncate(size).await.map_err(|e| format!("truncating to {size}: {e}"))?;
             }
             Ok(())
         }
@@ -126,7 +109,7 @@ impl Partition {
             Err(e) => tracing::warn!(segment = %seg.log_path.display(), error = %e,
                 "releasing the file of an idle partition"),
         }
-        if let Some(file) = file.and_then(|f| Rc::try_unwrap(f).ok()) {
+        if let Ok(file) = Rc::try_unwrap(file) {
             if let Err(e) = file.close().await {
                 tracing::warn!(segment = %seg.log_path.display(), error = %e, "closing an idle segment file");
             }
@@ -145,7 +128,10 @@ impl Partition {
         self.wait_released().await;
         if !self.holds_file_slot.get() {
             self.shard.take_file_slot().await;
-            self.holds_file_slot.set(true);
+            if self.holds_file_slot.replace(true) {
+                // Another task of this partition took one while this one waited: one is enough.
+                self.shard.give_back_file_slot();
+            }
             // A sweep may have dropped it from the set while it waited (it held no file then).
             self.touch();
         }

@@ -118,10 +118,6 @@ struct State {
     segments: Vec<Rc<Segment>>,
     pending: VecDeque<Job>,
     carry: Carry,
-    /// Plain fd of the active segment while its DmaFile is not open: from a roll until the
-    /// flusher's first write to it opens the DmaFile (then this one is dropped, so a partition
-    /// holds one descriptor at rest). Use `active_fd`.
-    active_file: Option<std::fs::File>,
     rollbacks: VecDeque<Rollback>,
     rollback_generation: u64,
     /// A write failed and was rolled back; cleared by the next successful write.
@@ -184,7 +180,7 @@ fn active(st: &State) -> &Rc<Segment> {
 /// one a roll opened before the DmaFile was.
 fn active_fd(st: &State) -> Option<std::os::fd::RawFd> {
     use std::os::fd::AsRawFd;
-    active(st).open_file().map(|f| f.as_raw_fd()).or_else(|| st.active_file.as_ref().map(AsRawFd::as_raw_fd))
+    active(st).open_file().map(|f| f.as_raw_fd())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -193,14 +189,16 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
 }
 
-fn open_plain(path: &Path, create: bool) -> Result<std::fs::File, StorageError> {
+/// Creates `path` empty (truncating what is there) and closes it again: a new segment holds no
+/// descriptor until its partition's flusher opens it through a slot.
+fn create_empty(path: &Path) -> Result<(), StorageError> {
     std::fs::OpenOptions::new()
-        .read(true)
         .write(true)
-        .create(create)
-        .truncate(create)
+        .create(true)
+        .truncate(true)
         .open(path)
-        .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))
+        .map(drop)
+        .map_err(|e| StorageError::io(format!("creating {}", path.display()), e))
 }
 
 fn remove_segment_files(seg: &Segment) {
@@ -257,7 +255,7 @@ impl Partition {
         let segments = recover_segments(&dir, &config, &bases, &mut report).await?;
         let segments = if segments.is_empty() {
             let seg = Rc::new(Segment::new(&dir, 0, config.index_interval_bytes));
-            open_plain(&seg.log_path, true)?;
+            create_empty(&seg.log_path)?;
             vec![seg]
         } else {
             segments
@@ -296,7 +294,6 @@ impl Partition {
                 segments,
                 pending: VecDeque::new(),
                 carry,
-                active_file: None,
                 rollbacks: VecDeque::new(),
                 rollback_generation: 0,
                 degraded: false,
@@ -359,8 +356,6 @@ impl Partition {
         self.discard_spare().await;
         let (segments, sync_failure, unsynced) = {
             let mut st = self.state.borrow_mut();
-            // A roll's plain descriptor: its file is truncated below when it holds reserved space.
-            st.active_file = None;
             (std::mem::take(&mut st.segments), st.sync_failure.clone(), st.unsynced)
         };
         let result = async {
@@ -376,6 +371,10 @@ impl Partition {
             // A file released while idle, or never written since open, is synced and cut to size
             // already: closing it costs no reopen.
             if unsynced || reserved > size {
+                if last.open_file().is_none() {
+                    // Thousands of partitions close at once: reopening counts against the slots.
+                    self.ensure_file_slot().await;
+                }
                 let file = last.file().await?;
                 file.fdatasync()
                     .await
