@@ -11,6 +11,8 @@
 //! - `shard`: routing to the owning core, the mesh, owner-side operations, the rules both
 //!   protocols apply, and `BrokerError`.
 //! - `storage`: partition logs, segments, indexes.
+//! - `replication`: consensus per partition (raft-rs driven sans-IO), leader epochs, the
+//!   node-to-node protocol; no IO of its own, so the simulator (`sim/`) runs it on simulated time.
 //! - leaves: `metadata` (topics, partition ownership, the metadata file), `metrics`, `config`,
 //!   `record` (the Kafka RecordBatch v2 format, shared with `client`), `protocol` (native wire).
 //!
@@ -37,6 +39,8 @@ pub mod metadata;
 pub mod metrics;
 #[cfg(feature = "broker")]
 pub mod native;
+#[cfg(feature = "broker")]
+pub mod replication;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]
