@@ -26,6 +26,8 @@ pub mod record;
 #[cfg(feature = "broker")]
 pub mod broker;
 #[cfg(feature = "broker")]
+pub mod cluster;
+#[cfg(feature = "broker")]
 pub mod config;
 #[cfg(feature = "broker")]
 pub mod controller;

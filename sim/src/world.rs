@@ -326,7 +326,7 @@ impl World {
                         return;
                     }
                 };
-                let Output { send, persist } = output;
+                let Output { send, persist, .. } = output;
                 progressed |= !send.is_empty() || persist.is_some();
                 for m in send {
                     outbox.entry(m.to).or_default().push((*key, m));

@@ -91,6 +91,8 @@ pub struct Output {
     /// Messages that need nothing persisted first (a leader's appends, heartbeats).
     pub send: Vec<Message>,
     pub persist: Option<Persist>,
+    /// Entries newly committed (and persisted here), in order, for the state machine.
+    pub committed: Vec<Entry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +206,11 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     pub fn store(&self) -> &S {
         self.raw.store()
+    }
+
+    /// The store, for what the caller does with it beside consensus (taking its file writes).
+    pub fn store_mut(&mut self) -> &mut S {
+        self.raw.mut_store()
     }
 
     pub fn tick(&mut self) {
@@ -341,6 +348,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             output.persist = Some(Persist { number, then_send });
         }
         self.apply(&committed)?;
+        output.committed = committed;
         Ok(output)
     }
 
