@@ -24,6 +24,9 @@ struct Args {
     /// Print what happened, event by event (with --seed).
     #[arg(long)]
     trace: bool,
+    /// Run a deliberately broken variant, to see the checker catch it.
+    #[arg(long, value_enum, default_value = "none")]
+    broken: world::Broken,
 }
 
 struct Outcome {
@@ -33,9 +36,9 @@ struct Outcome {
     trace: Option<String>,
 }
 
-fn run_seed(seed: u64, trace: bool) -> Outcome {
+fn run_seed(seed: u64, trace: bool, broken: world::Broken) -> Outcome {
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let mut world = world::World::new(seed, trace);
+        let mut world = world::World::new(seed, trace, broken);
         let digest = world.run();
         let s = &world.scenario;
         let summary = format!(
@@ -72,7 +75,7 @@ fn run_seed(seed: u64, trace: bool) -> Outcome {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(seed) = args.seed {
-        let outcome = run_seed(seed, args.trace);
+        let outcome = run_seed(seed, args.trace, args.broken);
         if let Some(trace) = &outcome.trace {
             print!("{trace}");
         }
@@ -89,9 +92,17 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|_| {}));
     let mut failed = 0;
     for seed in args.first_seed..args.first_seed + args.seeds {
-        if let Some(reason) = run_seed(seed, false).failure {
+        if let Some(reason) = run_seed(seed, false, args.broken).failure {
             failed += 1;
-            println!("seed {seed} FAILED: {reason}  (replay: ringlog-sim --seed {seed} --trace)");
+            let broken = match args.broken {
+                world::Broken::None => String::new(),
+                other => format!(
+                    " --broken {}",
+                    clap::ValueEnum::to_possible_value(&other)
+                        .map_or_else(String::new, |v| v.get_name().to_string())
+                ),
+            };
+            println!("seed {seed} FAILED: {reason}  (replay: ringlog-sim --seed {seed}{broken} --trace)");
         }
     }
     println!("seeds: {} passed, {failed} failed", args.seeds - failed);
@@ -105,22 +116,33 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::run_seed;
+    use crate::world::Broken;
 
     #[test]
     fn a_seed_replays_bit_for_bit() {
-        let (first, again) = (run_seed(11, true), run_seed(11, true));
+        let (first, again) = (run_seed(11, true, Broken::None), run_seed(11, true, Broken::None));
         assert_eq!(first.failure, None);
         assert_eq!(first.digest, again.digest);
         assert_eq!(first.trace, again.trace);
         assert!(first.trace.is_some_and(|t| t.contains("proposed")));
-        assert_ne!(first.digest, run_seed(12, false).digest);
+        assert_ne!(first.digest, run_seed(12, false, Broken::None).digest);
     }
 
     #[test]
     fn clusters_survive_the_faults_of_twenty_seeds() {
         for seed in 1..=20 {
-            let outcome = run_seed(seed, false);
+            let outcome = run_seed(seed, false, Broken::None);
             assert_eq!(outcome.failure, None, "seed {seed}: {}", outcome.summary);
+        }
+    }
+
+    /// Each broken variant must fail within the first seeds: a change that blinds the checker to
+    /// one of these bugs fails this test.
+    #[test]
+    fn each_broken_variant_is_caught() {
+        for broken in [Broken::AckBeforeSync, Broken::ServeUncommitted, Broken::SkipTruncation] {
+            let caught = (1..=40).find_map(|seed| run_seed(seed, false, broken).failure.map(|f| (seed, f)));
+            assert!(caught.is_some(), "{broken:?} passed 40 seeds unnoticed");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::fmt::Write;
 use bytes::Bytes;
 use raft::eraftpb::Message;
 use ringlog::record::builder::BatchBuilder;
-use ringlog::replication::group::{GroupSettings, Output, RaftGroup, Role};
+use ringlog::replication::group::{GroupSettings, Output, RaftGroup, Role, Sabotage};
 use ringlog::replication::memlog::{MemLog, WriteMark};
 use ringlog::replication::rng::SeededRng;
 use ringlog::replication::wire::{self, GroupKey, PeerBatch};
@@ -105,6 +105,7 @@ struct Node {
 
 pub struct World {
     pub scenario: Scenario,
+    broken: Broken,
     rng: SeededRng,
     now: u64,
     sequence: u64,
@@ -129,12 +130,30 @@ fn group_key(index: u32) -> GroupKey {
     GroupKey { topic_id: 1, partition: index }
 }
 
-fn settings() -> GroupSettings {
-    GroupSettings { max_size_per_msg: 64 << 10, max_inflight_msgs: 16, ..GroupSettings::default() }
+/// A deliberately broken variant of the code under test, to prove the checker catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Broken {
+    #[default]
+    None,
+    /// Followers acknowledge appends (and votes) before the write is durable.
+    AckBeforeSync,
+    /// Leaders report the log end as the high watermark, committed or not.
+    ServeUncommitted,
+    /// A rejoining replica keeps its divergent suffix instead of truncating it.
+    SkipTruncation,
+}
+
+fn settings(broken: Broken) -> GroupSettings {
+    let sabotage = match broken {
+        Broken::AckBeforeSync => Sabotage::AckBeforeSync,
+        Broken::ServeUncommitted => Sabotage::ServeUncommitted,
+        Broken::None | Broken::SkipTruncation => Sabotage::None,
+    };
+    GroupSettings { max_size_per_msg: 64 << 10, max_inflight_msgs: 16, sabotage, ..GroupSettings::default() }
 }
 
 impl World {
-    pub fn new(seed: u64, trace: bool) -> World {
+    pub fn new(seed: u64, trace: bool, broken: Broken) -> World {
         let mut rng = SeededRng::new(seed);
         let scenario = Scenario::from_seed(&mut rng);
         let voters: Vec<u64> = (1..=scenario.nodes).collect();
@@ -149,11 +168,16 @@ impl World {
                 disks: BTreeMap::new(),
             };
             for g in 0..scenario.groups {
-                node.disks.insert(group_key(g), MemLog::new(voters.clone()));
+                let disk = MemLog::new(voters.clone());
+                if broken == Broken::SkipTruncation {
+                    disk.skip_truncation();
+                }
+                node.disks.insert(group_key(g), disk);
             }
             nodes.push(node);
         }
         let mut world = World {
+            broken,
             checker: Checker::new(scenario.groups),
             scenario,
             rng,
@@ -210,7 +234,7 @@ impl World {
             let seed = self.rng.next_u64();
             let disk = self.node(id).disks[&key].clone();
             let name = format!("p{}@n{id}", key.partition);
-            match RaftGroup::new(id, name, settings(), disk, seed) {
+            match RaftGroup::new(id, name, settings(self.broken), disk, seed) {
                 Ok(group) => {
                     self.node(id).groups.insert(key, group);
                 }

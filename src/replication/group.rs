@@ -20,6 +20,18 @@ use super::rng::SeededRng;
 use super::store::{entry_offsets, ReplicaStore, StoreError};
 use crate::record::{self, BatchHeader};
 
+/// Deliberately broken behaviours, which exist only to prove that the simulator catches the bugs
+/// they stand for (issue 13): `ringlog-sim --sabotage` and its tests set them; nothing else does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sabotage {
+    #[default]
+    None,
+    /// Acknowledge (vote, append response) before the write is durable.
+    AckBeforeSync,
+    /// Report the end of the log, committed or not, as the high watermark.
+    ServeUncommitted,
+}
+
 /// Timing and flow-control of every group on a node. Ticks are the caller's timer periods.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupSettings {
@@ -33,6 +45,8 @@ pub struct GroupSettings {
     pub max_inflight_msgs: usize,
     /// Bytes proposed but not committed before proposals are refused (backpressure).
     pub max_uncommitted_bytes: u64,
+    /// Always `Sabotage::None` outside the simulator's tests.
+    pub sabotage: Sabotage,
 }
 
 impl Default for GroupSettings {
@@ -43,6 +57,7 @@ impl Default for GroupSettings {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 64 << 20,
+            sabotage: Sabotage::None,
         }
     }
 }
@@ -201,6 +216,10 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// The Kafka offset after the last committed entry: consumers read below it.
     pub fn high_watermark(&self) -> i64 {
+        if self.settings.sabotage == Sabotage::ServeUncommitted {
+            let last = self.raw.raft.raft_log.last_index();
+            return self.end_offset_at(last).unwrap_or(self.high_watermark);
+        }
         self.high_watermark
     }
 
@@ -334,7 +353,10 @@ impl<S: ReplicaStore> RaftGroup<S> {
             self.raw.mut_store().set_hard_state(hard_state).map_err(store_error)?;
         }
         let committed = ready.take_committed_entries();
-        let then_send = ready.take_persisted_messages();
+        let mut then_send = ready.take_persisted_messages();
+        if self.settings.sabotage == Sabotage::AckBeforeSync {
+            output.send.append(&mut then_send);
+        }
         let number = ready.number();
         self.raw.advance_append_async(ready);
         if entries.is_empty() && hard_state.is_none() && self.persisting.is_none() {

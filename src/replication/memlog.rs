@@ -31,6 +31,9 @@ struct MemDisk {
     writes: u64,
     /// The longest prefix of `entries` a crash cannot take away.
     durable_entries: usize,
+    /// Sabotage (issue 13): keep a conflicting suffix instead of cutting it, as a replica that
+    /// skipped truncation on rejoin would.
+    skip_truncation: bool,
     /// Hard states written and not yet covered by a completed sync, oldest first.
     unsynced_hard_states: Vec<(u64, HardState)>,
     durable_hard_state: HardState,
@@ -49,6 +52,12 @@ impl MemLog {
     pub fn new(voters: Vec<u64>) -> MemLog {
         let disk = MemDisk { conf_state: ConfState { voters, ..Default::default() }, ..Default::default() };
         MemLog(Rc::new(RefCell::new(disk)))
+    }
+
+    /// Sabotage for the simulator's tests: entries a new leader sends for indexes this log already
+    /// holds are ignored, so a divergent suffix survives rejoining.
+    pub fn skip_truncation(&self) {
+        self.0.borrow_mut().skip_truncation = true;
     }
 
     /// What a sync issued now would make durable.
@@ -176,14 +185,15 @@ impl ReplicaStore for MemLog {
         if first.index == 0 || first.index > last + 1 {
             return Err(StoreError::IndexGap { index: first.index, last });
         }
-        let keep = (first.index - 1) as usize;
+        let skip = if disk.skip_truncation { (last + 1 - first.index) as usize } else { 0 };
+        let keep = (first.index - 1) as usize + skip.min(entries.len());
         disk.entries.truncate(keep);
         disk.written.truncate(keep);
         disk.durable_entries = disk.durable_entries.min(keep);
-        disk.epochs.truncate_from(first.index);
+        disk.epochs.truncate_from(keep as u64 + 1);
         disk.writes += 1;
         let write = disk.writes;
-        for entry in entries {
+        for entry in entries.iter().skip(skip) {
             let expected = disk.written.last().map_or(0, |w| w.end_offset);
             let (base, count) = entry_offsets(entry, expected)?;
             if base != expected {
