@@ -26,6 +26,9 @@
 //! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
 //! bogus request fails exactly as it would have without this allocator.
 //!
+//! [`release_free_memory`] is what an idle shard calls (through `ringlog::allocator`) to hand
+//! mimalloc's free pages back to the kernel at once instead of when the thread next allocates.
+//!
 //! Owns nothing else and depends only on `libc` and `mimalloc`; it must never allocate itself.
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -42,6 +45,22 @@ const PAGE_BYTES: usize = 4096;
 
 /// See the module documentation.
 pub struct ReservingAllocator;
+
+// mimalloc's own API (`mimalloc.h`), in the library the `mimalloc` crate links. Declared here
+// rather than through `libmimalloc-sys`'s `extended` feature, which would add a dependency for
+// one function.
+extern "C" {
+    fn mi_collect(force: bool);
+}
+
+/// Frees the calling thread's mimalloc pages that hold no live block, including those emptied by
+/// frees from other threads, and returns every free range of mimalloc's arenas to the kernel
+/// (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the thread's pages;
+/// meant for a thread that has gone idle, not for the hot path.
+pub fn release_free_memory() {
+    // SAFETY: `mi_collect` takes no pointers; it may be called from any thread at any time.
+    unsafe { mi_collect(true) }
+}
 
 /// Whether a block of this layout is (or is to be) a mapping of its own. The hot paths test only
 /// the size, one comparison; the alignment is looked at on the cold path.

@@ -12,7 +12,8 @@
 //!   protocols apply, and `BrokerError`.
 //! - `storage`: partition logs, segments, indexes.
 //! - leaves: `metadata` (topics, partition ownership, the metadata file), `metrics`, `config`,
-//!   `record` (the Kafka RecordBatch v2 format, shared with `client`), `protocol` (native wire).
+//!   `allocator` (the hook by which idle shards return freed memory), `record` (the Kafka
+//!   RecordBatch v2 format, shared with `client`), `protocol` (native wire).
 //!
 //! Everything but `record`, `protocol`, `client` and `cli` needs the `broker` feature (glommio).
 
@@ -21,6 +22,8 @@ pub mod client;
 pub mod protocol;
 pub mod record;
 
+#[cfg(feature = "broker")]
+pub mod allocator;
 #[cfg(feature = "broker")]
 pub mod broker;
 #[cfg(feature = "broker")]

@@ -100,6 +100,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Idle shards hand what mimalloc holds free back to the kernel (see `ringlog::allocator`).
+    ringlog::allocator::set_release_free_memory(alloc::release_free_memory);
     match ringlog::broker::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
