@@ -4,9 +4,9 @@
 //! Why: mimalloc (the `ringlog` binary's allocator, `src/alloc.rs`) returns free pages to the
 //! kernel only from inside its own calls, after a delay, and only for the heap of the thread
 //! making the call. A shard that stops allocating (its topics deleted, its clients gone) keeps
-//! what it freed resident: 109 MiB after a 10-minute soak whose every topic was deleted, against
-//! 26.6 MiB idle (docs/benchmarks.md). Housekeeping calls [`release_free_memory`] on each shard
-//! once that shard has gone a whole housekeeping interval without traffic.
+//! what it freed resident: 69 MiB two minutes after a 30-minute soak's topics were all deleted,
+//! against 25 MiB idle before it (docs/benchmarks.md). Housekeeping calls [`release_free_memory`]
+//! on each shard once that shard has gone a whole housekeeping interval without traffic.
 //!
 //! The binary chooses the allocator, so the binary says how to release: it registers a function
 //! with [`set_release_free_memory`] before the broker starts. Without one (tests, a program that

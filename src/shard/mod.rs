@@ -421,7 +421,14 @@ impl Shard {
                 }
             }
             if idle.should_release(self.storage.activity()) {
+                // Timed because it runs on the shard: a request arriving meanwhile waits for it.
+                let started = std::time::Instant::now();
                 crate::allocator::release_free_memory();
+                tracing::debug!(
+                    shard = self.id,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "idle: freed memory released"
+                );
             }
         }
     }
