@@ -14,7 +14,8 @@
 //! - `replication`: consensus per partition (raft-rs driven sans-IO), leader epochs, the
 //!   node-to-node protocol; no IO of its own, so the simulator (`sim/`) runs it on simulated time.
 //! - leaves: `metadata` (topics, partition ownership, the metadata file), `metrics`, `config`,
-//!   `record` (the Kafka RecordBatch v2 format, shared with `client`), `protocol` (native wire).
+//!   `allocator` (the hook by which idle shards return freed memory), `record` (the Kafka
+//!   RecordBatch v2 format, shared with `client`), `protocol` (native wire).
 //!
 //! Everything but `record`, `protocol`, `client` and `cli` needs the `broker` feature (glommio).
 
@@ -23,6 +24,8 @@ pub mod client;
 pub mod protocol;
 pub mod record;
 
+#[cfg(feature = "broker")]
+pub mod allocator;
 #[cfg(feature = "broker")]
 pub mod broker;
 #[cfg(feature = "broker")]

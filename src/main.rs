@@ -78,6 +78,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Before the shards allocate: see `alloc::disable_transparent_huge_pages`. Not fatal: the
+    // broker works with huge pages, its memory only creeps up.
+    if let Err(e) = alloc::disable_transparent_huge_pages() {
+        tracing::warn!("could not turn transparent huge pages off (prctl PR_SET_THP_DISABLE): {e}");
+    }
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.data_dir {
         overrides.push(("data_dir".into(), v.display().to_string()));
@@ -118,6 +123,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Idle shards hand what mimalloc holds free back to the kernel (see `ringlog::allocator`).
+    ringlog::allocator::set_release_free_memory(alloc::release_free_memory);
     match ringlog::broker::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
