@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 
-use crate::replication::store::{entry_offsets, ReplicaStore, StoreError};
+use crate::replication::store::{entries_between, entry_offsets, ReplicaStore, StoreError};
 
 const LOG_FILE: &str = "raft.log";
 const STATE_FILE: &str = "raft.state";
@@ -254,23 +254,7 @@ impl raft::Storage for ControllerLog {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low < 1 {
-            return Err(raft::Error::Store(RaftStorageError::Compacted));
-        }
-        if high > self.entries.len() as u64 + 1 || low > high {
-            return Err(raft::Error::Store(RaftStorageError::Unavailable));
-        }
-        let max_size = max_size.into().unwrap_or(u64::MAX);
-        let mut size = 0u64;
-        let mut out = Vec::new();
-        for entry in &self.entries[(low - 1) as usize..(high - 1) as usize] {
-            size += entry.data.len() as u64;
-            if !out.is_empty() && size > max_size {
-                break;
-            }
-            out.push(entry.clone());
-        }
-        Ok(out)
+        entries_between(&self.entries, low, high, max_size.into())
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {

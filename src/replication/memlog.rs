@@ -10,7 +10,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 
 use super::epochs::{EpochStart, LeaderEpochs};
-use super::store::{entry_offsets, ReplicaStore, StoreError};
+use super::store::{entries_between, entry_offsets, ReplicaStore, StoreError};
 
 /// Per entry in the log: the Kafka offset after it, and the write that put it there.
 #[derive(Debug, Clone, Copy)]
@@ -134,24 +134,7 @@ impl raft::Storage for MemLog {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let disk = self.0.borrow();
-        if low < 1 {
-            return Err(raft::Error::Store(RaftStorageError::Compacted));
-        }
-        if high > disk.entries.len() as u64 + 1 || low > high {
-            return Err(raft::Error::Store(RaftStorageError::Unavailable));
-        }
-        let max_size = max_size.into().unwrap_or(u64::MAX);
-        let mut size = 0u64;
-        let mut out = Vec::new();
-        for entry in &disk.entries[(low - 1) as usize..(high - 1) as usize] {
-            size += entry.data.len() as u64;
-            if !out.is_empty() && size > max_size {
-                break;
-            }
-            out.push(entry.clone());
-        }
-        Ok(out)
+        entries_between(&self.0.borrow().entries, low, high, max_size.into())
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {

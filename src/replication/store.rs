@@ -49,6 +49,34 @@ pub fn entry_offsets(entry: &Entry, base_if_unstamped: i64) -> Result<(i64, i64)
     Ok((header.base_offset, i64::from(header.last_offset_delta) + 1))
 }
 
+/// raft-rs's `Storage::entries` for a log held whole in memory from index 1: entries
+/// `[low, high)`, at least one, then as many as fit `max_size` bytes of data.
+pub fn entries_between(
+    entries: &[Entry],
+    low: u64,
+    high: u64,
+    max_size: Option<u64>,
+) -> raft::Result<Vec<Entry>> {
+    use raft::StorageError as RaftStorageError;
+    if low < 1 {
+        return Err(raft::Error::Store(RaftStorageError::Compacted));
+    }
+    if high > entries.len() as u64 + 1 || low > high {
+        return Err(raft::Error::Store(RaftStorageError::Unavailable));
+    }
+    let max_size = max_size.unwrap_or(u64::MAX);
+    let mut size = 0u64;
+    let mut out = Vec::new();
+    for entry in &entries[(low - 1) as usize..(high - 1) as usize] {
+        size += entry.data.len() as u64;
+        if !out.is_empty() && size > max_size {
+            break;
+        }
+        out.push(entry.clone());
+    }
+    Ok(out)
+}
+
 /// The write side of a replica's log. Writes are volatile until the caller has made them durable
 /// and told the group (`RaftGroup::persisted`); what the group reads back through
 /// `raft::Storage` includes them at once.
