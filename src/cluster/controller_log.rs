@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 
-use crate::replication::store::{entries_between, entry_offsets, ReplicaStore, StoreError};
+use crate::replication::store::{
+    entries_between, entry_offsets, initial_state_for, term_in, ReplicaStore, StoreError,
+};
 
 const LOG_FILE: &str = "raft.log";
 const STATE_FILE: &str = "raft.state";
@@ -233,18 +235,11 @@ impl ControllerLog {
         let next = PendingWrites { dir: self.dir.clone(), append_at: self.file_len, ..Default::default() };
         std::mem::replace(&mut self.pending, next)
     }
-
-    pub fn entry(&self, index: u64) -> Option<&Entry> {
-        self.entries.get(usize::try_from(index.checked_sub(1)?).ok()?)
-    }
 }
 
 impl raft::Storage for ControllerLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        let mut hard_state = self.hard_state.clone();
-        // The commit index is a hint the leader repeats; never past what survived.
-        hard_state.commit = hard_state.commit.min(self.entries.len() as u64);
-        Ok(RaftState { hard_state, conf_state: self.conf_state.clone() })
+        Ok(initial_state_for(&self.hard_state, &self.conf_state, self.entries.len() as u64))
     }
 
     fn entries(
@@ -258,10 +253,7 @@ impl raft::Storage for ControllerLog {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        match idx {
-            0 => Ok(0),
-            i => self.entry(i).map(|e| e.term).ok_or(raft::Error::Store(RaftStorageError::Unavailable)),
-        }
+        term_in(&self.entries, idx)
     }
 
     fn first_index(&self) -> raft::Result<u64> {

@@ -10,7 +10,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 
 use super::epochs::{EpochStart, LeaderEpochs};
-use super::store::{entries_between, entry_offsets, ReplicaStore, StoreError};
+use super::store::{entries_between, entry_offsets, initial_state_for, term_in, ReplicaStore, StoreError};
 
 /// Per entry in the log: the Kafka offset after it, and the write that put it there.
 #[derive(Debug, Clone, Copy)]
@@ -120,11 +120,7 @@ impl MemLog {
 impl raft::Storage for MemLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let disk = self.0.borrow();
-        let mut hard_state = disk.hard_state.clone();
-        // The commit index is a hint (the leader sends it again); a crash may keep a hard state
-        // whose commit is past the entries that survived, which raft-rs refuses.
-        hard_state.commit = hard_state.commit.min(disk.entries.len() as u64);
-        Ok(RaftState { hard_state, conf_state: disk.conf_state.clone() })
+        Ok(initial_state_for(&disk.hard_state, &disk.conf_state, disk.entries.len() as u64))
     }
 
     fn entries(
@@ -138,12 +134,7 @@ impl raft::Storage for MemLog {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let disk = self.0.borrow();
-        match idx {
-            0 => Ok(0),
-            i if i <= disk.entries.len() as u64 => Ok(disk.entries[(i - 1) as usize].term),
-            _ => Err(raft::Error::Store(RaftStorageError::Unavailable)),
-        }
+        term_in(&self.0.borrow().entries, idx)
     }
 
     fn first_index(&self) -> raft::Result<u64> {

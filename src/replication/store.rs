@@ -49,6 +49,31 @@ pub fn entry_offsets(entry: &Entry, base_if_unstamped: i64) -> Result<(i64, i64)
     Ok((header.base_offset, i64::from(header.last_offset_delta) + 1))
 }
 
+/// raft-rs's `Storage::initial_state` for a log of `last_index` entries. The commit index is a
+/// hint (the leader sends it again); a crash may keep a hard state whose commit is past the
+/// entries that survived, which raft-rs refuses, so it is clamped to what is there.
+pub fn initial_state_for(
+    hard_state: &HardState,
+    conf_state: &raft::eraftpb::ConfState,
+    last_index: u64,
+) -> raft::RaftState {
+    let mut hard_state = hard_state.clone();
+    hard_state.commit = hard_state.commit.min(last_index);
+    raft::RaftState { hard_state, conf_state: conf_state.clone() }
+}
+
+/// raft-rs's `Storage::term` for a log held whole in memory from index 1.
+pub fn term_in(entries: &[Entry], index: u64) -> raft::Result<u64> {
+    match index {
+        0 => Ok(0),
+        i => usize::try_from(i - 1)
+            .ok()
+            .and_then(|at| entries.get(at))
+            .map(|e| e.term)
+            .ok_or(raft::Error::Store(raft::StorageError::Unavailable)),
+    }
+}
+
 /// raft-rs's `Storage::entries` for a log held whole in memory from index 1: entries
 /// `[low, high)`, at least one, then as many as fit `max_size` bytes of data.
 pub fn entries_between(
