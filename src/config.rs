@@ -131,6 +131,28 @@ pub struct BrokerConfig {
     pub group_max_session_timeout_ms: u32,
     /// Most members in one group; further joins are refused with ResourceExhausted.
     pub group_members_max: usize,
+    /// This node's id in a cluster (1 or more), unique among the nodes of `seeds`.
+    pub node_id: u64,
+    /// The cluster's controller voters as `ID@HOST:PORT,...`: every node's id and replication
+    /// (peer) address, the same list on every node. Empty: a single node with no peer listener.
+    pub seeds: String,
+    /// Replication listener; default: this node's address in `seeds`.
+    pub peer_listen: Option<SocketAddr>,
+    /// Period of the Raft timer; elections time out after 10 to 20 ticks, leaders send
+    /// heartbeats every 2.
+    pub raft_tick_ms: u64,
+}
+
+/// A node's view of its cluster, from `node_id`, `seeds` and `peer_listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSeeds {
+    pub node_id: u64,
+    /// Every voter's id and peer address, this node's included.
+    pub voters: std::collections::BTreeMap<u64, SocketAddr>,
+    pub peer_listen: SocketAddr,
+    /// Names the cluster at every peer handshake, so nodes configured with another seed list
+    /// (another cluster) are refused: FNV-1a of the sorted `id@address` list.
+    pub cluster_id: u64,
 }
 
 impl Default for BrokerConfig {
@@ -176,6 +198,10 @@ impl Default for BrokerConfig {
             group_min_session_timeout_ms: 1000,
             group_max_session_timeout_ms: 300_000,
             group_members_max: 1000,
+            node_id: 1,
+            seeds: String::new(),
+            peer_listen: None,
+            raft_tick_ms: 100,
         }
     }
 }
@@ -337,7 +363,63 @@ impl BrokerConfig {
         if self.group_members_max == 0 {
             return invalid("group_members_max", "must be at least 1");
         }
+        if self.node_id == 0 {
+            return invalid("node_id", "must be at least 1");
+        }
+        if self.raft_tick_ms == 0 || self.raft_tick_ms > 10_000 {
+            return invalid("raft_tick_ms", "must be between 1 and 10000");
+        }
+        if let Err(message) = self.cluster() {
+            return invalid("seeds", message);
+        }
         Ok(())
+    }
+
+    /// The cluster this node belongs to, `None` for a single node (no `seeds`).
+    pub fn cluster(&self) -> Result<Option<ClusterSeeds>, String> {
+        if self.seeds.trim().is_empty() {
+            if self.peer_listen.is_some() {
+                return Err("peer_listen is set but seeds is empty: list every node as ID@HOST:PORT".into());
+            }
+            return Ok(None);
+        }
+        let mut voters = std::collections::BTreeMap::new();
+        for seed in self.seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, addr) = seed
+                .split_once('@')
+                .ok_or_else(|| format!("'{seed}' is not ID@HOST:PORT (e.g. 1@10.0.0.1:9400)"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&id| id > 0)
+                .ok_or_else(|| format!("'{seed}': the node id must be a number of at least 1"))?;
+            let addr: SocketAddr = addr
+                .trim()
+                .parse()
+                .map_err(|e| format!("'{seed}': '{addr}' is not an address like 10.0.0.1:9400: {e}"))?;
+            if voters.insert(id, addr).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        let own = voters.get(&self.node_id).copied().ok_or_else(|| {
+            format!(
+                "this node's id {} is not among the seeds; every node lists every voter, itself included",
+                self.node_id
+            )
+        })?;
+        let mut cluster_id = 0xcbf2_9ce4_8422_2325u64;
+        for (id, addr) in &voters {
+            for byte in format!("{id}@{addr},").bytes() {
+                cluster_id = (cluster_id ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        Ok(Some(ClusterSeeds {
+            node_id: self.node_id,
+            peer_listen: self.peer_listen.unwrap_or(own),
+            voters,
+            cluster_id,
+        }))
     }
 
     /// The Kafka listener address, `None` when disabled.
@@ -393,6 +475,7 @@ pub fn option_names() -> Vec<String> {
             keys.push("advertised_host".into());
             keys.push("admin_listen".into());
             keys.push("kafka_advertised_listener".into());
+            keys.push("peer_listen".into());
             keys
         }
         Err(_) => Vec::new(),

@@ -11,8 +11,11 @@
 //! - `shard`: routing to the owning core, the mesh, owner-side operations, the rules both
 //!   protocols apply, and `BrokerError`.
 //! - `storage`: partition logs, segments, indexes.
+//! - `replication`: consensus per partition (raft-rs driven sans-IO), leader epochs, the
+//!   node-to-node protocol; no IO of its own, so the simulator (`sim/`) runs it on simulated time.
 //! - leaves: `metadata` (topics, partition ownership, the metadata file), `metrics`, `config`,
-//!   `record` (the Kafka RecordBatch v2 format, shared with `client`), `protocol` (native wire).
+//!   `allocator` (the hook by which idle shards return freed memory), `record` (the Kafka
+//!   RecordBatch v2 format, shared with `client`), `protocol` (native wire).
 //!
 //! Everything but `record`, `protocol`, `client` and `cli` needs the `broker` feature (glommio).
 
@@ -22,7 +25,11 @@ pub mod protocol;
 pub mod record;
 
 #[cfg(feature = "broker")]
+pub mod allocator;
+#[cfg(feature = "broker")]
 pub mod broker;
+#[cfg(feature = "broker")]
+pub mod cluster;
 #[cfg(feature = "broker")]
 pub mod config;
 #[cfg(feature = "broker")]
@@ -37,6 +44,8 @@ pub mod metadata;
 pub mod metrics;
 #[cfg(feature = "broker")]
 pub mod native;
+#[cfg(feature = "broker")]
+pub mod replication;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]

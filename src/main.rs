@@ -22,8 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a broker (single node). With no options: data in ./ringlog-data, native protocol on
-    /// 127.0.0.1:9292, one shard per core.
+    /// Run a broker. With no options a single node: data in ./ringlog-data, native protocol on
+    /// 127.0.0.1:9292, one shard per core. With --seeds, a node of a cluster.
     Serve(ServeArgs),
     #[command(flatten)]
     Client(ringlog::cli::ClientCommand),
@@ -49,6 +49,15 @@ struct ServeArgs {
     /// First per-shard direct port, 0 = pick free ports (option `shard_port_base`).
     #[arg(long)]
     shard_port_base: Option<u16>,
+    /// This node's id in a cluster (option `node_id`).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Every node of the cluster as ID@HOST:PORT,... with its replication address (option `seeds`).
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Replication listen address; default: this node's address in --seeds (option `peer_listen`).
+    #[arg(long)]
+    peer_listen: Option<String>,
     /// Any option as KEY=VALUE, e.g. `--set default_durability=written`. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -69,6 +78,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Before the shards allocate: see `alloc::disable_transparent_huge_pages`. Not fatal: the
+    // broker works with huge pages, its memory only creeps up.
+    if let Err(e) = alloc::disable_transparent_huge_pages() {
+        tracing::warn!("could not turn transparent huge pages off (prctl PR_SET_THP_DISABLE): {e}");
+    }
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.data_dir {
         overrides.push(("data_dir".into(), v.display().to_string()));
@@ -86,6 +100,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(v) = args.shard_port_base {
         overrides.push(("shard_port_base".into(), v.to_string()));
     }
+    if let Some(v) = args.node_id {
+        overrides.push(("node_id".into(), v.to_string()));
+    }
+    if let Some(v) = &args.seeds {
+        overrides.push(("seeds".into(), format!("\"{v}\"")));
+    }
+    if let Some(v) = &args.peer_listen {
+        overrides.push(("peer_listen".into(), format!("\"{v}\"")));
+    }
     for kv in &args.set {
         let Some((k, v)) = kv.split_once('=') else {
             eprintln!("ringlog: --set {kv}: expected KEY=VALUE");
@@ -100,6 +123,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Idle shards hand what mimalloc holds free back to the kernel (see `ringlog::allocator`).
+    ringlog::allocator::set_release_free_memory(alloc::release_free_memory);
     match ringlog::broker::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

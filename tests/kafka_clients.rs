@@ -659,6 +659,18 @@ fn kafka_python_assign_seek_offsets_for_times_and_committed_offsets() {
 }
 
 #[test]
+fn a_transactional_producer_is_refused_at_once_with_a_fatal_error() {
+    Client::ConfluentKafka.require();
+    let broker = Broker::start(1, BROKER_SETS);
+    let out = python(&broker, "transactions", "confluent_transactions.py", &[&broker.kafka])
+        .wait(SCRIPT_LIMIT)
+        .ok(&broker);
+    assert!(out.contains("fatal=True retriable=False code=53"), "{out}");
+    assert!(out.contains("transactions are not supported by this broker"), "{out}");
+    assert_no_panic(&broker);
+}
+
+#[test]
 fn kafkajs_producer_and_group_consumer_round_trip() {
     Client::Kafkajs.require();
     const TOPIC: &str = "kafkajs";

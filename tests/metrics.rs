@@ -172,3 +172,57 @@ fn metrics_endpoint_reports_the_traffic_sent() {
         assert_eq!(memory(&m, component), 0.0, "{component} after the topic was deleted");
     }
 }
+
+/// Anonymous (heap) memory of a process, from /proc/PID/smaps_rollup: the broker's binary
+/// pages, counted in RSS, would only blur what the allocator holds.
+fn anonymous_bytes(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|kb| kb.trim().parse::<u64>().unwrap() * 1024)
+        .expect("smaps_rollup has an Anonymous line")
+}
+
+/// A shard whose topics were deleted and that then sees no traffic gives the memory they held
+/// back to the kernel within a few housekeeping intervals (issue 17). Without the idle release
+/// mimalloc kept it until the shard next allocated enough, which an idle shard never does: this
+/// this test failed: 170 MiB of anonymous memory 5 s after the deletion, against 12 MiB before.
+#[test]
+fn an_idle_shard_gives_back_the_memory_of_deleted_topics() {
+    const MIB: u64 = 1 << 20;
+    let broker = Broker::start(1, &["housekeeping_interval_ms=200", "default_durability=written"]);
+    let pid = broker.child.as_ref().unwrap().id();
+    let baseline = anonymous_bytes(pid);
+
+    // ~150 MiB of 1 KiB records, all kept by the tail cache (its budget is 256 MiB), each batch
+    // a copy of its own (payloads under 64 KiB are copied for the cache).
+    broker.cli(&["topic", "create", "bulk", "--partitions", "1"], None).ok();
+    let record = format!("{}\n", "x".repeat(1023));
+    let lines = record.repeat(50_000);
+    for _ in 0..3 {
+        broker.cli(&["produce", "bulk"], Some(lines.as_bytes())).ok();
+    }
+    let loaded = anonymous_bytes(pid);
+    assert!(
+        loaded > baseline + 128 * MIB,
+        "the cached records are resident: {} → {} MiB",
+        baseline / MIB,
+        loaded / MIB
+    );
+
+    broker.cli(&["topic", "delete", "bulk"], None).ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut now = anonymous_bytes(pid);
+    while now > baseline + 48 * MIB && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        now = anonymous_bytes(pid);
+    }
+    assert!(
+        now <= baseline + 48 * MIB,
+        "5 s after the deletion the broker still holds {} MiB of anonymous memory (baseline {} MiB, {} MiB loaded)",
+        now / MIB,
+        baseline / MIB,
+        loaded / MIB
+    );
+}

@@ -16,6 +16,8 @@ use libfuzzer_sys::fuzz_target;
 use ringlog::kafka::codec::{decode_request, split_request};
 use ringlog::kafka::versions::SUPPORTED;
 
+// Only the allocator is used here, not the idle shards' `release_free_memory`.
+#[allow(dead_code)]
 #[path = "../../src/alloc.rs"]
 mod alloc;
 

@@ -12,6 +12,7 @@ use futures::future::FutureExt;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
+use crate::cluster::Cluster;
 use crate::metrics::exposition::{self, ProcessInfo};
 use crate::metrics::ShardSnapshot;
 use crate::shard::Shard;
@@ -79,8 +80,48 @@ async fn handle(shard: &Rc<Shard>, mut stream: TcpStream, started: Instant) -> s
             let body = exposition::render(&snapshots, &process);
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
-        ("GET", "/health") => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
-        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics or /health\n").await,
+        ("GET", "/health") => match shard.extension::<Cluster>().map(|c| c.status()) {
+            None => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
+            Some(status) => match (status.controller_leader, &status.failure) {
+                (Some(leader), None) => {
+                    let body = format!(
+                        "ok: node {} is in the cluster; controller leader: node {leader}\n",
+                        status.node_id
+                    );
+                    respond(&mut stream, "200 OK", "text/plain", &body).await
+                }
+                (_, Some(failure)) => {
+                    let body = format!("node {} has left the controller group: {failure}\n", status.node_id);
+                    respond(&mut stream, "503 Service Unavailable", "text/plain", &body).await
+                }
+                (None, None) => {
+                    let body = format!(
+                        "node {} knows no controller leader (yet): a majority of the seeds must be up\n",
+                        status.node_id
+                    );
+                    respond(&mut stream, "503 Service Unavailable", "text/plain", &body).await
+                }
+            },
+        },
+        ("GET", "/v1/cluster") => match shard.extension::<Cluster>().map(|c| c.status()) {
+            Some(status) => {
+                let body = serde_json::to_string_pretty(&status).unwrap_or_default() + "\n";
+                respond(&mut stream, "200 OK", "application/json", &body).await
+            }
+            None => {
+                respond(
+                    &mut stream,
+                    "404 Not Found",
+                    "text/plain",
+                    "this broker is a single node (no seeds)\n",
+                )
+                .await
+            }
+        },
+        ("GET", _) => {
+            respond(&mut stream, "404 Not Found", "text/plain", "try /metrics, /health or /v1/cluster\n")
+                .await
+        }
         _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n").await,
     }
 }

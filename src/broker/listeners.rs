@@ -130,6 +130,8 @@ pub struct Listeners {
     /// Shard N's direct port is `direct[N]`.
     direct: Vec<Claimed>,
     admin: Claimed,
+    /// The replication listener of a node in a cluster, served by shard 0.
+    peer: Option<Claimed>,
 }
 
 /// One shard's descriptors of the broker's sockets; sent to the shard's thread.
@@ -137,8 +139,9 @@ pub struct ShardListeners {
     native: OwnedFd,
     kafka: Option<OwnedFd>,
     direct: OwnedFd,
-    /// Only shard 0 serves the admin listener.
+    /// Only shard 0 serves the admin listener and the peer listener.
     admin: Option<OwnedFd>,
+    peer: Option<OwnedFd>,
 }
 
 /// A shard's listeners, registered with its executor.
@@ -147,6 +150,7 @@ pub struct OpenListeners {
     pub kafka: Option<TcpListener>,
     pub direct: TcpListener,
     pub admin: Option<TcpListener>,
+    pub peer: Option<TcpListener>,
 }
 
 /// Binds every listener of a broker with `shards` shards. A port that is taken is retried every
@@ -184,7 +188,12 @@ pub fn bind(config: &BrokerConfig, shards: usize) -> Result<Listeners, ListenErr
         Some(addr) => binder.claim("admin_listen", addr, BACKLOG_SINGLE)?,
         None => binder.claim_default_admin()?,
     };
-    Ok(Listeners { native, kafka, direct, admin })
+    let peer = match config.cluster() {
+        Ok(Some(cluster)) => Some(binder.claim("peer_listen", cluster.peer_listen, BACKLOG_SINGLE)?),
+        Ok(None) => None,
+        Err(message) => return Err(ListenError::Address { option: "seeds", message }),
+    };
+    Ok(Listeners { native, kafka, direct, admin, peer })
 }
 
 impl Listeners {
@@ -205,11 +214,16 @@ impl Listeners {
         self.admin.addr
     }
 
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.as_ref().map(|p| p.addr)
+    }
+
     /// Each shard's descriptors, in shard order: its own `dup` of the shared sockets, its direct
     /// socket, and for shard 0 the admin socket.
     pub fn into_shards(self) -> Result<Vec<ShardListeners>, ListenError> {
-        let Listeners { native, kafka, direct, admin } = self;
+        let Listeners { native, kafka, direct, admin, peer } = self;
         let mut admin = Some(admin.socket);
+        let mut peer = peer.map(|p| p.socket);
         let mut shards = Vec::with_capacity(direct.len());
         for (shard, direct) in direct.into_iter().enumerate() {
             let share = |claimed: &Claimed, option| {
@@ -225,6 +239,7 @@ impl Listeners {
                 kafka: kafka.as_ref().map(|k| share(k, "kafka_listen")).transpose()?,
                 direct: direct.socket,
                 admin: admin.take(),
+                peer: peer.take(),
             });
         }
         Ok(shards)
@@ -240,6 +255,7 @@ impl ShardListeners {
             kafka: self.kafka.map(glommio_listener),
             direct: glommio_listener(self.direct),
             admin: self.admin.map(glommio_listener),
+            peer: self.peer.map(glommio_listener),
         }
     }
 }

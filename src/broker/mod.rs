@@ -53,6 +53,8 @@ struct Rendezvous {
     kafka: Option<SocketAddr>,
     /// Each shard's direct address, in shard order.
     direct: Vec<SocketAddr>,
+    native: SocketAddr,
+    admin: SocketAddr,
     peers: Mutex<Vec<Option<usize>>>,
     ready: AtomicUsize,
     /// The first failure of any shard, at start-up or later: (shard, what happened and what to do).
@@ -143,10 +145,13 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     install_signal_handlers(shutdown.clone())?;
     let listeners = listeners::bind(&config, shards)?;
     let (native_addr, admin_addr) = (listeners.native_addr(), listeners.admin_addr());
+    let peer_addr = listeners.peer_addr();
     let rendezvous = Arc::new(Rendezvous {
         shards,
         kafka: listeners.kafka_addr(),
         direct: listeners.direct_addrs(),
+        native: native_addr,
+        admin: admin_addr,
         peers: Mutex::new(vec![None; shards]),
         ready: AtomicUsize::new(0),
         failed: Mutex::new(None),
@@ -199,8 +204,12 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     }
     let direct: Vec<String> = rendezvous.direct.iter().map(SocketAddr::to_string).collect();
     let kafka = rendezvous.kafka.map_or_else(|| "off".to_string(), |a| a.to_string());
+    let cluster = match (config.cluster(), peer_addr) {
+        (Ok(Some(cluster)), Some(peer)) => format!(" node={} peer={peer}", cluster.node_id),
+        _ => String::new(),
+    };
     let ready = format!(
-        "ringlog ready: native={native_addr} kafka={kafka} shards={shards} direct={} data_dir={} admin={admin_addr}",
+        "ringlog ready: native={native_addr} kafka={kafka} shards={shards} direct={} data_dir={} admin={admin_addr}{cluster}",
         direct.join(","),
         data_dir.display(),
     );
@@ -395,6 +404,16 @@ impl ShardStart {
         let started = std::time::Instant::now();
         let open = listeners.ok_or("no listeners were bound for this shard")?.open();
         let admin = open.admin.map(|l| glommio::spawn_local(admin::serve(shard.clone(), l, started)));
+        if let (Ok(Some(seeds)), Some(peer)) = (self.config.cluster(), open.peer) {
+            let me = crate::cluster::NodeInfo {
+                id: seeds.node_id,
+                peer: seeds.peer_listen.to_string(),
+                native: rv.native.to_string(),
+                kafka: shard.kafka_endpoint.get().map(|(host, port)| format!("{host}:{port}")),
+                admin: rv.admin.to_string(),
+            };
+            crate::cluster::start(&shard, seeds, peer, me).map_err(|e| e.to_string())?;
+        }
         rv.ready.fetch_add(1, Ordering::AcqRel);
 
         let mut listeners = vec![

@@ -1,9 +1,11 @@
-//! The client commands of the `ringlog` binary: `topic`, `produce`, `consume`, `group`.
+//! The client commands of the `ringlog` binary: `topic`, `produce`, `consume`, `group`,
+//! `cluster`.
 //!
 //! Owns: argument parsing for those commands (clap), their output formats, and turning errors into
 //! one `ringlog: <error>` line and exit status 1. Depends on `client` only (builds without the
 //! `broker` feature); builds its own tokio runtime.
 
+mod cluster;
 mod consume;
 mod group;
 mod produce;
@@ -16,6 +18,7 @@ use thiserror::Error;
 
 use crate::client::{ClientConfig, ClientError, DEFAULT_BOOTSTRAP};
 
+pub use cluster::ClusterCommand;
 pub use consume::{ConsumeArgs, FromOffset};
 pub use group::{GroupCommand, ResetArgs, ResetTo};
 pub use produce::{AcksArg, ProduceArgs};
@@ -36,6 +39,11 @@ pub enum ClientCommand {
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// The cluster as one node sees it: nodes, liveness, the controller leader.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
 }
 
@@ -92,6 +100,7 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Produce(args) => produce::run(args).await,
             ClientCommand::Consume(args) => consume::run(args).await,
             ClientCommand::Group { command } => group::run(command).await,
+            ClientCommand::Cluster { command } => cluster::run(command).await,
         }
     });
     match result {

@@ -136,9 +136,13 @@ pub(super) async fn find_coordinator(
                 )
             }),
         },
+        // No transactions yet. COORDINATOR_NOT_AVAILABLE would be retried by the client until its
+        // own timeout (librdkafka: init_transactions waits it out); this code is fatal in every
+        // client, so the application learns at once, with the message.
         KEY_TYPE_TRANSACTION => Err((
-            K::CoordinatorNotAvailable.code(),
-            "transactions are not supported by this broker".to_string(),
+            K::TransactionalIdAuthorizationFailed.code(),
+            "transactions are not supported by this broker (ringlog has no transaction coordinator yet)"
+                .to_string(),
         )),
         other => Err((K::InvalidRequest.code(), format!("unknown coordinator key type {other}"))),
     };

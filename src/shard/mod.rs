@@ -2,17 +2,18 @@
 //!
 //! Owns: the shard's view of topic metadata (`topics`: applying, growing and removing topics on
 //! this shard), the partitions it owns (`storage::Partition`), the cross-shard mesh (`mesh`), the
-//! owner-side operations (`owner`), the rules both protocols apply to client requests (`rules`)
-//! and the error type of the broker (`error`). Every request part for a partition is executed on
+//! owner-side operations (`owner`), the rules both protocols apply to client requests (`rules`),
+//! when an idle shard returns freed memory (`idle`) and the error type of the broker (`error`). Every request part for a partition is executed on
 //! the partition's owner: locally when the connection is on the owner, otherwise one mesh message
 //! per shard. Layers above (controller, groups, metrics scrapes) run their work on another shard
 //! with `invoke_on` and keep their per-shard state as extensions of the shard, so this module
 //! never names them.
-//! May depend on `storage`, `metadata`, `metrics`, `record`, `config`; never on connections,
+//! May depend on `storage`, `metadata`, `metrics`, `record`, `config`, `allocator`; never on connections,
 //! protocols, the controller or groups. Nothing here is shared between threads except through
 //! `ShardMsg`.
 
 mod error;
+mod idle;
 pub mod mesh;
 mod owner;
 pub mod rules;
@@ -36,6 +37,7 @@ use glommio::channels::channel_mesh::Senders;
 use crate::config::BrokerConfig;
 use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
 use crate::storage::{Partition, ShardStorage};
+use idle::IdleRelease;
 use mesh::*;
 
 pub use error::{BrokerError, StorageFailure};
@@ -395,11 +397,13 @@ impl Shard {
     }
 
     // ---- Background work ----------------------------------------------------------------------
-    /// Periodic disk-space refresh, segment roll by age and retention, until `stop` resolves.
+    /// Periodic disk-space refresh, segment roll by age and retention, and giving freed memory
+    /// back once the shard is idle, until `stop` resolves.
     pub(crate) async fn housekeeping(self: Rc<Self>) {
         let interval = Duration::from_millis(self.config.housekeeping_interval_ms);
         let disk_interval = Duration::from_millis(500).min(interval);
         let mut since_housekeeping = Duration::ZERO;
+        let mut idle = IdleRelease::default();
         loop {
             glommio::timer::sleep(disk_interval).await;
             self.storage.refresh_disk_space();
@@ -418,6 +422,16 @@ impl Shard {
                     }
                     Err(e) => tracing::error!(shard = self.id, "housekeeping failed: {e}"),
                 }
+            }
+            if idle.should_release(self.storage.activity()) {
+                // Timed because it runs on the shard: a request arriving meanwhile waits for it.
+                let started = std::time::Instant::now();
+                crate::allocator::release_free_memory();
+                tracing::debug!(
+                    shard = self.id,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "idle: freed memory released"
+                );
             }
         }
     }

@@ -500,6 +500,12 @@ impl ShardStorage {
         self.disk_space.refresh();
     }
 
+    /// A value that changes with every append, read and deletion on this shard (see
+    /// `TailCache::activity`): housekeeping compares it between runs to tell an idle shard.
+    pub fn activity(&self) -> (u64, u64, usize) {
+        self.tail_cache.borrow().activity()
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.tail_cache.borrow().stats()
     }

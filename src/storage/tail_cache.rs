@@ -210,6 +210,13 @@ impl TailCache {
         }
     }
 
+    /// Changes whenever the shard's traffic or deletions touch the cache: every insert and every
+    /// batch served advance `clock`, every miss `misses`, every removal lowers `used_bytes`. Equal
+    /// values at two moments mean the shard appended, read and deleted nothing cached in between.
+    pub fn activity(&self) -> (u64, u64, usize) {
+        (self.clock, self.misses, self.used_bytes)
+    }
+
     /// Bytes of the allocations the cached batches keep alive (at least `stats().used_bytes`).
     pub fn pinned_bytes(&self) -> usize {
         self.pinned_bytes

@@ -20,6 +20,8 @@ pub struct Broker {
     /// The Kafka listener, `host:port`.
     pub kafka: String,
     pub direct: Vec<String>,
+    /// The admin HTTP listener, `host:port`.
+    pub admin: String,
     pub args: Vec<String>,
     /// RLIMIT_NOFILE (soft and hard) the broker process starts with, at every (re)start.
     pub open_files_limit: Option<u64>,
@@ -82,6 +84,7 @@ impl Broker {
             addr: String::new(),
             kafka: String::new(),
             direct: vec![],
+            admin: String::new(),
             args,
             open_files_limit: None,
             _tmp: None,
@@ -120,6 +123,9 @@ impl Broker {
             }
             if let Some(v) = field.strip_prefix("kafka=") {
                 self.kafka = v.to_string();
+            }
+            if let Some(v) = field.strip_prefix("admin=") {
+                self.admin = v.to_string();
             }
             if let Some(v) = field.strip_prefix("direct=") {
                 self.direct = v.split(',').map(str::to_string).collect();

@@ -1,0 +1,258 @@
+//! Invariants, checked while the simulation runs and at its end:
+//!
+//! - at most one leader per term in each group;
+//! - committed entries never change or disappear: every replica's committed prefix is the same
+//!   (term, bytes, offsets) at every index, whenever it is looked at (log matching, leader
+//!   completeness);
+//! - a leader never serves a high watermark below one a leader of an earlier term served;
+//! - every acknowledged produce is in the final log exactly once, at the offsets it was
+//!   acknowledged with, and no record appears twice;
+//! - after the faults end, every group has one serving leader and every replica has caught up.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use ringlog::record::reader;
+use ringlog::replication::group::{Proposed, RaftGroup, Role};
+use ringlog::replication::memlog::MemLog;
+use ringlog::replication::wire::GroupKey;
+
+struct CommittedEntry {
+    term: u64,
+    data: Bytes,
+    end_offset: i64,
+}
+
+struct Pending {
+    group: GroupKey,
+    node: u64,
+    proposed: Proposed,
+    ids: Vec<u64>,
+}
+
+/// A node as the checker sees it: id, whether it is up, its groups.
+pub type NodeView<'a> = (u64, bool, Vec<(GroupKey, &'a RaftGroup<MemLog>)>);
+type NodesView<'a> = [NodeView<'a>];
+
+pub struct Checker {
+    failure: Option<String>,
+    committed: BTreeMap<GroupKey, BTreeMap<u64, CommittedEntry>>,
+    checked_commit: BTreeMap<(u64, GroupKey), u64>,
+    leaders: BTreeMap<(GroupKey, u64), u64>,
+    /// The highest high watermark served in each term.
+    served_high_watermarks: BTreeMap<(GroupKey, u64), i64>,
+    pending: Vec<Pending>,
+    /// Record id → (group, offset) it was acknowledged at.
+    acknowledged: BTreeMap<u64, (GroupKey, i64)>,
+    pub elections: u64,
+}
+
+impl Checker {
+    pub fn new(_groups: u32) -> Checker {
+        Checker {
+            failure: None,
+            committed: BTreeMap::new(),
+            checked_commit: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            served_high_watermarks: BTreeMap::new(),
+            pending: Vec::new(),
+            acknowledged: BTreeMap::new(),
+            elections: 0,
+        }
+    }
+
+    pub fn fail(&mut self, reason: String) {
+        self.failure.get_or_insert(reason);
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    pub fn acknowledged(&self) -> usize {
+        self.acknowledged.len()
+    }
+
+    pub fn proposed(&mut self, group: GroupKey, node: u64, proposed: Proposed, ids: Vec<u64>) {
+        self.pending.push(Pending { group, node, proposed, ids });
+    }
+
+    /// The node crashed and came back: its commit index starts again from its disk, and the
+    /// produces it had not acknowledged never will be (their clients lost the connection).
+    pub fn restarted(&mut self, node: u64) {
+        self.checked_commit.retain(|(n, _), _| *n != node);
+        self.pending.retain(|p| p.node != node);
+    }
+
+    pub fn observe(&mut self, nodes: &NodesView<'_>, now: u64) {
+        for (id, alive, groups) in nodes {
+            if !alive {
+                continue;
+            }
+            for (key, group) in groups {
+                self.observe_group(*id, *key, group, now);
+            }
+        }
+    }
+
+    fn observe_group(&mut self, node: u64, key: GroupKey, group: &RaftGroup<MemLog>, now: u64) {
+        if group.role() == Role::Leader {
+            let leader = *self.leaders.entry((key, group.term())).or_insert_with(|| {
+                self.elections += 1;
+                node
+            });
+            if leader != node {
+                return self.fail(format!(
+                    "{now} ms: two leaders in term {} of p{}: n{leader} and n{node}",
+                    group.term(),
+                    key.partition
+                ));
+            }
+        }
+        let from = self.checked_commit.get(&(node, key)).copied().unwrap_or(0);
+        let to = group.commit_index();
+        let log = self.committed.entry(key).or_default();
+        let mut broken = None;
+        for index in from + 1..=to {
+            let Some((entry, end_offset)) = group.store().entry(index) else {
+                broken = Some(format!(
+                    "{now} ms: n{node} p{}: committed index {index} is not in its log",
+                    key.partition
+                ));
+                break;
+            };
+            match log.get(&index) {
+                Some(known)
+                    if known.term != entry.term
+                        || known.data != entry.data
+                        || known.end_offset != end_offset =>
+                {
+                    broken = Some(format!(
+                        "{now} ms: n{node} p{}: committed entry {index} changed: term {} -> {}, end offset {} -> {}",
+                        key.partition, known.term, entry.term, known.end_offset, end_offset
+                    ));
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    log.insert(index, CommittedEntry { term: entry.term, data: entry.data, end_offset });
+                }
+            }
+        }
+        if let Some(reason) = broken {
+            return self.fail(reason);
+        }
+        if to > from {
+            self.checked_commit.insert((node, key), to);
+        }
+        // Only leaders serve, so clients see only their high watermarks. A leader of a later term
+        // must never serve less than one of an earlier term did. (An old leader cut off from the
+        // others keeps serving what it has until it notices, as in Kafka: clients fence it with
+        // the leader epoch. And a follower may be ahead of its leader for a moment: two followers
+        // can commit an entry before the leader's own write is durable.)
+        if group.is_serving() {
+            let (hw, term) = (group.high_watermark(), group.term());
+            let earlier = self.served_high_watermarks.range((key, 0)..(key, term)).map(|(_, hw)| *hw).max();
+            if let Some(before) = earlier.filter(|&before| before > hw) {
+                return self.fail(format!(
+                    "{now} ms: n{node} p{} serves high watermark {hw} in term {term}, below {before} served in an earlier term",
+                    key.partition
+                ));
+            }
+            let served = self.served_high_watermarks.entry((key, term)).or_insert(hw);
+            *served = (*served).max(hw);
+        }
+        // Acknowledge what the proposing leader now has committed under the term it proposed in.
+        let mut still_pending = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            if p.node != node || p.group != key || p.proposed.index > to {
+                still_pending.push(p);
+                continue;
+            }
+            let Some(entry) = self.committed.get(&key).and_then(|log| log.get(&p.proposed.index)) else {
+                still_pending.push(p);
+                continue;
+            };
+            if entry.term == p.proposed.term {
+                for (i, id) in p.ids.iter().enumerate() {
+                    self.acknowledged.insert(*id, (key, p.proposed.base_offset + i as i64));
+                }
+            }
+        }
+        self.pending = still_pending;
+    }
+
+    /// After the faults have ended and the cluster has had time to settle.
+    pub fn check_end(&mut self, nodes: &NodesView<'_>, now: u64) {
+        if self.failed() {
+            return;
+        }
+        self.observe(nodes, now);
+        let keys: Vec<GroupKey> =
+            nodes.first().map(|(_, _, g)| g.iter().map(|(k, _)| *k).collect()).unwrap_or_default();
+        for key in keys {
+            let replicas: Vec<(u64, &RaftGroup<MemLog>)> = nodes
+                .iter()
+                .filter_map(|(id, _, groups)| groups.iter().find(|(k, _)| *k == key).map(|(_, g)| (*id, *g)))
+                .collect();
+            let serving: Vec<u64> =
+                replicas.iter().filter(|(_, g)| g.is_serving()).map(|(id, _)| *id).collect();
+            if serving.len() != 1 {
+                return self.fail(format!(
+                    "{now} ms: p{} has {} serving leaders after the faults ended: {serving:?}",
+                    key.partition,
+                    serving.len()
+                ));
+            }
+            let commits: Vec<(u64, u64, u64)> =
+                replicas.iter().map(|(id, g)| (*id, g.commit_index(), g.store().last_index())).collect();
+            if commits.iter().any(|&(_, commit, last)| commit != commits[0].1 || last != commit) {
+                return self.fail(format!(
+                    "{now} ms: p{} replicas did not converge (node, commit, last): {commits:?}",
+                    key.partition
+                ));
+            }
+        }
+        // Every acknowledged record exactly once, where it was acknowledged; nothing twice.
+        let mut found: BTreeMap<u64, (GroupKey, i64)> = BTreeMap::new();
+        for (key, log) in &self.committed {
+            for (index, entry) in log {
+                if entry.data.is_empty() {
+                    continue;
+                }
+                let records = match reader::records(&entry.data) {
+                    Ok(records) => records,
+                    Err(e) => {
+                        return self.fail(format!("p{} entry {index} is not a batch: {e}", key.partition))
+                    }
+                };
+                for record in records {
+                    let Ok(record) = record else {
+                        return self.fail(format!("p{} entry {index} has a damaged record", key.partition));
+                    };
+                    let id =
+                        record.value.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                    if let Some(first) = found.insert(id, (*key, record.offset)) {
+                        return self.fail(format!(
+                            "record {id} is in the log twice: {first:?} and ({key:?}, {})",
+                            record.offset
+                        ));
+                    }
+                }
+            }
+        }
+        for (id, at) in &self.acknowledged {
+            match found.get(id) {
+                Some(where_found) if where_found == at => {}
+                other => {
+                    return self
+                        .fail(format!("acknowledged record {id} at {at:?} is at {other:?} in the final log"))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! One simulated cluster: nodes running the real replication code (`ringlog::replication`) over
+//! simulated disks (`MemLog`), a simulated network that carries real frames (`wire`), and a
+//! client workload, all on simulated time, driven by one seed. Faults are drawn from the seed:
+//! message loss, delay, duplication and reordering, network partitions (both ways or one way) that
+//! heal, node crashes that keep only what was synced (the unsynced tail lost or torn), pauses (a
+//! stopped process), and slow syncs.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt::Write;
+
+use bytes::Bytes;
+use raft::eraftpb::Message;
+use ringlog::record::builder::BatchBuilder;
+use ringlog::replication::group::{GroupSettings, Output, RaftGroup, Role, Sabotage};
+use ringlog::replication::memlog::{MemLog, WriteMark};
+use ringlog::replication::rng::SeededRng;
+use ringlog::replication::wire::{self, GroupKey, PeerBatch};
+
+use crate::checker::{Checker, NodeView};
+
+pub const TICK_MS: u64 = 10;
+
+/// What one run looks like; every field has a default drawn from the seed.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub nodes: u64,
+    pub groups: u32,
+    /// Faults are injected until here, then healed; the run ends `settle_ms` later.
+    pub fault_ms: u64,
+    pub settle_ms: u64,
+    pub produce_every_ms: u64,
+    pub loss_per_million: u32,
+    pub duplicate_per_million: u32,
+    pub delay_ms: (u64, u64),
+    pub long_delay_per_million: u32,
+    pub crash_every_ms: u64,
+    pub partition_every_ms: u64,
+    pub pause_every_ms: u64,
+    pub sync_ms: (u64, u64),
+}
+
+impl Scenario {
+    pub fn from_seed(rng: &mut SeededRng) -> Scenario {
+        Scenario {
+            nodes: if rng.chance(300_000) { 5 } else { 3 },
+            groups: rng.range(1, 5) as u32,
+            fault_ms: rng.range(4_000, 10_000),
+            settle_ms: 6_000,
+            produce_every_ms: rng.range(2, 30),
+            loss_per_million: rng.range(0, 50_000) as u32,
+            duplicate_per_million: rng.range(0, 20_000) as u32,
+            delay_ms: (1, rng.range(2, 30)),
+            long_delay_per_million: rng.range(0, 10_000) as u32,
+            crash_every_ms: rng.range(300, 3_000),
+            partition_every_ms: rng.range(500, 4_000),
+            pause_every_ms: rng.range(1_000, 6_000),
+            sync_ms: (0, rng.range(1, 20)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick {
+        node: u64,
+    },
+    Deliver {
+        from: u64,
+        to: u64,
+        frame: Bytes,
+    },
+    Synced {
+        node: u64,
+        incarnation: u64,
+        group: GroupKey,
+        mark: WriteMark,
+        number: u64,
+        then_send: Vec<Message>,
+    },
+    Produce,
+    Crash,
+    Restart {
+        node: u64,
+    },
+    Partition,
+    Heal,
+    Pause,
+    Resume {
+        node: u64,
+    },
+    EndFaults,
+}
+
+struct Node {
+    id: u64,
+    /// Bumped at each crash: syncs issued before it never complete.
+    incarnation: u64,
+    alive: bool,
+    paused_until: Option<u64>,
+    groups: BTreeMap<GroupKey, RaftGroup<MemLog>>,
+    /// Outlive the node's crashes.
+    disks: BTreeMap<GroupKey, MemLog>,
+}
+
+pub struct World {
+    pub scenario: Scenario,
+    broken: Broken,
+    rng: SeededRng,
+    now: u64,
+    sequence: u64,
+    events: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    payloads: Vec<Option<Event>>,
+    nodes: Vec<Node>,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(u64, u64)>,
+    faults: bool,
+    next_record: u64,
+    pub checker: Checker,
+    pub trace: Option<String>,
+    pub frames_sent: u64,
+    pub messages_sent: u64,
+}
+
+fn view(nodes: &[Node]) -> Vec<NodeView<'_>> {
+    nodes.iter().map(|n| (n.id, n.alive, n.groups.iter().map(|(k, g)| (*k, g)).collect())).collect()
+}
+
+fn group_key(index: u32) -> GroupKey {
+    GroupKey { topic_id: 1, partition: index }
+}
+
+/// A deliberately broken variant of the code under test, to prove the checker catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Broken {
+    #[default]
+    None,
+    /// Followers acknowledge appends (and votes) before the write is durable.
+    AckBeforeSync,
+    /// Leaders report the log end as the high watermark, committed or not.
+    ServeUncommitted,
+    /// A rejoining replica keeps its divergent suffix instead of truncating it.
+    SkipTruncation,
+}
+
+fn settings(broken: Broken) -> GroupSettings {
+    let sabotage = match broken {
+        Broken::AckBeforeSync => Sabotage::AckBeforeSync,
+        Broken::ServeUncommitted => Sabotage::ServeUncommitted,
+        Broken::None | Broken::SkipTruncation => Sabotage::None,
+    };
+    GroupSettings { max_size_per_msg: 64 << 10, max_inflight_msgs: 16, sabotage, ..GroupSettings::default() }
+}
+
+impl World {
+    pub fn new(seed: u64, trace: bool, broken: Broken) -> World {
+        let mut rng = SeededRng::new(seed);
+        let scenario = Scenario::from_seed(&mut rng);
+        let voters: Vec<u64> = (1..=scenario.nodes).collect();
+        let mut nodes = Vec::new();
+        for id in 1..=scenario.nodes {
+            let mut node = Node {
+                id,
+                incarnation: 0,
+                alive: true,
+                paused_until: None,
+                groups: BTreeMap::new(),
+                disks: BTreeMap::new(),
+            };
+            for g in 0..scenario.groups {
+                let disk = MemLog::new(voters.clone());
+                if broken == Broken::SkipTruncation {
+                    disk.skip_truncation();
+                }
+                node.disks.insert(group_key(g), disk);
+            }
+            nodes.push(node);
+        }
+        let mut world = World {
+            broken,
+            checker: Checker::new(scenario.groups),
+            scenario,
+            rng,
+            now: 0,
+            sequence: 0,
+            events: BinaryHeap::new(),
+            payloads: Vec::new(),
+            nodes,
+            cut: BTreeSet::new(),
+            faults: true,
+            next_record: 0,
+            trace: trace.then(String::new),
+            frames_sent: 0,
+            messages_sent: 0,
+        };
+        for id in 1..=world.scenario.nodes {
+            world.open_groups(id);
+            let first_tick = world.rng.range(0, TICK_MS);
+            world.schedule(first_tick, Event::Tick { node: id });
+        }
+        world.schedule(world.scenario.produce_every_ms, Event::Produce);
+        let s = world.scenario.clone();
+        for (every, event) in [
+            (s.crash_every_ms, Event::Crash),
+            (s.partition_every_ms, Event::Partition),
+            (s.pause_every_ms, Event::Pause),
+        ] {
+            let at = world.rng.range(every / 2, every * 3 / 2);
+            world.schedule(at, event);
+        }
+        world.schedule(s.fault_ms, Event::EndFaults);
+        world
+    }
+
+    fn log(&mut self, line: impl FnOnce() -> String) {
+        if let Some(trace) = &mut self.trace {
+            let _ = writeln!(trace, "{:>7} ms  {}", self.now, line());
+        }
+    }
+
+    fn schedule(&mut self, after_ms: u64, event: Event) {
+        self.sequence += 1;
+        self.payloads.push(Some(event));
+        self.events.push(Reverse((self.now + after_ms, self.sequence, self.payloads.len() - 1)));
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn open_groups(&mut self, id: u64) {
+        let keys: Vec<GroupKey> = self.node(id).disks.keys().copied().collect();
+        for key in keys {
+            let seed = self.rng.next_u64();
+            let disk = self.node(id).disks[&key].clone();
+            let name = format!("p{}@n{id}", key.partition);
+            match RaftGroup::new(id, name, settings(self.broken), disk, seed) {
+                Ok(group) => {
+                    self.node(id).groups.insert(key, group);
+                }
+                Err(e) => self.checker.fail(format!("node {id} cannot open group {key:?}: {e}")),
+            }
+        }
+    }
+
+    /// Runs to the end; returns a digest of what happened (the same seed must give the same).
+    pub fn run(&mut self) -> u64 {
+        let end = self.scenario.fault_ms + self.scenario.settle_ms;
+        let mut digest = 0xcbf2_9ce4_8422_2325u64;
+        while let Some(Reverse((at, sequence, slot))) = self.events.pop() {
+            if at > end || self.checker.failed() {
+                break;
+            }
+            self.now = at;
+            digest = (digest ^ sequence).wrapping_mul(0x100_0000_01b3);
+            if let Some(event) = self.payloads[slot].take() {
+                self.handle(event);
+            }
+        }
+        self.checker.check_end(&view(&self.nodes), self.now);
+        for node in &self.nodes {
+            for group in node.groups.values() {
+                digest = (digest ^ group.commit_index() ^ (group.term() << 32)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        digest
+    }
+
+    fn paused(&self, id: u64) -> Option<u64> {
+        self.nodes[(id - 1) as usize].paused_until
+    }
+
+    fn handle(&mut self, event: Event) {
+        // A paused node handles nothing until it resumes: what arrives for it waits.
+        let target = match &event {
+            Event::Tick { node } | Event::Synced { node, .. } => Some(*node),
+            Event::Deliver { to, .. } => Some(*to),
+            _ => None,
+        };
+        if let Some(until) = target.and_then(|id| self.paused(id)) {
+            self.sequence += 1;
+            self.payloads.push(Some(event));
+            self.events.push(Reverse((until, self.sequence, self.payloads.len() - 1)));
+            return;
+        }
+        match event {
+            Event::Tick { node } => {
+                if self.node(node).alive {
+                    for group in self.node(node).groups.values_mut() {
+                        group.tick();
+                    }
+                    self.drive(node);
+                }
+                self.schedule(TICK_MS, Event::Tick { node });
+            }
+            Event::Deliver { from, to, frame } => self.deliver(from, to, frame),
+            Event::Synced { node, incarnation, group, mark, number, then_send } => {
+                if self.node(node).incarnation != incarnation || !self.node(node).alive {
+                    return;
+                }
+                self.node(node).disks[&group].synced(mark);
+                if let Some(g) = self.node(node).groups.get_mut(&group) {
+                    g.persisted(number);
+                }
+                self.log(|| format!("n{node} p{} synced #{number}", group.partition));
+                let mut outbox = BTreeMap::new();
+                for m in then_send {
+                    outbox.entry(m.to).or_insert_with(Vec::new).push((group, m));
+                }
+                self.flush(node, outbox);
+                self.drive(node);
+            }
+            Event::Produce => {
+                // Quiet for the last two seconds, so the end state can be checked at rest.
+                if self.now + 2_000 >= self.scenario.fault_ms + self.scenario.settle_ms {
+                    return;
+                }
+                self.produce();
+                let every = self.scenario.produce_every_ms;
+                self.schedule(every, Event::Produce);
+            }
+            Event::Crash => self.crash(),
+            Event::Restart { node } => self.restart(node),
+            Event::Partition => self.partition(),
+            Event::Heal => {
+                self.cut.clear();
+                self.log(|| "network healed".into());
+            }
+            Event::Pause => self.pause(),
+            Event::Resume { node } => {
+                self.node(node).paused_until = None;
+                self.log(|| format!("n{node} resumed"));
+            }
+            Event::EndFaults => self.end_faults(),
+        }
+    }
+
+    /// Polls every group of `node` until none has output: sends what may go now, starts syncs.
+    fn drive(&mut self, node: u64) {
+        let mut outbox: BTreeMap<u64, Vec<(GroupKey, Message)>> = BTreeMap::new();
+        let mut syncs = Vec::new();
+        loop {
+            let mut progressed = false;
+            let n = &mut self.nodes[(node - 1) as usize];
+            for (key, group) in n.groups.iter_mut() {
+                let output = match group.poll() {
+                    Ok(output) => output,
+                    Err(e) => {
+                        self.checker.fail(format!("n{node}: {e}"));
+                        return;
+                    }
+                };
+                let Output { send, persist, .. } = output;
+                progressed |= !send.is_empty() || persist.is_some();
+                for m in send {
+                    outbox.entry(m.to).or_default().push((*key, m));
+                }
+                if let Some(persist) = persist {
+                    syncs.push((*key, n.disks[key].mark(), persist));
+                }
+            }
+            self.checker.observe(&view(&self.nodes), self.now);
+            if !progressed {
+                break;
+            }
+        }
+        let incarnation = self.node(node).incarnation;
+        for (group, mark, persist) in syncs {
+            let (low, high) = self.scenario.sync_ms;
+            let slow = self.faults && self.rng.chance(5_000);
+            let after = if slow { self.rng.range(50, 400) } else { self.rng.range(low, high + 1) };
+            self.schedule(
+                after,
+                Event::Synced {
+                    node,
+                    incarnation,
+                    group,
+                    mark,
+                    number: persist.number,
+                    then_send: persist.then_send,
+                },
+            );
+        }
+        self.flush(node, outbox);
+    }
+
+    /// One frame per destination for everything gathered in this pass (coalesced heartbeats).
+    fn flush(&mut self, from: u64, outbox: BTreeMap<u64, Vec<(GroupKey, Message)>>) {
+        for (to, messages) in outbox {
+            self.messages_sent += messages.len() as u64;
+            self.frames_sent += 1;
+            let frame =
+                Bytes::from(wire::encode(&PeerBatch { from_node: from, to_node: to, messages }).to_vec());
+            if self.cut.contains(&(from, to))
+                || (self.faults && self.rng.chance(self.scenario.loss_per_million))
+            {
+                continue;
+            }
+            let copies =
+                if self.faults && self.rng.chance(self.scenario.duplicate_per_million) { 2 } else { 1 };
+            for _ in 0..copies {
+                let long = self.faults && self.rng.chance(self.scenario.long_delay_per_million);
+                let (low, high) = self.scenario.delay_ms;
+                let delay = if long { self.rng.range(100, 1_000) } else { self.rng.range(low, high + 1) };
+                self.schedule(delay, Event::Deliver { from, to, frame: frame.clone() });
+            }
+        }
+    }
+
+    fn deliver(&mut self, from: u64, to: u64, frame: Bytes) {
+        if !self.node(to).alive || self.cut.contains(&(from, to)) {
+            return;
+        }
+        let batch = match wire::decode(frame) {
+            Ok(batch) => batch,
+            Err(e) => return self.checker.fail(format!("frame n{from}->n{to} does not decode: {e}")),
+        };
+        for (key, m) in batch.messages {
+            let kind = m.get_msg_type();
+            let Some(group) = self.node(to).groups.get_mut(&key) else { continue };
+            if let Err(e) = group.step(m) {
+                self.checker.fail(format!("n{to} p{}: step {kind:?}: {e}", key.partition));
+                return;
+            }
+        }
+        self.drive(to);
+    }
+
+    fn produce(&mut self) {
+        let g = self.rng.range(0, u64::from(self.scenario.groups)) as u32;
+        let key = group_key(g);
+        let leaders: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive && n.paused_until.is_none())
+            .filter(|n| n.groups.get(&key).is_some_and(|g| g.role() == Role::Leader))
+            .map(|n| n.id)
+            .collect();
+        let Some(&leader) = leaders.get(self.rng.range(0, leaders.len().max(1) as u64) as usize) else {
+            return;
+        };
+        let records = self.rng.range(1, 4);
+        let mut builder = BatchBuilder::new();
+        let mut ids = Vec::new();
+        for _ in 0..records {
+            self.next_record += 1;
+            ids.push(self.next_record);
+            builder.push(self.now as i64, None, Some(&self.next_record.to_be_bytes()), &[]);
+        }
+        let Some(group) = self.node(leader).groups.get_mut(&key) else { return };
+        match group.propose(builder.finish()) {
+            Ok(proposed) => {
+                self.log(|| {
+                    format!(
+                        "n{leader} p{g} proposed {ids:?} at index {} offset {}",
+                        proposed.index, proposed.base_offset
+                    )
+                });
+                self.checker.proposed(key, leader, proposed, ids);
+                self.drive(leader);
+            }
+            Err(e) => self.log(|| format!("n{leader} p{g} refused a produce: {e}")),
+        }
+    }
+
+    fn alive_nodes(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.alive).map(|n| n.id).collect()
+    }
+
+    fn crash(&mut self) {
+        if !self.faults {
+            return;
+        }
+        let alive = self.alive_nodes();
+        // Keep a majority up most of the time, but not always: a cluster must also come back
+        // from losing its quorum.
+        let may_lose_quorum = self.rng.chance(100_000);
+        if alive.len() as u64 > self.scenario.nodes / 2 + 1 || may_lose_quorum {
+            let node = alive[self.rng.range(0, alive.len() as u64) as usize];
+            let n = self.node(node);
+            n.alive = false;
+            n.incarnation += 1;
+            n.paused_until = None;
+            n.groups.clear();
+            let disks: Vec<MemLog> = n.disks.values().cloned().collect();
+            for disk in disks {
+                let torn_keep = self.rng.range(0, 3) as usize;
+                disk.crash(torn_keep);
+            }
+            self.log(|| format!("n{node} crashed"));
+            let after = self.rng.range(100, 2_000);
+            self.schedule(after, Event::Restart { node });
+        }
+        let every = self.scenario.crash_every_ms;
+        let next = self.rng.range(every / 2, every * 3 / 2);
+        self.schedule(next, Event::Crash);
+    }
+
+    fn restart(&mut self, node: u64) {
+        if self.node(node).alive {
+            return;
+        }
+        self.node(node).alive = true;
+        self.open_groups(node);
+        self.log(|| format!("n{node} restarted"));
+        self.checker.restarted(node);
+    }
+
+    fn partition(&mut self) {
+        if !self.faults {
+            return;
+        }
+        let victim = self.rng.range(1, self.scenario.nodes + 1);
+        let one_way = self.rng.chance(300_000);
+        for other in 1..=self.scenario.nodes {
+            if other != victim {
+                self.cut.insert((victim, other));
+                if !one_way {
+                    self.cut.insert((other, victim));
+                }
+            }
+        }
+        self.log(|| format!("n{victim} cut off{}", if one_way { " (its sends only)" } else { "" }));
+        let heal = self.rng.range(200, 3_000);
+        self.schedule(heal, Event::Heal);
+        let every = self.scenario.partition_every_ms;
+        let next = self.rng.range(every / 2, every * 3 / 2) + heal;
+        self.schedule(next, Event::Partition);
+    }
+
+    fn pause(&mut self) {
+        if !self.faults {
+            return;
+        }
+        let node = self.rng.range(1, self.scenario.nodes + 1);
+        if self.node(node).alive && self.node(node).paused_until.is_none() {
+            let length = self.rng.range(100, 2_500);
+            self.node(node).paused_until = Some(self.now + length);
+            self.log(|| format!("n{node} paused for {length} ms"));
+            self.schedule(length, Event::Resume { node });
+        }
+        let every = self.scenario.pause_every_ms;
+        let next = self.rng.range(every / 2, every * 3 / 2);
+        self.schedule(next, Event::Pause);
+    }
+
+    fn end_faults(&mut self) {
+        self.faults = false;
+        self.cut.clear();
+        for id in 1..=self.scenario.nodes {
+            if self.node(id).paused_until.take().is_some() {
+                self.log(|| format!("n{id} resumed"));
+            }
+            if !self.node(id).alive {
+                self.restart(id);
+            }
+        }
+        self.log(|| "faults end: network healed, every node up".into());
+    }
+}

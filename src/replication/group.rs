@@ -1,0 +1,513 @@
+//! One replica of one Raft group (a partition, or the controller): raft-rs's `RawNode` driven
+//! sans-IO. The caller owns time, the network and the disk: it calls `tick` on its timer, `step`
+//! with messages from peers, `propose` with a producer's batch, and after each of those `poll`,
+//! which hands back messages to send now and, when there is something to persist, a `Persist`
+//! whose messages may leave only once the caller has made the store's writes durable and called
+//! `persisted`. That order is what keeps a vote or an acknowledgement from going out before the
+//! state it promises is on disk (raft-rs's `persisted_messages`).
+//!
+//! Owns the replica's consensus state: role, term, commit, the high watermark (the Kafka offset
+//! after the last committed entry), and whether a leader may serve (it has committed an entry of
+//! its own term). Depends on raft-rs, `store`, `record` for stamping batches, and `rng`.
+
+use bytes::BytesMut;
+use raft::eraftpb::{Entry, Message, MessageType};
+use raft::{Config, RawNode, StateRole};
+use thiserror::Error;
+
+use super::logging::raft_logger;
+use super::rng::SeededRng;
+use super::store::{entry_offsets, ReplicaStore, StoreError};
+use crate::record::{self, BatchHeader};
+
+/// Deliberately broken behaviours, which exist only to prove that the simulator catches the bugs
+/// they stand for (issue 13): `ringlog-sim --sabotage` and its tests set them; nothing else does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sabotage {
+    #[default]
+    None,
+    /// Acknowledge (vote, append response) before the write is durable.
+    AckBeforeSync,
+    /// Report the end of the log, committed or not, as the high watermark.
+    ServeUncommitted,
+}
+
+/// Timing and flow-control of every group on a node. Ticks are the caller's timer periods.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupSettings {
+    /// The election timeout is drawn from `election_ticks..2 * election_ticks` at every term
+    /// and role change.
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight to one follower.
+    pub max_inflight_msgs: usize,
+    /// Bytes proposed but not committed before proposals are refused (backpressure).
+    pub max_uncommitted_bytes: u64,
+    /// Always `Sabotage::None` outside the simulator's tests.
+    pub sabotage: Sabotage,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_bytes: 64 << 20,
+            sabotage: Sabotage::None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum GroupError {
+    #[error("group {group}: raft: {source}")]
+    Raft { group: String, source: raft::Error },
+    #[error("group {group}: {source}")]
+    Store { group: String, source: StoreError },
+    #[error("group {group}: a peer sent a snapshot; catching up from a snapshot is not built yet")]
+    SnapshotUnsupported { group: String },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error("this replica is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("this replica was just elected and has not yet committed an entry of its term")]
+    LeaderNotReady,
+    #[error("the batch cannot be proposed: {0}")]
+    BadBatch(String),
+    #[error("too much is proposed and not yet committed; retry later ({0})")]
+    Busy(String),
+}
+
+/// Where a proposal went: it is committed once the high watermark passes `last_offset`, if the
+/// entry at `index` then still has `term`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proposed {
+    pub index: u64,
+    pub term: u64,
+    pub base_offset: i64,
+    pub last_offset: i64,
+}
+
+/// Writes the caller must make durable; then `persisted(number)`, then send `then_send`.
+#[derive(Debug)]
+pub struct Persist {
+    pub number: u64,
+    pub then_send: Vec<Message>,
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages that need nothing persisted first (a leader's appends, heartbeats).
+    pub send: Vec<Message>,
+    pub persist: Option<Persist>,
+    /// Entries newly committed (and persisted here), in order, for the state machine.
+    pub committed: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+pub struct RaftGroup<S: ReplicaStore> {
+    name: String,
+    raw: RawNode<S>,
+    rng: SeededRng,
+    settings: GroupSettings,
+    /// Term and role when the election timeout was last drawn from `rng`.
+    drawn_for: (u64, StateRole),
+    commit_index: u64,
+    high_watermark: i64,
+    /// A leader that has committed an entry of its own term: its high watermark is at least every
+    /// earlier leader's, so it may serve (Redpanda's confirmed term).
+    serving: bool,
+    /// The last `Persist` handed out and not yet reported durable.
+    persisting: Option<u64>,
+}
+
+fn role(state: StateRole) -> Role {
+    match state {
+        StateRole::Follower => Role::Follower,
+        StateRole::PreCandidate => Role::PreCandidate,
+        StateRole::Candidate => Role::Candidate,
+        StateRole::Leader => Role::Leader,
+    }
+}
+
+impl<S: ReplicaStore> RaftGroup<S> {
+    /// Opens replica `id` of the group `name` on `store` (which holds its members and whatever
+    /// it persisted before). `seed` draws its election timeouts.
+    pub fn new(
+        id: u64,
+        name: String,
+        settings: GroupSettings,
+        store: S,
+        seed: u64,
+    ) -> Result<RaftGroup<S>, GroupError> {
+        let config = Config {
+            id,
+            election_tick: settings.election_ticks,
+            heartbeat_tick: settings.heartbeat_ticks,
+            max_size_per_msg: settings.max_size_per_msg,
+            max_inflight_msgs: settings.max_inflight_msgs,
+            max_uncommitted_size: settings.max_uncommitted_bytes.max(settings.max_size_per_msg),
+            // A partitioned replica that comes back must not depose a healthy leader (pre-vote),
+            // and a leader cut off from its quorum must step down instead of accepting writes
+            // it can never commit (check-quorum). raft-rs has both off by default.
+            pre_vote: true,
+            check_quorum: true,
+            ..Config::default()
+        };
+        let raft_error = |source| GroupError::Raft { group: name.clone(), source };
+        let raw = RawNode::new(&config, store, &raft_logger(name.clone())).map_err(raft_error)?;
+        let mut group = RaftGroup {
+            high_watermark: 0,
+            commit_index: 0,
+            serving: false,
+            persisting: None,
+            drawn_for: (raw.raft.term, raw.raft.state),
+            name,
+            raw,
+            rng: SeededRng::new(seed),
+            settings,
+        };
+        group.draw_election_timeout();
+        Ok(group)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn role(&self) -> Role {
+        role(self.raw.raft.state)
+    }
+
+    pub fn leader(&self) -> Option<u64> {
+        Some(self.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID)
+    }
+
+    /// Leader that may serve reads and take writes.
+    pub fn is_serving(&self) -> bool {
+        self.serving && self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The last committed (and locally persisted) index this replica has applied.
+    pub fn commit_index(&self) -> u64 {
+        self.commit_index
+    }
+
+    /// The Kafka offset after the last committed entry: consumers read below it.
+    pub fn high_watermark(&self) -> i64 {
+        if self.settings.sabotage == Sabotage::ServeUncommitted {
+            let last = self.raw.raft.raft_log.last_index();
+            return self.end_offset_at(last).unwrap_or(self.high_watermark);
+        }
+        self.high_watermark
+    }
+
+    pub fn store(&self) -> &S {
+        self.raw.store()
+    }
+
+    /// The store, for what the caller does with it beside consensus (taking its file writes).
+    pub fn store_mut(&mut self) -> &mut S {
+        self.raw.mut_store()
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        self.after_raft_call();
+    }
+
+    /// Steps a message from a peer. A message raft-rs refuses is dropped with the reason: it
+    /// comes from the network and must not stop the group.
+    pub fn step(&mut self, message: Message) -> Result<(), GroupError> {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
+        }
+        let outcome = self.raw.step(message);
+        self.after_raft_call();
+        match outcome {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(source) => Err(GroupError::Raft { group: self.name.clone(), source }),
+        }
+    }
+
+    /// Starts an election now (tests, and leadership moving back to the preferred replica).
+    pub fn campaign(&mut self) -> Result<(), GroupError> {
+        let outcome = self.raw.campaign();
+        self.after_raft_call();
+        outcome.map_err(|source| GroupError::Raft { group: self.name.clone(), source })
+    }
+
+    /// Asks the leader to hand leadership to `to` once it has caught up.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+        self.after_raft_call();
+    }
+
+    /// Appends a producer's batch (validated by the caller) to the log: stamps its base offset
+    /// and leader epoch (this term) and proposes it, without copying it.
+    pub fn propose(&mut self, mut batch: BytesMut) -> Result<Proposed, ProposeError> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader() });
+        }
+        if !self.serving {
+            return Err(ProposeError::LeaderNotReady);
+        }
+        let header = BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
+        if header.total_len() != batch.len() || header.last_offset_delta < 0 {
+            return Err(ProposeError::BadBatch(format!(
+                "{} bytes given, header says {}",
+                batch.len(),
+                header.total_len()
+            )));
+        }
+        let term = self.raw.raft.term;
+        let epoch = i32::try_from(term)
+            .map_err(|_| ProposeError::BadBatch(format!("term {term} exceeds a leader epoch")))?;
+        let index = self.raw.raft.raft_log.last_index() + 1;
+        let base_offset = self.end_offset_at(index - 1).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
+        record::set_base_offset(&mut batch, base_offset);
+        record::set_partition_leader_epoch(&mut batch, epoch);
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = self.raw.raft.id;
+        let entry = Entry { data: batch.freeze(), ..Default::default() };
+        message.set_entries(vec![entry].into());
+        let outcome = self.raw.raft.step(message);
+        self.after_raft_call();
+        match outcome {
+            Ok(()) => {
+                debug_assert_eq!(self.raw.raft.raft_log.last_index(), index);
+                let last_offset = base_offset + i64::from(header.last_offset_delta);
+                Ok(Proposed { index, term, base_offset, last_offset })
+            }
+            Err(raft::Error::ProposalDropped) if self.raw.raft.state == StateRole::Leader => {
+                Err(ProposeError::Busy(format!(
+                    "over {} bytes uncommitted, or a leadership transfer is under way",
+                    self.settings.max_uncommitted_bytes
+                )))
+            }
+            Err(_) => Err(ProposeError::NotLeader { leader: self.leader() }),
+        }
+    }
+
+    /// The Kafka offset after the entry at `index`, which may still be in raft-rs's unstable log
+    /// (proposed or received, not yet handed to the store).
+    fn end_offset_at(&self, index: u64) -> Result<i64, StoreError> {
+        let unstable = &self.raw.raft.raft_log.unstable;
+        let mut at = index;
+        let mut empty_entries_after = 0;
+        while at >= unstable.offset && at > 0 {
+            let Some(entry) = unstable.entries.get((at - unstable.offset) as usize) else { break };
+            let (base, count) = entry_offsets(entry, 0)?;
+            if entry.get_entry_type() == raft::eraftpb::EntryType::EntryNormal && !entry.data.is_empty() {
+                return Ok(base + count + empty_entries_after);
+            }
+            empty_entries_after += count;
+            at -= 1;
+        }
+        let stored = self
+            .raw
+            .store()
+            .end_offset(at)
+            .ok_or(StoreError::IndexGap { index: at, last: self.raw.store().last_index().unwrap_or(0) })?;
+        Ok(stored + empty_entries_after)
+    }
+
+    /// Hands over what raft-rs has ready: messages, writes for the store, committed entries.
+    pub fn poll(&mut self) -> Result<Output, GroupError> {
+        let mut output = Output::default();
+        if !self.raw.has_ready() {
+            return Ok(output);
+        }
+        let mut ready = self.raw.ready();
+        output.send = ready.take_messages();
+        if !ready.snapshot().is_empty() {
+            return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
+        }
+        let entries = ready.take_entries();
+        let store_error = |source| GroupError::Store { group: self.name.clone(), source };
+        self.raw.mut_store().append(&entries).map_err(store_error)?;
+        let hard_state = ready.hs().cloned();
+        if let Some(hard_state) = &hard_state {
+            self.raw.mut_store().set_hard_state(hard_state).map_err(store_error)?;
+        }
+        let committed = ready.take_committed_entries();
+        let mut then_send = ready.take_persisted_messages();
+        if self.settings.sabotage == Sabotage::AckBeforeSync {
+            output.send.append(&mut then_send);
+        }
+        let number = ready.number();
+        self.raw.advance_append_async(ready);
+        if entries.is_empty() && hard_state.is_none() && self.persisting.is_none() {
+            // Nothing written and nothing being written: what waits on persistence can go now.
+            // (With a write in flight it waits for that write: an acknowledgement in this ready
+            // may cover entries an earlier ready is still persisting.)
+            self.raw.on_persist_ready(number);
+            output.send.extend(then_send);
+        } else {
+            self.persisting = Some(number);
+            output.persist = Some(Persist { number, then_send });
+        }
+        self.apply(&committed)?;
+        output.committed = committed;
+        Ok(output)
+    }
+
+    /// The store's writes up to `Persist::number` are durable. Reports may arrive out of order; a durable write covers every earlier one.
+    pub fn persisted(&mut self, number: u64) {
+        if self.persisting.is_some_and(|last| last <= number) {
+            self.persisting = None;
+        }
+        self.raw.on_persist_ready(number);
+        self.after_raft_call();
+    }
+
+    fn apply(&mut self, committed: &[Entry]) -> Result<(), GroupError> {
+        let Some(last) = committed.last() else { return Ok(()) };
+        let end = self.raw.store().end_offset(last.index).ok_or_else(|| GroupError::Store {
+            group: self.name.clone(),
+            source: StoreError::IndexGap { index: last.index, last: self.commit_index },
+        })?;
+        // raft-rs hands out committed entries only once they are persisted here, in order.
+        assert!(last.index > self.commit_index, "commit index went backwards in {}", self.name);
+        assert!(end >= self.high_watermark, "high watermark went backwards in {}", self.name);
+        self.commit_index = last.index;
+        self.high_watermark = end;
+        if self.raw.raft.state == StateRole::Leader && committed.iter().any(|e| e.term == self.raw.raft.term)
+        {
+            self.serving = true;
+        }
+        self.raw.advance_apply_to(last.index);
+        Ok(())
+    }
+
+    /// After anything raft-rs did: a new term or role drew a new election timeout from raft-rs's
+    /// `thread_rng`; replace it with one from our seed, and a leader that lost its term stops
+    /// serving.
+    fn after_raft_call(&mut self) {
+        let now = (self.raw.raft.term, self.raw.raft.state);
+        if now != self.drawn_for {
+            self.drawn_for = now;
+            self.draw_election_timeout();
+            self.serving = false;
+        }
+    }
+
+    fn draw_election_timeout(&mut self) {
+        // raft-rs's range with min and max left at 0: [election, 2 * election).
+        let low = self.settings.election_ticks as u64;
+        let timeout = self.rng.range(low, 2 * low) as usize;
+        self.raw.raft.set_randomized_election_timeout(timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::builder::BatchBuilder;
+    use crate::replication::memlog::MemLog;
+
+    /// Three replicas, messages delivered and writes synced at once, in order.
+    fn settle(groups: &mut [RaftGroup<MemLog>]) {
+        for _ in 0..100 {
+            let mut mail = Vec::new();
+            for group in groups.iter_mut() {
+                let mark = group.store().mark();
+                let output = group.poll().unwrap();
+                mail.extend(output.send);
+                if let Some(persist) = output.persist {
+                    group.store().synced(mark);
+                    group.persisted(persist.number);
+                    mail.extend(persist.then_send);
+                }
+            }
+            if mail.is_empty() {
+                return;
+            }
+            for m in mail {
+                groups[(m.to - 1) as usize].step(m).unwrap();
+            }
+        }
+        panic!("the group did not settle");
+    }
+
+    fn batch(records: usize) -> BytesMut {
+        let mut builder = BatchBuilder::new();
+        for i in 0..records {
+            builder.push(1_700_000_000_000, None, Some(format!("v{i}").as_bytes()), &[]);
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn leader_stamps_offsets_and_epoch_and_serves_after_its_first_commit() {
+        let mut groups: Vec<_> = (1..=3)
+            .map(|id| {
+                let store = MemLog::new(vec![1, 2, 3]);
+                RaftGroup::new(id, format!("t-0@{id}"), GroupSettings::default(), store, id).unwrap()
+            })
+            .collect();
+        assert_eq!(groups[1].propose(batch(1)), Err(ProposeError::NotLeader { leader: None }));
+        groups[0].campaign().unwrap();
+        // Elected, but its empty entry is not committed until the followers have it.
+        let mark = groups[0].store().mark();
+        let output = groups[0].poll().unwrap();
+        if groups[0].role() == Role::Leader {
+            assert_eq!(groups[0].propose(batch(1)), Err(ProposeError::LeaderNotReady));
+        }
+        for m in output.send {
+            groups[(m.to - 1) as usize].step(m).unwrap();
+        }
+        if let Some(persist) = output.persist {
+            groups[0].store().synced(mark);
+            groups[0].persisted(persist.number);
+            for m in persist.then_send {
+                groups[(m.to - 1) as usize].step(m).unwrap();
+            }
+        }
+        settle(&mut groups);
+        assert!(groups[0].is_serving());
+        assert_eq!(groups[2].propose(batch(1)), Err(ProposeError::NotLeader { leader: Some(1) }));
+        // The empty entry took offset 0: the first batch starts at 1.
+        let first = groups[0].propose(batch(3)).unwrap();
+        let second = groups[0].propose(batch(2)).unwrap();
+        assert_eq!((first.base_offset, first.last_offset, second.base_offset), (1, 3, 4));
+        settle(&mut groups);
+        for group in &groups {
+            assert_eq!(group.high_watermark(), 6, "{}", group.name());
+            let (entry, end) = group.store().entry(second.index).unwrap();
+            let header = BatchHeader::parse(&entry.data).unwrap();
+            assert_eq!((header.base_offset, end), (4, 6));
+            assert_eq!(header.partition_leader_epoch as u64, first.term);
+            record::validate(&entry.data).unwrap();
+        }
+        let epochs = groups[2].store().epochs();
+        assert_eq!(epochs.term_at(second.index), Some(first.term));
+        assert_eq!(epochs.end_for(first.term, 6).end_offset, Some(6));
+        // A batch that is not whole is refused before it reaches the log.
+        let mut cut = batch(1);
+        cut.truncate(cut.len() - 1);
+        assert!(matches!(groups[0].propose(cut), Err(ProposeError::BadBatch(_))));
+    }
+}

@@ -1,0 +1,409 @@
+//! The replication protocol's bytes (`schema/replication.fbs`): one `PeerBatch` per frame carries
+//! every Raft message one node has for another in one pass of its loop, with the heartbeats of all
+//! groups the pair shares coalesced into fixed-size beats. raft-rs's protobuf types are built and
+//! read field by field here: protobuf never parses bytes from the network.
+//!
+//! Depends on the generated code, raft-rs's message types and `bytes`; no IO.
+
+use bytes::{Buf, Bytes};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+use thiserror::Error;
+
+use super::replication_generated::ringlog::replication as fb;
+
+/// Bytes before the header in a frame: frame length and header length.
+pub const FRAME_PREFIX: usize = 8;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("peer frame is {len} bytes, shorter than its {needed}-byte prefix and header")]
+    Truncated { len: usize, needed: usize },
+    #[error("peer frame header is not a valid PeerBatch: {0}")]
+    BadHeader(String),
+    #[error("peer frame: message {index} has type {msg_type}, which is not one peers exchange")]
+    UnknownMessageType { index: usize, msg_type: u8 },
+    #[error("peer frame: message {index} has no group")]
+    MissingGroup { index: usize },
+    #[error("peer frame: entry data {offset}+{len} lies outside the {payload}-byte payload")]
+    DataOutOfBounds { offset: u64, len: u32, payload: usize },
+    #[error("peer frame from node {from_node} to node {to_node}: message {index} claims to be from {from} to {to}")]
+    Misaddressed { index: usize, from_node: u64, to_node: u64, from: u64, to: u64 },
+    #[error("peer frame: message {index} carries a snapshot, which this protocol version does not")]
+    SnapshotUnsupported { index: usize },
+}
+
+/// A Raft group, as both nodes name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    pub topic_id: u128,
+    pub partition: u32,
+}
+
+impl GroupKey {
+    /// The controller's group.
+    pub const CONTROLLER: GroupKey = GroupKey { topic_id: 0, partition: 0 };
+
+    fn to_fb(self) -> fb::GroupKey {
+        fb::GroupKey::new((self.topic_id >> 64) as u64, self.topic_id as u64, self.partition)
+    }
+
+    fn from_fb(key: &fb::GroupKey) -> GroupKey {
+        GroupKey {
+            topic_id: (u128::from(key.topic_hi()) << 64) | u128::from(key.topic_lo()),
+            partition: key.partition(),
+        }
+    }
+}
+
+/// One batch from `from_node` to `to_node`.
+#[derive(Debug, Default)]
+pub struct PeerBatch {
+    pub from_node: u64,
+    pub to_node: u64,
+    pub messages: Vec<(GroupKey, Message)>,
+}
+
+/// A frame ready to send: `head` (prefix and header), then `payload` in order, each as it is.
+#[derive(Debug)]
+pub struct EncodedFrame {
+    pub head: Vec<u8>,
+    pub payload: Vec<Bytes>,
+}
+
+impl EncodedFrame {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The frame in one buffer (tests, the simulator).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        for part in &self.payload {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+}
+
+/// A heartbeat (or response) that carries nothing but term and commit travels as a beat.
+fn is_plain_beat(m: &Message) -> bool {
+    matches!(m.get_msg_type(), MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse)
+        && m.context.is_empty()
+        && m.log_term == 0
+        && m.index == 0
+        && m.entries.is_empty()
+        && m.commit_term == 0
+        && m.request_snapshot == 0
+        && !m.reject
+        && m.reject_hint == 0
+        && m.priority == 0
+        && !m.has_snapshot()
+}
+
+fn entry_kind(entry_type: EntryType) -> fb::EntryKind {
+    match entry_type {
+        EntryType::EntryNormal => fb::EntryKind::Normal,
+        EntryType::EntryConfChange => fb::EntryKind::ConfChange,
+        EntryType::EntryConfChangeV2 => fb::EntryKind::ConfChangeV2,
+    }
+}
+
+/// Encodes `batch`. Messages' `from` and `to` must be the batch's nodes (a replica's id is its
+/// node's id; `decode` refuses anything else). Snapshot messages are refused by the group before
+/// they get here.
+pub fn encode(batch: &PeerBatch) -> EncodedFrame {
+    let mut fbb = flatbuffers::FlatBufferBuilder::with_capacity(256);
+    let mut payload = Vec::new();
+    let mut payload_len = 0u64;
+    let mut beats = Vec::new();
+    let mut responses = Vec::new();
+    let mut messages = Vec::new();
+    for (group, m) in &batch.messages {
+        debug_assert!(!m.has_snapshot());
+        if is_plain_beat(m) {
+            let beat = fb::Beat::new(&group.to_fb(), m.term, m.commit);
+            match m.get_msg_type() {
+                MessageType::MsgHeartbeat => beats.push(beat),
+                _ => responses.push(beat),
+            }
+            continue;
+        }
+        let entries: Vec<_> = m
+            .entries
+            .iter()
+            .map(|e| {
+                let data_offset = payload_len;
+                if !e.data.is_empty() {
+                    payload_len += e.data.len() as u64;
+                    payload.push(e.data.clone());
+                }
+                let context = (!e.context.is_empty()).then(|| fbb.create_vector(&e.context));
+                fb::Entry::create(
+                    &mut fbb,
+                    &fb::EntryArgs {
+                        kind: entry_kind(e.get_entry_type()),
+                        term: e.term,
+                        index: e.index,
+                        data_offset,
+                        data_len: e.data.len() as u32,
+                        context,
+                    },
+                )
+            })
+            .collect();
+        let entries = (!entries.is_empty()).then(|| fbb.create_vector(&entries));
+        let context = (!m.context.is_empty()).then(|| fbb.create_vector(&m.context));
+        let key = group.to_fb();
+        messages.push(fb::RaftMessage::create(
+            &mut fbb,
+            &fb::RaftMessageArgs {
+                group: Some(&key),
+                msg_type: m.get_msg_type() as u8,
+                to: m.to,
+                from: m.from,
+                term: m.term,
+                log_term: m.log_term,
+                index: m.index,
+                entries,
+                commit: m.commit,
+                commit_term: m.commit_term,
+                request_snapshot: m.request_snapshot,
+                reject: m.reject,
+                reject_hint: m.reject_hint,
+                context,
+                priority: m.priority,
+            },
+        ));
+    }
+    let messages = fbb.create_vector(&messages);
+    let heartbeats = fbb.create_vector(&beats);
+    let heartbeat_responses = fbb.create_vector(&responses);
+    let root = fb::PeerBatch::create(
+        &mut fbb,
+        &fb::PeerBatchArgs {
+            from_node: batch.from_node,
+            to_node: batch.to_node,
+            messages: Some(messages),
+            heartbeats: Some(heartbeats),
+            heartbeat_responses: Some(heartbeat_responses),
+        },
+    );
+    fbb.finish(root, None);
+    let header = fbb.finished_data();
+    let frame_len = 4 + header.len() as u64 + payload_len;
+    let mut head = Vec::with_capacity(FRAME_PREFIX + header.len());
+    head.extend_from_slice(&(frame_len as u32).to_be_bytes());
+    head.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    head.extend_from_slice(header);
+    EncodedFrame { head, payload }
+}
+
+/// The message types that travel between replicas; the rest are local to a node (ticks, status
+/// reports), and a peer that sends one is refused.
+fn peer_message_type(number: u8) -> Option<MessageType> {
+    use MessageType::*;
+    let known = [
+        MsgPropose,
+        MsgAppend,
+        MsgAppendResponse,
+        MsgRequestVote,
+        MsgRequestVoteResponse,
+        MsgHeartbeat,
+        MsgHeartbeatResponse,
+        MsgTransferLeader,
+        MsgTimeoutNow,
+        MsgReadIndex,
+        MsgReadIndexResp,
+        MsgRequestPreVote,
+        MsgRequestPreVoteResponse,
+    ];
+    known.into_iter().find(|&t| t as u8 == number)
+}
+
+fn verifier_options() -> flatbuffers::VerifierOptions {
+    flatbuffers::VerifierOptions {
+        max_depth: 8,
+        max_tables: 1_000_000,
+        max_apparent_size: 1 << 31,
+        ..Default::default()
+    }
+}
+
+fn beat_message(kind: MessageType, beat: &fb::Beat, from: u64, to: u64) -> (GroupKey, Message) {
+    let mut m = Message::default();
+    m.set_msg_type(kind);
+    m.from = from;
+    m.to = to;
+    m.term = beat.term();
+    m.commit = beat.commit();
+    (GroupKey::from_fb(beat.group()), m)
+}
+
+/// Decodes one frame as received (length prefix included). Entry data are slices of `frame`.
+pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
+    if frame.len() < FRAME_PREFIX {
+        return Err(WireError::Truncated { len: frame.len(), needed: FRAME_PREFIX });
+    }
+    let mut prefix = &frame[..FRAME_PREFIX];
+    let _frame_len = prefix.get_u32();
+    let header_len = prefix.get_u32() as usize;
+    let header_end = FRAME_PREFIX.saturating_add(header_len);
+    if frame.len() < header_end {
+        return Err(WireError::Truncated { len: frame.len(), needed: header_end });
+    }
+    let header = &frame[FRAME_PREFIX..header_end];
+    let payload = frame.slice(header_end..);
+    let root = fb::root_as_peer_batch_with_opts(&verifier_options(), header)
+        .map_err(|e| WireError::BadHeader(e.to_string()))?;
+    let (from, to) = (root.from_node(), root.to_node());
+    let mut batch = PeerBatch { from_node: from, to_node: to, messages: Vec::new() };
+    for beat in root.heartbeats().iter().flatten() {
+        batch.messages.push(beat_message(MessageType::MsgHeartbeat, beat, from, to));
+    }
+    for beat in root.heartbeat_responses().iter().flatten() {
+        batch.messages.push(beat_message(MessageType::MsgHeartbeatResponse, beat, from, to));
+    }
+    for (index, m) in root.messages().iter().flatten().enumerate() {
+        if m.msg_type() == MessageType::MsgSnapshot as u8 {
+            return Err(WireError::SnapshotUnsupported { index });
+        }
+        let msg_type = peer_message_type(m.msg_type())
+            .ok_or(WireError::UnknownMessageType { index, msg_type: m.msg_type() })?;
+        let group = m.group().ok_or(WireError::MissingGroup { index })?;
+        // A node speaks only for its own replicas (a replica's id is its node's id).
+        if m.from() != from || m.to() != to {
+            let (from_node, to_node) = (from, to);
+            return Err(WireError::Misaddressed { index, from_node, to_node, from: m.from(), to: m.to() });
+        }
+        let mut message = Message::default();
+        message.set_msg_type(msg_type);
+        message.to = m.to();
+        message.from = m.from();
+        message.term = m.term();
+        message.log_term = m.log_term();
+        message.index = m.index();
+        message.commit = m.commit();
+        message.commit_term = m.commit_term();
+        message.request_snapshot = m.request_snapshot();
+        message.reject = m.reject();
+        message.reject_hint = m.reject_hint();
+        message.priority = m.priority();
+        if let Some(context) = m.context() {
+            message.context = Bytes::copy_from_slice(context.bytes());
+        }
+        let mut entries = Vec::new();
+        for e in m.entries().iter().flatten() {
+            let (offset, len) = (e.data_offset(), e.data_len());
+            let end = offset.checked_add(u64::from(len)).filter(|&end| end <= payload.len() as u64);
+            let Some(end) = end else {
+                return Err(WireError::DataOutOfBounds { offset, len, payload: payload.len() });
+            };
+            let entry_type = match e.kind() {
+                fb::EntryKind::ConfChange => EntryType::EntryConfChange,
+                fb::EntryKind::ConfChangeV2 => EntryType::EntryConfChangeV2,
+                _ => EntryType::EntryNormal,
+            };
+            let mut entry = Entry {
+                term: e.term(),
+                index: e.index(),
+                data: payload.slice(offset as usize..end as usize),
+                ..Default::default()
+            };
+            entry.set_entry_type(entry_type);
+            if let Some(context) = e.context() {
+                entry.context = Bytes::copy_from_slice(context.bytes());
+            }
+            entries.push(entry);
+        }
+        message.set_entries(entries.into());
+        batch.messages.push((GroupKey::from_fb(group), message));
+    }
+    Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: MessageType, term: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = 1;
+        m.to = 2;
+        m.term = term;
+        m
+    }
+
+    #[test]
+    fn beats_coalesce_and_everything_round_trips() {
+        let mut batch = PeerBatch { from_node: 1, to_node: 2, messages: Vec::new() };
+        for partition in 0..1000 {
+            let mut beat = message(MessageType::MsgHeartbeat, 7);
+            beat.commit = u64::from(partition);
+            batch.messages.push((GroupKey { topic_id: 9 << 64 | 5, partition }, beat));
+        }
+        let mut append = message(MessageType::MsgAppend, 7);
+        append.log_term = 6;
+        append.index = 41;
+        append.commit = 40;
+        let entries = vec![
+            Entry { term: 7, index: 42, data: Bytes::from_static(b"batch one"), ..Default::default() },
+            Entry { term: 7, index: 43, ..Default::default() },
+            Entry { term: 7, index: 44, data: Bytes::from_static(b"two"), ..Default::default() },
+        ];
+        append.set_entries(entries.into());
+        batch.messages.push((GroupKey::CONTROLLER, append.clone()));
+        let mut vote = message(MessageType::MsgRequestPreVoteResponse, 8);
+        vote.reject = true;
+        vote.context = Bytes::from_static(b"ctx");
+        batch.messages.push((GroupKey { topic_id: 1, partition: 3 }, vote.clone()));
+
+        let frame = encode(&batch);
+        // A thousand heartbeats cost 40 bytes each, and entry data is not copied into the head.
+        assert!(frame.head.len() < 1000 * 40 + 1024, "{}", frame.head.len());
+        assert_eq!(frame.payload.len(), 2);
+        let bytes = frame.to_vec();
+        assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize, bytes.len() - 4);
+        let decoded = decode(Bytes::from(bytes)).unwrap();
+        assert_eq!((decoded.from_node, decoded.to_node), (1, 2));
+        assert_eq!(decoded.messages.len(), batch.messages.len());
+        let mut expected = batch.messages.clone();
+        let mut got = decoded.messages;
+        expected.sort_by_key(|(g, m)| (*g, m.get_msg_type() as i32, m.commit));
+        got.sort_by_key(|(g, m)| (*g, m.get_msg_type() as i32, m.commit));
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn damaged_frames_are_refused_with_a_reason() {
+        let mut append = message(MessageType::MsgAppend, 3);
+        append.set_entries(
+            vec![Entry { term: 3, index: 1, data: Bytes::from_static(b"abcdef"), ..Default::default() }]
+                .into(),
+        );
+        let batch = PeerBatch { from_node: 1, to_node: 2, messages: vec![(GroupKey::CONTROLLER, append)] };
+        let bytes = encode(&batch).to_vec();
+        // Payload cut short: the entry's data would point past it.
+        let cut = Bytes::from(bytes[..bytes.len() - 3].to_vec());
+        assert!(matches!(decode(cut), Err(WireError::DataOutOfBounds { .. })));
+        assert!(matches!(decode(Bytes::from_static(b"abc")), Err(WireError::Truncated { .. })));
+        let mut scribbled = bytes.clone();
+        for b in &mut scribbled[8..40] {
+            *b = 0xff;
+        }
+        assert!(decode(Bytes::from(scribbled)).is_err());
+        let mut forged = batch.messages.clone();
+        forged[0].1.from = 3;
+        let forged = PeerBatch { from_node: 1, to_node: 2, messages: forged };
+        let err = decode(Bytes::from(encode(&forged).to_vec())).err();
+        assert!(matches!(err, Some(WireError::Misaddressed { from: 3, .. })), "{err:?}");
+        let mut huge_header = bytes;
+        huge_header[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(decode(Bytes::from(huge_header)), Err(WireError::Truncated { .. })));
+    }
+}

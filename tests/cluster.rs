@@ -1,0 +1,166 @@
+//! A cluster of three real `ringlog serve` processes on loopback (issue 11, step 2): the nodes
+//! find each other through `--seeds`, elect a controller leader, register every node in the
+//! controller's replicated log, elect a new leader when the leader is killed with SIGKILL, take the
+//! killed node back, keep the registry across a restart of all three, and refuse a node of
+//! another cluster at the handshake. Partitions are not replicated yet.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::Broker;
+use serde_json::Value;
+
+/// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn get(admin: &str, path: &str) -> Option<(String, String)> {
+    let mut stream = TcpStream::connect(admin).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+fn status(node: &Broker) -> Option<Value> {
+    let (line, body) = get(&node.admin, "/v1/cluster")?;
+    assert!(line.contains("200"), "{line}: {body}");
+    serde_json::from_str(&body).ok()
+}
+
+fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The leader every given node agrees on, once each sees `expected` nodes registered and alive.
+fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
+    let mut leaders = Vec::new();
+    for node in nodes {
+        let s = status(node)?;
+        let listed = s["nodes"].as_array()?;
+        let up = listed.iter().filter(|n| n["alive"] == true && n["registered"] == true).count();
+        if up != expected {
+            return None;
+        }
+        leaders.push(s["controller_leader"].as_u64()?);
+    }
+    leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
+}
+
+fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
+    let sets = [
+        format!("node_id={id}"),
+        format!("seeds={seeds}"),
+        "admin_listen=127.0.0.1:0".to_string(),
+        "raft_tick_ms=50".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Broker::start_in(dir, 1, &sets)
+}
+
+#[test]
+fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
+    let ports = free_ports(3);
+    let seeds: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+    let seeds = seeds.join(",");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let leader = wait_for("three nodes to agree on a controller leader", &all, || agreed_leader(&all, 3));
+    let (line, body) = get(&nodes[0].admin, "/health").unwrap();
+    assert!(line.contains("200") && body.contains("in the cluster"), "{line}: {body}");
+    let text = common::run_cli(&nodes[0].addr, &["cluster", "status", "--admin", &nodes[0].admin], None).ok();
+    assert!(text.contains(&format!("controller leader {leader}")), "{text}");
+
+    // The leader dies without a word: the other two elect a new one among themselves.
+    let dead = (leader - 1) as usize;
+    nodes[dead].kill9();
+    let survivors: Vec<&Broker> =
+        nodes.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    let next = wait_for("a new controller leader", &survivors, || {
+        let leaders: Vec<u64> =
+            survivors.iter().filter_map(|n| status(n)?["controller_leader"].as_u64()).collect();
+        (leaders.len() == 2 && leaders[0] == leaders[1] && leaders[0] != leader).then(|| leaders[0])
+    });
+    let view = status(survivors[0]).unwrap();
+    let dead_view = view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == leader).unwrap().clone();
+    assert_eq!(dead_view["registered"], true, "{view}");
+
+    // It comes back (with a new native port) and rejoins under the new leader.
+    nodes[dead].restart();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let after = wait_for("the killed node to rejoin", &all, || agreed_leader(&all, 3));
+    assert_eq!(after, next);
+    let new_native = nodes[dead].addr.clone();
+    wait_for("the rejoined node's new address to be registered", &all, || {
+        let s = status(&nodes[(next - 1) as usize])?;
+        let entry = s["nodes"].as_array()?.iter().find(|n| n["id"] == leader)?.clone();
+        (entry["native"] == new_native.as_str()).then_some(())
+    });
+
+    // All three stop cleanly and start again: the registry comes back from the controller's log.
+    for node in &mut nodes {
+        node.stop();
+    }
+    for node in &mut nodes {
+        node.restart();
+    }
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader after a full restart", &all, || agreed_leader(&all, 3));
+
+    // A node of another cluster (other seeds) is refused at the handshake.
+    let port = free_ports(1)[0];
+    let stranger_seeds = format!("9@127.0.0.1:{port},1@127.0.0.1:{}", ports[0]);
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let mut stranger = start_node(stranger_dir.path(), 9, &stranger_seeds);
+    wait_for("node 1 to refuse the stranger", &[&nodes[0]], || {
+        nodes[0].log().contains("refused peer 9: cluster id").then_some(())
+    });
+    let (line, _) = get(&stranger.admin, "/health").unwrap();
+    assert!(line.contains("503"), "a node without a majority has no controller: {line}");
+    let listed = status(&nodes[0]).unwrap();
+    assert!(listed["nodes"].as_array().unwrap().iter().all(|n| n["id"] != 9), "{listed}");
+    stranger.stop();
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn bad_seeds_are_refused_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for (seeds, reason) in [
+        ("2@127.0.0.1:1", "this node's id 1 is not among the seeds"),
+        ("1@nowhere", "is not an address"),
+        ("1@127.0.0.1:1,1@127.0.0.1:2", "listed twice"),
+    ] {
+        let output = std::process::Command::new(common::BIN)
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--seeds", seeds, "--listen", "127.0.0.1:0", "--kafka-listen", "off"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{seeds}: {stderr}");
+        assert!(stderr.contains(reason), "{seeds}: {stderr}");
+    }
+}
