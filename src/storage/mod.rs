@@ -394,11 +394,15 @@ impl ShardStorage {
     }
 
     /// Takes a slot for one active file, first releasing idle partitions' files when none is
-    /// free; while every holder is busy (writing, syncing), waits for one to finish.
+    /// free; while every holder is busy (writing, syncing), waits for one to finish. Taking one
+    /// of the last few free slots starts releases for the openers after it.
     async fn take_file_slot(&self) {
         loop {
             if self.file_slots_taken.get() < self.active_files_max.get() {
                 self.file_slots_taken.set(self.file_slots_taken.get() + 1);
+                if self.file_slots_taken.get() + self.file_slots_headroom() > self.active_files_max.get() {
+                    self.sweep();
+                }
                 return;
             }
             self.sweep();
@@ -420,6 +424,12 @@ impl ShardStorage {
         self.file_slots_releasing.set(if releasing { n + 1 } else { n.saturating_sub(1) });
     }
 
+    /// Slots the sweep keeps free (or being freed) ahead of need, so an opener seldom waits for
+    /// a release's sync, truncation and close: one in 32.
+    fn file_slots_headroom(&self) -> usize {
+        (self.active_files_max.get() / 32).max(1)
+    }
+
     /// Slots neither free nor about to be.
     fn file_slots_kept(&self) -> usize {
         self.file_slots_taken.get().saturating_sub(self.file_slots_releasing.get())
@@ -439,18 +449,18 @@ impl ShardStorage {
     /// `partition` is in use and may open its active file: it joins the set the sweep visits.
     fn note_active_open(&self, partition: Weak<Partition>) {
         self.active_open.borrow_mut().push_back(partition);
-        if self.file_slots_taken.get() >= self.active_files_max.get() {
+        if self.file_slots_taken.get() + self.file_slots_headroom() > self.active_files_max.get() {
             self.sweep();
         }
     }
 
-    /// Asks the least recently used idle partitions to release their active files while no slot
-    /// is free. One pass at most: busy partitions stay, for a later sweep.
+    /// Asks the least recently used idle partitions to release their active files until the
+    /// headroom is free or being freed. One pass at most: busy partitions stay, for a later sweep.
     fn sweep(&self) {
         let mut open = self.active_open.borrow_mut();
         let max = self.active_files_max.get();
         let mut visits = open.len();
-        while self.file_slots_kept() >= max && visits > 0 {
+        while self.file_slots_kept() + self.file_slots_headroom() > max && visits > 0 {
             visits -= 1;
             let Some(weak) = open.pop_front() else { break };
             let Some(p) = weak.upgrade() else { continue };

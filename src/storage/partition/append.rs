@@ -357,8 +357,8 @@ impl Partition {
         let step = preallocate_step(meta.preallocated_bytes);
         let target = align_up(need_end.max(meta.preallocated_bytes + step)).min(cap);
         let Some(fd) = active_fd(st) else {
-            // The file is closed (released while idle): the flusher reserves the space off the
-            // shard before it writes (`reserve_off_shard`) rather than the append opening it here.
+            // The file is closed (released while idle): the reservation runs on the blocking pool
+            // (`prepare_ahead`) rather than the append opening the file here.
             return Ok(());
         };
         if let Err(e) = fallocate(fd, target) {

@@ -193,12 +193,10 @@ impl Partition {
         body.as_bytes_mut()[len.saturating_sub(head_len)..body_len].fill(0);
         body.trim_to_size(body_len);
         let body = Rc::new(body);
-        // A release in progress cuts the file to its old size: write after it. An append that
-        // found the file released reserved nothing: reserve now, off the shard.
+        // A release in progress cuts the file to its old size: write after it. A write past the
+        // reserved space (a file reopened after idling) extends the file itself rather than wait
+        // for the reservation the append started on the blocking pool (`prepare_ahead`).
         self.wait_released().await;
-        if segment.meta.borrow().preallocated_bytes < file_pos + aligned as u64 {
-            self.reserve_off_shard(&segment, file_pos + aligned as u64).await;
-        }
         self.ensure_file_slot().await;
         let result = match segment.file().await {
             Ok(file) => {

@@ -5,23 +5,22 @@
 //! syncs the file, gives back the space reserved past its end, closes it and then frees the slot;
 //! while every holder is busy, the opener waits. So descriptors stay bounded even when one request
 //! touches thousands of partitions. The next append, read or write opens the file again through
-//! the ring (glommio's open is an io_uring OPENAT) and reserves space on the blocking thread pool
-//! (`reserve_off_shard`), so reopening never blocks the shard on the filesystem.
+//! the ring (glommio's open is an io_uring OPENAT), and the append reserves space on the blocking
+//! thread pool (`prepare_ahead`), so reopening never blocks the shard on the filesystem. The
+//! shard keeps a few slots free ahead of need (`ShardStorage::sweep`), so an opener seldom waits
+//! for a release's sync and close.
 //!
 //! Never releases a file with staged, unwritten or (under `Durability::Fsync`) unsynced bytes,
 //! nor while the flusher, a checkpoint, a truncation or a background fallocate is at work: the
 //! flusher waits for a release in progress (`wait_released`) before it writes, so the release's
 //! truncation can never cut a new write.
 
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use glommio::io::DmaFile;
 
-use super::append::{fallocate, preallocate_step};
 use super::{active, Partition};
-use crate::storage::blocking;
-use crate::storage::segment::{align_up, Segment};
+use crate::storage::segment::Segment;
 
 impl Partition {
     /// The partition is being used: its active file may be opened (or is open) and counts
@@ -146,51 +145,5 @@ impl Partition {
             }
             notified.await;
         }
-    }
-
-    /// Reserves space up to `end` in `seg` on the blocking thread pool, opening the file there by
-    /// path (a released partition has no descriptor to lend). Used by the flusher for bytes an
-    /// append accepted while the file was closed. A failure is logged: the write that follows
-    /// then extends the file itself, and reports ENOSPC if there is no room.
-    pub(super) async fn reserve_off_shard(&self, seg: &Rc<Segment>, end: u64) {
-        loop {
-            seg.wait_preallocation_idle().await;
-            self.wait_released().await;
-            let meta = seg.meta.borrow();
-            if meta.preallocated_bytes >= end {
-                return;
-            }
-            if !meta.preallocating && !self.state.borrow().releasing {
-                break;
-            }
-        }
-        let target = {
-            let mut meta = seg.meta.borrow_mut();
-            let cap = align_up(self.config.segment_bytes.max(end));
-            let step = preallocate_step(meta.preallocated_bytes);
-            meta.preallocating = true;
-            align_up(end.max(meta.preallocated_bytes + step)).min(cap)
-        };
-        let path = seg.log_path.clone();
-        let reserved = blocking::run(move || {
-            let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-            fallocate(file.as_raw_fd(), target)
-        })
-        .await;
-        {
-            let mut meta = seg.meta.borrow_mut();
-            meta.preallocating = false;
-            match reserved {
-                Ok(Ok(())) => meta.preallocated_bytes = meta.preallocated_bytes.max(target),
-                Ok(Err(e)) => {
-                    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
-                        self.shard.refresh_disk_space();
-                    }
-                    tracing::debug!(segment = %seg.log_path.display(), error = %e, "reserving space failed");
-                }
-                Err(panic) => tracing::warn!(segment = %seg.log_path.display(), "{panic}"),
-            }
-        }
-        seg.preallocation_idle.notify_all();
     }
 }
