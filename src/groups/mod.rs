@@ -855,6 +855,7 @@ mod tests {
             index_interval_bytes: 4096,
             batch_bytes_max: 1 << 20,
             records_per_batch_max: 10_000,
+            visibility: crate::storage::Visibility::Durable,
         }
     }
 

@@ -66,6 +66,8 @@ impl Shard {
             index_interval_bytes: self.config.index_interval_bytes,
             batch_bytes_max: self.config.batch_bytes_max,
             records_per_batch_max: self.config.records_per_batch_max,
+            // Single node: what is durable is visible.
+            visibility: storage::Visibility::Durable,
         }
     }
 

@@ -82,6 +82,20 @@ pub struct LogConfig {
     pub batch_bytes_max: usize,
     /// Enforced on append.
     pub records_per_batch_max: u32,
+    /// What readers may see: everything durable (one copy: a single node), or what consensus
+    /// committed (`Partition::commit_to`; a replica of a replicated partition).
+    pub visibility: Visibility,
+}
+
+/// Where a partition's high watermark, the end of what readers see, comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Visibility {
+    /// The high watermark follows the durable end (`Durability`): nothing else has to agree.
+    #[default]
+    Durable,
+    /// The high watermark is set by the replication layer (`Partition::commit_to`), never past the
+    /// local durable end; it starts at the log start after an open, until consensus says more.
+    Committed,
 }
 
 impl Default for LogConfig {
@@ -95,6 +109,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             batch_bytes_max: 1 << 20,
             records_per_batch_max: 1 << 20,
+            visibility: Visibility::Durable,
         }
     }
 }
@@ -143,6 +158,12 @@ pub enum StorageError {
     OutOfOrderSequence { index: usize, producer_id: i64, epoch: i16, first_sequence: i32, gap: SequenceGap },
     #[error("partition is being truncated; retry the append")]
     Truncating,
+    #[error(
+        "replicated batch {index} starts at offset {found} but the log continues at {expected}: the leader's log and this one disagree"
+    )]
+    OffsetMismatch { index: usize, expected: i64, found: i64 },
+    #[error("refusing to truncate to offset {offset}: offsets below the high watermark {high_watermark} are committed")]
+    TruncatingCommitted { offset: i64, high_watermark: i64 },
     #[error("partition is closed")]
     Closed,
 }

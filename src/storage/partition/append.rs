@@ -39,6 +39,14 @@ const CHUNK_BYTES_MIN: usize = 128 << 10;
 /// `append`): the size of a connection's receive buffer.
 const CACHE_COPY_BELOW_BYTES: usize = 64 << 10;
 
+/// Whether an append gives its batches their offsets (a leader, a single node) or keeps the ones
+/// they carry (a replica of its leader's log).
+#[derive(Clone, Copy)]
+enum Stamping {
+    Assign,
+    Keep,
+}
+
 /// The next segment's file, prepared off the shard.
 #[derive(Default)]
 enum Spare {
@@ -164,34 +172,9 @@ impl Partition {
     /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
     /// against the producer state; a request that only retries appended batches is answered with
     /// the originals' offsets and writes nothing.
-    pub fn append(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
-        if self.closed.get() {
-            return Err(StorageError::Closed);
-        }
-        self.touch();
-        let mut st = self.state.borrow_mut();
-        if st.truncating {
-            return Err(StorageError::Truncating);
-        }
-        if let Some(detail) = &st.sync_failure {
-            return Err(StorageError::WriteFailed {
-                segment: active(&st).log_path.clone(),
-                first_lost_offset: self.high_watermark.get(),
-                detail: detail.clone(),
-            });
-        }
-        if self.shard.disk_space.check().is_err() {
-            return Err(self.shard.storage_full());
-        }
-
-        let limits = BatchLimits {
-            batch_bytes_max: self.config.batch_bytes_max,
-            records_per_batch_max: self.config.records_per_batch_max,
-        };
-        if batches.is_empty() {
-            let source = BatchError::Truncated { available: 0, needed: BATCH_HEADER_LEN };
-            return Err(StorageError::InvalidBatch { index: 0, position: 0, source });
-        }
+    pub fn append(&self, batches: BytesMut) -> Result<AppendResult, StorageError> {
+        let mut st = self.appendable(&batches)?;
+        let limits = self.batch_limits();
         let base_offset = self.log_end_offset.get();
         let mut position = 0usize;
         let mut index = 0usize;
@@ -209,25 +192,8 @@ impl Partition {
             position += header.total_len();
             index += 1;
         }
-        let total_bytes = batches.len() as u64;
         let end_offset = base_offset + records;
-        {
-            let seg = active(&st);
-            let meta = seg.meta.borrow();
-            // Index entries hold positions and relative offsets as u32.
-            let too_big = meta.size_bytes + total_bytes > self.config.segment_bytes
-                || meta.size_bytes + total_bytes > u64::from(u32::MAX)
-                || end_offset - seg.base_offset > i64::from(u32::MAX);
-            let must_roll = meta.size_bytes > 0 && too_big;
-            drop(meta);
-            if must_roll {
-                self.roll(&mut st)?;
-            }
-        }
-        let seg = active(&st).clone();
-        let start_pos = seg.meta.borrow().size_bytes;
-        self.ensure_preallocated(&mut st, &seg, start_pos + total_bytes)?;
-        self.prepare_ahead(&st, &seg, start_pos + total_bytes);
+        let (seg, start_pos) = self.make_room(&mut st, batches.len() as u64, end_offset)?;
         // Last, because it records the batches: nothing below can fail the append.
         let appending = idempotent.as_slice();
         if !appending.is_empty() {
@@ -245,7 +211,119 @@ impl Partition {
                 }
             }
         }
+        self.place(st, &seg, batches, Stamping::Assign, base_offset, end_offset, start_pos)
+    }
 
+    /// A replica's append of batches its leader stamped: each must carry the offset the log
+    /// continues at, and keeps it and its leader epoch. No producer-state verdicts (the leader
+    /// gave them); the state records the batches so a later leader here knows the producers.
+    /// Validated and staged like `append`, all or nothing.
+    pub fn append_replicated(&self, batches: BytesMut) -> Result<AppendResult, StorageError> {
+        let mut st = self.appendable(&batches)?;
+        let limits = self.batch_limits();
+        let base_offset = self.log_end_offset.get();
+        let mut position = 0usize;
+        let mut index = 0usize;
+        let mut expected = base_offset;
+        while position < batches.len() {
+            let header = record::validate_for_append(&batches[position..], &limits)
+                .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
+            if header.base_offset != expected {
+                return Err(StorageError::OffsetMismatch { index, expected, found: header.base_offset });
+            }
+            expected = header.last_offset() + 1;
+            position += header.total_len();
+            index += 1;
+        }
+        let end_offset = expected;
+        let (seg, start_pos) = self.make_room(&mut st, batches.len() as u64, end_offset)?;
+        let mut position = 0usize;
+        while position < batches.len() {
+            let Ok(header) = BatchHeader::parse(&batches[position..]) else { break };
+            if let Some(batch) = ProducerBatch::of(&header) {
+                st.producers.replay(&batch, header.base_offset, header.last_offset());
+            }
+            position += header.total_len();
+        }
+        self.place(st, &seg, batches, Stamping::Keep, base_offset, end_offset, start_pos)
+    }
+
+    /// The partition's state, if it takes appends now, and `batches` is not empty.
+    fn appendable(&self, batches: &[u8]) -> Result<std::cell::RefMut<'_, State>, StorageError> {
+        if self.closed.get() {
+            return Err(StorageError::Closed);
+        }
+        self.touch();
+        let st = self.state.borrow_mut();
+        if st.truncating {
+            return Err(StorageError::Truncating);
+        }
+        if let Some(detail) = &st.sync_failure {
+            return Err(StorageError::WriteFailed {
+                segment: active(&st).log_path.clone(),
+                first_lost_offset: self.durable_end.get(),
+                detail: detail.clone(),
+            });
+        }
+        if self.shard.disk_space.check().is_err() {
+            return Err(self.shard.storage_full());
+        }
+        if batches.is_empty() {
+            let source = BatchError::Truncated { available: 0, needed: BATCH_HEADER_LEN };
+            return Err(StorageError::InvalidBatch { index: 0, position: 0, source });
+        }
+        Ok(st)
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            batch_bytes_max: self.config.batch_bytes_max,
+            records_per_batch_max: self.config.records_per_batch_max,
+        }
+    }
+
+    /// Rolls when `total_bytes` more would not fit the active segment (or its u32 index fields up
+    /// to `end_offset`), and reserves the space; returns the segment and the position they start
+    /// at.
+    fn make_room(
+        &self,
+        st: &mut State,
+        total_bytes: u64,
+        end_offset: i64,
+    ) -> Result<(Rc<Segment>, u64), StorageError> {
+        {
+            let seg = active(st);
+            let meta = seg.meta.borrow();
+            // Index entries hold positions and relative offsets as u32.
+            let too_big = meta.size_bytes + total_bytes > self.config.segment_bytes
+                || meta.size_bytes + total_bytes > u64::from(u32::MAX)
+                || end_offset - seg.base_offset > i64::from(u32::MAX);
+            let must_roll = meta.size_bytes > 0 && too_big;
+            drop(meta);
+            if must_roll {
+                self.roll(st)?;
+            }
+        }
+        let seg = active(st).clone();
+        let start_pos = seg.meta.borrow().size_bytes;
+        self.ensure_preallocated(st, &seg, start_pos + total_bytes)?;
+        self.prepare_ahead(st, &seg, start_pos + total_bytes);
+        Ok((seg, start_pos))
+    }
+
+    /// Indexes the validated `batches` (stamping their offsets from `base_offset` when asked),
+    /// stages them for the flusher and caches them. Cannot fail: everything that can was checked.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        mut st: std::cell::RefMut<'_, State>,
+        seg: &Rc<Segment>,
+        mut batches: BytesMut,
+        stamping: Stamping,
+        base_offset: i64,
+        end_offset: i64,
+        start_pos: u64,
+    ) -> Result<AppendResult, StorageError> {
         {
             let mut meta = seg.meta.borrow_mut();
             assert_eq!(meta.next_offset, base_offset, "active segment end and log end offset disagree");
@@ -254,7 +332,10 @@ impl Partition {
             while position < batches.len() {
                 let header = BatchHeader::parse(&batches[position..])
                     .map_err(|source| StorageError::InvalidBatch { index: 0, position, source })?;
-                record::set_base_offset(&mut batches[position..], offset);
+                match stamping {
+                    Stamping::Assign => record::set_base_offset(&mut batches[position..], offset),
+                    Stamping::Keep => debug_assert_eq!(header.base_offset, offset),
+                }
                 let relative = (offset - seg.base_offset) as u32;
                 let batch_pos = (start_pos + position as u64) as u32;
                 meta.index.on_batch(relative, batch_pos, header.total_len() as u32, header.max_timestamp);
@@ -262,11 +343,11 @@ impl Partition {
                 position += header.total_len();
             }
             debug_assert_eq!(offset, end_offset);
-            meta.size_bytes += total_bytes;
+            meta.size_bytes += batches.len() as u64;
             meta.next_offset = end_offset;
             meta.first_append_ms.get_or_insert_with(now_ms);
         }
-        self.stage(&mut st, &seg, &batches, base_offset, end_offset, start_pos);
+        self.stage(&mut st, seg, &batches, base_offset, end_offset, start_pos);
         drop(st);
 
         // A cached slice keeps its whole allocation alive. A small payload shares a connection's

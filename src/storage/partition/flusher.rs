@@ -50,18 +50,18 @@ impl Partition {
                     if !all_kept {
                         return Err(StorageError::WriteFailed {
                             segment: self.dir.clone(),
-                            first_lost_offset: self.high_watermark.get(),
+                            first_lost_offset: self.durable_end.get(),
                             detail: "too many write failures to tell whether this offset survived".into(),
                         });
                     }
                 }
-                if self.high_watermark.get() > last_offset {
+                if self.durable_end.get() > last_offset {
                     return Ok(());
                 }
                 if let Some(detail) = &st.sync_failure {
                     return Err(StorageError::WriteFailed {
                         segment: active(&st).log_path.clone(),
-                        first_lost_offset: self.high_watermark.get(),
+                        first_lost_offset: self.durable_end.get(),
                         detail: detail.clone(),
                     });
                 }
@@ -155,10 +155,7 @@ impl Partition {
                         meta.durable_bytes = meta.written_bytes;
                     }
                     // Chunks written after a rollback in this round carry offsets <= the log end.
-                    let end_offset = end_offset.min(self.log_end_offset.get());
-                    if end_offset > self.high_watermark.get() {
-                        self.high_watermark.set(end_offset);
-                    }
+                    self.advance_durable_end(end_offset.min(self.log_end_offset.get()));
                 }
             }
         }
@@ -166,17 +163,13 @@ impl Partition {
         self.progress.notify_all();
     }
 
-    /// `seg`'s DmaFile is open: the plain descriptor a roll opened for it is not needed any more
-    /// (a partition at rest holds one descriptor).
+    /// Under `Durability::Written`: what the flusher wrote to `seg` counts as durable.
     fn advance_durable(&self, seg: &Segment, end_offset: i64) {
         {
             let mut meta = seg.meta.borrow_mut();
             meta.durable_bytes = meta.written_bytes;
         }
-        if end_offset > self.high_watermark.get() {
-            self.high_watermark.set(end_offset);
-            self.progress.notify_all();
-        }
+        self.advance_durable_end(end_offset);
     }
 
     /// Writes one chunk (its head and body together). On failure rolls the log back and returns
@@ -271,7 +264,7 @@ impl Partition {
         }
         let keep_bytes = {
             let mut meta = seg.meta.borrow_mut();
-            assert!(self.high_watermark.get() <= first_lost_offset, "rolling back acknowledged offsets");
+            assert!(self.durable_end.get() <= first_lost_offset, "rolling back durable offsets");
             meta.size_bytes = meta.written_bytes;
             meta.next_offset = first_lost_offset;
             meta.sealed = false;
@@ -376,10 +369,7 @@ impl Partition {
         }
         // Sealed segments hold no descriptor; reads reopen them (`ShardStorage::note_sealed_read`).
         seg.close_file().await;
-        if next_offset > self.high_watermark.get() {
-            self.high_watermark.set(next_offset);
-            self.progress.notify_all();
-        }
+        self.advance_durable_end(next_offset);
         Ok(())
     }
 }

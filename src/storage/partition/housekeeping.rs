@@ -13,7 +13,7 @@ use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
 use crate::storage::retention::{segments_to_delete, RetentionInput};
 use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment};
-use crate::storage::{Durability, HousekeepReport, StorageError};
+use crate::storage::{Durability, HousekeepReport, StorageError, Visibility};
 
 /// Marks a checkpoint write in flight; clears the mark and wakes waiters when dropped.
 struct CheckpointGuard<'a>(&'a Partition);
@@ -162,7 +162,7 @@ impl Partition {
             let meta = seg.meta.borrow();
             // Set together after each fdatasync: the synced end of the active segment and the
             // offset that starts there.
-            let (covered, next_offset) = (meta.durable_bytes, self.high_watermark.get());
+            let (covered, next_offset) = (meta.durable_bytes, self.durable_end.get());
             let in_segment = next_offset > seg.base_offset && next_offset <= meta.next_offset;
             if meta.sealed || !in_segment || covered <= st.checkpointed_bytes {
                 return;
@@ -195,6 +195,11 @@ impl Partition {
         }
         if offset >= self.log_end_offset.get() {
             return Ok(());
+        }
+        // A replica cuts only what consensus has not committed; a single node's log has no such
+        // bound (its writes were never acknowledged past a failure).
+        if self.config.visibility == Visibility::Committed && offset < self.high_watermark.get() {
+            return Err(StorageError::TruncatingCommitted { offset, high_watermark: self.high_watermark.get() });
         }
         self.touch();
         self.state.borrow_mut().truncating = true;
@@ -297,6 +302,9 @@ impl Partition {
             st.checkpointed_bytes = 0;
         }
         self.log_end_offset.set(cut_offset);
+        if self.durable_end.get() > cut_offset {
+            self.durable_end.set(cut_offset);
+        }
         if self.high_watermark.get() > cut_offset {
             self.high_watermark.set(cut_offset);
         }

@@ -81,7 +81,7 @@ use super::blocking;
 use super::notify::Notify;
 use super::producer_state::{self, ProducerStates};
 use super::segment::{align_down, parse_log_name, Segment};
-use super::{LogConfig, RecoveryReport, ShardStorage, StorageError};
+use super::{LogConfig, RecoveryReport, ShardStorage, StorageError, Visibility};
 use crate::metrics::Memory;
 use append::{Chunk, SpareSlot};
 use flusher::{run_flusher, Rollback};
@@ -146,6 +146,11 @@ pub struct Partition {
     /// Key of this partition in the shard's tail cache.
     cache_id: u64,
     state: RefCell<State>,
+    /// Offsets below are durable by the durability policy: what `wait_durable` waits for and what
+    /// a replica reports to consensus as persisted.
+    durable_end: Cell<i64>,
+    /// Offsets below are visible to readers: the durable end under `Visibility::Durable`, what
+    /// `commit_to` set under `Visibility::Committed`. Never above the durable end.
     high_watermark: Cell<i64>,
     log_start_offset: Cell<i64>,
     log_end_offset: Cell<i64>,
@@ -284,6 +289,11 @@ impl Partition {
         for seg in &segments {
             seg.close_file().await;
         }
+        let high_watermark = match config.visibility {
+            Visibility::Durable => log_end,
+            // What was committed before the restart is not known here: consensus tells again.
+            Visibility::Committed => log_start,
+        };
 
         let partition = Rc::new_cyclic(|self_ref| Partition {
             cache_id: shard.allocate_partition_id(),
@@ -306,7 +316,8 @@ impl Partition {
                 unsynced: false,
                 producers,
             }),
-            high_watermark: Cell::new(log_end),
+            durable_end: Cell::new(log_end),
+            high_watermark: Cell::new(high_watermark),
             log_start_offset: Cell::new(log_start),
             log_end_offset: Cell::new(log_end),
             closed: Cell::new(false),
@@ -327,6 +338,39 @@ impl Partition {
 
     pub fn high_watermark(&self) -> i64 {
         self.high_watermark.get()
+    }
+
+    /// The offset after the last durable one (by the durability policy).
+    pub fn durable_end_offset(&self) -> i64 {
+        self.durable_end.get()
+    }
+
+    /// Under `Visibility::Committed`: consensus committed every offset below `offset`, and this
+    /// replica holds them durably; readers may see them. Lower values than the current high
+    /// watermark are ignored (it never goes back).
+    pub fn commit_to(&self, offset: i64) {
+        assert_eq!(self.config.visibility, Visibility::Committed, "commit_to on a partition that is not replicated");
+        assert!(
+            offset <= self.durable_end.get(),
+            "committing offset {offset} past the durable end {}: readers would see what a crash can lose",
+            self.durable_end.get()
+        );
+        if offset > self.high_watermark.get() {
+            self.high_watermark.set(offset);
+            self.progress.notify_all();
+        }
+    }
+
+    /// The flusher made every offset below `end_offset` durable.
+    pub(super) fn advance_durable_end(&self, end_offset: i64) {
+        if end_offset <= self.durable_end.get() {
+            return;
+        }
+        self.durable_end.set(end_offset);
+        if self.config.visibility == Visibility::Durable {
+            self.high_watermark.set(end_offset);
+        }
+        self.progress.notify_all();
     }
 
     pub fn log_start_offset(&self) -> i64 {

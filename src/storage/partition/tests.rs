@@ -31,6 +31,7 @@ fn config(segment_bytes: u64, durability: Durability) -> LogConfig {
         index_interval_bytes: 256,
         batch_bytes_max: 1 << 20,
         records_per_batch_max: 1000,
+        visibility: crate::storage::Visibility::Durable,
     }
 }
 
