@@ -166,8 +166,7 @@ impl Partition {
         self.progress.notify_all();
     }
 
-    /// `seg`'s DmaFile is open: the plain descriptor a roll opened for it is not needed any more
-    /// (a partition at rest holds one descriptor).
+    /// Under `Durability::Written`: what the flusher wrote to `seg` counts as durable.
     fn advance_durable(&self, seg: &Segment, end_offset: i64) {
         {
             let mut meta = seg.meta.borrow_mut();
