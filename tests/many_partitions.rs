@@ -335,7 +335,8 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 /// cleanly and after kill -9, every record read back after each; RSS per idle partition is
 /// measured after the clean restart. Then, after a minute with no traffic, 2,000 partitions idle
 /// since the restart each take one produce (acks=1, fsync) while another connection keeps 1,000
-/// other partitions busy; their latencies are printed. Run
+/// other partitions busy (rounds of one record to each, `SCALE_BUSY_PAUSE_MS` apart); their
+/// latencies are printed, then those of the same partitions again, warm. Run
 /// `TEST_BROKER_BIN=target/release/ringlog cargo test --test many_partitions scale -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -409,6 +410,9 @@ fn scale_partitions_restart_and_idle_produce() {
     create_ok(&mut conn, "busy", 1_000);
     std::thread::sleep(Duration::from_secs(61));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 0 keeps the disk saturated (512 requests in flight, each waiting for its fsync); a pause
+    // between rounds of 1,000 gives a steady load the disk keeps up with.
+    let busy_pause = Duration::from_millis(env("SCALE_BUSY_PAUSE_MS", 0).into());
     let busy = {
         let (stop, addr) = (stop.clone(), broker.addr.clone());
         std::thread::spawn(move || {
@@ -417,6 +421,7 @@ fn scale_partitions_restart_and_idle_produce() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 produce_to_all(&mut conn, "busy", 1_000, round);
                 round += 1;
+                std::thread::sleep(busy_pause);
             }
             round * 1_000
         })
@@ -447,7 +452,7 @@ fn scale_partitions_restart_and_idle_produce() {
             latencies[latencies.len() - 1]
         );
     }
-    println!("the 1,000 busy partitions took {busy_records} records");
+    println!("the 1,000 busy partitions took {busy_records} records (pause between rounds {busy_pause:?})");
     drop(conn);
     broker.stop();
 }

@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use glommio::io::DmaBuffer;
 
 use super::{
-    active, active_fd, create_empty, now_ms, Job, Partition, ProducerSnapshot, State, SPARE_SEGMENT_NAME,
+    active, active_fd, create_segment_file, now_ms, Job, Partition, ProducerSnapshot, State,
+    SPARE_SEGMENT_NAME,
 };
 use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN};
 use crate::storage::blocking;
@@ -301,7 +302,7 @@ impl Partition {
             let must_roll = meta.size_bytes > 0 && too_big;
             drop(meta);
             if must_roll {
-                self.roll(st)?;
+                self.roll(st, total_bytes)?;
             }
         }
         let seg = active(st).clone();
@@ -391,13 +392,29 @@ impl Partition {
     /// Starts a new active segment at the log end; the old one is sealed by the flusher. The new
     /// file is created (or renamed from the spare) but not kept open: the flusher opens it
     /// through the shard's slots on its first write, so a housekeeping pass that rolls thousands
-    /// of idle partitions at once (time retention) holds no descriptor for them.
-    pub(super) fn roll(&self, st: &mut State) -> Result<(), StorageError> {
+    /// of idle partitions at once (time retention) holds no descriptor for them. A roll for an
+    /// append of `append_bytes` reserves their space in the new file before anything changes, so
+    /// a full disk refuses the append (`StorageFull`) rather than fail its write later.
+    pub(super) fn roll(&self, st: &mut State, append_bytes: u64) -> Result<(), StorageError> {
         self.touch();
         let old = active(st).clone();
         let base_offset = old.meta.borrow().next_offset;
         let seg = Rc::new(Segment::new(&self.dir, base_offset, self.config.index_interval_bytes));
-        let create = || create_empty(&seg.log_path);
+        let reserve = match append_bytes {
+            0 => 0,
+            n => align_up(n.max(preallocate_step(0))).min(align_up(self.config.segment_bytes.max(n))),
+        };
+        let create = || {
+            create_segment_file(&seg.log_path, reserve).map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                    self.shard.refresh_disk_space();
+                    return self.shard.storage_full();
+                }
+                StorageError::io(format!("creating {}", seg.log_path.display()), e)
+            })?;
+            seg.meta.borrow_mut().preallocated_bytes = reserve;
+            Ok::<(), StorageError>(())
+        };
         match self.spare.spare.replace(Spare::Absent) {
             Spare::Ready { preallocated_bytes } => {
                 // A rename on the shard instead of a create and a fallocate.

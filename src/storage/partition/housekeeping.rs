@@ -55,7 +55,7 @@ impl Partition {
                 let roll = meta.size_bytes > 0 && (aged || expired);
                 drop(meta);
                 if roll {
-                    self.roll(&mut st)?;
+                    self.roll(&mut st, 0)?;
                     report.rolled_segment = Some(seg.base_offset);
                     self.flush_wanted.notify_all();
                 }

@@ -194,16 +194,20 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// Creates `path` empty (truncating what is there) and closes it again: a new segment holds no
-/// descriptor until its partition's flusher opens it through a slot.
-fn create_empty(path: &Path) -> Result<(), StorageError> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map(drop)
-        .map_err(|e| StorageError::io(format!("creating {}", path.display()), e))
+/// Creates `path` (truncating what is there) with `reserve_bytes` allocated, and closes it again:
+/// a new segment holds no descriptor until its partition's flusher opens it through a slot. On
+/// failure nothing is left behind.
+fn create_segment_file(path: &Path, reserve_bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    if reserve_bytes > 0 {
+        if let Err(e) = append::fallocate(file.as_raw_fd(), reserve_bytes) {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn remove_segment_files(seg: &Segment) {
@@ -260,7 +264,8 @@ impl Partition {
         let segments = recover_segments(&dir, &config, &bases, &mut report).await?;
         let segments = if segments.is_empty() {
             let seg = Rc::new(Segment::new(&dir, 0, config.index_interval_bytes));
-            create_empty(&seg.log_path)?;
+            create_segment_file(&seg.log_path, 0)
+                .map_err(|e| StorageError::io(format!("creating {}", seg.log_path.display()), e))?;
             vec![seg]
         } else {
             segments
