@@ -1,5 +1,6 @@
 //! The write path up to the flusher: `append` (validation, offsets, producer-state check, the one
-//! copy of the bytes into chunks), space reservation (synchronous fallocate, background steps, the
+//! copy of the bytes into chunks), `append_replicated` (a replica's append of batches its leader
+//! stamped: offsets and epochs kept, producers recorded without verdicts), space reservation (synchronous fallocate, background steps, the
 //! spare next segment) and the roll to a new active segment. Never writes record bytes to a file
 //! itself: only the flusher does.
 
@@ -212,7 +213,7 @@ impl Partition {
                 }
             }
         }
-        self.place(st, &seg, batches, Stamping::Assign, base_offset, end_offset, start_pos)
+        self.place(st, &seg, batches, Stamping::Assign, end_offset, start_pos)
     }
 
     /// A replica's append of batches its leader stamped: each must carry the offset the log
@@ -246,7 +247,7 @@ impl Partition {
             }
             position += header.total_len();
         }
-        self.place(st, &seg, batches, Stamping::Keep, base_offset, end_offset, start_pos)
+        self.place(st, &seg, batches, Stamping::Keep, end_offset, start_pos)
     }
 
     /// The partition's state, if it takes appends now, and `batches` is not empty.
@@ -312,19 +313,18 @@ impl Partition {
         Ok((seg, start_pos))
     }
 
-    /// Indexes the validated `batches` (stamping their offsets from `base_offset` when asked),
+    /// Indexes the validated `batches` (stamping their offsets from the log end when asked),
     /// stages them for the flusher and caches them. Cannot fail: everything that can was checked.
-    #[allow(clippy::too_many_arguments)]
     fn place(
         &self,
         mut st: std::cell::RefMut<'_, State>,
         seg: &Rc<Segment>,
         mut batches: BytesMut,
         stamping: Stamping,
-        base_offset: i64,
         end_offset: i64,
         start_pos: u64,
     ) -> Result<AppendResult, StorageError> {
+        let base_offset = self.log_end_offset.get();
         {
             let mut meta = seg.meta.borrow_mut();
             assert_eq!(meta.next_offset, base_offset, "active segment end and log end offset disagree");

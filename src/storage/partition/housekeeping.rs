@@ -199,7 +199,10 @@ impl Partition {
         // A replica cuts only what consensus has not committed; a single node's log has no such
         // bound (its writes were never acknowledged past a failure).
         if self.config.visibility == Visibility::Committed && offset < self.high_watermark.get() {
-            return Err(StorageError::TruncatingCommitted { offset, high_watermark: self.high_watermark.get() });
+            return Err(StorageError::TruncatingCommitted {
+                offset,
+                high_watermark: self.high_watermark.get(),
+            });
         }
         self.touch();
         self.state.borrow_mut().truncating = true;

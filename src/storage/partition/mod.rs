@@ -20,7 +20,13 @@
 //! starts at the aligned position below the segment end and carries a copy of that partial block
 //! (at most 4 KiB), which is rewritten with the new bytes as a write of its own (see `Chunk`).
 //! Appends that arrive during a write fill the next chunk: group commit. With `Durability::Fsync`
-//! the flusher issues one fdatasync per round after its writes, then advances the high watermark.
+//! the flusher issues one fdatasync per round after its writes, then advances the durable end.
+//!
+//! Visibility. Two ends: the durable end (what `wait_durable` waits for) and the high watermark
+//! (what readers see, never above it). A single node's high watermark follows the durable end
+//! (`Visibility::Durable`). A replica of a replicated partition (`Visibility::Committed`) shows
+//! only what consensus committed (`commit_to`), starts from the log start after an open, refuses
+//! to truncate below it, and takes its leader's batches as stamped (`append_replicated`).
 //!
 //! Space is reserved before a byte is accepted: `append` checks that the active segment is
 //! preallocated past the new end and, if not, calls `fallocate` synchronously, so ENOSPC surfaces
@@ -36,11 +42,12 @@
 //! open and recovery close every file they opened; the first append, read or write opens the
 //! active one again, and the shard's bounded set of open active files
 //! (`ShardStorage::note_active_open`) releases the least recently used idle ones. An append that
-//! finds the file closed stages its bytes without reserving space, and the flusher reserves it
-//! off the shard before writing (so ENOSPC then fails the write, which is rolled back, instead of
-//! the append). Sealed segments are opened only to be read and closed again by the shard's
-//! bounded set (`ShardStorage::note_sealed_read`); a spare holds none; a roll holds a plain one
-//! until the flusher's first write opens the DmaFile.
+//! finds the file closed stages its bytes and starts the reservation on the blocking pool; the
+//! flusher's first write may extend the file (so ENOSPC then fails the write, which is rolled
+//! back, instead of the append). Sealed segments are opened only to be read and closed again by
+//! the shard's bounded set (`ShardStorage::note_sealed_read`); a spare holds none; a roll creates
+//! the new segment (reserving an append's space in it) and closes it, and a seal of a closed
+//! segment does what it still needs by path on the blocking pool.
 //!
 //! Recovery checkpoints: with `Durability::Fsync`, housekeeping writes the active segment's index
 //! covering its synced bytes (`checkpoint_active`), so recovery after a crash scans only what
@@ -354,7 +361,11 @@ impl Partition {
     /// replica holds them durably; readers may see them. Lower values than the current high
     /// watermark are ignored (it never goes back).
     pub fn commit_to(&self, offset: i64) {
-        assert_eq!(self.config.visibility, Visibility::Committed, "commit_to on a partition that is not replicated");
+        assert_eq!(
+            self.config.visibility,
+            Visibility::Committed,
+            "commit_to on a partition that is not replicated"
+        );
         assert!(
             offset <= self.durable_end.get(),
             "committing offset {offset} past the durable end {}: readers would see what a crash can lose",

@@ -964,3 +964,111 @@ fn idle_partitions_release_their_files_and_reopen_on_use() {
         }
     });
 }
+
+fn replica_config() -> LogConfig {
+    LogConfig { visibility: crate::storage::Visibility::Committed, ..config(4096, Durability::Fsync) }
+}
+
+#[test]
+fn committed_visibility_shows_only_what_consensus_committed_and_never_cuts_it() {
+    run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r/0");
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+        let (p, _) = Partition::open(dir.clone(), replica_config(), shard.clone()).await.unwrap();
+        let expected = append_many(&p, 40, |i| 1000 + i as i64);
+        p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+        assert_eq!(p.durable_end_offset(), p.log_end_offset());
+        assert_eq!(p.high_watermark(), 0, "durable is not visible until committed");
+        assert!(p.read(0, 1 << 20).await.unwrap().chunks.is_empty());
+
+        let tenth_end = BatchHeader::parse(&expected[9]).unwrap().last_offset() + 1;
+        p.commit_to(tenth_end);
+        assert_eq!(p.high_watermark(), tenth_end);
+        assert_eq!(read_all(&p, 0, 1 << 20).await, expected[..10]);
+        p.commit_to(3);
+        assert_eq!(p.high_watermark(), tenth_end, "the high watermark never goes back");
+
+        match p.truncate_to(tenth_end - 1).await {
+            Err(StorageError::TruncatingCommitted { offset, high_watermark }) => {
+                assert_eq!((offset, high_watermark), (tenth_end - 1, tenth_end));
+            }
+            other => panic!("cutting committed offsets: {other:?}"),
+        }
+        assert_eq!(p.log_end_offset(), BatchHeader::parse(&expected[39]).unwrap().last_offset() + 1);
+        // The uncommitted suffix goes, durable end with it.
+        let twentieth_end = BatchHeader::parse(&expected[19]).unwrap().last_offset() + 1;
+        p.truncate_to(twentieth_end).await.unwrap();
+        assert_eq!((p.log_end_offset(), p.durable_end_offset()), (twentieth_end, twentieth_end));
+        p.close().await.unwrap();
+
+        // After a restart nothing is visible until consensus says so again.
+        let (p, _) = Partition::open(dir, replica_config(), shard).await.unwrap();
+        assert_eq!((p.high_watermark(), p.durable_end_offset()), (0, twentieth_end));
+        p.commit_to(twentieth_end);
+        assert_eq!(read_all(&p, 0, 1 << 20).await, expected[..20]);
+        p.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_replica_keeps_its_leaders_offsets_epochs_and_producers() {
+    run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+        let (leader, _) =
+            Partition::open(tmp.path().join("l"), config(4096, Durability::Fsync), shard.clone())
+                .await
+                .unwrap();
+        let mut sent = Vec::new();
+        for i in 0..30 {
+            let bytes = match i % 3 {
+                0 => idempotent(7, 0, i / 3 * 2, 2),
+                _ => batch(-1, 3, 1000 + i64::from(i), 20),
+            };
+            leader.append(BytesMut::from(&bytes[..])).unwrap();
+        }
+        leader.wait_durable(leader.log_end_offset() - 1).await.unwrap();
+        for (epoch, mut b) in read_all(&leader, 0, 1 << 20).await.into_iter().enumerate() {
+            // The leader epoch is outside the crc: a leader stamps it without recomputing.
+            crate::record::set_partition_leader_epoch(&mut b, epoch as i32 / 10 + 1);
+            sent.push(b);
+        }
+
+        let dir = tmp.path().join("f");
+        let (follower, _) = Partition::open(dir.clone(), replica_config(), shard.clone()).await.unwrap();
+        // A batch that does not continue the log is refused and changes nothing.
+        match follower.append_replicated(BytesMut::from(&sent[1][..])) {
+            Err(StorageError::OffsetMismatch { index: 0, expected: 0, found }) => assert_eq!(found, 2),
+            other => panic!("a gap was accepted: {other:?}"),
+        }
+        assert_eq!(follower.log_end_offset(), 0);
+        for group in sent.chunks(4) {
+            let request = BytesMut::from(&group.concat()[..]);
+            let r = follower.append_replicated(request).unwrap();
+            assert_eq!(r.base_offset, BatchHeader::parse(&group[0]).unwrap().base_offset);
+            assert!(!r.duplicate);
+        }
+        assert_eq!(follower.log_end_offset(), leader.log_end_offset());
+        follower.wait_durable(follower.log_end_offset() - 1).await.unwrap();
+        follower.commit_to(follower.durable_end_offset());
+        assert_eq!(read_all(&follower, 0, 1 << 20).await, sent, "the same bytes, epochs included");
+
+        // Should this replica lead, it knows the producer: a retry of its last batch is answered
+        // with the original offsets, and the next sequence continues.
+        let last = idempotent(7, 0, 18, 2);
+        let retried = follower.append(BytesMut::from(&last[..])).unwrap();
+        assert!(retried.duplicate);
+        assert_eq!(retried.base_offset, BatchHeader::parse(&sent[27]).unwrap().base_offset);
+        let next = follower.append(BytesMut::from(&idempotent(7, 0, 20, 1)[..])).unwrap();
+        assert_eq!(next.base_offset, leader.log_end_offset());
+        drop(follower);
+
+        // A crash keeps what was durable, epochs and all.
+        let (follower, _) = Partition::open(dir, replica_config(), shard).await.unwrap();
+        follower.commit_to(leader.log_end_offset());
+        assert_eq!(read_all(&follower, 0, 1 << 20).await, sent);
+        follower.close().await.unwrap();
+        leader.close().await.unwrap();
+    });
+}
