@@ -103,8 +103,10 @@ impl Conn {
     }
 
     /// Produces the given values as one batch; returns (error code, base offset).
+    /// Produces `values` stamped now (a 2023 stamp would be past the default time retention, and
+    /// a test running longer than a housekeeping interval would see its records deleted).
     pub fn produce(&mut self, topic: &str, partition: u32, values: &[&[u8]]) -> (wire::ErrorCode, i64) {
-        let batch = batch_of(values);
+        let batch = batch_now(values);
         let resp = self.produce_raw(topic, partition, &batch).expect("produce response");
         produce_result(&resp)
     }
