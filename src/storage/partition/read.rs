@@ -247,6 +247,11 @@ impl Partition {
                 position += total as u64;
             }
             if let (Some(first), Some(last)) = (spans.first(), spans.last()) {
+                // One copy of the served batches per read. glommio 0.9 reads only into its own
+                // buffers, which are not `Send` (an `Rc` into the reactor, an arena allocator in a
+                // `RefCell`), and these bytes leave the shard: mesh replies to fetches from other
+                // shards, and the tail cache serves every shard. 12-24 % of the shard's CPU in a
+                // backlog drain; measured in docs/benchmarks.md (issue 14).
                 let copied = Bytes::copy_from_slice(&data[first.0..last.1]);
                 let pin = Pin::new(copied.len());
                 let mut cache = self.shard.tail_cache.borrow_mut();
