@@ -44,7 +44,7 @@ const OFF_RECORD_COUNT: usize = 57;
 /// Low three bits of `attributes`.
 pub const COMPRESSION_MASK: i16 = 0x07;
 /// `attributes` bit of a control batch (transaction markers; a new leader's empty entry): written
-/// by brokers only, skipped by consumers.
+/// by brokers only (`shard::rules` refuses clients'), skipped by consumers.
 pub const CONTROL_FLAG: i16 = 0x20;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -69,8 +69,6 @@ pub enum BatchError {
     BadRecord { index: usize, reason: &'static str },
     #[error("compression codec {codec} is not supported by this reader")]
     UnsupportedCompression { codec: i16 },
-    #[error("a control batch (attribute bit 5) is written by brokers only, never produced by a client")]
-    ControlFromClient,
 }
 
 /// The parsed fixed-size header of one batch.

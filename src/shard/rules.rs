@@ -17,8 +17,6 @@ use super::BrokerError;
 
 /// RecordBatch attributes bit: the batch is part of a transaction.
 const ATTRIBUTE_TRANSACTIONAL: i16 = 0x10;
-/// RecordBatch attributes bit: a control batch (transaction marker), written by brokers only.
-const ATTRIBUTE_CONTROL: i16 = 0x20;
 
 /// Checks one partition's batches from a client before they are routed: the topic must not be
 /// internal, and no batch may be a control or transactional batch. Only the batch headers are
@@ -34,7 +32,7 @@ pub fn check_client_append(topic: &str, batches: &[u8]) -> Result<(), BrokerErro
     let mut position = 0usize;
     while batches.len().saturating_sub(position) >= BATCH_HEADER_LEN {
         let Ok(header) = BatchHeader::parse(&batches[position..]) else { break };
-        if header.attributes & ATTRIBUTE_CONTROL != 0 {
+        if header.is_control() {
             return Err(BrokerError::ControlBatch { position });
         }
         if header.attributes & ATTRIBUTE_TRANSACTIONAL != 0 {
@@ -103,7 +101,7 @@ mod tests {
     fn clients_may_not_write_control_transactional_or_internal() {
         let plain = [batch(0, 80), batch(0, 70)].concat();
         assert!(check_client_append("t", &plain).is_ok());
-        let control = [batch(0, 80), batch(ATTRIBUTE_CONTROL, 70)].concat();
+        let control = [batch(0, 80), batch(crate::record::CONTROL_FLAG, 70)].concat();
         assert!(matches!(
             check_client_append("t", &control),
             Err(BrokerError::ControlBatch { position: 80 })

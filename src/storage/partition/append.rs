@@ -185,15 +185,6 @@ impl Partition {
         while position < batches.len() {
             let header = record::validate_for_append(&batches[position..], &limits)
                 .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
-            if header.is_control() {
-                // Consumers skip control batches: a client's would be records no one reads, and
-                // markers only the broker (or a leader's replication) may write.
-                return Err(StorageError::InvalidBatch {
-                    index,
-                    position,
-                    source: BatchError::ControlFromClient,
-                });
-            }
             if let Some(batch) = ProducerBatch::of(&header) {
                 let batch_base = base_offset + records;
                 let last_offset = batch_base + i64::from(header.last_offset_delta);
