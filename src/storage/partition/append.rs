@@ -531,16 +531,7 @@ impl Partition {
         let preallocated_bytes = PREALLOCATE_STEP_BYTES.min(cap);
         glommio::spawn_local(async move {
             let shown = path.display().to_string();
-            let prepared = blocking::run(move || {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)?;
-                fallocate(file.as_raw_fd(), preallocated_bytes)
-            })
-            .await;
+            let prepared = blocking::run(move || create_segment_file(&path, preallocated_bytes)).await;
             let next = match prepared {
                 Ok(Ok(())) => Spare::Ready { preallocated_bytes },
                 Ok(Err(e)) => {
