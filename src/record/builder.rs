@@ -9,13 +9,18 @@
 use bytes::{BufMut, BytesMut};
 
 use super::compression::{self, Compression, CompressionError};
-use super::{BatchHeader, BATCH_HEADER_LEN, BATCH_LENGTH_PREFIX, COMPRESSION_MASK, MAGIC_V2};
+use super::{BatchHeader, BATCH_HEADER_LEN, BATCH_LENGTH_PREFIX, COMPRESSION_MASK, CONTROL_FLAG, MAGIC_V2};
 
 /// Kafka clients send -1 for fields only a broker or an idempotent producer fills in.
 const NO_PRODUCER_ID: i64 = -1;
 const NO_PRODUCER_EPOCH: i16 = -1;
 const NO_SEQUENCE: i32 = -1;
 const NO_LEADER_EPOCH: i32 = -1;
+/// Kafka's timestamp for "none".
+const NO_TIMESTAMP: i64 = -1;
+
+/// Kafka's control record type for a new leader's first entry (KRaft's LEADER_CHANGE, KIP-595).
+pub const LEADER_CHANGE_CONTROL_TYPE: i16 = 2;
 
 const OFF_BATCH_LENGTH: usize = 8;
 const OFF_CRC: usize = 17;
@@ -29,6 +34,7 @@ pub struct BatchBuilder {
     record_count: i32,
     base_timestamp_ms: i64,
     max_timestamp_ms: i64,
+    attributes: i16,
 }
 
 impl Default for BatchBuilder {
@@ -46,7 +52,7 @@ impl BatchBuilder {
     pub fn with_capacity(capacity_bytes: usize) -> Self {
         let mut buf = BytesMut::with_capacity(capacity_bytes.max(BATCH_HEADER_LEN));
         buf.put_bytes(0, BATCH_HEADER_LEN);
-        BatchBuilder { buf, record_count: 0, base_timestamp_ms: -1, max_timestamp_ms: -1 }
+        BatchBuilder { buf, record_count: 0, base_timestamp_ms: -1, max_timestamp_ms: -1, attributes: 0 }
     }
 
     /// Records pushed so far.
@@ -128,7 +134,7 @@ impl BatchBuilder {
         header.put_i32(NO_LEADER_EPOCH);
         header.put_i8(MAGIC_V2);
         header.put_u32(0); // crc, below
-        header.put_i16(0); // attributes: no compression, CreateTime
+        header.put_i16(self.attributes); // no compression, CreateTime (and control, for one)
         header.put_i32(self.record_count - 1);
         header.put_i64(self.base_timestamp_ms);
         header.put_i64(self.max_timestamp_ms);
@@ -170,6 +176,22 @@ impl BatchBuilder {
         }
         len
     }
+}
+
+/// The control batch a replica writes for a new leader's empty Raft entry: one record whose key
+/// is (version 0, LEADER_CHANGE), no value and no timestamp, at `base_offset` in `epoch`. Built
+/// from those two alone, so every replica writes the same bytes for the same entry; consumers
+/// skip control batches.
+pub fn leader_change_batch(base_offset: i64, epoch: i32) -> BytesMut {
+    let mut key = [0u8; 4];
+    key[2..].copy_from_slice(&LEADER_CHANGE_CONTROL_TYPE.to_be_bytes());
+    let mut builder = BatchBuilder::with_capacity(BATCH_HEADER_LEN + 16);
+    builder.push(NO_TIMESTAMP, Some(&key), None, &[]);
+    builder.attributes = CONTROL_FLAG;
+    let mut batch = builder.finish();
+    super::set_base_offset(&mut batch, base_offset);
+    super::set_partition_leader_epoch(&mut batch, epoch);
+    batch
 }
 
 /// Re-encodes a finished uncompressed batch with its records section compressed by `compression`:
@@ -252,6 +274,21 @@ fn put_nullable_bytes(buf: &mut BytesMut, bytes: Option<&[u8]>) {
 mod tests {
     use super::*;
     use crate::record::{validate, validate_for_append, BatchLimits};
+
+    #[test]
+    fn a_leader_change_batch_is_one_control_record_the_same_on_every_replica() {
+        let batch = leader_change_batch(41, 7);
+        assert_eq!(batch, leader_change_batch(41, 7), "built from offset and epoch alone");
+        let limits = BatchLimits { batch_bytes_max: 1 << 20, records_per_batch_max: 10 };
+        let header = validate_for_append(&batch, &limits).unwrap();
+        assert!(header.is_control());
+        assert_eq!((header.base_offset, header.last_offset(), header.partition_leader_epoch), (41, 41, 7));
+        assert_eq!((header.record_count, header.max_timestamp), (1, NO_TIMESTAMP));
+        assert_eq!(header.total_len(), batch.len());
+        // Kafka's control record key: version 0, then the type.
+        let key = [0u8, 0, 0, LEADER_CHANGE_CONTROL_TYPE as u8];
+        assert!(batch.windows(4).any(|w| w == key));
+    }
 
     #[test]
     fn varints_match_kafka_encoding() {

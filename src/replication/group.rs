@@ -169,9 +169,12 @@ impl<S: ReplicaStore> RaftGroup<S> {
         };
         let raft_error = |source| GroupError::Raft { group: name.clone(), source };
         let raw = RawNode::new(&config, store, &raft_logger(name.clone())).map_err(raft_error)?;
+        // What the store compacted was committed and applied; the high watermark starts after it.
+        let applied = raw.raft.raft_log.applied;
+        let high_watermark = raw.store().end_offset(applied).unwrap_or(0);
         let mut group = RaftGroup {
-            high_watermark: 0,
-            commit_index: 0,
+            high_watermark,
+            commit_index: applied,
             serving: false,
             persisting: None,
             drawn_for: (raw.raft.term, raw.raft.state),
@@ -248,6 +251,14 @@ impl<S: ReplicaStore> RaftGroup<S> {
         match outcome {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(source) => Err(GroupError::Raft { group: self.name.clone(), source }),
+        }
+    }
+
+    /// Entries the store could not give at once (`LogTemporarilyUnavailable`) are now in it.
+    pub fn on_entries_fetched(&mut self, context: raft::GetEntriesContext) {
+        if context.can_async() {
+            self.raw.on_entries_fetched(context);
+            self.after_raft_call();
         }
     }
 
