@@ -8,7 +8,8 @@
 //! per shard. Layers above (controller, groups, metrics scrapes) run their work on another shard
 //! with `invoke_on` and keep their per-shard state as extensions of the shard, so this module
 //! never names them.
-//! May depend on `storage`, `metadata`, `metrics`, `record`, `config`, `allocator`; never on connections,
+//! `replica` joins a partition's consensus to its storage.
+//! May depend on `storage`, `replication`, `metadata`, `metrics`, `record`, `config`, `allocator`; never on connections,
 //! protocols, the controller or groups. Nothing here is shared between threads except through
 //! `ShardMsg`.
 
@@ -16,6 +17,7 @@ mod error;
 mod idle;
 pub mod mesh;
 mod owner;
+pub mod replica;
 pub mod rules;
 mod topics;
 

@@ -28,7 +28,7 @@
 //! write completed (group commit). The high watermark, and with it everything consumers can read,
 //! only covers durable batches.
 
-mod blocking;
+pub(crate) mod blocking;
 pub mod descriptors;
 mod disk_space;
 mod index;

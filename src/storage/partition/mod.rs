@@ -389,6 +389,15 @@ impl Partition {
         self.progress.notify_all();
     }
 
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// The partition's directory (a replica keeps its consensus files beside the segments).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn log_start_offset(&self) -> i64 {
         self.log_start_offset.get()
     }

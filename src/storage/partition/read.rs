@@ -50,23 +50,39 @@ impl Partition {
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch),
     /// only below the high watermark; from the tail cache if it has them, else from disk.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, StorageError> {
+        self.read_below(offset, self.high_watermark.get(), max_bytes).await
+    }
+
+    /// A replica's read of its own log (the scan at open, entries a follower lacks): like `read`,
+    /// but up to `end`, which may pass the high watermark though never the durable end (what is
+    /// not yet written is not on disk to read).
+    pub async fn read_replica(
+        &self,
+        offset: i64,
+        end: i64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, StorageError> {
+        self.read_below(offset, end.min(self.durable_end.get()), max_bytes).await
+    }
+
+    async fn read_below(
+        &self,
+        offset: i64,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, StorageError> {
         if self.closed.get() {
             return Err(StorageError::Closed);
         }
         let high_watermark = self.high_watermark.get();
-        if offset < self.log_start_offset.get() || offset > high_watermark {
+        if offset < self.log_start_offset.get() || offset > limit {
             return Err(self.out_of_range(offset));
         }
         self.touch();
         let mut chunks = Vec::new();
-        if offset < high_watermark {
-            let hit = self.shard.tail_cache.borrow_mut().read(
-                self.cache_id,
-                offset,
-                high_watermark,
-                max_bytes,
-                &mut chunks,
-            );
+        if offset < limit {
+            let hit =
+                self.shard.tail_cache.borrow_mut().read(self.cache_id, offset, limit, max_bytes, &mut chunks);
             if !hit {
                 let seg = {
                     let st = self.state.borrow();
@@ -76,7 +92,7 @@ impl Partition {
                         i => st.segments[i - 1].clone(),
                     }
                 };
-                let read = self.read_segment(&seg, offset, high_watermark, max_bytes, &mut chunks).await;
+                let read = self.read_segment(&seg, offset, limit, max_bytes, &mut chunks).await;
                 if let Err(e) = read {
                     // Retention deleted the segment while we read it: the offset is gone, say so.
                     if offset < self.log_start_offset.get() {

@@ -1,0 +1,500 @@
+//! One partition replica on its owning shard: consensus (`replication::RaftGroup` over a
+//! `ReplicaLog`) joined to the partition's storage. The group decides; this carries out what its
+//! log asks — truncations, appends of the leader's stamped batches, saves of `raft.state` and
+//! `leader-epochs` — makes them durable before the messages that depend on them leave, reads back
+//! entries a follower lacks, and moves the partition's high watermark to what is committed.
+//!
+//! Owns the order of a replica's IO (writes, then fdatasync, then `persisted`, then the messages).
+//! Depends on `replication` and `storage`; the transport between nodes is the caller's.
+
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use raft::eraftpb::Message;
+use thiserror::Error;
+
+use crate::record;
+use crate::replication::epochs::{EpochsError, LeaderEpochs};
+use crate::replication::group::{GroupError, GroupSettings, RaftGroup};
+use crate::replication::replica_log::{
+    CacheLimits, LogWrite, OpenError, ReplicaLog, ReplicaState, ScannedBatch, StateFileError,
+};
+use crate::storage::{blocking, Durability, Partition, StorageError, Visibility};
+
+/// Bytes read per step of the open scan and of a follower's catch-up read.
+const READ_STEP_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error(
+        "replica {name}: its partition log must be opened with committed visibility and fsync durability"
+    )]
+    Misconfigured { name: String },
+    #[error("replica {name}: {source}")]
+    Storage { name: String, source: StorageError },
+    #[error("replica {name}: {source}")]
+    StateFile { name: String, source: StateFileError },
+    #[error("replica {name}: {source}")]
+    Epochs { name: String, source: EpochsError },
+    #[error("replica {name}: the log after its saved anchor does not read back: {source}")]
+    Open { name: String, source: OpenError },
+    #[error("replica {name}: a batch of its log is damaged at offset {offset}: {source}")]
+    DamagedBatch { name: String, offset: i64, source: record::BatchError },
+    #[error("replica {name}: {source}")]
+    Group { name: String, source: GroupError },
+    #[error("replica {name}: the blocking pool failed: {detail}")]
+    Blocking { name: String, detail: String },
+}
+
+pub struct PartitionReplica {
+    name: String,
+    group: RaftGroup<ReplicaLog>,
+    partition: Rc<Partition>,
+}
+
+impl PartitionReplica {
+    /// Opens replica `id` of the group `name` over `partition` (already opened, with committed
+    /// visibility and fsync durability), whose members are `voters` unless its saved state says.
+    pub async fn open(
+        name: String,
+        id: u64,
+        voters: Vec<u64>,
+        partition: Rc<Partition>,
+        settings: GroupSettings,
+        seed: u64,
+    ) -> Result<PartitionReplica, ReplicaError> {
+        let config = partition.config();
+        if config.visibility != Visibility::Committed || config.durability != Durability::Fsync {
+            return Err(ReplicaError::Misconfigured { name });
+        }
+        let dir = partition.dir().to_path_buf();
+        let loaded = blocking::run(move || {
+            let state = ReplicaState::load(&dir).map_err(Files::State)?;
+            let epochs = LeaderEpochs::load(&dir).map_err(Files::Epochs)?;
+            Ok::<_, Files>((state, epochs))
+        })
+        .await;
+        let (state, epochs) = match loaded {
+            Ok(Ok(files)) => files,
+            Ok(Err(Files::State(source))) => return Err(ReplicaError::StateFile { name, source }),
+            Ok(Err(Files::Epochs(source))) => return Err(ReplicaError::Epochs { name, source }),
+            Err(detail) => return Err(ReplicaError::Blocking { name, detail }),
+        };
+        let state = state.unwrap_or_else(|| ReplicaState::new(voters, partition.log_start_offset()));
+        let tail = scan(&name, &partition, state.anchor.end_offset).await?;
+        let log = ReplicaLog::open(state, epochs, tail, CacheLimits::default())
+            .map_err(|source| ReplicaError::Open { name: name.clone(), source })?;
+        let group = RaftGroup::new(id, name.clone(), settings, log, seed)
+            .map_err(|source| ReplicaError::Group { name: name.clone(), source })?;
+        partition.commit_to(group.high_watermark());
+        Ok(PartitionReplica { name, group, partition })
+    }
+
+    pub fn group(&mut self) -> &mut RaftGroup<ReplicaLog> {
+        &mut self.group
+    }
+
+    pub fn partition(&self) -> &Rc<Partition> {
+        &self.partition
+    }
+
+    /// One round: polls the group, carries out its log's writes, waits until they are durable,
+    /// reports them, serves the reads raft-rs asked for and shows readers what is committed.
+    /// Returns the messages to send, all of them safe to send now.
+    pub async fn drive(&mut self) -> Result<Vec<Message>, ReplicaError> {
+        let output = self.group.poll().map_err(|source| self.group_error(source))?;
+        let mut send = output.send;
+        let writes = self.group.store_mut().take_writes();
+        self.carry_out(writes).await?;
+        if let Some(persist) = output.persist {
+            self.group.persisted(persist.number);
+            send.extend(persist.then_send);
+        }
+        for fetch in self.group.store_mut().take_fetches() {
+            let batches = self.read_batches(fetch.base_offset, fetch.end_offset, fetch.max_bytes).await?;
+            self.group.store_mut().fetched(fetch.first_index, batches);
+            self.group.on_entries_fetched(fetch.context);
+        }
+        // What the group commits is durable here: raft-rs applies only persisted entries.
+        self.partition.commit_to(self.group.high_watermark());
+        Ok(send)
+    }
+
+    /// Compacts the replica's window up to what is applied, keeping `keep` entries before it
+    /// for followers that lag, and saves the new anchor.
+    pub async fn compact(&mut self, keep: u64) -> Result<(), ReplicaError> {
+        let applied = self.group.commit_index();
+        let to = applied.saturating_sub(keep);
+        self.group
+            .store_mut()
+            .compact_to(to, applied)
+            .map_err(|source| self.group_error(GroupError::Store { group: self.name.clone(), source }))?;
+        let writes = self.group.store_mut().take_writes();
+        self.carry_out(writes).await
+    }
+
+    async fn carry_out(&mut self, writes: Vec<LogWrite>) -> Result<(), ReplicaError> {
+        let mut durable_through = None;
+        for write in writes {
+            match write {
+                LogWrite::TruncateTo { offset, .. } => {
+                    self.partition.truncate_to(offset).await.map_err(|source| self.storage(source))?;
+                }
+                LogWrite::Append { batches, end_offset, .. } => {
+                    // One copy into a request buffer; the storage copies it once more into its
+                    // aligned write buffer.
+                    let mut buf = BytesMut::with_capacity(batches.iter().map(Bytes::len).sum());
+                    for batch in &batches {
+                        buf.extend_from_slice(batch);
+                    }
+                    self.partition.append_replicated(buf).map_err(|source| self.storage(source))?;
+                    durable_through = Some(end_offset - 1);
+                }
+                LogWrite::SaveState { state, epochs } => {
+                    let dir = self.partition.dir().to_path_buf();
+                    let saved = blocking::run(move || {
+                        epochs.store(&dir).map_err(Files::Epochs)?;
+                        state.store(&dir).map_err(Files::State)
+                    })
+                    .await;
+                    let name = self.name.clone();
+                    match saved {
+                        Ok(Ok(())) => {}
+                        Ok(Err(Files::State(source))) => {
+                            return Err(ReplicaError::StateFile { name, source })
+                        }
+                        Ok(Err(Files::Epochs(source))) => return Err(ReplicaError::Epochs { name, source }),
+                        Err(detail) => return Err(ReplicaError::Blocking { name, detail }),
+                    }
+                }
+            }
+        }
+        if let Some(last_offset) = durable_through {
+            self.partition.wait_durable(last_offset).await.map_err(|source| self.storage(source))?;
+        }
+        Ok(())
+    }
+
+    /// Whole batches `[from, end)` of the log, at most about `max_bytes` (at least one).
+    async fn read_batches(&self, from: i64, end: i64, max_bytes: u64) -> Result<Vec<Bytes>, ReplicaError> {
+        let mut batches = Vec::new();
+        let mut offset = from;
+        let mut bytes = 0u64;
+        while offset < end && (batches.is_empty() || bytes < max_bytes) {
+            let read = self
+                .partition
+                .read_replica(offset, end, READ_STEP_BYTES)
+                .await
+                .map_err(|source| self.storage(source))?;
+            let before = offset;
+            for chunk in read.chunks {
+                for batch in split_batches(&self.name, &chunk, offset)? {
+                    offset = record::BatchHeader::parse(&batch).map_or(offset, |h| h.last_offset() + 1);
+                    bytes += batch.len() as u64;
+                    batches.push(batch);
+                }
+            }
+            if offset == before {
+                break;
+            }
+        }
+        Ok(batches)
+    }
+
+    fn storage(&self, source: StorageError) -> ReplicaError {
+        ReplicaError::Storage { name: self.name.clone(), source }
+    }
+
+    fn group_error(&self, source: GroupError) -> ReplicaError {
+        ReplicaError::Group { name: self.name.clone(), source }
+    }
+}
+
+/// The two files a replica keeps beside its segments, for errors from the blocking pool.
+enum Files {
+    State(StateFileError),
+    Epochs(EpochsError),
+}
+
+/// Every batch from `from` to the log's durable end, as the open scan of `ReplicaLog` needs it.
+async fn scan(name: &str, partition: &Partition, from: i64) -> Result<Vec<ScannedBatch>, ReplicaError> {
+    let storage = |source| ReplicaError::Storage { name: name.to_string(), source };
+    let end = partition.durable_end_offset();
+    let mut tail = Vec::new();
+    let mut offset = from;
+    while offset < end {
+        let read = partition.read_replica(offset, end, READ_STEP_BYTES).await.map_err(storage)?;
+        let before = offset;
+        for chunk in read.chunks {
+            for batch in split_batches(name, &chunk, offset)? {
+                let Ok(header) = record::BatchHeader::parse(&batch) else { break };
+                tail.push(ScannedBatch {
+                    base_offset: header.base_offset,
+                    last_offset: header.last_offset(),
+                    epoch: u64::try_from(header.partition_leader_epoch).unwrap_or(0),
+                });
+                offset = header.last_offset() + 1;
+            }
+        }
+        if offset == before {
+            break;
+        }
+    }
+    Ok(tail)
+}
+
+/// The whole batches of one read chunk, each validated (a replica hands them to peers).
+fn split_batches(name: &str, chunk: &Bytes, at: i64) -> Result<Vec<Bytes>, ReplicaError> {
+    let mut out = Vec::new();
+    let mut position = 0usize;
+    while position < chunk.len() {
+        let header = record::validate(&chunk[position..]).map_err(|source| ReplicaError::DamagedBatch {
+            name: name.to_string(),
+            offset: at,
+            source,
+        })?;
+        let len = header.total_len();
+        out.push(chunk.slice(position..position + len));
+        position += len;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Three replicas of one partition, each on its own directory and shard storage, in one
+    //! executor: real O_DIRECT segment files, real fdatasync, messages handed over in memory.
+
+    use std::collections::HashSet;
+    use std::path::Path;
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    use super::*;
+    use crate::record::builder::BatchBuilder;
+    use crate::record::BatchHeader;
+    use crate::replication::group::Role;
+    use crate::storage::{LogConfig, ShardStorage};
+
+    fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(1 << 20)
+            .spawn(move || async move { f().await })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn config() -> LogConfig {
+        LogConfig {
+            segment_bytes: 8192,
+            segment_ms: 3_600_000,
+            retention_bytes: None,
+            retention_ms: None,
+            durability: Durability::Fsync,
+            index_interval_bytes: 256,
+            batch_bytes_max: 1 << 20,
+            records_per_batch_max: 1000,
+            visibility: Visibility::Committed,
+        }
+    }
+
+    const VOTERS: [u64; 3] = [1, 2, 3];
+
+    struct Cluster {
+        root: std::path::PathBuf,
+        replicas: Vec<Option<PartitionReplica>>,
+        cut: HashSet<u64>,
+    }
+
+    async fn open_replica(root: &Path, id: u64) -> PartitionReplica {
+        let node = root.join(format!("node{id}"));
+        let shard = ShardStorage::new(node.clone(), 1 << 20, 0);
+        let (partition, _) = Partition::open(node.join("t/0"), config(), shard).await.unwrap();
+        PartitionReplica::open(
+            format!("t-0@{id}"),
+            id,
+            VOTERS.to_vec(),
+            partition,
+            GroupSettings::default(),
+            id,
+        )
+        .await
+        .unwrap()
+    }
+
+    impl Cluster {
+        async fn new(root: &Path) -> Cluster {
+            let mut replicas = Vec::new();
+            for id in VOTERS {
+                replicas.push(Some(open_replica(root, id).await));
+            }
+            Cluster { root: root.to_path_buf(), replicas, cut: HashSet::new() }
+        }
+
+        fn replica(&mut self, id: u64) -> &mut PartitionReplica {
+            self.replicas[(id - 1) as usize].as_mut().unwrap()
+        }
+
+        async fn settle(&mut self) {
+            for _ in 0..200 {
+                let mut mail = Vec::new();
+                for replica in self.replicas.iter_mut().flatten() {
+                    mail.extend(replica.drive().await.unwrap());
+                }
+                mail.retain(|m| !self.cut.contains(&m.from) && !self.cut.contains(&m.to));
+                if mail.is_empty() {
+                    return;
+                }
+                for m in mail {
+                    if let Some(replica) = self.replicas[(m.to - 1) as usize].as_mut() {
+                        replica.group().step(m).unwrap();
+                    }
+                }
+            }
+            panic!("the replicas did not settle");
+        }
+
+        async fn elect(&mut self, id: u64) {
+            self.replica(id).group().campaign().unwrap();
+            self.settle().await;
+            assert_eq!(self.replica(id).group().role(), Role::Leader);
+            assert!(self.replica(id).group().is_serving());
+        }
+
+        /// Stops replica `id` as a crash would (no clean close) and opens it again.
+        async fn crash_and_restart(&mut self, id: u64) {
+            self.replicas[(id - 1) as usize] = None;
+            self.replicas[(id - 1) as usize] = Some(open_replica(&self.root, id).await);
+        }
+
+        /// The committed log of replica `id`, read as consumers read it.
+        async fn committed(&mut self, id: u64) -> Vec<Bytes> {
+            let partition = self.replica(id).partition().clone();
+            let mut out = Vec::new();
+            let mut offset = partition.log_start_offset();
+            while offset < partition.high_watermark() {
+                let read = partition.read(offset, 1 << 20).await.unwrap();
+                for chunk in read.chunks {
+                    for batch in split_batches("test", &chunk, offset).unwrap() {
+                        offset = BatchHeader::parse(&batch).unwrap().last_offset() + 1;
+                        out.push(batch);
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    fn batch(records: usize, tag: &str) -> BytesMut {
+        let mut builder = BatchBuilder::new();
+        for i in 0..records {
+            let value = format!("{tag}-{i}-{}", "x".repeat(200));
+            builder.push(1_700_000_000_000, Some(b"k"), Some(value.as_bytes()), &[]);
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn replicas_on_real_files_hold_the_same_committed_log_through_restarts() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            cluster.elect(1).await;
+            for i in 0..30 {
+                cluster.replica(1).group().propose(batch(1 + i % 4, &format!("a{i}"))).unwrap();
+                if i % 7 == 0 {
+                    cluster.settle().await;
+                }
+            }
+            cluster.settle().await;
+            let leader_log = cluster.committed(1).await;
+            assert_eq!(leader_log.len(), 31, "the leader's empty entry and 30 batches");
+            assert!(BatchHeader::parse(&leader_log[0]).unwrap().is_control());
+            for id in [2, 3] {
+                assert_eq!(cluster.committed(id).await, leader_log, "replica {id}");
+            }
+            // Segments of 8 KiB: the log rolled, and every replica keeps its files.
+            let segments = std::fs::read_dir(tmp.path().join("node3/t/0"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+                .count();
+            assert!(segments > 1, "{segments} segments");
+            assert!(tmp.path().join("node3/t/0/raft.state").exists());
+            assert!(tmp.path().join("node3/t/0/leader-epochs").exists());
+
+            // A follower compacts, crashes and restarts: it reopens at its anchor, rebuilds the
+            // rest by scanning, shows what it had committed at once, and keeps up.
+            cluster.replica(3).compact(5).await.unwrap();
+            let anchor = cluster.replica(3).group().store().anchor();
+            assert!(anchor.index > 20, "anchor {anchor:?}");
+            cluster.crash_and_restart(3).await;
+            assert_eq!(cluster.replica(3).group().store().anchor(), anchor);
+            assert_eq!(cluster.replica(3).partition().high_watermark(), anchor.end_offset);
+            for i in 0..5 {
+                cluster.replica(1).group().propose(batch(2, &format!("b{i}"))).unwrap();
+            }
+            cluster.settle().await;
+            let leader_log = cluster.committed(1).await;
+            assert_eq!(cluster.committed(3).await, leader_log);
+
+            // The leader crashes; a new one is elected among the others and takes writes; the
+            // old leader returns as a follower with the same log.
+            cluster.replicas[0] = None;
+            for _ in 0..2 * GroupSettings::default().election_ticks {
+                cluster.replica(3).group().tick();
+                cluster.settle().await;
+            }
+            cluster.elect(2).await;
+            cluster.replica(2).group().propose(batch(3, "c")).unwrap();
+            cluster.settle().await;
+            cluster.replicas[0] = Some(open_replica(tmp.path(), 1).await);
+            for _ in 0..5 {
+                cluster.replica(2).group().tick();
+                cluster.settle().await;
+            }
+            let new_log = cluster.committed(2).await;
+            assert_eq!(new_log.len(), leader_log.len() + 2, "a second control batch and the new batch");
+            for id in [1, 3] {
+                assert_eq!(cluster.committed(id).await, new_log, "replica {id}");
+            }
+        });
+    }
+
+    #[test]
+    fn an_isolated_leaders_uncommitted_batches_are_cut_from_its_files() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            cluster.elect(1).await;
+            cluster.replica(1).group().propose(batch(2, "kept")).unwrap();
+            cluster.settle().await;
+            let committed_end = cluster.replica(1).partition().high_watermark();
+            cluster.cut.insert(1);
+            for i in 0..3 {
+                cluster.replica(1).group().propose(batch(2, &format!("lost{i}"))).unwrap();
+            }
+            cluster.settle().await;
+            let partition = cluster.replica(1).partition().clone();
+            assert!(partition.durable_end_offset() > committed_end, "written and synced, not committed");
+            assert_eq!(partition.high_watermark(), committed_end);
+            for _ in 0..2 * GroupSettings::default().election_ticks {
+                cluster.replica(3).group().tick();
+                cluster.settle().await;
+            }
+            cluster.elect(2).await;
+            cluster.replica(2).group().propose(batch(1, "new")).unwrap();
+            cluster.settle().await;
+            cluster.cut.clear();
+            for _ in 0..5 {
+                cluster.replica(2).group().tick();
+                cluster.settle().await;
+            }
+            assert_eq!(cluster.replica(1).group().role(), Role::Follower);
+            let log = cluster.committed(1).await;
+            assert_eq!(log, cluster.committed(2).await);
+            assert!(!log.iter().any(|b| b.windows(4).any(|w| w == b"lost")), "uncommitted batches served");
+            assert_eq!(partition.log_end_offset(), cluster.replica(2).partition().log_end_offset());
+        });
+    }
+}
