@@ -98,12 +98,20 @@ impl PartitionReplica {
         &self.partition
     }
 
-    /// One round: polls the group, carries out its log's writes, waits until they are durable,
-    /// reports them, serves the reads raft-rs asked for and shows readers what is committed.
-    /// Returns the messages to send, all of them safe to send now.
-    pub async fn drive(&mut self) -> Result<Vec<Message>, ReplicaError> {
+    /// One round: polls the group, hands `send_now` the messages that need nothing persisted (a
+    /// leader's appends go out while its own write is under way, as Raft allows), carries out
+    /// the log's writes, waits until they are durable, reports them, serves the reads raft-rs
+    /// asked for and shows readers what is committed. Returns the messages that waited for the
+    /// writes, safe to send now.
+    pub async fn drive(
+        &mut self,
+        mut send_now: impl FnMut(Vec<Message>),
+    ) -> Result<Vec<Message>, ReplicaError> {
         let output = self.group.poll().map_err(|source| self.group_error(source))?;
-        let mut send = output.send;
+        if !output.send.is_empty() {
+            send_now(output.send);
+        }
+        let mut send = Vec::new();
         let writes = self.group.store_mut().take_writes();
         self.carry_out(writes).await?;
         if let Some(persist) = output.persist {
@@ -340,7 +348,10 @@ mod tests {
             for _ in 0..200 {
                 let mut mail = Vec::new();
                 for replica in self.replicas.iter_mut().flatten() {
-                    mail.extend(replica.drive().await.unwrap());
+                    let mut early = Vec::new();
+                    let after = replica.drive(|messages| early.extend(messages)).await.unwrap();
+                    mail.extend(early);
+                    mail.extend(after);
                 }
                 mail.retain(|m| !self.cut.contains(&m.from) && !self.cut.contains(&m.to));
                 if mail.is_empty() {
