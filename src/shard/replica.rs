@@ -87,6 +87,7 @@ impl PartitionReplica {
         let group = RaftGroup::new(id, name.clone(), settings, log, seed)
             .map_err(|source| ReplicaError::Group { name: name.clone(), source })?;
         partition.commit_to(group.high_watermark());
+        partition.keep_from(group.store().anchor().end_offset);
         Ok(PartitionReplica { name, group, partition })
     }
 
@@ -159,6 +160,7 @@ impl PartitionReplica {
                     durable_through = Some(end_offset - 1);
                 }
                 LogWrite::SaveState { state, epochs } => {
+                    let anchor_end = state.anchor.end_offset;
                     let dir = self.partition.dir().to_path_buf();
                     let saved = blocking::run(move || {
                         epochs.store(&dir).map_err(Files::Epochs)?;
@@ -167,7 +169,7 @@ impl PartitionReplica {
                     .await;
                     let name = self.name.clone();
                     match saved {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => self.partition.keep_from(anchor_end),
                         Ok(Err(Files::State(source))) => {
                             return Err(ReplicaError::StateFile { name, source })
                         }
@@ -297,7 +299,8 @@ mod tests {
         LogConfig {
             segment_bytes: 8192,
             segment_ms: 3_600_000,
-            retention_bytes: None,
+            // Size retention keeps almost nothing: only the saved anchor holds segments back.
+            retention_bytes: Some(1),
             retention_ms: None,
             durability: Durability::Fsync,
             index_interval_bytes: 256,
@@ -469,6 +472,38 @@ mod tests {
             for id in [1, 3] {
                 assert_eq!(cluster.committed(id).await, new_log, "replica {id}");
             }
+        });
+    }
+
+    #[test]
+    fn retention_deletes_only_below_the_saved_anchor() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            cluster.elect(1).await;
+            for i in 0..40 {
+                cluster.replica(1).group().propose(batch(2, &format!("r{i}"))).unwrap();
+                cluster.settle().await;
+            }
+            let partition = cluster.replica(3).partition().clone();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            partition.housekeep(now).await.unwrap();
+            assert_eq!(partition.log_start_offset(), 0, "no anchor saved past the start yet");
+
+            cluster.replica(3).compact(10).await.unwrap();
+            let anchor = cluster.replica(3).group().store().anchor();
+            partition.housekeep(now).await.unwrap();
+            let start = partition.log_start_offset();
+            assert!(start > 0 && start <= anchor.end_offset, "log start {start}, anchor {anchor:?}");
+            // The open scan still finds every entry after the anchor.
+            cluster.crash_and_restart(3).await;
+            cluster.replica(1).group().propose(batch(1, "after")).unwrap();
+            cluster.settle().await;
+            let leader = cluster.committed(1).await;
+            let follower = cluster.committed(3).await;
+            assert_eq!(leader[leader.len() - follower.len()..], follower[..]);
         });
     }
 

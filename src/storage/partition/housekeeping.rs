@@ -87,7 +87,7 @@ impl Partition {
                 self.config.retention_bytes,
                 self.config.retention_ms,
                 now_ms,
-                self.high_watermark.get(),
+                self.high_watermark.get().min(self.retention_floor.get()),
             )
             .min(sealed_prefix);
             let victims: Vec<Rc<Segment>> = st.segments.drain(..deletable).collect();

@@ -159,6 +159,9 @@ pub struct Partition {
     /// Offsets below are visible to readers: the durable end under `Visibility::Durable`, what
     /// `commit_to` set under `Visibility::Committed`. Never above the durable end.
     high_watermark: Cell<i64>,
+    /// Retention keeps every segment holding offsets at or above this, whatever its limits: a
+    /// replica's open scan starts at its saved anchor (`keep_from`).
+    retention_floor: Cell<i64>,
     log_start_offset: Cell<i64>,
     log_end_offset: Cell<i64>,
     closed: Cell<bool>,
@@ -330,6 +333,7 @@ impl Partition {
             }),
             durable_end: Cell::new(log_end),
             high_watermark: Cell::new(high_watermark),
+            retention_floor: Cell::new(i64::MAX),
             log_start_offset: Cell::new(log_start),
             log_end_offset: Cell::new(log_end),
             closed: Cell::new(false),
@@ -387,6 +391,11 @@ impl Partition {
             self.high_watermark.set(end_offset);
         }
         self.progress.notify_all();
+    }
+
+    /// Retention may delete only segments wholly below `offset` from now on.
+    pub fn keep_from(&self, offset: i64) {
+        self.retention_floor.set(offset);
     }
 
     pub fn config(&self) -> &LogConfig {
