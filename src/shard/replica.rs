@@ -149,14 +149,20 @@ impl PartitionReplica {
                 LogWrite::TruncateTo { offset, .. } => {
                     self.partition.truncate_to(offset).await.map_err(|source| self.storage(source))?;
                 }
-                LogWrite::Append { batches, end_offset, .. } => {
-                    // One copy into a request buffer; the storage copies it once more into its
-                    // aligned write buffer.
-                    let mut buf = BytesMut::with_capacity(batches.iter().map(Bytes::len).sum());
-                    for batch in &batches {
-                        buf.extend_from_slice(batch);
-                    }
-                    self.partition.append_replicated(buf).map_err(|source| self.storage(source))?;
+                LogWrite::Append { mut batches, end_offset, .. } => {
+                    // One batch goes to the storage as it is; several are joined into one
+                    // request (a copy), so the append stays all or nothing.
+                    let request = match batches.len() {
+                        1 => batches.pop().unwrap_or_default(),
+                        _ => {
+                            let mut joined = BytesMut::with_capacity(batches.iter().map(Bytes::len).sum());
+                            for batch in &batches {
+                                joined.extend_from_slice(batch);
+                            }
+                            joined.freeze()
+                        }
+                    };
+                    self.partition.append_replicated(request).map_err(|source| self.storage(source))?;
                     durable_through = Some(end_offset - 1);
                 }
                 LogWrite::SaveState { state, epochs } => {

@@ -41,14 +41,6 @@ const CHUNK_BYTES_MIN: usize = 128 << 10;
 /// `append`): the size of a connection's receive buffer.
 const CACHE_COPY_BELOW_BYTES: usize = 64 << 10;
 
-/// Whether an append gives its batches their offsets (a leader, a single node) or keeps the ones
-/// they carry (a replica of its leader's log).
-#[derive(Clone, Copy)]
-enum Stamping {
-    Assign,
-    Keep,
-}
-
 /// The next segment's file, prepared off the shard.
 #[derive(Default)]
 enum Spare {
@@ -174,7 +166,7 @@ impl Partition {
     /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
     /// against the producer state; a request that only retries appended batches is answered with
     /// the originals' offsets and writes nothing.
-    pub fn append(&self, batches: BytesMut) -> Result<AppendResult, StorageError> {
+    pub fn append(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
         let mut st = self.appendable(&batches)?;
         let limits = self.batch_limits();
         let base_offset = self.log_end_offset.get();
@@ -185,8 +177,10 @@ impl Partition {
         while position < batches.len() {
             let header = record::validate_for_append(&batches[position..], &limits)
                 .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
+            let batch_base = base_offset + records;
+            // Stamped as it is checked (outside the crc): a refused request's buffer is dropped.
+            record::set_base_offset(&mut batches[position..], batch_base);
             if let Some(batch) = ProducerBatch::of(&header) {
-                let batch_base = base_offset + records;
                 let last_offset = batch_base + i64::from(header.last_offset_delta);
                 idempotent.push(Appending { index, batch, base_offset: batch_base, last_offset });
             }
@@ -213,14 +207,14 @@ impl Partition {
                 }
             }
         }
-        self.place(st, &seg, batches, Stamping::Assign, end_offset, start_pos)
+        self.place(st, &seg, batches.freeze(), end_offset, start_pos)
     }
 
     /// A replica's append of batches its leader stamped: each must carry the offset the log
     /// continues at, and keeps it and its leader epoch. No producer-state verdicts (the leader
     /// gave them); the state records the batches so a later leader here knows the producers.
     /// Validated and staged like `append`, all or nothing.
-    pub fn append_replicated(&self, batches: BytesMut) -> Result<AppendResult, StorageError> {
+    pub fn append_replicated(&self, batches: Bytes) -> Result<AppendResult, StorageError> {
         let mut st = self.appendable(&batches)?;
         let limits = self.batch_limits();
         let base_offset = self.log_end_offset.get();
@@ -247,7 +241,7 @@ impl Partition {
             }
             position += header.total_len();
         }
-        self.place(st, &seg, batches, Stamping::Keep, end_offset, start_pos)
+        self.place(st, &seg, batches, end_offset, start_pos)
     }
 
     /// The partition's state, if it takes appends now, and `batches` is not empty.
@@ -313,14 +307,13 @@ impl Partition {
         Ok((seg, start_pos))
     }
 
-    /// Indexes the validated `batches` (stamping their offsets from the log end when asked),
-    /// stages them for the flusher and caches them. Cannot fail: everything that can was checked.
+    /// Indexes the validated `batches` (stamped with the offsets from the log end on), stages
+    /// them for the flusher and caches them. Cannot fail: everything that can was checked.
     fn place(
         &self,
         mut st: std::cell::RefMut<'_, State>,
         seg: &Rc<Segment>,
-        mut batches: BytesMut,
-        stamping: Stamping,
+        batches: Bytes,
         end_offset: i64,
         start_pos: u64,
     ) -> Result<AppendResult, StorageError> {
@@ -333,10 +326,7 @@ impl Partition {
             while position < batches.len() {
                 let header = BatchHeader::parse(&batches[position..])
                     .map_err(|source| StorageError::InvalidBatch { index: 0, position, source })?;
-                match stamping {
-                    Stamping::Assign => record::set_base_offset(&mut batches[position..], offset),
-                    Stamping::Keep => debug_assert_eq!(header.base_offset, offset),
-                }
+                debug_assert_eq!(header.base_offset, offset);
                 let relative = (offset - seg.base_offset) as u32;
                 let batch_pos = (start_pos + position as u64) as u32;
                 meta.index.on_batch(relative, batch_pos, header.total_len() as u32, header.max_timestamp);
@@ -361,7 +351,7 @@ impl Partition {
             (Bytes::copy_from_slice(&batches), Pin::new(batches.len()))
         } else {
             let pinned = batches.len();
-            (batches.freeze(), Pin::new(pinned))
+            (batches, Pin::new(pinned))
         };
         let mut cache = self.shard.tail_cache.borrow_mut();
         let mut position = 0usize;

@@ -7,7 +7,7 @@ use crate::storage::producer_state::ProducerBatch;
 use crate::storage::scan::tests::batch;
 use crate::storage::segment::ALIGN;
 use crate::storage::{Durability, SequenceGap};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::future::Future;
 use std::io::{Seek, SeekFrom, Write};
@@ -1038,14 +1038,13 @@ fn a_replica_keeps_its_leaders_offsets_epochs_and_producers() {
         let dir = tmp.path().join("f");
         let (follower, _) = Partition::open(dir.clone(), replica_config(), shard.clone()).await.unwrap();
         // A batch that does not continue the log is refused and changes nothing.
-        match follower.append_replicated(BytesMut::from(&sent[1][..])) {
+        match follower.append_replicated(Bytes::copy_from_slice(&sent[1])) {
             Err(StorageError::OffsetMismatch { index: 0, expected: 0, found }) => assert_eq!(found, 2),
             other => panic!("a gap was accepted: {other:?}"),
         }
         assert_eq!(follower.log_end_offset(), 0);
         for group in sent.chunks(4) {
-            let request = BytesMut::from(&group.concat()[..]);
-            let r = follower.append_replicated(request).unwrap();
+            let r = follower.append_replicated(Bytes::from(group.concat())).unwrap();
             assert_eq!(r.base_offset, BatchHeader::parse(&group[0]).unwrap().base_offset);
             assert!(!r.duplicate);
         }
@@ -1090,7 +1089,7 @@ fn a_replica_keeps_its_leaders_control_batches() {
         let (r, _) = Partition::open(tmp.path().join("r"), replica_config(), shard).await.unwrap();
         let marker = as_control(batch(0, 1, 2, 4));
         assert!(BatchHeader::parse(&marker).unwrap().is_control());
-        r.append_replicated(BytesMut::from(&marker[..])).unwrap();
+        r.append_replicated(Bytes::copy_from_slice(&marker)).unwrap();
         r.wait_durable(0).await.unwrap();
         r.commit_to(1);
         assert_eq!(read_all(&r, 0, 1 << 20).await, vec![marker]);
