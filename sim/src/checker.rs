@@ -12,10 +12,12 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use ringlog::record::reader;
+use ringlog::record::{reader, BatchHeader};
 use ringlog::replication::group::{Proposed, RaftGroup, Role};
-use ringlog::replication::memlog::MemLog;
+use ringlog::replication::replica_log::ReplicaLog;
 use ringlog::replication::wire::GroupKey;
+
+use crate::disk::SimDisk;
 
 struct CommittedEntry {
     term: u64,
@@ -30,8 +32,8 @@ struct Pending {
     ids: Vec<u64>,
 }
 
-/// A node as the checker sees it: id, whether it is up, its groups.
-pub type NodeView<'a> = (u64, bool, Vec<(GroupKey, &'a RaftGroup<MemLog>)>);
+/// A node as the checker sees it: id, whether it is up, its groups and their disks.
+pub type NodeView<'a> = (u64, bool, Vec<(GroupKey, &'a RaftGroup<ReplicaLog>, &'a SimDisk)>);
 type NodesView<'a> = [NodeView<'a>];
 
 pub struct Checker {
@@ -93,13 +95,20 @@ impl Checker {
             if !alive {
                 continue;
             }
-            for (key, group) in groups {
-                self.observe_group(*id, *key, group, now);
+            for (key, group, disk) in groups {
+                self.observe_group(*id, *key, group, disk, now);
             }
         }
     }
 
-    fn observe_group(&mut self, node: u64, key: GroupKey, group: &RaftGroup<MemLog>, now: u64) {
+    fn observe_group(
+        &mut self,
+        node: u64,
+        key: GroupKey,
+        group: &RaftGroup<ReplicaLog>,
+        disk: &SimDisk,
+        now: u64,
+    ) {
         if group.role() == Role::Leader {
             let leader = *self.leaders.entry((key, group.term())).or_insert_with(|| {
                 self.elections += 1;
@@ -118,7 +127,8 @@ impl Checker {
         let log = self.committed.entry(key).or_default();
         let mut broken = None;
         for index in from + 1..=to {
-            let Some((entry, end_offset)) = group.store().entry(index) else {
+            // What the disk holds where the replica places the entry: a reader gets that.
+            let Some((entry, end_offset)) = disk.entry_at(group.store(), index) else {
                 broken = Some(format!(
                     "{now} ms: n{node} p{}: committed index {index} is not in its log",
                     key.partition
@@ -193,11 +203,13 @@ impl Checker {
         }
         self.observe(nodes, now);
         let keys: Vec<GroupKey> =
-            nodes.first().map(|(_, _, g)| g.iter().map(|(k, _)| *k).collect()).unwrap_or_default();
+            nodes.first().map(|(_, _, g)| g.iter().map(|(k, _, _)| *k).collect()).unwrap_or_default();
         for key in keys {
-            let replicas: Vec<(u64, &RaftGroup<MemLog>)> = nodes
+            let replicas: Vec<(u64, &RaftGroup<ReplicaLog>)> = nodes
                 .iter()
-                .filter_map(|(id, _, groups)| groups.iter().find(|(k, _)| *k == key).map(|(_, g)| (*id, *g)))
+                .filter_map(|(id, _, groups)| {
+                    groups.iter().find(|(k, _, _)| *k == key).map(|(_, g, _)| (*id, *g))
+                })
                 .collect();
             let serving: Vec<u64> =
                 replicas.iter().filter(|(_, g)| g.is_serving()).map(|(id, _)| *id).collect();
@@ -221,7 +233,8 @@ impl Checker {
         let mut found: BTreeMap<u64, (GroupKey, i64)> = BTreeMap::new();
         for (key, log) in &self.committed {
             for (index, entry) in log {
-                if entry.data.is_empty() {
+                // A new leader's entry: a control batch, which consumers skip.
+                if BatchHeader::parse(&entry.data).is_ok_and(|h| h.is_control()) {
                     continue;
                 }
                 let records = match reader::records(&entry.data) {

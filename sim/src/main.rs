@@ -3,6 +3,7 @@
 //! one with a readable trace of what happened. A failure prints its seed.
 
 mod checker;
+mod disk;
 mod world;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

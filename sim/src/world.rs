@@ -1,5 +1,6 @@
-//! One simulated cluster: nodes running the real replication code (`ringlog::replication`) over
-//! simulated disks (`MemLog`), a simulated network that carries real frames (`wire`), and a
+//! One simulated cluster: nodes running the real replication code (`ringlog::replication`: each
+//! group a `RaftGroup` over the `ReplicaLog` a partition replica uses) over simulated disks
+//! (`disk::SimDisk`), a simulated network that carries real frames (`wire`), and a
 //! client workload, all on simulated time, driven by one seed. Faults are drawn from the seed:
 //! message loss, delay, duplication and reordering, network partitions (both ways or one way) that
 //! heal, node crashes that keep only what was synced (the unsynced tail lost or torn), pauses (a
@@ -13,11 +14,12 @@ use bytes::Bytes;
 use raft::eraftpb::Message;
 use ringlog::record::builder::BatchBuilder;
 use ringlog::replication::group::{GroupSettings, Output, RaftGroup, Role, Sabotage};
-use ringlog::replication::memlog::{MemLog, WriteMark};
+use ringlog::replication::replica_log::{CacheLimits, ReplicaLog};
 use ringlog::replication::rng::SeededRng;
 use ringlog::replication::wire::{self, GroupKey, PeerBatch};
 
 use crate::checker::{Checker, NodeView};
+use crate::disk::{SimDisk, WriteMark};
 
 pub const TICK_MS: u64 = 10;
 
@@ -38,6 +40,9 @@ pub struct Scenario {
     pub partition_every_ms: u64,
     pub pause_every_ms: u64,
     pub sync_ms: (u64, u64),
+    /// Entry data a replica keeps in memory: small, so followers that lag are served by reading
+    /// the log back (raft-rs's asynchronous fetch).
+    pub recent_cache_bytes: usize,
 }
 
 impl Scenario {
@@ -56,6 +61,7 @@ impl Scenario {
             partition_every_ms: rng.range(500, 4_000),
             pause_every_ms: rng.range(1_000, 6_000),
             sync_ms: (0, rng.range(1, 20)),
+            recent_cache_bytes: rng.range(1, 64 << 10) as usize,
         }
     }
 }
@@ -98,9 +104,9 @@ struct Node {
     incarnation: u64,
     alive: bool,
     paused_until: Option<u64>,
-    groups: BTreeMap<GroupKey, RaftGroup<MemLog>>,
+    groups: BTreeMap<GroupKey, RaftGroup<ReplicaLog>>,
     /// Outlive the node's crashes.
-    disks: BTreeMap<GroupKey, MemLog>,
+    disks: BTreeMap<GroupKey, SimDisk>,
 }
 
 pub struct World {
@@ -123,7 +129,13 @@ pub struct World {
 }
 
 fn view(nodes: &[Node]) -> Vec<NodeView<'_>> {
-    nodes.iter().map(|n| (n.id, n.alive, n.groups.iter().map(|(k, g)| (*k, g)).collect())).collect()
+    nodes
+        .iter()
+        .map(|n| {
+            let groups = n.groups.iter().filter_map(|(k, g)| Some((*k, g, n.disks.get(k)?))).collect();
+            (n.id, n.alive, groups)
+        })
+        .collect()
 }
 
 fn group_key(index: u32) -> GroupKey {
@@ -168,10 +180,7 @@ impl World {
                 disks: BTreeMap::new(),
             };
             for g in 0..scenario.groups {
-                let disk = MemLog::new(voters.clone());
-                if broken == Broken::SkipTruncation {
-                    disk.skip_truncation();
-                }
+                let disk = SimDisk::new(voters.clone(), broken == Broken::SkipTruncation);
                 node.disks.insert(group_key(g), disk);
             }
             nodes.push(node);
@@ -230,11 +239,15 @@ impl World {
 
     fn open_groups(&mut self, id: u64) {
         let keys: Vec<GroupKey> = self.node(id).disks.keys().copied().collect();
+        let limits = CacheLimits { recent_bytes: self.scenario.recent_cache_bytes, fetched_bytes: 1 << 20 };
         for key in keys {
             let seed = self.rng.next_u64();
-            let disk = self.node(id).disks[&key].clone();
+            let log = match self.node(id).disks[&key].open(limits) {
+                Ok(log) => log,
+                Err(e) => return self.checker.fail(format!("node {id} cannot open the log of {key:?}: {e}")),
+            };
             let name = format!("p{}@n{id}", key.partition);
-            match RaftGroup::new(id, name, settings(self.broken), disk, seed) {
+            match RaftGroup::new(id, name, settings(self.broken), log, seed) {
                 Ok(group) => {
                     self.node(id).groups.insert(key, group);
                 }
@@ -298,7 +311,9 @@ impl World {
                 if self.node(node).incarnation != incarnation || !self.node(node).alive {
                     return;
                 }
-                self.node(node).disks[&group].synced(mark);
+                if let Some(disk) = self.node(node).disks.get_mut(&group) {
+                    disk.synced(mark);
+                }
                 if let Some(g) = self.node(node).groups.get_mut(&group) {
                     g.persisted(number);
                 }
@@ -339,6 +354,7 @@ impl World {
     fn drive(&mut self, node: u64) {
         let mut outbox: BTreeMap<u64, Vec<(GroupKey, Message)>> = BTreeMap::new();
         let mut syncs = Vec::new();
+        let mut fetched = Vec::new();
         loop {
             let mut progressed = false;
             let n = &mut self.nodes[(node - 1) as usize];
@@ -355,14 +371,34 @@ impl World {
                 for m in send {
                     outbox.entry(m.to).or_default().push((*key, m));
                 }
+                let Some(disk) = n.disks.get_mut(key) else { continue };
+                if let Err(e) = disk.write(group.store_mut().take_writes()) {
+                    self.checker.fail(format!("n{node} p{}: {e}", key.partition));
+                    return;
+                }
                 if let Some(persist) = persist {
-                    syncs.push((*key, n.disks[key].mark(), persist));
+                    syncs.push((*key, disk.mark(), persist));
+                }
+                for fetch in group.store_mut().take_fetches() {
+                    let batches = disk.read(fetch.base_offset, fetch.end_offset);
+                    fetched.push((*key, fetch.first_index, batches.len()));
+                    group.store_mut().fetched(fetch.first_index, batches);
+                    group.on_entries_fetched(fetch.context);
+                    progressed = true;
                 }
             }
             self.checker.observe(&view(&self.nodes), self.now);
             if !progressed {
                 break;
             }
+        }
+        for (key, first_index, count) in fetched {
+            self.log(|| {
+                format!(
+                    "n{node} p{} read {count} entries back from {first_index} for a follower",
+                    key.partition
+                )
+            });
         }
         let incarnation = self.node(node).incarnation;
         for (group, mark, persist) in syncs {
@@ -482,9 +518,8 @@ impl World {
             n.incarnation += 1;
             n.paused_until = None;
             n.groups.clear();
-            let disks: Vec<MemLog> = n.disks.values().cloned().collect();
-            for disk in disks {
-                let torn_keep = self.rng.range(0, 3) as usize;
+            let tears: Vec<usize> = (0..n.disks.len()).map(|_| self.rng.range(0, 3) as usize).collect();
+            for (disk, torn_keep) in self.node(node).disks.values_mut().zip(tears) {
                 disk.crash(torn_keep);
             }
             self.log(|| format!("n{node} crashed"));

@@ -437,18 +437,20 @@ impl<S: ReplicaStore> RaftGroup<S> {
 mod tests {
     use super::*;
     use crate::record::builder::BatchBuilder;
-    use crate::replication::memlog::MemLog;
+    use crate::replication::epochs::LeaderEpochs;
+    use crate::replication::replica_log::{CacheLimits, ReplicaLog, ReplicaState};
+    use raft::{GetEntriesContext, Storage};
 
-    /// Three replicas, messages delivered and writes synced at once, in order.
-    fn settle(groups: &mut [RaftGroup<MemLog>]) {
+    /// Three replicas, messages delivered and writes taken as durable at once, in order (the
+    /// writes themselves are `replica_log`'s tests').
+    fn settle(groups: &mut [RaftGroup<ReplicaLog>]) {
         for _ in 0..100 {
             let mut mail = Vec::new();
             for group in groups.iter_mut() {
-                let mark = group.store().mark();
                 let output = group.poll().unwrap();
+                group.store_mut().take_writes();
                 mail.extend(output.send);
                 if let Some(persist) = output.persist {
-                    group.store().synced(mark);
                     group.persisted(persist.number);
                     mail.extend(persist.then_send);
                 }
@@ -475,15 +477,17 @@ mod tests {
     fn leader_stamps_offsets_and_epoch_and_serves_after_its_first_commit() {
         let mut groups: Vec<_> = (1..=3)
             .map(|id| {
-                let store = MemLog::new(vec![1, 2, 3]);
+                let state = ReplicaState::new(vec![1, 2, 3], 0);
+                let store =
+                    ReplicaLog::open(state, LeaderEpochs::default(), [], CacheLimits::default()).unwrap();
                 RaftGroup::new(id, format!("t-0@{id}"), GroupSettings::default(), store, id).unwrap()
             })
             .collect();
         assert_eq!(groups[1].propose(batch(1)), Err(ProposeError::NotLeader { leader: None }));
         groups[0].campaign().unwrap();
         // Elected, but its empty entry is not committed until the followers have it.
-        let mark = groups[0].store().mark();
         let output = groups[0].poll().unwrap();
+        groups[0].store_mut().take_writes();
         if groups[0].role() == Role::Leader {
             assert_eq!(groups[0].propose(batch(1)), Err(ProposeError::LeaderNotReady));
         }
@@ -491,7 +495,6 @@ mod tests {
             groups[(m.to - 1) as usize].step(m).unwrap();
         }
         if let Some(persist) = output.persist {
-            groups[0].store().synced(mark);
             groups[0].persisted(persist.number);
             for m in persist.then_send {
                 groups[(m.to - 1) as usize].step(m).unwrap();
@@ -507,7 +510,10 @@ mod tests {
         settle(&mut groups);
         for group in &groups {
             assert_eq!(group.high_watermark(), 6, "{}", group.name());
-            let (entry, end) = group.store().entry(second.index).unwrap();
+            let context = GetEntriesContext::empty(false);
+            let entries = group.store().entries(second.index, second.index + 1, None, context).unwrap();
+            let entry = &entries[0];
+            let end = group.store().end_offset(second.index).unwrap();
             let header = BatchHeader::parse(&entry.data).unwrap();
             assert_eq!((header.base_offset, end), (4, 6));
             assert_eq!(header.partition_leader_epoch as u64, first.term);

@@ -2,7 +2,8 @@
 //! writes through `ReplicaStore`. The partition log is the Raft log (DESIGN.md): one entry is one
 //! batch, so an entry's Kafka offsets come from its batch header, and entries that carry no client
 //! data (a new leader's empty entry) take one offset each, written as a control batch that
-//! consumers skip. `memlog::MemLog` is the in-memory implementation the simulator runs on.
+//! consumers skip. `replica_log::ReplicaLog` is the implementation over a partition log (the
+//! simulator runs it too, on a simulated disk); `cluster::controller_log` the controller's.
 
 use raft::eraftpb::{Entry, EntryType, HardState};
 use thiserror::Error;
