@@ -10,6 +10,8 @@
 //! its status.
 
 pub mod controller_log;
+pub mod links;
+pub mod replicas;
 pub mod transport;
 
 use std::cell::RefCell;
@@ -18,21 +20,20 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
-use futures::{AsyncWriteExt, StreamExt};
-use glommio::net::{TcpListener, TcpStream};
-use raft::eraftpb::{Entry, Message};
+use futures::StreamExt;
+use glommio::net::TcpListener;
+use raft::eraftpb::Entry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
 use crate::record::builder::BatchBuilder;
 use crate::replication::group::{GroupSettings, Persist, RaftGroup};
-use crate::replication::wire::{self, GroupKey, PeerBatch};
+use crate::replication::wire::{GroupKey, PeerBatch};
 use crate::shard::Shard;
 use controller_log::{ControllerLog, PendingWrites};
+use links::{Outbox, PeerLinks};
+use replicas::ReplicaHost;
 pub use transport::NodeInfo;
-
-/// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
-const QUEUED_FRAMES_MAX: usize = 256;
 /// Ticks between two keepalives to every peer; a peer unheard for `ALIVE_TICKS` is down.
 const KEEPALIVE_TICKS: u64 = 5;
 const ALIVE_TICKS: u32 = 30;
@@ -59,9 +60,9 @@ pub struct Cluster {
     group: RefCell<RaftGroup<ControllerLog>>,
     /// The node registry as committed in the controller's log.
     registered: RefCell<BTreeMap<u64, NodeInfo>>,
-    /// Peers that dialed us: when we last had a frame from each, and what they said they are.
-    heard: RefCell<BTreeMap<u64, (Instant, NodeInfo)>>,
-    senders: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
+    links: Rc<PeerLinks>,
+    /// The partition replicas on this node.
+    replicas: Rc<ReplicaHost>,
     persister: mpsc::UnboundedSender<PersistJob>,
     proposed: RefCell<BTreeMap<u64, Instant>>,
     /// Set when the controller's log cannot be written: this node stops taking part.
@@ -122,36 +123,33 @@ pub fn start(
     let group = RaftGroup::new(seeds.node_id, "controller".into(), GroupSettings::default(), log, seed)
         .map_err(|e| ClusterError::Group(e.to_string()))?;
     let (persister, jobs) = mpsc::unbounded();
-    let mut senders = BTreeMap::new();
-    let mut receivers = Vec::new();
-    for (&id, &addr) in &seeds.voters {
-        if id != seeds.node_id {
-            let (tx, rx) = mpsc::channel(QUEUED_FRAMES_MAX);
-            senders.insert(id, tx);
-            receivers.push((id, addr, rx));
+    let tick = Duration::from_millis(shard.config.raft_tick_ms);
+    let cluster = Rc::new_cyclic(|weak: &std::rc::Weak<Cluster>| {
+        let weak = weak.clone();
+        let deliver: links::Deliver = Rc::new(move |from, batch| {
+            if let Some(cluster) = weak.upgrade() {
+                cluster.on_batch(from, batch);
+            }
+        });
+        let links = PeerLinks::start(me.clone(), seeds.cluster_id, seeds.voters.clone(), listener, deliver);
+        Cluster {
+            tick,
+            seeds,
+            me,
+            group: RefCell::new(group),
+            registered: RefCell::new(BTreeMap::new()),
+            replicas: ReplicaHost::start(links.clone(), tick),
+            links,
+            persister,
+            proposed: RefCell::new(BTreeMap::new()),
+            failure: RefCell::new(None),
         }
-    }
-    let cluster = Rc::new(Cluster {
-        tick: Duration::from_millis(shard.config.raft_tick_ms),
-        seeds,
-        me,
-        group: RefCell::new(group),
-        registered: RefCell::new(BTreeMap::new()),
-        heard: RefCell::new(BTreeMap::new()),
-        senders,
-        persister,
-        proposed: RefCell::new(BTreeMap::new()),
-        failure: RefCell::new(None),
     });
     shard.set_extension(cluster.clone());
     // Entries committed before a restart are applied again from the log (no snapshots yet).
     cluster.drive();
     glommio::spawn_local(cluster.clone().run_persister(jobs)).detach();
     glommio::spawn_local(cluster.clone().run_ticks()).detach();
-    glommio::spawn_local(cluster.clone().run_acceptor(listener)).detach();
-    for (id, addr, rx) in receivers {
-        glommio::spawn_local(cluster.clone().run_dialer(id, addr, rx)).detach();
-    }
     tracing::info!(
         node = cluster.seeds.node_id,
         voters = ?cluster.seeds.voters,
@@ -169,7 +167,7 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let group = self.group.borrow();
         let registered = self.registered.borrow();
-        let heard = self.heard.borrow();
+        let heard = self.links.heard();
         let alive_within = self.tick * ALIVE_TICKS;
         let nodes = self
             .seeds
@@ -207,7 +205,7 @@ impl Cluster {
         if self.failure.borrow().is_some() {
             return;
         }
-        let mut outbox: BTreeMap<u64, Vec<(GroupKey, Message)>> = BTreeMap::new();
+        let mut outbox = Outbox::new();
         loop {
             let mut group = self.group.borrow_mut();
             let output = match group.poll() {
@@ -227,7 +225,27 @@ impl Cluster {
             drop(group);
             self.apply(&output.committed);
         }
-        self.send(outbox);
+        self.links.send(outbox);
+    }
+
+    /// The partition replicas this node hosts.
+    pub fn replicas(&self) -> &Rc<ReplicaHost> {
+        &self.replicas
+    }
+
+    /// A batch from peer `from`: the controller's messages step its group, the others go to
+    /// the partition replicas.
+    fn on_batch(&self, from: u64, batch: PeerBatch) {
+        for (key, message) in batch.messages {
+            if key == GroupKey::CONTROLLER {
+                if let Err(e) = self.group.borrow_mut().step(message) {
+                    tracing::warn!(node = from, "cluster: {e}");
+                }
+            } else if !self.replicas.deliver(key, message) {
+                tracing::debug!(node = from, ?key, "cluster: message for a group this node does not have");
+            }
+        }
+        self.drive();
     }
 
     fn fail(&self, reason: String) {
@@ -260,22 +278,13 @@ impl Cluster {
         }
     }
 
-    fn send(&self, outbox: BTreeMap<u64, Vec<(GroupKey, Message)>>) {
-        for (to, messages) in outbox {
-            let Some(sender) = self.senders.get(&to) else { continue };
-            let frame = wire::encode(&PeerBatch { from_node: self.me.id, to_node: to, messages });
-            // A full queue means the peer is unreachable: Raft sends again what matters.
-            let _ = sender.clone().try_send(frame.to_vec());
-        }
-    }
-
     /// The leader registers every node it hears from (and itself) whose entry is missing or stale.
     fn register_nodes(&self) {
         if !self.group.borrow().is_serving() {
             return;
         }
         let mut known: Vec<NodeInfo> = vec![self.me.clone()];
-        known.extend(self.heard.borrow().values().map(|(_, info)| info.clone()));
+        known.extend(self.links.heard().values().map(|(_, info)| info.clone()));
         for info in known {
             if self.registered.borrow().get(&info.id) == Some(&info) {
                 continue;
@@ -309,7 +318,7 @@ impl Cluster {
             // Raft followers never write to each other, so every node also says it is alive to
             // every peer: an empty batch every few ticks.
             if ticks % KEEPALIVE_TICKS == 0 {
-                self.send(self.senders.keys().map(|&to| (to, Vec::new())).collect());
+                self.links.send(self.links.peers().map(|to| (to, Vec::new())).collect());
             }
         }
     }
@@ -328,157 +337,15 @@ impl Cluster {
             if let Err(e) = written {
                 return self.fail(format!("cannot write the controller's log: {e}"));
             }
-            let mut outbox: BTreeMap<u64, Vec<(GroupKey, Message)>> = BTreeMap::new();
+            let mut outbox = Outbox::new();
             for persist in waiting {
                 self.group.borrow_mut().persisted(persist.number);
                 for m in persist.then_send {
                     outbox.entry(m.to).or_default().push((GroupKey::CONTROLLER, m));
                 }
             }
-            self.send(outbox);
+            self.links.send(outbox);
             self.drive();
-        }
-    }
-
-    async fn run_acceptor(self: Rc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(self.clone().run_reader(stream)).detach();
-                }
-                Err(e) => {
-                    tracing::warn!("cluster: peer listener: accept failed: {e}");
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    async fn run_reader(self: Rc<Self>, mut stream: TcpStream) {
-        let (cluster_id, me) = (self.seeds.cluster_id, self.me.id);
-        let voters = self.seeds.voters.clone();
-        let check = |hello: &transport::Hello| {
-            if hello.cluster_id != cluster_id {
-                return Err(format!(
-                    "cluster id {:016x} is not ours ({cluster_id:016x}): the nodes were given different seeds",
-                    hello.cluster_id
-                ));
-            }
-            if hello.to != me {
-                return Err(format!("this is node {me}, not node {}", hello.to));
-            }
-            if hello.from == me || !voters.contains_key(&hello.from) || hello.info.id != hello.from {
-                return Err(format!("node {} is not another node of this cluster", hello.from));
-            }
-            Ok(())
-        };
-        let hello = {
-            let welcome = Box::pin(transport::welcome(&mut stream, check));
-            let timeout = Box::pin(glommio::timer::sleep(transport::HANDSHAKE_TIMEOUT));
-            match futures::future::select(welcome, timeout).await {
-                futures::future::Either::Left((Ok(hello), _)) => Some(hello),
-                futures::future::Either::Left((Err(e), _)) => {
-                    tracing::warn!("cluster: peer connection: {e}");
-                    None
-                }
-                futures::future::Either::Right(_) => None,
-            }
-        };
-        let Some(hello) = hello else { return };
-        let from = hello.from;
-        tracing::info!(node = from, "cluster: peer connected");
-        self.heard.borrow_mut().insert(from, (Instant::now(), hello.info));
-        loop {
-            let frame = match transport::read_frame(&mut stream).await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    tracing::info!(node = from, "cluster: peer connection closed: {e}");
-                    return;
-                }
-            };
-            let batch = match wire::decode(frame) {
-                Ok(batch) if batch.from_node == from && batch.to_node == me => batch,
-                Ok(batch) => {
-                    tracing::warn!(
-                        node = from,
-                        "cluster: frame from {} to {} on this connection; closing it",
-                        batch.from_node,
-                        batch.to_node
-                    );
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(node = from, "cluster: bad frame, closing the connection: {e}");
-                    return;
-                }
-            };
-            if let Some((at, _)) = self.heard.borrow_mut().get_mut(&from) {
-                *at = Instant::now();
-            }
-            for (key, message) in batch.messages {
-                if key != GroupKey::CONTROLLER {
-                    tracing::debug!(
-                        node = from,
-                        ?key,
-                        "cluster: message for a group this node does not have"
-                    );
-                    continue;
-                }
-                if let Err(e) = self.group.borrow_mut().step(message) {
-                    tracing::warn!(node = from, "cluster: {e}");
-                }
-            }
-            self.drive();
-        }
-    }
-
-    async fn run_dialer(
-        self: Rc<Self>,
-        to: u64,
-        addr: std::net::SocketAddr,
-        mut frames: mpsc::Receiver<Vec<u8>>,
-    ) {
-        let mut backoff = Duration::from_millis(100);
-        let mut failures = 0u64;
-        loop {
-            let hello = transport::Hello {
-                cluster_id: self.seeds.cluster_id,
-                from: self.me.id,
-                to,
-                info: self.me.clone(),
-            };
-            let connected = async {
-                let mut stream = TcpStream::connect_timeout(addr, transport::HANDSHAKE_TIMEOUT)
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                stream.set_nodelay(true)?;
-                transport::greet(&mut stream, &hello).await?;
-                Ok::<_, std::io::Error>(stream)
-            }
-            .await;
-            match connected {
-                Ok(mut stream) => {
-                    tracing::info!(node = to, %addr, "cluster: connected to peer");
-                    failures = 0;
-                    backoff = Duration::from_millis(100);
-                    while let Some(frame) = frames.next().await {
-                        if let Err(e) = stream.write_all(&frame).await {
-                            tracing::info!(node = to, "cluster: connection to peer lost: {e}");
-                            break;
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Said once, then every 50th try, so a node that stays down does not flood
-                    // the log.
-                    if failures % 50 == 0 {
-                        tracing::warn!(node = to, %addr, "cluster: cannot reach peer: {e}; retrying");
-                    }
-                    failures += 1;
-                }
-            }
-            glommio::timer::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }

@@ -345,6 +345,11 @@ impl<S: ReplicaStore> RaftGroup<S> {
         Ok(stored + empty_entries_after)
     }
 
+    /// Whether `poll` would hand over anything.
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
     /// Hands over what raft-rs has ready: messages, writes for the store, committed entries.
     pub fn poll(&mut self) -> Result<Output, GroupError> {
         let mut output = Output::default();

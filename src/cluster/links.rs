@@ -1,0 +1,211 @@
+//! This node's links to its peers: one dialer per other voter (it sends only on the connection it
+//! dialed, reconnecting with backoff and queueing a bounded number of frames meanwhile), and the
+//! acceptor for the connections the others dial, whose frames it decodes and hands to `deliver`.
+//! Every group this node shares with a peer — the controller and partition replicas — travels in
+//! the same `PeerBatch` frames over these connections. Also keeps when each peer was last heard.
+//!
+//! Depends on `transport` (handshake, frames), `replication::wire` and glommio's TCP.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc;
+use futures::{AsyncWriteExt, StreamExt};
+use glommio::net::{TcpListener, TcpStream};
+use raft::eraftpb::Message;
+
+use super::transport::{self, NodeInfo};
+use crate::replication::wire::{self, GroupKey, PeerBatch};
+
+/// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
+const QUEUED_FRAMES_MAX: usize = 256;
+
+/// Messages gathered for each peer, sent as one frame per peer.
+pub type Outbox = BTreeMap<u64, Vec<(GroupKey, Message)>>;
+
+/// What a node hands the batches it receives to: the peer's id and its batch.
+pub type Deliver = Rc<dyn Fn(u64, PeerBatch)>;
+
+pub struct PeerLinks {
+    me: NodeInfo,
+    cluster_id: u64,
+    voters: BTreeMap<u64, SocketAddr>,
+    senders: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
+    /// Peers that dialed us: when we last had a frame from each, and what they said they are.
+    heard: RefCell<BTreeMap<u64, (Instant, NodeInfo)>>,
+}
+
+impl PeerLinks {
+    /// Starts the acceptor on `listener` and a dialer to every voter but `me`.
+    pub fn start(
+        me: NodeInfo,
+        cluster_id: u64,
+        voters: BTreeMap<u64, SocketAddr>,
+        listener: TcpListener,
+        deliver: Deliver,
+    ) -> Rc<PeerLinks> {
+        let mut senders = BTreeMap::new();
+        let mut receivers = Vec::new();
+        for (&id, &addr) in &voters {
+            if id != me.id {
+                let (tx, rx) = mpsc::channel(QUEUED_FRAMES_MAX);
+                senders.insert(id, tx);
+                receivers.push((id, addr, rx));
+            }
+        }
+        let links =
+            Rc::new(PeerLinks { me, cluster_id, voters, senders, heard: RefCell::new(BTreeMap::new()) });
+        glommio::spawn_local(links.clone().run_acceptor(listener, deliver)).detach();
+        for (id, addr, rx) in receivers {
+            glommio::spawn_local(links.clone().run_dialer(id, addr, rx)).detach();
+        }
+        links
+    }
+
+    pub fn me(&self) -> &NodeInfo {
+        &self.me
+    }
+
+    /// The other voters' ids.
+    pub fn peers(&self) -> impl Iterator<Item = u64> + '_ {
+        self.senders.keys().copied()
+    }
+
+    /// When each peer was last heard, and what it said about itself.
+    pub fn heard(&self) -> std::cell::Ref<'_, BTreeMap<u64, (Instant, NodeInfo)>> {
+        self.heard.borrow()
+    }
+
+    /// One frame per peer with everything gathered for it. A full queue means the peer is
+    /// unreachable: Raft sends again what matters.
+    pub fn send(&self, outbox: Outbox) {
+        for (to, messages) in outbox {
+            let Some(sender) = self.senders.get(&to) else { continue };
+            let frame = wire::encode(&PeerBatch { from_node: self.me.id, to_node: to, messages });
+            let _ = sender.clone().try_send(frame.to_vec());
+        }
+    }
+
+    async fn run_acceptor(self: Rc<Self>, listener: TcpListener, deliver: Deliver) {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(self.clone().run_reader(stream, deliver.clone())).detach();
+                }
+                Err(e) => {
+                    tracing::warn!("cluster: peer listener: accept failed: {e}");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn run_reader(self: Rc<Self>, mut stream: TcpStream, deliver: Deliver) {
+        let (cluster_id, me) = (self.cluster_id, self.me.id);
+        let voters = &self.voters;
+        let check = |hello: &transport::Hello| {
+            if hello.cluster_id != cluster_id {
+                return Err(format!(
+                    "cluster id {:016x} is not ours ({cluster_id:016x}): the nodes were given different seeds",
+                    hello.cluster_id
+                ));
+            }
+            if hello.to != me {
+                return Err(format!("this is node {me}, not node {}", hello.to));
+            }
+            if hello.from == me || !voters.contains_key(&hello.from) || hello.info.id != hello.from {
+                return Err(format!("node {} is not another node of this cluster", hello.from));
+            }
+            Ok(())
+        };
+        let hello = {
+            let welcome = Box::pin(transport::welcome(&mut stream, check));
+            let timeout = Box::pin(glommio::timer::sleep(transport::HANDSHAKE_TIMEOUT));
+            match futures::future::select(welcome, timeout).await {
+                futures::future::Either::Left((Ok(hello), _)) => Some(hello),
+                futures::future::Either::Left((Err(e), _)) => {
+                    tracing::warn!("cluster: peer connection: {e}");
+                    None
+                }
+                futures::future::Either::Right(_) => None,
+            }
+        };
+        let Some(hello) = hello else { return };
+        let from = hello.from;
+        tracing::info!(node = from, "cluster: peer connected");
+        self.heard.borrow_mut().insert(from, (Instant::now(), hello.info));
+        loop {
+            let frame = match transport::read_frame(&mut stream).await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::info!(node = from, "cluster: peer connection closed: {e}");
+                    return;
+                }
+            };
+            let batch = match wire::decode(frame) {
+                Ok(batch) if batch.from_node == from && batch.to_node == me => batch,
+                Ok(batch) => {
+                    tracing::warn!(
+                        node = from,
+                        "cluster: frame from {} to {} on this connection; closing it",
+                        batch.from_node,
+                        batch.to_node
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node = from, "cluster: bad frame, closing the connection: {e}");
+                    return;
+                }
+            };
+            if let Some((at, _)) = self.heard.borrow_mut().get_mut(&from) {
+                *at = Instant::now();
+            }
+            deliver(from, batch);
+        }
+    }
+
+    async fn run_dialer(self: Rc<Self>, to: u64, addr: SocketAddr, mut frames: mpsc::Receiver<Vec<u8>>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u64;
+        loop {
+            let hello =
+                transport::Hello { cluster_id: self.cluster_id, from: self.me.id, to, info: self.me.clone() };
+            let connected = async {
+                let mut stream = TcpStream::connect_timeout(addr, transport::HANDSHAKE_TIMEOUT)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                stream.set_nodelay(true)?;
+                transport::greet(&mut stream, &hello).await?;
+                Ok::<_, std::io::Error>(stream)
+            }
+            .await;
+            match connected {
+                Ok(mut stream) => {
+                    tracing::info!(node = to, %addr, "cluster: connected to peer");
+                    failures = 0;
+                    backoff = Duration::from_millis(100);
+                    while let Some(frame) = frames.next().await {
+                        if let Err(e) = stream.write_all(&frame).await {
+                            tracing::info!(node = to, "cluster: connection to peer lost: {e}");
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Said once, then every 50th try, so a node that stays down does not flood
+                    // the log.
+                    if failures % 50 == 0 {
+                        tracing::warn!(node = to, %addr, "cluster: cannot reach peer: {e}; retrying");
+                    }
+                    failures += 1;
+                }
+            }
+            glommio::timer::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
