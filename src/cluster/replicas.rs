@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::channel::{mpsc, oneshot};
@@ -20,9 +20,12 @@ use futures::StreamExt;
 use raft::eraftpb::Message;
 
 use super::links::{Outbox, PeerLinks};
+use crate::record::BatchHeader;
 use crate::replication::group::{ProposeError, Proposed, Role};
 use crate::replication::wire::GroupKey;
 use crate::shard::replica::PartitionReplica;
+use crate::storage::notify::Notify;
+use crate::storage::Partition;
 
 /// What a replica task takes from its queue.
 enum Input {
@@ -46,6 +49,9 @@ pub struct ReplicaStatus {
 struct Hosted {
     inputs: mpsc::UnboundedSender<Input>,
     status: Rc<Cell<ReplicaStatus>>,
+    /// Woken whenever the task publishes a status.
+    changed: Rc<Notify>,
+    partition: Rc<Partition>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +62,13 @@ pub enum HostError {
     Stopped(GroupKey),
     #[error(transparent)]
     Propose(#[from] ProposeError),
+    /// Kafka's NOT_LEADER_OR_FOLLOWER: the batch may or may not commit under the new leader; an
+    /// idempotent producer's retry finds out without a duplicate.
+    #[error("leadership moved before the batch committed (term {term} ended; leader now {leader:?})")]
+    LeadershipLost { term: u64, leader: Option<u64> },
+    /// Kafka's REQUEST_TIMED_OUT: no quorum committed it in time (it may still commit).
+    #[error("not committed within {0:?}: too few replicas reachable")]
+    TimedOut(Duration),
 }
 
 pub struct ReplicaHost {
@@ -75,8 +88,11 @@ impl ReplicaHost {
     pub fn add(&self, key: GroupKey, mut replica: PartitionReplica) {
         let (inputs, queue) = mpsc::unbounded();
         let status = Rc::new(Cell::new(status_of(&mut replica, false)));
-        glommio::spawn_local(run_replica(key, replica, queue, self.links.clone(), status.clone())).detach();
-        self.replicas.borrow_mut().insert(key, Hosted { inputs, status });
+        let changed = Rc::new(Notify::default());
+        let partition = replica.partition().clone();
+        let published = Published { status: status.clone(), changed: changed.clone() };
+        glommio::spawn_local(run_replica(key, replica, queue, self.links.clone(), published)).detach();
+        self.replicas.borrow_mut().insert(key, Hosted { inputs, status, changed, partition });
     }
 
     /// A message from a peer for group `key`; false when this node has no such replica.
@@ -99,6 +115,52 @@ impl ReplicaHost {
             return Err(HostError::Stopped(key));
         }
         Ok(answer.await.map_err(|_| HostError::Stopped(key))??)
+    }
+
+    /// Proposes `batch` and waits until it is committed (`acks=all`): the high watermark passes
+    /// its last offset and the batch there is the one proposed (same offset, same leader epoch).
+    /// Fails when this replica stops leading the term first, or after `timeout`.
+    pub async fn produce(
+        &self,
+        key: GroupKey,
+        batch: BytesMut,
+        timeout: Duration,
+    ) -> Result<Proposed, HostError> {
+        let deadline = Instant::now() + timeout;
+        let proposed = self.propose(key, batch).await?;
+        let (changed, partition) = match self.replicas.borrow().get(&key) {
+            Some(hosted) => (hosted.changed.clone(), hosted.partition.clone()),
+            None => return Err(HostError::Unknown(key)),
+        };
+        loop {
+            let notified = changed.notified();
+            let status = self.status(key).ok_or(HostError::Unknown(key))?;
+            if status.failed {
+                return Err(HostError::Stopped(key));
+            }
+            if status.high_watermark > proposed.last_offset {
+                let read = partition.read(proposed.base_offset, 1).await;
+                let stamped =
+                    read.ok().and_then(|r| r.chunks.first().and_then(|c| BatchHeader::parse(c).ok()));
+                let ours = stamped.is_some_and(|h| {
+                    h.base_offset == proposed.base_offset && h.partition_leader_epoch as u64 == proposed.term
+                });
+                if ours {
+                    return Ok(proposed);
+                }
+                return Err(HostError::LeadershipLost { term: proposed.term, leader: status.leader });
+            }
+            if status.term != proposed.term || !status.serving {
+                return Err(HostError::LeadershipLost { term: proposed.term, leader: status.leader });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HostError::TimedOut(timeout));
+            }
+            let expired = glommio::timer::sleep(left);
+            futures::pin_mut!(expired);
+            futures::future::select(notified, expired).await;
+        }
     }
 
     pub fn status(&self, key: GroupKey) -> Option<ReplicaStatus> {
@@ -137,6 +199,19 @@ fn outbox(key: GroupKey, messages: Vec<Message>) -> Outbox {
     outbox
 }
 
+/// Where a replica's task shows its status.
+struct Published {
+    status: Rc<Cell<ReplicaStatus>>,
+    changed: Rc<Notify>,
+}
+
+impl Published {
+    fn set(&self, status: ReplicaStatus) {
+        self.status.set(status);
+        self.changed.notify_all();
+    }
+}
+
 /// The replica's task: takes everything queued, then drives rounds until raft-rs has nothing
 /// more ready, then waits for the next input.
 async fn run_replica(
@@ -144,7 +219,7 @@ async fn run_replica(
     mut replica: PartitionReplica,
     mut queue: mpsc::UnboundedReceiver<Input>,
     links: Rc<PeerLinks>,
-    status: Rc<Cell<ReplicaStatus>>,
+    status: Published,
 ) {
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
@@ -242,21 +317,23 @@ mod tests {
         out.into_iter().filter(|b| BatchHeader::parse(b).unwrap().base_offset < end).collect()
     }
 
-    #[test]
-    fn three_nodes_replicate_a_partition_over_real_sockets() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// Starts three nodes, each on its own executor thread with a listener on loopback, links to
+    /// the others, a host and one replica of `KEY`; then runs `work(id, host, partition)` on each
+    /// and joins them.
+    fn three_nodes<F, W>(root: &std::path::Path, work: W)
+    where
+        W: Fn(u64, Rc<ReplicaHost>, Rc<Partition>) -> F + Send + Sync + Clone + 'static,
+        F: std::future::Future<Output = ()> + 'static,
+    {
         let (addr_tx, addr_rx) = std_mpsc::channel();
-        let (log_tx, log_rx) = std_mpsc::channel();
-        let target = Arc::new(AtomicI64::new(-1));
-        let reported = Arc::new(AtomicUsize::new(0));
         let mut voters_tx = Vec::new();
         let mut threads = Vec::new();
         for id in 1..=3u64 {
             let (tx, voters_rx) = std_mpsc::channel::<BTreeMap<u64, SocketAddr>>();
             voters_tx.push(tx);
-            let (addr_tx, log_tx) = (addr_tx.clone(), log_tx.clone());
-            let (target, reported) = (target.clone(), reported.clone());
-            let dir = tmp.path().join(format!("node{id}"));
+            let addr_tx = addr_tx.clone();
+            let dir = root.join(format!("node{id}"));
+            let work = work.clone();
             let thread = LocalExecutorBuilder::new(Placement::Unbound)
                 .io_memory(1 << 20)
                 .spawn(move || async move {
@@ -279,8 +356,8 @@ mod tests {
 
                     let shard = ShardStorage::new(dir.clone(), 1 << 20, 0);
                     let (partition, _) = Partition::open(dir.join("t/0"), config(), shard).await.unwrap();
-                    let settings = GroupSettings::default();
                     let members = voters.keys().copied().collect();
+                    let settings = GroupSettings::default();
                     let replica = PartitionReplica::open(
                         format!("t-0@{id}"),
                         id,
@@ -292,48 +369,7 @@ mod tests {
                     .await
                     .unwrap();
                     host.add(KEY, replica);
-
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    let mut next = 0;
-                    loop {
-                        assert!(Instant::now() < deadline, "node {id}: no progress: {:?}", host.status(KEY));
-                        let status = host.status(KEY).unwrap();
-                        assert!(!status.failed);
-                        if status.serving && next < RECORDS {
-                            let mut builder = BatchBuilder::new();
-                            builder.push(1_700_000_000_000, None, Some(format!("v{next}").as_bytes()), &[]);
-                            match host.propose(KEY, builder.finish()).await {
-                                Ok(proposed) => {
-                                    // One at a time: wait for this one to commit (or the term to end).
-                                    while host.status(KEY).is_some_and(|s| {
-                                        s.term == proposed.term && s.high_watermark <= proposed.last_offset
-                                    }) {
-                                        glommio::timer::sleep(Duration::from_millis(2)).await;
-                                    }
-                                    if host.status(KEY).is_some_and(|s| s.term == proposed.term) {
-                                        next += 1;
-                                    }
-                                }
-                                Err(e) => tracing::debug!("node {id}: {e}"),
-                            }
-                            if next == RECORDS {
-                                target.store(partition.high_watermark(), Ordering::SeqCst);
-                            }
-                            continue;
-                        }
-                        let end = target.load(Ordering::SeqCst);
-                        if end >= 0 && partition.high_watermark() >= end {
-                            log_tx.send((id, committed(&partition, end).await)).unwrap();
-                            reported.fetch_add(1, Ordering::SeqCst);
-                            // Stay up (heartbeats, catch-up) until every node has its log.
-                            while reported.load(Ordering::SeqCst) < 3 {
-                                assert!(Instant::now() < deadline, "node {id}: the others did not catch up");
-                                glommio::timer::sleep(Duration::from_millis(10)).await;
-                            }
-                            return;
-                        }
-                        glommio::timer::sleep(Duration::from_millis(5)).await;
-                    }
+                    work(id, host, partition).await;
                 })
                 .unwrap();
             threads.push(thread);
@@ -345,6 +381,59 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
+    }
+
+    fn record(value: &str) -> BytesMut {
+        let mut builder = BatchBuilder::new();
+        builder.push(1_700_000_000_000, None, Some(value.as_bytes()), &[]);
+        builder.finish()
+    }
+
+    #[test]
+    fn three_nodes_replicate_a_partition_over_real_sockets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log_tx, log_rx) = std_mpsc::channel();
+        let target = Arc::new(AtomicI64::new(-1));
+        let reported = Arc::new(AtomicUsize::new(0));
+        three_nodes(tmp.path(), move |id, host, partition| {
+            let (log_tx, target, reported) = (log_tx.clone(), target.clone(), reported.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut next = 0;
+                loop {
+                    assert!(Instant::now() < deadline, "node {id}: no progress: {:?}", host.status(KEY));
+                    let status = host.status(KEY).unwrap();
+                    assert!(!status.failed);
+                    if status.serving && next < RECORDS {
+                        match host.produce(KEY, record(&format!("v{next}")), Duration::from_secs(10)).await {
+                            Ok(proposed) => {
+                                assert!(partition.high_watermark() > proposed.last_offset);
+                                next += 1;
+                            }
+                            // Retried as a client would (no producer ids here: a retry may
+                            // duplicate, which the check below allows).
+                            Err(e) => tracing::debug!("node {id}: {e}"),
+                        }
+                        if next == RECORDS {
+                            target.store(partition.high_watermark(), Ordering::SeqCst);
+                        }
+                        continue;
+                    }
+                    let end = target.load(Ordering::SeqCst);
+                    if end >= 0 && partition.high_watermark() >= end {
+                        log_tx.send((id, committed(&partition, end).await)).unwrap();
+                        reported.fetch_add(1, Ordering::SeqCst);
+                        // Stay up (heartbeats, catch-up) until every node has its log.
+                        while reported.load(Ordering::SeqCst) < 3 {
+                            assert!(Instant::now() < deadline, "node {id}: the others did not catch up");
+                            glommio::timer::sleep(Duration::from_millis(10)).await;
+                        }
+                        return;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
         let mut logs: Vec<(u64, Vec<Bytes>)> = (0..3).map(|_| log_rx.recv().unwrap()).collect();
         logs.sort_by_key(|(id, _)| *id);
         assert_eq!(logs[0].1, logs[1].1, "nodes 1 and 2 differ");
@@ -362,5 +451,62 @@ mod tests {
         }
         let expected: Vec<String> = (0..RECORDS).map(|i| format!("v{i}")).collect();
         assert_eq!(values, expected);
+    }
+
+    #[test]
+    fn produce_is_refused_by_a_follower_and_never_acknowledged_without_a_quorum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let followers_gone = Arc::new(AtomicUsize::new(0));
+        let committed_with_quorum = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        three_nodes(tmp.path(), move |id, host, partition| {
+            let (followers_gone, committed_with_quorum) =
+                (followers_gone.clone(), committed_with_quorum.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                // Until a leader is elected and this node knows it (and, if it is the leader, serves).
+                let leader = loop {
+                    assert!(Instant::now() < deadline, "node {id}: no leader: {:?}", host.status(KEY));
+                    let status = host.status(KEY).unwrap();
+                    match status.leader {
+                        Some(leader) if leader != id || status.serving => break leader,
+                        _ => glommio::timer::sleep(Duration::from_millis(10)).await,
+                    }
+                };
+                if leader != id {
+                    let refused = host.produce(KEY, record("to a follower"), Duration::from_secs(5)).await;
+                    assert_eq!(
+                        refused,
+                        Err(HostError::Propose(ProposeError::NotLeader { leader: Some(leader) })),
+                        "node {id}"
+                    );
+                    // Once the leader has committed with it, this node goes away: its executor
+                    // ends, its connections close.
+                    while !committed_with_quorum.load(Ordering::SeqCst) {
+                        assert!(Instant::now() < deadline, "node {id}: the leader did not commit");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                    followers_gone.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                host.produce(KEY, record("with a quorum"), Duration::from_secs(10)).await.unwrap();
+                committed_with_quorum.store(true, Ordering::SeqCst);
+                while followers_gone.load(Ordering::SeqCst) < 2 {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                let high_watermark = partition.high_watermark();
+                let alone = host.produce(KEY, record("alone"), Duration::from_millis(300)).await;
+                assert!(
+                    matches!(
+                        alone,
+                        Err(HostError::TimedOut(_))
+                            | Err(HostError::LeadershipLost { .. })
+                            | Err(HostError::Propose(ProposeError::NotLeader { .. }))
+                    ),
+                    "acknowledged without a quorum: {alone:?}"
+                );
+                assert_eq!(partition.high_watermark(), high_watermark, "committed without a quorum");
+            }
+        });
     }
 }

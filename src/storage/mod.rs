@@ -32,7 +32,7 @@ pub(crate) mod blocking;
 pub mod descriptors;
 mod disk_space;
 mod index;
-mod notify;
+pub(crate) mod notify;
 mod partition;
 mod producer_state;
 mod retention;
