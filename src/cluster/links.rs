@@ -2,7 +2,10 @@
 //! dialed, reconnecting with backoff and queueing a bounded number of frames meanwhile), and the
 //! acceptor for the connections the others dial, whose frames it decodes and hands to `deliver`.
 //! Every group this node shares with a peer — the controller and partition replicas — travels in
-//! the same `PeerBatch` frames over these connections. Also keeps when each peer was last heard.
+//! the same `PeerBatch` frames over these connections: what the groups send during one pass of
+//! the executor is gathered and leaves as one frame per peer (coalesced heartbeats, so idle
+//! partitions do not cost a frame each per tick). Also keeps when each peer was last heard and
+//! what was sent to it.
 //!
 //! Depends on `transport` (handshake, frames), `replication::wire` and glommio's TCP.
 
@@ -19,6 +22,7 @@ use raft::eraftpb::Message;
 
 use super::transport::{self, NodeInfo};
 use crate::replication::wire::{self, GroupKey, PeerBatch};
+use crate::storage::notify::Notify;
 
 /// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
 const QUEUED_FRAMES_MAX: usize = 256;
@@ -36,6 +40,20 @@ pub struct PeerLinks {
     senders: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
     /// Peers that dialed us: when we last had a frame from each, and what they said they are.
     heard: RefCell<BTreeMap<u64, (Instant, NodeInfo)>>,
+    /// Gathered since the last pass of `run_sender`.
+    pending: RefCell<Outbox>,
+    wake_sender: Notify,
+    sent: RefCell<BTreeMap<u64, SentCounts>>,
+}
+
+/// What this node sent one peer since it started (dropped frames included: a full queue is a
+/// peer that cannot keep up or cannot be reached).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentCounts {
+    pub frames: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped_frames: u64,
 }
 
 impl PeerLinks {
@@ -56,9 +74,18 @@ impl PeerLinks {
                 receivers.push((id, addr, rx));
             }
         }
-        let links =
-            Rc::new(PeerLinks { me, cluster_id, voters, senders, heard: RefCell::new(BTreeMap::new()) });
+        let links = Rc::new(PeerLinks {
+            me,
+            cluster_id,
+            voters,
+            senders,
+            heard: RefCell::new(BTreeMap::new()),
+            pending: RefCell::new(Outbox::new()),
+            wake_sender: Notify::default(),
+            sent: RefCell::new(BTreeMap::new()),
+        });
         glommio::spawn_local(links.clone().run_acceptor(listener, deliver)).detach();
+        glommio::spawn_local(links.clone().run_sender()).detach();
         for (id, addr, rx) in receivers {
             glommio::spawn_local(links.clone().run_dialer(id, addr, rx)).detach();
         }
@@ -79,13 +106,47 @@ impl PeerLinks {
         self.heard.borrow()
     }
 
-    /// One frame per peer with everything gathered for it. A full queue means the peer is
-    /// unreachable: Raft sends again what matters.
+    /// Queues `outbox` (an empty list for a peer sends it an empty frame: a keepalive); it leaves
+    /// with everything else queued in this pass of the executor, one frame per peer.
     pub fn send(&self, outbox: Outbox) {
-        for (to, messages) in outbox {
-            let Some(sender) = self.senders.get(&to) else { continue };
-            let frame = wire::encode(&PeerBatch { from_node: self.me.id, to_node: to, messages });
-            let _ = sender.clone().try_send(frame.to_vec());
+        let mut pending = self.pending.borrow_mut();
+        for (to, mut messages) in outbox {
+            pending.entry(to).or_default().append(&mut messages);
+        }
+        drop(pending);
+        self.wake_sender.notify_all();
+    }
+
+    /// What was sent to each peer.
+    pub fn sent(&self) -> BTreeMap<u64, SentCounts> {
+        self.sent.borrow().clone()
+    }
+
+    /// Sends what was gathered, once the tasks woken with it have had their turn. A full queue
+    /// means the peer is unreachable: Raft sends again what matters.
+    async fn run_sender(self: Rc<Self>) {
+        loop {
+            let woken = self.wake_sender.notified();
+            if self.pending.borrow().is_empty() {
+                woken.await;
+                continue;
+            }
+            futures_lite::future::yield_now().await;
+            let outbox = std::mem::take(&mut *self.pending.borrow_mut());
+            for (to, messages) in outbox {
+                let Some(sender) = self.senders.get(&to) else { continue };
+                let count = messages.len() as u64;
+                let frame =
+                    wire::encode(&PeerBatch { from_node: self.me.id, to_node: to, messages }).to_vec();
+                let bytes = frame.len() as u64;
+                let queued = sender.clone().try_send(frame).is_ok();
+                let mut sent = self.sent.borrow_mut();
+                let counts = sent.entry(to).or_default();
+                counts.frames += 1;
+                counts.messages += count;
+                counts.bytes += bytes;
+                counts.dropped_frames += u64::from(!queued);
+            }
         }
     }
 

@@ -317,12 +317,25 @@ mod tests {
         out.into_iter().filter(|b| BatchHeader::parse(b).unwrap().base_offset < end).collect()
     }
 
+    /// One node of a test cluster.
+    struct Node {
+        id: u64,
+        host: Rc<ReplicaHost>,
+        links: Rc<PeerLinks>,
+        /// Partition `p` of the topic is group `key(p)`; partition 0 is `KEY`.
+        partitions: Vec<Rc<Partition>>,
+    }
+
+    fn key(partition: u32) -> GroupKey {
+        GroupKey { partition, ..KEY }
+    }
+
     /// Starts three nodes, each on its own executor thread with a listener on loopback, links to
-    /// the others, a host and one replica of `KEY`; then runs `work(id, host, partition)` on each
-    /// and joins them.
-    fn three_nodes<F, W>(root: &std::path::Path, work: W)
+    /// the others, a host and a replica of each of `groups` partitions; then runs `work(node)` on
+    /// each and joins them.
+    fn three_nodes<F, W>(root: &std::path::Path, groups: u32, work: W)
     where
-        W: Fn(u64, Rc<ReplicaHost>, Rc<Partition>) -> F + Send + Sync + Clone + 'static,
+        W: Fn(Node) -> F + Send + Sync + Clone + 'static,
         F: std::future::Future<Output = ()> + 'static,
     {
         let (addr_tx, addr_rx) = std_mpsc::channel();
@@ -351,25 +364,28 @@ mod tests {
                     });
                     let links =
                         PeerLinks::start(info(id, voters[&id]), 42, voters.clone(), listener, deliver);
-                    let host = ReplicaHost::start(links, Duration::from_millis(50));
+                    let host = ReplicaHost::start(links.clone(), Duration::from_millis(50));
                     *deliver_to.borrow_mut() = Some(host.clone());
 
                     let shard = ShardStorage::new(dir.clone(), 1 << 20, 0);
-                    let (partition, _) = Partition::open(dir.join("t/0"), config(), shard).await.unwrap();
-                    let members = voters.keys().copied().collect();
-                    let settings = GroupSettings::default();
-                    let replica = PartitionReplica::open(
-                        format!("t-0@{id}"),
-                        id,
-                        members,
-                        partition.clone(),
-                        settings,
-                        id,
-                    )
-                    .await
-                    .unwrap();
-                    host.add(KEY, replica);
-                    work(id, host, partition).await;
+                    let mut partitions = Vec::new();
+                    for p in 0..groups {
+                        let (partition, _) =
+                            Partition::open(dir.join(format!("t/{p}")), config(), shard.clone())
+                                .await
+                                .unwrap();
+                        let members = voters.keys().copied().collect();
+                        let settings = GroupSettings::default();
+                        let name = format!("t-{p}@{id}");
+                        let seed = id * 1000 + u64::from(p);
+                        let replica =
+                            PartitionReplica::open(name, id, members, partition.clone(), settings, seed)
+                                .await
+                                .unwrap();
+                        host.add(key(p), replica);
+                        partitions.push(partition);
+                    }
+                    work(Node { id, host, links, partitions }).await;
                 })
                 .unwrap();
             threads.push(thread);
@@ -395,9 +411,10 @@ mod tests {
         let (log_tx, log_rx) = std_mpsc::channel();
         let target = Arc::new(AtomicI64::new(-1));
         let reported = Arc::new(AtomicUsize::new(0));
-        three_nodes(tmp.path(), move |id, host, partition| {
+        three_nodes(tmp.path(), 1, move |node| {
             let (log_tx, target, reported) = (log_tx.clone(), target.clone(), reported.clone());
             async move {
+                let (id, host, partition) = (node.id, node.host, node.partitions[0].clone());
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let mut next = 0;
                 loop {
@@ -458,10 +475,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let followers_gone = Arc::new(AtomicUsize::new(0));
         let committed_with_quorum = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        three_nodes(tmp.path(), move |id, host, partition| {
+        three_nodes(tmp.path(), 1, move |node| {
             let (followers_gone, committed_with_quorum) =
                 (followers_gone.clone(), committed_with_quorum.clone());
             async move {
+                let (id, host, partition) = (node.id, node.host, node.partitions[0].clone());
                 let deadline = Instant::now() + Duration::from_secs(60);
                 // Until a leader is elected and this node knows it (and, if it is the leader, serves).
                 let leader = loop {
@@ -508,5 +526,51 @@ mod tests {
                 assert_eq!(partition.high_watermark(), high_watermark, "committed without a quorum");
             }
         });
+    }
+
+    #[test]
+    fn the_heartbeats_of_many_partitions_travel_together() {
+        const GROUPS: u32 = 24;
+        let tmp = tempfile::tempdir().unwrap();
+        let (counts_tx, counts_rx) = std_mpsc::channel();
+        let done = Arc::new(AtomicUsize::new(0));
+        three_nodes(tmp.path(), GROUPS, move |node| {
+            let (counts_tx, done) = (counts_tx.clone(), done.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                // Every group has a leader this node knows, and the elections' writes are over.
+                while (0..GROUPS).any(|p| node.host.status(key(p)).is_none_or(|s| s.leader.is_none())) {
+                    assert!(Instant::now() < deadline, "node {}: groups without a leader", node.id);
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
+                glommio::timer::sleep(Duration::from_millis(500)).await;
+                let before = node.links.sent();
+                glommio::timer::sleep(Duration::from_secs(2)).await;
+                let after = node.links.sent();
+                let (mut frames, mut messages) = (0, 0);
+                for (peer, counts) in &after {
+                    let earlier = before.get(peer).copied().unwrap_or_default();
+                    frames += counts.frames - earlier.frames;
+                    messages += counts.messages - earlier.messages;
+                }
+                counts_tx.send((node.id, frames, messages)).unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+                while done.load(Ordering::SeqCst) < 3 {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        for _ in 0..3 {
+            let (id, frames, messages) = counts_rx.recv().unwrap();
+            // Idle for 2 s at a 50 ms tick: each leader heartbeats every other tick, each follower
+            // answers. Gathered, a node sends each peer about one frame per tick for what its
+            // leaders start and one for its answers, whatever the number of groups (about 580
+            // messages in 156 frames here); sent per group, each would be a frame of its own.
+            assert!(messages > 0, "node {id} sent nothing");
+            assert!(
+                messages >= 2 * frames,
+                "node {id}: {messages} raft messages in {frames} frames: heartbeats are not coalesced"
+            );
+        }
     }
 }
