@@ -90,6 +90,20 @@ fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
     assert!(line.contains("200") && body.contains("in the cluster"), "{line}: {body}");
     let text = common::run_cli(&nodes[0].addr, &["cluster", "status", "--admin", &nodes[0].admin], None).ok();
     assert!(text.contains(&format!("controller leader {leader}")), "{text}");
+    // Each node counts the Raft traffic it sends each peer (keepalives to all; Raft messages
+    // between the leader and each follower, none between followers), and nothing for itself.
+    let view = status(&nodes[0]).unwrap();
+    for node in view["nodes"].as_array().unwrap() {
+        if node["id"] == 1 {
+            assert!(node["sent"].is_null(), "{view}");
+            continue;
+        }
+        let frames = node["sent"]["frames"].as_u64().unwrap_or(0);
+        assert!(frames > 0 && node["sent"]["bytes"].as_u64().unwrap_or(0) > 0, "{view}");
+        if leader == 1 || node["id"] == leader {
+            assert!(node["sent"]["messages"].as_u64().unwrap_or(0) > 0, "{view}");
+        }
+    }
 
     // The leader dies without a word: the other two elect a new one among themselves.
     let dead = (leader - 1) as usize;

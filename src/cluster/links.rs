@@ -48,7 +48,7 @@ pub struct PeerLinks {
 
 /// What this node sent one peer since it started (dropped frames included: a full queue is a
 /// peer that cannot keep up or cannot be reached).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SentCounts {
     pub frames: u64,
     pub messages: u64,

@@ -94,6 +94,9 @@ pub struct NodeStatus {
     pub native: Option<String>,
     pub kafka: Option<String>,
     pub admin: Option<String>,
+    /// Raft traffic this node sent it (frames, messages, bytes, frames dropped while it was
+    /// unreachable); `None` for this node itself.
+    pub sent: Option<links::SentCounts>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +171,7 @@ impl Cluster {
         let group = self.group.borrow();
         let registered = self.registered.borrow();
         let heard = self.links.heard();
+        let sent = self.links.sent();
         let alive_within = self.tick * ALIVE_TICKS;
         let nodes = self
             .seeds
@@ -185,6 +189,7 @@ impl Cluster {
                     native: info.map(|i| i.native.clone()),
                     kafka: info.and_then(|i| i.kafka.clone()),
                     admin: info.map(|i| i.admin.clone()),
+                    sent: (id != self.me.id).then(|| sent.get(&id).copied().unwrap_or_default()),
                 }
             })
             .collect();
