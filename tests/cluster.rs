@@ -104,6 +104,11 @@ fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
             assert!(node["sent"]["messages"].as_u64().unwrap_or(0) > 0, "{view}");
         }
     }
+    let (_, metrics) = get(&nodes[0].admin, "/metrics").unwrap();
+    for peer in [2, 3] {
+        let line = format!("ringlog_raft_frames_sent_total{{peer=\"{peer}\"}} ");
+        assert!(metrics.lines().any(|l| l.starts_with(&line)), "no {line} in /metrics");
+    }
 
     // The leader dies without a word: the other two elect a new one among themselves.
     let dead = (leader - 1) as usize;

@@ -233,6 +233,21 @@ impl Cluster {
         self.links.send(outbox);
     }
 
+    /// Raft traffic sent to each peer, for `/metrics`.
+    pub fn peer_traffic(&self) -> Vec<crate::metrics::exposition::PeerTraffic> {
+        self.links
+            .sent()
+            .into_iter()
+            .map(|(peer, c)| crate::metrics::exposition::PeerTraffic {
+                peer,
+                frames: c.frames,
+                messages: c.messages,
+                bytes: c.bytes,
+                dropped_frames: c.dropped_frames,
+            })
+            .collect()
+    }
+
     /// The partition replicas this node hosts.
     pub fn replicas(&self) -> &Rc<ReplicaHost> {
         &self.replicas

@@ -17,11 +17,23 @@ const BUCKET_BOUNDS_US: [u64; 19] = [
 ];
 
 /// Process-wide figures read on the scraping shard.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ProcessInfo {
     pub resident_bytes: u64,
     pub shards: u32,
     pub uptime_seconds: f64,
+    /// Raft traffic sent to each peer node; empty outside a cluster.
+    pub peers: Vec<PeerTraffic>,
+}
+
+/// What this node sent one peer node since it started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerTraffic {
+    pub peer: u64,
+    pub frames: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped_frames: u64,
 }
 
 /// Reads the resident set size from /proc/self/statm (0 when unavailable).
@@ -248,6 +260,29 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
             c.file_bytes_written
         }),
     ];
+    let peers: [Family<PeerTraffic>; 4] = [
+        (
+            "ringlog_raft_frames_sent_total",
+            "Frames sent to a peer node (every group's messages to it, gathered).",
+            |p| p.frames,
+        ),
+        ("ringlog_raft_messages_sent_total", "Raft messages sent to a peer node.", |p| p.messages),
+        ("ringlog_raft_bytes_sent_total", "Bytes of frames sent to a peer node.", |p| p.bytes),
+        (
+            "ringlog_raft_frames_dropped_total",
+            "Frames dropped for a peer node whose connection queue was full (down or slow).",
+            |p| p.dropped_frames,
+        ),
+    ];
+    for (name, help, get) in peers {
+        if process.peers.is_empty() {
+            break;
+        }
+        o.header(name, "counter", help);
+        for p in &process.peers {
+            o.sample(name, &[("peer", &p.peer.to_string())], get(p));
+        }
+    }
     for (name, help, get) in io {
         o.header(name, "counter", help);
         for (s, id) in shards.iter().zip(&ids) {
@@ -307,7 +342,16 @@ mod tests {
 
     #[test]
     fn every_sample_follows_its_type_line() {
-        let text = render(&[shard(0)], &ProcessInfo { resident_bytes: 1, shards: 1, uptime_seconds: 1.0 });
+        let text = render(
+            &[shard(0)],
+            &ProcessInfo {
+                resident_bytes: 1,
+                shards: 1,
+                uptime_seconds: 1.0,
+                peers: vec![PeerTraffic { peer: 2, frames: 3, ..PeerTraffic::default() }],
+            },
+        );
+        assert!(text.contains("ringlog_raft_frames_sent_total{peer=\"2\"} 3"), "{text}");
         let mut typed: Vec<String> = Vec::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
