@@ -194,26 +194,13 @@ impl PartitionReplica {
     /// Whole batches `[from, end)` of the log, at most about `max_bytes` (at least one).
     async fn read_batches(&self, from: i64, end: i64, max_bytes: u64) -> Result<Vec<Bytes>, ReplicaError> {
         let mut batches = Vec::new();
-        let mut offset = from;
         let mut bytes = 0u64;
-        while offset < end && (batches.is_empty() || bytes < max_bytes) {
-            let read = self
-                .partition
-                .read_replica(offset, end, READ_STEP_BYTES)
-                .await
-                .map_err(|source| self.storage(source))?;
-            let before = offset;
-            for chunk in read.chunks {
-                for batch in split_batches(&self.name, &chunk, offset)? {
-                    offset = record::BatchHeader::parse(&batch).map_or(offset, |h| h.last_offset() + 1);
-                    bytes += batch.len() as u64;
-                    batches.push(batch);
-                }
-            }
-            if offset == before {
-                break;
-            }
-        }
+        visit_batches(&self.name, &self.partition, from, end, |batch, _| {
+            bytes += batch.len() as u64;
+            batches.push(batch);
+            bytes < max_bytes
+        })
+        .await?;
         Ok(batches)
     }
 
@@ -234,29 +221,47 @@ enum Files {
 
 /// Every batch from `from` to the log's durable end, as the open scan of `ReplicaLog` needs it.
 async fn scan(name: &str, partition: &Partition, from: i64) -> Result<Vec<ScannedBatch>, ReplicaError> {
-    let storage = |source| ReplicaError::Storage { name: name.to_string(), source };
-    let end = partition.durable_end_offset();
     let mut tail = Vec::new();
+    visit_batches(name, partition, from, partition.durable_end_offset(), |_, header| {
+        tail.push(ScannedBatch {
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+            epoch: u64::try_from(header.partition_leader_epoch).unwrap_or(0),
+        });
+        true
+    })
+    .await?;
+    Ok(tail)
+}
+
+/// Hands `visit` each whole, validated batch of `[from, end)` of a replica's own log, in order,
+/// until it answers false or the range is read.
+async fn visit_batches(
+    name: &str,
+    partition: &Partition,
+    from: i64,
+    end: i64,
+    mut visit: impl FnMut(Bytes, record::BatchHeader) -> bool,
+) -> Result<(), ReplicaError> {
+    let storage = |source| ReplicaError::Storage { name: name.to_string(), source };
     let mut offset = from;
     while offset < end {
         let read = partition.read_replica(offset, end, READ_STEP_BYTES).await.map_err(storage)?;
         let before = offset;
         for chunk in read.chunks {
             for batch in split_batches(name, &chunk, offset)? {
-                let Ok(header) = record::BatchHeader::parse(&batch) else { break };
-                tail.push(ScannedBatch {
-                    base_offset: header.base_offset,
-                    last_offset: header.last_offset(),
-                    epoch: u64::try_from(header.partition_leader_epoch).unwrap_or(0),
-                });
+                let Ok(header) = record::BatchHeader::parse(&batch) else { return Ok(()) };
                 offset = header.last_offset() + 1;
+                if !visit(batch, header) {
+                    return Ok(());
+                }
             }
         }
         if offset == before {
             break;
         }
     }
-    Ok(tail)
+    Ok(())
 }
 
 /// The whole batches of one read chunk, each validated (a replica hands them to peers).
