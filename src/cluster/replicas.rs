@@ -275,6 +275,7 @@ mod tests {
     use crate::record::builder::BatchBuilder;
     use crate::record::BatchHeader;
     use crate::replication::group::GroupSettings;
+    use crate::replication::replica_log::CacheLimits;
     use crate::storage::{Durability, LogConfig, Partition, ShardStorage, Visibility};
 
     const KEY: GroupKey = GroupKey { topic_id: 7, partition: 0 };
@@ -378,10 +379,17 @@ mod tests {
                         let settings = GroupSettings::default();
                         let name = format!("t-{p}@{id}");
                         let seed = id * 1000 + u64::from(p);
-                        let replica =
-                            PartitionReplica::open(name, id, members, partition.clone(), settings, seed)
-                                .await
-                                .unwrap();
+                        let replica = PartitionReplica::open(
+                            name,
+                            id,
+                            members,
+                            partition.clone(),
+                            settings,
+                            CacheLimits::default(),
+                            seed,
+                        )
+                        .await
+                        .unwrap();
                         host.add(key(p), replica);
                         partitions.push(partition);
                     }

@@ -54,13 +54,15 @@ pub struct PartitionReplica {
 
 impl PartitionReplica {
     /// Opens replica `id` of the group `name` over `partition` (already opened, with committed
-    /// visibility and fsync durability), whose members are `voters` unless its saved state says.
+    /// visibility and fsync durability), whose members are `voters` unless its saved state says;
+    /// `cache` bounds the entry data it keeps in memory.
     pub async fn open(
         name: String,
         id: u64,
         voters: Vec<u64>,
         partition: Rc<Partition>,
         settings: GroupSettings,
+        cache: CacheLimits,
         seed: u64,
     ) -> Result<PartitionReplica, ReplicaError> {
         let config = partition.config();
@@ -82,7 +84,7 @@ impl PartitionReplica {
         };
         let state = state.unwrap_or_else(|| ReplicaState::new(voters, partition.log_start_offset()));
         let tail = scan(&name, &partition, state.anchor.end_offset).await?;
-        let log = ReplicaLog::open(state, epochs, tail, CacheLimits::default())
+        let log = ReplicaLog::open(state, epochs, tail, cache)
             .map_err(|source| ReplicaError::Open { name: name.clone(), source })?;
         let group = RaftGroup::new(id, name.clone(), settings, log, seed)
             .map_err(|source| ReplicaError::Group { name: name.clone(), source })?;
@@ -327,31 +329,30 @@ mod tests {
         root: std::path::PathBuf,
         replicas: Vec<Option<PartitionReplica>>,
         cut: HashSet<u64>,
+        cache: CacheLimits,
     }
 
-    async fn open_replica(root: &Path, id: u64) -> PartitionReplica {
+    async fn open_replica(root: &Path, id: u64, cache: CacheLimits) -> PartitionReplica {
         let node = root.join(format!("node{id}"));
         let shard = ShardStorage::new(node.clone(), 1 << 20, 0);
         let (partition, _) = Partition::open(node.join("t/0"), config(), shard).await.unwrap();
-        PartitionReplica::open(
-            format!("t-0@{id}"),
-            id,
-            VOTERS.to_vec(),
-            partition,
-            GroupSettings::default(),
-            id,
-        )
-        .await
-        .unwrap()
+        let name = format!("t-0@{id}");
+        PartitionReplica::open(name, id, VOTERS.to_vec(), partition, GroupSettings::default(), cache, id)
+            .await
+            .unwrap()
     }
 
     impl Cluster {
         async fn new(root: &Path) -> Cluster {
+            Cluster::with_cache(root, CacheLimits::default()).await
+        }
+
+        async fn with_cache(root: &Path, cache: CacheLimits) -> Cluster {
             let mut replicas = Vec::new();
             for id in VOTERS {
-                replicas.push(Some(open_replica(root, id).await));
+                replicas.push(Some(open_replica(root, id, cache).await));
             }
-            Cluster { root: root.to_path_buf(), replicas, cut: HashSet::new() }
+            Cluster { root: root.to_path_buf(), replicas, cut: HashSet::new(), cache }
         }
 
         fn replica(&mut self, id: u64) -> &mut PartitionReplica {
@@ -390,7 +391,7 @@ mod tests {
         /// Stops replica `id` as a crash would (no clean close) and opens it again.
         async fn crash_and_restart(&mut self, id: u64) {
             self.replicas[(id - 1) as usize] = None;
-            self.replicas[(id - 1) as usize] = Some(open_replica(&self.root, id).await);
+            self.replicas[(id - 1) as usize] = Some(open_replica(&self.root, id, self.cache).await);
         }
 
         /// The committed log of replica `id`, read as consumers read it.
@@ -473,7 +474,7 @@ mod tests {
             cluster.elect(2).await;
             cluster.replica(2).group().propose(batch(3, "c")).unwrap();
             cluster.settle().await;
-            cluster.replicas[0] = Some(open_replica(tmp.path(), 1).await);
+            cluster.replicas[0] = Some(open_replica(tmp.path(), 1, CacheLimits::default()).await);
             for _ in 0..5 {
                 cluster.replica(2).group().tick();
                 cluster.settle().await;
@@ -515,6 +516,31 @@ mod tests {
             let leader = cluster.committed(1).await;
             let follower = cluster.committed(3).await;
             assert_eq!(leader[leader.len() - follower.len()..], follower[..]);
+        });
+    }
+
+    #[test]
+    fn a_lagging_follower_catches_up_from_the_leaders_files() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            // Entry caches of one entry: what the follower lacks is read back from the log.
+            let cache = CacheLimits { recent_bytes: 1, fetched_bytes: 1 << 20 };
+            let mut cluster = Cluster::with_cache(tmp.path(), cache).await;
+            cluster.elect(1).await;
+            cluster.cut.insert(3);
+            for i in 0..25 {
+                cluster.replica(1).group().propose(batch(2, &format!("lag{i}"))).unwrap();
+                cluster.settle().await;
+            }
+            assert!(cluster.replica(3).partition().log_end_offset() < 10, "node 3 was cut off");
+            cluster.cut.clear();
+            for _ in 0..10 {
+                cluster.replica(1).group().tick();
+                cluster.settle().await;
+            }
+            let leader = cluster.committed(1).await;
+            assert_eq!(leader.len(), 26);
+            assert_eq!(cluster.committed(3).await, leader);
         });
     }
 
