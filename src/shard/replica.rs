@@ -381,6 +381,14 @@ mod tests {
             panic!("the replicas did not settle");
         }
 
+        /// Ticks replica `id` `times` times, settling after each.
+        async fn tick(&mut self, id: u64, times: usize) {
+            for _ in 0..times {
+                self.replica(id).group().tick();
+                self.settle().await;
+            }
+        }
+
         async fn elect(&mut self, id: u64) {
             self.replica(id).group().campaign().unwrap();
             self.settle().await;
@@ -467,18 +475,12 @@ mod tests {
             // The leader crashes; a new one is elected among the others and takes writes; the
             // old leader returns as a follower with the same log.
             cluster.replicas[0] = None;
-            for _ in 0..2 * GroupSettings::default().election_ticks {
-                cluster.replica(3).group().tick();
-                cluster.settle().await;
-            }
+            cluster.tick(3, 2 * GroupSettings::default().election_ticks).await;
             cluster.elect(2).await;
             cluster.replica(2).group().propose(batch(3, "c")).unwrap();
             cluster.settle().await;
             cluster.replicas[0] = Some(open_replica(tmp.path(), 1, CacheLimits::default()).await);
-            for _ in 0..5 {
-                cluster.replica(2).group().tick();
-                cluster.settle().await;
-            }
+            cluster.tick(2, 5).await;
             let new_log = cluster.committed(2).await;
             assert_eq!(new_log.len(), leader_log.len() + 2, "a second control batch and the new batch");
             for id in [1, 3] {
@@ -534,10 +536,7 @@ mod tests {
             }
             assert!(cluster.replica(3).partition().log_end_offset() < 10, "node 3 was cut off");
             cluster.cut.clear();
-            for _ in 0..10 {
-                cluster.replica(1).group().tick();
-                cluster.settle().await;
-            }
+            cluster.tick(1, 10).await;
             let leader = cluster.committed(1).await;
             assert_eq!(leader.len(), 26);
             assert_eq!(cluster.committed(3).await, leader);
@@ -561,18 +560,12 @@ mod tests {
             let partition = cluster.replica(1).partition().clone();
             assert!(partition.durable_end_offset() > committed_end, "written and synced, not committed");
             assert_eq!(partition.high_watermark(), committed_end);
-            for _ in 0..2 * GroupSettings::default().election_ticks {
-                cluster.replica(3).group().tick();
-                cluster.settle().await;
-            }
+            cluster.tick(3, 2 * GroupSettings::default().election_ticks).await;
             cluster.elect(2).await;
             cluster.replica(2).group().propose(batch(1, "new")).unwrap();
             cluster.settle().await;
             cluster.cut.clear();
-            for _ in 0..5 {
-                cluster.replica(2).group().tick();
-                cluster.settle().await;
-            }
+            cluster.tick(2, 5).await;
             assert_eq!(cluster.replica(1).group().role(), Role::Follower);
             let log = cluster.committed(1).await;
             assert_eq!(log, cluster.committed(2).await);
