@@ -141,6 +141,9 @@ pub struct BrokerConfig {
     /// Period of the Raft timer; elections time out after 10 to 20 ticks, leaders send
     /// heartbeats every 2.
     pub raft_tick_ms: u64,
+    /// How long a write to a replicated partition waits for a majority of its replicas before
+    /// it is answered REQUEST_TIMED_OUT (it may still commit).
+    pub replication_timeout_ms: u64,
 }
 
 /// A node's view of its cluster, from `node_id`, `seeds` and `peer_listen`.
@@ -202,6 +205,7 @@ impl Default for BrokerConfig {
             seeds: String::new(),
             peer_listen: None,
             raft_tick_ms: 100,
+            replication_timeout_ms: 10_000,
         }
     }
 }
@@ -368,6 +372,9 @@ impl BrokerConfig {
         }
         if self.raft_tick_ms == 0 || self.raft_tick_ms > 10_000 {
             return invalid("raft_tick_ms", "must be between 1 and 10000");
+        }
+        if self.replication_timeout_ms == 0 || self.replication_timeout_ms > 600_000 {
+            return invalid("replication_timeout_ms", "must be between 1 and 600000");
         }
         if let Err(message) = self.cluster() {
             return invalid("seeds", message);

@@ -2,7 +2,10 @@
 //! find each other through `--seeds`, elect a controller leader, register every node in the
 //! controller's replicated log, elect a new leader when the leader is killed with SIGKILL, take the
 //! killed node back, keep the registry across a restart of all three, and refuse a node of
-//! another cluster at the handshake. Partitions are not replicated yet.
+//! another cluster at the handshake. A replicated topic (issue 11, step 3): created through any
+//! node, placed by the controller's log, written with acks=all and read back through both the
+//! native client and Kafka's Metadata, through the death of a partition's leader, a restart that
+//! catches up, and a deletion that removes every node's files.
 
 mod common;
 
@@ -11,6 +14,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::Broker;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{MetadataRequest, TopicName};
 use serde_json::Value;
 
 /// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
@@ -181,5 +186,150 @@ fn bad_seeds_are_refused_at_start_with_the_reason() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{seeds}: {stderr}");
         assert!(stderr.contains(reason), "{seeds}: {stderr}");
+    }
+}
+
+/// `ringlog topic describe NAME` on `node`: per partition (leader, high watermark), once every
+/// partition shows a leader.
+fn leaders(node: &Broker, topic: &str) -> Option<Vec<(u64, i64)>> {
+    let out = common::run_cli(&node.addr, &["topic", "describe", topic], None);
+    if !out.status.success() {
+        return None;
+    }
+    let rows: Vec<(u64, i64)> = out
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("PARTITION"))
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[4].parse().unwrap_or(0), cols[3].parse().unwrap_or(-1))
+        })
+        .collect();
+    rows.iter().all(|&(leader, _)| leader != 0).then_some(rows)
+}
+
+/// The values `ringlog consume` reads from `topic` through `node`, from the beginning.
+fn consume_all(node: &Broker, topic: &str) -> Vec<String> {
+    let out = common::run_cli(&node.addr, &["consume", topic, "--from", "beginning"], None).ok();
+    out.lines().map(str::to_owned).collect()
+}
+
+fn lines(from: usize, to: usize) -> String {
+    (from..to).map(|i| format!("like-{i}\n")).collect()
+}
+
+#[test]
+fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death() {
+    let ports = free_ports(3);
+    let seeds: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+    let seeds = seeds.join(",");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+
+    // Created through a node that does not lead the controller: the client follows the
+    // metadata to the one that does.
+    let other =
+        nodes.iter().find(|n| status(n).and_then(|s| s["node_id"].as_u64()) != Some(controller)).unwrap();
+    let created = common::run_cli(
+        &other.addr,
+        &["topic", "create", "post-likes", "--partitions", "3", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    assert!(created.contains("3 partitions"), "{created}");
+    let refused = common::run_cli(
+        &other.addr,
+        &["topic", "create", "wide", "--partitions", "1", "--replication-factor", "4"],
+        None,
+    );
+    assert!(
+        !refused.status.success() && refused.stderr.contains("replication factor 4"),
+        "{}",
+        refused.stderr
+    );
+
+    let all: Vec<&Broker> = nodes.iter().collect();
+    for node in &nodes {
+        wait_for("every partition to have a leader on every node", &all, || leaders(node, "post-likes"));
+    }
+    // Kafka clients see the same cluster: every node a broker under its node id, each
+    // partition's leader, epoch and replicas, the controller's leader.
+    let described = leaders(&nodes[0], "post-likes").unwrap();
+    let mut kafka = common::kafka::KafkaConn::connect(&nodes[0].kafka);
+    let topic = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s("post-likes"))));
+    let metadata = kafka.call(9, &MetadataRequest::default().with_topics(Some(vec![topic])));
+    let mut brokers: Vec<i32> = metadata.brokers.iter().map(|b| b.node_id.0).collect();
+    brokers.sort_unstable();
+    assert_eq!(brokers, vec![1, 2, 3]);
+    assert_eq!(metadata.controller_id.0 as u64, controller);
+    let partitions = &metadata.topics[0].partitions;
+    assert_eq!(partitions.len(), 3);
+    for (p, partition) in partitions.iter().enumerate() {
+        assert_eq!(partition.leader_id.0 as u64, described[p].0, "partition {p}");
+        assert!(partition.leader_epoch >= 1 && partition.replica_nodes.len() == 3, "{partition:?}");
+    }
+
+    common::run_cli(
+        &nodes[0].addr,
+        &["produce", "post-likes", "--acks", "all"],
+        Some(lines(0, 300).as_bytes()),
+    )
+    .ok();
+    let mut read = consume_all(&nodes[1], "post-likes");
+    read.sort();
+    let mut expected: Vec<String> = lines(0, 300).lines().map(str::to_owned).collect();
+    expected.sort();
+    assert_eq!(read, expected);
+
+    // The leader of partition 0 dies without a word; the other two elect a new one and take
+    // writes; nothing acknowledged before is lost.
+    let before = leaders(&nodes[0], "post-likes").unwrap();
+    let dead = (before[0].0 - 1) as usize;
+    nodes[dead].kill9();
+    let survivor = &nodes[(dead + 1) % 3];
+    let survivors: Vec<&Broker> =
+        nodes.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    wait_for("a new leader of partition 0", &survivors, || {
+        let now = leaders(survivor, "post-likes")?;
+        (now[0].0 != before[0].0 && now.iter().all(|&(l, _)| l != before[0].0)).then_some(())
+    });
+    common::run_cli(
+        &survivor.addr,
+        &["produce", "post-likes", "--acks", "all"],
+        Some(lines(300, 600).as_bytes()),
+    )
+    .ok();
+    let mut read = consume_all(survivor, "post-likes");
+    read.sort();
+    let mut expected: Vec<String> = lines(0, 600).lines().map(str::to_owned).collect();
+    expected.sort();
+    assert_eq!(read, expected, "every acknowledged record, once");
+
+    // It comes back and catches up: its copy of every partition reaches the leaders' high
+    // watermark.
+    nodes[dead].restart();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let target = leaders(&nodes[(dead + 1) % 3], "post-likes").unwrap();
+    wait_for("the restarted node to catch up", &all, || {
+        let mine = leaders(&nodes[dead], "post-likes")?;
+        mine.iter().zip(&target).all(|(m, t)| m.1 == t.1).then_some(())
+    });
+
+    // Deleted through any node: gone everywhere, files included.
+    common::run_cli(&nodes[dead].addr, &["topic", "delete", "post-likes"], None).ok();
+    for (i, node) in nodes.iter().enumerate() {
+        wait_for("the topic to be gone everywhere", &all, || {
+            let out = common::run_cli(&node.addr, &["topic", "list"], None).ok();
+            let dir = dirs[i].path().join("replicated");
+            let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            (!out.lines().any(|l| l == "post-likes") && left == 0).then_some(())
+        });
+    }
+    for node in &mut nodes {
+        node.stop();
     }
 }

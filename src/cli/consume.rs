@@ -94,7 +94,7 @@ pub(super) async fn run(args: ConsumeArgs) -> Result<(), CliError> {
     let partitions: Vec<_> = match args.partition {
         None => description.partitions.clone(),
         Some(p) => match description.partitions.iter().find(|info| info.partition == p) {
-            Some(info) => vec![*info],
+            Some(info) => vec![info.clone()],
             None => {
                 return Err(ClientError::UnknownPartition {
                     topic: args.topic.clone(),

@@ -37,6 +37,10 @@ pub struct CreateArgs {
     pub name: String,
     #[arg(long)]
     pub partitions: u32,
+    /// A cluster only: keep each partition on this many nodes (a Raft group each; writes are
+    /// acknowledged once a majority holds them). Without it the topic is local to the node.
+    #[arg(long, value_name = "N")]
+    pub replication_factor: Option<u16>,
     /// Delete segments older than this (-1 = keep forever).
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     pub retention_ms: Option<i64>,
@@ -77,7 +81,10 @@ pub(super) async fn run(command: TopicCommand) -> Result<(), CliError> {
                     DurabilityArg::Fsync => Durability::Fsync,
                 }),
             };
-            let partitions = admin.create_topic(&args.name, args.partitions, &settings).await?;
+            let partitions = match args.replication_factor {
+                Some(rf) => admin.create_replicated_topic(&args.name, args.partitions, rf, &settings).await?,
+                None => admin.create_topic(&args.name, args.partitions, &settings).await?,
+            };
             writeln!(out, "created topic {} with {} partitions", args.name, partitions.len())
                 .map_err(CliError::stdout)?;
         }
@@ -124,12 +131,23 @@ fn format_description(d: &TopicDescription) -> String {
         setting(d.config.segment_ms),
         durability,
     );
-    s.push_str(&format!("{:<10} {:<6} {:>16} {:>16}\n", "PARTITION", "SHARD", "LOG_START", "HIGH_WATERMARK"));
+    let replicated = d.partitions.iter().any(|p| p.replication.is_some());
+    s.push_str(&format!("{:<10} {:<6} {:>16} {:>16}", "PARTITION", "SHARD", "LOG_START", "HIGH_WATERMARK"));
+    if replicated {
+        s.push_str(&format!(" {:>6} {:>6} REPLICAS", "LEADER", "EPOCH"));
+    }
+    s.push('\n');
     for p in &d.partitions {
         s.push_str(&format!(
-            "{:<10} {:<6} {:>16} {:>16}\n",
+            "{:<10} {:<6} {:>16} {:>16}",
             p.partition, p.shard, p.log_start_offset, p.high_watermark
         ));
+        if let Some(r) = &p.replication {
+            let leader = r.leader.map_or_else(|| "none".to_owned(), |id| id.to_string());
+            let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
+            s.push_str(&format!(" {:>6} {:>6} {}", leader, r.leader_epoch, replicas.join(",")));
+        }
+        s.push('\n');
     }
     s
 }
@@ -144,8 +162,20 @@ mod tests {
         let d = TopicDescription {
             name: "orders".into(),
             partitions: vec![
-                PartitionInfo { partition: 0, shard: 1, log_start_offset: 0, high_watermark: 12 },
-                PartitionInfo { partition: 1, shard: 0, log_start_offset: 5, high_watermark: 9 },
+                PartitionInfo {
+                    partition: 0,
+                    shard: 1,
+                    log_start_offset: 0,
+                    high_watermark: 12,
+                    replication: None,
+                },
+                PartitionInfo {
+                    partition: 1,
+                    shard: 0,
+                    log_start_offset: 5,
+                    high_watermark: 9,
+                    replication: None,
+                },
             ],
             config: TopicSettings {
                 retention_ms: Some(-1),

@@ -51,13 +51,27 @@ pub struct TopicSettings {
 }
 
 /// One partition as the broker reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {
     pub partition: u32,
     /// The shard (core) that owns the partition.
     pub shard: u32,
     pub log_start_offset: i64,
     pub high_watermark: i64,
+    /// Set for a replicated partition (a cluster's topic created with a replication factor).
+    pub replication: Option<ReplicaInfo>,
+}
+
+/// Where a replicated partition's copies are and who leads it, as the answering node saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// Node ids holding a replica, the preferred leader first.
+    pub replicas: Vec<u64>,
+    pub leader: Option<u64>,
+    /// The leader's epoch (its Raft term).
+    pub leader_epoch: i64,
+    /// The leader's native listener: requests for this partition go there.
+    pub leader_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,35 +131,53 @@ impl Admin {
         partitions: u32,
         settings: &TopicSettings,
     ) -> Result<Vec<PartitionInfo>> {
-        let conn = self.cluster.bootstrap().await?;
-        let frame = conn
-            .request(
-                |fbb| {
-                    let name = fbb.create_string(name);
-                    let config = wire::TopicConfig::create(
-                        fbb,
-                        &wire::TopicConfigArgs {
-                            retention_bytes: settings.retention_bytes,
-                            retention_ms: settings.retention_ms,
-                            segment_bytes: settings.segment_bytes,
-                            segment_ms: settings.segment_ms,
-                            durability: settings.durability.map(Durability::to_wire),
-                        },
-                    );
-                    let body = wire::CreateTopicRequest::create(
-                        fbb,
-                        &wire::CreateTopicRequestArgs {
-                            name: Some(name),
-                            partitions: Some(partitions),
-                            config: Some(config),
-                        },
-                    );
-                    (wire::RequestBody::CreateTopicRequest, body.as_union_value())
-                },
-                Vec::new(),
-            )
-            .await?;
+        self.create(name, partitions, None, settings).await
+    }
+
+    /// Creates a topic whose partitions are copied to `replication_factor` nodes of the cluster
+    /// (sent to the node leading the controller); returns its partitions and replica sets.
+    pub async fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        settings: &TopicSettings,
+    ) -> Result<Vec<PartitionInfo>> {
+        self.create(name, partitions, Some(replication_factor), settings).await
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: Option<u16>,
+        settings: &TopicSettings,
+    ) -> Result<Vec<PartitionInfo>> {
         let context = format!("create topic {name:?}");
+        let encode = |fbb: &mut flatbuffers::FlatBufferBuilder<'static>| {
+            let name = fbb.create_string(name);
+            let config = wire::TopicConfig::create(
+                fbb,
+                &wire::TopicConfigArgs {
+                    retention_bytes: settings.retention_bytes,
+                    retention_ms: settings.retention_ms,
+                    segment_bytes: settings.segment_bytes,
+                    segment_ms: settings.segment_ms,
+                    durability: settings.durability.map(Durability::to_wire),
+                },
+            );
+            let body = wire::CreateTopicRequest::create(
+                fbb,
+                &wire::CreateTopicRequestArgs {
+                    name: Some(name),
+                    partitions: Some(partitions),
+                    config: Some(config),
+                    replication_factor,
+                },
+            );
+            (wire::RequestBody::CreateTopicRequest, body.as_union_value())
+        };
+        let (conn, frame) = self.cluster.controller_request(&context, encode).await?;
         let response = conn.check_response(&frame, &context)?;
         let body = response.body_as_create_topic_response().ok_or_else(|| {
             ClientError::protocol(conn.addr(), "create topic answered with another response type")
@@ -158,21 +190,14 @@ impl Admin {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let conn = self.cluster.bootstrap().await?;
-        let frame = conn
-            .request(
-                |fbb| {
-                    let name = fbb.create_string(name);
-                    let body = wire::DeleteTopicRequest::create(
-                        fbb,
-                        &wire::DeleteTopicRequestArgs { name: Some(name) },
-                    );
-                    (wire::RequestBody::DeleteTopicRequest, body.as_union_value())
-                },
-                Vec::new(),
-            )
-            .await?;
         let context = format!("delete topic {name:?}");
+        let encode = |fbb: &mut flatbuffers::FlatBufferBuilder<'static>| {
+            let name = fbb.create_string(name);
+            let body =
+                wire::DeleteTopicRequest::create(fbb, &wire::DeleteTopicRequestArgs { name: Some(name) });
+            (wire::RequestBody::DeleteTopicRequest, body.as_union_value())
+        };
+        let (conn, frame) = self.cluster.controller_request(&context, encode).await?;
         let response = conn.check_response(&frame, &context)?;
         response.body_as_delete_topic_response().ok_or_else(|| {
             ClientError::protocol(conn.addr(), "delete topic answered with another response type")

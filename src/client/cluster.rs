@@ -7,13 +7,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
 use tokio::sync::Mutex;
 
-use super::admin::{Durability, ListedOffset, OffsetSpec, PartitionInfo, TopicDescription, TopicSettings};
+use super::admin::{
+    Durability, ListedOffset, OffsetSpec, PartitionInfo, ReplicaInfo, TopicDescription, TopicSettings,
+};
 use super::connection::{Connection, ResponseFrame};
 use super::error::{ClientError, Result};
 use super::ClientConfig;
 use crate::protocol::wire;
+
+/// Tries of a topic change while the controller's leader moves, and the pause between them
+/// while no leader is known.
+const CONTROLLER_ATTEMPTS: u32 = 20;
+const CONTROLLER_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub(crate) struct Cluster {
     config: ClientConfig,
@@ -33,6 +41,8 @@ struct State {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct MetadataReply {
     pub shards: Vec<(u32, String, u16)>,
+    /// The controller leader's native address (a cluster only).
+    pub controller: Option<String>,
     pub topics: Vec<std::result::Result<TopicDescription, (String, wire::ErrorCode, String)>>,
 }
 
@@ -110,6 +120,47 @@ impl Cluster {
             .ok_or_else(|| ClientError::UnknownTopic { topic: name.to_owned() })
     }
 
+    /// Sends a topic change: to the bootstrap node, and when that node does not lead the
+    /// controller, to the node the metadata names as the controller's leader (retrying while an
+    /// election settles). Returns the connection that answered and its response.
+    pub async fn controller_request<F>(&self, context: &str, encode: F) -> Result<(Connection, ResponseFrame)>
+    where
+        F: Fn(&mut FlatBufferBuilder<'static>) -> (wire::RequestBody, WIPOffset<UnionWIPOffset>) + Copy,
+    {
+        let mut conn = self.bootstrap().await?;
+        let mut attempt = 1;
+        loop {
+            let frame = conn.request(encode, Vec::new()).await?;
+            let not_controller = frame.response().is_ok_and(|r| r.error() == wire::ErrorCode::NotController);
+            if !not_controller || attempt == CONTROLLER_ATTEMPTS {
+                return Ok((conn, frame));
+            }
+            attempt += 1;
+            let bootstrap = self.bootstrap().await?;
+            let asked = bootstrap.request(|fbb| encode_metadata_request(fbb, &[]), Vec::new()).await?;
+            match decode_metadata_response(&bootstrap, &asked)?.controller {
+                Some(addr) => {
+                    tracing::debug!(context, controller = %addr, "sending to the controller's leader");
+                    conn = self.connection_to(&addr).await?;
+                }
+                None => tokio::time::sleep(CONTROLLER_RETRY_PAUSE).await,
+            }
+        }
+    }
+
+    /// A pooled connection to `addr`.
+    async fn connection_to(&self, addr: &str) -> Result<Connection> {
+        let mut state = self.state.lock().await;
+        if let Some(conn) = state.pool.get(addr) {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = Connection::connect(addr, &self.config.client_id, self.config.request_timeout).await?;
+        state.pool.insert(addr.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
     /// Forgets the topic's metadata, so the next lookup asks the broker.
     pub async fn invalidate(&self, name: &str) {
         self.state.lock().await.topics.remove(name);
@@ -127,6 +178,17 @@ impl Cluster {
                 partitions: description.partitions.len() as u32,
             });
         };
+        // A replicated partition is served by its leader's node (which routes to its shard).
+        if let Some(replication) = &info.replication {
+            let Some(addr) = replication.leader_address.clone() else {
+                return Err(ClientError::broker(
+                    format!("{topic}/{partition}"),
+                    wire::ErrorCode::NotLeader,
+                    Some("no leader is known yet"),
+                ));
+            };
+            return self.connection_to(&addr).await;
+        }
         let mut state = self.state.lock().await;
         let Some(addr) = state.endpoints.get(&info.shard).cloned() else {
             drop(state);
@@ -263,7 +325,7 @@ pub(crate) fn metadata_reply(body: wire::MetadataResponse<'_>) -> MetadataReply 
             Ok(TopicDescription { name, partitions, config })
         })
         .collect();
-    MetadataReply { shards, topics }
+    MetadataReply { shards, topics, controller: body.controller_address().map(str::to_owned) }
 }
 
 pub(crate) fn partition_info(p: wire::PartitionMetadata<'_>) -> PartitionInfo {
@@ -272,6 +334,12 @@ pub(crate) fn partition_info(p: wire::PartitionMetadata<'_>) -> PartitionInfo {
         shard: p.shard(),
         log_start_offset: p.log_start_offset(),
         high_watermark: p.high_watermark(),
+        replication: p.replicas().map(|replicas| ReplicaInfo {
+            replicas: replicas.iter().collect(),
+            leader: Some(p.leader()).filter(|&id| id != 0),
+            leader_epoch: p.leader_epoch(),
+            leader_address: p.leader_address().map(str::to_owned),
+        }),
     }
 }
 
@@ -321,7 +389,13 @@ mod tests {
             .map(|&(partition, shard, log_start_offset, high_watermark)| {
                 wire::PartitionMetadata::create(
                     &mut fbb,
-                    &wire::PartitionMetadataArgs { partition, shard, log_start_offset, high_watermark },
+                    &wire::PartitionMetadataArgs {
+                        partition,
+                        shard,
+                        log_start_offset,
+                        high_watermark,
+                        ..Default::default()
+                    },
                 )
             })
             .collect();
@@ -358,7 +432,7 @@ mod tests {
         let topics = fbb.create_vector(&[ok, missing]);
         let body = wire::MetadataResponse::create(
             &mut fbb,
-            &wire::MetadataResponseArgs { shards: Some(shards), topics: Some(topics) },
+            &wire::MetadataResponseArgs { shards: Some(shards), topics: Some(topics), ..Default::default() },
         );
         let response = wire::Response::create(
             &mut fbb,
@@ -382,8 +456,20 @@ mod tests {
             Ok(TopicDescription {
                 name: "orders".into(),
                 partitions: vec![
-                    PartitionInfo { partition: 0, shard: 0, log_start_offset: 5, high_watermark: 7 },
-                    PartitionInfo { partition: 1, shard: 1, log_start_offset: 0, high_watermark: 10 },
+                    PartitionInfo {
+                        partition: 0,
+                        shard: 0,
+                        log_start_offset: 5,
+                        high_watermark: 7,
+                        replication: None
+                    },
+                    PartitionInfo {
+                        partition: 1,
+                        shard: 1,
+                        log_start_offset: 0,
+                        high_watermark: 10,
+                        replication: None
+                    },
                 ],
                 config: TopicSettings {
                     retention_ms: Some(1000),

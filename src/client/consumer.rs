@@ -373,6 +373,12 @@ impl Consumer {
             if header.last_offset() < next_position {
                 continue;
             }
+            // Control batches (a replicated partition's leader-change records) are the log's own,
+            // never an application's: skipped as Kafka clients skip them.
+            if header.is_control() {
+                next_position = header.last_offset() + 1;
+                continue;
+            }
             let corrupt = |source| ClientError::CorruptBatch {
                 topic: a.topic.to_string(),
                 partition: a.partition,

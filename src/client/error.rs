@@ -128,7 +128,10 @@ impl ClientError {
     pub(crate) fn invalidates_metadata(&self) -> bool {
         match self {
             ClientError::Broker { code, .. } => {
-                matches!(*code, ErrorCode::NotOwner | ErrorCode::UnknownTopicOrPartition)
+                matches!(
+                    *code,
+                    ErrorCode::NotOwner | ErrorCode::UnknownTopicOrPartition | ErrorCode::NotLeader
+                )
             }
             ClientError::Io { .. } | ClientError::NotSent { .. } | ClientError::Timeout { .. } => true,
             _ => false,

@@ -40,7 +40,7 @@ mod producer;
 use std::time::Duration;
 
 pub use admin::{
-    Admin, Durability, ListedOffset, OffsetSpec, PartitionInfo, TopicDescription, TopicSettings,
+    Admin, Durability, ListedOffset, OffsetSpec, PartitionInfo, ReplicaInfo, TopicDescription, TopicSettings,
 };
 pub use connection::{Connection, ResponseFrame, RESPONSE_FRAME_BYTES_MAX};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};

@@ -1,23 +1,30 @@
-//! A node in a cluster (issue 11, step 2; docs/replication.md): the peer listener and connections
-//! (`transport`), the controller's Raft group on shard 0 over a log of its own
-//! (`controller_log`), and the state that group replicates — for now the node registry: every
-//! node's id and addresses, registered by the controller leader when it hears from a node. Each
-//! node also keeps its own view of which peers it hears from (liveness). Partitions are not
-//! replicated yet.
+//! A node in a cluster (issue 11; docs/replication.md): the peer listener and connections
+//! (`transport`, `links`), the controller's Raft group on shard 0 over a log of its own
+//! (`controller_log`), and the state that group replicates: the node registry (every node's id
+//! and addresses, registered by the controller leader when it hears from a node) and the
+//! replicated topics (`topics`: their ids and replica sets). Each node keeps its own view of
+//! which peers it hears from (liveness), hosts its partition replicas (`replicas`), and answers
+//! the shard's `ReplicaGate` for them (produce proposes and waits for the commit; reads ask who
+//! leads).
 //!
 //! Runs only on shard 0 and only when `seeds` is set. May depend on `replication`, `shard` (its
-//! extension slot, config), `record`, `config`; the broker starts it and the admin listener reads
+//! extension slot, the gate seam, storage through it), `record`, `metadata`, `config`; the
+//! broker starts it, the protocols send topic changes through it and the admin listener reads
 //! its status.
 
 pub mod controller_log;
 pub mod links;
 pub mod replicas;
+pub mod topics;
 pub mod transport;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
 
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -26,13 +33,16 @@ use raft::eraftpb::Entry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
+use crate::metadata::TopicOverrides;
 use crate::record::builder::BatchBuilder;
-use crate::replication::group::{GroupSettings, Persist, RaftGroup};
+use crate::replication::group::{GroupSettings, Persist, ProposeError, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
-use crate::shard::Shard;
+use crate::shard::replicated::{LeaderView, ReplicaGate};
+use crate::shard::{Boxed, BrokerError, Shard};
 use controller_log::{ControllerLog, PendingWrites};
 use links::{Outbox, PeerLinks};
-use replicas::ReplicaHost;
+use replicas::{HostError, ReplicaHost};
+use topics::{ReplicatedTopic, TopicCommand, Topics};
 pub use transport::NodeInfo;
 /// Ticks between two keepalives to every peer; a peer unheard for `ALIVE_TICKS` is down.
 const KEEPALIVE_TICKS: u64 = 5;
@@ -45,6 +55,7 @@ const REPROPOSE_AFTER: Duration = Duration::from_secs(2);
 #[serde(rename_all = "snake_case")]
 enum ControllerCommand {
     Register(NodeInfo),
+    Topic(TopicCommand),
 }
 
 struct PersistJob {
@@ -63,6 +74,11 @@ pub struct Cluster {
     links: Rc<PeerLinks>,
     /// The partition replicas on this node.
     replicas: Rc<ReplicaHost>,
+    /// The replicated topics as the controller's log defines them.
+    topics: Topics,
+    /// Proposal ids of topic changes: this node's id in the high bits, so no two nodes' collide.
+    next_request: std::cell::Cell<u64>,
+    replication_timeout: Duration,
     persister: mpsc::UnboundedSender<PersistJob>,
     proposed: RefCell<BTreeMap<u64, Instant>>,
     /// Set when the controller's log cannot be written: this node stops taking part.
@@ -135,13 +151,17 @@ pub fn start(
             }
         });
         let links = PeerLinks::start(me.clone(), seeds.cluster_id, seeds.voters.clone(), listener, deliver);
+        let replicas = ReplicaHost::start(links.clone(), tick);
         Cluster {
             tick,
+            topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone()),
+            next_request: std::cell::Cell::new((seeds.node_id << 40) | (now_nanos() & 0xff_ffff_ffff)),
+            replication_timeout: Duration::from_millis(shard.config.replication_timeout_ms),
             seeds,
             me,
             group: RefCell::new(group),
             registered: RefCell::new(BTreeMap::new()),
-            replicas: ReplicaHost::start(links.clone(), tick),
+            replicas,
             links,
             persister,
             proposed: RefCell::new(BTreeMap::new()),
@@ -149,6 +169,7 @@ pub fn start(
         }
     });
     shard.set_extension(cluster.clone());
+    shard.install_replica_gate(cluster.clone());
     // Entries committed before a restart are applied again from the log (no snapshots yet).
     cluster.drive();
     glommio::spawn_local(cluster.clone().run_persister(jobs)).detach();
@@ -159,6 +180,192 @@ pub fn start(
         "cluster: controller group started; peers are dialed"
     );
     Ok(())
+}
+
+impl ReplicaGate for Cluster {
+    fn produce(
+        &self,
+        key: GroupKey,
+        topic: &Arc<str>,
+        mut batches: BytesMut,
+        timeout: Duration,
+    ) -> Boxed<crate::shard::mesh::ProduceOutcome> {
+        let deadline = Instant::now() + timeout;
+        // Each batch is one entry, proposed now, in order; the request's batches were validated.
+        let mut proposals = Vec::new();
+        while !batches.is_empty() {
+            let len = crate::record::BatchHeader::parse(&batches).map_or(batches.len(), |h| h.total_len());
+            proposals.push(self.replicas.propose(key, batches.split_to(len.min(batches.len()))));
+        }
+        let host = self.replicas.clone();
+        let (topic, partition) = (topic.clone(), key.partition);
+        let addresses = self.leader_addresses();
+        Box::pin(async move {
+            let broker_error = |e: HostError| host_error(&topic, partition, e, &addresses, timeout);
+            let mut first = None;
+            let mut last = None;
+            for proposal in proposals {
+                let proposed = proposal.await.map_err(broker_error)?;
+                // One leader term for the whole request: a later entry of the same term
+                // committing means every earlier one of that leader's term did.
+                if first.is_some_and(|f: crate::replication::group::Proposed| f.term != proposed.term) {
+                    let leader = host.status(key).and_then(|s| s.leader);
+                    return Err(broker_error(HostError::LeadershipLost { term: proposed.term, leader }));
+                }
+                first.get_or_insert(proposed);
+                last = Some(proposed);
+            }
+            let (Some(first), Some(last)) = (first, last) else {
+                return Err(BrokerError::InvalidRequest(format!("{topic}/{partition}: no batch to produce")));
+            };
+            host.committed(key, last, deadline, timeout).await.map_err(broker_error)?;
+            let log_start_offset = host.log_start_offset(key).unwrap_or(-1);
+            Ok(crate::shard::mesh::Appended { base_offset: first.base_offset, log_start_offset })
+        })
+    }
+
+    fn leader(&self, key: GroupKey) -> LeaderView {
+        let Some(status) = self.replicas.status(key) else { return LeaderView::default() };
+        LeaderView {
+            leader: status.leader,
+            epoch: status.term,
+            native: status.leader.and_then(|id| self.node_address(id)),
+            serving_here: status.serving && !status.failed,
+        }
+    }
+}
+
+impl Cluster {
+    /// Every known node's native address, for errors answered after this borrow ends.
+    fn leader_addresses(&self) -> BTreeMap<u64, String> {
+        let mut addresses: BTreeMap<u64, String> =
+            self.registered.borrow().iter().map(|(&id, info)| (id, info.native.clone())).collect();
+        addresses.insert(self.me.id, self.me.native.clone());
+        addresses
+    }
+}
+
+/// A replica host's refusal as the error clients see.
+fn host_error(
+    topic: &str,
+    partition: u32,
+    e: HostError,
+    addresses: &BTreeMap<u64, String>,
+    timeout: Duration,
+) -> BrokerError {
+    let not_leader = |leader: Option<u64>| BrokerError::NotLeader {
+        topic: topic.to_string(),
+        partition,
+        leader,
+        address: leader.and_then(|id| addresses.get(&id).cloned()),
+    };
+    match e {
+        HostError::Unknown(_) => not_leader(None),
+        HostError::Propose(ProposeError::NotLeader { leader }) | HostError::LeadershipLost { leader, .. } => {
+            not_leader(leader)
+        }
+        HostError::Propose(ProposeError::LeaderNotReady) => not_leader(None),
+        HostError::Propose(ProposeError::BadBatch(detail)) => {
+            BrokerError::InvalidRequest(format!("{topic}/{partition}: {detail}"))
+        }
+        // Too much is waiting for a majority: as a timeout, which clients retry.
+        HostError::Propose(ProposeError::Busy(_)) | HostError::TimedOut(_) => {
+            BrokerError::ReplicationTimedOut {
+                topic: topic.to_string(),
+                partition,
+                after_ms: timeout.as_millis() as u64,
+            }
+        }
+        HostError::Stopped(_) => BrokerError::Internal(format!(
+            "{topic}/{partition}: this node's replica stopped on an error (see the broker's log)"
+        )),
+    }
+}
+
+/// Runs `op` with this node's cluster, on the shard that holds it; `NotController` (no leader
+/// known) on a node outside a cluster is never returned: callers check `in_cluster` first.
+async fn on_cluster<R, W, F>(shard: &Rc<Shard>, op: W) -> Result<R, BrokerError>
+where
+    R: Send + 'static,
+    W: FnOnce(Rc<Cluster>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<R, BrokerError>> + 'static,
+{
+    let answer = shard
+        .invoke_on(topics::REPLICA_SHARD, move |shard| async move {
+            match shard.extension::<Cluster>() {
+                Some(cluster) => op(cluster).await,
+                None => Err(BrokerError::InvalidReplicationFactor(
+                    "this broker is not part of a cluster (no seeds): it keeps one copy of each partition; \
+                     create the topic without a replication factor, or with 1"
+                        .into(),
+                )),
+            }
+        })
+        .await;
+    answer.await?
+}
+
+/// Whether this broker runs as a node of a cluster.
+pub fn in_cluster(shard: &Shard) -> bool {
+    shard.config.cluster().ok().flatten().is_some()
+}
+
+/// Creates a replicated topic through the controller's log (see `Cluster::create_topic`); waits
+/// until the calling shard shows it, so the client's next request finds it here.
+pub async fn create_topic(
+    shard: &Rc<Shard>,
+    name: String,
+    partitions: u32,
+    replication_factor: u16,
+    overrides: TopicOverrides,
+) -> Result<ReplicatedTopic, BrokerError> {
+    let wanted = name.clone();
+    let topic = on_cluster(shard, move |cluster| async move {
+        cluster.create_topic(name, partitions, replication_factor, overrides).await
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_millis(shard.config.replication_timeout_ms);
+    while shard.topic(&wanted).and_then(|v| v.replication.clone()) != Some(topic.replication.clone()) {
+        if Instant::now() > deadline {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(topic)
+}
+
+pub async fn delete_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
+    on_cluster(shard, move |cluster| async move { cluster.delete_topic(name).await }).await
+}
+
+/// What Kafka's Metadata needs of the cluster: every registered node and the controller leader.
+pub struct KafkaView {
+    pub nodes: Vec<NodeInfo>,
+    pub controller: Option<u64>,
+}
+
+/// The cluster as Kafka clients see it, when this broker is a node of a cluster.
+pub async fn kafka_view(shard: &Rc<Shard>) -> Option<KafkaView> {
+    if !in_cluster(shard) {
+        return None;
+    }
+    on_cluster(shard, move |cluster| async move {
+        let mut nodes: Vec<NodeInfo> = cluster.registered.borrow().values().cloned().collect();
+        if !nodes.iter().any(|n| n.id == cluster.me.id) {
+            nodes.push(cluster.me.clone());
+        }
+        Ok(KafkaView { nodes, controller: cluster.group.borrow().leader() })
+    })
+    .await
+    .ok()
+}
+
+/// The controller leader's native address, when this broker is a node of a cluster.
+pub async fn controller_address(shard: &Rc<Shard>) -> Option<String> {
+    if !in_cluster(shard) {
+        return None;
+    }
+    on_cluster(shard, move |cluster| async move { Ok(cluster.controller_address()) }).await.ok().flatten()
 }
 
 fn now_nanos() -> u64 {
@@ -290,6 +497,10 @@ impl Cluster {
                         self.proposed.borrow_mut().remove(&info.id);
                         self.registered.borrow_mut().insert(info.id, info);
                     }
+                    Ok(ControllerCommand::Topic(command)) => {
+                        let registered: Vec<u64> = self.registered.borrow().keys().copied().collect();
+                        self.topics.apply(entry.index, command, &registered);
+                    }
                     Err(e) => {
                         return self.fail(format!("controller entry {} holds no command: {e}", entry.index))
                     }
@@ -314,19 +525,101 @@ impl Cluster {
             if recent {
                 continue;
             }
-            let value = match serde_json::to_vec(&ControllerCommand::Register(info.clone())) {
-                Ok(value) => value,
-                Err(e) => return self.fail(format!("cannot encode a registration: {e}")),
-            };
-            let mut batch = BatchBuilder::new();
-            batch.push(now_nanos() as i64 / 1_000_000, None, Some(&value), &[]);
-            match self.group.borrow_mut().propose(batch.finish()) {
-                Ok(_) => {
+            match self.propose(&ControllerCommand::Register(info.clone())) {
+                Ok(()) => {
                     self.proposed.borrow_mut().insert(info.id, Instant::now());
                 }
                 Err(e) => tracing::debug!(node = info.id, "cluster: registration not proposed: {e}"),
             }
         }
+    }
+
+    /// Appends `command` to the controller's log (this node must lead it).
+    fn propose(&self, command: &ControllerCommand) -> Result<(), BrokerError> {
+        let value = serde_json::to_vec(command)
+            .map_err(|e| BrokerError::Internal(format!("cannot encode {command:?}: {e}")))?;
+        let mut batch = BatchBuilder::new();
+        batch.push(now_nanos() as i64 / 1_000_000, None, Some(&value), &[]);
+        let proposed = self.group.borrow_mut().propose(batch.finish());
+        match proposed {
+            Ok(_) => Ok(()),
+            Err(ProposeError::NotLeader { .. } | ProposeError::LeaderNotReady) => Err(self.not_controller()),
+            Err(e) => Err(BrokerError::Internal(format!("the controller's log refused a change: {e}"))),
+        }
+    }
+
+    /// The controller leader's id and native address, for a request this node cannot serve.
+    fn not_controller(&self) -> BrokerError {
+        let leader = self.group.borrow().leader();
+        let address = leader.and_then(|id| self.node_address(id));
+        BrokerError::NotController { leader, address }
+    }
+
+    /// Node `id`'s native listener, from the registry (or, for this node, its own).
+    fn node_address(&self, id: u64) -> Option<String> {
+        if id == self.me.id {
+            return Some(self.me.native.clone());
+        }
+        self.registered.borrow().get(&id).map(|info| info.native.clone())
+    }
+
+    /// The controller leader's native address, for clients that must send topic changes there.
+    pub fn controller_address(&self) -> Option<String> {
+        self.group.borrow().leader().and_then(|id| self.node_address(id))
+    }
+
+    /// Runs a topic change through the controller's log: proposed here (this node must lead the
+    /// controller), answered once this node has applied it.
+    async fn change_topic(&self, command: TopicCommand) -> Result<ReplicatedTopic, BrokerError> {
+        if !self.group.borrow().is_serving() {
+            return Err(self.not_controller());
+        }
+        let request = command.request();
+        let applied = self.topics.wait_for(request);
+        if let Err(e) = self.propose(&ControllerCommand::Topic(command)) {
+            self.topics.forget(request);
+            return Err(e);
+        }
+        self.drive();
+        let expired = glommio::timer::sleep(self.replication_timeout);
+        futures::pin_mut!(expired);
+        match futures::future::select(applied, expired).await {
+            futures::future::Either::Left((Ok(outcome), _)) => outcome,
+            futures::future::Either::Left((Err(_), _)) => Err(BrokerError::ShuttingDown),
+            futures::future::Either::Right(_) => {
+                self.topics.forget(request);
+                Err(BrokerError::ReplicationTimedOut {
+                    topic: "the controller's log".into(),
+                    partition: 0,
+                    after_ms: self.replication_timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        let id = self.next_request.get();
+        self.next_request.set(id.wrapping_add(1));
+        id
+    }
+
+    /// Creates a replicated topic: its partitions' replica sets are placed over the registered
+    /// nodes when the controller's log applies the command.
+    pub async fn create_topic(
+        &self,
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        overrides: TopicOverrides,
+    ) -> Result<ReplicatedTopic, BrokerError> {
+        let request = self.request_id();
+        self.change_topic(TopicCommand::Create { request, name, partitions, replication_factor, overrides })
+            .await
+    }
+
+    pub async fn delete_topic(&self, name: String) -> Result<(), BrokerError> {
+        let request = self.request_id();
+        self.change_topic(TopicCommand::Delete { request, name }).await.map(|_| ())
     }
 
     async fn run_ticks(self: Rc<Self>) {

@@ -103,23 +103,35 @@ impl ReplicaHost {
         }
     }
 
-    /// Proposes a producer's batch to group `key`: where it went, once the leader has it in its
-    /// log (committed when the high watermark passes its last offset in the same term).
-    pub async fn propose(&self, key: GroupKey, batch: BytesMut) -> Result<Proposed, HostError> {
-        let (reply, answer) = oneshot::channel();
-        let sent = match self.replicas.borrow().get(&key) {
-            Some(hosted) => hosted.inputs.unbounded_send(Input::Propose(batch, reply)).is_ok(),
-            None => return Err(HostError::Unknown(key)),
-        };
-        if !sent {
-            return Err(HostError::Stopped(key));
-        }
-        Ok(answer.await.map_err(|_| HostError::Stopped(key))??)
+    /// Stops hosting group `key`: its task ends once it has finished the round under way.
+    /// Returns its partition, for the caller to close or remove.
+    pub fn remove(&self, key: GroupKey) -> Option<Rc<Partition>> {
+        self.replicas.borrow_mut().remove(&key).map(|hosted| hosted.partition)
     }
 
-    /// Proposes `batch` and waits until it is committed (`acks=all`): the high watermark passes
-    /// its last offset and the batch there is the one proposed (same offset, same leader epoch).
-    /// Fails when this replica stops leading the term first, or after `timeout`.
+    /// Proposes a producer's batch to group `key` now (queued to its task before this returns,
+    /// so proposals keep the order of the calls); the future answers where it went, once the
+    /// leader has it in its log.
+    pub fn propose(
+        &self,
+        key: GroupKey,
+        batch: BytesMut,
+    ) -> impl std::future::Future<Output = Result<Proposed, HostError>> {
+        let (reply, answer) = oneshot::channel();
+        let queued = match self.replicas.borrow().get(&key) {
+            Some(hosted) => match hosted.inputs.unbounded_send(Input::Propose(batch, reply)) {
+                Ok(()) => Ok(()),
+                Err(_) => Err(HostError::Stopped(key)),
+            },
+            None => Err(HostError::Unknown(key)),
+        };
+        async move {
+            queued?;
+            Ok(answer.await.map_err(|_| HostError::Stopped(key))??)
+        }
+    }
+
+    /// Proposes `batch` and waits until it is committed (`acks=all`): see `committed`.
     pub async fn produce(
         &self,
         key: GroupKey,
@@ -128,6 +140,19 @@ impl ReplicaHost {
     ) -> Result<Proposed, HostError> {
         let deadline = Instant::now() + timeout;
         let proposed = self.propose(key, batch).await?;
+        self.committed(key, proposed, deadline, timeout).await
+    }
+
+    /// Waits until `proposed` is committed: the high watermark passes its last offset and the
+    /// batch there is the one proposed (same offset, same leader epoch). Fails when this replica
+    /// stops leading the term first, or at `deadline` (`timeout` is what the error reports).
+    pub async fn committed(
+        &self,
+        key: GroupKey,
+        proposed: Proposed,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Proposed, HostError> {
         let (changed, partition) = match self.replicas.borrow().get(&key) {
             Some(hosted) => (hosted.changed.clone(), hosted.partition.clone()),
             None => return Err(HostError::Unknown(key)),
@@ -161,6 +186,11 @@ impl ReplicaHost {
             futures::pin_mut!(expired);
             futures::future::select(notified, expired).await;
         }
+    }
+
+    /// The log start offset of this node's replica of `key`.
+    pub fn log_start_offset(&self, key: GroupKey) -> Option<i64> {
+        self.replicas.borrow().get(&key).map(|hosted| hosted.partition.log_start_offset())
     }
 
     pub fn status(&self, key: GroupKey) -> Option<ReplicaStatus> {

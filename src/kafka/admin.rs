@@ -7,8 +7,8 @@
 //! read. Topic changes go through the controller (`controller::create_topic`, `delete_topic`,
 //! `create_partitions`). Each handler finishes its work before returning, so a request that
 //! follows on the same connection sees the effect, as with Kafka, which serves one request per
-//! connection at a time. May depend on `controller`, `shard`, `metadata`, `server` (replies) and
-//! `config`; never on storage.
+//! connection at a time. May depend on `controller`, `shard`, `metadata`, `server` (replies),
+//! `config` and `cluster` (what a node of a cluster reports: nodes, leaders); never on storage.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,11 +40,21 @@ use super::errors::Failure;
 use crate::config::{BrokerConfig, DurabilitySetting, SEGMENT_BYTES_MIN};
 use crate::metadata::{self, TopicOverrides};
 use crate::server::{Boxed, Reply};
+use crate::shard::replicated::LeaderView;
 use crate::shard::BrokerError;
 use crate::shard::{Shard, TopicView};
 
 /// The one broker's node id: leader, only replica and controller of everything.
 const NODE_ID: i32 = 0;
+
+/// This broker's Kafka node id: its cluster node id in a cluster, else 0 (a single broker).
+pub(super) fn node_id(config: &BrokerConfig) -> i32 {
+    if config.seeds.trim().is_empty() {
+        NODE_ID
+    } else {
+        i32::try_from(config.node_id).unwrap_or(i32::MAX)
+    }
+}
 
 /// Reserved for Kafka's transaction coordinator; ringlog has none yet, and a user topic of that
 /// name would be taken for its state by tools that know Kafka.
@@ -163,21 +173,54 @@ fn broker(shard: &Shard) -> MetadataResponseBroker {
         },
     };
     MetadataResponseBroker::default()
-        .with_node_id(BrokerId(NODE_ID))
+        .with_node_id(BrokerId(node_id(&shard.config)))
         .with_host(str_bytes(host))
         .with_port(i32::from(port))
         .with_rack(None)
 }
 
-fn topic_metadata(view: &TopicView) -> MetadataResponseTopic {
+/// A cluster's other nodes with a Kafka listener, as the controller's registry has them.
+fn peer_brokers(me: i32, nodes: &[crate::cluster::NodeInfo]) -> Vec<MetadataResponseBroker> {
+    nodes
+        .iter()
+        .filter(|n| i64::try_from(n.id).ok() != Some(i64::from(me)))
+        .filter_map(|n| {
+            let (host, port) = n.kafka.as_deref()?.rsplit_once(':')?;
+            Some(
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(i32::try_from(n.id).ok()?))
+                    .with_host(str_bytes(host.trim_start_matches('[').trim_end_matches(']').to_string()))
+                    .with_port(port.parse().ok()?)
+                    .with_rack(None),
+            )
+        })
+        .collect()
+}
+
+fn topic_metadata(view: &TopicView, me: i32, leaders: &[LeaderView]) -> MetadataResponseTopic {
     let partitions = (0..view.partition_shards.len() as i32)
         .map(|p| {
-            MetadataResponsePartition::default()
-                .with_partition_index(p)
-                .with_leader_id(BrokerId(NODE_ID))
-                .with_leader_epoch(0)
-                .with_replica_nodes(vec![BrokerId(NODE_ID)])
-                .with_isr_nodes(vec![BrokerId(NODE_ID)])
+            let partition = MetadataResponsePartition::default().with_partition_index(p);
+            let Some(replication) = &view.replication else {
+                return partition
+                    .with_leader_id(BrokerId(me))
+                    .with_leader_epoch(0)
+                    .with_replica_nodes(vec![BrokerId(me)])
+                    .with_isr_nodes(vec![BrokerId(me)])
+                    .with_offline_replicas(Vec::new());
+            };
+            let id = |n: &u64| BrokerId(i32::try_from(*n).unwrap_or(-1));
+            let replicas: Vec<BrokerId> =
+                replication.replicas.get(p as usize).map(|r| r.iter().map(id).collect()).unwrap_or_default();
+            let view = leaders.get(p as usize).cloned().unwrap_or_default();
+            // No leader known (an election under way): Kafka's LEADER_NOT_AVAILABLE, retried.
+            let error = if view.leader.is_none() { ResponseError::LeaderNotAvailable.code() } else { 0 };
+            partition
+                .with_error_code(error)
+                .with_leader_id(view.leader.as_ref().map_or(BrokerId(-1), id))
+                .with_leader_epoch(i32::try_from(view.epoch).unwrap_or(i32::MAX))
+                .with_isr_nodes(replicas.clone())
+                .with_replica_nodes(replicas)
                 .with_offline_replicas(Vec::new())
         })
         .collect();
@@ -219,27 +262,38 @@ pub(super) async fn metadata(
             }
         }
     }
-    let topics: Vec<MetadataResponseTopic> = match requested {
+    let views: Vec<Result<Rc<TopicView>, String>> = match requested {
         // Internal topics are listed only when asked for by name, as the native protocol does.
         None => shard
             .topic_names()
             .iter()
             .filter(|n| !is_internal(n))
             .filter_map(|n| shard.topic(n))
-            .map(|view| topic_metadata(&view))
+            .map(Ok)
             .collect(),
-        Some(names) => names
-            .iter()
-            .map(|n| match shard.topic(n) {
-                Some(view) => topic_metadata(&view),
-                None => missing_topic_metadata(n),
-            })
-            .collect(),
+        Some(names) => names.into_iter().map(|n| shard.topic(&n).ok_or(n)).collect(),
     };
+    let me = node_id(&shard.config);
+    let mut topics = Vec::with_capacity(views.len());
+    for view in &views {
+        topics.push(match view {
+            Ok(view) if view.replication.is_some() => {
+                topic_metadata(view, me, &shard.replicated_leaders(view.name.clone()).await)
+            }
+            Ok(view) => topic_metadata(view, me, &[]),
+            Err(name) => missing_topic_metadata(name),
+        });
+    }
+    let mut brokers = vec![broker(shard)];
+    let mut controller = me;
+    if let Some(cluster) = crate::cluster::kafka_view(shard).await {
+        brokers.extend(peer_brokers(me, &cluster.nodes));
+        controller = cluster.controller.and_then(|id| i32::try_from(id).ok()).unwrap_or(-1);
+    }
     let body = MetadataResponse::default()
-        .with_brokers(vec![broker(shard)])
+        .with_brokers(brokers)
         .with_cluster_id(cluster_id(shard))
-        .with_controller_id(BrokerId(NODE_ID))
+        .with_controller_id(BrokerId(controller))
         .with_topics(topics);
     ready(respond(&ctx, &body))
 }
@@ -534,7 +588,7 @@ fn topic_config_entries(overrides: &TopicOverrides, broker: &BrokerConfig) -> Ve
 fn broker_config_entries(broker: &BrokerConfig) -> Vec<ConfigEntry> {
     let d = BrokerConfig::default();
     let entries: [(&'static str, String, bool, i8); 11] = [
-        ("broker.id", NODE_ID.to_string(), false, TYPE_INT),
+        ("broker.id", node_id(broker).to_string(), false, TYPE_INT),
         (
             "num.partitions",
             broker.default_partitions.to_string(),
@@ -1211,6 +1265,7 @@ mod tests {
                     partition_shards: vec![0, 1],
                     overrides: TopicOverrides::default(),
                     settings: TopicOverrides::default().resolve(&broker),
+                    replication: None,
                 };
                 let body = MetadataResponse::default()
                     .with_brokers(vec![MetadataResponseBroker::default()
@@ -1218,7 +1273,7 @@ mod tests {
                         .with_port(9092)])
                     .with_cluster_id(Some(str_bytes("AAAAAAAAAAAAAAAAAAAAAA")))
                     .with_controller_id(BrokerId(NODE_ID))
-                    .with_topics(vec![topic_metadata(&view), missing_topic_metadata("x/y")]);
+                    .with_topics(vec![topic_metadata(&view, NODE_ID, &[]), missing_topic_metadata("x/y")]);
                 let mut buf = bytes::BytesMut::new();
                 body.encode(&mut buf, v).map_err(|e| e.to_string())?;
                 Ok(buf.len())

@@ -58,7 +58,10 @@ pub fn broker_code(e: &BrokerError) -> i16 {
         BrokerError::Storage { failure, .. } => storage_code(*failure),
         // Kafka clients retry NOT_LEADER on another broker or after a metadata refresh: the
         // behaviour a restarting broker wants.
-        BrokerError::ShuttingDown => K::NotLeaderOrFollower,
+        BrokerError::ShuttingDown | BrokerError::NotLeader { .. } => K::NotLeaderOrFollower,
+        BrokerError::ReplicationTimedOut { .. } => K::RequestTimedOut,
+        BrokerError::NotController { .. } => K::NotController,
+        BrokerError::InvalidReplicationFactor(_) => K::InvalidReplicationFactor,
         BrokerError::Internal(_) => K::UnknownServerError,
     };
     k.code()

@@ -70,8 +70,6 @@ const CONSUMER_PROTOCOL_TYPE: &str = "consumer";
 /// FindCoordinator key types.
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
-/// The single broker's node id.
-const NODE_ID: i32 = 0;
 /// The state DescribeGroups reports for a group that does not exist (Kafka's answer up to v5).
 const DEAD_STATE: &str = "Dead";
 
@@ -148,7 +146,7 @@ pub(super) async fn find_coordinator(
     };
     let response = match found {
         Ok((host, port)) => FindCoordinatorResponse::default()
-            .with_node_id(BrokerId(NODE_ID))
+            .with_node_id(BrokerId(super::admin::node_id(&shard.config)))
             .with_host(text(host))
             .with_port(i32::from(port)),
         Err((code, message)) => FindCoordinatorResponse::default()

@@ -33,6 +33,10 @@ pub fn broker_code(e: &BrokerError) -> ErrorCode {
         | BrokerError::ControllerFile { .. } => ErrorCode::StorageError,
         BrokerError::Storage { failure, .. } => storage_code(*failure),
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
+        BrokerError::NotLeader { .. } => ErrorCode::NotLeader,
+        BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
+        BrokerError::NotController { .. } => ErrorCode::NotController,
+        BrokerError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
         BrokerError::Internal(_) => ErrorCode::Internal,
     }
 }

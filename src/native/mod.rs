@@ -21,11 +21,12 @@ use futures::future::FutureExt;
 use tracing::Instrument;
 
 use crate::config::DurabilitySetting;
-use crate::metadata::{TopicMeta, TopicOverrides, TopicSettings};
+use crate::metadata::{TopicOverrides, TopicSettings};
 use crate::protocol::frame::{frame_prefix, split_frame, FrameError, RawFrame, FRAME_PREFIX_LEN};
 use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
 use crate::protocol::{self, PROTOCOL_VERSION};
 use crate::shard::mesh::{AppendItem, BrokerError, FetchItem, FetchOutcome, OffsetQuery};
+use crate::shard::replicated::{LeaderView, Replication};
 use crate::shard::rules::{self, FetchBudget};
 use crate::shard::Shard;
 
@@ -368,17 +369,35 @@ async fn partition_metadata(
         .collect()
 }
 
+/// A replicated topic's placement and each partition's leader, for its metadata.
+type ReplicaInfo<'r> = Option<(&'r Replication, &'r [LeaderView])>;
+
 fn encode_partitions<'a>(
     fbb: &mut FlatBufferBuilder<'a>,
     parts: &[(u32, u32, i64, i64)],
+    replicated: ReplicaInfo<'_>,
 ) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::PartitionMetadata<'a>>>> {
     let parts: Vec<_> = parts
         .iter()
         .map(|&(partition, shard, log_start_offset, high_watermark)| {
-            wire::PartitionMetadata::create(
-                fbb,
-                &wire::PartitionMetadataArgs { partition, shard, log_start_offset, high_watermark },
-            )
+            let mut args = wire::PartitionMetadataArgs {
+                partition,
+                shard,
+                log_start_offset,
+                high_watermark,
+                ..Default::default()
+            };
+            if let Some((replication, leaders)) = replicated {
+                let nodes =
+                    replication.replicas.get(partition as usize).map(Vec::as_slice).unwrap_or_default();
+                args.replicas = Some(fbb.create_vector(nodes));
+                if let Some(view) = leaders.get(partition as usize) {
+                    args.leader = view.leader.unwrap_or(0);
+                    args.leader_epoch = view.epoch as i64;
+                    args.leader_address = view.native.as_deref().map(|a| fbb.create_string(a));
+                }
+            }
+            wire::PartitionMetadata::create(fbb, &args)
         })
         .collect();
     fbb.create_vector(&parts)
@@ -400,15 +419,28 @@ fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<
         let layout: Vec<(Arc<str>, Vec<u32>)> =
             views.iter().map(|v| (v.name.clone(), v.partition_shards.clone())).collect();
         let mut states = partition_metadata(&shard, &layout).await.into_iter();
+        let mut leaders = Vec::with_capacity(views.len());
+        for view in &views {
+            leaders.push(match view.replication {
+                Some(_) => shard.replicated_leaders(view.name.clone()).await,
+                None => Vec::new(),
+            });
+        }
+        let mut leaders = leaders.into_iter();
         let mut views = views.into_iter();
         let mut fbb = FlatBufferBuilder::with_capacity(1024);
         let mut topics = Vec::with_capacity(names.len());
         for name in &names {
             let topic = match name {
                 Ok(_) => {
-                    let (Some(view), Some(parts)) = (views.next(), states.next()) else { continue };
+                    let (Some(view), Some(parts), Some(leaders)) =
+                        (views.next(), states.next(), leaders.next())
+                    else {
+                        continue;
+                    };
                     let name = fbb.create_string(&view.name);
-                    let partitions = encode_partitions(&mut fbb, &parts);
+                    let replicated = view.replication.as_deref().map(|r| (r, leaders.as_slice()));
+                    let partitions = encode_partitions(&mut fbb, &parts, replicated);
                     let config = topic_config(&mut fbb, &view.settings);
                     wire::TopicMetadata::create(
                         &mut fbb,
@@ -450,9 +482,11 @@ fn metadata(shard: &Rc<Shard>, cid: u32, r: wire::MetadataRequest<'_>) -> Boxed<
             .collect();
         let shards = fbb.create_vector(&endpoints);
         let topics = fbb.create_vector(&topics);
+        let controller = crate::cluster::controller_address(&shard).await;
+        let controller_address = controller.as_deref().map(|a| fbb.create_string(a));
         let body = wire::MetadataResponse::create(
             &mut fbb,
-            &wire::MetadataResponseArgs { shards: Some(shards), topics: Some(topics) },
+            &wire::MetadataResponseArgs { shards: Some(shards), topics: Some(topics), controller_address },
         );
         respond(fbb, cid, ResponseBody::MetadataResponse, body.as_union_value(), Vec::new())
     }
@@ -466,18 +500,39 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
         Ok(o) => o,
         Err(m) => return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidConfig, &m))),
     };
+    // A replication factor asks for a replicated topic; 1 on a single node is a local topic, as
+    // Kafka's single broker takes it.
+    let replication_factor =
+        r.replication_factor().filter(|&rf| rf != 1 || crate::cluster::in_cluster(shard));
     let shard = shard.clone();
     async move {
-        let meta: TopicMeta = match crate::controller::create_topic(&shard, name, partitions, overrides).await
-        {
-            Ok(meta) => meta,
+        let created = match replication_factor {
+            Some(rf) => {
+                crate::cluster::create_topic(&shard, name, partitions, rf, overrides).await.map(|t| t.name)
+            }
+            None => {
+                crate::controller::create_topic(&shard, name, partitions, overrides).await.map(|m| m.name)
+            }
+        };
+        let name = match created {
+            Ok(name) => name,
             Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
         };
-        let layout = vec![(Arc::<str>::from(meta.name.as_str()), meta.partition_shards.clone())];
+        let Some(view) = shard.topic(&name) else {
+            let e = BrokerError::UnknownTopic { topic: name };
+            return Reply::Frame(broker_error_response(cid, &e));
+        };
+        let layout = vec![(view.name.clone(), view.partition_shards.clone())];
         let parts = partition_metadata(&shard, &layout).await;
+        let leaders = match view.replication {
+            Some(_) => shard.replicated_leaders(view.name.clone()).await,
+            None => Vec::new(),
+        };
         let mut fbb = FlatBufferBuilder::with_capacity(512);
-        let name = fbb.create_string(&meta.name);
-        let partitions = encode_partitions(&mut fbb, parts.first().map(Vec::as_slice).unwrap_or_default());
+        let name = fbb.create_string(&view.name);
+        let replicated = view.replication.as_deref().map(|r| (r, leaders.as_slice()));
+        let partitions =
+            encode_partitions(&mut fbb, parts.first().map(Vec::as_slice).unwrap_or_default(), replicated);
         let body = wire::CreateTopicResponse::create(
             &mut fbb,
             &wire::CreateTopicResponseArgs { name: Some(name), partitions: Some(partitions) },
@@ -489,9 +544,15 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
 
 fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) -> Boxed<Reply> {
     let name = r.name().unwrap_or_default().to_string();
+    let replicated = shard.topic(&name).is_some_and(|v| v.replication.is_some());
     let shard = shard.clone();
     async move {
-        if let Err(e) = crate::controller::delete_topic(&shard, name.clone()).await {
+        let deleted = if replicated {
+            crate::cluster::delete_topic(&shard, name.clone()).await
+        } else {
+            crate::controller::delete_topic(&shard, name.clone()).await
+        };
+        if let Err(e) = deleted {
             return Reply::Frame(broker_error_response(cid, &e));
         }
         let mut fbb = FlatBufferBuilder::with_capacity(128);

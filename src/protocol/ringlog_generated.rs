@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: i16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: i16 = 30;
+pub const ENUM_MAX_ERROR_CODE: i16 = 33;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 31] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 34] = [
   ErrorCode::None,
   ErrorCode::UnknownTopicOrPartition,
   ErrorCode::NotOwner,
@@ -48,6 +48,9 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 31] = [
   ErrorCode::InvalidGroupId,
   ErrorCode::OutOfOrderSequenceNumber,
   ErrorCode::InvalidProducerEpoch,
+  ErrorCode::NotLeader,
+  ErrorCode::NotController,
+  ErrorCode::InvalidReplicationFactor,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -86,9 +89,12 @@ impl ErrorCode {
   pub const InvalidGroupId: Self = Self(28);
   pub const OutOfOrderSequenceNumber: Self = Self(29);
   pub const InvalidProducerEpoch: Self = Self(30);
+  pub const NotLeader: Self = Self(31);
+  pub const NotController: Self = Self(32);
+  pub const InvalidReplicationFactor: Self = Self(33);
 
   pub const ENUM_MIN: i16 = 0;
-  pub const ENUM_MAX: i16 = 30;
+  pub const ENUM_MAX: i16 = 33;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopicOrPartition,
@@ -121,6 +127,9 @@ impl ErrorCode {
     Self::InvalidGroupId,
     Self::OutOfOrderSequenceNumber,
     Self::InvalidProducerEpoch,
+    Self::NotLeader,
+    Self::NotController,
+    Self::InvalidReplicationFactor,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -156,6 +165,9 @@ impl ErrorCode {
       Self::InvalidGroupId => Some("InvalidGroupId"),
       Self::OutOfOrderSequenceNumber => Some("OutOfOrderSequenceNumber"),
       Self::InvalidProducerEpoch => Some("InvalidProducerEpoch"),
+      Self::NotLeader => Some("NotLeader"),
+      Self::NotController => Some("NotController"),
+      Self::InvalidReplicationFactor => Some("InvalidReplicationFactor"),
       _ => None,
     }
   }
@@ -1436,6 +1448,10 @@ impl<'a> PartitionMetadata<'a> {
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
   pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 16;
+  pub const VT_LEADER_ADDRESS: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1444,11 +1460,15 @@ impl<'a> PartitionMetadata<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionMetadataArgs
+    args: &'args PartitionMetadataArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionMetadata<'bldr>> {
     let mut builder = PartitionMetadataBuilder::new(_fbb);
+    builder.add_leader_epoch(args.leader_epoch);
+    builder.add_leader(args.leader);
     builder.add_high_watermark(args.high_watermark);
     builder.add_log_start_offset(args.log_start_offset);
+    if let Some(x) = args.leader_address { builder.add_leader_address(x); }
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_shard(args.shard);
     builder.add_partition(args.partition);
     builder.finish()
@@ -1483,6 +1503,34 @@ impl<'a> PartitionMetadata<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(PartitionMetadata::VT_HIGH_WATERMARK, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(PartitionMetadata::VT_REPLICAS, None)}
+  }
+  #[inline]
+  pub fn leader(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionMetadata::VT_LEADER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn leader_epoch(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(PartitionMetadata::VT_LEADER_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn leader_address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PartitionMetadata::VT_LEADER_ADDRESS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
@@ -1495,17 +1543,25 @@ impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
      .visit_field::<u32>("shard", Self::VT_SHARD, false)?
      .visit_field::<i64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
      .visit_field::<i64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<u64>("leader", Self::VT_LEADER, false)?
+     .visit_field::<i64>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("leader_address", Self::VT_LEADER_ADDRESS, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionMetadataArgs {
+pub struct PartitionMetadataArgs<'a> {
     pub partition: u32,
     pub shard: u32,
     pub log_start_offset: i64,
     pub high_watermark: i64,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub leader: u64,
+    pub leader_epoch: i64,
+    pub leader_address: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
-impl<'a> Default for PartitionMetadataArgs {
+impl<'a> Default for PartitionMetadataArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionMetadataArgs {
@@ -1513,6 +1569,10 @@ impl<'a> Default for PartitionMetadataArgs {
       shard: 0,
       log_start_offset: 0,
       high_watermark: 0,
+      replicas: None,
+      leader: 0,
+      leader_epoch: 0,
+      leader_address: None,
     }
   }
 }
@@ -1539,6 +1599,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionMetadataBuilder<'a, 
     self.fbb_.push_slot::<i64>(PartitionMetadata::VT_HIGH_WATERMARK, high_watermark, 0);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionMetadata::VT_REPLICAS, replicas);
+  }
+  #[inline]
+  pub fn add_leader(&mut self, leader: u64) {
+    self.fbb_.push_slot::<u64>(PartitionMetadata::VT_LEADER, leader, 0);
+  }
+  #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: i64) {
+    self.fbb_.push_slot::<i64>(PartitionMetadata::VT_LEADER_EPOCH, leader_epoch, 0);
+  }
+  #[inline]
+  pub fn add_leader_address(&mut self, leader_address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionMetadata::VT_LEADER_ADDRESS, leader_address);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionMetadataBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionMetadataBuilder {
@@ -1560,6 +1636,10 @@ impl ::core::fmt::Debug for PartitionMetadata<'_> {
       ds.field("shard", &self.shard());
       ds.field("log_start_offset", &self.log_start_offset());
       ds.field("high_watermark", &self.high_watermark());
+      ds.field("replicas", &self.replicas());
+      ds.field("leader", &self.leader());
+      ds.field("leader_epoch", &self.leader_epoch());
+      ds.field("leader_address", &self.leader_address());
       ds.finish()
   }
 }
@@ -1745,6 +1825,7 @@ impl<'a> ::flatbuffers::Follow<'a> for MetadataResponse<'a> {
 impl<'a> MetadataResponse<'a> {
   pub const VT_SHARDS: ::flatbuffers::VOffsetT = 4;
   pub const VT_TOPICS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONTROLLER_ADDRESS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1756,6 +1837,7 @@ impl<'a> MetadataResponse<'a> {
     args: &'args MetadataResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<MetadataResponse<'bldr>> {
     let mut builder = MetadataResponseBuilder::new(_fbb);
+    if let Some(x) = args.controller_address { builder.add_controller_address(x); }
     if let Some(x) = args.topics { builder.add_topics(x); }
     if let Some(x) = args.shards { builder.add_shards(x); }
     builder.finish()
@@ -1776,6 +1858,13 @@ impl<'a> MetadataResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicMetadata>>>>(MetadataResponse::VT_TOPICS, None)}
   }
+  #[inline]
+  pub fn controller_address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MetadataResponse::VT_CONTROLLER_ADDRESS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
@@ -1786,6 +1875,7 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardEndpoint>>>>("shards", Self::VT_SHARDS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopicMetadata>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("controller_address", Self::VT_CONTROLLER_ADDRESS, false)?
      .finish();
     Ok(())
   }
@@ -1793,6 +1883,7 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
 pub struct MetadataResponseArgs<'a> {
     pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardEndpoint<'a>>>>>,
     pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicMetadata<'a>>>>>,
+    pub controller_address: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for MetadataResponseArgs<'a> {
   #[inline]
@@ -1800,6 +1891,7 @@ impl<'a> Default for MetadataResponseArgs<'a> {
     MetadataResponseArgs {
       shards: None,
       topics: None,
+      controller_address: None,
     }
   }
 }
@@ -1816,6 +1908,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetadataResponseBuilder<'a, '
   #[inline]
   pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TopicMetadata<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_controller_address(&mut self, controller_address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_CONTROLLER_ADDRESS, controller_address);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetadataResponseBuilder<'a, 'b, A> {
@@ -1837,6 +1933,7 @@ impl ::core::fmt::Debug for MetadataResponse<'_> {
     let mut ds = f.debug_struct("MetadataResponse");
       ds.field("shards", &self.shards());
       ds.field("topics", &self.topics());
+      ds.field("controller_address", &self.controller_address());
       ds.finish()
   }
 }
@@ -1859,6 +1956,7 @@ impl<'a> CreateTopicRequest<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_CONFIG: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REPLICATION_FACTOR: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1873,6 +1971,7 @@ impl<'a> CreateTopicRequest<'a> {
     if let Some(x) = args.config { builder.add_config(x); }
     if let Some(x) = args.partitions { builder.add_partitions(x); }
     if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.replication_factor { builder.add_replication_factor(x); }
     builder.finish()
   }
 
@@ -1898,6 +1997,13 @@ impl<'a> CreateTopicRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<TopicConfig>>(CreateTopicRequest::VT_CONFIG, None)}
   }
+  #[inline]
+  pub fn replication_factor(&self) -> Option<u16> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(CreateTopicRequest::VT_REPLICATION_FACTOR, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
@@ -1909,6 +2015,7 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<TopicConfig>>("config", Self::VT_CONFIG, false)?
+     .visit_field::<u16>("replication_factor", Self::VT_REPLICATION_FACTOR, false)?
      .finish();
     Ok(())
   }
@@ -1917,6 +2024,7 @@ pub struct CreateTopicRequestArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub partitions: Option<u32>,
     pub config: Option<::flatbuffers::WIPOffset<TopicConfig<'a>>>,
+    pub replication_factor: Option<u16>,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
   #[inline]
@@ -1925,6 +2033,7 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
       name: None,
       partitions: None,
       config: None,
+      replication_factor: None,
     }
   }
 }
@@ -1947,6 +2056,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<TopicConfig>>(CreateTopicRequest::VT_CONFIG, config);
   }
   #[inline]
+  pub fn add_replication_factor(&mut self, replication_factor: u16) {
+    self.fbb_.push_slot_always::<u16>(CreateTopicRequest::VT_REPLICATION_FACTOR, replication_factor);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     CreateTopicRequestBuilder {
@@ -1967,6 +2080,7 @@ impl ::core::fmt::Debug for CreateTopicRequest<'_> {
       ds.field("name", &self.name());
       ds.field("partitions", &self.partitions());
       ds.field("config", &self.config());
+      ds.field("replication_factor", &self.replication_factor());
       ds.finish()
   }
 }

@@ -60,6 +60,19 @@ pub enum BrokerError {
     /// read or written.
     #[error("{file}: {detail}")]
     ControllerFile { file: String, detail: String },
+    /// A replicated partition's request reached a node that does not lead it (or no leader is
+    /// known yet): Kafka's NOT_LEADER_OR_FOLLOWER, retried after a metadata refresh.
+    #[error("{topic}/{partition}: this node does not lead the partition; {}", leader_hint(*leader, address.as_deref()))]
+    NotLeader { topic: String, partition: u32, leader: Option<u64>, address: Option<String> },
+    /// A write to a replicated partition was not committed by a majority in time (it may still
+    /// commit): Kafka's REQUEST_TIMED_OUT.
+    #[error("{topic}/{partition}: not committed by a majority of its replicas within {after_ms} ms")]
+    ReplicationTimedOut { topic: String, partition: u32, after_ms: u64 },
+    /// A topic change reached a node that does not lead the controller group.
+    #[error("this node does not lead the controller; {}", leader_hint(*leader, address.as_deref()))]
+    NotController { leader: Option<u64>, address: Option<String> },
+    #[error("{0}")]
+    InvalidReplicationFactor(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     /// A broken invariant between shards; a bug, reported rather than panicking.
@@ -109,6 +122,14 @@ impl StorageFailure {
             StorageError::OutOfOrderSequence { .. } => StorageFailure::OutOfOrderSequence,
             _ => StorageFailure::Io,
         }
+    }
+}
+
+fn leader_hint(leader: Option<u64>, address: Option<&str>) -> String {
+    match (leader, address) {
+        (Some(id), Some(address)) => format!("node {id} at {address} does"),
+        (Some(id), None) => format!("node {id} does"),
+        (None, _) => "no leader is known yet (an election is under way); retry shortly".to_string(),
     }
 }
 

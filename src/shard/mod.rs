@@ -18,6 +18,7 @@ mod idle;
 pub mod mesh;
 mod owner;
 pub mod replica;
+pub mod replicated;
 pub mod rules;
 mod topics;
 
@@ -52,6 +53,9 @@ pub struct TopicView {
     pub partition_shards: Vec<u32>,
     pub overrides: TopicOverrides,
     pub settings: TopicSettings,
+    /// Set for a topic whose partitions are Raft groups across nodes (a cluster's replicated
+    /// topic); its produce goes through the hosting shard's `ReplicaGate`.
+    pub replication: Option<Arc<replicated::Replication>>,
 }
 
 pub struct Shard {
@@ -74,6 +78,8 @@ pub struct Shard {
     /// `(host, port)` Kafka clients are told to reach this broker at; unset when the Kafka
     /// listener is off.
     pub kafka_endpoint: std::cell::OnceCell<(String, u16)>,
+    /// Installed by the cluster layer on the shard hosting replicated partitions.
+    replica_gate: RefCell<Option<Rc<dyn replicated::ReplicaGate>>>,
 }
 
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
@@ -118,6 +124,7 @@ impl Shard {
             cross_shard_hops: Cell::new(0),
             extensions: RefCell::new(HashMap::new()),
             kafka_endpoint: std::cell::OnceCell::new(),
+            replica_gate: RefCell::new(None),
         });
         let started = std::time::Instant::now();
         let mut summary = crate::storage::RecoverySummary::default();

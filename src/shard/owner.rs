@@ -13,7 +13,7 @@ use futures::future::{join_all, select_all, FutureExt};
 
 use super::mesh::*;
 use super::{Boxed, Shard};
-use crate::storage::Partition;
+use crate::storage::{Partition, Visibility};
 
 impl Shard {
     /// Appends now (synchronously, so offsets follow arrival order) and returns a future that
@@ -37,11 +37,26 @@ impl Shard {
 
     /// Appends one partition's batches to a partition this shard owns, now. Every write of the
     /// broker goes through here: clients' produce requests and the group coordinator's records.
+    /// A replicated partition's batches are proposed to its Raft group instead (through the
+    /// gate), also now, so proposals keep arrival order.
     pub fn append_owned(&self, item: AppendItem) -> Result<PendingAppend, BrokerError> {
         let AppendItem { topic, partition: index, batches } = item;
         let Some(partition) = self.partition(&topic, index) else {
-            return Err(BrokerError::unknown_partition(&topic, index));
+            return Err(self.missing_partition(&topic, index));
         };
+        // Committed visibility is what makes a partition a replica's log; checked before the
+        // view lookup so a local append pays one field read.
+        if partition.config().visibility == Visibility::Committed {
+            if let Some(replication) = self.replication_of(&topic) {
+                let bytes = batches.len();
+                let (committed, records) =
+                    self.append_through_gate(topic.clone(), index, &replication, batches);
+                return Ok(PendingAppend {
+                    appended: Appended { base_offset: -1, log_start_offset: -1 },
+                    waiting: Waiting::Committed { committed, topic, bytes, records },
+                });
+            }
+        }
         let bytes = batches.len();
         match partition.append(batches) {
             Ok(a) => {
@@ -49,7 +64,8 @@ impl Shard {
                     crate::metrics::appended(&topic, bytes, a.last_offset - a.base_offset + 1);
                 }
                 let appended = Appended { base_offset: a.base_offset, log_start_offset: a.log_start_offset };
-                Ok(PendingAppend { partition, appended, last_offset: a.last_offset, topic, index })
+                let waiting = Waiting::Durable { partition, last_offset: a.last_offset, topic, index };
+                Ok(PendingAppend { appended, waiting })
             }
             Err(e) => {
                 crate::metrics::partition_error(crate::metrics::PartitionOp::Produce);
@@ -58,13 +74,44 @@ impl Shard {
         }
     }
 
+    /// Why `(topic, index)` has no partition on this shard: not the topic's (unknown), or a
+    /// replicated partition this node holds no replica of (its leader is elsewhere).
+    fn missing_partition(&self, topic: &str, index: u32) -> BrokerError {
+        match self.replication_of(topic) {
+            Some(replication) if (index as usize) < replication.replicas.len() => {
+                let view = self.leader_of(&replication, index).unwrap_or_default();
+                BrokerError::not_leader(topic, index, &view)
+            }
+            _ => BrokerError::unknown_partition(topic, index),
+        }
+    }
+
+    /// A replicated partition's reads are served by its leader only: Kafka clients fetch from
+    /// the leader the metadata names, and a follower's high watermark lags its leader's.
+    fn check_leader(&self, topic: &str, index: u32) -> Result<(), BrokerError> {
+        let Some(replication) = self.replication_of(topic) else { return Ok(()) };
+        let view = self.leader_of(&replication, index).unwrap_or_default();
+        if view.serving_here {
+            Ok(())
+        } else {
+            Err(BrokerError::not_leader(topic, index, &view))
+        }
+    }
+
+    /// The partition `item` names, for a read: local, and led here when replicated.
+    fn readable(&self, topic: &str, index: u32) -> Result<Rc<Partition>, BrokerError> {
+        let partition = self.partition(topic, index).ok_or_else(|| self.missing_partition(topic, index))?;
+        if partition.config().visibility == Visibility::Committed {
+            self.check_leader(topic, index)?;
+        }
+        Ok(partition)
+    }
+
     pub(super) async fn fetch_local(self: Rc<Self>, items: Vec<FetchItem>) -> Vec<FetchOutcome> {
         let reads = items.iter().map(|item| {
-            let partition = self.partition(&item.topic, item.partition);
+            let partition = self.readable(&item.topic, item.partition);
             async move {
-                let Some(partition) = partition else {
-                    return Err(BrokerError::unknown_partition(&item.topic, item.partition));
-                };
+                let partition = partition?;
                 let read = partition.read(item.offset, item.max_bytes).await;
                 match &read {
                     Ok(r) => {
@@ -102,9 +149,12 @@ impl Shard {
     pub(super) async fn list_offsets_local(self: Rc<Self>, items: Vec<OffsetQuery>) -> Vec<OffsetOutcome> {
         let mut out = Vec::with_capacity(items.len());
         for q in items {
-            let Some(p) = self.partition(&q.topic, q.partition) else {
-                out.push(Err(BrokerError::unknown_partition(&q.topic, q.partition)));
-                continue;
+            let p = match self.readable(&q.topic, q.partition) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
             };
             // Kafka semantics: no record at or after the timestamp answers with the log end.
             let found =
@@ -163,21 +213,37 @@ impl Shard {
 }
 
 /// An append that is in the log (offsets assigned, readable once durable) and may not be durable
-/// yet.
+/// yet; or a replicated partition's proposal, not committed yet.
 pub struct PendingAppend {
-    partition: Rc<Partition>,
+    /// What is known at once: a local append's offsets; -1 for a proposal (known at commit).
     pub appended: Appended,
-    pub last_offset: i64,
-    topic: Arc<str>,
-    index: u32,
+    waiting: Waiting,
+}
+
+enum Waiting {
+    Durable { partition: Rc<Partition>, last_offset: i64, topic: Arc<str>, index: u32 },
+    Committed { committed: Boxed<ProduceOutcome>, topic: Arc<str>, bytes: usize, records: i64 },
 }
 
 impl PendingAppend {
-    /// Resolves once the append is durable per its topic's policy.
+    /// Resolves once the append is durable per its topic's policy; a replicated partition's
+    /// once a majority of its replicas hold it durably (committed).
     pub async fn durable(self) -> ProduceOutcome {
-        match self.partition.wait_durable(self.last_offset).await {
-            Ok(()) => Ok(self.appended),
-            Err(e) => Err(BrokerError::storage(&self.topic, self.index, e)),
+        match self.waiting {
+            Waiting::Durable { partition, last_offset, topic, index } => {
+                match partition.wait_durable(last_offset).await {
+                    Ok(()) => Ok(self.appended),
+                    Err(e) => Err(BrokerError::storage(&topic, index, e)),
+                }
+            }
+            Waiting::Committed { committed, topic, bytes, records } => {
+                let outcome = committed.await;
+                match &outcome {
+                    Ok(_) => crate::metrics::appended(&topic, bytes, records),
+                    Err(_) => crate::metrics::partition_error(crate::metrics::PartitionOp::Produce),
+                }
+                outcome
+            }
         }
     }
 }

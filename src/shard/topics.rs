@@ -52,7 +52,7 @@ pub(super) async fn close_all(topic: &str, partitions: impl IntoIterator<Item = 
 }
 
 impl Shard {
-    pub(super) fn log_config(&self, settings: &TopicSettings) -> LogConfig {
+    pub fn log_config(&self, settings: &TopicSettings) -> LogConfig {
         let positive = |v: i64| if v > 0 { Some(v as u64) } else { None };
         LogConfig {
             segment_bytes: settings.segment_bytes,
@@ -106,6 +106,7 @@ impl Shard {
                 partition_shards: meta.partition_shards.clone(),
                 overrides: meta.overrides.clone(),
                 settings,
+                replication: None,
             }),
         );
         Ok(opened.summary)
@@ -184,6 +185,7 @@ impl Shard {
                     partition_shards: meta.partition_shards.clone(),
                     overrides: view.overrides.clone(),
                     settings: view.settings,
+                    replication: view.replication.clone(),
                 };
                 self.topics.borrow_mut().insert(view.name.clone(), Rc::new(grown));
             }

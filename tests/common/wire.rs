@@ -81,6 +81,7 @@ impl Conn {
                     name: Some(name),
                     partitions: Some(partitions),
                     config: None,
+                    replication_factor: None,
                 },
             )
             .as_union_value()
@@ -268,6 +269,7 @@ impl Conn {
                     name: Some(name),
                     partitions: Some(partitions),
                     config: Some(config),
+                    replication_factor: None,
                 },
             )
             .as_union_value()

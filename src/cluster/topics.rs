@@ -1,0 +1,336 @@
+//! Replicated topics in the controller's log (issue 11, step 3): the commands that create and
+//! delete them, where their replicas go, and what each node does when it applies them.
+//!
+//! Owns: `TopicCommand` and `ReplicatedTopic` (the state every node rebuilds from the log), the
+//! placement rule, the waiters of the node that proposed a change, and the applier: one task per
+//! node that carries out committed changes in log order — opening this node's replicas of a new
+//! topic on the hosting shard and showing the topic on every shard, or stopping and removing
+//! them. Placement is decided when the command is applied, from the registry as the log holds it
+//! at that point, so every node computes the same replica sets without shipping them.
+//! May depend on `shard` (views, the gate seam, storage), `replication`, `metadata`, `config`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::TopicOverrides;
+use crate::replication::group::GroupSettings;
+use crate::replication::replica_log::CacheLimits;
+use crate::replication::wire::GroupKey;
+use crate::shard::replica::PartitionReplica;
+use crate::shard::replicated::Replication;
+use crate::shard::{BrokerError, Shard};
+use crate::storage::{self, Partition};
+
+use super::replicas::ReplicaHost;
+
+/// The shard that hosts this node's replicas until each moves to its partition's owner.
+pub const REPLICA_SHARD: u32 = 0;
+
+/// A topic change in the controller's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicCommand {
+    Create { request: u64, name: String, partitions: u32, replication_factor: u16, overrides: TopicOverrides },
+    Delete { request: u64, name: String },
+}
+
+impl TopicCommand {
+    pub fn request(&self) -> u64 {
+        match self {
+            TopicCommand::Create { request, .. } | TopicCommand::Delete { request, .. } => *request,
+        }
+    }
+}
+
+/// A replicated topic as the controller's log defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatedTopic {
+    pub name: String,
+    pub replication: Arc<Replication>,
+    pub overrides: TopicOverrides,
+}
+
+/// What applying a change did, for the node that waits on it.
+pub type Applied = Result<ReplicatedTopic, BrokerError>;
+
+/// A committed change for the applier to carry out on this node.
+enum Change {
+    Create(ReplicatedTopic),
+    Delete(ReplicatedTopic),
+}
+
+/// Replica sets for `partitions` partitions of `replication_factor` copies over `nodes` (sorted
+/// ids): partition `p` starts at node `(first + p) mod n` and takes the next ones, so leaders
+/// (the first of each set, the preferred leader) spread over the nodes and a topic's id shifts
+/// where its first partition lands.
+pub fn place(nodes: &[u64], partitions: u32, replication_factor: u16, first: u64) -> Vec<Vec<u64>> {
+    let n = nodes.len();
+    (0..partitions as usize)
+        .map(|p| (0..usize::from(replication_factor)).map(|k| nodes[(first as usize + p + k) % n]).collect())
+        .collect()
+}
+
+/// The replicated topics as this node applied them, the proposals it waits on, and the queue of
+/// changes its applier carries out.
+pub struct Topics {
+    me: u64,
+    by_name: RefCell<BTreeMap<String, ReplicatedTopic>>,
+    waiting: RefCell<HashMap<u64, oneshot::Sender<Applied>>>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Topics {
+    /// Starts the applier for node `me` on `shard` (the replica-hosting shard).
+    pub fn start(me: u64, shard: std::rc::Weak<Shard>, host: Rc<ReplicaHost>) -> Topics {
+        let (changes, queue) = mpsc::unbounded();
+        glommio::spawn_local(run_applier(me, shard, host, queue)).detach();
+        Topics { me, by_name: RefCell::new(BTreeMap::new()), waiting: RefCell::new(HashMap::new()), changes }
+    }
+
+    pub fn get(&self, name: &str) -> Option<ReplicatedTopic> {
+        self.by_name.borrow().get(name).cloned()
+    }
+
+    /// The topic whose partitions are group `key`'s, by id.
+    pub fn by_id(&self, topic_id: u128) -> Option<ReplicatedTopic> {
+        self.by_name.borrow().values().find(|t| t.replication.topic_id == topic_id).cloned()
+    }
+
+    /// Waits for the outcome of proposal `request` (answered when this node applies it).
+    pub fn wait_for(&self, request: u64) -> oneshot::Receiver<Applied> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.borrow_mut().insert(request, tx);
+        rx
+    }
+
+    /// Gives up waiting on `request` (it was not proposed, or its caller left).
+    pub fn forget(&self, request: u64) {
+        self.waiting.borrow_mut().remove(&request);
+    }
+
+    /// Applies a committed command at log index `index`, given the registered nodes there.
+    pub fn apply(&self, index: u64, command: TopicCommand, registered: &[u64]) {
+        let request = command.request();
+        let outcome = match command {
+            TopicCommand::Create { name, partitions, replication_factor, overrides, .. } => {
+                self.create(index, name, partitions, replication_factor, overrides, registered)
+            }
+            TopicCommand::Delete { name, .. } => match self.by_name.borrow_mut().remove(&name) {
+                Some(topic) => {
+                    let _ = self.changes.unbounded_send(Change::Delete(topic.clone()));
+                    Ok(topic)
+                }
+                None => Err(BrokerError::UnknownTopic { topic: name }),
+            },
+        };
+        if let Some(waiter) = self.waiting.borrow_mut().remove(&request) {
+            let _ = waiter.send(outcome);
+        }
+    }
+
+    fn create(
+        &self,
+        index: u64,
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        overrides: TopicOverrides,
+        registered: &[u64],
+    ) -> Applied {
+        if self.by_name.borrow().contains_key(&name) {
+            return Err(BrokerError::TopicAlreadyExists { topic: name });
+        }
+        if replication_factor == 0 || usize::from(replication_factor) > registered.len() {
+            return Err(BrokerError::InvalidReplicationFactor(format!(
+                "replication factor {replication_factor} for topic '{name}': the cluster has {} registered \
+                 nodes ({registered:?}); choose 1 to {}",
+                registered.len(),
+                registered.len()
+            )));
+        }
+        // The entry's index is new at every creation and the same on every node.
+        let topic_id = u128::from(index);
+        let replicas = place(registered, partitions, replication_factor, index);
+        let topic = ReplicatedTopic {
+            name: name.clone(),
+            replication: Arc::new(Replication { topic_id, replicas }),
+            overrides,
+        };
+        self.by_name.borrow_mut().insert(name, topic.clone());
+        let _ = self.changes.unbounded_send(Change::Create(topic.clone()));
+        tracing::info!(
+            topic = %topic.name,
+            topic_id,
+            node = self.me,
+            "cluster: replicated topic created with {} partitions",
+            topic.replication.replicas.len()
+        );
+        Ok(topic)
+    }
+}
+
+/// Where this node keeps its replica of `topic`'s partition `p`: outside `topics/` (local
+/// topics), under a name that carries the topic id so a re-created name never meets old files.
+fn replica_dir(data_dir: &std::path::Path, topic: &ReplicatedTopic, partition: u32) -> PathBuf {
+    data_dir
+        .join("replicated")
+        .join(format!("{}.{:x}", topic.name, topic.replication.topic_id))
+        .join(partition.to_string())
+}
+
+/// Carries out committed changes one after another, in log order.
+async fn run_applier(
+    me: u64,
+    shard: std::rc::Weak<Shard>,
+    host: Rc<ReplicaHost>,
+    mut queue: mpsc::UnboundedReceiver<Change>,
+) {
+    while let Some(change) = queue.next().await {
+        let Some(shard) = shard.upgrade() else { return };
+        match change {
+            Change::Create(topic) => open_topic(me, &shard, &host, &topic).await,
+            Change::Delete(topic) => remove_topic(&shard, &host, &topic).await,
+        }
+    }
+}
+
+/// Opens this node's replicas of `topic` and shows the topic on every shard. A replica that
+/// cannot open is logged and left out (its partition answers NOT_LEADER here); the others serve.
+async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic) {
+    let settings = topic.overrides.resolve(&shard.config);
+    let mut config = shard.log_config(&settings);
+    // A replica's log shows readers only what its group committed, and every entry is fdatasynced
+    // before its acknowledgement leaves (the Raft rule), whatever the topic asked for.
+    config.visibility = storage::Visibility::Committed;
+    config.durability = storage::Durability::Fsync;
+    let mut local: Vec<Option<Rc<Partition>>> = vec![None; topic.replication.replicas.len()];
+    for (p, members) in topic.replication.replicas.iter().enumerate() {
+        if !members.contains(&me) {
+            continue;
+        }
+        let p = p as u32;
+        let dir = replica_dir(&shard.config.data_dir, topic, p);
+        let partition = match Partition::open(dir, config.clone(), shard.storage.clone()).await {
+            Ok((partition, _)) => partition,
+            Err(e) => {
+                tracing::error!(topic = %topic.name, partition = p, "cluster: cannot open this node's replica: {e}");
+                continue;
+            }
+        };
+        let name = format!("{}/{p}", topic.name);
+        let seed =
+            me ^ (topic.replication.topic_id as u64).rotate_left(17) ^ u64::from(p) ^ super::now_nanos();
+        let key = GroupKey { topic_id: topic.replication.topic_id, partition: p };
+        let opened = PartitionReplica::open(
+            name,
+            me,
+            members.clone(),
+            partition.clone(),
+            GroupSettings::default(),
+            CacheLimits::default(),
+            seed,
+        )
+        .await;
+        match opened {
+            Ok(replica) => {
+                host.add(key, replica);
+                local[p as usize] = Some(partition);
+            }
+            Err(e) => {
+                tracing::error!(topic = %topic.name, partition = p, "cluster: cannot start this node's replica: {e}");
+                if let Err(e) = partition.close().await {
+                    tracing::warn!(topic = %topic.name, partition = p, "closing a replica that did not start: {e}");
+                }
+            }
+        }
+    }
+    let name: Arc<str> = Arc::from(topic.name.as_str());
+    for target in 0..shard.count {
+        let (name, replication, overrides) =
+            (name.clone(), topic.replication.clone(), topic.overrides.clone());
+        let local = if target == REPLICA_SHARD { std::mem::take(&mut local) } else { Vec::new() };
+        // Partitions are `Rc`s of the hosting shard: they never cross; other shards get routes.
+        let shown = if target == shard.id {
+            shard.add_replicated_topic(name, replication, overrides, REPLICA_SHARD, local);
+            Ok(())
+        } else {
+            shard
+                .invoke_on(target, move |other| async move {
+                    other.add_replicated_topic(name, replication, overrides, REPLICA_SHARD, Vec::new());
+                })
+                .await
+                .await
+        };
+        if let Err(e) = shown {
+            tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not shown on a shard: {e}");
+        }
+    }
+}
+
+/// Stops this node's replicas of `topic`, forgets it on every shard and removes its files.
+async fn remove_topic(shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic) {
+    let name: Arc<str> = Arc::from(topic.name.as_str());
+    let mut partitions = Vec::new();
+    for p in 0..topic.replication.replicas.len() as u32 {
+        partitions.extend(host.remove(topic.replication.key(p)));
+    }
+    for target in 0..shard.count {
+        let name = name.clone();
+        if target == shard.id {
+            shard.forget_replicated_topic(&name);
+        } else {
+            let forgotten = shard
+                .invoke_on(target, move |other| async move {
+                    other.forget_replicated_topic(&name);
+                })
+                .await
+                .await;
+            if let Err(e) = forgotten {
+                tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not forgotten on a shard: {e}");
+            }
+        }
+    }
+    for partition in partitions {
+        if let Err(e) = partition.remove().await {
+            tracing::warn!(topic = %topic.name, "cluster: removing a replica's files: {e}");
+        }
+    }
+    if let Some(dir) = replica_dir(&shard.config.data_dir, topic, 0).parent().map(PathBuf::from) {
+        let removed = storage::blocking::run(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", dir.display())),
+            _ => Ok(()),
+        })
+        .await;
+        if let Err(e) | Ok(Err(e)) = removed {
+            tracing::warn!(topic = %topic.name, "cluster: removing the topic's directory: {e}");
+        }
+    }
+    tracing::info!(topic = %topic.name, "cluster: replicated topic deleted");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_spreads_leaders_and_never_repeats_a_node_in_a_set() {
+        let sets = place(&[1, 2, 3], 6, 3, 0);
+        let leaders: Vec<u64> = sets.iter().map(|s| s[0]).collect();
+        assert_eq!(leaders, vec![1, 2, 3, 1, 2, 3]);
+        for set in &sets {
+            let mut sorted = set.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 3, "{set:?}");
+        }
+        assert_eq!(place(&[1, 2, 3, 4], 2, 2, 5), vec![vec![2, 3], vec![3, 4]]);
+        assert_eq!(place(&[7], 2, 1, 9), vec![vec![7], vec![7]]);
+    }
+}
