@@ -33,7 +33,7 @@ use raft::eraftpb::Entry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
-use crate::metadata::TopicOverrides;
+use crate::metadata::{self, TopicOverrides};
 use crate::record::builder::BatchBuilder;
 use crate::replication::group::{GroupSettings, Persist, ProposeError, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
@@ -319,6 +319,21 @@ pub async fn create_topic(
     replication_factor: u16,
     overrides: TopicOverrides,
 ) -> Result<ReplicatedTopic, BrokerError> {
+    metadata::validate_topic_name(&name).map_err(BrokerError::InvalidTopicName)?;
+    if metadata::is_internal_topic(&name) {
+        return Err(BrokerError::InternalTopic { topic: name, rule: "it is created by the broker" });
+    }
+    if partitions == 0 || partitions > shard.config.partitions_per_topic_max {
+        return Err(BrokerError::InvalidPartitions(format!(
+            "{partitions} partitions requested; allowed 1..={}",
+            shard.config.partitions_per_topic_max
+        )));
+    }
+    overrides.validate(&shard.config).map_err(BrokerError::InvalidConfig)?;
+    // A local topic of this node holds the name too (the log checks only replicated ones).
+    if shard.topic(&name).is_some_and(|v| v.replication.is_none()) {
+        return Err(BrokerError::TopicAlreadyExists { topic: name });
+    }
     let wanted = name.clone();
     let topic = on_cluster(shard, move |cluster| async move {
         cluster.create_topic(name, partitions, replication_factor, overrides).await

@@ -27,6 +27,23 @@ use crate::shard::replica::PartitionReplica;
 use crate::storage::notify::Notify;
 use crate::storage::Partition;
 
+/// When a replica forgets the oldest entries of its window (8 bytes of memory each).
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    /// Entries kept behind what may be forgotten: what a voter that fell this far behind can
+    /// still be sent from the log. Further behind needs a copy of the log by offset (a
+    /// snapshot), not built yet, so a leader never forgets what a voter lacks.
+    pub keep: u64,
+    /// Forgetting waits until this many more entries could go: one state save per that many.
+    pub step: u64,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction { keep: 1_000, step: 4_000 }
+    }
+}
+
 /// What a replica task takes from its queue.
 enum Input {
     Message(Message),
@@ -42,6 +59,8 @@ pub struct ReplicaStatus {
     pub leader: Option<u64>,
     pub term: u64,
     pub high_watermark: i64,
+    /// The last entry the replica has forgotten (its saved anchor).
+    pub anchor: u64,
     /// Set when the replica stopped on an error (its log could not be written or read).
     pub failed: bool,
 }
@@ -73,15 +92,25 @@ pub enum HostError {
 
 pub struct ReplicaHost {
     links: Rc<PeerLinks>,
+    compaction: Cell<Compaction>,
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
 }
 
 impl ReplicaHost {
     /// A host whose replicas are ticked every `tick`.
     pub fn start(links: Rc<PeerLinks>, tick: Duration) -> Rc<ReplicaHost> {
-        let host = Rc::new(ReplicaHost { links, replicas: RefCell::new(BTreeMap::new()) });
+        let host = Rc::new(ReplicaHost {
+            links,
+            compaction: Cell::new(Compaction::default()),
+            replicas: RefCell::new(BTreeMap::new()),
+        });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
+    }
+
+    /// Replicas added from now on compact by `compaction`.
+    pub fn set_compaction(&self, compaction: Compaction) {
+        self.compaction.set(compaction);
     }
 
     /// Hosts `replica` as the member of group `key` on this node.
@@ -91,7 +120,8 @@ impl ReplicaHost {
         let changed = Rc::new(Notify::default());
         let partition = replica.partition().clone();
         let published = Published { status: status.clone(), changed: changed.clone() };
-        glommio::spawn_local(run_replica(key, replica, queue, self.links.clone(), published)).detach();
+        let task = run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get());
+        glommio::spawn_local(task).detach();
         self.replicas.borrow_mut().insert(key, Hosted { inputs, status, changed, partition });
     }
 
@@ -217,6 +247,7 @@ fn status_of(replica: &mut PartitionReplica, failed: bool) -> ReplicaStatus {
         leader: group.leader(),
         term: group.term(),
         high_watermark: group.high_watermark(),
+        anchor: group.store().anchor().index,
         failed,
     }
 }
@@ -242,6 +273,27 @@ impl Published {
     }
 }
 
+/// Forgets the oldest entries of the replica's window once enough are applied, which also lets
+/// retention delete the segments below them. A leader keeps everything some voter still lacks;
+/// a follower keeps `compaction.keep` behind what it applied, for the day it leads.
+async fn compact_if_due(
+    replica: &mut PartitionReplica,
+    compaction: Compaction,
+) -> Result<(), crate::shard::replica::ReplicaError> {
+    let group = replica.group();
+    let applied = group.commit_index();
+    let limit = match group.lowest_match() {
+        Some(lowest) => lowest.min(applied),
+        None => applied,
+    };
+    let to = limit.saturating_sub(compaction.keep);
+    if to < group.store().anchor().index + compaction.step {
+        return Ok(());
+    }
+    // `to` is at most `applied`: keep the difference.
+    replica.compact(applied - to).await
+}
+
 /// The replica's task: takes everything queued, then drives rounds until raft-rs has nothing
 /// more ready, then waits for the next input.
 async fn run_replica(
@@ -250,6 +302,7 @@ async fn run_replica(
     mut queue: mpsc::UnboundedReceiver<Input>,
     links: Rc<PeerLinks>,
     status: Published,
+    compaction: Compaction,
 ) {
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
@@ -280,6 +333,11 @@ async fn run_replica(
             if !replica.group().has_ready() {
                 break;
             }
+        }
+        if let Err(e) = compact_if_due(&mut replica, compaction).await {
+            tracing::error!("replication: {e}; this replica stops");
+            status.set(status_of(&mut replica, true));
+            return;
         }
         status.set(status_of(&mut replica, false));
     }
@@ -396,6 +454,8 @@ mod tests {
                     let links =
                         PeerLinks::start(info(id, voters[&id]), 42, voters.clone(), listener, deliver);
                     let host = ReplicaHost::start(links.clone(), Duration::from_millis(50));
+                    // Small enough that the tests' few dozen entries move the anchor.
+                    host.set_compaction(Compaction { keep: 5, step: 10 });
                     *deliver_to.borrow_mut() = Some(host.clone());
 
                     let shard = ShardStorage::new(dir.clone(), 1 << 20, 0);
@@ -483,6 +543,10 @@ mod tests {
                             assert!(Instant::now() < deadline, "node {id}: the others did not catch up");
                             glommio::timer::sleep(Duration::from_millis(10)).await;
                         }
+                        // Every replica forgot its oldest entries in passing (keep 5, step 10)
+                        // and still served the whole log above from its files.
+                        let status = host.status(KEY).unwrap();
+                        assert!(status.anchor >= 10 && !status.failed, "node {id}: {status:?}");
                         return;
                     }
                     glommio::timer::sleep(Duration::from_millis(5)).await;

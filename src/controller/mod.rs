@@ -143,7 +143,8 @@ impl Controller {
         overrides.validate(&shard.config).map_err(BrokerError::InvalidConfig)?;
         let meta = {
             let mut store = self.store.borrow_mut();
-            if store.get(&name).is_some() {
+            // A replicated topic is in the cluster's log, not this store, but holds its name.
+            if store.get(&name).is_some() || shard.topic(&name).is_some() {
                 return Err(BrokerError::TopicAlreadyExists { topic: name });
             }
             // Internal topics (__consumer_offsets) do not count against the users' limit.

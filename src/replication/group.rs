@@ -217,6 +217,17 @@ impl<S: ReplicaStore> RaftGroup<S> {
         self.commit_index
     }
 
+    /// On a leader, the lowest index every voter is known to hold (its match index); `None` on a
+    /// follower. Entries above it may still be needed to bring a lagging voter up to date.
+    pub fn lowest_match(&self) -> Option<u64> {
+        if self.raw.raft.state != StateRole::Leader {
+            return None;
+        }
+        let me = self.raw.raft.id;
+        let last = self.raw.raft.raft_log.last_index();
+        self.raw.raft.prs().iter().map(|(&id, pr)| if id == me { last } else { pr.matched }).min()
+    }
+
     /// The Kafka offset after the last committed entry: consumers read below it.
     pub fn high_watermark(&self) -> i64 {
         if self.settings.sabotage == Sabotage::ServeUncommitted {
