@@ -256,6 +256,9 @@ fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death(
     for node in &nodes {
         wait_for("every partition to have a leader on every node", &all, || leaders(node, "post-likes"));
     }
+    for node in &nodes {
+        assert_eq!(status(node).unwrap()["leaderless_partitions"], 0);
+    }
     // Kafka clients see the same cluster: every node a broker under its node id, each
     // partition's leader, epoch and replicas, the controller's leader.
     let described = leaders(&nodes[0], "post-likes").unwrap();

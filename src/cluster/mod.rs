@@ -93,8 +93,9 @@ pub struct ClusterStatus {
     pub controller_leader: Option<u64>,
     pub controller_term: u64,
     pub nodes: Vec<NodeStatus>,
-    /// Partitions are not replicated yet: always 0.
+    /// Not tracked yet (a leader's view of its followers' progress): always 0.
     pub under_replicated_partitions: u64,
+    /// Replicas on this node whose group has no leader it knows of.
     pub leaderless_partitions: u64,
     pub failure: Option<String>,
 }
@@ -422,7 +423,7 @@ impl Cluster {
             controller_term: group.term(),
             nodes,
             under_replicated_partitions: 0,
-            leaderless_partitions: 0,
+            leaderless_partitions: self.replicas.leaderless(),
             failure: self.failure.borrow().clone(),
         }
     }

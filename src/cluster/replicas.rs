@@ -218,6 +218,11 @@ impl ReplicaHost {
         }
     }
 
+    /// Replicas on this node that know no leader of their group.
+    pub fn leaderless(&self) -> u64 {
+        self.replicas.borrow().values().filter(|hosted| hosted.status.get().leader.is_none()).count() as u64
+    }
+
     /// The log start offset of this node's replica of `key`.
     pub fn log_start_offset(&self, key: GroupKey) -> Option<i64> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.partition.log_start_offset())
