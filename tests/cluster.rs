@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::Broker;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{MetadataRequest, TopicName};
+use ringlog::protocol::wire;
 use serde_json::Value;
 
 /// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
@@ -259,9 +260,25 @@ fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death(
     for node in &nodes {
         assert_eq!(status(node).unwrap()["leaderless_partitions"], 0);
     }
+    // Only the leader takes a partition's requests: a follower answers NotLeader (naming the
+    // leader) to a produce and a fetch; the leader refuses a damaged batch before it reaches
+    // the Raft log. None of these leaves a record behind (the count below is exact).
+    let described = leaders(&nodes[0], "post-likes").unwrap();
+    let leader_of_0 = &nodes[(described[0].0 - 1) as usize];
+    let follower_of_0 = &nodes[(described[0].0 % 3) as usize];
+    let mut follower = common::wire::Conn::connect(&follower_of_0.addr);
+    let (code, _) = follower.produce("post-likes", 0, &[b"misrouted"]);
+    assert_eq!(code, wire::ErrorCode::NotLeader);
+    assert_eq!(follower.fetch("post-likes", 0, 0, 0).error, wire::ErrorCode::NotLeader);
+    let mut leader = common::wire::Conn::connect(&leader_of_0.addr);
+    let mut damaged = common::wire::batch_now(&[b"damaged"]);
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    let answer = leader.produce_raw("post-likes", 0, &damaged).unwrap();
+    assert_eq!(common::wire::produce_result(&answer).0, wire::ErrorCode::CorruptBatch);
+
     // Kafka clients see the same cluster: every node a broker under its node id, each
     // partition's leader, epoch and replicas, the controller's leader.
-    let described = leaders(&nodes[0], "post-likes").unwrap();
     let mut kafka = common::kafka::KafkaConn::connect(&nodes[0].kafka);
     let topic = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s("post-likes"))));
     let metadata = kafka.call(9, &MetadataRequest::default().with_topics(Some(vec![topic])));
