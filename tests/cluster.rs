@@ -81,14 +81,21 @@ fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
     Broker::start_in(dir, 1, &sets)
 }
 
-#[test]
-fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
+/// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
+/// directories (kept while the test runs) and the running brokers.
+fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
     let ports = free_ports(3);
     let seeds: Vec<String> =
         ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
     let seeds = seeds.join(",");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Broker> = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    let nodes = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    (ports, dirs, nodes)
+}
+
+#[test]
+fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
+    let (ports, _dirs, mut nodes) = start_three();
 
     let all: Vec<&Broker> = nodes.iter().collect();
     let leader = wait_for("three nodes to agree on a controller leader", &all, || agreed_leader(&all, 3));
@@ -222,12 +229,7 @@ fn lines(from: usize, to: usize) -> String {
 
 #[test]
 fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death() {
-    let ports = free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Broker> = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    let (_, dirs, mut nodes) = start_three();
     let all: Vec<&Broker> = nodes.iter().collect();
     let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
 
