@@ -2,20 +2,14 @@
 //! (`GET /v1/cluster`), as a table or as the JSON the admin API returns (field names are stable:
 //! README "Cluster").
 
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::CliError;
+use super::{CliError, Format};
 
 /// Largest answer read from the admin listener.
 const RESPONSE_BYTES_MAX: u64 = 1 << 20;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {

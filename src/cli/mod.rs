@@ -47,6 +47,13 @@ pub enum ClientCommand {
     },
 }
 
+/// How a command prints what it found: for people, or for scripts (stable field names).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
 /// Where to reach the cluster; every client command takes it.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
