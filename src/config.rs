@@ -146,6 +146,10 @@ pub struct BrokerConfig {
     pub replication_timeout_ms: u64,
 }
 
+/// Node ids of a cluster are below this: each node's producer ids carry its node id, so no two
+/// nodes hand out the same one (`controller::init_producer_id`).
+pub const NODE_ID_SPACE: u64 = 1 << 16;
+
 /// A node's view of its cluster, from `node_id`, `seeds` and `peer_listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSeeds {
@@ -375,6 +379,12 @@ impl BrokerConfig {
         }
         if self.replication_timeout_ms == 0 || self.replication_timeout_ms > 600_000 {
             return invalid("replication_timeout_ms", "must be between 1 and 600000");
+        }
+        if !self.seeds.trim().is_empty() && self.node_id >= NODE_ID_SPACE {
+            return invalid(
+                "node_id",
+                format!("must be below {NODE_ID_SPACE} in a cluster (it is part of every producer id)"),
+            );
         }
         if let Err(message) = self.cluster() {
             return invalid("seeds", message);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::Broker;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{MetadataRequest, TopicName};
+use kafka_protocol::messages::{InitProducerIdRequest, MetadataRequest, ProducerId, TopicName};
 use ringlog::protocol::wire;
 use serde_json::Value;
 
@@ -293,6 +293,19 @@ fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death(
     for (p, partition) in partitions.iter().enumerate() {
         assert_eq!(partition.leader_id.0 as u64, described[p].0, "partition {p}");
         assert!(partition.leader_epoch >= 1 && partition.replica_nodes.len() == 3, "{partition:?}");
+    }
+
+    // Idempotent producers get ids no other node hands out: each carries its node's id.
+    for (i, node) in nodes.iter().enumerate() {
+        let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+        let request = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+        let answer = kafka.call(4, &request);
+        assert_eq!(answer.error_code, 0, "{answer:?}");
+        assert_eq!(answer.producer_id.0 % 65_536, i as i64 + 1, "{answer:?}");
     }
 
     common::run_cli(

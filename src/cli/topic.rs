@@ -102,7 +102,9 @@ pub(super) async fn run(command: TopicCommand) -> Result<(), CliError> {
                         writeln!(out, "{name}").map_err(CliError::stdout)?;
                     }
                 }
-                Format::Json => writeln!(out, "{}", serde_json::json!({ "topics": names })).map_err(CliError::stdout)?,
+                Format::Json => {
+                    writeln!(out, "{}", serde_json::json!({ "topics": names })).map_err(CliError::stdout)?
+                }
             }
         }
         TopicCommand::Describe { name, format, connect } => {

@@ -97,11 +97,30 @@ pub async fn init_producer_id(
     shard: &Rc<Shard>,
     current: Option<(i64, i16)>,
 ) -> Boxed<Result<(i64, i16), BrokerError>> {
-    on_controller(
-        shard,
-        move |shard, c| async move { c.producer_ids.next(&shard.config.data_dir, current).await },
-    )
-    .await
+    // In a cluster each node hands out ids of its own: local id `n` is `n * NODE_ID_SPACE +
+    // node_id` on the wire, so no two nodes ever hand out the same id. (The controller's log
+    // will hold producer-id blocks instead; this keeps ids unique until it does.)
+    const NODE_ID_SPACE: i64 = crate::config::NODE_ID_SPACE as i64;
+    let node = (!shard.config.seeds.trim().is_empty()).then_some(shard.config.node_id as i64);
+    let local = match node {
+        Some(node) => {
+            current.filter(|(id, _)| id % NODE_ID_SPACE == node).map(|(id, e)| (id / NODE_ID_SPACE, e))
+        }
+        None => current,
+    };
+    let answer = on_controller(shard, move |shard, c| async move {
+        c.producer_ids.next(&shard.config.data_dir, local).await
+    })
+    .await;
+    Box::pin(async move {
+        let (id, epoch) = answer.await?;
+        match node {
+            Some(node) => id.checked_mul(NODE_ID_SPACE).map(|id| (id + node, epoch)).ok_or_else(|| {
+                BrokerError::Internal(format!("producer id {id} exceeds the cluster's id space"))
+            }),
+            None => Ok((id, epoch)),
+        }
+    })
 }
 
 /// Joins the failures of a topic change into one rolled-back error.
