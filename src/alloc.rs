@@ -26,13 +26,19 @@
 //! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
 //! bogus request fails exactly as it would have without this allocator.
 //!
-//! [`disable_transparent_huge_pages`] keeps the kernel from filling purged pages back in;
-//! [`release_free_memory`] is what an idle shard calls (through `ringlog::allocator`) to hand
-//! mimalloc's free pages back to the kernel at once instead of when the thread next allocates.
+//! Where mimalloc puts what, and huge pages: blocks under [`BULK_BLOCK_BYTES`] (the broker's
+//! metadata: map nodes, index entries, strings, futures) live in an arena of their own without
+//! transparent huge pages, and everything larger (cached batches, receive buffers, DMA buffers)
+//! in mimalloc's default arena with them, returned to the kernel only in whole huge pages. See
+//! [`split_arenas`]. [`release_free_memory`] is what an idle shard calls (through
+//! `ringlog::allocator`) to hand mimalloc's free pages back to the kernel at once instead of when
+//! the thread next allocates.
 //!
 //! Owns nothing else and depends only on `libc` and `mimalloc`; it must never allocate itself.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use mimalloc::MiMalloc as Small;
 
@@ -47,23 +53,160 @@ const PAGE_BYTES: usize = 4096;
 /// See the module documentation.
 pub struct ReservingAllocator;
 
-// mimalloc's own API (`mimalloc.h`), in the library the `mimalloc` crate links. Declared here
-// rather than through `libmimalloc-sys`'s `extended` feature, which would add a dependency for
-// one function.
+/// Blocks smaller than this go to the small-block arena, which has no huge pages (see
+/// [`split_arenas`]). A page: what is smaller is metadata, touched a few bytes at a time and
+/// often long-lived, so a huge page around it is mostly memory nobody uses; what is a page or
+/// larger is data read or copied end to end, where huge pages save a TLB miss every 4 KiB.
+pub const BULK_BLOCK_BYTES: usize = 4096;
+
+/// Address space reserved for the small-block arena: committed page by page as it is touched
+/// (`MAP_NORESERVE`), so only the pages in use count. Far above what a broker's metadata needs;
+/// should it fill, small blocks fall back to the default arena.
+const SMALL_ARENA_BYTES: usize = 4 << 30;
+
+/// The mimalloc heap that allocates only in the small-block arena; null until [`split_arenas`]
+/// has set it up, and then small blocks go to mimalloc's default heap like the others.
+static SMALL_HEAP: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Whether [`split_arenas`] set mimalloc to purge whole huge pages (so that
+/// [`release_free_memory`] may switch it for one pass).
+static WHOLE_HUGE_PAGE_PURGES: AtomicBool = AtomicBool::new(false);
+
+// mimalloc's own API (`mimalloc.h` of v3), in the library the `mimalloc` crate links. Declared
+// here rather than through `libmimalloc-sys`'s `extended` and `arena` features, which would add a
+// dependency and still not name the option below.
 extern "C" {
     fn mi_collect(force: bool);
+    fn mi_version() -> libc::c_int;
+    fn mi_option_get(option: libc::c_int) -> libc::c_long;
+    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+    fn mi_arena_min_alignment() -> usize;
+    #[allow(clippy::too_many_arguments)]
+    fn mi_manage_os_memory_ex(
+        start: *mut c_void,
+        size: usize,
+        is_committed: bool,
+        is_pinned: bool,
+        is_zero: bool,
+        numa_node: libc::c_int,
+        exclusive: bool,
+        arena_id: *mut *mut c_void,
+    ) -> bool;
+    fn mi_heap_new_in_arena(arena_id: *mut c_void) -> *mut c_void;
+    fn mi_heap_collect(heap: *mut c_void, force: bool);
+    fn mi_heap_malloc_aligned(heap: *mut c_void, size: usize, alignment: usize) -> *mut c_void;
+    fn mi_heap_zalloc_aligned(heap: *mut c_void, size: usize, alignment: usize) -> *mut c_void;
+    fn mi_heap_realloc_aligned(
+        heap: *mut c_void,
+        p: *mut c_void,
+        newsize: usize,
+        alignment: usize,
+    ) -> *mut c_void;
+}
+
+/// The mimalloc whose option numbers [`MI_OPTION_ALLOW_THP`] is taken from: v3.3.2, what
+/// `libmimalloc-sys` 0.1.49 builds by default (`mi_version()` = major·10000 + minor·100 + patch).
+const MIMALLOC_VERSION: libc::c_int = 30302;
+
+/// `mi_option_allow_thp` in that version's `mi_option_t` enum, which the crate does not export.
+/// Options are numbered by their place in the enum, and versions add options in the middle, so
+/// the number is used only when [`MIMALLOC_VERSION`] is the version linked.
+const MI_OPTION_ALLOW_THP: libc::c_int = 43;
+
+/// mimalloc's default `allow_thp`: huge pages allowed, purges as small as 4 KiB.
+const ALLOW_THP: libc::c_long = 1;
+
+/// The `allow_thp` value that keeps huge pages and purges whole ones only: the smallest range
+/// mimalloc returns to the kernel becomes the huge-page size (its `minimal_purge_size` resolves to
+/// 2 MiB when the kernel has THP), in ranges aligned to it within each arena.
+const ALLOW_THP_PURGE_WHOLE: libc::c_long = 2;
+
+/// Gives small blocks an arena without transparent huge pages, and makes mimalloc return memory
+/// to the kernel in whole 2 MiB ranges, so that the large blocks keep their huge pages and what
+/// was purged stays purged.
+///
+/// Why: mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`, 2 MiB aligned), and the
+/// kernel's khugepaged (`max_ptes_none` 511 by default) collapses any 2 MiB range that still has
+/// one page present back into a whole resident huge page. With mimalloc's default 4 KiB purges
+/// that refilled what it had freed: RSS crept up under load and even idle (docs/benchmarks.md).
+/// Purging whole, aligned ranges leaves khugepaged nothing to collapse (a range with no page
+/// present is never collapsed), but keeps a whole huge page resident as long as one block in it
+/// lives, which metadata scattered among the cached batches did: 96 MiB above the idle baseline
+/// after every topic was deleted. Hence the split: metadata in an arena advised against huge
+/// pages (`MADV_NOHUGEPAGE`: 4 KiB faults, no khugepaged), data in huge pages. Turning huge pages
+/// off for the whole process instead (the fallback, [`disable_transparent_huge_pages`]) kept
+/// memory flat but every 4 KiB of the cached data then cost a fault and its own TLB entry.
+///
+/// Must run before mimalloc first purges, i.e. at the start of `main` (its purge delay is 1 s);
+/// blocks allocated before it stay where they are. An operator's own `MIMALLOC_ALLOW_THP` (read
+/// by mimalloc when the process starts) is left as it is. Fails when the linked mimalloc is not
+/// the version the option number was read from, or the arena cannot be reserved; small blocks
+/// then stay in the default arena.
+pub fn split_arenas() -> Result<(), String> {
+    // SAFETY: `mi_version` takes nothing and reads a constant.
+    let version = unsafe { mi_version() };
+    if version != MIMALLOC_VERSION {
+        return Err(format!(
+            "mimalloc {version} is linked, its option numbers are known for {MIMALLOC_VERSION} only"
+        ));
+    }
+    // Our own mapping rather than `mi_reserve_os_memory_ex`, which maps committed memory without
+    // `MAP_NORESERVE`, so the kernel's overcommit heuristic refuses 16 GiB. Aligned to what
+    // mimalloc requires of an arena's start.
+    // SAFETY: takes no pointers.
+    let align = unsafe { mi_arena_min_alignment() }.max(PAGE_BYTES);
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SMALL_ARENA_BYTES + align,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(format!("mapping the small-block arena failed: {}", std::io::Error::last_os_error()));
+    }
+    let start = (mapped as usize).next_multiple_of(align) as *mut c_void;
+    // SAFETY: [start, start + SMALL_ARENA_BYTES) lies in the mapping just made, which nothing
+    // uses; the advice only sets a flag on it. Without it a kernel whose THP mode is `always`
+    // would use huge pages there all the same.
+    if unsafe { libc::madvise(start, SMALL_ARENA_BYTES, libc::MADV_NOHUGEPAGE) } != 0 {
+        return Err(format!(
+            "advising the small-block arena against huge pages failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut arena = std::ptr::null_mut();
+    // SAFETY: the range is ours, aligned, readable and writable (committed as far as mimalloc
+    // is concerned; the kernel commits pages when touched), zero-filled, and handed to mimalloc
+    // for good: it is never unmapped. Exclusive: only the heap made for it allocates there.
+    if !unsafe { mi_manage_os_memory_ex(start, SMALL_ARENA_BYTES, true, false, true, -1, true, &mut arena) } {
+        return Err("mimalloc refused the small-block arena".into());
+    }
+    // SAFETY: as above.
+    let heap = unsafe { mi_heap_new_in_arena(arena) };
+    if heap.is_null() {
+        return Err("creating the small-block heap failed".into());
+    }
+    // SAFETY: the option number is valid for this version (checked above); mimalloc's options
+    // are plain integers that may be read and set from any thread at any time.
+    unsafe {
+        if mi_option_get(MI_OPTION_ALLOW_THP) == ALLOW_THP {
+            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP_PURGE_WHOLE);
+            WHOLE_HUGE_PAGE_PURGES.store(true, Ordering::Relaxed);
+        }
+    }
+    SMALL_HEAP.store(heap, Ordering::Release);
+    Ok(())
 }
 
 /// Turns transparent huge pages off for the whole process (`PR_SET_THP_DISABLE`, existing
-/// mappings included), so memory mimalloc has returned stays returned.
-///
-/// Why: mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`, its `allow_thp` option,
-/// read before `main`), and the kernel's khugepaged then collapses any 2 MiB range of them that
-/// still has one page present into a whole resident huge page (`max_ptes_none` is 511 by
-/// default). Pages mimalloc purged came back a little at a time, in the background: a broker idle
-/// after its topics were deleted grew by 4.5 MiB in 30 s with nothing running, all of it in the
-/// arena, and the arena held 22 MiB of huge pages (docs/benchmarks.md). Without huge pages a
-/// fault maps 4 KiB instead of 2 MiB; the soak and side-by-side figures measure that cost.
+/// mappings included), so memory mimalloc has returned stays returned. The fallback when
+/// [`split_arenas`] cannot be applied: flat memory, at the cost of 4 KiB faults and TLB entries.
 pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process's address space.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
@@ -78,9 +221,41 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
 /// frees from other threads, and returns every free range of mimalloc's arenas to the kernel
 /// (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the thread's pages;
 /// meant for a thread that has gone idle, not for the hot path.
+///
+/// This pass purges at mimalloc's 4 KiB granularity, not in whole huge pages: the small-block
+/// arena has no huge pages, so what it frees stays freed, and an idle shard's metadata is what
+/// remains of the broker once its topics are gone. In the default arena the pass may split the
+/// few huge pages a live large block still holds, which khugepaged may fill back in: bounded by
+/// those blocks.
 pub fn release_free_memory() {
-    // SAFETY: `mi_collect` takes no pointers; it may be called from any thread at any time.
-    unsafe { mi_collect(true) }
+    let whole = WHOLE_HUGE_PAGE_PURGES.load(Ordering::Relaxed);
+    let heap = SMALL_HEAP.load(Ordering::Acquire);
+    // SAFETY: `mi_collect` and `mi_heap_collect` take no pointers of ours but the heap mimalloc
+    // made; they may be called from any thread at any time. The option number is valid (checked
+    // when `whole` was set). Another shard releasing at the same time may restore the option
+    // before this pass purges: the pass then purges whole huge pages only, which is safe.
+    unsafe {
+        if whole {
+            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP);
+        }
+        if !heap.is_null() {
+            mi_heap_collect(heap, true);
+        }
+        mi_collect(true);
+        if whole {
+            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP_PURGE_WHOLE);
+        }
+    }
+}
+
+/// The small-block heap, when `size` belongs there and the heap is set up.
+#[inline]
+fn small_heap(size: usize) -> *mut c_void {
+    if size < BULK_BLOCK_BYTES {
+        SMALL_HEAP.load(Ordering::Relaxed)
+    } else {
+        std::ptr::null_mut()
+    }
 }
 
 /// Whether a block of this layout is (or is to be) a mapping of its own. The hot paths test only
@@ -187,6 +362,15 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { alloc_large(layout, false) };
         }
+        let heap = small_heap(layout.size());
+        if !heap.is_null() {
+            // SAFETY: `heap` is mimalloc's; the caller's guarantees hold for it as for the default
+            // heap. A null (the arena full) falls through to the default heap.
+            let ptr = unsafe { mi_heap_malloc_aligned(heap, layout.size(), layout.align()) };
+            if !ptr.is_null() {
+                return ptr.cast();
+            }
+        }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.alloc(layout) }
     }
@@ -196,6 +380,14 @@ unsafe impl GlobalAlloc for ReservingAllocator {
         if layout.size() >= LARGE_BLOCK_BYTES {
             // SAFETY: forwarded with the caller's guarantees; anonymous pages read as zero.
             return unsafe { alloc_large(layout, true) };
+        }
+        let heap = small_heap(layout.size());
+        if !heap.is_null() {
+            // SAFETY: as in `alloc`.
+            let ptr = unsafe { mi_heap_zalloc_aligned(heap, layout.size(), layout.align()) };
+            if !ptr.is_null() {
+                return ptr.cast();
+            }
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.alloc_zeroed(layout) }
@@ -216,6 +408,18 @@ unsafe impl GlobalAlloc for ReservingAllocator {
         if layout.size() >= LARGE_BLOCK_BYTES || new_size >= LARGE_BLOCK_BYTES {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { realloc_large(ptr, layout, new_size) };
+        }
+        // By the new size: a block that grows past the threshold moves to the default heap, one
+        // that shrinks below it to the small-block heap (unless mimalloc keeps it in place).
+        let heap = small_heap(new_size);
+        if !heap.is_null() {
+            // SAFETY: `ptr` is a live mimalloc block (every block below the threshold is, in
+            // whichever heap); on failure mimalloc leaves it as it was, and the default heap
+            // tries.
+            let moved = unsafe { mi_heap_realloc_aligned(heap, ptr.cast(), new_size, layout.align()) };
+            if !moved.is_null() {
+                return moved.cast();
+            }
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.realloc(ptr, layout, new_size) }
@@ -270,6 +474,71 @@ mod tests {
             assert_eq!(back.read(), 7);
             allocator.dealloc(back, Layout::from_size_align(64, 8).unwrap());
         }
+    }
+
+    extern "C" {
+        fn mi_heap_contains(heap: *const c_void, p: *const c_void) -> bool;
+    }
+
+    /// The `VmFlags` of the mapping of this process that holds `p`.
+    fn vm_flags_of(p: *const u8) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut holds = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) =
+                        (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+                    {
+                        holds = (start..end).contains(&(p as usize));
+                        continue;
+                    }
+                }
+            }
+            if holds {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping holds {p:?}");
+    }
+
+    #[test]
+    fn small_blocks_live_in_an_arena_without_huge_pages() {
+        // A failure here after a `mimalloc`/`libmimalloc-sys` update: find `mi_option_allow_thp`
+        // in the new `mimalloc.h` enum and update both constants.
+        assert_eq!(unsafe { mi_version() }, MIMALLOC_VERSION);
+        // mimalloc's default for the option reads back at that number; its neighbours' defaults
+        // (page_cross_thread_max_reclaim 32, minimal_purge_size 0) differ.
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP);
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP - 1) }, 32);
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP + 1) }, 0);
+        split_arenas().unwrap();
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP_PURGE_WHOLE);
+        let heap = SMALL_HEAP.load(Ordering::Acquire);
+
+        let small = Box::new([7u8; 100]);
+        assert!(unsafe { mi_heap_contains(heap, small.as_ptr().cast()) });
+        assert!(vm_flags_of(small.as_ptr()).split(' ').any(|f| f == "nh"), "small-block arena not advised");
+        let large = vec![9u8; BULK_BLOCK_BYTES];
+        assert!(!unsafe { mi_heap_contains(heap, large.as_ptr().cast()) });
+
+        // Growing across the threshold moves the block to the default heap, contents and all.
+        let mut grown: Vec<u8> = (0..200).map(|i| i as u8).collect();
+        assert!(unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        grown.reserve_exact(2 * BULK_BLOCK_BYTES);
+        assert!(!unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        assert!(grown.iter().enumerate().all(|(i, &b)| b == i as u8));
+        grown.truncate(10);
+        grown.shrink_to_fit();
+        assert!(unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        assert_eq!(grown, (0..10).collect::<Vec<u8>>());
+
+        // An idle release purges at 4 KiB for its pass and restores whole huge pages after it.
+        release_free_memory();
+        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP_PURGE_WHOLE);
+        assert_eq!((small[99], large[BULK_BLOCK_BYTES - 1]), (7, 9));
     }
 
     #[test]
