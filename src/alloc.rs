@@ -26,19 +26,19 @@
 //! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
 //! bogus request fails exactly as it would have without this allocator.
 //!
-//! Where mimalloc puts what, and huge pages: blocks under [`BULK_BLOCK_BYTES`] (the broker's
-//! metadata: map nodes, index entries, strings, futures) live in an arena of their own without
-//! transparent huge pages, and everything larger (cached batches, receive buffers, DMA buffers)
-//! in mimalloc's default arena with them, returned to the kernel only in whole huge pages. See
-//! [`split_arenas`]. [`release_free_memory`] is what an idle shard calls (through
-//! `ringlog::allocator`) to hand mimalloc's free pages back to the kernel at once instead of when
-//! the thread next allocates.
+//! Where mimalloc puts what, and huge pages: blocks under [`BULK_BLOCK_BYTES`] (metadata, and
+//! the tail cache's copies of small batches) live in an arena of their own that the kernel never
+//! backs with transparent huge pages; larger blocks (receive buffers, frames of large batches
+//! that the cache keeps as slices, DMA buffers) stay in mimalloc's default arena, which it
+//! advises for huge pages. See [`split_arenas`]. [`release_free_memory`] is what an idle shard
+//! calls (through `ringlog::allocator`) to hand mimalloc's free pages back to the kernel at once
+//! instead of when the thread next allocates.
 //!
 //! Owns nothing else and depends only on `libc` and `mimalloc`; it must never allocate itself.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use mimalloc::MiMalloc as Small;
 
@@ -54,32 +54,28 @@ const PAGE_BYTES: usize = 4096;
 pub struct ReservingAllocator;
 
 /// Blocks smaller than this go to the small-block arena, which has no huge pages (see
-/// [`split_arenas`]). A page: what is smaller is metadata, touched a few bytes at a time and
-/// often long-lived, so a huge page around it is mostly memory nobody uses; what is a page or
-/// larger is data read or copied end to end, where huge pages save a TLB miss every 4 KiB.
-pub const BULK_BLOCK_BYTES: usize = 4096;
+/// [`split_arenas`]). The tail cache copies payloads under 64 KiB into blocks of their own size
+/// (`storage::partition::append`) and keeps larger ones as slices of the frame they arrived in,
+/// and connections read in 64 KiB chunks, so below the threshold is what churns a few KiB at a
+/// time and above it the buffers that are filled and read end to end.
+pub const BULK_BLOCK_BYTES: usize = 64 << 10;
 
 /// Address space reserved for the small-block arena: committed page by page as it is touched
-/// (`MAP_NORESERVE`), so only the pages in use count. Far above what a broker's metadata needs;
-/// should it fill, small blocks fall back to the default arena.
+/// (`MAP_NORESERVE`), so only the pages in use count. Far above what a broker's small blocks
+/// need (the tail cache's budget is 256 MiB per shard by default); should it fill, small blocks
+/// fall back to the default arena. 4 GiB because mimalloc refused a 16 GiB area here (its limit
+/// for one arena, metadata included).
 const SMALL_ARENA_BYTES: usize = 4 << 30;
 
 /// The mimalloc heap that allocates only in the small-block arena; null until [`split_arenas`]
 /// has set it up, and then small blocks go to mimalloc's default heap like the others.
 static SMALL_HEAP: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Whether [`split_arenas`] set mimalloc to purge whole huge pages (so that
-/// [`release_free_memory`] may switch it for one pass).
-static WHOLE_HUGE_PAGE_PURGES: AtomicBool = AtomicBool::new(false);
-
-// mimalloc's own API (`mimalloc.h` of v3), in the library the `mimalloc` crate links. Declared
-// here rather than through `libmimalloc-sys`'s `extended` and `arena` features, which would add a
-// dependency and still not name the option below.
+// mimalloc's own API (`mimalloc.h`), in the library the `mimalloc` crate links. Declared here
+// rather than through `libmimalloc-sys`'s `extended` and `arena` features, which would add a
+// dependency for eight functions.
 extern "C" {
     fn mi_collect(force: bool);
-    fn mi_version() -> libc::c_int;
-    fn mi_option_get(option: libc::c_int) -> libc::c_long;
-    fn mi_option_set(option: libc::c_int, value: libc::c_long);
     fn mi_arena_min_alignment() -> usize;
     #[allow(clippy::too_many_arguments)]
     fn mi_manage_os_memory_ex(
@@ -104,55 +100,25 @@ extern "C" {
     ) -> *mut c_void;
 }
 
-/// The mimalloc whose option numbers [`MI_OPTION_ALLOW_THP`] is taken from: v3.3.2, what
-/// `libmimalloc-sys` 0.1.49 builds by default (`mi_version()` = major·10000 + minor·100 + patch).
-const MIMALLOC_VERSION: libc::c_int = 30302;
-
-/// `mi_option_allow_thp` in that version's `mi_option_t` enum, which the crate does not export.
-/// Options are numbered by their place in the enum, and versions add options in the middle, so
-/// the number is used only when [`MIMALLOC_VERSION`] is the version linked.
-const MI_OPTION_ALLOW_THP: libc::c_int = 43;
-
-/// mimalloc's default `allow_thp`: huge pages allowed, purges as small as 4 KiB.
-const ALLOW_THP: libc::c_long = 1;
-
-/// The `allow_thp` value that keeps huge pages and purges whole ones only: the smallest range
-/// mimalloc returns to the kernel becomes the huge-page size (its `minimal_purge_size` resolves to
-/// 2 MiB when the kernel has THP), in ranges aligned to it within each arena.
-const ALLOW_THP_PURGE_WHOLE: libc::c_long = 2;
-
-/// Gives small blocks an arena without transparent huge pages, and makes mimalloc return memory
-/// to the kernel in whole 2 MiB ranges, so that the large blocks keep their huge pages and what
-/// was purged stays purged.
+/// Gives blocks under [`BULK_BLOCK_BYTES`] an arena of their own that the kernel never backs
+/// with transparent huge pages (`MADV_NOHUGEPAGE`), so that what mimalloc purges there stays
+/// purged, while larger blocks keep the huge pages of mimalloc's default arena.
 ///
-/// Why: mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`, 2 MiB aligned), and the
-/// kernel's khugepaged (`max_ptes_none` 511 by default) collapses any 2 MiB range that still has
-/// one page present back into a whole resident huge page. With mimalloc's default 4 KiB purges
-/// that refilled what it had freed: RSS crept up under load and even idle (docs/benchmarks.md).
-/// Purging whole, aligned ranges leaves khugepaged nothing to collapse (a range with no page
-/// present is never collapsed), but keeps a whole huge page resident as long as one block in it
-/// lives, which metadata scattered among the cached batches did: 96 MiB above the idle baseline
-/// after every topic was deleted. Hence the split: metadata in an arena advised against huge
-/// pages (`MADV_NOHUGEPAGE`: 4 KiB faults, no khugepaged), data in huge pages. Turning huge pages
-/// off for the whole process instead (the fallback, [`disable_transparent_huge_pages`]) kept
-/// memory flat but every 4 KiB of the cached data then cost a fault and its own TLB entry.
+/// Why: mimalloc advises its arenas for huge pages (`MADV_HUGEPAGE`) and purges freed memory in
+/// pieces as small as 4 KiB; khugepaged (`max_ptes_none` 511 by default) collapses any 2 MiB
+/// range that still has one page present back into a whole resident huge page, so what mimalloc
+/// purged came back, and RSS crept up under load and even idle (docs/benchmarks.md). What churns
+/// in small pieces is the small blocks: the tail cache's copies of small batches, index entries,
+/// map nodes. Turning huge pages off for the whole process instead (the fallback,
+/// [`disable_transparent_huge_pages`]) kept memory flat but cost throughput: every 4 KiB of the
+/// large buffers then took a fault of its own and a TLB entry of its own.
 ///
-/// Must run before mimalloc first purges, i.e. at the start of `main` (its purge delay is 1 s);
-/// blocks allocated before it stay where they are. An operator's own `MIMALLOC_ALLOW_THP` (read
-/// by mimalloc when the process starts) is left as it is. Fails when the linked mimalloc is not
-/// the version the option number was read from, or the arena cannot be reserved; small blocks
-/// then stay in the default arena.
+/// Must run at the start of `main`; blocks allocated before it stay where they are. Fails when
+/// the arena cannot be mapped or mimalloc refuses it; small blocks then stay in the default arena.
 pub fn split_arenas() -> Result<(), String> {
-    // SAFETY: `mi_version` takes nothing and reads a constant.
-    let version = unsafe { mi_version() };
-    if version != MIMALLOC_VERSION {
-        return Err(format!(
-            "mimalloc {version} is linked, its option numbers are known for {MIMALLOC_VERSION} only"
-        ));
-    }
     // Our own mapping rather than `mi_reserve_os_memory_ex`, which maps committed memory without
-    // `MAP_NORESERVE`, so the kernel's overcommit heuristic refuses 16 GiB. Aligned to what
-    // mimalloc requires of an arena's start.
+    // `MAP_NORESERVE` (the overcommit heuristic may refuse it) and advises huge pages. Aligned to
+    // what mimalloc requires of an arena's start.
     // SAFETY: takes no pointers.
     let align = unsafe { mi_arena_min_alignment() }.max(PAGE_BYTES);
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
@@ -172,8 +138,8 @@ pub fn split_arenas() -> Result<(), String> {
     }
     let start = (mapped as usize).next_multiple_of(align) as *mut c_void;
     // SAFETY: [start, start + SMALL_ARENA_BYTES) lies in the mapping just made, which nothing
-    // uses; the advice only sets a flag on it. Without it a kernel whose THP mode is `always`
-    // would use huge pages there all the same.
+    // uses; the advice only sets a flag on it. Also keeps a kernel whose THP mode is `always` off
+    // this range.
     if unsafe { libc::madvise(start, SMALL_ARENA_BYTES, libc::MADV_NOHUGEPAGE) } != 0 {
         return Err(format!(
             "advising the small-block arena against huge pages failed: {}",
@@ -187,18 +153,10 @@ pub fn split_arenas() -> Result<(), String> {
     if !unsafe { mi_manage_os_memory_ex(start, SMALL_ARENA_BYTES, true, false, true, -1, true, &mut arena) } {
         return Err("mimalloc refused the small-block arena".into());
     }
-    // SAFETY: as above.
+    // SAFETY: `arena` is the id mimalloc just returned.
     let heap = unsafe { mi_heap_new_in_arena(arena) };
     if heap.is_null() {
         return Err("creating the small-block heap failed".into());
-    }
-    // SAFETY: the option number is valid for this version (checked above); mimalloc's options
-    // are plain integers that may be read and set from any thread at any time.
-    unsafe {
-        if mi_option_get(MI_OPTION_ALLOW_THP) == ALLOW_THP {
-            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP_PURGE_WHOLE);
-            WHOLE_HUGE_PAGE_PURGES.store(true, Ordering::Relaxed);
-        }
     }
     SMALL_HEAP.store(heap, Ordering::Release);
     Ok(())
@@ -218,33 +176,18 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
 }
 
 /// Frees the calling thread's mimalloc pages that hold no live block, including those emptied by
-/// frees from other threads, and returns every free range of mimalloc's arenas to the kernel
-/// (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the thread's pages;
-/// meant for a thread that has gone idle, not for the hot path.
-///
-/// This pass purges at mimalloc's 4 KiB granularity, not in whole huge pages: the small-block
-/// arena has no huge pages, so what it frees stays freed, and an idle shard's metadata is what
-/// remains of the broker once its topics are gone. In the default arena the pass may split the
-/// few huge pages a live large block still holds, which khugepaged may fill back in: bounded by
-/// those blocks.
+/// frees from other threads, in both heaps, and returns every free range of mimalloc's arenas to
+/// the kernel (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the
+/// thread's pages; meant for a thread that has gone idle, not for the hot path.
 pub fn release_free_memory() {
-    let whole = WHOLE_HUGE_PAGE_PURGES.load(Ordering::Relaxed);
     let heap = SMALL_HEAP.load(Ordering::Acquire);
-    // SAFETY: `mi_collect` and `mi_heap_collect` take no pointers of ours but the heap mimalloc
-    // made; they may be called from any thread at any time. The option number is valid (checked
-    // when `whole` was set). Another shard releasing at the same time may restore the option
-    // before this pass purges: the pass then purges whole huge pages only, which is safe.
+    // SAFETY: `mi_collect` and `mi_heap_collect` take no pointers but the heap mimalloc made;
+    // they may be called from any thread at any time.
     unsafe {
-        if whole {
-            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP);
-        }
         if !heap.is_null() {
             mi_heap_collect(heap, true);
         }
         mi_collect(true);
-        if whole {
-            mi_option_set(MI_OPTION_ALLOW_THP, ALLOW_THP_PURGE_WHOLE);
-        }
     }
 }
 
@@ -506,16 +449,7 @@ mod tests {
 
     #[test]
     fn small_blocks_live_in_an_arena_without_huge_pages() {
-        // A failure here after a `mimalloc`/`libmimalloc-sys` update: find `mi_option_allow_thp`
-        // in the new `mimalloc.h` enum and update both constants.
-        assert_eq!(unsafe { mi_version() }, MIMALLOC_VERSION);
-        // mimalloc's default for the option reads back at that number; its neighbours' defaults
-        // (page_cross_thread_max_reclaim 32, minimal_purge_size 0) differ.
-        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP);
-        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP - 1) }, 32);
-        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP + 1) }, 0);
         split_arenas().unwrap();
-        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP_PURGE_WHOLE);
         let heap = SMALL_HEAP.load(Ordering::Acquire);
 
         let small = Box::new([7u8; 100]);
@@ -535,9 +469,7 @@ mod tests {
         assert!(unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
         assert_eq!(grown, (0..10).collect::<Vec<u8>>());
 
-        // An idle release purges at 4 KiB for its pass and restores whole huge pages after it.
         release_free_memory();
-        assert_eq!(unsafe { mi_option_get(MI_OPTION_ALLOW_THP) }, ALLOW_THP_PURGE_WHOLE);
         assert_eq!((small[99], large[BULK_BLOCK_BYTES - 1]), (7, 9));
     }
 
