@@ -20,8 +20,8 @@
 //! nothing and the decode fails normally a few bytes later, when the elements run out. The
 //! block is released with `munmap` when the `Vec` drops.
 //!
-//! Everything below the threshold goes to mimalloc unchanged; the only cost on the hot path is one
-//! comparison per call. Above the threshold mimalloc would itself serve the block from fresh OS
+//! Everything below the threshold goes to mimalloc; the cost on the hot path is one comparison
+//! per call for the mappings and one more, with a relaxed load, for the choice of heap. Above the threshold mimalloc would itself serve the block from fresh OS
 //! memory (its huge-object path), so large legitimate blocks cost the same system calls as before.
 //! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
 //! bogus request fails exactly as it would have without this allocator.
