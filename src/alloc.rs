@@ -20,19 +20,25 @@
 //! nothing and the decode fails normally a few bytes later, when the elements run out. The
 //! block is released with `munmap` when the `Vec` drops.
 //!
-//! Everything below the threshold goes to mimalloc unchanged; the only cost on the hot path is one
-//! comparison per call. Above the threshold mimalloc would itself serve the block from fresh OS
+//! Everything below the threshold goes to mimalloc; the cost on the hot path is one comparison
+//! per call for the mappings and one more, with a relaxed load, for the choice of heap. Above the threshold mimalloc would itself serve the block from fresh OS
 //! memory (its huge-object path), so large legitimate blocks cost the same system calls as before.
 //! Under `vm.overcommit_memory=2` (strict accounting) the kernel ignores `MAP_NORESERVE`, and a
 //! bogus request fails exactly as it would have without this allocator.
 //!
-//! [`disable_transparent_huge_pages`] keeps the kernel from filling purged pages back in;
-//! [`release_free_memory`] is what an idle shard calls (through `ringlog::allocator`) to hand
-//! mimalloc's free pages back to the kernel at once instead of when the thread next allocates.
+//! Where mimalloc puts what, and huge pages: blocks under [`BULK_BLOCK_BYTES`] (metadata, and
+//! the tail cache's copies of small batches) live in an arena of their own that the kernel never
+//! backs with transparent huge pages; larger blocks (receive buffers, frames of large batches
+//! that the cache keeps as slices, DMA buffers) stay in mimalloc's default arena, which it
+//! advises for huge pages. See [`split_arenas`]. [`release_free_memory`] is what an idle shard
+//! calls (through `ringlog::allocator`) to hand mimalloc's free pages back to the kernel at once
+//! instead of when the thread next allocates.
 //!
 //! Owns nothing else and depends only on `libc` and `mimalloc`; it must never allocate itself.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use mimalloc::MiMalloc as Small;
 
@@ -47,23 +53,118 @@ const PAGE_BYTES: usize = 4096;
 /// See the module documentation.
 pub struct ReservingAllocator;
 
+/// Blocks smaller than this go to the small-block arena, which has no huge pages (see
+/// [`split_arenas`]). The tail cache copies payloads under 64 KiB into blocks of their own size
+/// (`storage::partition::append`) and keeps larger ones as slices of the frame they arrived in,
+/// and connections read in 64 KiB chunks, so below the threshold is what churns a few KiB at a
+/// time and above it the buffers that are filled and read end to end.
+pub const BULK_BLOCK_BYTES: usize = 64 << 10;
+
+/// Address space reserved for the small-block arena: committed page by page as it is touched
+/// (`MAP_NORESERVE`), so only the pages in use count. Far above what a broker's small blocks
+/// need (the tail cache's budget is 256 MiB per shard by default); should it fill, small blocks
+/// fall back to the default arena. 4 GiB because mimalloc refused a 16 GiB area here (its limit
+/// for one arena, metadata included).
+const SMALL_ARENA_BYTES: usize = 4 << 30;
+
+/// The mimalloc heap that allocates only in the small-block arena; null until [`split_arenas`]
+/// has set it up, and then small blocks go to mimalloc's default heap like the others.
+static SMALL_HEAP: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
 // mimalloc's own API (`mimalloc.h`), in the library the `mimalloc` crate links. Declared here
-// rather than through `libmimalloc-sys`'s `extended` feature, which would add a dependency for
-// one function.
+// rather than through `libmimalloc-sys`'s `extended` and `arena` features, which would add a
+// dependency for eight functions.
 extern "C" {
     fn mi_collect(force: bool);
+    fn mi_arena_min_alignment() -> usize;
+    #[allow(clippy::too_many_arguments)]
+    fn mi_manage_os_memory_ex(
+        start: *mut c_void,
+        size: usize,
+        is_committed: bool,
+        is_pinned: bool,
+        is_zero: bool,
+        numa_node: libc::c_int,
+        exclusive: bool,
+        arena_id: *mut *mut c_void,
+    ) -> bool;
+    fn mi_heap_new_in_arena(arena_id: *mut c_void) -> *mut c_void;
+    fn mi_heap_collect(heap: *mut c_void, force: bool);
+    fn mi_heap_malloc_aligned(heap: *mut c_void, size: usize, alignment: usize) -> *mut c_void;
+    fn mi_heap_zalloc_aligned(heap: *mut c_void, size: usize, alignment: usize) -> *mut c_void;
+    fn mi_heap_realloc_aligned(
+        heap: *mut c_void,
+        p: *mut c_void,
+        newsize: usize,
+        alignment: usize,
+    ) -> *mut c_void;
+}
+
+/// Gives blocks under [`BULK_BLOCK_BYTES`] an arena of their own that the kernel never backs
+/// with transparent huge pages (`MADV_NOHUGEPAGE`), so that what mimalloc purges there stays
+/// purged, while larger blocks keep the huge pages of mimalloc's default arena.
+///
+/// Why: mimalloc advises its arenas for huge pages (`MADV_HUGEPAGE`) and purges freed memory in
+/// pieces as small as 4 KiB; khugepaged (`max_ptes_none` 511 by default) collapses any 2 MiB
+/// range that still has one page present back into a whole resident huge page, so what mimalloc
+/// purged came back, and RSS crept up under load and even idle (docs/benchmarks.md). What churns
+/// in small pieces is the small blocks: the tail cache's copies of small batches, index entries,
+/// map nodes. Turning huge pages off for the whole process instead (the fallback,
+/// [`disable_transparent_huge_pages`]) kept memory flat but cost throughput: every 4 KiB of the
+/// large buffers then took a fault of its own and a TLB entry of its own.
+///
+/// Must run at the start of `main`; blocks allocated before it stay where they are. Fails when
+/// the arena cannot be mapped or mimalloc refuses it; small blocks then stay in the default arena.
+pub fn split_arenas() -> Result<(), String> {
+    // Our own mapping rather than `mi_reserve_os_memory_ex`, which maps committed memory without
+    // `MAP_NORESERVE` (the overcommit heuristic may refuse it) and advises huge pages. Aligned to
+    // what mimalloc requires of an arena's start.
+    // SAFETY: takes no pointers.
+    let align = unsafe { mi_arena_min_alignment() }.max(PAGE_BYTES);
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SMALL_ARENA_BYTES + align,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(format!("mapping the small-block arena failed: {}", std::io::Error::last_os_error()));
+    }
+    let start = (mapped as usize).next_multiple_of(align) as *mut c_void;
+    // SAFETY: [start, start + SMALL_ARENA_BYTES) lies in the mapping just made, which nothing
+    // uses; the advice only sets a flag on it. Also keeps a kernel whose THP mode is `always` off
+    // this range.
+    if unsafe { libc::madvise(start, SMALL_ARENA_BYTES, libc::MADV_NOHUGEPAGE) } != 0 {
+        return Err(format!(
+            "advising the small-block arena against huge pages failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut arena = std::ptr::null_mut();
+    // SAFETY: the range is ours, aligned, readable and writable (committed as far as mimalloc
+    // is concerned; the kernel commits pages when touched), zero-filled, and handed to mimalloc
+    // for good: it is never unmapped. Exclusive: only the heap made for it allocates there.
+    if !unsafe { mi_manage_os_memory_ex(start, SMALL_ARENA_BYTES, true, false, true, -1, true, &mut arena) } {
+        return Err("mimalloc refused the small-block arena".into());
+    }
+    // SAFETY: `arena` is the id mimalloc just returned.
+    let heap = unsafe { mi_heap_new_in_arena(arena) };
+    if heap.is_null() {
+        return Err("creating the small-block heap failed".into());
+    }
+    SMALL_HEAP.store(heap, Ordering::Release);
+    Ok(())
 }
 
 /// Turns transparent huge pages off for the whole process (`PR_SET_THP_DISABLE`, existing
-/// mappings included), so memory mimalloc has returned stays returned.
-///
-/// Why: mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`, its `allow_thp` option,
-/// read before `main`), and the kernel's khugepaged then collapses any 2 MiB range of them that
-/// still has one page present into a whole resident huge page (`max_ptes_none` is 511 by
-/// default). Pages mimalloc purged came back a little at a time, in the background: a broker idle
-/// after its topics were deleted grew by 4.5 MiB in 30 s with nothing running, all of it in the
-/// arena, and the arena held 22 MiB of huge pages (docs/benchmarks.md). Without huge pages a
-/// fault maps 4 KiB instead of 2 MiB; the soak and side-by-side figures measure that cost.
+/// mappings included), so memory mimalloc has returned stays returned. The fallback when
+/// [`split_arenas`] cannot be applied: flat memory, at the cost of 4 KiB faults and TLB entries.
 pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process's address space.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
@@ -75,12 +176,29 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
 }
 
 /// Frees the calling thread's mimalloc pages that hold no live block, including those emptied by
-/// frees from other threads, and returns every free range of mimalloc's arenas to the kernel
-/// (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the thread's pages;
-/// meant for a thread that has gone idle, not for the hot path.
+/// frees from other threads, in both heaps, and returns every free range of mimalloc's arenas to
+/// the kernel (`MADV_DONTNEED`) without waiting for their purge delay. Costs a walk over the
+/// thread's pages; meant for a thread that has gone idle, not for the hot path.
 pub fn release_free_memory() {
-    // SAFETY: `mi_collect` takes no pointers; it may be called from any thread at any time.
-    unsafe { mi_collect(true) }
+    let heap = SMALL_HEAP.load(Ordering::Acquire);
+    // SAFETY: `mi_collect` and `mi_heap_collect` take no pointers but the heap mimalloc made;
+    // they may be called from any thread at any time.
+    unsafe {
+        if !heap.is_null() {
+            mi_heap_collect(heap, true);
+        }
+        mi_collect(true);
+    }
+}
+
+/// The small-block heap, when `size` belongs there and the heap is set up.
+#[inline]
+fn small_heap(size: usize) -> *mut c_void {
+    if size < BULK_BLOCK_BYTES {
+        SMALL_HEAP.load(Ordering::Relaxed)
+    } else {
+        std::ptr::null_mut()
+    }
 }
 
 /// Whether a block of this layout is (or is to be) a mapping of its own. The hot paths test only
@@ -187,6 +305,15 @@ unsafe impl GlobalAlloc for ReservingAllocator {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { alloc_large(layout, false) };
         }
+        let heap = small_heap(layout.size());
+        if !heap.is_null() {
+            // SAFETY: `heap` is mimalloc's; the caller's guarantees hold for it as for the default
+            // heap. A null (the arena full) falls through to the default heap.
+            let ptr = unsafe { mi_heap_malloc_aligned(heap, layout.size(), layout.align()) };
+            if !ptr.is_null() {
+                return ptr.cast();
+            }
+        }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.alloc(layout) }
     }
@@ -196,6 +323,14 @@ unsafe impl GlobalAlloc for ReservingAllocator {
         if layout.size() >= LARGE_BLOCK_BYTES {
             // SAFETY: forwarded with the caller's guarantees; anonymous pages read as zero.
             return unsafe { alloc_large(layout, true) };
+        }
+        let heap = small_heap(layout.size());
+        if !heap.is_null() {
+            // SAFETY: as in `alloc`.
+            let ptr = unsafe { mi_heap_zalloc_aligned(heap, layout.size(), layout.align()) };
+            if !ptr.is_null() {
+                return ptr.cast();
+            }
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.alloc_zeroed(layout) }
@@ -216,6 +351,18 @@ unsafe impl GlobalAlloc for ReservingAllocator {
         if layout.size() >= LARGE_BLOCK_BYTES || new_size >= LARGE_BLOCK_BYTES {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { realloc_large(ptr, layout, new_size) };
+        }
+        // By the new size: a block that grows past the threshold moves to the default heap, one
+        // that shrinks below it to the small-block heap (unless mimalloc keeps it in place).
+        let heap = small_heap(new_size);
+        if !heap.is_null() {
+            // SAFETY: `ptr` is a live mimalloc block (every block below the threshold is, in
+            // whichever heap); on failure mimalloc leaves it as it was, and the default heap
+            // tries.
+            let moved = unsafe { mi_heap_realloc_aligned(heap, ptr.cast(), new_size, layout.align()) };
+            if !moved.is_null() {
+                return moved.cast();
+            }
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { Small.realloc(ptr, layout, new_size) }
@@ -270,6 +417,60 @@ mod tests {
             assert_eq!(back.read(), 7);
             allocator.dealloc(back, Layout::from_size_align(64, 8).unwrap());
         }
+    }
+
+    extern "C" {
+        fn mi_heap_contains(heap: *const c_void, p: *const c_void) -> bool;
+    }
+
+    /// The `VmFlags` of the mapping of this process that holds `p`.
+    fn vm_flags_of(p: *const u8) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut holds = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) =
+                        (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+                    {
+                        holds = (start..end).contains(&(p as usize));
+                        continue;
+                    }
+                }
+            }
+            if holds {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping holds {p:?}");
+    }
+
+    #[test]
+    fn small_blocks_live_in_an_arena_without_huge_pages() {
+        split_arenas().unwrap();
+        let heap = SMALL_HEAP.load(Ordering::Acquire);
+
+        let small = Box::new([7u8; 100]);
+        assert!(unsafe { mi_heap_contains(heap, small.as_ptr().cast()) });
+        assert!(vm_flags_of(small.as_ptr()).split(' ').any(|f| f == "nh"), "small-block arena not advised");
+        let large = vec![9u8; BULK_BLOCK_BYTES];
+        assert!(!unsafe { mi_heap_contains(heap, large.as_ptr().cast()) });
+
+        // Growing across the threshold moves the block to the default heap, contents and all.
+        let mut grown: Vec<u8> = (0..200).map(|i| i as u8).collect();
+        assert!(unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        grown.reserve_exact(2 * BULK_BLOCK_BYTES);
+        assert!(!unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        assert!(grown.iter().enumerate().all(|(i, &b)| b == i as u8));
+        grown.truncate(10);
+        grown.shrink_to_fit();
+        assert!(unsafe { mi_heap_contains(heap, grown.as_ptr().cast()) });
+        assert_eq!(grown, (0..10).collect::<Vec<u8>>());
+
+        release_free_memory();
+        assert_eq!((small[99], large[BULK_BLOCK_BYTES - 1]), (7, 9));
     }
 
     #[test]

@@ -78,10 +78,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    // Before the shards allocate: see `alloc::disable_transparent_huge_pages`. Not fatal: the
-    // broker works with huge pages, its memory only creeps up.
-    if let Err(e) = alloc::disable_transparent_huge_pages() {
-        tracing::warn!("could not turn transparent huge pages off (prctl PR_SET_THP_DISABLE): {e}");
+    // Before the shards allocate: see `alloc::split_arenas`. Without it, huge pages go for the
+    // whole process so that purged memory stays purged; not fatal either way: the broker works
+    // with huge pages, its memory only creeps up.
+    if let Err(e) = alloc::split_arenas() {
+        tracing::warn!("small blocks stay in mimalloc's default arena ({e}); turning huge pages off instead");
+        if let Err(e) = alloc::disable_transparent_huge_pages() {
+            tracing::warn!("could not turn transparent huge pages off (prctl PR_SET_THP_DISABLE): {e}");
+        }
     }
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.data_dir {
