@@ -68,7 +68,10 @@ pub const BULK_BLOCK_BYTES: usize = 64 << 10;
 const SMALL_ARENA_BYTES: usize = 4 << 30;
 
 /// The mimalloc heap that allocates only in the small-block arena; null until [`split_arenas`]
-/// has set it up, and then small blocks go to mimalloc's default heap like the others.
+/// has set it up, and then small blocks go to mimalloc's default heap like the others. One heap
+/// for every thread: mimalloc v3 (what `libmimalloc-sys` builds unless its `v2` feature is on)
+/// lets any thread allocate from any heap, and its arena ids are pointers. v2 would need a heap
+/// per thread and `int` arena ids.
 static SMALL_HEAP: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
 // mimalloc's own API (`mimalloc.h`), in the library the `mimalloc` crate links. Declared here
