@@ -94,15 +94,6 @@ impl Topics {
         Topics { me, by_name: RefCell::new(BTreeMap::new()), waiting: RefCell::new(HashMap::new()), changes }
     }
 
-    pub fn get(&self, name: &str) -> Option<ReplicatedTopic> {
-        self.by_name.borrow().get(name).cloned()
-    }
-
-    /// The topic whose partitions are group `key`'s, by id.
-    pub fn by_id(&self, topic_id: u128) -> Option<ReplicatedTopic> {
-        self.by_name.borrow().values().find(|t| t.replication.topic_id == topic_id).cloned()
-    }
-
     /// Waits for the outcome of proposal `request` (answered when this node applies it).
     pub fn wait_for(&self, request: u64) -> oneshot::Receiver<Applied> {
         let (tx, rx) = oneshot::channel();
