@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ClusterSeeds;
 use crate::metadata::{self, TopicOverrides};
 use crate::record::builder::BatchBuilder;
-use crate::replication::group::{GroupSettings, Persist, ProposeError, RaftGroup};
+use crate::replication::group::{GroupSettings, Persist, ProposeError, Proposed, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
 use crate::shard::replicated::{LeaderView, ReplicaGate};
 use crate::shard::{Boxed, BrokerError, Shard};
@@ -204,22 +204,29 @@ impl ReplicaGate for Cluster {
         Box::pin(async move {
             let broker_error = |e: HostError| host_error(&topic, partition, e, &addresses, timeout);
             let mut first = None;
-            let mut last = None;
+            let mut last_new: Option<Proposed> = None;
+            let mut retries = Vec::new();
             for proposal in proposals {
                 let proposed = proposal.await.map_err(broker_error)?;
-                // One leader term for the whole request: a later entry of the same term
+                first.get_or_insert(proposed);
+                if proposed.retry {
+                    retries.push(proposed);
+                    continue;
+                }
+                // One leader term for the request's new batches: a later entry of the same term
                 // committing means every earlier one of that leader's term did.
-                if first.is_some_and(|f: crate::replication::group::Proposed| f.term != proposed.term) {
+                if last_new.is_some_and(|l| l.term != proposed.term) {
                     let leader = host.status(key).and_then(|s| s.leader);
                     return Err(broker_error(HostError::LeadershipLost { term: proposed.term, leader }));
                 }
-                first.get_or_insert(proposed);
-                last = Some(proposed);
+                last_new = Some(proposed);
             }
-            let (Some(first), Some(last)) = (first, last) else {
+            let Some(first) = first else {
                 return Err(BrokerError::InvalidRequest(format!("{topic}/{partition}: no batch to produce")));
             };
-            host.committed(key, last, deadline, timeout).await.map_err(broker_error)?;
+            for proposed in retries.into_iter().chain(last_new) {
+                host.committed(key, proposed, deadline, timeout).await.map_err(broker_error)?;
+            }
             let log_start_offset = host.log_start_offset(key).unwrap_or(-1);
             Ok(crate::shard::mesh::Appended { base_offset: first.base_offset, log_start_offset })
         })
@@ -248,7 +255,7 @@ impl Cluster {
 
 /// A replica host's refusal as the error clients see.
 fn host_error(
-    topic: &str,
+    topic: &Arc<str>,
     partition: u32,
     e: HostError,
     addresses: &BTreeMap<u64, String>,
@@ -266,6 +273,7 @@ fn host_error(
             not_leader(leader)
         }
         HostError::Propose(ProposeError::LeaderNotReady) => not_leader(None),
+        HostError::Producer(refused) => BrokerError::storage(topic, partition, refused),
         HostError::Propose(ProposeError::BadBatch(detail)) => {
             BrokerError::InvalidRequest(format!("{topic}/{partition}: {detail}"))
         }

@@ -23,9 +23,9 @@ use super::links::{Outbox, PeerLinks};
 use crate::record::BatchHeader;
 use crate::replication::group::{ProposeError, Proposed, Role};
 use crate::replication::wire::GroupKey;
-use crate::shard::replica::PartitionReplica;
+use crate::shard::replica::{PartitionReplica, ProposalRefused};
 use crate::storage::notify::Notify;
-use crate::storage::Partition;
+use crate::storage::{Partition, StorageError};
 
 /// When a replica forgets the oldest entries of its window (8 bytes of memory each).
 #[derive(Debug, Clone, Copy)]
@@ -48,7 +48,7 @@ impl Default for Compaction {
 enum Input {
     Message(Message),
     Tick,
-    Propose(BytesMut, oneshot::Sender<Result<Proposed, ProposeError>>),
+    Propose(BytesMut, oneshot::Sender<Result<Proposed, HostError>>),
 }
 
 /// A replica as its task last published it.
@@ -73,7 +73,7 @@ struct Hosted {
     partition: Rc<Partition>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("no replica of {0:?} on this node")]
     Unknown(GroupKey),
@@ -81,6 +81,9 @@ pub enum HostError {
     Stopped(GroupKey),
     #[error(transparent)]
     Propose(#[from] ProposeError),
+    /// An idempotent producer's batch its state refuses (fenced, out of order).
+    #[error(transparent)]
+    Producer(StorageError),
     /// Kafka's NOT_LEADER_OR_FOLLOWER: the batch may or may not commit under the new leader; an
     /// idempotent producer's retry finds out without a duplicate.
     #[error("leadership moved before the batch committed (term {term} ended; leader now {leader:?})")]
@@ -88,6 +91,15 @@ pub enum HostError {
     /// Kafka's REQUEST_TIMED_OUT: no quorum committed it in time (it may still commit).
     #[error("not committed within {0:?}: too few replicas reachable")]
     TimedOut(Duration),
+}
+
+impl From<ProposalRefused> for HostError {
+    fn from(refused: ProposalRefused) -> HostError {
+        match refused {
+            ProposalRefused::Group(e) => HostError::Propose(e),
+            ProposalRefused::Producer(e) => HostError::Producer(e),
+        }
+    }
 }
 
 pub struct ReplicaHost {
@@ -157,7 +169,7 @@ impl ReplicaHost {
         };
         async move {
             queued?;
-            Ok(answer.await.map_err(|_| HostError::Stopped(key))??)
+            answer.await.map_err(|_| HostError::Stopped(key))?
         }
     }
 
@@ -192,6 +204,14 @@ impl ReplicaHost {
             let status = self.status(key).ok_or(HostError::Unknown(key))?;
             if status.failed {
                 return Err(HostError::Stopped(key));
+            }
+            // A retry names a batch of the leader's log in `term`: committed once the high
+            // watermark passes it while that term lasts (nothing of the batch is read back).
+            if proposed.retry && status.term != proposed.term {
+                return Err(HostError::LeadershipLost { term: proposed.term, leader: status.leader });
+            }
+            if proposed.retry && status.high_watermark > proposed.last_offset {
+                return Ok(proposed);
             }
             if status.high_watermark > proposed.last_offset {
                 let read = partition.read(proposed.base_offset, 1).await;
@@ -321,7 +341,7 @@ async fn run_replica(
                 }
                 Input::Tick => group.tick(),
                 Input::Propose(batch, reply) => {
-                    let _ = reply.send(group.propose(batch));
+                    let _ = reply.send(replica.propose(batch).map_err(HostError::from));
                 }
             }
         }
@@ -599,10 +619,12 @@ mod tests {
                 };
                 if leader != id {
                     let refused = host.produce(KEY, record("to a follower"), Duration::from_secs(5)).await;
-                    assert_eq!(
-                        refused,
-                        Err(HostError::Propose(ProposeError::NotLeader { leader: Some(leader) })),
-                        "node {id}"
+                    assert!(
+                        matches!(
+                            refused,
+                            Err(HostError::Propose(ProposeError::NotLeader { leader: Some(l) })) if l == leader
+                        ),
+                        "node {id}: {refused:?}"
                     );
                     // Once the leader has committed with it, this node goes away: its executor
                     // ends, its connections close.

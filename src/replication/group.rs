@@ -10,7 +10,7 @@
 //! after the last committed entry), and whether a leader may serve (it has committed an entry of
 //! its own term). Depends on raft-rs, `store`, `record` for stamping batches, and `rng`.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{Config, RawNode, StateRole};
 use thiserror::Error;
@@ -92,6 +92,11 @@ pub struct Proposed {
     pub term: u64,
     pub base_offset: i64,
     pub last_offset: i64,
+    /// An idempotent producer's retry of a batch already in the leader's log, answered with that
+    /// batch's offsets instead of being proposed again (`index` is 0: the original's entry is
+    /// committed once the high watermark passes it while `term` lasts, as a leader never cuts
+    /// its own log).
+    pub retry: bool,
 }
 
 /// Writes the caller must make durable; then `persisted(number)`, then send `then_send`.
@@ -286,15 +291,33 @@ impl<S: ReplicaStore> RaftGroup<S> {
         self.after_raft_call();
     }
 
-    /// Appends a producer's batch (validated by the caller) to the log: stamps its base offset
-    /// and leader epoch (this term) and proposes it, without copying it.
-    pub fn propose(&mut self, mut batch: BytesMut) -> Result<Proposed, ProposeError> {
+    /// Whether this replica may take proposals now: it leads, and has committed an entry of its
+    /// term (so its log holds everything committed before).
+    pub fn may_propose(&self) -> Result<(), ProposeError> {
         if self.raw.raft.state != StateRole::Leader {
             return Err(ProposeError::NotLeader { leader: self.leader() });
         }
         if !self.serving {
             return Err(ProposeError::LeaderNotReady);
         }
+        Ok(())
+    }
+
+    /// The batches of entries raft-rs holds that the store has not been given yet, in log order:
+    /// on a leader, what it proposed since its last round.
+    pub fn unstable_batches(&self) -> impl Iterator<Item = &Bytes> {
+        let unstable = &self.raw.raft.raft_log.unstable;
+        unstable
+            .entries
+            .iter()
+            .filter(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal && !e.data.is_empty())
+            .map(|e| &e.data)
+    }
+
+    /// Appends a producer's batch (validated by the caller) to the log: stamps its base offset
+    /// and leader epoch (this term) and proposes it, without copying it.
+    pub fn propose(&mut self, mut batch: BytesMut) -> Result<Proposed, ProposeError> {
+        self.may_propose()?;
         let header = BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
         if header.total_len() != batch.len() || header.last_offset_delta < 0 {
             return Err(ProposeError::BadBatch(format!(
@@ -321,7 +344,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             Ok(()) => {
                 debug_assert_eq!(self.raw.raft.raft_log.last_index(), index);
                 let last_offset = base_offset + i64::from(header.last_offset_delta);
-                Ok(Proposed { index, term, base_offset, last_offset })
+                Ok(Proposed { index, term, base_offset, last_offset, retry: false })
             }
             Err(raft::Error::ProposalDropped) if self.raw.raft.state == StateRole::Leader => {
                 Err(ProposeError::Busy(format!(

@@ -15,11 +15,11 @@ use thiserror::Error;
 
 use crate::record;
 use crate::replication::epochs::{EpochsError, LeaderEpochs};
-use crate::replication::group::{GroupError, GroupSettings, RaftGroup};
+use crate::replication::group::{GroupError, GroupSettings, ProposeError, Proposed, RaftGroup};
 use crate::replication::replica_log::{
     CacheLimits, LogWrite, OpenError, ReplicaLog, ReplicaState, ScannedBatch, StateFileError,
 };
-use crate::storage::{blocking, Durability, Partition, StorageError, Visibility};
+use crate::storage::{blocking, Durability, Partition, RequestVerdict, StorageError, Visibility};
 
 /// Bytes read per step of the open scan and of a follower's catch-up read.
 const READ_STEP_BYTES: usize = 1 << 20;
@@ -44,6 +44,16 @@ pub enum ReplicaError {
     Group { name: String, source: GroupError },
     #[error("replica {name}: the blocking pool failed: {detail}")]
     Blocking { name: String, detail: String },
+}
+
+/// Why a proposal was not taken.
+#[derive(Debug, Error)]
+pub enum ProposalRefused {
+    #[error(transparent)]
+    Group(#[from] ProposeError),
+    /// The producer state refuses the batch (a fenced epoch, a sequence out of order).
+    #[error(transparent)]
+    Producer(StorageError),
 }
 
 pub struct PartitionReplica {
@@ -99,6 +109,32 @@ impl PartitionReplica {
 
     pub fn partition(&self) -> &Rc<Partition> {
         &self.partition
+    }
+
+    /// Proposes a producer's batch (validated by the caller). An idempotent producer's batch is
+    /// first checked against the producer state of this log and of what was proposed after its
+    /// end (Kafka's leader checks before it appends): a retry of a batch either holds is answered
+    /// with the original's offsets and not proposed again, so it is written once whichever leader
+    /// took the first attempt; a fenced or out-of-order batch is refused as a local append would.
+    pub fn propose(&mut self, batch: BytesMut) -> Result<Proposed, ProposalRefused> {
+        let header = record::BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
+        if header.producer_id >= 0 {
+            self.group.may_propose()?;
+            let end = self.partition.log_end_offset();
+            let pending = self
+                .group
+                .unstable_batches()
+                .filter_map(|data| record::BatchHeader::parse(data).ok())
+                .filter(|h| h.base_offset >= end);
+            match self.partition.check_proposal(&header, pending).map_err(ProposalRefused::Producer)? {
+                RequestVerdict::Append => {}
+                RequestVerdict::Duplicate { base_offset, last_offset } => {
+                    let term = self.group.term();
+                    return Ok(Proposed { index: 0, term, base_offset, last_offset, retry: true });
+                }
+            }
+        }
+        Ok(self.group.propose(batch)?)
     }
 
     /// One round: polls the group, hands `send_now` the messages that need nothing persisted (a
@@ -427,6 +463,71 @@ mod tests {
             builder.push(1_700_000_000_000, Some(b"k"), Some(value.as_bytes()), &[]);
         }
         builder.finish()
+    }
+
+    /// `batch(records, tag)` from producer `producer_id` at `epoch`, starting at `sequence`.
+    fn idempotent(tag: &str, producer_id: i64, epoch: i16, sequence: i32, records: usize) -> BytesMut {
+        let mut b = batch(records, tag);
+        b[43..51].copy_from_slice(&producer_id.to_be_bytes());
+        b[51..53].copy_from_slice(&epoch.to_be_bytes());
+        b[53..57].copy_from_slice(&sequence.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn an_idempotent_retry_is_written_once_whichever_leader_takes_it() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            cluster.elect(1).await;
+            let first = cluster.replica(1).propose(idempotent("p0", 7, 0, 0, 3)).unwrap();
+            assert!(!first.retry);
+            // Retried while the first is only in raft-rs's log, then once the partition has it.
+            let offsets = |p: Proposed| (p.base_offset, p.last_offset);
+            let pending = cluster.replica(1).propose(idempotent("p0", 7, 0, 0, 3)).unwrap();
+            assert!(pending.retry);
+            assert_eq!(offsets(pending), offsets(first));
+            cluster.settle().await;
+            let appended = cluster.replica(1).propose(idempotent("p0", 7, 0, 0, 3)).unwrap();
+            assert!(appended.retry);
+            assert_eq!(offsets(appended), offsets(first));
+
+            let second = cluster.replica(1).propose(idempotent("p1", 7, 0, 3, 2)).unwrap();
+            assert_eq!(second.base_offset, first.last_offset + 1);
+            match cluster.replica(1).propose(idempotent("gap", 7, 0, 9, 1)) {
+                Err(ProposalRefused::Producer(StorageError::OutOfOrderSequence { .. })) => {}
+                other => panic!("a sequence gap was not refused: {other:?}"),
+            }
+            cluster.replica(1).propose(idempotent("q0", 8, 1, 0, 1)).unwrap();
+            match cluster.replica(1).propose(idempotent("q-old", 8, 0, 1, 1)) {
+                Err(ProposalRefused::Producer(StorageError::ProducerFenced { current_epoch: 1, .. })) => {}
+                other => panic!("an older producer epoch was not fenced: {other:?}"),
+            }
+            // A follower neither proposes nor answers retries.
+            assert!(matches!(
+                cluster.replica(2).propose(idempotent("p0", 7, 0, 0, 3)),
+                Err(ProposalRefused::Group(ProposeError::NotLeader { leader: Some(1) }))
+            ));
+            cluster.settle().await;
+
+            // The leader dies; the new one knows the producers from the replicated log.
+            cluster.replicas[0] = None;
+            cluster.tick(3, 2 * GroupSettings::default().election_ticks).await;
+            cluster.elect(2).await;
+            let again = cluster.replica(2).propose(idempotent("p1", 7, 0, 3, 2)).unwrap();
+            assert!(again.retry);
+            assert_eq!(offsets(again), offsets(second));
+            cluster.replica(2).propose(idempotent("p2", 7, 0, 5, 1)).unwrap();
+            cluster.settle().await;
+            let log = cluster.committed(2).await;
+            for tag in [&b"p0-0-"[..], b"p1-0-", b"p2-0-", b"q0-0-"] {
+                let copies = log.iter().filter(|b| b.windows(tag.len()).any(|w| w == tag)).count();
+                assert_eq!(copies, 1, "{}", String::from_utf8_lossy(tag));
+            }
+            assert!(!log.iter().any(|b| b.windows(4).any(|w| w == b"gap-" || w == b"q-ol")));
+        });
     }
 
     #[test]

@@ -48,6 +48,7 @@ use std::rc::{Rc, Weak};
 
 pub use index::{IndexEntry, SegmentIndex};
 pub use partition::Partition;
+pub(crate) use producer_state::RequestVerdict;
 pub use producer_state::SequenceGap;
 pub use tail_cache::CacheStats;
 

@@ -405,6 +405,27 @@ impl ProducerStates {
         }
     }
 
+    /// Checks `batch` as if `pending` (batches of the log not recorded here yet, in log order,
+    /// with their offsets) had been appended first. Records nothing: a replicated partition's
+    /// leader checks a batch before proposing it, and the state records it once the log holds it.
+    pub fn check_after(
+        &self,
+        batch: &ProducerBatch,
+        pending: impl IntoIterator<Item = (ProducerBatch, i64, i64)>,
+    ) -> Result<Verdict, Rejection> {
+        let mut entry = self.producers.get(&batch.producer_id).copied();
+        for (earlier, base_offset, last_offset) in pending {
+            if earlier.producer_id != batch.producer_id {
+                continue;
+            }
+            match entry.as_mut() {
+                Some(e) => e.record(&earlier, base_offset, last_offset),
+                None => entry = Some(ProducerEntry::new(&earlier, base_offset, last_offset)),
+            }
+        }
+        check(entry.as_ref(), batch)
+    }
+
     /// Records a batch found in the log (recovery), without checks: the log is the truth.
     pub fn replay(&mut self, batch: &ProducerBatch, base_offset: i64, last_offset: i64) {
         self.make_room_for(batch.producer_id);

@@ -19,7 +19,7 @@ use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN
 use crate::storage::blocking;
 use crate::storage::notify::Notify;
 use crate::storage::producer_state::{
-    Appending, AppendingBatches, ProducerBatch, Refused, Rejection, RequestVerdict,
+    Appending, AppendingBatches, ProducerBatch, Refused, Rejection, RequestVerdict, Verdict,
 };
 use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
 use crate::storage::tail_cache::Pin;
@@ -242,6 +242,31 @@ impl Partition {
             position += header.total_len();
         }
         self.place(st, &seg, batches, end_offset, start_pos)
+    }
+
+    /// The check a replicated partition's leader makes of a batch before proposing it: against
+    /// the producer state of this log, continued by `pending` (the headers of batches proposed
+    /// after this log's end, in log order). A retry of a batch in either is answered with its
+    /// original offsets; nothing is recorded (the state records a batch when the log takes it).
+    pub(crate) fn check_proposal(
+        &self,
+        header: &BatchHeader,
+        pending: impl IntoIterator<Item = BatchHeader>,
+    ) -> Result<RequestVerdict, StorageError> {
+        let Some(batch) = ProducerBatch::of(header) else { return Ok(RequestVerdict::Append) };
+        let pending = pending.into_iter().filter_map(|h| {
+            let earlier = ProducerBatch::of(&h)?;
+            Some((earlier, h.base_offset, h.last_offset()))
+        });
+        let st = self.state.borrow();
+        match st.producers.check_after(&batch, pending) {
+            Ok(Verdict::Append) => Ok(RequestVerdict::Append),
+            Ok(Verdict::Duplicate(original)) => Ok(RequestVerdict::Duplicate {
+                base_offset: original.base_offset,
+                last_offset: original.last_offset,
+            }),
+            Err(rejection) => Err(refused(Refused { index: 0, batch, rejection })),
+        }
     }
 
     /// The partition's state, if it takes appends now, and `batches` is not empty.
