@@ -259,8 +259,11 @@ fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death(
     for node in &nodes {
         wait_for("every partition to have a leader on every node", &all, || leaders(node, "post-likes"));
     }
+    // __consumer_offsets' partitions, created by the controller beside it, elect leaders too.
     for node in &nodes {
-        assert_eq!(status(node).unwrap()["leaderless_partitions"], 0);
+        wait_for("no leaderless partition", &all, || {
+            (status(node)?["leaderless_partitions"] == 0).then_some(())
+        });
     }
     // Only the leader takes a partition's requests: a follower answers NotLeader (naming the
     // leader) to a produce and a fetch; the leader refuses a damaged batch before it reaches

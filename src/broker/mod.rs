@@ -125,7 +125,11 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let shards = config.shard_count();
     raise_open_files_limit(shards);
     let mut store = MetadataStore::open(&data_dir, shards)?;
-    crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
+    // A cluster's __consumer_offsets is replicated: its controller creates it once enough nodes
+    // have registered (cluster::Cluster::ensure_offsets_topic).
+    if config.cluster().ok().flatten().is_none() {
+        crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
+    }
     remove_orphan_topic_dirs(&data_dir, &store);
     let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
     let io_memory = config.io_memory_for(shards);

@@ -219,11 +219,22 @@ async fn consume_group(consumer: &mut GroupConsumer, args: &ConsumeArgs) -> Resu
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         };
-        for record in &records {
+        for (i, record) in records.iter().enumerate() {
             print_record(&mut out, record, args.print_meta).map_err(CliError::stdout)?;
             printed += 1;
             if args.count.is_some_and(|n| printed >= n) {
-                return out.flush().map_err(CliError::stdout);
+                out.flush().map_err(CliError::stdout)?;
+                // The poll's records not printed stay the group's: each partition goes back to
+                // its first one, so the commit on leaving covers only what was printed.
+                let mut rewound: Vec<(&str, u32)> = Vec::new();
+                for unprinted in &records[i + 1..] {
+                    let partition = (&*unprinted.topic, unprinted.partition);
+                    if !rewound.contains(&partition) {
+                        rewound.push(partition);
+                        consumer.seek(partition.0, partition.1, unprinted.offset)?;
+                    }
+                }
+                return Ok(());
             }
         }
         out.flush().map_err(CliError::stdout)?;

@@ -7,6 +7,7 @@
 //! (the broker routes them to the group's coordinator shard).
 
 use super::cluster::Cluster;
+use super::connection::Connection;
 use super::error::{ClientError, Result};
 use super::group::{self, CommittedOffset, GroupDescription, GroupListing, ResetTarget, TopicPartitions};
 use super::ClientConfig;
@@ -240,8 +241,20 @@ impl Admin {
     }
 
     /// A group's state, generation and members with their assignments.
+    /// A connection to the group's coordinator: the bootstrap broker on a single node; in a
+    /// cluster, the node leading the group's `__consumer_offsets` partition.
+    async fn coordinator(&self, group_id: &str) -> Result<Connection> {
+        let bootstrap = self.cluster.bootstrap().await?;
+        let config = self.cluster.config();
+        let addr = group::find_coordinator(&bootstrap, &config.bootstrap, group_id).await?;
+        if addr == bootstrap.addr() {
+            return Ok(bootstrap);
+        }
+        Connection::connect(&addr, &config.client_id, config.request_timeout).await
+    }
+
     pub async fn describe_group(&self, group_id: &str) -> Result<GroupDescription> {
-        group::describe_group(&self.cluster.bootstrap().await?, group_id).await
+        group::describe_group(&self.coordinator(group_id).await?, group_id).await
     }
 
     /// The group's committed offsets with each partition's log end and lag, for `topics`
@@ -251,12 +264,12 @@ impl Admin {
         group_id: &str,
         topics: &[TopicPartitions],
     ) -> Result<Vec<CommittedOffset>> {
-        group::fetch_offsets(&self.cluster.bootstrap().await?, group_id, topics).await
+        group::fetch_offsets(&self.coordinator(group_id).await?, group_id, topics).await
     }
 
     /// Deletes a group and its committed offsets; fails with GroupNotEmpty while it has members.
     pub async fn delete_group(&self, group_id: &str) -> Result<()> {
-        group::delete_group(&self.cluster.bootstrap().await?, group_id).await
+        group::delete_group(&self.coordinator(group_id).await?, group_id).await
     }
 
     /// Moves the group's committed offsets on `partitions` of `topic` (all partitions if empty);
@@ -268,6 +281,6 @@ impl Admin {
         partitions: &[u32],
         target: ResetTarget,
     ) -> Result<Vec<CommittedOffset>> {
-        group::reset_offsets(&self.cluster.bootstrap().await?, group_id, topic, partitions, target).await
+        group::reset_offsets(&self.coordinator(group_id).await?, group_id, topic, partitions, target).await
     }
 }

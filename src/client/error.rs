@@ -95,9 +95,16 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             ClientError::NotSent { .. } => true,
+            // NotLeader and RequestTimedOut (a replicated partition without a leader, or without a
+            // quorum in time) are retried as Kafka producers retry them: without idempotence a
+            // batch whose commit was cut short by a leader change may then be written twice.
             ClientError::Broker { code, .. } => matches!(
                 *code,
-                ErrorCode::NotOwner | ErrorCode::UnknownTopicOrPartition | ErrorCode::ResourceExhausted
+                ErrorCode::NotOwner
+                    | ErrorCode::UnknownTopicOrPartition
+                    | ErrorCode::ResourceExhausted
+                    | ErrorCode::NotLeader
+                    | ErrorCode::RequestTimedOut
             ),
             _ => false,
         }

@@ -314,6 +314,13 @@ impl GroupConsumer {
         self.consumer.position(topic, partition)
     }
 
+    /// Moves an assigned partition's position to `offset` (Kafka's `seek`): the next poll reads
+    /// from there, and a commit commits it. For records `poll` returned that the application did
+    /// not process, so they are neither skipped nor committed.
+    pub fn seek(&mut self, topic: &str, partition: u32, offset: i64) -> Result<()> {
+        self.consumer.seek(topic, partition, Offset::At(offset))
+    }
+
     /// The partition's high watermark as of the last fetch.
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
         self.consumer.high_watermark(topic, partition)

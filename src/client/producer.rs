@@ -62,9 +62,14 @@ pub struct ProducerConfig {
     pub partitioner: Partitioner,
     /// Memory for records not yet acknowledged; `send` waits when it is used up.
     pub buffer_bytes: usize,
-    /// How often a batch is sent again after a retriable error.
+    /// How often a batch is sent again after a retriable error (a leader being elected, a
+    /// partition moving, a commit timing out).
     pub retries: u32,
+    /// The pause before the first retry; it doubles with each retry up to `retry_backoff_max`
+    /// (Kafka's `retry.backoff.ms` and `retry.backoff.max.ms`), so the default retries span a
+    /// leader election (several seconds), not just a moment.
     pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
     /// Codec for every batch's records section (Kafka's `compression.type`).
     pub compression: Compression,
 }
@@ -79,8 +84,9 @@ impl Default for ProducerConfig {
             max_request_bytes: 4 << 20,
             partitioner: Partitioner::KeyHash,
             buffer_bytes: 64 << 20,
-            retries: 3,
+            retries: 10,
             retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
             compression: Compression::None,
         }
     }
@@ -849,7 +855,8 @@ async fn finish_batch(shared: &Arc<Shared>, mut b: Outbound, result: Result<i64,
         let retriable = matches!(&result, Err(e) if e.is_retriable());
         if retriable && p.in_flight == 0 && b.batch.attempts < shared.config.retries {
             b.batch.attempts += 1;
-            b.batch.not_before = Some(Instant::now() + shared.config.retry_backoff);
+            let backoff = shared.config.retry_backoff.saturating_mul(1 << (b.batch.attempts - 1).min(16));
+            b.batch.not_before = Some(Instant::now() + backoff.min(shared.config.retry_backoff_max));
             tracing::debug!(
                 topic = %b.topic,
                 partition = b.partition,

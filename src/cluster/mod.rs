@@ -8,7 +8,8 @@
 //! leads).
 //!
 //! Runs only on shard 0 and only when `seeds` is set. May depend on `replication`, `shard` (its
-//! extension slot, the gate seam, storage through it), `record`, `metadata`, `config`; the
+//! extension slot, the gate seam, storage through it), `record`, `metadata`, `config`, `groups`
+//! (the settings of `__consumer_offsets`, which the controller creates); the
 //! broker starts it, the protocols send topic changes through it and the admin listener reads
 //! its status.
 
@@ -33,7 +34,7 @@ use raft::eraftpb::Entry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
-use crate::metadata::{self, TopicOverrides};
+use crate::metadata::{self, TopicOverrides, OFFSETS_TOPIC};
 use crate::record::builder::BatchBuilder;
 use crate::replication::group::{GroupSettings, Persist, ProposeError, Proposed, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
@@ -81,6 +82,10 @@ pub struct Cluster {
     replication_timeout: Duration,
     persister: mpsc::UnboundedSender<PersistJob>,
     proposed: RefCell<BTreeMap<u64, Instant>>,
+    /// When this node last proposed creating `__consumer_offsets`, and what it creates.
+    offsets_proposed: std::cell::Cell<Option<Instant>>,
+    offsets_partitions: u32,
+    offsets_overrides: TopicOverrides,
     /// Set when the controller's log cannot be written: this node stops taking part.
     failure: RefCell<Option<String>>,
 }
@@ -166,6 +171,9 @@ pub fn start(
             links,
             persister,
             proposed: RefCell::new(BTreeMap::new()),
+            offsets_proposed: std::cell::Cell::new(None),
+            offsets_partitions: shard.config.offsets_topic_partitions,
+            offsets_overrides: crate::groups::offsets_topic_overrides(&shard.config),
             failure: RefCell::new(None),
         }
     });
@@ -359,6 +367,9 @@ pub async fn create_topic(
 }
 
 pub async fn delete_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
+    if metadata::is_internal_topic(&name) {
+        return Err(BrokerError::InternalTopic { topic: name, rule: "the broker keeps it" });
+    }
     on_cluster(shard, move |cluster| async move { cluster.delete_topic(name).await }).await
 }
 
@@ -558,6 +569,37 @@ impl Cluster {
         }
     }
 
+    /// The controller's leader creates the replicated `__consumer_offsets` once as many nodes
+    /// have registered as its replication factor, min(3, voters) (Kafka's
+    /// `offsets.topic.replication.factor`): created earlier, it would keep fewer copies for good.
+    fn ensure_offsets_topic(&self) {
+        if !self.group.borrow().is_serving() || self.topics.contains(OFFSETS_TOPIC) {
+            return;
+        }
+        let replication_factor = self.seeds.voters.len().min(3);
+        if self.registered.borrow().len() < replication_factor {
+            return;
+        }
+        if self.offsets_proposed.get().is_some_and(|at| at.elapsed() < REPROPOSE_AFTER) {
+            return;
+        }
+        // Refused when it applies if another proposal created it first: one entry lost.
+        let command = TopicCommand::Create {
+            request: self.request_id(),
+            name: OFFSETS_TOPIC.to_string(),
+            partitions: self.offsets_partitions,
+            replication_factor: replication_factor as u16,
+            overrides: self.offsets_overrides.clone(),
+        };
+        match self.propose(&ControllerCommand::Topic(command)) {
+            Ok(()) => {
+                tracing::info!(replication_factor, "cluster: creating {OFFSETS_TOPIC}");
+                self.offsets_proposed.set(Some(Instant::now()));
+            }
+            Err(e) => tracing::debug!("cluster: {OFFSETS_TOPIC} not proposed: {e}"),
+        }
+    }
+
     /// Appends `command` to the controller's log (this node must lead it).
     fn propose(&self, command: &ControllerCommand) -> Result<(), BrokerError> {
         let value = serde_json::to_vec(command)
@@ -651,6 +693,7 @@ impl Cluster {
             glommio::timer::sleep(self.tick).await;
             self.group.borrow_mut().tick();
             self.register_nodes();
+            self.ensure_offsets_topic();
             self.drive();
             // Raft followers never write to each other, so every node also says it is alive to
             // every peer: an empty batch every few ticks.

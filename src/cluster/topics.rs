@@ -101,6 +101,11 @@ impl Topics {
         rx
     }
 
+    /// Whether a replicated topic of this name exists (as applied here).
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.borrow().contains_key(name)
+    }
+
     /// Gives up waiting on `request` (it was not proposed, or its caller left).
     pub fn forget(&self, request: u64) {
         self.waiting.borrow_mut().remove(&request);

@@ -269,6 +269,12 @@ pub enum GroupError {
     CoordinatorNotAvailable(String),
     #[error("shard {shard} does not coordinate group '{group}'; ask FindCoordinator")]
     NotCoordinator { group: String, shard: u32 },
+    /// A cluster: the group's offsets partition is led by another node (`leader`, when known).
+    #[error("this node does not coordinate group '{group}' (its offsets partition is led by node {leader:?}); ask FindCoordinator")]
+    NotCoordinatorNode { group: String, leader: Option<u64> },
+    /// A cluster: this node has just come to lead the group's offsets partition and is replaying it.
+    #[error("group '{group}': this node is loading __consumer_offsets partition {partition}; retry shortly")]
+    LoadInProgress { group: String, partition: u32 },
     #[error("group '{group}': writing __consumer_offsets failed: {source}")]
     Storage { group: String, source: BrokerError },
     /// One partition of a commit, offset fetch or reset (unknown topic or partition, a failed

@@ -18,7 +18,7 @@ pub mod state;
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::time::Duration;
@@ -83,17 +83,23 @@ pub fn ensure_offsets_topic(
     let meta = TopicMeta {
         name: OFFSETS_TOPIC.to_string(),
         partition_shards: metadata::assign_partitions(config.offsets_topic_partitions as usize, &loads),
-        overrides: TopicOverrides {
-            segment_bytes: Some(OFFSETS_SEGMENT_BYTES.max(config.batch_bytes_max as u64)),
-            segment_ms: None,
-            retention_bytes: Some(-1),
-            retention_ms: Some(-1),
-            durability: Some(DurabilitySetting::Fsync),
-        },
+        overrides: offsets_topic_overrides(config),
         created_ms: now_ms(),
     };
     tracing::info!(partitions = config.offsets_topic_partitions, "creating {OFFSETS_TOPIC}");
     store.insert(meta)
+}
+
+/// The settings of `__consumer_offsets`, local or replicated: kept forever (compaction is the
+/// groups' own tombstones), fsynced, segments as large as Kafka's.
+pub fn offsets_topic_overrides(config: &BrokerConfig) -> TopicOverrides {
+    TopicOverrides {
+        segment_bytes: Some(OFFSETS_SEGMENT_BYTES.max(config.batch_bytes_max as u64)),
+        segment_ms: None,
+        retention_bytes: Some(-1),
+        retention_ms: Some(-1),
+        durability: Some(DurabilitySetting::Fsync),
+    }
 }
 
 /// The groups one shard coordinates.
@@ -102,6 +108,11 @@ pub struct Coordinator {
     groups: RefCell<HashMap<String, Group>>,
     member_seq: Cell<u64>,
     last_retention_check_ms: Cell<i64>,
+    /// A replicated `__consumer_offsets`' partitions whose groups this shard holds: it leads them
+    /// and has replayed their logs. Their groups are served; others' are not (another node leads).
+    loaded: RefCell<HashSet<u32>>,
+    /// Partitions being replayed after this node gained their leadership.
+    loading: RefCell<HashSet<u32>>,
 }
 
 impl Coordinator {
@@ -202,13 +213,28 @@ pub async fn execute(shard: &Rc<Shard>, request: GroupRequest) -> GroupOutcome {
     request_on(shard, owner, request).await
 }
 
+/// In a cluster, `__consumer_offsets` is replicated and a group's coordinator is the node leading
+/// its offsets partition, once it has replayed that partition's log (Kafka's rule).
+fn check_led_here(shard: &Shard, group_id: &str, partition: u32) -> Result<(), GroupError> {
+    let Some(view) = shard.replica_leader(OFFSETS_TOPIC, partition) else { return Ok(()) };
+    let loaded = coordinator(shard).loaded.borrow().contains(&partition);
+    match (view.serving_here, loaded) {
+        (true, true) => Ok(()),
+        (true, false) => Err(GroupError::LoadInProgress { group: group_id.to_string(), partition }),
+        (false, _) => {
+            Err(GroupError::NotCoordinatorNode { group: group_id.to_string(), leader: view.leader })
+        }
+    }
+}
+
 /// Runs a group request on this shard, which must be the group's coordinator.
 pub async fn execute_local(shard: &Rc<Shard>, request: GroupRequest) -> GroupOutcome {
     if let Some(group_id) = request.group_id() {
-        let (_, owner) = coordinator_of(shard, group_id)?;
+        let (partition, owner) = coordinator_of(shard, group_id)?;
         if owner != shard.id {
             return Err(GroupError::NotCoordinator { group: group_id.to_string(), shard: shard.id });
         }
+        check_led_here(shard, group_id, partition)?;
     }
     match request {
         GroupRequest::Join(r) => join(shard, r).await,
@@ -667,6 +693,10 @@ async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
 /// committed offsets. Runs before the shard serves requests.
 pub async fn load(shard: &Rc<Shard>) -> Result<(), String> {
     let Some(view) = shard.topic(OFFSETS_TOPIC) else { return Ok(()) };
+    if view.replication.is_some() {
+        // Loaded partition by partition as this node gains their leadership (`follow_leaders`).
+        return Ok(());
+    }
     let now = now_ms();
     let mut groups: HashMap<String, Group> = HashMap::new();
     let mut records = 0usize;
@@ -676,17 +706,91 @@ pub async fn load(shard: &Rc<Shard>) -> Result<(), String> {
             .await
             .map_err(|e| format!("{OFFSETS_TOPIC} partition {p}: {e}"))?;
     }
+    settle_replayed(&mut groups, now);
+    if !groups.is_empty() || records > 0 {
+        tracing::info!(shard = shard.id, groups = groups.len(), records, "consumer groups loaded");
+    }
+    *coordinator(shard).groups.borrow_mut() = groups;
+    Ok(())
+}
+
+/// Groups rebuilt from a log keep only what the log still holds of them, and count as empty
+/// since their last recorded activity (offset retention runs from there).
+fn settle_replayed(groups: &mut HashMap<String, Group>, now: i64) {
     groups.retain(|_, g| g.has_metadata_record || !g.offsets.is_empty());
     for g in groups.values_mut() {
         let last_commit = g.offsets.values().map(|v| v.commit_timestamp_ms).max().unwrap_or(i64::MIN);
         let last_activity = g.empty_since_ms.max(last_commit);
         g.empty_since_ms = if last_activity == i64::MIN || last_activity == 0 { now } else { last_activity };
     }
-    if !groups.is_empty() || records > 0 {
-        tracing::info!(shard = shard.id, groups = groups.len(), records, "consumer groups loaded");
+}
+
+/// Follows the leadership of a replicated `__consumer_offsets`' partitions hosted on this shard:
+/// a partition this node now leads (and serves) is replayed and its groups served; one it no
+/// longer leads has its groups dropped (their members' parked requests fail, and they find the
+/// new coordinator). Runs on every timer tick: a leadership change reaches groups within one.
+fn follow_leaders(shard: &Rc<Shard>) {
+    let Some(view) = shard.topic(OFFSETS_TOPIC) else { return };
+    if view.replication.is_none() {
+        return;
     }
-    *coordinator(shard).groups.borrow_mut() = groups;
-    Ok(())
+    let co = coordinator(shard);
+    let partitions = view.partition_shards.len() as u32;
+    for p in (0..partitions).filter(|&p| view.partition_shards[p as usize] == shard.id) {
+        let serving = shard.replica_leader(OFFSETS_TOPIC, p).is_some_and(|v| v.serving_here);
+        let loaded = co.loaded.borrow().contains(&p);
+        if serving && !loaded && co.loading.borrow_mut().insert(p) {
+            glommio::spawn_local(load_led_partition(shard.clone(), p, partitions)).detach();
+        } else if !serving && loaded {
+            co.loaded.borrow_mut().remove(&p);
+            let mut groups = co.groups.borrow_mut();
+            let before = groups.len();
+            groups.retain(|id, _| offsets_partition_for(id, partitions) != p);
+            tracing::info!(
+                partition = p,
+                groups = before - groups.len(),
+                "{OFFSETS_TOPIC} partition led elsewhere now: its groups are unloaded"
+            );
+        }
+    }
+}
+
+/// Replays offsets partition `p`, which this node has just come to lead, and serves its groups.
+/// A leader serves only after committing an entry of its term, so its log up to the high
+/// watermark holds every committed change of these groups.
+async fn load_led_partition(shard: Rc<Shard>, p: u32, partitions: u32) {
+    let co = coordinator(&shard);
+    let mut groups = HashMap::new();
+    let replayed = match shard.partition(OFFSETS_TOPIC, p) {
+        Some(partition) => replay_partition(&partition, p, &mut groups).await,
+        None => Err("no replica of it on this node".to_string()),
+    };
+    co.loading.borrow_mut().remove(&p);
+    let records = match replayed {
+        Ok(records) => records,
+        Err(e) => {
+            // Retried at the next tick, while this node still leads it.
+            tracing::error!(partition = p, "cannot load the groups of {OFFSETS_TOPIC}: {e}");
+            return;
+        }
+    };
+    if !shard.replica_leader(OFFSETS_TOPIC, p).is_some_and(|v| v.serving_here) {
+        return;
+    }
+    settle_replayed(&mut groups, now_ms());
+    let count = groups.len();
+    {
+        let mut held = co.groups.borrow_mut();
+        held.retain(|id, _| offsets_partition_for(id, partitions) != p);
+        held.extend(groups);
+    }
+    co.loaded.borrow_mut().insert(p);
+    tracing::info!(
+        partition = p,
+        groups = count,
+        records,
+        "{OFFSETS_TOPIC} partition led here: groups loaded"
+    );
 }
 
 /// Applies every record of one offsets partition, from its log start to its high watermark.
@@ -769,6 +873,7 @@ fn apply_record(
 pub async fn run_timers(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(Duration::from_millis(TIMER_TICK_MS)).await;
+        follow_leaders(&shard);
         let now = now_ms();
         {
             let co = coordinator(&shard);

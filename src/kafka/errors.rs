@@ -97,8 +97,12 @@ pub fn group_code(e: &GroupError) -> i16 {
         GroupError::InvalidRequest(_) => K::InvalidRequest,
         // Kafka's answer when group.max.size is reached.
         GroupError::TooManyMembers { .. } => K::GroupMaxSizeReached,
-        // This broker coordinates every group, so "ask another broker" is never the answer: a
-        // shard that cannot serve right now is an unavailable coordinator, which clients retry.
+        // Within one node a shard that cannot serve right now is an unavailable coordinator,
+        // which clients retry.
+        // A cluster's coordinator is the leader of the group's offsets partition: elsewhere, the
+        // client looks it up again; on a leader still replaying it, the client waits and retries.
+        GroupError::NotCoordinatorNode { .. } => K::NotCoordinator,
+        GroupError::LoadInProgress { .. } => K::CoordinatorLoadInProgress,
         GroupError::CoordinatorNotAvailable(_)
         | GroupError::NotCoordinator { .. }
         | GroupError::ShuttingDown

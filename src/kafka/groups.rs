@@ -4,10 +4,14 @@
 //!
 //! Owns: the translation between the Kafka messages and `groups::messages`, and the Kafka-facing
 //! choices:
-//! - This broker coordinates every group: FindCoordinator answers node 0 at the advertised Kafka
-//!   endpoint, and each request is routed internally to the coordinator shard
-//!   (`groups::execute`). NOT_COORDINATOR is never answered; a shard that cannot serve (shutting
-//!   down, `__consumer_offsets` unwritable) answers COORDINATOR_NOT_AVAILABLE, which clients retry.
+//! - A single node coordinates every group: FindCoordinator answers this node at the advertised
+//!   Kafka endpoint, and each request is routed internally to the coordinator shard
+//!   (`groups::execute`); a shard that cannot serve (shutting down, `__consumer_offsets`
+//!   unwritable) answers COORDINATOR_NOT_AVAILABLE, which clients retry. In a cluster the
+//!   coordinator is the node leading the group's `__consumer_offsets` partition: FindCoordinator
+//!   names it (COORDINATOR_NOT_AVAILABLE while the partition has no leader or the topic is not
+//!   created yet), another node answers NOT_COORDINATOR, and a new leader still replaying the
+//!   partition COORDINATOR_LOAD_IN_PROGRESS.
 //! - Kafka members assign partitions themselves (`server_assignment = false`): the leader gets
 //!   every member's protocol metadata byte for byte, and each member gets back exactly the bytes
 //!   the leader sent for it. The consumer-protocol subscription and assignment inside those bytes
@@ -25,7 +29,8 @@
 //! Decoding and validation happen before the handler returns; the coordinator round trip (which
 //! may park for a whole rebalance) runs in the reply future, which the connection polls in
 //! request order, so requests on one connection reach their coordinator in arrival order.
-//! May depend on `groups`, `shard`, `server` (replies) and `config`; never on storage.
+//! May depend on `groups`, `shard`, `server` (replies), `config`, `metadata` and `cluster` (where a
+//! cluster's coordinator listens); never on storage.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -62,6 +67,7 @@ use crate::groups::messages::OffsetFetchRequest as CoordinatorOffsetFetch;
 use crate::groups::messages::*;
 use crate::groups::state::GroupState;
 use crate::groups::{self, GROUP_ID_BYTES_MAX, OFFSET_METADATA_BYTES_MAX};
+use crate::metadata::OFFSETS_TOPIC;
 use crate::server::{Boxed, Reply};
 use crate::shard::Shard;
 
@@ -98,6 +104,24 @@ fn done(reply: GroupReply) -> Option<()> {
     matches!(reply, GroupReply::Done).then_some(())
 }
 
+/// The node leading offsets partition `partition` of a cluster, at its Kafka listener.
+async fn cluster_coordinator(shard: &Rc<Shard>, partition: u32) -> Result<(i32, String, u16), (i16, String)> {
+    let unavailable = |why: String| (K::CoordinatorNotAvailable.code(), why);
+    let leaders = shard.replicated_leaders(OFFSETS_TOPIC.into()).await;
+    let leader = leaders
+        .get(partition as usize)
+        .and_then(|view| view.leader)
+        .ok_or_else(|| unavailable(format!("{} partition {partition} has no leader yet", OFFSETS_TOPIC)))?;
+    let view =
+        crate::cluster::kafka_view(shard).await.ok_or_else(|| unavailable("not in a cluster".into()))?;
+    let kafka = view.nodes.iter().find(|n| n.id == leader).and_then(|n| n.kafka.clone());
+    let (host, port) = kafka
+        .and_then(|address| super::parse_host_port(&address).ok())
+        .ok_or_else(|| unavailable(format!("node {leader} has no Kafka listener")))?;
+    let node = i32::try_from(leader).map_err(|_| unavailable(format!("node id {leader} exceeds Kafka's")))?;
+    Ok((node, host, port))
+}
+
 /// Kafka has no bound on client ids; the coordinator stores at most `GROUP_ID_BYTES_MAX` bytes.
 fn client_id(ctx: &RequestContext) -> String {
     let mut id = ctx.client_id.clone().unwrap_or_default();
@@ -127,12 +151,16 @@ pub(super) async fn find_coordinator(
     let found = match request.key_type {
         KEY_TYPE_GROUP => match groups::coordinator_of(shard, &request.key) {
             Err(e) => Err((group_code(&e), e.to_string())),
-            Ok(_) => shard.kafka_endpoint.get().cloned().ok_or_else(|| {
-                (
+            Ok((partition, _)) if shard.is_replicated(OFFSETS_TOPIC) => {
+                cluster_coordinator(shard, partition).await
+            }
+            Ok(_) => match shard.kafka_endpoint.get().cloned() {
+                Some((host, port)) => Ok((super::admin::node_id(&shard.config), host, port)),
+                None => Err((
                     K::CoordinatorNotAvailable.code(),
                     "the Kafka listener has no advertised address".to_string(),
-                )
-            }),
+                )),
+            },
         },
         // No transactions yet. COORDINATOR_NOT_AVAILABLE would be retried by the client until its
         // own timeout (librdkafka: init_transactions waits it out); this code is fatal in every
@@ -145,8 +173,8 @@ pub(super) async fn find_coordinator(
         other => Err((K::InvalidRequest.code(), format!("unknown coordinator key type {other}"))),
     };
     let response = match found {
-        Ok((host, port)) => FindCoordinatorResponse::default()
-            .with_node_id(BrokerId(super::admin::node_id(&shard.config)))
+        Ok((node, host, port)) => FindCoordinatorResponse::default()
+            .with_node_id(BrokerId(node))
             .with_host(text(host))
             .with_port(i32::from(port)),
         Err((code, message)) => FindCoordinatorResponse::default()

@@ -72,7 +72,11 @@ pub fn group_code(e: &GroupError) -> ErrorCode {
         GroupError::InvalidRequest(_) => ErrorCode::InvalidRequest,
         GroupError::TooManyMembers { .. } => ErrorCode::ResourceExhausted,
         GroupError::CoordinatorNotAvailable(_) => ErrorCode::CoordinatorNotAvailable,
-        GroupError::NotCoordinator { .. } => ErrorCode::NotCoordinator,
+        GroupError::NotCoordinator { .. } | GroupError::NotCoordinatorNode { .. } => {
+            ErrorCode::NotCoordinator
+        }
+        // The native client looks the coordinator up again and retries.
+        GroupError::LoadInProgress { .. } => ErrorCode::CoordinatorNotAvailable,
         GroupError::Storage { .. } => ErrorCode::StorageError,
         GroupError::ShuttingDown => ErrorCode::ShuttingDown,
         GroupError::Partition(e) => broker_code(e),

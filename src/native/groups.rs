@@ -6,7 +6,9 @@
 //! progress, group not empty, ...) is the response's `error` with a message; failures of single
 //! partitions (OffsetCommit, OffsetFetch, ResetOffsets) are reported per partition.
 //! Error codes come from the protocol's one table (`errors`). May depend on `groups`, `shard`
-//! (FindCoordinator's endpoint) and `protocol`; never on storage.
+//! (FindCoordinator's endpoint; a cluster's coordinator is the leader of the group's
+//! `__consumer_offsets` partition), `metadata`, `cluster` (the shard hosting replicas) and
+//! `protocol`; never on storage.
 
 use std::rc::Rc;
 
@@ -15,8 +17,10 @@ use futures::future::FutureExt;
 
 use super::errors::group_code;
 use super::{error_response, respond, Boxed, Reply};
+use crate::cluster::topics::REPLICA_SHARD;
 use crate::groups::messages::*;
 use crate::groups::{self};
+use crate::metadata::OFFSETS_TOPIC;
 use crate::protocol::wire::{self, ErrorCode, RequestBody, ResponseBody};
 use crate::shard::Shard;
 
@@ -67,9 +71,14 @@ fn topic_partitions(
 /// Decodes and runs one group request; the returned future encodes the reply.
 pub fn handle(shard: &Rc<Shard>, cid: u32, request: wire::Request<'_>) -> Boxed<Reply> {
     if request.body_type() == RequestBody::FindCoordinatorRequest {
-        return match request.body_as_find_coordinator_request() {
-            Some(r) => ready(find_coordinator(shard, cid, r.group_id().unwrap_or_default())),
-            None => missing_body(cid),
+        let Some(r) = request.body_as_find_coordinator_request() else { return missing_body(cid) };
+        let group_id = r.group_id().unwrap_or_default();
+        return match groups::coordinator_of(shard, group_id) {
+            Err(e) => ready(fail(cid, &e)),
+            Ok((partition, _)) if shard.is_replicated(OFFSETS_TOPIC) => {
+                cluster_coordinator(shard.clone(), cid, partition).boxed_local()
+            }
+            Ok((_, owner)) => ready(find_coordinator(shard, cid, owner)),
         };
     }
     let decoded = match decode(request) {
@@ -87,20 +96,39 @@ pub fn handle(shard: &Rc<Shard>, cid: u32, request: wire::Request<'_>) -> Boxed<
     .boxed_local()
 }
 
-fn find_coordinator(shard: &Rc<Shard>, cid: u32, group_id: &str) -> Reply {
-    let (_, owner) = match groups::coordinator_of(shard, group_id) {
-        Ok(found) => found,
-        Err(e) => return fail(cid, &e),
-    };
+/// A single node: the coordinator shard's own endpoint.
+fn find_coordinator(shard: &Rc<Shard>, cid: u32, owner: u32) -> Reply {
     let Some(addr) = shard.endpoints.get(owner as usize) else {
         let e = GroupError::CoordinatorNotAvailable(format!("shard {owner} has no endpoint"));
         return fail(cid, &e);
     };
+    coordinator_reply(cid, owner, &addr.ip().to_string(), addr.port())
+}
+
+/// A cluster: the native listener of the node leading the group's offsets partition (which
+/// routes the group's requests to the shard hosting its replicas).
+async fn cluster_coordinator(shard: Rc<Shard>, cid: u32, partition: u32) -> Reply {
+    let leaders = shard.replicated_leaders(OFFSETS_TOPIC.into()).await;
+    let address = leaders.get(partition as usize).and_then(|view| view.native.clone());
+    let Some((host, port)) = address.as_deref().and_then(|a| a.rsplit_once(':')) else {
+        let e = GroupError::CoordinatorNotAvailable(format!(
+            "{OFFSETS_TOPIC} partition {partition} has no leader yet"
+        ));
+        return fail(cid, &e);
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        let e = GroupError::CoordinatorNotAvailable(format!("the leader's address {address:?} has no port"));
+        return fail(cid, &e);
+    };
+    coordinator_reply(cid, REPLICA_SHARD, host.trim_matches(['[', ']']), port)
+}
+
+fn coordinator_reply(cid: u32, shard: u32, host: &str, port: u16) -> Reply {
     let mut fbb = FlatBufferBuilder::with_capacity(128);
-    let host = fbb.create_string(&addr.ip().to_string());
+    let host = fbb.create_string(host);
     let body = wire::FindCoordinatorResponse::create(
         &mut fbb,
-        &wire::FindCoordinatorResponseArgs { shard: owner, host: Some(host), port: addr.port() },
+        &wire::FindCoordinatorResponseArgs { shard, host: Some(host), port },
     );
     respond(fbb, cid, ResponseBody::FindCoordinatorResponse, body.as_union_value(), Vec::new())
 }

@@ -119,6 +119,11 @@ impl super::Shard {
         self.owned.borrow_mut().remove(name).into_iter().flatten().flatten().collect()
     }
 
+    /// Whether `topic` is a replicated topic of a cluster.
+    pub fn is_replicated(&self, topic: &str) -> bool {
+        self.replication_of(topic).is_some()
+    }
+
     /// The replication of `topic`, when it is a replicated topic.
     pub(super) fn replication_of(&self, topic: &str) -> Option<Arc<Replication>> {
         self.topics.borrow().get(topic)?.replication.clone()
@@ -169,6 +174,13 @@ impl super::Shard {
         }
         let timeout = Duration::from_millis(self.config.replication_timeout_ms);
         (gate.produce(replication.key(partition), &topic, batches, timeout), records)
+    }
+
+    /// The leader of `partition` of replicated topic `topic` as this shard's gate sees it; `None`
+    /// when the topic is not replicated or this shard hosts no replicas.
+    pub fn replica_leader(&self, topic: &str, partition: u32) -> Option<LeaderView> {
+        let replication = self.replication_of(topic)?;
+        self.leader_of(&replication, partition)
     }
 
     /// The leader of a replicated partition as this node sees it (`None` without a gate here).

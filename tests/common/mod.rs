@@ -2,6 +2,7 @@
 //! in their own temporary data directories, driven through the real CLI and client.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod kafka;
 pub mod wire;
 

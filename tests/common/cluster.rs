@@ -1,0 +1,89 @@
+//! Three-node clusters of real `ringlog serve` processes on loopback: starting them, reading
+//! `/v1/cluster`, waiting for what they agree on.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::Broker;
+
+/// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// `GET path` on an admin listener: the status line and the body.
+pub fn get(admin: &str, path: &str) -> Option<(String, String)> {
+    let mut stream = TcpStream::connect(admin).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+/// The node's `/v1/cluster` view.
+pub fn status(node: &Broker) -> Option<Value> {
+    let (line, body) = get(&node.admin, "/v1/cluster")?;
+    assert!(line.contains("200"), "{line}: {body}");
+    serde_json::from_str(&body).ok()
+}
+
+/// Polls `check` until it answers, for at most 40 s; then fails with every node's log.
+pub fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The controller leader every given node agrees on, once each sees `expected` nodes registered
+/// and alive.
+pub fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
+    let mut leaders = Vec::new();
+    for node in nodes {
+        let s = status(node)?;
+        let listed = s["nodes"].as_array()?;
+        let up = listed.iter().filter(|n| n["alive"] == true && n["registered"] == true).count();
+        if up != expected {
+            return None;
+        }
+        leaders.push(s["controller_leader"].as_u64()?);
+    }
+    leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
+}
+
+/// Node `id` of the cluster `seeds` on `dir`, one shard, 50 ms Raft ticks.
+pub fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
+    let sets = [
+        format!("node_id={id}"),
+        format!("seeds={seeds}"),
+        "admin_listen=127.0.0.1:0".to_string(),
+        "raft_tick_ms=50".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Broker::start_in(dir, 1, &sets)
+}
+
+/// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
+/// directories (kept while the test runs) and the running brokers.
+pub fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
+    let ports = free_ports(3);
+    let seeds: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+    let seeds = seeds.join(",");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    (ports, dirs, nodes)
+}
