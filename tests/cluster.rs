@@ -6,11 +6,20 @@
 //! node, placed by the controller's log, written with acks=all and read back through both the
 //! native client and Kafka's Metadata, through the death of a partition's leader, a restart that
 //! catches up, and a deletion that removes every node's files.
+//!
+//! Faults (issue 11, tests 3 and 4): a follower frozen with SIGSTOP while its leader commits
+//! with the other follower catches up to byte-identical segment files; a leader cut off from its
+//! peers (a relay in this process stands between the peer listeners, so clients still reach it)
+//! acknowledges and serves nothing it took but could not commit, and after the cut heals its
+//! files hold the new leader's log; the controller's leader killed with SIGKILL, topics are
+//! still created and deleted through the others, and after a restart of all three the topics
+//! and records are back and a deleted topic stays deleted.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Broker;
@@ -71,12 +80,18 @@ fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
 }
 
 fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
-    let sets = [
+    start_node_with(dir, id, seeds, &[])
+}
+
+/// A node with options beyond the cluster's own (`--set KEY=VALUE` each).
+fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[String]) -> Broker {
+    let mut sets = vec![
         format!("node_id={id}"),
         format!("seeds={seeds}"),
         "admin_listen=127.0.0.1:0".to_string(),
         "raft_tick_ms=50".to_string(),
     ];
+    sets.extend(extra.iter().cloned());
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     Broker::start_in(dir, 1, &sets)
 }
@@ -84,12 +99,16 @@ fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
 /// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
 /// directories (kept while the test runs) and the running brokers.
 fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
+    start_three_with(&[])
+}
+
+fn start_three_with(extra: &[String]) -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
     let ports = free_ports(3);
     let seeds: Vec<String> =
         ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
     let seeds = seeds.join(",");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    let nodes = (0..3).map(|i| start_node_with(dirs[i].path(), i as u64 + 1, &seeds, extra)).collect();
     (ports, dirs, nodes)
 }
 
@@ -367,6 +386,553 @@ fn a_replicated_topic_keeps_every_acknowledged_record_through_its_leaders_death(
             (!out.lines().any(|l| l == "post-likes") && left == 0).then_some(())
         });
     }
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// `topic`'s replicated directories under `data_dir` (`replicated/<name>.<id hex>`).
+fn replica_topic_dirs(data_dir: &std::path::Path, topic: &str) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("replicated")) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.rsplit_once('.').is_some_and(|(name, _)| name == topic)
+        })
+        .collect()
+}
+
+/// A node's segment files of its replica of `topic`/`partition`, in offset order.
+fn segment_files(node: &Broker, topic: &str, partition: u32) -> Vec<std::path::PathBuf> {
+    let dirs = replica_topic_dirs(&node.data_dir(), topic);
+    assert_eq!(dirs.len(), 1, "one directory of {topic} in {}: {dirs:?}", node.data_dir().display());
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dirs[0].join(partition.to_string()))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The batches a node's replica of `topic`/`partition` holds below offset `below`, read from its
+/// segment files directly (every `.log` in offset order, each batch's CRC checked, a file's scan
+/// ending where its batches end): what the replica stored, not what it serves.
+fn stored_batches(node: &Broker, topic: &str, partition: u32, below: i64) -> Vec<(i64, Vec<u8>)> {
+    let mut stored = Vec::new();
+    for file in segment_files(node, topic, partition) {
+        let bytes = std::fs::read(&file).unwrap();
+        for batch in ringlog::record::batches(&bytes) {
+            let Ok((header, raw)) = batch else { break };
+            if header.last_offset() >= below {
+                return stored;
+            }
+            stored.push((header.base_offset, raw.to_vec()));
+        }
+    }
+    stored
+}
+
+/// Whether any of `batches` holds a record whose value starts with `prefix`.
+fn holds_value(batches: &[(i64, Vec<u8>)], prefix: &[u8]) -> bool {
+    batches.iter().any(|(_, raw)| {
+        ringlog::record::reader::records(raw)
+            .unwrap()
+            .any(|r| r.unwrap().value.is_some_and(|v| v.starts_with(prefix)))
+    })
+}
+
+/// SIGSTOP or SIGCONT to a running node.
+fn signal(node: &Broker, signal: i32) {
+    let pid = node.child.as_ref().expect("node running").id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
+}
+
+/// Waits until every node's replica of `topic` reports the same high watermark for every
+/// partition and a leader; returns them.
+fn converged(nodes: &[&Broker], topic: &str) -> Vec<(u64, i64)> {
+    wait_for("every replica to reach the same high watermark", nodes, || {
+        let views: Vec<Vec<(u64, i64)>> = nodes.iter().map(|n| leaders(n, topic)).collect::<Option<_>>()?;
+        let first = &views[0];
+        views.iter().all(|v| v.iter().zip(first).all(|(a, b)| a.1 == b.1)).then(|| first.clone())
+    })
+}
+
+#[test]
+fn a_follower_stopped_while_its_leader_takes_writes_catches_up_to_the_same_bytes() {
+    // Batches up to 1 MiB and segments of 1 MiB, so the catch-up crosses segments.
+    let (_, _dirs, mut nodes) = start_three_with(&["batch_bytes_max=1048576".to_string()]);
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    common::run_cli(
+        &nodes[0].addr,
+        &[
+            "topic",
+            "create",
+            "paused",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "3",
+            "--segment-bytes",
+            "1048576",
+        ],
+        None,
+    )
+    .ok();
+    for node in &nodes {
+        wait_for("a leader of paused on every node", &all, || leaders(node, "paused"));
+    }
+    let small = lines(0, 200);
+    common::run_cli(&nodes[0].addr, &["produce", "paused", "--acks", "all"], Some(small.as_bytes())).ok();
+
+    let leader = converged(&all, "paused")[0].0;
+    let stopped = (leader as usize) % 3;
+    let at_stop = leaders(&nodes[stopped], "paused").unwrap()[0].1;
+    signal(&nodes[stopped], libc::SIGSTOP);
+
+    // About 6 MiB while it is frozen: more than the leader keeps of recent entries in memory
+    // (4 MiB), so the follower is served from the leader's files when it returns.
+    let filler = "x".repeat(1000);
+    let bulk: String = (0..6000).map(|i| format!("bulk-{i:05}-{filler}\n")).collect();
+    let through = &nodes[(leader - 1) as usize];
+    common::run_cli(&through.addr, &["produce", "paused", "--acks", "all"], Some(bulk.as_bytes())).ok();
+    let (_, leader_hw) = leaders(through, "paused").unwrap()[0];
+    let frozen = stored_batches(&nodes[stopped], "paused", 0, i64::MAX);
+    let frozen_end = frozen
+        .last()
+        .map_or(0, |(_, raw)| ringlog::record::BatchHeader::parse(raw).unwrap().last_offset() + 1);
+    assert!(
+        frozen_end >= at_stop && frozen_end < leader_hw,
+        "the stopped follower lagged: {frozen_end} of {leader_hw}"
+    );
+
+    signal(&nodes[stopped], libc::SIGCONT);
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let hw = converged(&all, "paused")[0].1;
+    assert!(hw >= leader_hw, "{hw} < {leader_hw}");
+    let logs: Vec<Vec<(i64, Vec<u8>)>> = nodes.iter().map(|n| stored_batches(n, "paused", 0, hw)).collect();
+    let end =
+        logs[0].last().map(|(_, raw)| ringlog::record::BatchHeader::parse(raw).unwrap().last_offset() + 1);
+    assert_eq!(end, Some(hw), "the batches below the high watermark end at it");
+    for (i, log) in logs.iter().enumerate() {
+        assert!(
+            log == &logs[0],
+            "node {} stores other bytes below the high watermark {hw} than node 1",
+            i + 1
+        );
+    }
+    for node in &nodes {
+        assert!(segment_files(node, "paused", 0).len() > 1, "the log spans segments");
+    }
+    let read = consume_all(&nodes[stopped], "paused");
+    assert_eq!(read.len(), 6200);
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// How a node is cut off from its peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Connections to and from it are closed and new ones refused, as by an unreachable host.
+    Refused,
+    /// Nothing it sends arrives and nothing reaches it; connections stay open and what was sent
+    /// arrives late, once the cut heals, as over a network that dropped packets for a while.
+    Silent,
+}
+
+/// The network between the nodes' peer listeners, as a test controls it. Each node listens for
+/// peers on a port of its own (`peer_listen`) while the seeds name a relay in this process, which
+/// reads each connection's handshake (it names the dialing and the dialed node) and forwards it.
+/// `isolate(n, cut)` cuts node `n` off from every peer until `heal`; clients still reach `n`
+/// directly. A node cut off, not frozen.
+struct PeerRelay {
+    shared: Shared,
+    ports: Vec<u16>,
+}
+
+/// The relay's state and the signal that it changed.
+type Shared = Arc<(Mutex<RelayState>, std::sync::Condvar)>;
+
+#[derive(Default)]
+struct RelayState {
+    isolated: std::collections::BTreeMap<u64, Cut>,
+    /// Connections being forwarded: an id, the nodes they join, both sockets.
+    open: Vec<(u64, [u64; 2], [TcpStream; 2])>,
+    next: u64,
+    stopped: bool,
+}
+
+impl RelayState {
+    fn cut(&self, ends: [u64; 2]) -> Option<Cut> {
+        ends.iter().filter_map(|n| self.isolated.get(n).copied()).max_by_key(|&c| c == Cut::Refused)
+    }
+}
+
+impl PeerRelay {
+    /// A relay in front of each node's real peer port (`targets[i]` is node `i + 1`'s); returns
+    /// it and the seed list naming the relays.
+    fn start(targets: &[u16]) -> (PeerRelay, String) {
+        let shared = Arc::new((Mutex::new(RelayState::default()), std::sync::Condvar::new()));
+        let mut seeds = Vec::new();
+        let mut ports = Vec::new();
+        for (i, &target) in targets.iter().enumerate() {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            seeds.push(format!("{}@127.0.0.1:{port}", i + 1));
+            ports.push(port);
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if shared.0.lock().unwrap().stopped {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let shared = shared.clone();
+                    std::thread::spawn(move || relay(stream, target, &shared));
+                }
+            });
+        }
+        (PeerRelay { shared, ports }, seeds.join(","))
+    }
+
+    fn isolate(&self, node: u64, cut: Cut) {
+        let mut state = self.shared.0.lock().unwrap();
+        state.isolated.insert(node, cut);
+        if cut == Cut::Refused {
+            state.open.retain(|(_, ends, sockets)| {
+                let joined = ends.contains(&node);
+                if joined {
+                    sockets.iter().for_each(|s| drop(s.shutdown(Shutdown::Both)));
+                }
+                !joined
+            });
+        }
+    }
+
+    fn heal(&self) {
+        self.shared.0.lock().unwrap().isolated.clear();
+        self.shared.1.notify_all();
+    }
+}
+
+impl Drop for PeerRelay {
+    fn drop(&mut self) {
+        let mut state = self.shared.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.stopped = true;
+        for (_, _, sockets) in state.open.drain(..) {
+            sockets.iter().for_each(|s| drop(s.shutdown(Shutdown::Both)));
+        }
+        drop(state);
+        self.shared.1.notify_all();
+        // Wakes each relay's accept so its thread sees `stopped` and ends.
+        for port in &self.ports {
+            drop(TcpStream::connect(("127.0.0.1", *port)));
+        }
+    }
+}
+
+/// Waits while a silent cut holds the connection between `ends`; false once the relay stops.
+fn pass(shared: &Shared, ends: [u64; 2]) -> bool {
+    let mut state = shared.0.lock().unwrap();
+    while !state.stopped && state.cut(ends) == Some(Cut::Silent) {
+        state = shared.1.wait(state).unwrap();
+    }
+    !state.stopped
+}
+
+/// Copies `from` to `to`, holding each chunk while a silent cut lasts.
+fn pump(mut from: TcpStream, mut to: TcpStream, ends: [u64; 2], shared: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if !pass(shared, ends) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    drop(from.shutdown(Shutdown::Both));
+    drop(to.shutdown(Shutdown::Both));
+}
+
+/// Forwards one peer connection to the node listening on `target`: refused while either end is
+/// cut off with `Cut::Refused` (both sockets close, the dialer retries as after any failed
+/// handshake), held while a silent cut lasts.
+fn relay(mut dialer: TcpStream, target: u16, shared: &Shared) {
+    // The handshake's head: magic (8 bytes), cluster id, from and to (8 each), then the length
+    // of the JSON that follows it.
+    let mut head = [0u8; 36];
+    if dialer.read_exact(&mut head).is_err() {
+        return;
+    }
+    let ends = [16, 24].map(|at| u64::from_be_bytes(head[at..at + 8].try_into().unwrap()));
+    if !pass(shared, ends) {
+        return;
+    }
+    let Ok(mut node) = TcpStream::connect(("127.0.0.1", target)) else { return };
+    let id = {
+        let mut state = shared.0.lock().unwrap();
+        if state.stopped || state.cut(ends) == Some(Cut::Refused) {
+            return;
+        }
+        let id = state.next;
+        state.next += 1;
+        state.open.push((id, ends, [dialer.try_clone().unwrap(), node.try_clone().unwrap()]));
+        id
+    };
+    if node.write_all(&head).is_ok() {
+        let (back_from, back_to) = (node.try_clone().unwrap(), dialer.try_clone().unwrap());
+        let back = {
+            let shared = shared.clone();
+            std::thread::spawn(move || pump(back_from, back_to, ends, &shared))
+        };
+        pump(dialer, node, ends, shared);
+        drop(back.join());
+    }
+    shared.0.lock().unwrap().open.retain(|(open, _, _)| *open != id);
+}
+
+#[test]
+fn a_leader_cut_off_from_its_peers_never_serves_what_it_did_not_commit_and_rejoins_truncated() {
+    let real = free_ports(3);
+    let (relay, seeds) = PeerRelay::start(&real);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..3)
+        .map(|i| {
+            let extra =
+                [format!("peer_listen=127.0.0.1:{}", real[i]), "replication_timeout_ms=2000".to_string()];
+            start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra)
+        })
+        .collect();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    common::run_cli(
+        &nodes[0].addr,
+        &["topic", "create", "cut-off", "--partitions", "1", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    for node in &nodes {
+        wait_for("a leader of cut-off on every node", &all, || leaders(node, "cut-off"));
+    }
+    let mut acknowledged = 100;
+    common::run_cli(&nodes[0].addr, &["produce", "cut-off", "--acks", "all"], Some(lines(0, 100).as_bytes()))
+        .ok();
+
+    for (round, cut) in [Cut::Silent, Cut::Refused].into_iter().enumerate() {
+        let old = converged(&all, "cut-off")[0].0;
+        let isolated = &nodes[(old - 1) as usize];
+        let majority: Vec<&Broker> = nodes.iter().filter(|n| !std::ptr::eq(*n, isolated)).collect();
+
+        // Cut off from both peers, it still leads for up to two election timeouts
+        // (check-quorum) and takes these writes into its log, but no majority can commit them.
+        relay.isolate(old, cut);
+        let mut conns: Vec<common::wire::Conn> =
+            (0..3).map(|_| common::wire::Conn::connect(&isolated.addr)).collect();
+        for (i, conn) in conns.iter_mut().enumerate() {
+            let batch = common::wire::batch_now(&[format!("uncommitted-{round}-{i}").as_bytes()]);
+            conn.send_raw(&common::wire::produce_frame(1, "cut-off", 0, -1, &batch));
+        }
+        for conn in &mut conns {
+            let (code, _) = common::wire::produce_result(&conn.recv().unwrap());
+            assert_ne!(code, wire::ErrorCode::None, "{cut:?}: an uncommitted write was acknowledged");
+        }
+        let marker = format!("uncommitted-{round}-");
+        let taken: Vec<i64> = stored_batches(isolated, "cut-off", 0, i64::MAX)
+            .into_iter()
+            .filter(|batch| holds_value(std::slice::from_ref(batch), marker.as_bytes()))
+            .map(|(_, raw)| ringlog::record::BatchHeader::parse(&raw).unwrap().last_offset())
+            .collect();
+        assert!(
+            !taken.is_empty(),
+            "{cut:?}: the isolated leader never took the writes, so this proves nothing"
+        );
+        let (first_taken, last_taken) = (taken[0], taken[taken.len() - 1]);
+
+        // Whenever asked, the isolated node serves nothing it did not commit.
+        let mut client = common::wire::Conn::connect(&isolated.addr);
+        let mut never_serves_uncommitted = || {
+            let fetched = client.fetch("cut-off", 0, 0, 0);
+            assert!(
+                fetched.high_watermark <= first_taken,
+                "{cut:?}: its high watermark passed an uncommitted write"
+            );
+            assert!(
+                fetched.records.iter().all(|(_, v)| !v.starts_with(b"uncommitted-")),
+                "{cut:?}: it served an uncommitted write"
+            );
+        };
+        never_serves_uncommitted();
+
+        // The other two elect a leader among themselves and take writes.
+        wait_for("a new leader on the majority side", &majority, || {
+            never_serves_uncommitted();
+            let now = leaders(majority[0], "cut-off")?;
+            (now[0].0 != old).then_some(())
+        });
+        common::run_cli(
+            &majority[0].addr,
+            &["produce", "cut-off", "--acks", "all"],
+            Some(lines(acknowledged, acknowledged + 200).as_bytes()),
+        )
+        .ok();
+        acknowledged += 200;
+        never_serves_uncommitted();
+
+        // Healed, it follows the new leader: its divergent suffix is cut and replaced, and its
+        // log matches the others' byte for byte below the high watermark.
+        relay.heal();
+        let hw = converged(&all, "cut-off")[0].1;
+        assert!(hw > last_taken, "the new leader's log covers where the uncommitted writes were");
+        let logs: Vec<Vec<(i64, Vec<u8>)>> =
+            nodes.iter().map(|n| stored_batches(n, "cut-off", 0, hw)).collect();
+        let end = logs[0]
+            .last()
+            .map(|(_, raw)| ringlog::record::BatchHeader::parse(raw).unwrap().last_offset() + 1);
+        assert_eq!(end, Some(hw), "the batches below the high watermark end at it");
+        for (i, log) in logs.iter().enumerate() {
+            assert!(log == &logs[0], "{cut:?}: node {} stores other bytes below {hw} than node 1", i + 1);
+            assert!(!holds_value(log, b"uncommitted-"), "{cut:?}: node {} kept an uncommitted write", i + 1);
+        }
+        let mut read = consume_all(isolated, "cut-off");
+        read.sort();
+        let mut expected: Vec<String> = lines(0, acknowledged).lines().map(str::to_owned).collect();
+        expected.sort();
+        assert_eq!(read, expected, "{cut:?}: every acknowledged record once, nothing else");
+    }
+    for node in &mut nodes {
+        node.stop();
+    }
+}
+
+/// The topics `node` lists, sorted.
+fn topic_names(node: &Broker) -> Option<Vec<String>> {
+    let out = common::run_cli(&node.addr, &["topic", "list"], None);
+    out.status.success().then(|| {
+        let mut names: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+        names.sort();
+        names
+    })
+}
+
+/// Names of the replicated topic directories in `node`'s data directory, without their ids.
+fn replica_dir_names(node: &Broker) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(node.data_dir().join("replicated")) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| Some(e.file_name().to_str()?.rsplit_once('.')?.0.to_owned()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether `node`'s metadata lists `topic` at any time within `window`, asked over and over.
+fn listed_within(node: &Broker, topic: &str, window: Duration) -> bool {
+    let mut conn = common::wire::Conn::connect(&node.addr);
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        let resp = conn.metadata();
+        let body = resp.root().body_as_metadata_response().unwrap();
+        if body.topics().is_some_and(|t| t.iter().any(|t| t.name() == Some(topic))) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn topics_change_through_a_new_controller_after_a_kill_and_survive_a_restart_of_all_three() {
+    let (_, _dirs, mut nodes) = start_three();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    for (name, partitions) in [("kept", "2"), ("doomed", "8")] {
+        common::run_cli(
+            &nodes[0].addr,
+            &["topic", "create", name, "--partitions", partitions, "--replication-factor", "3"],
+            None,
+        )
+        .ok();
+        for node in &nodes {
+            wait_for("a leader of every partition on every node", &all, || leaders(node, name));
+        }
+    }
+    common::run_cli(&nodes[0].addr, &["produce", "kept", "--acks", "all"], Some(lines(0, 100).as_bytes()))
+        .ok();
+    common::run_cli(&nodes[0].addr, &["produce", "doomed", "--acks", "all"], Some(lines(0, 50).as_bytes()))
+        .ok();
+
+    // The controller's leader dies without a word; the other two elect another.
+    let dead = (controller - 1) as usize;
+    nodes[dead].kill9();
+    let survivors: Vec<&Broker> =
+        nodes.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    let next = wait_for("a new controller leader", &survivors, || {
+        let leaders: Vec<u64> =
+            survivors.iter().filter_map(|n| status(n)?["controller_leader"].as_u64()).collect();
+        (leaders.len() == 2 && leaders[0] == leaders[1] && leaders[0] != controller).then(|| leaders[0])
+    });
+    // Through the survivor that does not lead it: the client follows NotController.
+    let via = survivors.iter().find(|n| status(n).and_then(|s| s["node_id"].as_u64()) != Some(next)).unwrap();
+    let created = common::run_cli(
+        &via.addr,
+        &["topic", "create", "born", "--partitions", "2", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    assert!(created.contains("2 partitions"), "{created}");
+    common::run_cli(&via.addr, &["topic", "delete", "doomed"], None).ok();
+    for node in &survivors {
+        wait_for("born led on the survivors", &survivors, || leaders(node, "born"));
+    }
+    common::run_cli(&via.addr, &["produce", "born", "--acks", "all"], Some(lines(0, 80).as_bytes())).ok();
+    let expected_topics = vec!["born".to_string(), "kept".to_string()];
+    for node in &survivors {
+        assert_eq!(topic_names(node).unwrap(), expected_topics);
+    }
+
+    // The dead node returns and applies what it missed: born appears, doomed and its files go.
+    nodes[dead].restart();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("the killed node to rejoin", &all, || agreed_leader(&all, 3));
+    wait_for("the returned node to apply the changes it missed", &all, || {
+        (topic_names(&nodes[dead])? == expected_topics && replica_dir_names(&nodes[dead]) == expected_topics)
+            .then_some(())
+    });
+
+    // All three stop and start again on their data: the controller's log brings the topics
+    // back, and the replicas their records. Each node had applied the deletion before it
+    // stopped, so none shows doomed at any moment after it starts (replaying the log once
+    // reopened every deleted topic for a moment before removing it again).
+    for node in &mut nodes {
+        node.stop();
+    }
+    for node in &mut nodes {
+        node.restart();
+        assert!(
+            !listed_within(node, "doomed", Duration::from_millis(300)),
+            "a deleted topic showed again after a restart"
+        );
+    }
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader after a full restart", &all, || agreed_leader(&all, 3));
+    for node in &nodes {
+        wait_for("the topics back on every node", &all, || {
+            (topic_names(node)? == expected_topics && replica_dir_names(node) == expected_topics)
+                .then_some(())
+        });
+    }
+    for (topic, count) in [("kept", 100), ("born", 80)] {
+        converged(&all, topic);
+        let mut read = consume_all(&nodes[dead], topic);
+        read.sort();
+        let mut expected: Vec<String> = lines(0, count).lines().map(str::to_owned).collect();
+        expected.sort();
+        assert_eq!(read, expected, "{topic} after a full restart");
+    }
+    let gone = common::run_cli(&nodes[0].addr, &["topic", "describe", "doomed"], None);
+    assert!(!gone.status.success(), "doomed came back: {}", gone.stdout);
     for node in &mut nodes {
         node.stop();
     }

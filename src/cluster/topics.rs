@@ -81,7 +81,8 @@ pub fn place(nodes: &[u64], partitions: u32, replication_factor: u16, first: u64
 /// changes its applier carries out.
 pub struct Topics {
     me: u64,
-    by_name: RefCell<BTreeMap<String, ReplicatedTopic>>,
+    /// Shared with the applier, which opens a created topic only while it is still current.
+    by_name: Rc<RefCell<BTreeMap<String, ReplicatedTopic>>>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Applied>>>,
     changes: mpsc::UnboundedSender<Change>,
 }
@@ -90,8 +91,9 @@ impl Topics {
     /// Starts the applier for node `me` on `shard` (the replica-hosting shard).
     pub fn start(me: u64, shard: std::rc::Weak<Shard>, host: Rc<ReplicaHost>) -> Topics {
         let (changes, queue) = mpsc::unbounded();
-        glommio::spawn_local(run_applier(me, shard, host, queue)).detach();
-        Topics { me, by_name: RefCell::new(BTreeMap::new()), waiting: RefCell::new(HashMap::new()), changes }
+        let by_name = Rc::new(RefCell::new(BTreeMap::new()));
+        glommio::spawn_local(run_applier(me, shard, host, by_name.clone(), queue)).detach();
+        Topics { me, by_name, waiting: RefCell::new(HashMap::new()), changes }
     }
 
     /// Waits for the outcome of proposal `request` (answered when this node applies it).
@@ -181,17 +183,28 @@ fn replica_dir(data_dir: &std::path::Path, topic: &ReplicatedTopic, partition: u
         .join(partition.to_string())
 }
 
-/// Carries out committed changes one after another, in log order.
+/// Carries out committed changes one after another, in log order. A creation whose topic a
+/// later entry has already deleted (at start, the replayed log holds every topic ever deleted)
+/// opens nothing and shows nothing: its deletion, queued behind it, removes any files left.
 async fn run_applier(
     me: u64,
     shard: std::rc::Weak<Shard>,
     host: Rc<ReplicaHost>,
+    current: Rc<RefCell<BTreeMap<String, ReplicatedTopic>>>,
     mut queue: mpsc::UnboundedReceiver<Change>,
 ) {
     while let Some(change) = queue.next().await {
         let Some(shard) = shard.upgrade() else { return };
         match change {
-            Change::Create(topic) => open_topic(me, &shard, &host, &topic).await,
+            Change::Create(topic) => {
+                let live = current
+                    .borrow()
+                    .get(&topic.name)
+                    .is_some_and(|t| t.replication.topic_id == topic.replication.topic_id);
+                if live {
+                    open_topic(me, &shard, &host, &topic).await;
+                }
+            }
             Change::Delete(topic) => remove_topic(&shard, &host, &topic).await,
         }
     }
