@@ -62,6 +62,7 @@ const EXERCISED: &[ApiKey] = &[
     ApiKey::DescribeConfigs,
     ApiKey::CreatePartitions,
     ApiKey::DeleteGroups,
+    ApiKey::OffsetForLeaderEpoch,
 ];
 
 type Table = BTreeMap<i16, (i16, i16)>;
@@ -176,14 +177,14 @@ fn split_batches(records: Option<&Bytes>) -> Vec<Vec<u8>> {
 
 /// A stored batch is the batch the client sent with its base offset assigned: the length and
 /// everything the crc32c covers (and the crc itself) are the client's bytes. The partition
-/// leader epoch may be left as sent (-1) or stamped with the leader's epoch (0).
+/// leader epoch is stamped with the leader's, 0 on a single broker, as a Kafka leader stamps it.
 #[track_caller]
 fn assert_stored_as_sent(stored: &[u8], sent: &[u8], base_offset: i64) {
     assert_eq!(stored.len(), sent.len(), "batch at {base_offset}: length");
     assert_eq!(i64::from_be_bytes(stored[..8].try_into().unwrap()), base_offset);
     assert_eq!(stored[8..12], sent[8..12]);
     let epoch = i32::from_be_bytes(stored[12..16].try_into().unwrap());
-    assert!(epoch == -1 || epoch == 0, "batch at {base_offset}: partition leader epoch {epoch}");
+    assert_eq!(epoch, 0, "batch at {base_offset}: partition leader epoch");
     assert!(stored[16..] == sent[16..], "batch at {base_offset}: bytes differ from what was produced");
 }
 
@@ -623,6 +624,108 @@ fn fetch_and_list_offsets_serve_natively_produced_batches() {
         assert_eq!(list_offset(&mut conn, version, "np", 1, ts + 1), (0, 5), "ListOffsets v{version}");
         let code = list_offset(&mut conn, version, "np", 9, LATEST).0;
         assert_eq!(code, E::UnknownTopicOrPartition.code(), "ListOffsets v{version}");
+    }
+}
+
+/// OffsetForLeaderEpoch for `name`/`partition` at `version`: (error, epoch, end offset).
+fn epoch_end(
+    conn: &mut KafkaConn,
+    version: i16,
+    name: &str,
+    partition: i32,
+    current: i32,
+    epoch: i32,
+) -> (i16, i32, i64) {
+    use kafka_protocol::messages::offset_for_leader_epoch_request::{
+        OffsetForLeaderPartition, OffsetForLeaderTopic,
+    };
+    let request = OffsetForLeaderEpochRequest::default().with_replica_id(BrokerId(-1)).with_topics(vec![
+        OffsetForLeaderTopic::default().with_topic(topic(name)).with_partitions(vec![
+            OffsetForLeaderPartition::default()
+                .with_partition(partition)
+                .with_current_leader_epoch(current)
+                .with_leader_epoch(epoch),
+        ]),
+    ]);
+    let resp = conn.call(version, &request);
+    let p = &resp.topics[0].partitions[0];
+    assert_eq!((resp.topics[0].topic.0.as_str(), p.partition), (name, partition));
+    (p.error_code, p.leader_epoch, p.end_offset)
+}
+
+/// A single broker's partitions have had one leader, epoch 0: OffsetForLeaderEpoch answers epoch 0
+/// with the log end and a later one with "undefined"; Fetch, ListOffsets and OffsetForLeaderEpoch
+/// check the client's current epoch against 0; Fetch v12 answers a diverging epoch; ListOffsets
+/// v4+ names epoch 0.
+#[test]
+fn leader_epochs_of_a_single_broker() {
+    let (broker, table) = start(&[]);
+    create_native(&broker, "le", 2);
+    let mut conn = KafkaConn::connect(&broker.kafka);
+    let produce_version = *versions(&table, ApiKey::Produce).end();
+    for i in 0..2 {
+        let values: Vec<String> = (0..4).map(|r| format!("epoch-{i}-{r}")).collect();
+        let resp =
+            conn.call(produce_version, &produce_request("le", 1, &batch(&values, 1_700_000_000_000), -1));
+        assert_eq!(produce_outcome(&resp, "le", 1), (0, i * 4));
+    }
+    for version in versions(&table, ApiKey::OffsetForLeaderEpoch) {
+        assert_eq!(epoch_end(&mut conn, version, "le", 1, 0, 0), (0, 0, 8), "v{version}");
+        assert_eq!(epoch_end(&mut conn, version, "le", 0, 0, 0), (0, 0, 0), "v{version}, empty");
+        assert_eq!(epoch_end(&mut conn, version, "le", 1, -1, 0), (0, 0, 8), "v{version}, unchecked");
+        assert_eq!(epoch_end(&mut conn, version, "le", 1, 0, 3), (0, -1, -1), "v{version}, a later epoch");
+        assert_eq!(epoch_end(&mut conn, version, "le", 1, 0, -1), (0, -1, -1), "v{version}, no epoch");
+        let unknown = epoch_end(&mut conn, version, "le", 1, 1, 0).0;
+        assert_eq!(unknown, E::UnknownLeaderEpoch.code(), "v{version}");
+        assert_eq!(epoch_end(&mut conn, version, "le", 2, 0, 0).0, E::UnknownTopicOrPartition.code());
+        assert_eq!(epoch_end(&mut conn, version, "nope", 0, 0, 0).0, E::UnknownTopicOrPartition.code());
+    }
+    for version in versions(&table, ApiKey::ListOffsets) {
+        let mut request = list_offsets_request("le", 1, LATEST);
+        if version >= 4 {
+            request.topics[0].partitions[0].current_leader_epoch = 0;
+        }
+        let resp = conn.call(version, &request);
+        let p = &resp.topics[0].partitions[0];
+        let epoch = if version >= 4 { 0 } else { -1 };
+        assert_eq!((p.error_code, p.offset, p.leader_epoch), (0, 8, epoch), "ListOffsets v{version}");
+        request.topics[0].partitions[0].timestamp = EARLIEST;
+        let p = conn.call(version, &request).topics[0].partitions[0].clone();
+        assert_eq!((p.error_code, p.offset, p.leader_epoch), (0, 0, epoch), "ListOffsets v{version}");
+        if version >= 4 {
+            request.topics[0].partitions[0].current_leader_epoch = 1;
+            let code = conn.call(version, &request).topics[0].partitions[0].error_code;
+            assert_eq!(code, E::UnknownLeaderEpoch.code(), "ListOffsets v{version}");
+        }
+    }
+    for version in versions(&table, ApiKey::Fetch).filter(|v| *v >= 9) {
+        let with_epochs = |current: i32, offset: i64, last_fetched: i32| {
+            let mut request = fetch_request("le", 1, offset, 0);
+            let p = &mut request.topics[0].partitions[0];
+            p.current_leader_epoch = current;
+            p.last_fetched_epoch = last_fetched;
+            request
+        };
+        let p = fetched(&conn.call(version, &with_epochs(0, 0, -1)), "le", 1).clone();
+        assert_eq!((p.error_code, split_batches(p.records.as_ref()).len()), (0, 2), "Fetch v{version}");
+        let p = fetched(&conn.call(version, &with_epochs(1, 0, -1)), "le", 1).clone();
+        assert_eq!(p.error_code, E::UnknownLeaderEpoch.code(), "Fetch v{version}");
+        if version >= 12 {
+            // Read to offset 4 in epoch 0: the log agrees. Past its end in epoch 0, or in an epoch
+            // this log never had: diverged, or unknown (out of range), as Kafka answers.
+            let p = fetched(&conn.call(version, &with_epochs(0, 4, 0)), "le", 1).clone();
+            assert_eq!((p.error_code, p.diverging_epoch.epoch), (0, -1), "Fetch v{version}");
+            assert_eq!(split_batches(p.records.as_ref()).len(), 1);
+            let p = fetched(&conn.call(version, &with_epochs(0, 10, 0)), "le", 1).clone();
+            assert_eq!(
+                (p.error_code, p.diverging_epoch.epoch, p.diverging_epoch.end_offset, p.high_watermark),
+                (0, 0, 8, 8),
+                "Fetch v{version}"
+            );
+            assert!(split_batches(p.records.as_ref()).is_empty());
+            let p = fetched(&conn.call(version, &with_epochs(0, 4, 2)), "le", 1).clone();
+            assert_eq!(p.error_code, E::OffsetOutOfRange.code(), "Fetch v{version}");
+        }
     }
 }
 

@@ -247,7 +247,12 @@ impl ReplicaGate for Cluster {
             epoch: status.term,
             native: status.leader.and_then(|id| self.node_address(id)),
             serving_here: status.serving && !status.failed,
+            leading_here: status.role == crate::replication::group::Role::Leader && !status.failed,
         }
+    }
+
+    fn epochs(&self, key: GroupKey) -> Option<Rc<crate::replication::epochs::LeaderEpochs>> {
+        self.replicas.epochs(key)
     }
 }
 

@@ -21,6 +21,7 @@ use raft::eraftpb::Message;
 
 use super::links::{Outbox, PeerLinks};
 use crate::record::BatchHeader;
+use crate::replication::epochs::LeaderEpochs;
 use crate::replication::group::{ProposeError, Proposed, Role};
 use crate::replication::wire::GroupKey;
 use crate::shard::replica::{PartitionReplica, ProposalRefused};
@@ -68,6 +69,8 @@ pub struct ReplicaStatus {
 struct Hosted {
     inputs: mpsc::UnboundedSender<Input>,
     status: Rc<Cell<ReplicaStatus>>,
+    /// The replica's leader epochs as its task last published them, with its status.
+    epochs: Rc<RefCell<Rc<LeaderEpochs>>>,
     /// Woken whenever the task publishes a status.
     changed: Rc<Notify>,
     partition: Rc<Partition>,
@@ -129,12 +132,14 @@ impl ReplicaHost {
     pub fn add(&self, key: GroupKey, mut replica: PartitionReplica) {
         let (inputs, queue) = mpsc::unbounded();
         let status = Rc::new(Cell::new(status_of(&mut replica, false)));
+        let epochs = Rc::new(RefCell::new(Rc::new(replica.group().store().epochs().clone())));
         let changed = Rc::new(Notify::default());
         let partition = replica.partition().clone();
-        let published = Published { status: status.clone(), changed: changed.clone() };
+        let published =
+            Published { status: status.clone(), epochs: epochs.clone(), changed: changed.clone() };
         let task = run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get());
         glommio::spawn_local(task).detach();
-        self.replicas.borrow_mut().insert(key, Hosted { inputs, status, changed, partition });
+        self.replicas.borrow_mut().insert(key, Hosted { inputs, status, epochs, changed, partition });
     }
 
     /// A message from a peer for group `key`; false when this node has no such replica.
@@ -251,6 +256,11 @@ impl ReplicaHost {
     pub fn status(&self, key: GroupKey) -> Option<ReplicaStatus> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.status.get())
     }
+
+    /// The leader epochs of this node's replica of `key`, as published with its status.
+    pub fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>> {
+        self.replicas.borrow().get(&key).map(|hosted| hosted.epochs.borrow().clone())
+    }
 }
 
 /// One timer for every replica of the host; ends with the host.
@@ -288,6 +298,7 @@ fn outbox(key: GroupKey, messages: Vec<Message>) -> Outbox {
 /// Where a replica's task shows its status.
 struct Published {
     status: Rc<Cell<ReplicaStatus>>,
+    epochs: Rc<RefCell<Rc<LeaderEpochs>>>,
     changed: Rc<Notify>,
 }
 
@@ -295,6 +306,15 @@ impl Published {
     fn set(&self, status: ReplicaStatus) {
         self.status.set(status);
         self.changed.notify_all();
+    }
+
+    /// Publishes the replica's epochs with its status, copied only when they changed (once per
+    /// term or truncation; a handful of entries).
+    fn set_epochs(&self, replica: &mut PartitionReplica) {
+        let epochs = replica.group().store().epochs();
+        if **self.epochs.borrow() != *epochs {
+            *self.epochs.borrow_mut() = Rc::new(epochs.clone());
+        }
     }
 }
 
@@ -364,6 +384,7 @@ async fn run_replica(
             status.set(status_of(&mut replica, true));
             return;
         }
+        status.set_epochs(&mut replica);
         status.set(status_of(&mut replica, false));
     }
 }

@@ -392,7 +392,7 @@ fn append_records(
     if !builder.is_empty() {
         batches.extend_from_slice(&builder.finish());
     }
-    let item = AppendItem { topic: std::sync::Arc::from(OFFSETS_TOPIC), partition, batches };
+    let item = AppendItem { topic: std::sync::Arc::from(OFFSETS_TOPIC), partition, batches, timeout: None };
     shard.append_owned(item).map_err(|source| GroupError::Storage { group: group_id.to_string(), source })
 }
 
@@ -634,7 +634,12 @@ async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
                 };
                 queries.push((
                     owner,
-                    OffsetQuery { topic: view.name.clone(), partition: row.partition, timestamp_ms },
+                    OffsetQuery {
+                        topic: view.name.clone(),
+                        partition: row.partition,
+                        timestamp_ms,
+                        current_leader_epoch: None,
+                    },
                 ));
                 query_rows.push(i);
             }
@@ -653,7 +658,7 @@ async fn reset(shard: &Rc<Shard>, req: ResetRequest) -> GroupOutcome {
         match (req.target, outcome, state) {
             (_, Err(e), _) => row.error = Some(GroupError::Partition(e)),
             (ResetTarget::Offset(o), Ok(_), Some((start, end))) => row.offset = o.clamp(start, end),
-            (ResetTarget::Timestamp(_), Ok(Some((o, _))), _) => row.offset = o,
+            (ResetTarget::Timestamp(_), Ok(Some(found)), _) => row.offset = found.offset,
             (ResetTarget::Timestamp(_), Ok(None), Some((_, end))) => row.offset = end,
             (_, Ok(_), _) => {
                 row.error =

@@ -1,8 +1,9 @@
 //! Kafka admin APIs: Metadata (0..=9), CreateTopics (2..=7), DeleteTopics (1..=5),
 //! CreatePartitions (0..=3), DescribeConfigs (1..=4), and automatic topic creation.
 //!
-//! Owns: the cluster Kafka clients see (one broker, node 0, leader of every partition at epoch
-//! 0, the only replica and the whole ISR), the mapping between Kafka topic configs
+//! Owns: the cluster Kafka clients see (a single broker: node 0, leader of every partition at
+//! epoch 0, the only replica and the whole ISR; a node of a cluster: every registered node, and
+//! each replicated partition's leader and epoch), the mapping between Kafka topic configs
 //! (`retention.ms`, ...) and ringlog's `TopicOverrides`, and the broker configs Kafka clients can
 //! read. Topic changes go through the controller (`controller::create_topic`, `delete_topic`,
 //! `create_partitions`). Each handler finishes its work before returning, so a request that
@@ -195,6 +196,16 @@ fn peer_brokers(me: i32, nodes: &[crate::cluster::NodeInfo]) -> Vec<MetadataResp
             )
         })
         .collect()
+}
+
+/// Every broker a Kafka client can reach, as Metadata lists them: this one and, in a cluster,
+/// every registered node with a Kafka listener.
+pub(super) async fn brokers(shard: &Rc<Shard>) -> Vec<MetadataResponseBroker> {
+    let mut brokers = vec![broker(shard)];
+    if let Some(cluster) = crate::cluster::kafka_view(shard).await {
+        brokers.extend(peer_brokers(node_id(&shard.config), &cluster.nodes));
+    }
+    brokers
 }
 
 fn topic_metadata(view: &TopicView, me: i32, leaders: &[LeaderView]) -> MetadataResponseTopic {

@@ -59,6 +59,9 @@ pub fn broker_code(e: &BrokerError) -> i16 {
         // Kafka clients retry NOT_LEADER on another broker or after a metadata refresh: the
         // behaviour a restarting broker wants.
         BrokerError::ShuttingDown | BrokerError::NotLeader { .. } => K::NotLeaderOrFollower,
+        BrokerError::FencedLeaderEpoch { .. } => K::FencedLeaderEpoch,
+        BrokerError::UnknownLeaderEpoch { .. } => K::UnknownLeaderEpoch,
+        BrokerError::OffsetNotAvailable { .. } => K::OffsetNotAvailable,
         BrokerError::ReplicationTimedOut { .. } => K::RequestTimedOut,
         BrokerError::NotController { .. } => K::NotController,
         BrokerError::InvalidReplicationFactor(_) => K::InvalidReplicationFactor,

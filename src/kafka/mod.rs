@@ -6,7 +6,8 @@
 //! (`versions`), the mapping of ringlog errors to Kafka error codes (`errors`), and one module per
 //! family of APIs: `admin` (Metadata, topics, configs), `produce` (Produce), `producer_ids`
 //! (InitProducerId),
-//! `fetch` (Fetch, ListOffsets), `groups` (the consumer-group APIs). Codecs come from the
+//! `fetch` (Fetch, ListOffsets), `leader_epochs` (OffsetForLeaderEpoch), `groups` (the
+//! consumer-group APIs), with `leaders` translating leader epochs and current leaders. Codecs come from the
 //! `kafka-protocol` crate; record batches are never decoded or re-encoded here: produce hands the
 //! client's bytes to storage as sent and fetch returns storage's buffers as they are.
 //! Errors become Kafka codes in one table (`errors`); what a client may append and how a fetch is
@@ -20,6 +21,8 @@ pub mod codec;
 mod errors;
 mod fetch;
 mod groups;
+mod leader_epochs;
+mod leaders;
 mod produce;
 mod producer_ids;
 pub mod versions;
@@ -159,6 +162,7 @@ fn metrics_label(api: ApiKey) -> &'static str {
         ApiKey::DescribeConfigs => "kafka_describe_configs",
         ApiKey::CreatePartitions => "kafka_create_partitions",
         ApiKey::DeleteGroups => "kafka_delete_groups",
+        ApiKey::OffsetForLeaderEpoch => "kafka_offset_for_leader_epoch",
         _ => "kafka_other",
     }
 }
@@ -186,6 +190,9 @@ async fn dispatch(
         ApiKey::DescribeConfigs => admin::describe_configs(shard, ctx.clone(), decode(body, &ctx)?).await,
         ApiKey::Fetch => fetch::fetch(shard, ctx.clone(), decode(body, &ctx)?).await,
         ApiKey::ListOffsets => fetch::list_offsets(shard, ctx.clone(), decode(body, &ctx)?).await,
+        ApiKey::OffsetForLeaderEpoch => {
+            leader_epochs::offset_for_leader_epoch(shard, ctx.clone(), decode(body, &ctx)?).await
+        }
         ApiKey::InitProducerId => {
             producer_ids::init_producer_id(shard, ctx.clone(), decode(body, &ctx)?).await
         }

@@ -1,4 +1,4 @@
-//! Kafka Produce (versions 3..=9): record batches stored as the client sent them.
+//! Kafka Produce (versions 3..=10): record batches stored as the client sent them.
 //!
 //! Owns: turning a ProduceRequest frame into appends and the appends' outcomes into a
 //! ProduceResponse. The batches are never copied: the request is decoded from a non-owning view
@@ -6,21 +6,29 @@
 //! split off the frame itself and handed to storage (which validates and stamps them). Errors are
 //! per partition, as Kafka reports them; only a request that cannot be decoded closes the
 //! connection. What a client may append is `shard::rules`, shared with the native protocol; only
-//! the request-level `transactional_id` is Kafka's own. May depend on `shard` (routing, rules,
-//! appends), `server` (replies) and the sibling `admin` (auto-creation); never on storage.
+//! the request-level `transactional_id` is Kafka's own. A replicated partition's write waits for
+//! its commit at most the request's `timeout_ms` (capped by the broker's
+//! `replication_timeout_ms`), then answers REQUEST_TIMED_OUT; from v10 a partition answered
+//! NOT_LEADER_OR_FOLLOWER names its current leader and that leader's endpoint (KIP-951). May
+//! depend on `shard` (routing, rules, appends), `server` (replies) and the siblings `admin`
+//! (auto-creation, the brokers' endpoints) and `leaders`; never on storage.
 
 use std::ops::Range;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::FutureExt;
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::messages::produce_response::{
+    LeaderIdAndEpoch, NodeEndpoint, PartitionProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::{BrokerId, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
 use super::errors::Failure;
+use super::leaders::CurrentLeaders;
 use crate::server::{Boxed, Reply, ResponseFrame};
 use crate::shard::mesh::{AppendItem, Appended};
 use crate::shard::Shard;
@@ -34,6 +42,7 @@ const ACKS_ALL: i16 = -1;
 struct ProduceRanges {
     transactional_id: Option<String>,
     acks: i16,
+    timeout_ms: i32,
     topics: Vec<TopicRanges>,
 }
 
@@ -84,6 +93,7 @@ fn decode_ranges(frame: &[u8], body_offset: usize, version: i16) -> Result<Produ
     Ok(ProduceRanges {
         transactional_id: request.transactional_id.as_ref().map(|t| t.0.to_string()),
         acks: request.acks,
+        timeout_ms: request.timeout_ms,
         topics,
     })
 }
@@ -159,6 +169,8 @@ pub(super) async fn produce(
         }
     };
     let acks = request.acks;
+    // As Kafka does, a negative timeout expires at once.
+    let timeout = Duration::from_millis(u64::try_from(request.timeout_ms).unwrap_or(0));
     let refused = if !matches!(acks, ACKS_NONE | ACKS_LEADER | ACKS_ALL) {
         Some(Failure::new(ResponseError::InvalidRequiredAcks, format!("acks must be 0, 1 or -1, not {acks}")))
     } else if let Some(id) = &request.transactional_id {
@@ -191,10 +203,12 @@ pub(super) async fn produce(
         for p in topic.partitions {
             let slot = match &refused {
                 Some(failure) => Err(failure.clone()),
-                None => route_partition(shard, &topic.name, &p, &mut rest, &mut consumed).map(|item| {
-                    items.push(item);
-                    items.len() - 1
-                }),
+                None => {
+                    route_partition(shard, &topic.name, &p, timeout, &mut rest, &mut consumed).map(|item| {
+                        items.push(item);
+                        items.len() - 1
+                    })
+                }
             };
             if let Err(f) = &slot {
                 transactional_batches |= f.code == ResponseError::TransactionalIdAuthorizationFailed.code();
@@ -234,9 +248,10 @@ pub(super) async fn produce(
         return (reply, false);
     }
     let version = ctx.version;
+    let shard = shard.clone();
     let reply = async move {
         let outcomes = outcomes.await;
-        let responses = layout
+        let mut responses: Vec<TopicProduceResponse> = layout
             .into_iter()
             .map(|(name, parts)| {
                 let partition_responses = parts
@@ -261,10 +276,60 @@ pub(super) async fn produce(
                     .with_partition_responses(partition_responses)
             })
             .collect();
-        respond(&ctx, &ProduceResponse::default().with_responses(responses).with_throttle_time_ms(0))
+        let node_endpoints =
+            if version >= 10 { name_current_leaders(&shard, &mut responses).await } else { Vec::new() };
+        let body = ProduceResponse::default()
+            .with_responses(responses)
+            .with_throttle_time_ms(0)
+            .with_node_endpoints(node_endpoints);
+        respond(&ctx, &body)
     }
     .boxed_local();
     (reply, false)
+}
+
+/// KIP-951 (Produce v10+): each partition answered NOT_LEADER_OR_FOLLOWER names its current
+/// leader and epoch, and the response the endpoints of those leaders, so the client retries there
+/// without a metadata round trip. Looked up only when some partition moved.
+async fn name_current_leaders(
+    shard: &Rc<Shard>,
+    responses: &mut [TopicProduceResponse],
+) -> Vec<NodeEndpoint> {
+    let not_leader = ResponseError::NotLeaderOrFollower.code();
+    let moved: Vec<String> = responses
+        .iter()
+        .filter(|t| t.partition_responses.iter().any(|p| p.error_code == not_leader))
+        .map(|t| t.name.0.to_string())
+        .collect();
+    if moved.is_empty() {
+        return Vec::new();
+    }
+    let leaders = CurrentLeaders::of(shard, moved).await;
+    let mut named = Vec::new();
+    for topic in responses.iter_mut() {
+        for p in topic.partition_responses.iter_mut().filter(|p| p.error_code == not_leader) {
+            if let Some((leader, epoch)) = leaders.get(&topic.name.0, p.index) {
+                p.current_leader =
+                    LeaderIdAndEpoch::default().with_leader_id(BrokerId(leader)).with_leader_epoch(epoch);
+                named.push(leader);
+            }
+        }
+    }
+    if named.is_empty() {
+        return Vec::new();
+    }
+    super::admin::brokers(shard)
+        .await
+        .into_iter()
+        .filter(|b| named.contains(&b.node_id.0))
+        .map(|b| {
+            NodeEndpoint::default()
+                .with_node_id(b.node_id)
+                .with_host(b.host)
+                .with_port(b.port)
+                .with_rack(b.rack)
+        })
+        .collect()
 }
 
 /// Checks one partition's part of the request and, if it may be appended, splits its records
@@ -273,6 +338,7 @@ fn route_partition(
     shard: &Rc<Shard>,
     topic: &str,
     p: &PartitionRange,
+    timeout: Duration,
     rest: &mut BytesMut,
     consumed: &mut usize,
 ) -> Result<(u32, AppendItem), Failure> {
@@ -291,7 +357,7 @@ fn route_partition(
     };
     let batches = split_out(rest, consumed, range)?;
     crate::shard::rules::check_client_append(topic, &batches)?;
-    Ok((owner, AppendItem { topic: view.name.clone(), partition, batches }))
+    Ok((owner, AppendItem { topic: view.name.clone(), partition, batches, timeout: Some(timeout) }))
 }
 
 fn partition_response(
@@ -367,10 +433,10 @@ mod tests {
         let (a, b, c) = (batch(0, 1, 100), batch(0, 2, 70), batch(0, 3, 61));
         let req =
             request(&[("t1", 0, Some(a.clone())), ("t1", 3, Some(b.clone())), ("t2", 1, Some(c.clone()))]);
-        for version in 3..=9 {
+        for version in 3..=10 {
             let (frame, body_offset) = frame(version, &req);
             let ranges = decode_ranges(&frame, body_offset, version).unwrap();
-            assert_eq!(ranges.acks, -1);
+            assert_eq!((ranges.acks, ranges.timeout_ms), (-1, 1000));
             assert_eq!(ranges.transactional_id, None);
             let names: Vec<_> = ranges.topics.iter().map(|t| t.name.as_str()).collect();
             assert_eq!(names, ["t1", "t2"]);

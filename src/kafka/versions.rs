@@ -2,8 +2,12 @@
 //!
 //! Owns: [`SUPPORTED`], the single table that ApiVersions advertises, that dispatch admits
 //! requests by, and that the wire tests walk version by version. Ceilings stop below versions
-//! whose meaning needs something ringlog does not have yet (topic ids in Fetch 13+ and Produce
-//! 13, KIP-848 consumer groups, batched FindCoordinator and OffsetFetch).
+//! whose meaning needs something ringlog does not have yet (topic ids in Fetch 13+, Produce 13
+//! and Metadata 10+, transactions in Produce 11+, KIP-848 consumer groups, batched
+//! FindCoordinator and OffsetFetch). Metadata v9 is what makes librdkafka trust the leader epochs
+//! it carries (`rd_kafka_has_reliable_leader_epochs`), after which clients send them in Fetch and
+//! ListOffsets and ask OffsetForLeaderEpoch: it stays advertised only with those answered right
+//! (`shard::epochs`, docs/replication.md, stop 14).
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse};
@@ -13,7 +17,7 @@ use crate::server::Reply;
 
 /// `(api, min version, max version)` for every API served.
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
-    (ApiKey::Produce, 3, 9),
+    (ApiKey::Produce, 3, 10),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 6),
     (ApiKey::Metadata, 0, 9),
@@ -33,6 +37,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
 ];
 
 /// Whether `(api_key, version)` is served; the error says what the client asked for.
@@ -87,8 +92,8 @@ mod tests {
 
     #[test]
     fn check_names_the_problem() {
-        assert!(check(ApiKey::Produce as i16, 9).is_ok());
-        assert!(check(ApiKey::Produce as i16, 2).unwrap_err().contains("3..=9"));
+        assert!(check(ApiKey::Produce as i16, 10).is_ok());
+        assert!(check(ApiKey::Produce as i16, 2).unwrap_err().contains("3..=10"));
         assert!(check(1000, 0).unwrap_err().contains("1000"));
     }
 }

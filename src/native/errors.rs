@@ -33,7 +33,12 @@ pub fn broker_code(e: &BrokerError) -> ErrorCode {
         | BrokerError::ControllerFile { .. } => ErrorCode::StorageError,
         BrokerError::Storage { failure, .. } => storage_code(*failure),
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
-        BrokerError::NotLeader { .. } => ErrorCode::NotLeader,
+        // Native clients send no leader epochs, and retry a leader not ready yet as one that
+        // moved: after a metadata refresh.
+        BrokerError::NotLeader { .. }
+        | BrokerError::FencedLeaderEpoch { .. }
+        | BrokerError::UnknownLeaderEpoch { .. }
+        | BrokerError::OffsetNotAvailable { .. } => ErrorCode::NotLeader,
         BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
         BrokerError::NotController { .. } => ErrorCode::NotController,
         BrokerError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,

@@ -613,7 +613,7 @@ async fn produce(
                     consumed = start + len;
                     match rules::check_client_append(name, &batches) {
                         Ok(()) => {
-                            items.push((owner, AppendItem { topic: view.name.clone(), partition, batches }));
+                            items.push((owner, AppendItem { topic: view.name.clone(), partition, batches, timeout: None }));
                             Ok(items.len() - 1)
                         }
                         Err(e) => Err(e),
@@ -685,6 +685,7 @@ fn fetch(shard: &Rc<Shard>, cid: u32, r: wire::FetchRequest<'_>) -> Boxed<Reply>
                     partition: p.partition(),
                     offset: p.offset(),
                     max_bytes: budget.partition_max_bytes(i64::from(p.max_bytes())),
+                    epochs: Default::default(),
                 };
                 items.push((owner, item));
                 items.len() - 1
@@ -775,6 +776,7 @@ async fn list_offsets(shard: &Rc<Shard>, cid: u32, r: wire::ListOffsetsRequest<'
                     topic: view.name.clone(),
                     partition: p.partition(),
                     timestamp_ms: p.timestamp(),
+                    current_leader_epoch: None,
                 };
                 items.push((owner, q));
                 items.len() - 1
@@ -795,7 +797,7 @@ async fn list_offsets(shard: &Rc<Shard>, cid: u32, r: wire::ListOffsetsRequest<'
                     let outcome = resolve(slot, &outcomes);
                     let args = match outcome {
                         Ok(found) => {
-                            let (offset, timestamp) = found.unwrap_or((-1, -1));
+                            let (offset, timestamp) = found.map_or((-1, -1), |f| (f.offset, f.timestamp));
                             wire::ListOffsetsPartitionResultArgs {
                                 partition: *partition,
                                 offset,

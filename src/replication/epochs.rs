@@ -1,7 +1,8 @@
 //! Leader epochs of one partition replica: for each Raft term that wrote to the log, the Kafka
 //! offset and the Raft index of its first entry (Kafka's leader-epoch checkpoint, with the index
 //! added because a Raft entry holds a whole batch). Answers what raft-rs asks (the term of an
-//! index) and what Kafka clients ask (the end offset of an epoch, KIP-101/279).
+//! index) and what Kafka clients ask (KIP-101/279/320): the end offset of an epoch, the epoch of
+//! an offset, whether a client's leader epoch is current and whether a fetch's log diverged.
 //!
 //! Owns the file `leader-epochs` in a replica's directory; plain std IO, to be run off the shard.
 //! Depends on nothing above std.
@@ -22,6 +23,33 @@ pub enum EpochsError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("leader-epoch file {path} is damaged at line {line}: {message}; the replica must be restored from its peers")]
     Corrupt { path: PathBuf, line: usize, message: String },
+}
+
+/// A fetch named an epoch this log has nothing at or below (see `LeaderEpochs::divergence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("no leader epoch at or below {0} in this log")]
+pub struct NoSuchEpoch(pub u64);
+
+/// How a client's view of a partition's leader epoch compares with a replica's (KIP-320).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleEpoch {
+    /// The client's is older: it missed an election and must refresh its metadata (Kafka's
+    /// FENCED_LEADER_EPOCH).
+    Fenced,
+    /// The client's is newer: this replica has not heard of that election yet (Kafka's
+    /// UNKNOWN_LEADER_EPOCH); the client retries.
+    Unknown,
+}
+
+/// Kafka's check of a request's current leader epoch against the replica's
+/// (`Partition.checkCurrentLeaderEpoch`): a client that names none (`None`, Kafka's -1) is not
+/// checked.
+pub fn check_current_epoch(client: Option<u64>, replica: u64) -> Result<(), StaleEpoch> {
+    match client {
+        Some(client) if client < replica => Err(StaleEpoch::Fenced),
+        Some(client) if client > replica => Err(StaleEpoch::Unknown),
+        _ => Ok(()),
+    }
 }
 
 /// Where one epoch starts in the log.
@@ -75,6 +103,31 @@ impl LeaderEpochs {
     pub fn term_at(&self, index: u64) -> Option<u64> {
         let after = self.entries.partition_point(|e| e.start_index <= index);
         after.checked_sub(1).map(|i| self.entries[i].epoch)
+    }
+
+    /// The epoch that wrote `offset`: the last one starting at or before it.
+    pub fn epoch_at(&self, offset: i64) -> Option<u64> {
+        let after = self.entries.partition_point(|e| e.start_offset <= offset);
+        after.checked_sub(1).map(|i| self.entries[i].epoch)
+    }
+
+    /// Kafka's divergence check of a fetch that says the batch before `fetch_offset` carried
+    /// `last_fetched` (KIP-320, Fetch v12+; Kafka's `Partition.readRecords`): `Ok(None)` when the
+    /// client's log agrees with this one; `Ok(Some(end))` when it diverged, `end` saying where
+    /// the largest epoch not above `last_fetched` ends here (the client truncates to it); `Err`
+    /// when this log knows no such epoch, which Kafka answers OFFSET_OUT_OF_RANGE.
+    pub fn divergence(
+        &self,
+        last_fetched: u64,
+        fetch_offset: i64,
+        log_end_offset: i64,
+    ) -> Result<Option<(u64, i64)>, NoSuchEpoch> {
+        let EpochEnd { epoch: Some(epoch), end_offset: Some(end_offset) } =
+            self.end_for(last_fetched, log_end_offset)
+        else {
+            return Err(NoSuchEpoch(last_fetched));
+        };
+        Ok((epoch < last_fetched || end_offset < fetch_offset).then_some((epoch, end_offset)))
     }
 
     /// Kafka's OffsetForLeaderEpoch answer for `requested`, given the log end offset.
@@ -216,6 +269,65 @@ mod tests {
         assert_eq!(epochs.end_for(2, 300), EpochEnd { epoch: Some(1), end_offset: Some(100) });
         assert_eq!(epochs.end_for(9, 300), EpochEnd { epoch: None, end_offset: None });
         assert_eq!(epochs.end_for(0, 300), EpochEnd { epoch: Some(0), end_offset: Some(0) });
+    }
+
+    /// Kafka's answers (KIP-320; `Partition.checkCurrentLeaderEpoch` and `readRecords`) case by
+    /// case, over a log whose epochs 1, 3 and 4 start at 0, 100 and 250 and which ends at 300.
+    #[test]
+    fn fencing_and_divergence_follow_kafka() {
+        use StaleEpoch::{Fenced, Unknown};
+        for (client, replica, expected) in [
+            (None, 5, Ok(())),
+            (Some(4), 5, Err(Fenced)),
+            (Some(0), 5, Err(Fenced)),
+            (Some(5), 5, Ok(())),
+            (Some(6), 5, Err(Unknown)),
+            (Some(0), 0, Ok(())),
+            (Some(1), 0, Err(Unknown)),
+        ] {
+            assert_eq!(
+                check_current_epoch(client, replica),
+                expected,
+                "client {client:?}, replica {replica}"
+            );
+        }
+        let mut epochs = LeaderEpochs::default();
+        for (e, o, i) in [(1, 0, 1), (3, 100, 20), (4, 250, 31)] {
+            epochs.assign(start(e, o, i));
+        }
+        for (last_fetched, fetch_offset, expected) in [
+            // The leader's own epoch ends at the log end: a fetch up to it agrees.
+            (4, 280, Ok(None)),
+            (4, 300, Ok(None)),
+            // Past the log end in the same epoch: what the client read is gone.
+            (4, 310, Ok(Some((4, 300)))),
+            // An older epoch ends where the next starts: reading up to there agrees, past it not.
+            (3, 250, Ok(None)),
+            (3, 260, Ok(Some((3, 250)))),
+            (1, 50, Ok(None)),
+            (1, 120, Ok(Some((1, 100)))),
+            // Epoch 2 never wrote here: diverged, whatever the offset (the largest epoch below
+            // it, 1, ends at 100).
+            (2, 100, Ok(Some((1, 100)))),
+            (2, 40, Ok(Some((1, 100)))),
+            // Older than any epoch here: its end is where the first known one starts.
+            (0, 0, Ok(None)),
+            (0, 5, Ok(Some((0, 0)))),
+            // Newer than any: no answer, Kafka's OFFSET_OUT_OF_RANGE.
+            (5, 300, Err(NoSuchEpoch(5))),
+        ] {
+            assert_eq!(
+                epochs.divergence(last_fetched, fetch_offset, 300),
+                expected,
+                "last fetched epoch {last_fetched} at offset {fetch_offset}"
+            );
+        }
+        assert_eq!(LeaderEpochs::default().divergence(0, 0, 0), Err(NoSuchEpoch(0)));
+        for (offset, epoch) in
+            [(-1, None), (0, Some(1)), (99, Some(1)), (100, Some(3)), (250, Some(4)), (999, Some(4))]
+        {
+            assert_eq!(epochs.epoch_at(offset), epoch, "offset {offset}");
+        }
     }
 
     #[test]

@@ -64,6 +64,20 @@ pub enum BrokerError {
     /// known yet): Kafka's NOT_LEADER_OR_FOLLOWER, retried after a metadata refresh.
     #[error("{topic}/{partition}: this node does not lead the partition; {}", leader_hint(*leader, address.as_deref()))]
     NotLeader { topic: String, partition: u32, leader: Option<u64>, address: Option<String> },
+    /// The client's leader epoch is older than the replica's (KIP-320): Kafka's
+    /// FENCED_LEADER_EPOCH; the client refreshes its metadata.
+    #[error("{topic}/{partition}: leader epoch {requested} is older than this replica's {current}; refresh metadata")]
+    FencedLeaderEpoch { topic: String, partition: u32, requested: u64, current: u64 },
+    /// The client's leader epoch is newer than the replica's: this node has not heard of that
+    /// election yet. Kafka's UNKNOWN_LEADER_EPOCH, retried.
+    #[error("{topic}/{partition}: leader epoch {requested} is newer than this replica's {current}; it has not caught up with that election yet")]
+    UnknownLeaderEpoch { topic: String, partition: u32, requested: u64, current: u64 },
+    /// A new leader that has not committed an entry of its epoch yet, so its high watermark may
+    /// still be below its predecessor's: Kafka's OFFSET_NOT_AVAILABLE (KIP-207), retried.
+    #[error(
+        "{topic}/{partition}: this node leads epoch {epoch} but has not committed in it yet; retry shortly"
+    )]
+    OffsetNotAvailable { topic: String, partition: u32, epoch: u64 },
     /// A write to a replicated partition was not committed by a majority in time (it may still
     /// commit): Kafka's REQUEST_TIMED_OUT.
     #[error("{topic}/{partition}: not committed by a majority of its replicas within {after_ms} ms")]

@@ -3,7 +3,8 @@
 //! Owns: the shard's view of topic metadata (`topics`: applying, growing and removing topics on
 //! this shard), the partitions it owns (`storage::Partition`), the cross-shard mesh (`mesh`), the
 //! owner-side operations (`owner`), the rules both protocols apply to client requests (`rules`),
-//! when an idle shard returns freed memory (`idle`) and the error type of the broker (`error`). Every request part for a partition is executed on
+//! when an idle shard returns freed memory (`idle`), the answers to Kafka clients' leader-epoch
+//! questions (`epochs`) and the error type of the broker (`error`). Every request part for a partition is executed on
 //! the partition's owner: locally when the connection is on the owner, otherwise one mesh message
 //! per shard. Layers above (controller, groups, metrics scrapes) run their work on another shard
 //! with `invoke_on` and keep their per-shard state as extensions of the shard, so this module
@@ -13,6 +14,7 @@
 //! protocols, the controller or groups. Nothing here is shared between threads except through
 //! `ShardMsg`.
 
+mod epochs;
 mod error;
 mod idle;
 pub mod mesh;
@@ -358,7 +360,9 @@ impl Shard {
         loop {
             let outcomes: Vec<FetchOutcome> = self.fetch(items.clone()).await.await;
             let bytes: usize = outcomes.iter().flatten().map(Fetched::len).sum();
-            let failed = answer_now || outcomes.iter().any(Result::is_err);
+            // A diverged log is answered at once too: the client must truncate before reading.
+            let failed = answer_now
+                || outcomes.iter().any(|o| o.as_ref().map_or(true, |f| f.diverging_epoch.is_some()));
             let now = std::time::Instant::now();
             if bytes >= min_bytes || failed || now >= deadline || items.is_empty() {
                 return outcomes;

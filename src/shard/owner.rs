@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::future::{join_all, select_all, FutureExt};
 
+use super::epochs::Asking;
 use super::mesh::*;
 use super::{Boxed, Shard};
 use crate::storage::{Partition, Visibility};
@@ -40,7 +41,7 @@ impl Shard {
     /// A replicated partition's batches are proposed to its Raft group instead (through the
     /// gate), also now, so proposals keep arrival order.
     pub fn append_owned(&self, item: AppendItem) -> Result<PendingAppend, BrokerError> {
-        let AppendItem { topic, partition: index, batches } = item;
+        let AppendItem { topic, partition: index, batches, timeout } = item;
         let Some(partition) = self.partition(&topic, index) else {
             return Err(self.missing_partition(&topic, index));
         };
@@ -50,7 +51,7 @@ impl Shard {
             if let Some(replication) = self.replication_of(&topic) {
                 let bytes = batches.len();
                 let (committed, records) =
-                    self.append_through_gate(topic.clone(), index, &replication, batches);
+                    self.append_through_gate(topic.clone(), index, &replication, batches, timeout);
                 return Ok(PendingAppend {
                     appended: Appended { base_offset: -1, log_start_offset: -1 },
                     waiting: Waiting::Committed { committed, topic, bytes, records },
@@ -76,7 +77,7 @@ impl Shard {
 
     /// Why `(topic, index)` has no partition on this shard: not the topic's (unknown), or a
     /// replicated partition this node holds no replica of (its leader is elsewhere).
-    fn missing_partition(&self, topic: &str, index: u32) -> BrokerError {
+    pub(super) fn missing_partition(&self, topic: &str, index: u32) -> BrokerError {
         match self.replication_of(topic) {
             Some(replication) if (index as usize) < replication.replicas.len() => {
                 let view = self.leader_of(&replication, index).unwrap_or_default();
@@ -86,32 +87,26 @@ impl Shard {
         }
     }
 
-    /// A replicated partition's reads are served by its leader only: Kafka clients fetch from
-    /// the leader the metadata names, and a follower's high watermark lags its leader's.
-    fn check_leader(&self, topic: &str, index: u32) -> Result<(), BrokerError> {
-        let Some(replication) = self.replication_of(topic) else { return Ok(()) };
-        let view = self.leader_of(&replication, index).unwrap_or_default();
-        if view.serving_here {
-            Ok(())
-        } else {
-            Err(BrokerError::not_leader(topic, index, &view))
-        }
-    }
-
-    /// The partition `item` names, for a read: local, and led here when replicated.
-    fn readable(&self, topic: &str, index: u32) -> Result<Rc<Partition>, BrokerError> {
-        let partition = self.partition(topic, index).ok_or_else(|| self.missing_partition(topic, index))?;
-        if partition.config().visibility == Visibility::Committed {
-            self.check_leader(topic, index)?;
-        }
-        Ok(partition)
-    }
-
     pub(super) async fn fetch_local(self: Rc<Self>, items: Vec<FetchItem>) -> Vec<FetchOutcome> {
         let reads = items.iter().map(|item| {
-            let partition = self.readable(&item.topic, item.partition);
+            // A replicated partition's reads are served by its leader only: Kafka clients fetch
+            // from the leader the metadata names, and a follower's high watermark lags its
+            // leader's.
+            let led = self.led(&item.topic, item.partition, item.epochs.current_leader, Asking::Read);
             async move {
-                let partition = partition?;
+                let led = led?;
+                let partition = &led.partition;
+                if let Some(last_fetched) = item.epochs.last_fetched {
+                    let diverging = led.divergence(&item.topic, item.partition, item.offset, last_fetched)?;
+                    if diverging.is_some() {
+                        return Ok(Fetched {
+                            chunks: Vec::new(),
+                            high_watermark: partition.high_watermark(),
+                            log_start_offset: partition.log_start_offset(),
+                            diverging_epoch: diverging,
+                        });
+                    }
+                }
                 let read = partition.read(item.offset, item.max_bytes).await;
                 match &read {
                     Ok(r) => {
@@ -125,6 +120,7 @@ impl Shard {
                         chunks: r.chunks,
                         high_watermark: r.high_watermark,
                         log_start_offset: r.log_start_offset,
+                        diverging_epoch: None,
                     }),
                     Err(e) => Err(BrokerError::storage(&item.topic, item.partition, e)),
                 }
@@ -149,17 +145,30 @@ impl Shard {
     pub(super) async fn list_offsets_local(self: Rc<Self>, items: Vec<OffsetQuery>) -> Vec<OffsetOutcome> {
         let mut out = Vec::with_capacity(items.len());
         for q in items {
-            let p = match self.readable(&q.topic, q.partition) {
-                Ok(p) => p,
+            let led = match self.led(&q.topic, q.partition, q.current_leader_epoch, Asking::Offset) {
+                Ok(led) => led,
                 Err(e) => {
                     out.push(Err(e));
                     continue;
                 }
             };
+            let p = &led.partition;
             // Kafka semantics: no record at or after the timestamp answers with the log end.
-            let found =
-                p.offset_for_timestamp(q.timestamp_ms).await.map(|f| f.or(Some((p.high_watermark(), -1))));
-            out.push(found.map_err(|e| BrokerError::storage(&q.topic, q.partition, e)));
+            let found = match p.offset_for_timestamp(q.timestamp_ms).await {
+                Ok(found) => found.unwrap_or((p.high_watermark(), -1)),
+                Err(e) => {
+                    out.push(Err(BrokerError::storage(&q.topic, q.partition, e)));
+                    continue;
+                }
+            };
+            let (offset, timestamp) = found;
+            // Kafka answers "latest" with the leader's epoch, anything else with the epoch that
+            // wrote the offset.
+            let leader_epoch = match q.timestamp_ms {
+                LATEST_TIMESTAMP => Some(led.leader_epoch),
+                _ => led.history().epoch_at(offset),
+            };
+            out.push(Ok(Some(FoundOffset { offset, timestamp, leader_epoch })));
         }
         out
     }
@@ -211,6 +220,9 @@ impl Shard {
         }
     }
 }
+
+/// ListOffsets' timestamp for the high watermark (KIP-79).
+const LATEST_TIMESTAMP: i64 = -1;
 
 /// An append that is in the log (offsets assigned, readable once durable) and may not be durable
 /// yet; or a replicated partition's proposal, not committed yet.

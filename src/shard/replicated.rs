@@ -4,9 +4,11 @@
 //! Owns: `Replication` (a topic view's replica sets and the topic's id), `LeaderView`, and the
 //! `ReplicaGate` trait that the cluster layer implements and installs on the shard that hosts the
 //! replicas. The shard never names the cluster: an append to a replicated partition goes to the
-//! gate (proposed to its Raft group, answered once committed), and reads ask the gate who leads.
+//! gate (proposed to its Raft group, answered once committed), and reads ask the gate who leads
+//! and which leader epochs wrote the log (Kafka clients' epoch questions, `shard::epochs`).
 //! Reads themselves stay the shard's: a replica's `Partition` serves what is committed.
-//! May depend on `shard::mesh`, `replication::wire` (the group key); nothing above the shard.
+//! May depend on `shard::mesh`, `replication::wire` (the group key), `replication::epochs`;
+//! nothing above the shard.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use super::mesh::{BrokerError, ProduceOutcome};
 use super::{Boxed, TopicView};
 use crate::metadata::TopicOverrides;
 use crate::record::BatchLimits;
+use crate::replication::epochs::LeaderEpochs;
 use crate::replication::wire::GroupKey;
 use crate::storage::Partition;
 
@@ -47,6 +50,8 @@ pub struct LeaderView {
     pub native: Option<String>,
     /// This node leads the partition and may serve it (it committed an entry of its term).
     pub serving_here: bool,
+    /// This node leads the partition, serving or not yet.
+    pub leading_here: bool,
 }
 
 /// What the cluster layer offers the shard for replicated partitions; installed on the shard
@@ -66,6 +71,11 @@ pub trait ReplicaGate {
 
     /// The partition's leader as this node sees it.
     fn leader(&self, key: GroupKey) -> LeaderView;
+
+    /// The leader epochs of this node's replica of the partition as its task last published
+    /// them (`None` without a replica here): Kafka clients' epoch questions are answered from
+    /// them.
+    fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>>;
 }
 
 impl BrokerError {
@@ -137,6 +147,7 @@ impl super::Shard {
         partition: u32,
         replication: &Replication,
         batches: BytesMut,
+        timeout: Option<Duration>,
     ) -> (Boxed<ProduceOutcome>, i64) {
         let gate = self.replica_gate.borrow().clone();
         let Some(gate) = gate else {
@@ -172,7 +183,11 @@ impl super::Shard {
                 }
             }
         }
-        let timeout = Duration::from_millis(self.config.replication_timeout_ms);
+        // The broker's limit caps what a request asks: a client's own timeout is usually longer
+        // (librdkafka and Java send their 30 s request timeout), and the answer should reach it
+        // before it gives up on the connection.
+        let limit = Duration::from_millis(self.config.replication_timeout_ms);
+        let timeout = timeout.map_or(limit, |asked| asked.min(limit));
         (gate.produce(replication.key(partition), &topic, batches, timeout), records)
     }
 
@@ -187,6 +202,12 @@ impl super::Shard {
     pub(super) fn leader_of(&self, replication: &Replication, partition: u32) -> Option<LeaderView> {
         let gate = self.replica_gate.borrow().clone()?;
         Some(gate.leader(replication.key(partition)))
+    }
+
+    /// This node's replica's leader epochs of a replicated partition (`None` without one here).
+    pub(super) fn epochs_of(&self, replication: &Replication, partition: u32) -> Option<Rc<LeaderEpochs>> {
+        let gate = self.replica_gate.borrow().clone()?;
+        gate.epochs(replication.key(partition))
     }
 }
 

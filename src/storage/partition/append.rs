@@ -1,4 +1,4 @@
-//! The write path up to the flusher: `append` (validation, offsets, producer-state check, the one
+//! The write path up to the flusher: `append` (validation, offsets and leader epoch 0, producer-state check, the one
 //! copy of the bytes into chunks), `append_replicated` (a replica's append of batches its leader
 //! stamped: offsets and epochs kept, producers recorded without verdicts), space reservation (synchronous fallocate, background steps, the
 //! spare next segment) and the roll to a new active segment. Never writes record bytes to a file
@@ -24,6 +24,9 @@ use crate::storage::producer_state::{
 use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
 use crate::storage::tail_cache::Pin;
 use crate::storage::{AppendResult, StorageError};
+
+/// The partition leader epoch `append` stamps: a single node is the only leader its log has had.
+const SINGLE_LEADER_EPOCH: i32 = 0;
 
 /// Largest fallocate step ahead of the write position (capped at `segment_bytes`).
 const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
@@ -179,7 +182,10 @@ impl Partition {
                 .map_err(|source| StorageError::InvalidBatch { index, position, source })?;
             let batch_base = base_offset + records;
             // Stamped as it is checked (outside the crc): a refused request's buffer is dropped.
+            // The epoch too, as a Kafka leader stamps its own: a single node's log has had one
+            // leader, epoch 0, which is what it answers Kafka clients' epoch questions with.
             record::set_base_offset(&mut batches[position..], batch_base);
+            record::set_partition_leader_epoch(&mut batches[position..], SINGLE_LEADER_EPOCH);
             if let Some(batch) = ProducerBatch::of(&header) {
                 let last_offset = batch_base + i64::from(header.last_offset_delta);
                 idempotent.push(Appending { index, batch, base_offset: batch_base, last_offset });
