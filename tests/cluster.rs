@@ -817,12 +817,14 @@ fn topic_names(node: &Broker) -> Option<Vec<String>> {
     })
 }
 
-/// Names of the replicated topic directories in `node`'s data directory, without their ids.
+/// Names of the replicated topic directories in `node`'s data directory, without their ids,
+/// leaving out the broker's own (`__consumer_offsets`).
 fn replica_dir_names(node: &Broker) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(node.data_dir().join("replicated")) else { return Vec::new() };
     let mut names: Vec<String> = entries
         .flatten()
         .filter_map(|e| Some(e.file_name().to_str()?.rsplit_once('.')?.0.to_owned()))
+        .filter(|name| !name.starts_with("__"))
         .collect();
     names.sort();
     names
