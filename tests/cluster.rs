@@ -22,66 +22,11 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::{agreed_leader, free_ports, get, start_node, start_three, status, wait_for};
 use common::Broker;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{InitProducerIdRequest, MetadataRequest, ProducerId, TopicName};
 use ringlog::protocol::wire;
-use serde_json::Value;
-
-/// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-fn get(admin: &str, path: &str) -> Option<(String, String)> {
-    let mut stream = TcpStream::connect(admin).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
-
-fn status(node: &Broker) -> Option<Value> {
-    let (line, body) = get(&node.admin, "/v1/cluster")?;
-    assert!(line.contains("200"), "{line}: {body}");
-    serde_json::from_str(&body).ok()
-}
-
-fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
-            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The leader every given node agrees on, once each sees `expected` nodes registered and alive.
-fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
-    let mut leaders = Vec::new();
-    for node in nodes {
-        let s = status(node)?;
-        let listed = s["nodes"].as_array()?;
-        let up = listed.iter().filter(|n| n["alive"] == true && n["registered"] == true).count();
-        if up != expected {
-            return None;
-        }
-        leaders.push(s["controller_leader"].as_u64()?);
-    }
-    leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
-}
-
-fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
-    start_node_with(dir, id, seeds, &[])
-}
 
 /// A node with options beyond the cluster's own (`--set KEY=VALUE` each).
 fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[String]) -> Broker {
@@ -94,12 +39,6 @@ fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[String]
     sets.extend(extra.iter().cloned());
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     Broker::start_in(dir, 1, &sets)
-}
-
-/// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
-/// directories (kept while the test runs) and the running brokers.
-fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
-    start_three_with(&[])
 }
 
 fn start_three_with(extra: &[String]) -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {

@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::cluster::{start_three, status, wait_for};
 use common::kafka::{s, KafkaConn};
 use common::Broker;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -29,61 +28,8 @@ use kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use kafka_protocol::messages::*;
 use kafka_protocol::ResponseError as E;
 use ringlog::record::builder::BatchBuilder;
-use serde_json::Value;
 
 const TOPIC: &str = "epochs";
-
-/// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-/// Nodes 1, 2 and 3 on loopback, each in its own directory (kept while the test runs).
-fn start_three() -> (Vec<tempfile::TempDir>, Vec<Broker>) {
-    let ports = free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = (0..3)
-        .map(|i| {
-            let sets = [
-                format!("node_id={}", i + 1),
-                format!("seeds={seeds}"),
-                "admin_listen=127.0.0.1:0".to_string(),
-                "raft_tick_ms=50".to_string(),
-            ];
-            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-            Broker::start_in(dirs[i].path(), 1, &sets)
-        })
-        .collect();
-    (dirs, nodes)
-}
-
-fn cluster_status(node: &Broker) -> Option<Value> {
-    let mut stream = TcpStream::connect(&node.admin).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET /v1/cluster HTTP/1.0\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    serde_json::from_str(response.split_once("\r\n\r\n")?.1).ok()
-}
-
-#[track_caller]
-fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
-            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn topic() -> TopicName {
     TopicName(s(TOPIC))
@@ -203,11 +149,11 @@ fn node(nodes: &[Broker], id: i32) -> &Broker {
 
 #[test]
 fn leader_epochs_are_answered_as_kafka_does_through_a_leaders_death() {
-    let (_dirs, mut nodes) = start_three();
+    let (_, _dirs, mut nodes) = start_three();
     let all: Vec<&Broker> = nodes.iter().collect();
     wait_for("a controller every node knows", &all, || {
         let leaders: Vec<Option<u64>> =
-            all.iter().map(|n| cluster_status(n).and_then(|s| s["controller_leader"].as_u64())).collect();
+            all.iter().map(|n| status(n).and_then(|s| s["controller_leader"].as_u64())).collect();
         (leaders.iter().all(Option::is_some) && leaders.windows(2).all(|w| w[0] == w[1])).then_some(())
     });
 

@@ -34,6 +34,7 @@ pub fn status(node: &Broker) -> Option<Value> {
 }
 
 /// Polls `check` until it answers, for at most 40 s; then fails with every node's log.
+#[track_caller]
 pub fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
