@@ -950,3 +950,79 @@ fn a_hundred_thousand_keyed_records_are_stored_alike_on_every_replica_in_per_key
     }
     assert_eq!(last.len(), 97);
 }
+
+/// Replica counts of `topic`'s partitions in Kafka's Metadata from `node`, once it lists them
+/// (asked without creating it).
+fn kafka_replica_counts(node: &Broker, topic: &str) -> Option<Vec<usize>> {
+    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+    let wanted = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s(topic))));
+    let asked =
+        MetadataRequest::default().with_topics(Some(vec![wanted])).with_allow_auto_topic_creation(false);
+    let metadata = kafka.call(9, &asked);
+    let found = metadata.topics.first().filter(|t| t.error_code == 0)?;
+    Some(found.partitions.iter().map(|p| p.replica_nodes.len()).collect())
+}
+
+#[test]
+fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::{CreateTopicsRequest, DeleteTopicsRequest};
+
+    let (_, _dirs, nodes) = start_three();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    // Kafka's admin clients send topic changes to the controller Metadata names; another node
+    // answers NOT_CONTROLLER (41), which they retry there.
+    let controller_node = &nodes[(controller - 1) as usize];
+    let other = &nodes[(controller % 3) as usize];
+    let mut kafka = common::kafka::KafkaConn::connect(&controller_node.kafka);
+    let mut elsewhere = common::kafka::KafkaConn::connect(&other.kafka);
+    let create = |name: &str, replication: i16| {
+        CreateTopicsRequest::default().with_timeout_ms(10_000).with_topics(vec![CreatableTopic::default()
+            .with_name(TopicName(common::kafka::s(name)))
+            .with_num_partitions(2)
+            .with_replication_factor(replication)])
+    };
+    // Kafka's CreateTopics: the broker default (-1) is min(3, nodes), an explicit factor is kept,
+    // more than the nodes is refused. The controller's log runs every change, so each node shows
+    // each topic (a topic created on one node is not local to it).
+    for (name, asked, copies) in [("by-default", -1, 3), ("two-copies", 2, 2)] {
+        let answer = kafka.call(5, &create(name, asked));
+        let topic = &answer.topics[0];
+        assert_eq!(topic.error_code, 0, "{name}: {:?}", topic.error_message);
+        assert_eq!((topic.num_partitions, topic.replication_factor), (2, copies as i16), "{name}");
+        for node in &nodes {
+            let counts = wait_for("the topic on every node", &all, || kafka_replica_counts(node, name));
+            assert_eq!(counts, vec![copies; 2], "{name}");
+        }
+    }
+    let refused = kafka.call(5, &create("four-copies", 4));
+    assert_eq!(refused.topics[0].error_code, 38, "{:?}", refused.topics[0].error_message);
+    let refused = elsewhere.call(5, &create("misrouted", -1));
+    assert_eq!(refused.topics[0].error_code, 41, "{:?}", refused.topics[0].error_message);
+
+    // The native CLI without --replication-factor, and a Kafka client's automatic creation.
+    common::run_cli(&nodes[1].addr, &["topic", "create", "native-default", "--partitions", "2"], None).ok();
+    let counts =
+        wait_for("native-default on node 3", &all, || kafka_replica_counts(&nodes[2], "native-default"));
+    assert_eq!(counts, vec![3, 3]);
+    let auto = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s("auto-made"))));
+    kafka.call(
+        9,
+        &MetadataRequest::default().with_topics(Some(vec![auto])).with_allow_auto_topic_creation(true),
+    );
+    let counts = wait_for("auto-made on another node", &all, || kafka_replica_counts(other, "auto-made"));
+    assert!(counts.iter().all(|&c| c == 3), "{counts:?}");
+
+    // DeleteTopics removes a replicated topic from every node.
+    let delete = DeleteTopicsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_topic_names(vec![TopicName(common::kafka::s("two-copies"))]);
+    let answer = kafka.call(4, &delete);
+    assert_eq!(answer.responses[0].error_code, 0, "{:?}", answer.responses[0].error_message);
+    for node in &nodes {
+        wait_for("two-copies gone everywhere", &all, || {
+            kafka_replica_counts(node, "two-copies").is_none().then_some(())
+        });
+    }
+}

@@ -42,8 +42,9 @@ pub struct CreateArgs {
     pub name: String,
     #[arg(long)]
     pub partitions: u32,
-    /// A cluster only: keep each partition on this many nodes (a Raft group each; writes are
-    /// acknowledged once a majority holds them). Without it the topic is local to the node.
+    /// Keep each partition on this many nodes of the cluster (a Raft group each; writes are
+    /// acknowledged once a majority holds them). Default: min(3, nodes) in a cluster, 1 on a
+    /// single node (which refuses more).
     #[arg(long, value_name = "N")]
     pub replication_factor: Option<u16>,
     /// Delete segments older than this (-1 = keep forever).

@@ -371,6 +371,54 @@ pub async fn create_topic(
     Ok(topic)
 }
 
+/// A topic as a create request left it, whichever kind it is.
+pub struct CreatedTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub overrides: TopicOverrides,
+}
+
+/// The replication factor of a cluster's topic created without one: min(3, nodes), as the
+/// controller's `__consumer_offsets`; `None` on a single node.
+pub fn default_replication_factor(shard: &Shard) -> Option<u16> {
+    let seeds = shard.config.cluster().ok().flatten()?;
+    Some(seeds.voters.len().min(3) as u16)
+}
+
+/// Creates a topic the way this broker keeps them: in a cluster every new topic goes through the
+/// controller's log, replicated `replication_factor` times (default
+/// `default_replication_factor`), so every node knows it; a single node keeps it local, and a
+/// replication factor above 1 is refused there.
+pub async fn create_any_topic(
+    shard: &Rc<Shard>,
+    name: String,
+    partitions: u32,
+    replication_factor: Option<u16>,
+    overrides: TopicOverrides,
+) -> Result<CreatedTopic, BrokerError> {
+    let replication_factor = replication_factor.or_else(|| default_replication_factor(shard));
+    match replication_factor.filter(|&rf| rf != 1 || in_cluster(shard)) {
+        Some(rf) => create_topic(shard, name, partitions, rf, overrides).await.map(|t| CreatedTopic {
+            name: t.name,
+            partitions: t.replication.replicas.len() as u32,
+            overrides: t.overrides,
+        }),
+        None => crate::controller::create_topic(shard, name, partitions, overrides).await.map(|m| {
+            CreatedTopic { name: m.name, partitions: m.partition_shards.len() as u32, overrides: m.overrides }
+        }),
+    }
+}
+
+/// Deletes a topic of either kind: a replicated one through the controller's log, a local one
+/// through this node's metadata.
+pub async fn delete_any_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
+    if shard.is_replicated(&name) {
+        delete_topic(shard, name).await
+    } else {
+        crate::controller::delete_topic(shard, name).await
+    }
+}
+
 pub async fn delete_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
     if metadata::is_internal_topic(&name) {
         return Err(BrokerError::InternalTopic { topic: name, rule: "the broker keeps it" });

@@ -5,8 +5,8 @@
 //! epoch 0, the only replica and the whole ISR; a node of a cluster: every registered node, and
 //! each replicated partition's leader and epoch), the mapping between Kafka topic configs
 //! (`retention.ms`, ...) and ringlog's `TopicOverrides`, and the broker configs Kafka clients can
-//! read. Topic changes go through the controller (`controller::create_topic`, `delete_topic`,
-//! `create_partitions`). Each handler finishes its work before returning, so a request that
+//! read. Topic changes go through `cluster::create_any_topic` and `delete_any_topic` (a cluster's
+//! controller log, or this node's `controller`) and `controller::create_partitions`. Each handler finishes its work before returning, so a request that
 //! follows on the same connection sees the effect, as with Kafka, which serves one request per
 //! connection at a time. May depend on `controller`, `shard`, `metadata`, `server` (replies),
 //! `config` and `cluster` (what a node of a cluster reports: nodes, leaders); never on storage.
@@ -124,8 +124,14 @@ pub(super) async fn auto_create(shard: &Rc<Shard>, names: Vec<String>) {
             continue;
         }
         let partitions = shard.config.default_partitions;
-        match crate::controller::create_topic(shard, name.clone(), partitions, TopicOverrides::default())
-            .await
+        match crate::cluster::create_any_topic(
+            shard,
+            name.clone(),
+            partitions,
+            None,
+            TopicOverrides::default(),
+        )
+        .await
         {
             Ok(_) => tracing::info!(topic = %name, partitions, "kafka: auto-created topic"),
             Err(BrokerError::TopicAlreadyExists { .. }) => {}
@@ -682,6 +688,8 @@ fn broker_config_entries(broker: &BrokerConfig) -> Vec<ConfigEntry> {
 /// What a valid CreateTopics entry asks for.
 struct TopicRequest {
     partitions: u32,
+    /// `None`: the broker's default (a cluster's min(3, nodes); 1 on a single node).
+    replication_factor: Option<u16>,
     overrides: TopicOverrides,
 }
 
@@ -712,8 +720,11 @@ fn check_create(topic: &CreatableTopic, broker: &BrokerConfig) -> Result<TopicRe
             ))
         }
     };
-    match topic.replication_factor {
-        -1 | 1 => {}
+    let in_cluster = broker.cluster().ok().flatten().is_some();
+    let replication_factor = match topic.replication_factor {
+        -1 => None,
+        1 => Some(1),
+        n if n > 1 && in_cluster => Some(n as u16),
         n if n > 1 => {
             return Err(Failure::new(
                 ResponseError::InvalidReplicationFactor,
@@ -726,14 +737,14 @@ fn check_create(topic: &CreatableTopic, broker: &BrokerConfig) -> Result<TopicRe
         n => {
             return Err(Failure::new(
                 ResponseError::InvalidReplicationFactor,
-                format!("replication factor {n} must be 1 (or -1 for the broker default)"),
+                format!("replication factor {n} must be at least 1 (or -1 for the broker default)"),
             ))
         }
-    }
+    };
     let configs = topic.configs.iter().map(|c| (c.name.as_str(), c.value.as_ref().map(|v| v.as_str())));
     let overrides =
         overrides_from_configs(configs, broker).map_err(|m| Failure::new(ResponseError::InvalidConfig, m))?;
-    Ok(TopicRequest { partitions, overrides })
+    Ok(TopicRequest { partitions, replication_factor, overrides })
 }
 
 /// Validates one topic and, unless `validate_only`, creates it.
@@ -753,10 +764,17 @@ async fn create_one(
         }
         return Ok(request);
     }
-    let meta =
-        crate::controller::create_topic(shard, name.to_string(), request.partitions, request.overrides)
-            .await?;
-    Ok(TopicRequest { partitions: meta.partition_shards.len() as u32, overrides: meta.overrides })
+    let replication_factor =
+        request.replication_factor.or_else(|| crate::cluster::default_replication_factor(shard));
+    let created = crate::cluster::create_any_topic(
+        shard,
+        name.to_string(),
+        request.partitions,
+        replication_factor,
+        request.overrides,
+    )
+    .await?;
+    Ok(TopicRequest { partitions: created.partitions, replication_factor, overrides: created.overrides })
 }
 
 fn creatable_topic_result(
@@ -784,7 +802,7 @@ fn creatable_topic_result(
             result
                 .with_error_message(None)
                 .with_num_partitions(created.partitions as i32)
-                .with_replication_factor(1)
+                .with_replication_factor(created.replication_factor.map_or(1, |rf| rf as i16))
                 .with_configs(configs)
         }
         Err(f) => result
@@ -834,7 +852,7 @@ async fn delete_one(shard: &Rc<Shard>, name: &str) -> Result<(), Failure> {
     if shard.topic(name).is_none() {
         return Err(Failure::new(ResponseError::UnknownTopicOrPartition, format!("unknown topic '{name}'")));
     }
-    crate::controller::delete_topic(shard, name.to_string()).await.map_err(Failure::from)
+    crate::cluster::delete_any_topic(shard, name.to_string()).await.map_err(Failure::from)
 }
 
 pub(super) async fn delete_topics(
@@ -1231,7 +1249,9 @@ mod tests {
             }
         };
         let failure = || Err(Failure::new(ResponseError::InvalidConfig, "no"));
-        let created = || Ok(TopicRequest { partitions: 3, overrides: TopicOverrides::default() });
+        let created = || {
+            Ok(TopicRequest { partitions: 3, replication_factor: None, overrides: TopicOverrides::default() })
+        };
         encode(
             &|v| {
                 let topics = vec![

@@ -500,20 +500,13 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
         Ok(o) => o,
         Err(m) => return ready(Reply::Frame(error_response(cid, ErrorCode::InvalidConfig, &m))),
     };
-    // A replication factor asks for a replicated topic; 1 on a single node is a local topic, as
-    // Kafka's single broker takes it.
-    let replication_factor =
-        r.replication_factor().filter(|&rf| rf != 1 || crate::cluster::in_cluster(shard));
+    let replication_factor = r.replication_factor();
     let shard = shard.clone();
     async move {
-        let created = match replication_factor {
-            Some(rf) => {
-                crate::cluster::create_topic(&shard, name, partitions, rf, overrides).await.map(|t| t.name)
-            }
-            None => {
-                crate::controller::create_topic(&shard, name, partitions, overrides).await.map(|m| m.name)
-            }
-        };
+        let created =
+            crate::cluster::create_any_topic(&shard, name, partitions, replication_factor, overrides)
+                .await
+                .map(|t| t.name);
         let name = match created {
             Ok(name) => name,
             Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
@@ -544,14 +537,9 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
 
 fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) -> Boxed<Reply> {
     let name = r.name().unwrap_or_default().to_string();
-    let replicated = shard.topic(&name).is_some_and(|v| v.replication.is_some());
     let shard = shard.clone();
     async move {
-        let deleted = if replicated {
-            crate::cluster::delete_topic(&shard, name.clone()).await
-        } else {
-            crate::controller::delete_topic(&shard, name.clone()).await
-        };
+        let deleted = crate::cluster::delete_any_topic(&shard, name.clone()).await;
         if let Err(e) = deleted {
             return Reply::Frame(broker_error_response(cid, &e));
         }
