@@ -144,6 +144,11 @@ pub struct BrokerConfig {
     /// How long a write to a replicated partition waits for a majority of its replicas before
     /// it is answered REQUEST_TIMED_OUT (it may still commit).
     pub replication_timeout_ms: u64,
+    /// A follower leaves its partition's in-sync replicas when it has not held everything its
+    /// leader held at some moment of the last this-many milliseconds (Kafka's
+    /// `replica.lag.time.max.ms`); it joins again once it holds every committed record. Counted
+    /// in Raft ticks: at least 5 of them, so a follower heard at every heartbeat never looks behind.
+    pub replica_lag_time_max_ms: u64,
 }
 
 /// Node ids of a cluster are below this: each node's producer ids carry its node id, so no two
@@ -210,6 +215,7 @@ impl Default for BrokerConfig {
             peer_listen: None,
             raft_tick_ms: 100,
             replication_timeout_ms: 10_000,
+            replica_lag_time_max_ms: 30_000,
         }
     }
 }
@@ -380,6 +386,12 @@ impl BrokerConfig {
         if self.replication_timeout_ms == 0 || self.replication_timeout_ms > 600_000 {
             return invalid("replication_timeout_ms", "must be between 1 and 600000");
         }
+        if self.replica_lag_time_max_ms < 5 * self.raft_tick_ms || self.replica_lag_time_max_ms > 3_600_000 {
+            return invalid(
+                "replica_lag_time_max_ms",
+                format!("must be between 5 Raft ticks ({} ms) and 3600000", 5 * self.raft_tick_ms),
+            );
+        }
         if !self.seeds.trim().is_empty() && self.node_id >= NODE_ID_SPACE {
             return invalid(
                 "node_id",
@@ -390,6 +402,11 @@ impl BrokerConfig {
             return invalid("seeds", message);
         }
         Ok(())
+    }
+
+    /// `replica_lag_time_max_ms` in Raft ticks, rounded up.
+    pub fn replica_lag_ticks(&self) -> u64 {
+        self.replica_lag_time_max_ms.div_ceil(self.raft_tick_ms.max(1))
     }
 
     /// The cluster this node belongs to, `None` for a single node (no `seeds`).
@@ -553,6 +570,21 @@ mod tests {
         std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();
         let err = BrokerConfig::load(Some(&file), std::iter::empty(), &[]).unwrap_err().to_string();
         assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn the_replica_lag_is_whole_ticks_and_at_least_five() {
+        let flags = |lag: &str| {
+            vec![
+                ("raft_tick_ms".to_string(), "50".to_string()),
+                ("replica_lag_time_max_ms".to_string(), lag.to_string()),
+            ]
+        };
+        let c = BrokerConfig::load(None, std::iter::empty(), &flags("2001")).unwrap();
+        assert_eq!(c.replica_lag_ticks(), 41);
+        assert_eq!(BrokerConfig::default().replica_lag_ticks(), 300);
+        let err = BrokerConfig::load(None, std::iter::empty(), &flags("200")).unwrap_err().to_string();
+        assert!(err.contains("replica_lag_time_max_ms") && err.contains("250 ms"), "{err}");
     }
 
     #[test]

@@ -425,8 +425,10 @@ impl World {
         for (to, messages) in outbox {
             self.messages_sent += messages.len() as u64;
             self.frames_sent += 1;
-            let frame =
-                Bytes::from(wire::encode(&PeerBatch { from_node: from, to_node: to, messages }).to_vec());
+            let frame = Bytes::from(
+                wire::encode(&PeerBatch { from_node: from, to_node: to, messages, ..PeerBatch::default() })
+                    .to_vec(),
+            );
             if self.cut.contains(&(from, to))
                 || (self.faults && self.rng.chance(self.scenario.loss_per_million))
             {

@@ -77,6 +77,7 @@ async fn handle(shard: &Rc<Shard>, mut stream: TcpStream, started: Instant) -> s
                 shards: shard.count,
                 uptime_seconds: started.elapsed().as_secs_f64(),
                 peers: shard.extension::<Cluster>().map(|c| c.peer_traffic()).unwrap_or_default(),
+                replication: shard.extension::<Cluster>().map(|c| c.replication_metrics()),
             };
             let body = exposition::render(&snapshots, &process);
             respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await

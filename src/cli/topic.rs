@@ -127,8 +127,8 @@ pub(super) async fn run(command: TopicCommand) -> Result<(), CliError> {
 }
 
 /// `topic describe --format json`: field names scripts may rely on (docs/replication.md). A
-/// local topic's partitions have no leader, replicas or epoch (null, [], null); `isr` lists the
-/// replicas until in-sync tracking exists.
+/// local topic's partitions have no leader, replicas, in-sync replicas or epoch (null, [], [],
+/// null).
 fn description_json(d: &TopicDescription) -> serde_json::Value {
     let partitions: Vec<serde_json::Value> = d
         .partitions
@@ -141,7 +141,7 @@ fn description_json(d: &TopicDescription) -> serde_json::Value {
                 "leader": r.and_then(|r| r.leader),
                 "leader_epoch": r.map(|r| r.leader_epoch),
                 "replicas": r.map(|r| r.replicas.clone()).unwrap_or_default(),
-                "isr": r.map(|r| r.replicas.clone()).unwrap_or_default(),
+                "isr": r.map(|r| r.isr.clone()).unwrap_or_default(),
                 "log_start": p.log_start_offset,
                 "high_watermark": p.high_watermark,
             })
@@ -176,7 +176,7 @@ fn format_description(d: &TopicDescription) -> String {
     let replicated = d.partitions.iter().any(|p| p.replication.is_some());
     s.push_str(&format!("{:<10} {:<6} {:>16} {:>16}", "PARTITION", "SHARD", "LOG_START", "HIGH_WATERMARK"));
     if replicated {
-        s.push_str(&format!(" {:>6} {:>6} REPLICAS", "LEADER", "EPOCH"));
+        s.push_str(&format!(" {:>6} {:>6} {:<12} ISR", "LEADER", "EPOCH", "REPLICAS"));
     }
     s.push('\n');
     for p in &d.partitions {
@@ -186,8 +186,9 @@ fn format_description(d: &TopicDescription) -> String {
         ));
         if let Some(r) = &p.replication {
             let leader = r.leader.map_or_else(|| "none".to_owned(), |id| id.to_string());
-            let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
-            s.push_str(&format!(" {:>6} {:>6} {}", leader, r.leader_epoch, replicas.join(",")));
+            let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let isr = if r.isr.is_empty() { "none".to_owned() } else { list(&r.isr) };
+            s.push_str(&format!(" {:>6} {:>6} {:<12} {}", leader, r.leader_epoch, list(&r.replicas), isr));
         }
         s.push('\n');
     }
@@ -234,5 +235,41 @@ mod tests {
         assert!(lines.contains(&"durability: fsync"));
         let rows: Vec<Vec<&str>> = lines[8..].iter().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(rows, vec![vec!["0", "1", "0", "12"], vec!["1", "0", "5", "9"]]);
+    }
+
+    #[test]
+    fn a_replicated_partition_shows_its_leader_replicas_and_in_sync_replicas() {
+        let replicated = |partition, leader, isr: Vec<u64>| PartitionInfo {
+            partition,
+            shard: 0,
+            log_start_offset: 0,
+            high_watermark: 40,
+            replication: Some(crate::client::ReplicaInfo {
+                replicas: vec![2, 3, 1],
+                leader,
+                leader_epoch: 4,
+                leader_address: None,
+                isr,
+            }),
+        };
+        let d = TopicDescription {
+            name: "likes".into(),
+            partitions: vec![replicated(0, Some(2), vec![2, 1]), replicated(1, None, Vec::new())],
+            config: TopicSettings::default(),
+        };
+        let text = format_description(&d);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("PARTITION"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0][4..], ["LEADER", "EPOCH", "REPLICAS", "ISR"]);
+        assert_eq!(rows[1][4..], ["2", "4", "2,3,1", "2,1"]);
+        assert_eq!(rows[2][4..], ["none", "4", "2,3,1", "none"]);
+        let json = description_json(&d);
+        assert_eq!(json["partitions"][0]["isr"], serde_json::json!([2, 1]));
+        assert_eq!(json["partitions"][0]["replicas"], serde_json::json!([2, 3, 1]));
+        assert_eq!(json["partitions"][1]["isr"], serde_json::json!([]));
+        assert_eq!(json["partitions"][1]["leader"], serde_json::Value::Null);
     }
 }

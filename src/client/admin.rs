@@ -73,6 +73,8 @@ pub struct ReplicaInfo {
     pub leader_epoch: i64,
     /// The leader's native listener: requests for this partition go there.
     pub leader_address: Option<String>,
+    /// The replicas in sync with the leader (empty while the answering node knows no leader).
+    pub isr: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -339,6 +339,7 @@ pub(crate) fn partition_info(p: wire::PartitionMetadata<'_>) -> PartitionInfo {
             leader: Some(p.leader()).filter(|&id| id != 0),
             leader_epoch: p.leader_epoch(),
             leader_address: p.leader_address().map(str::to_owned),
+            isr: p.isr().map(|isr| isr.iter().collect()).unwrap_or_default(),
         }),
     }
 }

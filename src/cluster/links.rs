@@ -4,8 +4,8 @@
 //! Every group this node shares with a peer — the controller and partition replicas — travels in
 //! the same `PeerBatch` frames over these connections: what the groups send during one pass of
 //! the executor is gathered and leaves as one frame per peer (coalesced heartbeats, so idle
-//! partitions do not cost a frame each per tick). Also keeps when each peer was last heard and
-//! what was sent to it.
+//! partitions do not cost a frame each per tick). Keepalives carry this node's in-sync report
+//! (`cluster::in_sync`). Also keeps when each peer was last heard and what was sent to it.
 //!
 //! Depends on `transport` (handshake, frames), `replication::wire` and glommio's TCP.
 
@@ -21,7 +21,7 @@ use glommio::net::{TcpListener, TcpStream};
 use raft::eraftpb::Message;
 
 use super::transport::{self, NodeInfo};
-use crate::replication::wire::{self, GroupKey, PeerBatch};
+use crate::replication::wire::{self, GroupKey, PeerBatch, ShortInSync};
 use crate::storage::notify::Notify;
 
 /// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
@@ -42,6 +42,8 @@ pub struct PeerLinks {
     heard: RefCell<BTreeMap<u64, (Instant, NodeInfo)>>,
     /// Gathered since the last pass of `run_sender`.
     pending: RefCell<Outbox>,
+    /// The in-sync report for the next frame to every peer.
+    pending_report: RefCell<Option<Vec<ShortInSync>>>,
     wake_sender: Notify,
     sent: RefCell<BTreeMap<u64, SentCounts>>,
 }
@@ -81,6 +83,7 @@ impl PeerLinks {
             senders,
             heard: RefCell::new(BTreeMap::new()),
             pending: RefCell::new(Outbox::new()),
+            pending_report: RefCell::new(None),
             wake_sender: Notify::default(),
             sent: RefCell::new(BTreeMap::new()),
         });
@@ -117,6 +120,13 @@ impl PeerLinks {
         self.wake_sender.notify_all();
     }
 
+    /// Sends every peer a keepalive (a frame even when nothing else is queued for it) carrying
+    /// `report`: the partitions this node leads whose in-sync replicas are short.
+    pub fn send_keepalive(&self, report: Vec<ShortInSync>) {
+        *self.pending_report.borrow_mut() = Some(report);
+        self.send(self.peers().map(|to| (to, Vec::new())).collect());
+    }
+
     /// What was sent to each peer.
     pub fn sent(&self) -> BTreeMap<u64, SentCounts> {
         self.sent.borrow().clone()
@@ -133,11 +143,13 @@ impl PeerLinks {
             }
             futures_lite::future::yield_now().await;
             let outbox = std::mem::take(&mut *self.pending.borrow_mut());
+            let report = self.pending_report.borrow_mut().take();
             for (to, messages) in outbox {
                 let Some(sender) = self.senders.get(&to) else { continue };
                 let count = messages.len() as u64;
-                let frame =
-                    wire::encode(&PeerBatch { from_node: self.me.id, to_node: to, messages }).to_vec();
+                let batch =
+                    PeerBatch { from_node: self.me.id, to_node: to, messages, short_in_sync: report.clone() };
+                let frame = wire::encode(&batch).to_vec();
                 let bytes = frame.len() as u64;
                 let queued = sender.clone().try_send(frame).is_ok();
                 let mut sent = self.sent.borrow_mut();

@@ -3,9 +3,10 @@
 //! (`controller_log`), and the state that group replicates: the node registry (every node's id
 //! and addresses, registered by the controller leader when it hears from a node) and the
 //! replicated topics (`topics`: their ids and replica sets). Each node keeps its own view of
-//! which peers it hears from (liveness), hosts its partition replicas (`replicas`), and answers
-//! the shard's `ReplicaGate` for them (produce proposes and waits for the commit; reads ask who
-//! leads).
+//! which peers it hears from (liveness), hosts its partition replicas (`replicas`), learns every
+//! partition's in-sync replicas from its leader's keepalives (`in_sync`), and answers the shard's
+//! `ReplicaGate` for them (produce proposes and waits for the commit; reads ask who leads;
+//! metadata asks who is in sync).
 //!
 //! Runs only on shard 0 and only when `seeds` is set. May depend on `replication`, `shard` (its
 //! extension slot, the gate seam, storage through it), `record`, `metadata`, `config`, `groups`
@@ -14,6 +15,7 @@
 //! its status.
 
 pub mod controller_log;
+pub mod in_sync;
 pub mod links;
 pub mod replicas;
 pub mod topics;
@@ -88,6 +90,8 @@ pub struct Cluster {
     offsets_overrides: TopicOverrides,
     /// Set when the controller's log cannot be written: this node stops taking part.
     failure: RefCell<Option<String>>,
+    /// What each peer last reported of the partitions it leads with a short in-sync set.
+    reports: RefCell<in_sync::Reports>,
 }
 
 /// What `/v1/cluster` and `ringlog cluster status` show: this node's view.
@@ -98,7 +102,8 @@ pub struct ClusterStatus {
     pub controller_leader: Option<u64>,
     pub controller_term: u64,
     pub nodes: Vec<NodeStatus>,
-    /// Not tracked yet (a leader's view of its followers' progress): always 0.
+    /// Replicated partitions of the whole cluster with a leader and fewer replicas in sync than
+    /// replicas, as this node knows them (its own leaders, the others' keepalive reports).
     pub under_replicated_partitions: u64,
     /// Replicas on this node whose group has no leader it knows of.
     pub leaderless_partitions: u64,
@@ -175,6 +180,7 @@ pub fn start(
             offsets_partitions: shard.config.offsets_topic_partitions,
             offsets_overrides: crate::groups::offsets_topic_overrides(&shard.config),
             failure: RefCell::new(None),
+            reports: RefCell::new(in_sync::Reports::default()),
         }
     });
     shard.set_extension(cluster.clone());
@@ -248,15 +254,76 @@ impl ReplicaGate for Cluster {
             native: status.leader.and_then(|id| self.node_address(id)),
             serving_here: status.serving && !status.failed,
             leading_here: status.role == crate::replication::group::Role::Leader && !status.failed,
+            in_sync: Vec::new(),
         }
     }
 
     fn epochs(&self, key: GroupKey) -> Option<Rc<crate::replication::epochs::LeaderEpochs>> {
         self.replicas.epochs(key)
     }
+
+    fn in_sync(&self, key: GroupKey, replicas: &[u64]) -> Vec<u64> {
+        self.in_sync_of(key, replicas).unwrap_or_default()
+    }
 }
 
 impl Cluster {
+    /// Partition `key`'s in-sync replicas as this node knows them (`in_sync::in_sync`); `None`
+    /// when it knows no leader.
+    fn in_sync_of(&self, key: GroupKey, replicas: &[u64]) -> Option<Vec<u64>> {
+        let local = self.replicas.status(key).filter(|s| !s.failed);
+        let led = self.replicas.in_sync(key);
+        let reports = self.reports.borrow();
+        let reported = reports.newest(key, Instant::now(), self.tick * ALIVE_TICKS);
+        in_sync::in_sync(in_sync::Known {
+            replicas,
+            local: local.map(|s| (s.leader, s.term)),
+            led: led.as_deref(),
+            reported,
+        })
+    }
+
+    /// Replicated partitions of the cluster with a leader and a short in-sync set, as this node
+    /// knows them.
+    fn under_replicated(&self) -> u64 {
+        let mut count = 0;
+        for topic in self.topics.all() {
+            for (p, replicas) in topic.replication.replicas.iter().enumerate() {
+                let in_sync = self.in_sync_of(topic.replication.key(p as u32), replicas);
+                count += u64::from(in_sync.is_some_and(|set| set.len() < replicas.len()));
+            }
+        }
+        count
+    }
+
+    /// Replication figures of this node for `/metrics`: what it leads (Kafka counts
+    /// under-replicated partitions on their leader, so a sum over nodes is the cluster's).
+    pub fn replication_metrics(&self) -> crate::metrics::exposition::ReplicationMetrics {
+        use crate::metrics::exposition::{LedPartition, ReplicationMetrics};
+        let names: BTreeMap<u128, String> =
+            self.topics.all().into_iter().map(|t| (t.replication.topic_id, t.name)).collect();
+        let led = self.replicas.led();
+        let partitions = led
+            .iter()
+            .filter_map(|led| {
+                Some(LedPartition {
+                    topic: names.get(&led.key.topic_id)?.clone(),
+                    partition: led.key.partition,
+                    replicas: led.replicas as u64,
+                    in_sync: led.in_sync as u64,
+                    lags: led.followers.iter().filter_map(|f| Some((f.id, f.lag?))).collect(),
+                })
+            })
+            .collect();
+        ReplicationMetrics {
+            leaders: led.len() as u64,
+            under_replicated: led.iter().filter(|l| l.in_sync < l.replicas).count() as u64,
+            leaderless: self.replicas.leaderless(),
+            leader_changes: self.replicas.leader_changes(),
+            partitions,
+        }
+    }
+
     /// Every known node's native address, for errors answered after this borrow ends.
     fn leader_addresses(&self) -> BTreeMap<u64, String> {
         let mut addresses: BTreeMap<u64, String> =
@@ -494,7 +561,7 @@ impl Cluster {
             controller_leader: group.leader(),
             controller_term: group.term(),
             nodes,
-            under_replicated_partitions: 0,
+            under_replicated_partitions: self.under_replicated(),
             leaderless_partitions: self.replicas.leaderless(),
             failure: self.failure.borrow().clone(),
         }
@@ -550,7 +617,10 @@ impl Cluster {
 
     /// A batch from peer `from`: the controller's messages step its group, the others go to
     /// the partition replicas.
-    fn on_batch(&self, from: u64, batch: PeerBatch) {
+    fn on_batch(&self, from: u64, mut batch: PeerBatch) {
+        if let Some(report) = batch.short_in_sync.take() {
+            self.reports.borrow_mut().record(from, Instant::now(), report);
+        }
         for (key, message) in batch.messages {
             if key == GroupKey::CONTROLLER {
                 if let Err(e) = self.group.borrow_mut().step(message) {
@@ -749,9 +819,9 @@ impl Cluster {
             self.ensure_offsets_topic();
             self.drive();
             // Raft followers never write to each other, so every node also says it is alive to
-            // every peer: an empty batch every few ticks.
+            // every peer every few ticks, with the partitions it leads whose in-sync set is short.
             if ticks % KEEPALIVE_TICKS == 0 {
-                self.links.send(self.links.peers().map(|to| (to, Vec::new())).collect());
+                self.links.send_keepalive(self.replicas.short_in_sync());
             }
         }
     }

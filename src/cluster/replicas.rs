@@ -2,8 +2,9 @@
 //! a task that owns its `shard::replica::PartitionReplica` and takes its inputs — messages from
 //! peers, ticks, proposals — from a queue, so nothing else ever holds it across its IO: it steps
 //! what has arrived, drives one round (writes, fdatasync, then the messages that waited on them)
-//! and publishes its status. One timer ticks every replica. What a replica sends leaves through
-//! the links in the frames the controller's messages use.
+//! and publishes its status — and, on a leader, its followers' progress (in sync or not, lag). One
+//! timer ticks every replica. What a replica sends leaves through the links in the frames the
+//! controller's messages use.
 //!
 //! For now replicas live on shard 0, beside the links; moving each to its partition's owning
 //! shard (a connection per node pair per shard pair) is the next step (docs/replication.md).
@@ -22,8 +23,9 @@ use raft::eraftpb::Message;
 use super::links::{Outbox, PeerLinks};
 use crate::record::BatchHeader;
 use crate::replication::epochs::LeaderEpochs;
-use crate::replication::group::{ProposeError, Proposed, Role};
-use crate::replication::wire::GroupKey;
+use crate::replication::group::{FollowerProgress, ProposeError, Proposed, RaftGroup, Role};
+use crate::replication::replica_log::ReplicaLog;
+use crate::replication::wire::{GroupKey, ShortInSync};
 use crate::shard::replica::{PartitionReplica, ProposalRefused};
 use crate::storage::notify::Notify;
 use crate::storage::{Partition, StorageError};
@@ -71,6 +73,8 @@ struct Hosted {
     status: Rc<Cell<ReplicaStatus>>,
     /// The replica's leader epochs as its task last published them, with its status.
     epochs: Rc<RefCell<Rc<LeaderEpochs>>>,
+    /// On a leader, its followers as last published; empty otherwise.
+    followers: Rc<RefCell<Vec<FollowerProgress>>>,
     /// Woken whenever the task publishes a status.
     changed: Rc<Notify>,
     partition: Rc<Partition>,
@@ -109,6 +113,18 @@ pub struct ReplicaHost {
     links: Rc<PeerLinks>,
     compaction: Cell<Compaction>,
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
+    /// Times a replica here learned of a new leader (a new term with a leader known).
+    leader_changes: Rc<Cell<u64>>,
+}
+
+/// A partition this node leads, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Led {
+    pub key: GroupKey,
+    /// Members, the leader included.
+    pub replicas: usize,
+    pub in_sync: usize,
+    pub followers: Vec<FollowerProgress>,
 }
 
 impl ReplicaHost {
@@ -118,6 +134,7 @@ impl ReplicaHost {
             links,
             compaction: Cell::new(Compaction::default()),
             replicas: RefCell::new(BTreeMap::new()),
+            leader_changes: Rc::new(Cell::new(0)),
         });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
@@ -134,12 +151,20 @@ impl ReplicaHost {
         let status = Rc::new(Cell::new(status_of(&mut replica, false)));
         let epochs = Rc::new(RefCell::new(Rc::new(replica.group().store().epochs().clone())));
         let changed = Rc::new(Notify::default());
+        let followers = Rc::new(RefCell::new(Vec::new()));
         let partition = replica.partition().clone();
-        let published =
-            Published { status: status.clone(), epochs: epochs.clone(), changed: changed.clone() };
+        let published = Published {
+            status: status.clone(),
+            epochs: epochs.clone(),
+            changed: changed.clone(),
+            followers: followers.clone(),
+            leader_changes: self.leader_changes.clone(),
+            leader: Cell::new(None),
+        };
         let task = run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get());
         glommio::spawn_local(task).detach();
-        self.replicas.borrow_mut().insert(key, Hosted { inputs, status, epochs, changed, partition });
+        let hosted = Hosted { inputs, status, epochs, followers, changed, partition };
+        self.replicas.borrow_mut().insert(key, hosted);
     }
 
     /// A message from a peer for group `key`; false when this node has no such replica.
@@ -261,6 +286,65 @@ impl ReplicaHost {
     pub fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.epochs.borrow().clone())
     }
+
+    /// When this node leads `key`: the members in sync, itself first.
+    pub fn in_sync(&self, key: GroupKey) -> Option<Vec<u64>> {
+        let replicas = self.replicas.borrow();
+        let hosted = replicas.get(&key).filter(|hosted| hosted.leads())?;
+        let in_sync = members_in_sync(self.links.me().id, &hosted.followers.borrow());
+        Some(in_sync)
+    }
+
+    /// The partitions this node leads whose in-sync replicas are fewer than their members: what
+    /// its keepalives report to every peer.
+    pub fn short_in_sync(&self) -> Vec<ShortInSync> {
+        let me = self.links.me().id;
+        let replicas = self.replicas.borrow();
+        replicas
+            .iter()
+            .filter(|(_, hosted)| hosted.leads())
+            .filter_map(|(&key, hosted)| {
+                let followers = hosted.followers.borrow();
+                if followers.iter().all(|f| f.in_sync) {
+                    return None;
+                }
+                let (term, in_sync) = (hosted.status.get().term, members_in_sync(me, &followers));
+                Some(ShortInSync { group: key, term, in_sync })
+            })
+            .collect()
+    }
+
+    /// Every partition this node leads, with its followers' progress.
+    pub fn led(&self) -> Vec<Led> {
+        let replicas = self.replicas.borrow();
+        replicas
+            .iter()
+            .filter(|(_, hosted)| hosted.leads())
+            .map(|(&key, hosted)| {
+                let followers = hosted.followers.borrow().clone();
+                let in_sync = 1 + followers.iter().filter(|f| f.in_sync).count();
+                Led { key, replicas: 1 + followers.len(), in_sync, followers }
+            })
+            .collect()
+    }
+
+    /// Times a replica on this node learned of a new leader since it started.
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes.get()
+    }
+}
+
+impl Hosted {
+    /// The replica leads its group (and has not stopped on an error).
+    fn leads(&self) -> bool {
+        let status = self.status.get();
+        status.role == Role::Leader && !status.failed
+    }
+}
+
+/// `me` and the followers in sync.
+fn members_in_sync(me: u64, followers: &[FollowerProgress]) -> Vec<u64> {
+    std::iter::once(me).chain(followers.iter().filter(|f| f.in_sync).map(|f| f.id)).collect()
 }
 
 /// One timer for every replica of the host; ends with the host.
@@ -300,10 +384,19 @@ struct Published {
     status: Rc<Cell<ReplicaStatus>>,
     epochs: Rc<RefCell<Rc<LeaderEpochs>>>,
     changed: Rc<Notify>,
+    followers: Rc<RefCell<Vec<FollowerProgress>>>,
+    /// The host's count of leader changes, and the last (term, leader) this replica counted.
+    leader_changes: Rc<Cell<u64>>,
+    leader: Cell<Option<(u64, u64)>>,
 }
 
 impl Published {
     fn set(&self, status: ReplicaStatus) {
+        if let Some(leader) = status.leader {
+            if self.leader.replace(Some((status.term, leader))) != Some((status.term, leader)) {
+                self.leader_changes.set(self.leader_changes.get() + 1);
+            }
+        }
         self.status.set(status);
         self.changed.notify_all();
     }
@@ -315,6 +408,13 @@ impl Published {
         if **self.epochs.borrow() != *epochs {
             *self.epochs.borrow_mut() = Rc::new(epochs.clone());
         }
+    }
+
+    /// The leader's view of its followers (none on a follower), in place: no allocation per round.
+    fn set_followers(&self, group: &RaftGroup<ReplicaLog>) {
+        let mut followers = self.followers.borrow_mut();
+        followers.clear();
+        followers.extend(group.followers());
     }
 }
 
@@ -385,6 +485,7 @@ async fn run_replica(
             return;
         }
         status.set_epochs(&mut replica);
+        status.set_followers(replica.group());
         status.set(status_of(&mut replica, false));
     }
 }

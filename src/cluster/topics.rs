@@ -108,6 +108,11 @@ impl Topics {
         self.by_name.borrow().contains_key(name)
     }
 
+    /// Every replicated topic as this node applied them.
+    pub fn all(&self) -> Vec<ReplicatedTopic> {
+        self.by_name.borrow().values().cloned().collect()
+    }
+
     /// Gives up waiting on `request` (it was not proposed, or its caller left).
     pub fn forget(&self, request: u64) {
         self.waiting.borrow_mut().remove(&request);
@@ -237,12 +242,14 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
         let seed =
             me ^ (topic.replication.topic_id as u64).rotate_left(17) ^ u64::from(p) ^ super::now_nanos();
         let key = GroupKey { topic_id: topic.replication.topic_id, partition: p };
+        let group =
+            GroupSettings { in_sync_lag_ticks: shard.config.replica_lag_ticks(), ..GroupSettings::default() };
         let opened = PartitionReplica::open(
             name,
             me,
             members.clone(),
             partition.clone(),
-            GroupSettings::default(),
+            group,
             CacheLimits::default(),
             seed,
         )

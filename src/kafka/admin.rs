@@ -236,7 +236,7 @@ fn topic_metadata(view: &TopicView, me: i32, leaders: &[LeaderView]) -> Metadata
                 .with_error_code(error)
                 .with_leader_id(view.leader.as_ref().map_or(BrokerId(-1), id))
                 .with_leader_epoch(i32::try_from(view.epoch).unwrap_or(i32::MAX))
-                .with_isr_nodes(replicas.clone())
+                .with_isr_nodes(view.in_sync.iter().map(id).collect())
                 .with_replica_nodes(replicas)
                 .with_offline_replicas(Vec::new())
         })

@@ -24,6 +24,34 @@ pub struct ProcessInfo {
     pub uptime_seconds: f64,
     /// Raft traffic sent to each peer node; empty outside a cluster.
     pub peers: Vec<PeerTraffic>,
+    /// This node's replicated partitions; `None` outside a cluster.
+    pub replication: Option<ReplicationMetrics>,
+}
+
+/// A node's replicated partitions: what it leads and how its followers keep up.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationMetrics {
+    /// Partitions this node leads.
+    pub leaders: u64,
+    /// Of those, the ones with fewer replicas in sync than replicas (Kafka's
+    /// UnderReplicatedPartitions: counted on the leader, so a sum over nodes is the cluster's).
+    pub under_replicated: u64,
+    /// This node's replicas whose group knows no leader.
+    pub leaderless: u64,
+    /// Times a replica on this node learned of a new leader.
+    pub leader_changes: u64,
+    pub partitions: Vec<LedPartition>,
+}
+
+/// A partition this node leads.
+#[derive(Debug, Clone, Default)]
+pub struct LedPartition {
+    pub topic: String,
+    pub partition: u32,
+    pub replicas: u64,
+    pub in_sync: u64,
+    /// (follower, offsets of the leader's log it lacks), for followers that answered this leader.
+    pub lags: Vec<(u64, i64)>,
 }
 
 /// What this node sent one peer node since it started.
@@ -289,7 +317,72 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
             o.sample(name, &[("shard", id)], get(&s.io));
         }
     }
+    if let Some(replication) = &process.replication {
+        render_replication(&mut o, replication);
+    }
     o.text
+}
+
+fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
+    let node: [(&str, &str, &str, u64); 4] = [
+        ("ringlog_partition_leaders", "gauge", "Replicated partitions this node leads.", r.leaders),
+        (
+            "ringlog_under_replicated_partitions",
+            "gauge",
+            "Partitions this node leads with fewer replicas in sync than replicas (summed over nodes: \
+             the cluster's).",
+            r.under_replicated,
+        ),
+        (
+            "ringlog_leaderless_partitions",
+            "gauge",
+            "Replicas on this node whose partition has no leader it knows of.",
+            r.leaderless,
+        ),
+        (
+            "ringlog_leader_changes_total",
+            "counter",
+            "Times a replica on this node learned of a new leader (a new term with a leader).",
+            r.leader_changes,
+        ),
+    ];
+    for (name, kind, help, value) in node {
+        o.header(name, kind, help);
+        o.sample(name, &[], value);
+    }
+    let partition = |p: &LedPartition| (p.topic.clone(), p.partition.to_string());
+    o.header("ringlog_partition_replicas", "gauge", "Replicas of each partition this node leads.");
+    for p in &r.partitions {
+        let (topic, index) = partition(p);
+        o.sample("ringlog_partition_replicas", &[("topic", &topic), ("partition", &index)], p.replicas);
+    }
+    o.header(
+        "ringlog_partition_in_sync_replicas",
+        "gauge",
+        "Replicas in sync with the leader (itself included), for each partition this node leads.",
+    );
+    for p in &r.partitions {
+        let (topic, index) = partition(p);
+        o.sample(
+            "ringlog_partition_in_sync_replicas",
+            &[("topic", &topic), ("partition", &index)],
+            p.in_sync,
+        );
+    }
+    o.header(
+        "ringlog_follower_lag_offsets",
+        "gauge",
+        "Offsets of the leader's log a follower lacks, for each partition this node leads.",
+    );
+    for p in &r.partitions {
+        let (topic, index) = partition(p);
+        for (follower, lag) in &p.lags {
+            let follower = follower.to_string();
+            let labels =
+                [("topic", topic.as_str()), ("partition", index.as_str()), ("follower", follower.as_str())];
+            o.sample("ringlog_follower_lag_offsets", &labels, lag);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -349,9 +442,34 @@ mod tests {
                 shards: 1,
                 uptime_seconds: 1.0,
                 peers: vec![PeerTraffic { peer: 2, frames: 3, ..PeerTraffic::default() }],
+                replication: Some(ReplicationMetrics {
+                    leaders: 2,
+                    under_replicated: 1,
+                    leaderless: 0,
+                    leader_changes: 5,
+                    partitions: vec![LedPartition {
+                        topic: "likes".into(),
+                        partition: 1,
+                        replicas: 3,
+                        in_sync: 2,
+                        lags: vec![(2, 0), (3, 1200)],
+                    }],
+                }),
             },
         );
         assert!(text.contains("ringlog_raft_frames_sent_total{peer=\"2\"} 3"), "{text}");
+        assert!(text.contains("\nringlog_under_replicated_partitions 1\n"), "{text}");
+        assert!(text.contains("\nringlog_leader_changes_total 5\n"), "{text}");
+        assert!(
+            text.contains("ringlog_partition_in_sync_replicas{topic=\"likes\",partition=\"1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ringlog_follower_lag_offsets{topic=\"likes\",partition=\"1\",follower=\"3\"} 1200"
+            ),
+            "{text}"
+        );
         let mut typed: Vec<String> = Vec::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

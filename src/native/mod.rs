@@ -395,6 +395,7 @@ fn encode_partitions<'a>(
                     args.leader = view.leader.unwrap_or(0);
                     args.leader_epoch = view.epoch as i64;
                     args.leader_address = view.native.as_deref().map(|a| fbb.create_string(a));
+                    args.isr = Some(fbb.create_vector(&view.in_sync));
                 }
             }
             wire::PartitionMetadata::create(fbb, &args)

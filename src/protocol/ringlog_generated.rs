@@ -1452,6 +1452,7 @@ impl<'a> PartitionMetadata<'a> {
   pub const VT_LEADER: ::flatbuffers::VOffsetT = 14;
   pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 16;
   pub const VT_LEADER_ADDRESS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_ISR: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1467,6 +1468,7 @@ impl<'a> PartitionMetadata<'a> {
     builder.add_leader(args.leader);
     builder.add_high_watermark(args.high_watermark);
     builder.add_log_start_offset(args.log_start_offset);
+    if let Some(x) = args.isr { builder.add_isr(x); }
     if let Some(x) = args.leader_address { builder.add_leader_address(x); }
     if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_shard(args.shard);
@@ -1531,6 +1533,13 @@ impl<'a> PartitionMetadata<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PartitionMetadata::VT_LEADER_ADDRESS, None)}
   }
+  #[inline]
+  pub fn isr(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(PartitionMetadata::VT_ISR, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
@@ -1547,6 +1556,7 @@ impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
      .visit_field::<u64>("leader", Self::VT_LEADER, false)?
      .visit_field::<i64>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("leader_address", Self::VT_LEADER_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("isr", Self::VT_ISR, false)?
      .finish();
     Ok(())
   }
@@ -1560,6 +1570,7 @@ pub struct PartitionMetadataArgs<'a> {
     pub leader: u64,
     pub leader_epoch: i64,
     pub leader_address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub isr: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
 }
 impl<'a> Default for PartitionMetadataArgs<'a> {
   #[inline]
@@ -1573,6 +1584,7 @@ impl<'a> Default for PartitionMetadataArgs<'a> {
       leader: 0,
       leader_epoch: 0,
       leader_address: None,
+      isr: None,
     }
   }
 }
@@ -1615,6 +1627,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionMetadataBuilder<'a, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionMetadata::VT_LEADER_ADDRESS, leader_address);
   }
   #[inline]
+  pub fn add_isr(&mut self, isr: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionMetadata::VT_ISR, isr);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionMetadataBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionMetadataBuilder {
@@ -1640,6 +1656,7 @@ impl ::core::fmt::Debug for PartitionMetadata<'_> {
       ds.field("leader", &self.leader());
       ds.field("leader_epoch", &self.leader_epoch());
       ds.field("leader_address", &self.leader_address());
+      ds.field("isr", &self.isr());
       ds.finish()
   }
 }

@@ -15,6 +15,7 @@ use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{Config, RawNode, StateRole};
 use thiserror::Error;
 
+use super::in_sync::InSyncTracker;
 use super::logging::raft_logger;
 use super::rng::SeededRng;
 use super::store::{entry_offsets, ReplicaStore, StoreError};
@@ -45,6 +46,9 @@ pub struct GroupSettings {
     pub max_inflight_msgs: usize,
     /// Bytes proposed but not committed before proposals are refused (backpressure).
     pub max_uncommitted_bytes: u64,
+    /// A leader's follower that has not held everything the leader held at some moment of this
+    /// many ticks leaves the in-sync replicas (`replica_lag_time_max_ms`, in ticks).
+    pub in_sync_lag_ticks: u64,
     /// Always `Sabotage::None` outside the simulator's tests.
     pub sabotage: Sabotage,
 }
@@ -57,6 +61,8 @@ impl Default for GroupSettings {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 64 << 20,
+            // Kafka's 30 s at the default 100 ms tick.
+            in_sync_lag_ticks: 300,
             sabotage: Sabotage::None,
         }
     }
@@ -115,6 +121,16 @@ pub struct Output {
     pub committed: Vec<Entry>,
 }
 
+/// A leader's view of one follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowerProgress {
+    pub id: u64,
+    pub in_sync: bool,
+    /// Kafka offsets of the leader's log the follower lacks; `None` until it has answered this
+    /// leader (raft-rs starts every match index at 0 on election).
+    pub lag: Option<i64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Follower,
@@ -137,6 +153,10 @@ pub struct RaftGroup<S: ReplicaStore> {
     serving: bool,
     /// The last `Persist` handed out and not yet reported durable.
     persisting: Option<u64>,
+    /// Ticks since the group was opened: the clock of `in_sync`.
+    ticks: u64,
+    /// On a leader, which followers are in sync.
+    in_sync: InSyncTracker,
 }
 
 fn role(state: StateRole) -> Role {
@@ -182,6 +202,8 @@ impl<S: ReplicaStore> RaftGroup<S> {
             commit_index: applied,
             serving: false,
             persisting: None,
+            ticks: 0,
+            in_sync: InSyncTracker::new(settings.in_sync_lag_ticks),
             drawn_for: (raw.raft.term, raw.raft.state),
             name,
             raw,
@@ -252,8 +274,25 @@ impl<S: ReplicaStore> RaftGroup<S> {
     }
 
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.raw.tick();
         self.after_raft_call();
+        if self.raw.raft.state == StateRole::Leader {
+            let raft = &self.raw.raft;
+            let matched = raft.prs().iter().map(|(&id, pr)| (id, pr.matched));
+            self.in_sync.observe(self.ticks, raft.raft_log.last_index(), raft.raft_log.committed, matched);
+        }
+    }
+
+    /// On a leader, each follower's progress; nothing on a follower.
+    pub fn followers(&self) -> impl Iterator<Item = FollowerProgress> + '_ {
+        let raft = &self.raw.raft;
+        let leading = raft.state == StateRole::Leader;
+        let end = if leading { self.end_offset_at(raft.raft_log.last_index()).ok() } else { None };
+        raft.prs().iter().filter(move |(&id, _)| leading && id != raft.id).map(move |(&id, pr)| {
+            let held = (pr.matched > 0).then(|| self.end_offset_at(pr.matched).ok()).flatten();
+            FollowerProgress { id, in_sync: self.in_sync.in_sync(id), lag: end.zip(held).map(|(e, h)| e - h) }
+        })
     }
 
     /// Steps a message from a peer. A message raft-rs refuses is dropped with the reason: it
@@ -262,8 +301,12 @@ impl<S: ReplicaStore> RaftGroup<S> {
         if message.get_msg_type() == MessageType::MsgSnapshot {
             return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
         }
+        let (from, term) = (message.from, message.term);
         let outcome = self.raw.step(message);
         self.after_raft_call();
+        if self.raw.raft.state == StateRole::Leader && term == self.raw.raft.term {
+            self.in_sync.heard(from, self.ticks);
+        }
         match outcome {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(source) => Err(GroupError::Raft { group: self.name.clone(), source }),
@@ -453,14 +496,21 @@ impl<S: ReplicaStore> RaftGroup<S> {
     }
 
     /// After anything raft-rs did: a new term or role drew a new election timeout from raft-rs's
-    /// `thread_rng`; replace it with one from our seed, and a leader that lost its term stops
-    /// serving.
+    /// `thread_rng`; replace it with one from our seed, a leader that lost its term stops
+    /// serving, and a new leader starts tracking which followers are in sync.
     fn after_raft_call(&mut self) {
         let now = (self.raw.raft.term, self.raw.raft.state);
         if now != self.drawn_for {
             self.drawn_for = now;
             self.draw_election_timeout();
             self.serving = false;
+            if now.1 == StateRole::Leader {
+                let me = self.raw.raft.id;
+                let followers = self.raw.raft.prs().iter().map(|(&id, _)| id).filter(|&id| id != me);
+                self.in_sync.lead(self.ticks, followers);
+            } else {
+                self.in_sync.stop();
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 //! Replication: every partition is a Raft group whose log is the partition log (DESIGN.md,
 //! "Cluster and replication"). This layer holds consensus without IO — raft-rs's `RawNode`
-//! driven per group (`group`), the log it needs (`store`), leader
+//! driven per group (`group`) with which followers are in sync (`in_sync`), the log it needs (`store`), leader
 //! epochs and their file (`epochs`), the log over a partition log (`replica_log`: what raft-rs needs
 //! beside the partition's batches, with the writes handed to the caller), the node-to-node protocol with coalesced heartbeats (`wire`),
 //! a seeded generator for everything drawn at random (`rng`) and raft-rs's logging (`logging`).
@@ -12,6 +12,7 @@
 
 pub mod epochs;
 pub mod group;
+pub mod in_sync;
 pub mod logging;
 pub mod replica_log;
 pub mod rng;

@@ -914,6 +914,136 @@ impl ::core::fmt::Debug for RaftMessage<'_> {
       ds.finish()
   }
 }
+pub enum ShortInSyncOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ShortInSync<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ShortInSync<'a> {
+  type Inner = ShortInSync<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ShortInSync<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TERM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_IN_SYNC: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ShortInSync { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ShortInSyncArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ShortInSync<'bldr>> {
+    let mut builder = ShortInSyncBuilder::new(_fbb);
+    builder.add_term(args.term);
+    if let Some(x) = args.in_sync { builder.add_in_sync(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupKey> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupKey>(ShortInSync::VT_GROUP, None)}
+  }
+  #[inline]
+  pub fn term(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShortInSync::VT_TERM, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn in_sync(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ShortInSync::VT_IN_SYNC, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ShortInSync<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<GroupKey>("group", Self::VT_GROUP, false)?
+     .visit_field::<u64>("term", Self::VT_TERM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("in_sync", Self::VT_IN_SYNC, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ShortInSyncArgs<'a> {
+    pub group: Option<&'a GroupKey>,
+    pub term: u64,
+    pub in_sync: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for ShortInSyncArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ShortInSyncArgs {
+      group: None,
+      term: 0,
+      in_sync: None,
+    }
+  }
+}
+
+pub struct ShortInSyncBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShortInSyncBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: &GroupKey) {
+    self.fbb_.push_slot_always::<&GroupKey>(ShortInSync::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_term(&mut self, term: u64) {
+    self.fbb_.push_slot::<u64>(ShortInSync::VT_TERM, term, 0);
+  }
+  #[inline]
+  pub fn add_in_sync(&mut self, in_sync: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShortInSync::VT_IN_SYNC, in_sync);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShortInSyncBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ShortInSyncBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ShortInSync<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ShortInSync<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ShortInSync");
+      ds.field("group", &self.group());
+      ds.field("term", &self.term());
+      ds.field("in_sync", &self.in_sync());
+      ds.finish()
+  }
+}
 pub enum PeerBatchOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -935,6 +1065,7 @@ impl<'a> PeerBatch<'a> {
   pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 8;
   pub const VT_HEARTBEATS: ::flatbuffers::VOffsetT = 10;
   pub const VT_HEARTBEAT_RESPONSES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_SHORT_IN_SYNC: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -948,6 +1079,7 @@ impl<'a> PeerBatch<'a> {
     let mut builder = PeerBatchBuilder::new(_fbb);
     builder.add_to_node(args.to_node);
     builder.add_from_node(args.from_node);
+    if let Some(x) = args.short_in_sync { builder.add_short_in_sync(x); }
     if let Some(x) = args.heartbeat_responses { builder.add_heartbeat_responses(x); }
     if let Some(x) = args.heartbeats { builder.add_heartbeats(x); }
     if let Some(x) = args.messages { builder.add_messages(x); }
@@ -990,6 +1122,13 @@ impl<'a> PeerBatch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Beat>>>(PeerBatch::VT_HEARTBEAT_RESPONSES, None)}
   }
+  #[inline]
+  pub fn short_in_sync(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync>>>>(PeerBatch::VT_SHORT_IN_SYNC, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PeerBatch<'_> {
@@ -1003,6 +1142,7 @@ impl ::flatbuffers::Verifiable for PeerBatch<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<RaftMessage>>>>("messages", Self::VT_MESSAGES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("heartbeats", Self::VT_HEARTBEATS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("heartbeat_responses", Self::VT_HEARTBEAT_RESPONSES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShortInSync>>>>("short_in_sync", Self::VT_SHORT_IN_SYNC, false)?
      .finish();
     Ok(())
   }
@@ -1013,6 +1153,7 @@ pub struct PeerBatchArgs<'a> {
     pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RaftMessage<'a>>>>>,
     pub heartbeats: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
     pub heartbeat_responses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
+    pub short_in_sync: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync<'a>>>>>,
 }
 impl<'a> Default for PeerBatchArgs<'a> {
   #[inline]
@@ -1023,6 +1164,7 @@ impl<'a> Default for PeerBatchArgs<'a> {
       messages: None,
       heartbeats: None,
       heartbeat_responses: None,
+      short_in_sync: None,
     }
   }
 }
@@ -1053,6 +1195,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PeerBatchBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_HEARTBEAT_RESPONSES, heartbeat_responses);
   }
   #[inline]
+  pub fn add_short_in_sync(&mut self, short_in_sync: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShortInSync<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_SHORT_IN_SYNC, short_in_sync);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PeerBatchBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PeerBatchBuilder {
@@ -1075,6 +1221,7 @@ impl ::core::fmt::Debug for PeerBatch<'_> {
       ds.field("messages", &self.messages());
       ds.field("heartbeats", &self.heartbeats());
       ds.field("heartbeat_responses", &self.heartbeat_responses());
+      ds.field("short_in_sync", &self.short_in_sync());
       ds.finish()
   }
 }

@@ -1,7 +1,8 @@
 //! The replication protocol's bytes (`schema/replication.fbs`): one `PeerBatch` per frame carries
 //! every Raft message one node has for another in one pass of its loop, with the heartbeats of all
-//! groups the pair shares coalesced into fixed-size beats. raft-rs's protobuf types are built and
-//! read field by field here: protobuf never parses bytes from the network.
+//! groups the pair shares coalesced into fixed-size beats, and in keepalives the sender's report
+//! of the partitions it leads whose in-sync replicas are short. raft-rs's protobuf types are
+//! built and read field by field here: protobuf never parses bytes from the network.
 //!
 //! Depends on the generated code, raft-rs's message types and `bytes`; no IO.
 
@@ -30,6 +31,8 @@ pub enum WireError {
     Misaddressed { index: usize, from_node: u64, to_node: u64, from: u64, to: u64 },
     #[error("peer frame: message {index} carries a snapshot, which this protocol version does not")]
     SnapshotUnsupported { index: usize },
+    #[error("peer frame: in-sync report {index} has no group")]
+    ReportWithoutGroup { index: usize },
 }
 
 /// A Raft group, as both nodes name it.
@@ -61,6 +64,19 @@ pub struct PeerBatch {
     pub from_node: u64,
     pub to_node: u64,
     pub messages: Vec<(GroupKey, Message)>,
+    /// The sender's report of the partitions it leads with a short in-sync set (keepalives only;
+    /// `Some(empty)`: none is short).
+    pub short_in_sync: Option<Vec<ShortInSync>>,
+}
+
+/// A partition the sender leads whose in-sync replicas are fewer than its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortInSync {
+    pub group: GroupKey,
+    /// The leader's term.
+    pub term: u64,
+    /// The members in sync, the leader among them.
+    pub in_sync: Vec<u64>,
 }
 
 /// A frame ready to send: `head` (prefix and header), then `payload` in order, each as it is.
@@ -183,6 +199,20 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
     let messages = fbb.create_vector(&messages);
     let heartbeats = fbb.create_vector(&beats);
     let heartbeat_responses = fbb.create_vector(&responses);
+    let short_in_sync = batch.short_in_sync.as_ref().map(|report| {
+        let entries: Vec<_> = report
+            .iter()
+            .map(|short| {
+                let in_sync = fbb.create_vector(&short.in_sync);
+                let key = short.group.to_fb();
+                fb::ShortInSync::create(
+                    &mut fbb,
+                    &fb::ShortInSyncArgs { group: Some(&key), term: short.term, in_sync: Some(in_sync) },
+                )
+            })
+            .collect();
+        fbb.create_vector(&entries)
+    });
     let root = fb::PeerBatch::create(
         &mut fbb,
         &fb::PeerBatchArgs {
@@ -191,6 +221,7 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
             messages: Some(messages),
             heartbeats: Some(heartbeats),
             heartbeat_responses: Some(heartbeat_responses),
+            short_in_sync,
         },
     );
     fbb.finish(root, None);
@@ -261,7 +292,19 @@ pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
     let root = fb::root_as_peer_batch_with_opts(&verifier_options(), header)
         .map_err(|e| WireError::BadHeader(e.to_string()))?;
     let (from, to) = (root.from_node(), root.to_node());
-    let mut batch = PeerBatch { from_node: from, to_node: to, messages: Vec::new() };
+    let mut batch = PeerBatch { from_node: from, to_node: to, ..PeerBatch::default() };
+    if let Some(report) = root.short_in_sync() {
+        let mut shorts = Vec::with_capacity(report.len());
+        for (index, short) in report.iter().enumerate() {
+            let group = short.group().ok_or(WireError::ReportWithoutGroup { index })?;
+            shorts.push(ShortInSync {
+                group: GroupKey::from_fb(group),
+                term: short.term(),
+                in_sync: short.in_sync().map(|ids| ids.iter().collect()).unwrap_or_default(),
+            });
+        }
+        batch.short_in_sync = Some(shorts);
+    }
     for beat in root.heartbeats().iter().flatten() {
         batch.messages.push(beat_message(MessageType::MsgHeartbeat, beat, from, to));
     }
@@ -341,7 +384,7 @@ mod tests {
 
     #[test]
     fn beats_coalesce_and_everything_round_trips() {
-        let mut batch = PeerBatch { from_node: 1, to_node: 2, messages: Vec::new() };
+        let mut batch = PeerBatch { from_node: 1, to_node: 2, ..PeerBatch::default() };
         for partition in 0..1000 {
             let mut beat = message(MessageType::MsgHeartbeat, 7);
             beat.commit = u64::from(partition);
@@ -380,13 +423,44 @@ mod tests {
     }
 
     #[test]
+    fn an_in_sync_report_travels_only_when_given() {
+        let plain = PeerBatch { from_node: 1, to_node: 2, ..PeerBatch::default() };
+        let decoded = decode(Bytes::from(encode(&plain).to_vec())).unwrap();
+        assert_eq!(decoded.short_in_sync, None, "a batch without a report");
+        let empty = PeerBatch { short_in_sync: Some(Vec::new()), ..PeerBatch::default() };
+        let decoded = decode(Bytes::from(encode(&empty).to_vec())).unwrap();
+        assert_eq!(decoded.short_in_sync, Some(Vec::new()), "a report that nothing is short");
+        let shorts = vec![
+            ShortInSync {
+                group: GroupKey { topic_id: 1 << 70 | 3, partition: 4 },
+                term: 9,
+                in_sync: vec![1, 3],
+            },
+            ShortInSync { group: GroupKey { topic_id: 5, partition: 0 }, term: 2, in_sync: vec![1] },
+        ];
+        let report = PeerBatch {
+            from_node: 1,
+            to_node: 2,
+            short_in_sync: Some(shorts.clone()),
+            ..PeerBatch::default()
+        };
+        let decoded = decode(Bytes::from(encode(&report).to_vec())).unwrap();
+        assert_eq!(decoded.short_in_sync, Some(shorts));
+    }
+
+    #[test]
     fn damaged_frames_are_refused_with_a_reason() {
         let mut append = message(MessageType::MsgAppend, 3);
         append.set_entries(
             vec![Entry { term: 3, index: 1, data: Bytes::from_static(b"abcdef"), ..Default::default() }]
                 .into(),
         );
-        let batch = PeerBatch { from_node: 1, to_node: 2, messages: vec![(GroupKey::CONTROLLER, append)] };
+        let batch = PeerBatch {
+            from_node: 1,
+            to_node: 2,
+            messages: vec![(GroupKey::CONTROLLER, append)],
+            ..PeerBatch::default()
+        };
         let bytes = encode(&batch).to_vec();
         // Payload cut short: the entry's data would point past it.
         let cut = Bytes::from(bytes[..bytes.len() - 3].to_vec());
@@ -399,7 +473,7 @@ mod tests {
         assert!(decode(Bytes::from(scribbled)).is_err());
         let mut forged = batch.messages.clone();
         forged[0].1.from = 3;
-        let forged = PeerBatch { from_node: 1, to_node: 2, messages: forged };
+        let forged = PeerBatch { from_node: 1, to_node: 2, messages: forged, ..PeerBatch::default() };
         let err = decode(Bytes::from(encode(&forged).to_vec())).err();
         assert!(matches!(err, Some(WireError::Misaddressed { from: 3, .. })), "{err:?}");
         let mut huge_header = bytes;

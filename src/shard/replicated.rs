@@ -52,6 +52,9 @@ pub struct LeaderView {
     pub serving_here: bool,
     /// This node leads the partition, serving or not yet.
     pub leading_here: bool,
+    /// The replicas in sync with the leader, in replica-set order (empty with no leader known).
+    /// Only metadata answers fill it (`Shard::replicated_leaders`); reads ask for the leader alone.
+    pub in_sync: Vec<u64>,
 }
 
 /// What the cluster layer offers the shard for replicated partitions; installed on the shard
@@ -76,6 +79,10 @@ pub trait ReplicaGate {
     /// them (`None` without a replica here): Kafka clients' epoch questions are answered from
     /// them.
     fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>>;
+
+    /// The partition's in-sync replicas (of `replicas`, its replica set) as this node knows them:
+    /// from its leader, here or in the leader's last report; empty when no leader is known.
+    fn in_sync(&self, key: GroupKey, replicas: &[u64]) -> Vec<u64>;
 }
 
 impl BrokerError {
@@ -209,11 +216,19 @@ impl super::Shard {
         let gate = self.replica_gate.borrow().clone()?;
         gate.epochs(replication.key(partition))
     }
+
+    /// The leader and in-sync replicas of a replicated partition, for metadata.
+    fn described(&self, replication: &Replication, partition: u32) -> LeaderView {
+        let Some(gate) = self.replica_gate.borrow().clone() else { return LeaderView::default() };
+        let key = replication.key(partition);
+        let replicas = replication.replicas.get(partition as usize).map(Vec::as_slice).unwrap_or_default();
+        LeaderView { in_sync: gate.in_sync(key, replicas), ..gate.leader(key) }
+    }
 }
 
 impl super::Shard {
-    /// Every partition's leader of replicated topic `name` as this node sees it, asked of the
-    /// shard hosting its replicas (control plane: metadata requests).
+    /// Every partition's leader and in-sync replicas of replicated topic `name` as this node sees
+    /// them, asked of the shard hosting its replicas (control plane: metadata requests).
     pub async fn replicated_leaders(self: &Rc<Self>, name: Arc<str>) -> Vec<LeaderView> {
         let Some(view) = self.topic(&name) else { return Vec::new() };
         let (Some(replication), Some(&host)) = (view.replication.clone(), view.partition_shards.first())
@@ -223,7 +238,7 @@ impl super::Shard {
         let partitions = replication.replicas.len() as u32;
         let answer = self
             .invoke_on(host, move |shard| async move {
-                (0..partitions).map(|p| shard.leader_of(&replication, p).unwrap_or_default()).collect()
+                (0..partitions).map(|p| shard.described(&replication, p)).collect()
             })
             .await;
         answer.await.unwrap_or_default()
