@@ -23,34 +23,14 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{agreed_leader, free_ports, get, start_node, start_three, status, wait_for};
+use common::cluster::{
+    agreed_leader, free_ports, get, signal, start_node, start_node_with, start_three, start_three_with,
+    status, wait_for,
+};
 use common::Broker;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{InitProducerIdRequest, MetadataRequest, ProducerId, TopicName};
 use ringlog::protocol::wire;
-
-/// A node with options beyond the cluster's own (`--set KEY=VALUE` each).
-fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[String]) -> Broker {
-    let mut sets = vec![
-        format!("node_id={id}"),
-        format!("seeds={seeds}"),
-        "admin_listen=127.0.0.1:0".to_string(),
-        "raft_tick_ms=50".to_string(),
-    ];
-    sets.extend(extra.iter().cloned());
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    Broker::start_in(dir, 1, &sets)
-}
-
-fn start_three_with(extra: &[String]) -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
-    let ports = free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = (0..3).map(|i| start_node_with(dirs[i].path(), i as u64 + 1, &seeds, extra)).collect();
-    (ports, dirs, nodes)
-}
 
 #[test]
 fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
@@ -383,12 +363,6 @@ fn holds_value(batches: &[(i64, Vec<u8>)], prefix: &[u8]) -> bool {
             .unwrap()
             .any(|r| r.unwrap().value.is_some_and(|v| v.starts_with(prefix)))
     })
-}
-
-/// SIGSTOP or SIGCONT to a running node.
-fn signal(node: &Broker, signal: i32) {
-    let pid = node.child.as_ref().expect("node running").id() as i32;
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
 }
 
 /// Waits until every node's replica of `topic` reports the same high watermark for every

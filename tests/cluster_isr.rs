@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::cluster::{get, signal, start_three_with, wait_for};
 use common::Broker;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{MetadataRequest, TopicName};
@@ -21,60 +20,6 @@ const TOPIC: &str = "isr-likes";
 /// Replicated partitions of the cluster: the topic's 3 and `__consumer_offsets`' 2 (the
 /// controller creates it with three replicas once three nodes registered).
 const PARTITIONS: u64 = 5;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-fn get(admin: &str, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(admin).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-fn wait_for<T>(what: &str, nodes: &[&Broker], mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
-            panic!("timed out waiting for {what}; logs:\n{}", logs.join("\n-----\n"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Three nodes on loopback, a 50 ms Raft tick and a 2 s lag; their directories stay while the
-/// test runs.
-fn start_three() -> (Vec<tempfile::TempDir>, Vec<Broker>) {
-    let ports = free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = (0..3)
-        .map(|i| {
-            let sets = [
-                format!("node_id={}", i + 1),
-                format!("seeds={seeds}"),
-                "admin_listen=127.0.0.1:0".to_string(),
-                "raft_tick_ms=50".to_string(),
-                "replica_lag_time_max_ms=2000".to_string(),
-                "offsets_topic_partitions=2".to_string(),
-            ];
-            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-            Broker::start_in(dirs[i].path(), 1, &sets)
-        })
-        .collect();
-    (dirs, nodes)
-}
 
 /// `ringlog cluster status --format json` against `node`.
 fn cluster_status(node: &Broker) -> Option<Value> {
@@ -134,18 +79,14 @@ fn kafka_partitions(node: &Broker) -> Vec<(i32, Vec<i32>, usize)> {
 
 /// A gauge without labels from `node`'s `/metrics`.
 fn gauge(node: &Broker, name: &str) -> Option<u64> {
-    let metrics = get(&node.admin, "/metrics")?;
+    let (line, metrics) = get(&node.admin, "/metrics")?;
+    line.contains("200").then_some(())?;
     metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse().ok()))
 }
 
 fn produce(node: &Broker, from: usize, to: usize) {
     let lines: String = (from..to).map(|i| format!("like-{i}\n")).collect();
     common::run_cli(&node.addr, &["produce", TOPIC, "--acks", "all"], Some(lines.as_bytes())).ok();
-}
-
-fn signal(node: &Broker, signal: i32) {
-    let pid = node.child.as_ref().expect("broker running").id();
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
 /// While node `gone` is away: on both others, every partition of the topic has the two of them
@@ -201,7 +142,8 @@ fn whole_again(nodes: &[Broker]) -> Duration {
 
 #[test]
 fn a_stopped_or_killed_node_leaves_the_in_sync_replicas_and_rejoins_once_caught_up() {
-    let (_dirs, mut nodes) = start_three();
+    let extra = ["replica_lag_time_max_ms=2000".to_string(), "offsets_topic_partitions=2".to_string()];
+    let (_, _dirs, mut nodes) = start_three_with(&extra);
     let all: Vec<&Broker> = nodes.iter().collect();
     wait_for("a controller leader known to every node", &all, || {
         all.iter().all(|n| cluster_status(n).is_some_and(|s| s["controller_leader"].is_u64())).then_some(())

@@ -67,12 +67,18 @@ pub fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
 
 /// Node `id` of the cluster `seeds` on `dir`, one shard, 50 ms Raft ticks.
 pub fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
-    let sets = [
+    start_node_with(dir, id, seeds, &[])
+}
+
+/// A node with options beyond the cluster's own (`--set KEY=VALUE` each).
+pub fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[String]) -> Broker {
+    let mut sets = vec![
         format!("node_id={id}"),
         format!("seeds={seeds}"),
         "admin_listen=127.0.0.1:0".to_string(),
         "raft_tick_ms=50".to_string(),
     ];
+    sets.extend(extra.iter().cloned());
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     Broker::start_in(dir, 1, &sets)
 }
@@ -80,11 +86,22 @@ pub fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
 /// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
 /// directories (kept while the test runs) and the running brokers.
 pub fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
+    start_three_with(&[])
+}
+
+/// `start_three` with options beyond the cluster's own on every node.
+pub fn start_three_with(extra: &[String]) -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
     let ports = free_ports(3);
     let seeds: Vec<String> =
         ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
     let seeds = seeds.join(",");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = (0..3).map(|i| start_node(dirs[i].path(), i as u64 + 1, &seeds)).collect();
+    let nodes = (0..3).map(|i| start_node_with(dirs[i].path(), i as u64 + 1, &seeds, extra)).collect();
     (ports, dirs, nodes)
+}
+
+/// SIGSTOP or SIGCONT to a running node.
+pub fn signal(node: &Broker, signal: i32) {
+    let pid = node.child.as_ref().expect("node running").id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
 }
