@@ -149,6 +149,10 @@ pub struct BrokerConfig {
     /// `replica.lag.time.max.ms`); it joins again once it holds every committed record. Counted
     /// in Raft ticks: at least 5 of them, so a follower heard at every heartbeat never looks behind.
     pub replica_lag_time_max_ms: u64,
+    /// How often a partition's leader checks whether its preferred replica (the first of its
+    /// replica set) can lead again, and hands leadership back when it is in sync with the whole
+    /// log (Kafka's `leader.imbalance.check.interval.seconds`, 300 s). 0: never.
+    pub leader_balance_interval_ms: u64,
 }
 
 /// Node ids of a cluster are below this: each node's producer ids carry its node id, so no two
@@ -216,6 +220,7 @@ impl Default for BrokerConfig {
             raft_tick_ms: 100,
             replication_timeout_ms: 10_000,
             replica_lag_time_max_ms: 30_000,
+            leader_balance_interval_ms: 300_000,
         }
     }
 }
@@ -391,6 +396,9 @@ impl BrokerConfig {
                 "replica_lag_time_max_ms",
                 format!("must be between 5 Raft ticks ({} ms) and 3600000", 5 * self.raft_tick_ms),
             );
+        }
+        if self.leader_balance_interval_ms > 86_400_000 {
+            return invalid("leader_balance_interval_ms", "must be at most 86400000 (0 turns balancing off)");
         }
         if !self.seeds.trim().is_empty() && self.node_id >= NODE_ID_SPACE {
             return invalid(

@@ -1000,3 +1000,61 @@ fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
         });
     }
 }
+
+/// Per partition of `topic` as `node` describes it: (leader, preferred replica).
+fn leader_and_preferred(node: &Broker, topic: &str) -> Option<Vec<(Option<u64>, u64)>> {
+    let out = common::run_cli(&node.addr, &["topic", "describe", topic, "--format", "json"], None);
+    let described: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    described["partitions"]
+        .as_array()?
+        .iter()
+        .map(|p| Some((p["leader"].as_u64(), p["replicas"].as_array()?.first()?.as_u64()?)))
+        .collect()
+}
+
+#[test]
+fn leadership_returns_to_the_preferred_replica_once_it_has_caught_up() {
+    let (_, _dirs, mut nodes) = start_three_with(&["leader_balance_interval_ms=500".to_string()]);
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    common::run_cli(
+        &nodes[0].addr,
+        &["topic", "create", "balanced", "--partitions", "3", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    // Whoever wins the first elections, each partition ends up led by its preferred replica,
+    // so leadership is spread over the three nodes as placement spread it.
+    let on_preferred = |node: &Broker| {
+        let view = leader_and_preferred(node, "balanced")?;
+        view.iter().all(|&(leader, preferred)| leader == Some(preferred)).then_some(view)
+    };
+    let view = wait_for("every partition led by its preferred replica", &all, || on_preferred(&nodes[0]));
+    let preferred: Vec<u64> = view.iter().map(|&(_, p)| p).collect();
+    let mut spread = preferred.clone();
+    spread.sort_unstable();
+    assert_eq!(spread, vec![1, 2, 3]);
+
+    // Partition 0's leader dies; a survivor takes over and takes writes.
+    let dead = (preferred[0] - 1) as usize;
+    nodes[dead].kill9();
+    let survivor = &nodes[(dead + 1) % 3];
+    let survivors: Vec<&Broker> =
+        nodes.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    wait_for("a new leader of partition 0", &survivors, || {
+        let view = leader_and_preferred(survivor, "balanced")?;
+        view[0].0.filter(|&l| l != preferred[0])
+    });
+    common::run_cli(
+        &survivor.addr,
+        &["produce", "balanced", "--acks", "all"],
+        Some(lines(0, 100).as_bytes()),
+    )
+    .ok();
+
+    // It returns, catches up, and gets partition 0 back.
+    nodes[dead].restart();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("partition 0 led by its preferred replica again", &all, || on_preferred(&nodes[dead]));
+    assert_eq!(consume_all(&nodes[dead], "balanced").len(), 100);
+}

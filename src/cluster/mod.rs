@@ -163,6 +163,9 @@ pub fn start(
         });
         let links = PeerLinks::start(me.clone(), seeds.cluster_id, seeds.voters.clone(), listener, deliver);
         let replicas = ReplicaHost::start(links.clone(), tick);
+        replicas.set_leader_balance(
+            shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
+        );
         Cluster {
             tick,
             topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone()),

@@ -112,6 +112,7 @@ impl From<ProposalRefused> for HostError {
 pub struct ReplicaHost {
     links: Rc<PeerLinks>,
     compaction: Cell<Compaction>,
+    balance_ticks: Cell<u64>,
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
     /// Times a replica here learned of a new leader (a new term with a leader known).
     leader_changes: Rc<Cell<u64>>,
@@ -133,6 +134,7 @@ impl ReplicaHost {
         let host = Rc::new(ReplicaHost {
             links,
             compaction: Cell::new(Compaction::default()),
+            balance_ticks: Cell::new(0),
             replicas: RefCell::new(BTreeMap::new()),
             leader_changes: Rc::new(Cell::new(0)),
         });
@@ -140,13 +142,20 @@ impl ReplicaHost {
         host
     }
 
+    /// Replicas added from now on hand leadership back to their preferred replica (the first
+    /// of the replica set) every `ticks` ticks when it is in sync and has everything; 0: never.
+    pub fn set_leader_balance(&self, ticks: u64) {
+        self.balance_ticks.set(ticks);
+    }
+
     /// Replicas added from now on compact by `compaction`.
     pub fn set_compaction(&self, compaction: Compaction) {
         self.compaction.set(compaction);
     }
 
-    /// Hosts `replica` as the member of group `key` on this node.
-    pub fn add(&self, key: GroupKey, mut replica: PartitionReplica) {
+    /// Hosts `replica` as the member of group `key` on this node; `preferred` is the replica
+    /// that should lead the group when it can (Kafka's preferred leader).
+    pub fn add(&self, key: GroupKey, mut replica: PartitionReplica, preferred: u64) {
         let (inputs, queue) = mpsc::unbounded();
         let status = Rc::new(Cell::new(status_of(&mut replica, false)));
         let epochs = Rc::new(RefCell::new(Rc::new(replica.group().store().epochs().clone())));
@@ -161,7 +170,9 @@ impl ReplicaHost {
             leader_changes: self.leader_changes.clone(),
             leader: Cell::new(None),
         };
-        let task = run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get());
+        let balance = Balance { preferred, every_ticks: self.balance_ticks.get() };
+        let task =
+            run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get(), balance);
         glommio::spawn_local(task).detach();
         let hosted = Hosted { inputs, status, epochs, followers, changed, partition };
         self.replicas.borrow_mut().insert(key, hosted);
@@ -439,6 +450,36 @@ async fn compact_if_due(
     replica.compact(applied - to).await
 }
 
+/// Leadership goes back to the preferred replica (Kafka's `auto.leader.rebalance.enable`), so
+/// leaders stay spread over the nodes as placement spread them after a node returns: otherwise
+/// the survivors of a failure keep every leadership they took over for good.
+#[derive(Debug, Clone, Copy)]
+struct Balance {
+    preferred: u64,
+    /// Ticks between two checks; 0: never.
+    every_ticks: u64,
+}
+
+impl Balance {
+    /// On a serving leader other than the preferred replica: hands leadership over when the
+    /// preferred one is in sync and holds the whole log, so the transfer costs one election and
+    /// no catching up (raft-rs stops taking proposals until it completes; writers retry).
+    fn hand_back(&self, group: &mut RaftGroup<ReplicaLog>) {
+        if !group.is_serving() || group.id() == self.preferred {
+            return;
+        }
+        let ready = group.followers().any(|f| f.id == self.preferred && f.in_sync && f.lag == Some(0));
+        if ready {
+            tracing::info!(
+                group = group.name(),
+                to = self.preferred,
+                "replication: leadership back to the preferred replica"
+            );
+            group.transfer_leader(self.preferred);
+        }
+    }
+}
+
 /// The replica's task: takes everything queued, then drives rounds until raft-rs has nothing
 /// more ready, then waits for the next input.
 async fn run_replica(
@@ -448,7 +489,9 @@ async fn run_replica(
     links: Rc<PeerLinks>,
     status: Published,
     compaction: Compaction,
+    balance: Balance,
 ) {
+    let mut ticks = 0u64;
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
         while let Some(input) = next.take().or_else(|| queue.try_recv().ok()) {
@@ -459,7 +502,13 @@ async fn run_replica(
                         tracing::warn!(group = group.name(), "replication: {e}");
                     }
                 }
-                Input::Tick => group.tick(),
+                Input::Tick => {
+                    group.tick();
+                    ticks += 1;
+                    if balance.every_ticks > 0 && ticks % balance.every_ticks == 0 {
+                        balance.hand_back(group);
+                    }
+                }
                 Input::Propose(batch, reply) => {
                     let _ = reply.send(replica.propose(batch).map_err(HostError::from));
                 }
@@ -627,7 +676,7 @@ mod tests {
                         )
                         .await
                         .unwrap();
-                        host.add(key(p), replica);
+                        host.add(key(p), replica, 1);
                         partitions.push(partition);
                     }
                     work(Node { id, host, links, partitions }).await;

@@ -256,7 +256,7 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
         .await;
         match opened {
             Ok(replica) => {
-                host.add(key, replica);
+                host.add(key, replica, members[0]);
                 local[p as usize] = Some(partition);
             }
             Err(e) => {
