@@ -143,12 +143,15 @@ pub(super) async fn auto_create(shard: &Rc<Shard>, names: Vec<String>) {
 // ---- Metadata ---------------------------------------------------------------------------------------
 
 thread_local! {
-    /// This shard's copy of the data directory's cluster id, read once.
+    /// This shard's copy of the cluster id, worked out once.
     static CLUSTER_ID: RefCell<Option<(PathBuf, StrBytes)>> = const { RefCell::new(None) };
 }
 
-/// The data directory's cluster id (see `metadata::cluster_id`); `None`, logged, if it cannot be
-/// read or created (clients treat a null cluster id as "unknown").
+/// The cluster id Kafka clients see. In a cluster, the one every node derives from its seeds
+/// (`ClusterSeeds::cluster_id`, as `/v1/cluster` shows it): each node answering its own data
+/// directory's id made librdkafka warn that it was connected to several clusters at once. On
+/// a single node, the data directory's (see `metadata::cluster_id`); `None`, logged, if it
+/// cannot be read or created (clients treat a null cluster id as "unknown").
 fn cluster_id(shard: &Shard) -> Option<StrBytes> {
     let data_dir = &shard.config.data_dir;
     let cached =
@@ -156,7 +159,11 @@ fn cluster_id(shard: &Shard) -> Option<StrBytes> {
     if cached.is_some() {
         return cached;
     }
-    match metadata::cluster_id(data_dir) {
+    let id = match shard.config.cluster().ok().flatten() {
+        Some(seeds) => Ok(format!("{:016x}", seeds.cluster_id)),
+        None => metadata::cluster_id(data_dir),
+    };
+    match id {
         Ok(id) => {
             let id = str_bytes(id);
             CLUSTER_ID.set(Some((data_dir.clone(), id.clone())));
