@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod kafka;
+pub mod relay;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Write};
