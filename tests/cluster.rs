@@ -777,7 +777,7 @@ fn kafka_replica_counts(node: &Broker, topic: &str) -> Option<Vec<usize>> {
 }
 
 #[test]
-fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
+fn every_topic_of_a_cluster_is_replicated_whichever_protocol_and_node_creates_it() {
     use kafka_protocol::messages::create_topics_request::CreatableTopic;
     use kafka_protocol::messages::{CreateTopicsRequest, DeleteTopicsRequest};
 
@@ -785,7 +785,7 @@ fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
     let all: Vec<&Broker> = nodes.iter().collect();
     let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
     // Kafka's admin clients send topic changes to the controller Metadata names; another node
-    // answers NOT_CONTROLLER (41), which they retry there.
+    // hands them to the controller's leader, as Kafka's brokers forward them.
     let controller_node = &nodes[(controller - 1) as usize];
     let other = &nodes[(controller % 3) as usize];
     let mut kafka = common::kafka::KafkaConn::connect(&controller_node.kafka);
@@ -811,8 +811,18 @@ fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
     }
     let refused = kafka.call(5, &create("four-copies", 4));
     assert_eq!(refused.topics[0].error_code, 38, "{:?}", refused.topics[0].error_message);
-    let refused = elsewhere.call(5, &create("misrouted", -1));
-    assert_eq!(refused.topics[0].error_code, 41, "{:?}", refused.topics[0].error_message);
+    let forwarded = elsewhere.call(5, &create("through-another-node", -1));
+    assert_eq!(forwarded.topics[0].error_code, 0, "{:?}", forwarded.topics[0].error_message);
+    let counts = wait_for("a forwarded topic on the controller", &all, || {
+        kafka_replica_counts(controller_node, "through-another-node")
+    });
+    assert_eq!(counts, vec![3, 3]);
+    let refused = elsewhere.call(5, &create("through-another-node", -1));
+    assert_eq!(
+        refused.topics[0].error_code, 36,
+        "TOPIC_ALREADY_EXISTS: {:?}",
+        refused.topics[0].error_message
+    );
 
     // The native CLI without --replication-factor, and a Kafka client's automatic creation.
     common::run_cli(&nodes[1].addr, &["topic", "create", "native-default", "--partitions", "2"], None).ok();
@@ -820,18 +830,20 @@ fn every_topic_of_a_cluster_is_replicated_whichever_protocol_creates_it() {
         wait_for("native-default on node 3", &all, || kafka_replica_counts(&nodes[2], "native-default"));
     assert_eq!(counts, vec![3, 3]);
     let auto = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s("auto-made"))));
-    kafka.call(
+    elsewhere.call(
         9,
         &MetadataRequest::default().with_topics(Some(vec![auto])).with_allow_auto_topic_creation(true),
     );
-    let counts = wait_for("auto-made on another node", &all, || kafka_replica_counts(other, "auto-made"));
+    let counts =
+        wait_for("auto-made on the controller", &all, || kafka_replica_counts(controller_node, "auto-made"));
     assert!(counts.iter().all(|&c| c == 3), "{counts:?}");
 
-    // DeleteTopics removes a replicated topic from every node.
+    // DeleteTopics, through a node that hands it to the controller, removes a replicated topic
+    // from every node.
     let delete = DeleteTopicsRequest::default()
         .with_timeout_ms(10_000)
         .with_topic_names(vec![TopicName(common::kafka::s("two-copies"))]);
-    let answer = kafka.call(4, &delete);
+    let answer = elsewhere.call(4, &delete);
     assert_eq!(answer.responses[0].error_code, 0, "{:?}", answer.responses[0].error_message);
     for node in &nodes {
         wait_for("two-copies gone everywhere", &all, || {
@@ -896,4 +908,77 @@ fn leadership_returns_to_the_preferred_replica_once_it_has_caught_up() {
     let all: Vec<&Broker> = nodes.iter().collect();
     wait_for("partition 0 led by its preferred replica again", &all, || on_preferred(&nodes[dead]));
     assert_eq!(consume_all(&nodes[dead], "balanced").len(), 100);
+}
+
+/// Per partition of `topic` in Kafka's Metadata from `node`: (leader, replicas), once it lists
+/// the topic (asked without creating it).
+fn kafka_leaders(node: &Broker, topic: &str) -> Option<Vec<(i32, Vec<i32>)>> {
+    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+    let wanted = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s(topic))));
+    let asked =
+        MetadataRequest::default().with_topics(Some(vec![wanted])).with_allow_auto_topic_creation(false);
+    let metadata = kafka.call(9, &asked);
+    let found = metadata.topics.first().filter(|t| t.error_code == 0)?;
+    let partitions =
+        found.partitions.iter().map(|p| (p.leader_id.0, p.replica_nodes.iter().map(|r| r.0).collect()));
+    Some(partitions.collect())
+}
+
+#[test]
+fn a_partition_on_fewer_nodes_than_the_cluster_is_led_as_seen_from_every_node() {
+    let (_, _dirs, mut nodes) = start_three();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    common::run_cli(
+        &nodes[0].addr,
+        &["topic", "create", "one-copy", "--partitions", "3", "--replication-factor", "1"],
+        None,
+    )
+    .ok();
+    // Each partition lives on one node; the other two learn its leader from that node's
+    // keepalives, so every node's Metadata names every leader, the partition's only replica.
+    for node in &nodes {
+        let view = wait_for("every leader named by every node", &all, || {
+            let view = kafka_leaders(node, "one-copy")?;
+            view.iter().all(|(leader, _)| *leader > 0).then_some(view)
+        });
+        for (leader, replicas) in &view {
+            assert_eq!(replicas, &vec![*leader], "{view:?}");
+        }
+        let described = leader_and_preferred(node, "one-copy").unwrap_or_default();
+        assert!(described.iter().all(|&(leader, only)| leader == Some(only)), "{described:?}");
+        assert_eq!(status(node).map(|s| s["leaderless_partitions"].clone()), Some(0.into()));
+    }
+    let mut hosts: Vec<i32> =
+        kafka_leaders(&nodes[0], "one-copy").unwrap_or_default().iter().map(|p| p.0).collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, vec![1, 2, 3], "placement spreads one-copy partitions over the nodes");
+
+    // The native client through any node reaches each partition's leader on another.
+    common::run_cli(
+        &nodes[1].addr,
+        &["produce", "one-copy", "--acks", "all"],
+        Some(lines(0, 300).as_bytes()),
+    )
+    .ok();
+    let mut read = consume_all(&nodes[2], "one-copy");
+    read.sort_unstable();
+    let mut written: Vec<String> = lines(0, 300).lines().map(str::to_owned).collect();
+    written.sort_unstable();
+    assert_eq!(read, written);
+
+    // The node holding partition 0 dies: the others stop naming a leader for it once its
+    // reports are stale, and count it leaderless.
+    let (holder, _) = kafka_leaders(&nodes[0], "one-copy").unwrap_or_default()[0].clone();
+    let dead = (holder - 1) as usize;
+    nodes[dead].kill9();
+    let survivors: Vec<&Broker> =
+        nodes.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    for node in &survivors {
+        wait_for("partition 0 leaderless", &survivors, || {
+            let view = kafka_leaders(node, "one-copy")?;
+            (view[0].0 == -1).then_some(())
+        });
+        assert_eq!(status(node).map(|s| s["leaderless_partitions"].clone()), Some(1.into()));
+    }
 }

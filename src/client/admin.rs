@@ -218,18 +218,42 @@ impl Admin {
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        self.cluster
+        let mut description = self
+            .cluster
             .metadata(&[name])
             .await?
             .into_iter()
             .next()
-            .unwrap_or_else(|| Err(ClientError::UnknownTopic { topic: name.to_owned() }))
+            .unwrap_or_else(|| Err(ClientError::UnknownTopic { topic: name.to_owned() }))?;
+        self.offsets_from_leaders(&mut description).await;
+        Ok(description)
     }
 
     /// Describes the named topics (all topics if `names` is empty); fails on the first one that
     /// does not exist.
     pub async fn describe_topics(&self, names: &[&str]) -> Result<Vec<TopicDescription>> {
-        self.cluster.metadata(names).await?.into_iter().collect()
+        let mut descriptions: Vec<TopicDescription> =
+            self.cluster.metadata(names).await?.into_iter().collect::<Result<_>>()?;
+        for description in &mut descriptions {
+            self.offsets_from_leaders(description).await;
+        }
+        Ok(descriptions)
+    }
+
+    /// A node with no replica of a replicated partition (a topic on fewer nodes than the
+    /// cluster) does not know its offsets and answers -1: they are asked of the partition's
+    /// leader. Left at -1 when no leader is known or it does not answer.
+    async fn offsets_from_leaders(&self, description: &mut TopicDescription) {
+        let unknown = |p: &PartitionInfo| {
+            p.high_watermark < 0 && p.replication.as_ref().is_some_and(|r| r.leader.is_some())
+        };
+        for p in description.partitions.iter_mut().filter(|p| unknown(p)) {
+            let first = self.cluster.list_offsets(&description.name, p.partition, OffsetSpec::Earliest).await;
+            let end = self.cluster.list_offsets(&description.name, p.partition, OffsetSpec::Latest).await;
+            if let (Ok(first), Ok(end)) = (first, end) {
+                (p.log_start_offset, p.high_watermark) = (first.offset, end.offset);
+            }
+        }
     }
 
     /// Looks up an offset of one partition on its owning shard.

@@ -1,9 +1,11 @@
-//! Every replicated partition's in-sync replicas as this node knows them (issue 11, stop 14;
-//! docs/replication.md, "In-sync replicas"). A partition's leader computes its in-sync set
-//! (`replication::in_sync`); every node sends each peer, in every keepalive, the partitions it
-//! leads whose set is short, and keeps the latest report of each peer. A partition no live peer
+//! Every replicated partition's leader and in-sync replicas as this node knows them (issue 11,
+//! stops 14 and 15; docs/replication.md, "In-sync replicas", "Leaders a node holds no replica
+//! of"). A partition's leader computes its in-sync set (`replication::in_sync`); every node sends
+//! each peer, in every keepalive, the partitions it leads whose set is short or that some node
+//! holds no replica of, and keeps the latest report of each peer. A partition no live peer
 //! reports short and whose leader is known has all its replicas in sync, so a healthy cluster
-//! reports nothing, and any node answers any partition within a keepalive of its leader.
+//! whose partitions are on every node reports nothing, and any node answers any partition within
+//! a keepalive of its leader.
 //!
 //! Owns: the reports received and the rule that picks one answer per partition from this node's
 //! replica, the reports and the replica set. No IO, no clock of its own (times are given).
@@ -12,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::replication::wire::{GroupKey, ShortInSync};
+use crate::replication::wire::{GroupKey, LeaderReport};
 
 /// One peer's report: when it came and, per partition, the leader's term and in-sync set.
 type Report = (Instant, HashMap<GroupKey, (u64, Vec<u64>)>);
@@ -25,20 +27,31 @@ pub struct Reports {
 
 impl Reports {
     /// Peer `from`'s report, received at `at`: it replaces the one before.
-    pub fn record(&mut self, from: u64, at: Instant, report: Vec<ShortInSync>) {
+    pub fn record(&mut self, from: u64, at: Instant, report: Vec<LeaderReport>) {
         let shorts = report.into_iter().map(|s| (s.group, (s.term, s.in_sync))).collect();
         self.by_node.insert(from, (at, shorts));
     }
 
     /// The report of `key` with the highest term among the peers' reports younger than `fresh`
     /// at `now` (a peer that stopped reporting is down, and what it said no longer holds).
-    pub fn newest(&self, key: GroupKey, now: Instant, fresh: Duration) -> Option<(u64, &[u64])> {
+    pub fn newest(&self, key: GroupKey, now: Instant, fresh: Duration) -> Option<Reported<'_>> {
         self.by_node
-            .values()
-            .filter(|(at, _)| now.saturating_duration_since(*at) < fresh)
-            .filter_map(|(_, shorts)| shorts.get(&key).map(|(term, in_sync)| (*term, in_sync.as_slice())))
-            .max_by_key(|&(term, _)| term)
+            .iter()
+            .filter(|(_, (at, _))| now.saturating_duration_since(*at) < fresh)
+            .filter_map(|(&leader, (_, reports))| {
+                let (term, in_sync) = reports.get(&key)?;
+                Some(Reported { leader, term: *term, in_sync })
+            })
+            .max_by_key(|reported| reported.term)
     }
+}
+
+/// A leader's report of one partition: only a partition's leader reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported<'a> {
+    pub leader: u64,
+    pub term: u64,
+    pub in_sync: &'a [u64],
 }
 
 /// What this node knows of one partition.
@@ -50,8 +63,8 @@ pub struct Known<'a> {
     pub local: Option<(Option<u64>, u64)>,
     /// When this node leads the partition: the members it has in sync.
     pub led: Option<&'a [u64]>,
-    /// The newest live report of the partition being short: its leader's term and set.
-    pub reported: Option<(u64, &'a [u64])>,
+    /// The newest live report of the partition from its leader.
+    pub reported: Option<Reported<'a>>,
 }
 
 /// The partition's in-sync replicas in replica-set order, `None` when this node knows no
@@ -64,10 +77,22 @@ pub fn in_sync(known: Known<'_>) -> Option<Vec<u64>> {
         return Some(members(led));
     }
     let local_term = known.local.map_or(0, |(_, term)| term);
-    if let Some((_, set)) = known.reported.filter(|&(term, _)| term >= local_term) {
-        return Some(members(set));
+    if let Some(reported) = known.reported.filter(|r| r.term >= local_term) {
+        return Some(members(reported.in_sync));
     }
     known.local.and_then(|(leader, _)| leader).map(|_| known.replicas.to_vec())
+}
+
+/// The partition's leader and its term as this node knows them: its own replica's view when
+/// that names a leader, else the leader's own report unless this node's replica knows a newer
+/// term (the reporter was deposed since). A node with no replica of the partition knows its
+/// leader only from reports.
+pub fn leader(known: Known<'_>) -> Option<(u64, u64)> {
+    if let Some((Some(leader), term)) = known.local {
+        return Some((leader, term));
+    }
+    let local_term = known.local.map_or(0, |(_, term)| term);
+    known.reported.filter(|r| r.term >= local_term).map(|r| (r.leader, r.term))
 }
 
 #[cfg(test)]
@@ -75,6 +100,10 @@ mod tests {
     use super::*;
 
     const KEY: GroupKey = GroupKey { topic_id: 12, partition: 1 };
+
+    fn report(leader: u64, term: u64, in_sync: &[u64]) -> Reported<'_> {
+        Reported { leader, term, in_sync }
+    }
 
     fn known<'a>(local: Option<(Option<u64>, u64)>) -> Known<'a> {
         Known { replicas: &[2, 3, 1], local, led: None, reported: None }
@@ -86,11 +115,11 @@ mod tests {
         let led = Known { led: Some(&[1, 3]), ..known(Some((Some(1), 5))) };
         assert_eq!(in_sync(led), Some(vec![3, 1]));
         // A follower (or a node without a replica) takes the leader's report...
-        let reported = Known { reported: Some((5, &[1, 2])), ..known(Some((Some(1), 5))) };
+        let reported = Known { reported: Some(report(1, 5, &[1, 2])), ..known(Some((Some(1), 5))) };
         assert_eq!(in_sync(reported), Some(vec![2, 1]));
-        assert_eq!(in_sync(Known { reported: Some((5, &[1])), ..known(None) }), Some(vec![1]));
+        assert_eq!(in_sync(Known { reported: Some(report(1, 5, &[1])), ..known(None) }), Some(vec![1]));
         // ...unless its replica already knows a newer term (the report's leader was deposed).
-        let stale = Known { reported: Some((4, &[1])), ..known(Some((Some(2), 5))) };
+        let stale = Known { reported: Some(report(1, 4, &[1])), ..known(Some((Some(2), 5))) };
         assert_eq!(in_sync(stale), Some(vec![2, 3, 1]));
         // Nothing reported short and a leader known: all in sync.
         assert_eq!(in_sync(known(Some((Some(2), 5)))), Some(vec![2, 3, 1]));
@@ -100,17 +129,37 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_that_names_a_leader_answers_first_then_the_leaders_own_report() {
+        assert_eq!(leader(known(Some((Some(2), 5)))), Some((2, 5)));
+        // A newer report does not overrule a replica that knows a leader: the replica hears the
+        // new term from the group itself within a heartbeat.
+        assert_eq!(
+            leader(Known { reported: Some(report(3, 6, &[3])), ..known(Some((Some(2), 5))) }),
+            Some((2, 5))
+        );
+        // No replica here (a partition on fewer nodes than the cluster): the report is all.
+        assert_eq!(leader(Known { reported: Some(report(3, 6, &[3])), ..known(None) }), Some((3, 6)));
+        // A replica between leaders takes a report of its term or later, not an older one.
+        assert_eq!(
+            leader(Known { reported: Some(report(3, 6, &[3])), ..known(Some((None, 6))) }),
+            Some((3, 6))
+        );
+        assert_eq!(leader(Known { reported: Some(report(3, 5, &[3])), ..known(Some((None, 6))) }), None);
+        assert_eq!(leader(known(None)), None);
+    }
+
+    #[test]
     fn reports_expire_and_the_highest_term_wins() {
         let t0 = Instant::now();
         let fresh = Duration::from_secs(3);
         let mut reports = Reports::default();
-        let short = |term, in_sync: &[u64]| ShortInSync { group: KEY, term, in_sync: in_sync.to_vec() };
+        let short = |term, in_sync: &[u64]| LeaderReport { group: KEY, term, in_sync: in_sync.to_vec() };
         reports.record(1, t0, vec![short(4, &[1])]);
         reports.record(2, t0 + Duration::from_secs(2), vec![short(5, &[2, 3])]);
-        assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some((5, &[2, 3][..])));
+        assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some(report(2, 5, &[2, 3])));
         // Node 2's next report says nothing is short: node 1's older term is all that is left.
         reports.record(2, t0 + Duration::from_secs(2), Vec::new());
-        assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some((4, &[1][..])));
+        assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some(report(1, 4, &[1])));
         // Node 1 has not reported for 3 s: down, and its report with it.
         assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(3), fresh), None);
         assert_eq!(reports.newest(GroupKey { partition: 2, ..KEY }, t0, fresh), None);

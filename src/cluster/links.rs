@@ -15,13 +15,14 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::{AsyncWriteExt, StreamExt};
 use glommio::net::{TcpListener, TcpStream};
 use raft::eraftpb::Message;
 
 use super::transport::{self, NodeInfo};
-use crate::replication::wire::{self, GroupKey, PeerBatch, ShortInSync};
+use crate::replication::wire::{self, GroupKey, LeaderReport, PeerBatch};
 use crate::storage::notify::Notify;
 
 /// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
@@ -43,7 +44,9 @@ pub struct PeerLinks {
     /// Gathered since the last pass of `run_sender`.
     pending: RefCell<Outbox>,
     /// The in-sync report for the next frame to every peer.
-    pending_report: RefCell<Option<Vec<ShortInSync>>>,
+    pending_report: RefCell<Option<Vec<LeaderReport>>>,
+    /// Controller commands for each peer (its controller leader), sent with its next frame.
+    pending_requests: RefCell<BTreeMap<u64, Vec<Bytes>>>,
     wake_sender: Notify,
     sent: RefCell<BTreeMap<u64, SentCounts>>,
 }
@@ -84,6 +87,7 @@ impl PeerLinks {
             heard: RefCell::new(BTreeMap::new()),
             pending: RefCell::new(Outbox::new()),
             pending_report: RefCell::new(None),
+            pending_requests: RefCell::new(BTreeMap::new()),
             wake_sender: Notify::default(),
             sent: RefCell::new(BTreeMap::new()),
         });
@@ -122,9 +126,15 @@ impl PeerLinks {
 
     /// Sends every peer a keepalive (a frame even when nothing else is queued for it) carrying
     /// `report`: the partitions this node leads whose in-sync replicas are short.
-    pub fn send_keepalive(&self, report: Vec<ShortInSync>) {
+    pub fn send_keepalive(&self, report: Vec<LeaderReport>) {
         *self.pending_report.borrow_mut() = Some(report);
         self.send(self.peers().map(|to| (to, Vec::new())).collect());
+    }
+
+    /// Hands `command` (a controller log record) to peer `to`, the controller's leader, to propose.
+    pub fn send_controller_request(&self, to: u64, command: Bytes) {
+        self.pending_requests.borrow_mut().entry(to).or_default().push(command);
+        self.send(BTreeMap::from([(to, Vec::new())]));
     }
 
     /// What was sent to each peer.
@@ -144,11 +154,17 @@ impl PeerLinks {
             futures_lite::future::yield_now().await;
             let outbox = std::mem::take(&mut *self.pending.borrow_mut());
             let report = self.pending_report.borrow_mut().take();
+            let mut requests = std::mem::take(&mut *self.pending_requests.borrow_mut());
             for (to, messages) in outbox {
                 let Some(sender) = self.senders.get(&to) else { continue };
                 let count = messages.len() as u64;
-                let batch =
-                    PeerBatch { from_node: self.me.id, to_node: to, messages, short_in_sync: report.clone() };
+                let batch = PeerBatch {
+                    from_node: self.me.id,
+                    to_node: to,
+                    messages,
+                    leader_reports: report.clone(),
+                    controller_requests: requests.remove(&to).unwrap_or_default(),
+                };
                 let frame = wire::encode(&batch).to_vec();
                 let bytes = frame.len() as u64;
                 let queued = sender.clone().try_send(frame).is_ok();

@@ -27,7 +27,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -105,7 +105,7 @@ pub struct ClusterStatus {
     /// Replicated partitions of the whole cluster with a leader and fewer replicas in sync than
     /// replicas, as this node knows them (its own leaders, the others' keepalive reports).
     pub under_replicated_partitions: u64,
-    /// Replicas on this node whose group has no leader it knows of.
+    /// Replicated partitions of the whole cluster with no leader this node knows of.
     pub leaderless_partitions: u64,
     pub failure: Option<String>,
 }
@@ -250,13 +250,22 @@ impl ReplicaGate for Cluster {
     }
 
     fn leader(&self, key: GroupKey) -> LeaderView {
-        let Some(status) = self.replicas.status(key) else { return LeaderView::default() };
+        let status = self.replicas.status(key);
+        let reports = self.reports.borrow();
+        let reported = reports.newest(key, Instant::now(), self.tick * ALIVE_TICKS);
+        let local = status.map(|s| (s.leader, s.term));
+        let known = in_sync::Known { replicas: &[], local, led: None, reported };
+        let (leader, epoch) = match in_sync::leader(known) {
+            Some((leader, term)) => (Some(leader), term),
+            None => (None, status.map_or(0, |s| s.term)),
+        };
         LeaderView {
-            leader: status.leader,
-            epoch: status.term,
-            native: status.leader.and_then(|id| self.node_address(id)),
-            serving_here: status.serving && !status.failed,
-            leading_here: status.role == crate::replication::group::Role::Leader && !status.failed,
+            leader,
+            epoch,
+            native: leader.and_then(|id| self.node_address(id)),
+            serving_here: status.is_some_and(|s| s.serving && !s.failed),
+            leading_here: status
+                .is_some_and(|s| s.role == crate::replication::group::Role::Leader && !s.failed),
             in_sync: Vec::new(),
         }
     }
@@ -294,6 +303,18 @@ impl Cluster {
             for (p, replicas) in topic.replication.replicas.iter().enumerate() {
                 let in_sync = self.in_sync_of(topic.replication.key(p as u32), replicas);
                 count += u64::from(in_sync.is_some_and(|set| set.len() < replicas.len()));
+            }
+        }
+        count
+    }
+
+    /// Replicated partitions of the cluster with no leader this node knows of (its replica's
+    /// view, or the leader's report for a partition it holds no replica of).
+    fn leaderless(&self) -> u64 {
+        let mut count = 0;
+        for topic in self.topics.all() {
+            for p in 0..topic.replication.replicas.len() {
+                count += u64::from(self.leader(topic.replication.key(p as u32)).leader.is_none());
             }
         }
         count
@@ -565,7 +586,7 @@ impl Cluster {
             controller_term: group.term(),
             nodes,
             under_replicated_partitions: self.under_replicated(),
-            leaderless_partitions: self.replicas.leaderless(),
+            leaderless_partitions: self.leaderless(),
             failure: self.failure.borrow().clone(),
         }
     }
@@ -621,8 +642,11 @@ impl Cluster {
     /// A batch from peer `from`: the controller's messages step its group, the others go to
     /// the partition replicas.
     fn on_batch(&self, from: u64, mut batch: PeerBatch) {
-        if let Some(report) = batch.short_in_sync.take() {
+        if let Some(report) = batch.leader_reports.take() {
             self.reports.borrow_mut().record(from, Instant::now(), report);
+        }
+        for request in std::mem::take(&mut batch.controller_requests) {
+            self.on_controller_request(from, &request);
         }
         for (key, message) in batch.messages {
             if key == GroupKey::CONTROLLER {
@@ -760,32 +784,94 @@ impl Cluster {
         self.group.borrow().leader().and_then(|id| self.node_address(id))
     }
 
-    /// Runs a topic change through the controller's log: proposed here (this node must lead the
-    /// controller), answered once this node has applied it.
+    /// Runs a topic change through the controller's log, answered once this node has applied
+    /// it: proposed here when this node leads the controller, else handed to the leader over
+    /// the peer links (as Kafka's brokers forward to their controller), and handed again to a
+    /// new leader should leadership move meanwhile (the log applies a request id once).
     async fn change_topic(&self, command: TopicCommand) -> Result<ReplicatedTopic, BrokerError> {
-        if !self.group.borrow().is_serving() {
-            return Err(self.not_controller());
-        }
         let request = command.request();
+        let command = ControllerCommand::Topic(command);
+        let first_leader = self.group.borrow().leader();
         let applied = self.topics.wait_for(request);
-        if let Err(e) = self.propose(&ControllerCommand::Topic(command)) {
+        if let Err(e) = self.hand_to(first_leader, &command) {
             self.topics.forget(request);
             return Err(e);
         }
-        self.drive();
-        let expired = glommio::timer::sleep(self.replication_timeout);
-        futures::pin_mut!(expired);
-        match futures::future::select(applied, expired).await {
-            futures::future::Either::Left((Ok(outcome), _)) => outcome,
-            futures::future::Either::Left((Err(_), _)) => Err(BrokerError::ShuttingDown),
-            futures::future::Either::Right(_) => {
+        let mut handed_to = first_leader;
+        let deadline = Instant::now() + self.replication_timeout;
+        futures::pin_mut!(applied);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 self.topics.forget(request);
-                Err(BrokerError::ReplicationTimedOut {
+                return Err(BrokerError::ReplicationTimedOut {
                     topic: "the controller's log".into(),
                     partition: 0,
                     after_ms: self.replication_timeout.as_millis() as u64,
-                })
+                });
             }
+            let recheck = glommio::timer::sleep(left.min(self.tick * KEEPALIVE_TICKS as u32));
+            match futures::future::select(applied.as_mut(), std::pin::pin!(recheck)).await {
+                futures::future::Either::Left((Ok(outcome), _)) => return outcome,
+                futures::future::Either::Left((Err(_), _)) => return Err(BrokerError::ShuttingDown),
+                futures::future::Either::Right(_) => {}
+            }
+            let leader = self.group.borrow().leader();
+            if leader.is_some() && leader != handed_to && self.hand_to(leader, &command).is_ok() {
+                handed_to = leader;
+            }
+        }
+    }
+
+    /// Proposes `command` when this node serves as the controller's `leader`, or sends it to the
+    /// leader; `NotController` when no leader is known or this one cannot take changes yet.
+    fn hand_to(&self, leader: Option<u64>, command: &ControllerCommand) -> Result<(), BrokerError> {
+        match leader {
+            Some(id) if id == self.me.id => {
+                if !self.group.borrow().is_serving() {
+                    return Err(self.not_controller());
+                }
+                self.propose(command)?;
+                self.drive();
+                Ok(())
+            }
+            Some(id) => {
+                let encoded = serde_json::to_vec(command)
+                    .map_err(|e| BrokerError::Internal(format!("cannot encode {command:?}: {e}")))?;
+                self.links.send_controller_request(id, Bytes::from(encoded));
+                Ok(())
+            }
+            None => Err(self.not_controller()),
+        }
+    }
+
+    /// A topic change another node took from a client: proposed when this node serves as the
+    /// controller's leader, dropped otherwise (the asking node hands it to the leader it learns
+    /// of next, or times out). Only topic changes are taken: registrations are the leader's own.
+    fn on_controller_request(&self, from: u64, request: &[u8]) {
+        let command = match serde_json::from_slice::<ControllerCommand>(request) {
+            Ok(command @ ControllerCommand::Topic(_)) => command,
+            Ok(ControllerCommand::Register(_)) => {
+                return tracing::warn!(
+                    node = from,
+                    "cluster: a peer asked to propose a registration; ignored"
+                )
+            }
+            Err(e) => {
+                return tracing::warn!(
+                    node = from,
+                    "cluster: a peer's controller request is not a command: {e}"
+                )
+            }
+        };
+        if !self.group.borrow().is_serving() {
+            return tracing::debug!(
+                node = from,
+                "cluster: a controller request reached a node that cannot propose it"
+            );
+        }
+        if let Err(e) = self.propose(&command) {
+            tracing::debug!(node = from, "cluster: a peer's controller request not proposed: {e}");
         }
     }
 
@@ -824,7 +910,7 @@ impl Cluster {
             // Raft followers never write to each other, so every node also says it is alive to
             // every peer every few ticks, with the partitions it leads whose in-sync set is short.
             if ticks % KEEPALIVE_TICKS == 0 {
-                self.links.send_keepalive(self.replicas.short_in_sync());
+                self.links.send_keepalive(self.replicas.leader_reports(self.seeds.voters.len()));
             }
         }
     }

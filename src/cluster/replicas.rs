@@ -25,7 +25,7 @@ use crate::record::BatchHeader;
 use crate::replication::epochs::LeaderEpochs;
 use crate::replication::group::{FollowerProgress, ProposeError, Proposed, RaftGroup, Role};
 use crate::replication::replica_log::ReplicaLog;
-use crate::replication::wire::{GroupKey, ShortInSync};
+use crate::replication::wire::{GroupKey, LeaderReport};
 use crate::shard::replica::{PartitionReplica, ProposalRefused};
 use crate::storage::notify::Notify;
 use crate::storage::{Partition, StorageError};
@@ -306,9 +306,10 @@ impl ReplicaHost {
         Some(in_sync)
     }
 
-    /// The partitions this node leads whose in-sync replicas are fewer than their members: what
-    /// its keepalives report to every peer.
-    pub fn short_in_sync(&self) -> Vec<ShortInSync> {
+    /// The partitions this node leads whose in-sync replicas are fewer than their members, or
+    /// whose members are fewer than the cluster's `nodes` (the others learn the leader only
+    /// from this): what its keepalives report to every peer.
+    pub fn leader_reports(&self, nodes: usize) -> Vec<LeaderReport> {
         let me = self.links.me().id;
         let replicas = self.replicas.borrow();
         replicas
@@ -316,11 +317,11 @@ impl ReplicaHost {
             .filter(|(_, hosted)| hosted.leads())
             .filter_map(|(&key, hosted)| {
                 let followers = hosted.followers.borrow();
-                if followers.iter().all(|f| f.in_sync) {
+                if followers.iter().all(|f| f.in_sync) && followers.len() + 1 >= nodes {
                     return None;
                 }
                 let (term, in_sync) = (hosted.status.get().term, members_in_sync(me, &followers));
-                Some(ShortInSync { group: key, term, in_sync })
+                Some(LeaderReport { group: key, term, in_sync })
             })
             .collect()
     }

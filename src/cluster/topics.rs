@@ -10,7 +10,7 @@
 //! May depend on `shard` (views, the gate seam, storage), `replication`, `metadata`, `config`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -85,6 +85,37 @@ pub struct Topics {
     by_name: Rc<RefCell<BTreeMap<String, ReplicatedTopic>>>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Applied>>>,
     changes: mpsc::UnboundedSender<Change>,
+    /// The request ids of the latest commands applied: a change handed to a second leader after
+    /// the first one proposed it too is in the log twice, and only its first entry counts.
+    /// Every node applies the same log, so every node skips the same entries.
+    recent: RefCell<RecentRequests>,
+}
+
+/// The last `RECENT_REQUESTS` request ids applied, oldest first.
+#[derive(Default)]
+struct RecentRequests {
+    order: VecDeque<u64>,
+    seen: HashSet<u64>,
+}
+
+/// A repeat lands within a few leader changes of its first entry; far more than that apart
+/// would take thousands of topic changes in between.
+const RECENT_REQUESTS: usize = 4096;
+
+impl RecentRequests {
+    /// Records `request`; false when it was applied already.
+    fn first_time(&mut self, request: u64) -> bool {
+        if !self.seen.insert(request) {
+            return false;
+        }
+        self.order.push_back(request);
+        if self.order.len() > RECENT_REQUESTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        true
+    }
 }
 
 impl Topics {
@@ -93,7 +124,7 @@ impl Topics {
         let (changes, queue) = mpsc::unbounded();
         let by_name = Rc::new(RefCell::new(BTreeMap::new()));
         glommio::spawn_local(run_applier(me, shard, host, by_name.clone(), queue)).detach();
-        Topics { me, by_name, waiting: RefCell::new(HashMap::new()), changes }
+        Topics { me, by_name, waiting: RefCell::new(HashMap::new()), changes, recent: RefCell::default() }
     }
 
     /// Waits for the outcome of proposal `request` (answered when this node applies it).
@@ -121,6 +152,9 @@ impl Topics {
     /// Applies a committed command at log index `index`, given the registered nodes there.
     pub fn apply(&self, index: u64, command: TopicCommand, registered: &[u64]) {
         let request = command.request();
+        if !self.recent.borrow_mut().first_time(request) {
+            return tracing::debug!(index, request, "cluster: a topic change applied already; skipped");
+        }
         let outcome = match command {
             TopicCommand::Create { name, partitions, replication_factor, overrides, .. } => {
                 self.create(index, name, partitions, replication_factor, overrides, registered)
@@ -348,5 +382,17 @@ mod tests {
         }
         assert_eq!(place(&[1, 2, 3, 4], 2, 2, 5), vec![vec![2, 3], vec![3, 4]]);
         assert_eq!(place(&[7], 2, 1, 9), vec![vec![7], vec![7]]);
+    }
+
+    #[test]
+    fn a_request_id_counts_once_among_the_recent_ones() {
+        let mut recent = RecentRequests::default();
+        assert!(recent.first_time(7));
+        assert!(!recent.first_time(7), "a repeat is skipped");
+        for request in 100..100 + RECENT_REQUESTS as u64 {
+            assert!(recent.first_time(request));
+        }
+        assert_eq!(recent.order.len(), RECENT_REQUESTS);
+        assert!(recent.first_time(7), "forgotten once it is old");
     }
 }

@@ -914,36 +914,36 @@ impl ::core::fmt::Debug for RaftMessage<'_> {
       ds.finish()
   }
 }
-pub enum ShortInSyncOffset {}
+pub enum LeaderReportOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct ShortInSync<'a> {
+pub struct LeaderReport<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for ShortInSync<'a> {
-  type Inner = ShortInSync<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for LeaderReport<'a> {
+  type Inner = LeaderReport<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> ShortInSync<'a> {
+impl<'a> LeaderReport<'a> {
   pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
   pub const VT_TERM: ::flatbuffers::VOffsetT = 6;
   pub const VT_IN_SYNC: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    ShortInSync { _tab: table }
+    LeaderReport { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args ShortInSyncArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<ShortInSync<'bldr>> {
-    let mut builder = ShortInSyncBuilder::new(_fbb);
+    args: &'args LeaderReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LeaderReport<'bldr>> {
+    let mut builder = LeaderReportBuilder::new(_fbb);
     builder.add_term(args.term);
     if let Some(x) = args.in_sync { builder.add_in_sync(x); }
     if let Some(x) = args.group { builder.add_group(x); }
@@ -956,25 +956,25 @@ impl<'a> ShortInSync<'a> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<GroupKey>(ShortInSync::VT_GROUP, None)}
+    unsafe { self._tab.get::<GroupKey>(LeaderReport::VT_GROUP, None)}
   }
   #[inline]
   pub fn term(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(ShortInSync::VT_TERM, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(LeaderReport::VT_TERM, Some(0)).unwrap()}
   }
   #[inline]
   pub fn in_sync(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ShortInSync::VT_IN_SYNC, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(LeaderReport::VT_IN_SYNC, None)}
   }
 }
 
-impl ::flatbuffers::Verifiable for ShortInSync<'_> {
+impl ::flatbuffers::Verifiable for LeaderReport<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
@@ -987,15 +987,15 @@ impl ::flatbuffers::Verifiable for ShortInSync<'_> {
     Ok(())
   }
 }
-pub struct ShortInSyncArgs<'a> {
+pub struct LeaderReportArgs<'a> {
     pub group: Option<&'a GroupKey>,
     pub term: u64,
     pub in_sync: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
 }
-impl<'a> Default for ShortInSyncArgs<'a> {
+impl<'a> Default for LeaderReportArgs<'a> {
   #[inline]
   fn default() -> Self {
-    ShortInSyncArgs {
+    LeaderReportArgs {
       group: None,
       term: 0,
       in_sync: None,
@@ -1003,44 +1003,140 @@ impl<'a> Default for ShortInSyncArgs<'a> {
   }
 }
 
-pub struct ShortInSyncBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct LeaderReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShortInSyncBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaderReportBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_group(&mut self, group: &GroupKey) {
-    self.fbb_.push_slot_always::<&GroupKey>(ShortInSync::VT_GROUP, group);
+    self.fbb_.push_slot_always::<&GroupKey>(LeaderReport::VT_GROUP, group);
   }
   #[inline]
   pub fn add_term(&mut self, term: u64) {
-    self.fbb_.push_slot::<u64>(ShortInSync::VT_TERM, term, 0);
+    self.fbb_.push_slot::<u64>(LeaderReport::VT_TERM, term, 0);
   }
   #[inline]
   pub fn add_in_sync(&mut self, in_sync: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShortInSync::VT_IN_SYNC, in_sync);
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaderReport::VT_IN_SYNC, in_sync);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShortInSyncBuilder<'a, 'b, A> {
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaderReportBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    ShortInSyncBuilder {
+    LeaderReportBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<ShortInSync<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaderReport<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for ShortInSync<'_> {
+impl ::core::fmt::Debug for LeaderReport<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("ShortInSync");
+    let mut ds = f.debug_struct("LeaderReport");
       ds.field("group", &self.group());
       ds.field("term", &self.term());
       ds.field("in_sync", &self.in_sync());
+      ds.finish()
+  }
+}
+pub enum ControllerRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ControllerRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ControllerRequest<'a> {
+  type Inner = ControllerRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ControllerRequest<'a> {
+  pub const VT_COMMAND: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ControllerRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ControllerRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ControllerRequest<'bldr>> {
+    let mut builder = ControllerRequestBuilder::new(_fbb);
+    if let Some(x) = args.command { builder.add_command(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn command(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ControllerRequest::VT_COMMAND, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ControllerRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("command", Self::VT_COMMAND, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ControllerRequestArgs<'a> {
+    pub command: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ControllerRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ControllerRequestArgs {
+      command: None,
+    }
+  }
+}
+
+pub struct ControllerRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ControllerRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_command(&mut self, command: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ControllerRequest::VT_COMMAND, command);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ControllerRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ControllerRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ControllerRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ControllerRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ControllerRequest");
+      ds.field("command", &self.command());
       ds.finish()
   }
 }
@@ -1065,7 +1161,8 @@ impl<'a> PeerBatch<'a> {
   pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 8;
   pub const VT_HEARTBEATS: ::flatbuffers::VOffsetT = 10;
   pub const VT_HEARTBEAT_RESPONSES: ::flatbuffers::VOffsetT = 12;
-  pub const VT_SHORT_IN_SYNC: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEADER_REPORTS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_CONTROLLER_REQUESTS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1079,7 +1176,8 @@ impl<'a> PeerBatch<'a> {
     let mut builder = PeerBatchBuilder::new(_fbb);
     builder.add_to_node(args.to_node);
     builder.add_from_node(args.from_node);
-    if let Some(x) = args.short_in_sync { builder.add_short_in_sync(x); }
+    if let Some(x) = args.controller_requests { builder.add_controller_requests(x); }
+    if let Some(x) = args.leader_reports { builder.add_leader_reports(x); }
     if let Some(x) = args.heartbeat_responses { builder.add_heartbeat_responses(x); }
     if let Some(x) = args.heartbeats { builder.add_heartbeats(x); }
     if let Some(x) = args.messages { builder.add_messages(x); }
@@ -1123,11 +1221,18 @@ impl<'a> PeerBatch<'a> {
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Beat>>>(PeerBatch::VT_HEARTBEAT_RESPONSES, None)}
   }
   #[inline]
-  pub fn short_in_sync(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync<'a>>>> {
+  pub fn leader_reports(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<LeaderReport<'a>>>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync>>>>(PeerBatch::VT_SHORT_IN_SYNC, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<LeaderReport>>>>(PeerBatch::VT_LEADER_REPORTS, None)}
+  }
+  #[inline]
+  pub fn controller_requests(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ControllerRequest<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ControllerRequest>>>>(PeerBatch::VT_CONTROLLER_REQUESTS, None)}
   }
 }
 
@@ -1142,7 +1247,8 @@ impl ::flatbuffers::Verifiable for PeerBatch<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<RaftMessage>>>>("messages", Self::VT_MESSAGES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("heartbeats", Self::VT_HEARTBEATS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("heartbeat_responses", Self::VT_HEARTBEAT_RESPONSES, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShortInSync>>>>("short_in_sync", Self::VT_SHORT_IN_SYNC, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<LeaderReport>>>>("leader_reports", Self::VT_LEADER_REPORTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ControllerRequest>>>>("controller_requests", Self::VT_CONTROLLER_REQUESTS, false)?
      .finish();
     Ok(())
   }
@@ -1153,7 +1259,8 @@ pub struct PeerBatchArgs<'a> {
     pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RaftMessage<'a>>>>>,
     pub heartbeats: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
     pub heartbeat_responses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
-    pub short_in_sync: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShortInSync<'a>>>>>,
+    pub leader_reports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<LeaderReport<'a>>>>>,
+    pub controller_requests: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ControllerRequest<'a>>>>>,
 }
 impl<'a> Default for PeerBatchArgs<'a> {
   #[inline]
@@ -1164,7 +1271,8 @@ impl<'a> Default for PeerBatchArgs<'a> {
       messages: None,
       heartbeats: None,
       heartbeat_responses: None,
-      short_in_sync: None,
+      leader_reports: None,
+      controller_requests: None,
     }
   }
 }
@@ -1195,8 +1303,12 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PeerBatchBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_HEARTBEAT_RESPONSES, heartbeat_responses);
   }
   #[inline]
-  pub fn add_short_in_sync(&mut self, short_in_sync: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShortInSync<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_SHORT_IN_SYNC, short_in_sync);
+  pub fn add_leader_reports(&mut self, leader_reports: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<LeaderReport<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_LEADER_REPORTS, leader_reports);
+  }
+  #[inline]
+  pub fn add_controller_requests(&mut self, controller_requests: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ControllerRequest<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_CONTROLLER_REQUESTS, controller_requests);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PeerBatchBuilder<'a, 'b, A> {
@@ -1221,7 +1333,8 @@ impl ::core::fmt::Debug for PeerBatch<'_> {
       ds.field("messages", &self.messages());
       ds.field("heartbeats", &self.heartbeats());
       ds.field("heartbeat_responses", &self.heartbeat_responses());
-      ds.field("short_in_sync", &self.short_in_sync());
+      ds.field("leader_reports", &self.leader_reports());
+      ds.field("controller_requests", &self.controller_requests());
       ds.finish()
   }
 }

@@ -1,7 +1,8 @@
 //! The replication protocol's bytes (`schema/replication.fbs`): one `PeerBatch` per frame carries
 //! every Raft message one node has for another in one pass of its loop, with the heartbeats of all
-//! groups the pair shares coalesced into fixed-size beats, and in keepalives the sender's report
-//! of the partitions it leads whose in-sync replicas are short. raft-rs's protobuf types are
+//! groups the pair shares coalesced into fixed-size beats, in keepalives the sender's report of
+//! the partitions it leads whose in-sync replicas are short or that a node holds no replica of,
+//! and topic changes a node hands to the controller's leader. raft-rs's protobuf types are
 //! built and read field by field here: protobuf never parses bytes from the network.
 //!
 //! Depends on the generated code, raft-rs's message types and `bytes`; no IO.
@@ -64,14 +65,18 @@ pub struct PeerBatch {
     pub from_node: u64,
     pub to_node: u64,
     pub messages: Vec<(GroupKey, Message)>,
-    /// The sender's report of the partitions it leads with a short in-sync set (keepalives only;
-    /// `Some(empty)`: none is short).
-    pub short_in_sync: Option<Vec<ShortInSync>>,
+    /// The sender's report of the partitions it leads that a peer cannot see whole from its own
+    /// replica (keepalives only; `Some(empty)`: there is none).
+    pub leader_reports: Option<Vec<LeaderReport>>,
+    /// Commands for the controller's leader to propose (the controller's log record, opaque
+    /// here), from a node that took a topic change from a client.
+    pub controller_requests: Vec<Bytes>,
 }
 
-/// A partition the sender leads whose in-sync replicas are fewer than its replicas.
+/// A partition the sender leads whose in-sync replicas are fewer than its replicas, or that some
+/// node of the cluster holds no replica of (that node learns its leader from this).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShortInSync {
+pub struct LeaderReport {
     pub group: GroupKey,
     /// The leader's term.
     pub term: u64,
@@ -199,19 +204,30 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
     let messages = fbb.create_vector(&messages);
     let heartbeats = fbb.create_vector(&beats);
     let heartbeat_responses = fbb.create_vector(&responses);
-    let short_in_sync = batch.short_in_sync.as_ref().map(|report| {
+    let leader_reports = batch.leader_reports.as_ref().map(|report| {
         let entries: Vec<_> = report
             .iter()
             .map(|short| {
                 let in_sync = fbb.create_vector(&short.in_sync);
                 let key = short.group.to_fb();
-                fb::ShortInSync::create(
+                fb::LeaderReport::create(
                     &mut fbb,
-                    &fb::ShortInSyncArgs { group: Some(&key), term: short.term, in_sync: Some(in_sync) },
+                    &fb::LeaderReportArgs { group: Some(&key), term: short.term, in_sync: Some(in_sync) },
                 )
             })
             .collect();
         fbb.create_vector(&entries)
+    });
+    let controller_requests = (!batch.controller_requests.is_empty()).then(|| {
+        let requests: Vec<_> = batch
+            .controller_requests
+            .iter()
+            .map(|command| {
+                let command = fbb.create_vector(command);
+                fb::ControllerRequest::create(&mut fbb, &fb::ControllerRequestArgs { command: Some(command) })
+            })
+            .collect();
+        fbb.create_vector(&requests)
     });
     let root = fb::PeerBatch::create(
         &mut fbb,
@@ -221,7 +237,8 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
             messages: Some(messages),
             heartbeats: Some(heartbeats),
             heartbeat_responses: Some(heartbeat_responses),
-            short_in_sync,
+            leader_reports,
+            controller_requests,
         },
     );
     fbb.finish(root, None);
@@ -293,17 +310,21 @@ pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
         .map_err(|e| WireError::BadHeader(e.to_string()))?;
     let (from, to) = (root.from_node(), root.to_node());
     let mut batch = PeerBatch { from_node: from, to_node: to, ..PeerBatch::default() };
-    if let Some(report) = root.short_in_sync() {
+    if let Some(report) = root.leader_reports() {
         let mut shorts = Vec::with_capacity(report.len());
         for (index, short) in report.iter().enumerate() {
             let group = short.group().ok_or(WireError::ReportWithoutGroup { index })?;
-            shorts.push(ShortInSync {
+            shorts.push(LeaderReport {
                 group: GroupKey::from_fb(group),
                 term: short.term(),
                 in_sync: short.in_sync().map(|ids| ids.iter().collect()).unwrap_or_default(),
             });
         }
-        batch.short_in_sync = Some(shorts);
+        batch.leader_reports = Some(shorts);
+    }
+    for request in root.controller_requests().iter().flatten() {
+        let command = request.command().map(|c| c.bytes()).unwrap_or_default();
+        batch.controller_requests.push(Bytes::copy_from_slice(command));
     }
     for beat in root.heartbeats().iter().flatten() {
         batch.messages.push(beat_message(MessageType::MsgHeartbeat, beat, from, to));
@@ -423,29 +444,44 @@ mod tests {
     }
 
     #[test]
+    fn controller_requests_travel_as_given() {
+        let requests = vec![Bytes::from_static(br#"{"topic":{}}"#), Bytes::new(), Bytes::from_static(b"x")];
+        let batch = PeerBatch {
+            from_node: 3,
+            to_node: 1,
+            controller_requests: requests.clone(),
+            ..Default::default()
+        };
+        let decoded = decode(Bytes::from(encode(&batch).to_vec())).unwrap();
+        assert_eq!(decoded.controller_requests, requests);
+        let plain = decode(Bytes::from(encode(&PeerBatch::default()).to_vec())).unwrap();
+        assert!(plain.controller_requests.is_empty());
+    }
+
+    #[test]
     fn an_in_sync_report_travels_only_when_given() {
         let plain = PeerBatch { from_node: 1, to_node: 2, ..PeerBatch::default() };
         let decoded = decode(Bytes::from(encode(&plain).to_vec())).unwrap();
-        assert_eq!(decoded.short_in_sync, None, "a batch without a report");
-        let empty = PeerBatch { short_in_sync: Some(Vec::new()), ..PeerBatch::default() };
+        assert_eq!(decoded.leader_reports, None, "a batch without a report");
+        let empty = PeerBatch { leader_reports: Some(Vec::new()), ..PeerBatch::default() };
         let decoded = decode(Bytes::from(encode(&empty).to_vec())).unwrap();
-        assert_eq!(decoded.short_in_sync, Some(Vec::new()), "a report that nothing is short");
+        assert_eq!(decoded.leader_reports, Some(Vec::new()), "a report that nothing is short");
         let shorts = vec![
-            ShortInSync {
+            LeaderReport {
                 group: GroupKey { topic_id: 1 << 70 | 3, partition: 4 },
                 term: 9,
                 in_sync: vec![1, 3],
             },
-            ShortInSync { group: GroupKey { topic_id: 5, partition: 0 }, term: 2, in_sync: vec![1] },
+            LeaderReport { group: GroupKey { topic_id: 5, partition: 0 }, term: 2, in_sync: vec![1] },
         ];
         let report = PeerBatch {
             from_node: 1,
             to_node: 2,
-            short_in_sync: Some(shorts.clone()),
+            leader_reports: Some(shorts.clone()),
             ..PeerBatch::default()
         };
         let decoded = decode(Bytes::from(encode(&report).to_vec())).unwrap();
-        assert_eq!(decoded.short_in_sync, Some(shorts));
+        assert_eq!(decoded.leader_reports, Some(shorts));
     }
 
     #[test]
