@@ -394,7 +394,12 @@ async fn group(args: Args, history: History, name: String, mut stop: watch::Rece
             };
             let records = match polled {
                 Ok(records) => {
-                    streak.ok();
+                    // Only records end a failure streak: `poll` hides transient failures (it
+                    // retries them for up to the request timeout and answers no records), and
+                    // while the producers write, a member that reads nothing is stuck.
+                    if !records.is_empty() {
+                        streak.ok();
+                    }
                     records
                 }
                 Err(e) => {
