@@ -181,6 +181,33 @@ class CheckerTest(unittest.TestCase):
         h.poll("g4", (0, 0, "v0"))  # before the group's commit
         self.assert_only(h.check(), "nonmonotonic_poll")
 
+    def test_a_group_resumes_past_an_unknown_commit_over_a_control_batch(self):
+        # Seen in a nemesis run: a commit of 3 whose outcome was unknown was applied, 3 holds a
+        # leader-change batch, and the member's first read after rejoining is at 4.
+        h = History()
+        for i in (0, 1, 2, 4):
+            h.produce(f"v{i}", 0, i)
+        h.add("g", "assign", partitions=[0], group="G")
+        h.poll("g", (0, 0, "v0"))
+        h.add("g", "commit", group="G", partition=0, offset=1)
+        h.poll("g", (0, 1, "v1"), (0, 2, "v2"))
+        h.add("g", "commit_unknown", group="G", partition=0, offset=3)
+        h.add("g", "assign", partitions=[0], group="G")
+        h.poll("g", (0, 4, "v4"))
+        self.assertTrue(h.check()["valid"], h.check())
+        # Past the unknown commit's position, a record held is still a skip.
+        h2 = History()
+        for i in range(5):
+            h2.produce(f"v{i}", 0, i)
+        h2.add("g", "assign", partitions=[0], group="G")
+        h2.poll("g", (0, 0, "v0"), (0, 1, "v1"), (0, 2, "v2"))
+        h2.add("g", "commit", group="G", partition=0, offset=1)
+        h2.add("g", "commit_unknown", group="G", partition=0, offset=3)
+        h2.add("g", "assign", partitions=[0], group="G")
+        h2.poll("g", (0, 4, "v4"))  # 3 holds v3
+        h2.poll("r", (0, 3, "v3"))
+        self.assert_only(h2.check(), "poll_skip")
+
     def test_offset_reset_and_truncation_events(self):
         h = valid_history()
         h.add("r", "reset", partition=0, detail="offset out of range: reset to earliest")
