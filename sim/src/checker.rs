@@ -6,7 +6,9 @@
 //!   completeness);
 //! - a leader never serves a high watermark below one a leader of an earlier term served;
 //! - every acknowledged produce is in the final log exactly once, at the offsets it was
-//!   acknowledged with, and no record appears twice;
+//!   acknowledged with, and no record appears twice (so an idempotent producer's retry is never
+//!   written twice);
+//! - an answer never changes: a record acknowledged again (a retry) has the offset it first had;
 //! - after the faults end, every group has one serving leader and every replica has caught up.
 
 use std::collections::BTreeMap;
@@ -77,6 +79,10 @@ impl Checker {
 
     pub fn acknowledged(&self) -> usize {
         self.acknowledged.len()
+    }
+
+    pub fn is_acknowledged(&self, id: u64) -> bool {
+        self.acknowledged.contains_key(&id)
     }
 
     pub fn proposed(&mut self, group: GroupKey, node: u64, proposed: Proposed, ids: Vec<u64>) {
@@ -177,9 +183,27 @@ impl Checker {
             *served = (*served).max(hw);
         }
         // Acknowledge what the proposing leader now has committed under the term it proposed in.
+        // A retry answered with an earlier batch's offsets (`Proposed::retry`) is acknowledged
+        // once the leader's high watermark passes them while the term it answered in lasts.
         let mut still_pending = Vec::new();
+        let mut answered = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            if p.node != node || p.group != key || p.proposed.index > to {
+            if p.node != node || p.group != key {
+                still_pending.push(p);
+                continue;
+            }
+            if p.proposed.retry {
+                if group.term() != p.proposed.term {
+                    continue;
+                }
+                if group.high_watermark() > p.proposed.last_offset {
+                    answered.push(p);
+                } else {
+                    still_pending.push(p);
+                }
+                continue;
+            }
+            if p.proposed.index > to {
                 still_pending.push(p);
                 continue;
             }
@@ -188,12 +212,20 @@ impl Checker {
                 continue;
             };
             if entry.term == p.proposed.term {
-                for (i, id) in p.ids.iter().enumerate() {
-                    self.acknowledged.insert(*id, (key, p.proposed.base_offset + i as i64));
-                }
+                answered.push(p);
             }
         }
         self.pending = still_pending;
+        for p in answered {
+            for (i, id) in p.ids.iter().enumerate() {
+                let at = (key, p.proposed.base_offset + i as i64);
+                if let Some(before) = self.acknowledged.insert(*id, at).filter(|before| *before != at) {
+                    return self.fail(format!(
+                        "{now} ms: record {id} acknowledged at {at:?} by n{node}, earlier at {before:?}"
+                    ));
+                }
+            }
+        }
     }
 
     /// After the faults have ended and the cluster has had time to settle.

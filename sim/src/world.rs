@@ -4,7 +4,13 @@
 //! client workload, all on simulated time, driven by one seed. Faults are drawn from the seed:
 //! message loss, delay, duplication and reordering, network partitions (both ways or one way) that
 //! heal, node crashes that keep only what was synced (the unsynced tail lost or torn), pauses (a
-//! stopped process), and slow syncs.
+//! stopped process), and slow syncs; disk write and sync errors and full disks
+//! (`storage_faults`); clocks that jump, stand still or run fast or slow (`clock`). Beside the
+//! plain producer, idempotent producers retry at whichever node leads (`producers`).
+
+mod clock;
+mod producers;
+mod storage_faults;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -19,7 +25,10 @@ use ringlog::replication::rng::SeededRng;
 use ringlog::replication::wire::{self, GroupKey, PeerBatch};
 
 use crate::checker::{Checker, NodeView};
-use crate::disk::{SimDisk, WriteMark};
+use crate::disk::{SimDisk, WriteError, WriteMark};
+use clock::{ClockFaults, NodeClock};
+use producers::{IdempotentLoad, Producer};
+use storage_faults::DiskFaults;
 
 pub const TICK_MS: u64 = 10;
 
@@ -43,10 +52,15 @@ pub struct Scenario {
     /// Entry data a replica keeps in memory: small, so followers that lag are served by reading
     /// the log back (raft-rs's asynchronous fetch).
     pub recent_cache_bytes: usize,
+    pub disk: DiskFaults,
+    pub clock: ClockFaults,
+    pub idempotent: IdempotentLoad,
 }
 
 impl Scenario {
-    pub fn from_seed(rng: &mut SeededRng) -> Scenario {
+    /// The faults added by issue 13 come from `more`, so that the rest of a seed's run is drawn
+    /// as it was before them.
+    pub fn from_seed(rng: &mut SeededRng, more: &mut SeededRng) -> Scenario {
         Scenario {
             nodes: if rng.chance(300_000) { 5 } else { 3 },
             groups: rng.range(1, 5) as u32,
@@ -62,6 +76,9 @@ impl Scenario {
             pause_every_ms: rng.range(1_000, 6_000),
             sync_ms: (0, rng.range(1, 20)),
             recent_cache_bytes: rng.range(1, 64 << 10) as usize,
+            disk: DiskFaults::from_seed(more),
+            clock: ClockFaults::from_seed(more),
+            idempotent: IdempotentLoad::from_seed(more),
         }
     }
 }
@@ -96,6 +113,20 @@ enum Event {
         node: u64,
     },
     EndFaults,
+    More(MoreEvent),
+}
+
+/// The events of issue 13's faults and workload, handled in their modules (`handle_more`).
+#[derive(Debug)]
+enum MoreEvent {
+    DiskFull,
+    /// A node whose replica stopped is restarted (if it is still the same process).
+    Reboot {
+        node: u64,
+        incarnation: u64,
+    },
+    Clock,
+    IdempotentProduce,
 }
 
 struct Node {
@@ -107,12 +138,17 @@ struct Node {
     groups: BTreeMap<GroupKey, RaftGroup<ReplicaLog>>,
     /// Outlive the node's crashes.
     disks: BTreeMap<GroupKey, SimDisk>,
+    /// The disk is full until then (ms).
+    disk_full_until: u64,
+    clock: NodeClock,
 }
 
 pub struct World {
     pub scenario: Scenario,
     broken: Broken,
     rng: SeededRng,
+    /// Draws the faults issue 13 added, apart from `rng`.
+    more_rng: SeededRng,
     now: u64,
     sequence: u64,
     events: BinaryHeap<Reverse<(u64, u64, usize)>>,
@@ -122,6 +158,7 @@ pub struct World {
     cut: BTreeSet<(u64, u64)>,
     faults: bool,
     next_record: u64,
+    producers: Vec<Producer>,
     pub checker: Checker,
     pub trace: Option<String>,
     pub frames_sent: u64,
@@ -153,13 +190,16 @@ pub enum Broken {
     ServeUncommitted,
     /// A rejoining replica keeps its divergent suffix instead of truncating it.
     SkipTruncation,
+    /// A failed fdatasync is taken for success (retried, as brokers did before "fsyncgate"):
+    /// the writes are reported persisted and acknowledged, though they are lost.
+    IgnoreSyncErrors,
 }
 
 fn settings(broken: Broken) -> GroupSettings {
     let sabotage = match broken {
         Broken::AckBeforeSync => Sabotage::AckBeforeSync,
         Broken::ServeUncommitted => Sabotage::ServeUncommitted,
-        Broken::None | Broken::SkipTruncation => Sabotage::None,
+        Broken::None | Broken::SkipTruncation | Broken::IgnoreSyncErrors => Sabotage::None,
     };
     GroupSettings { max_size_per_msg: 64 << 10, max_inflight_msgs: 16, sabotage, ..GroupSettings::default() }
 }
@@ -167,7 +207,8 @@ fn settings(broken: Broken) -> GroupSettings {
 impl World {
     pub fn new(seed: u64, trace: bool, broken: Broken) -> World {
         let mut rng = SeededRng::new(seed);
-        let scenario = Scenario::from_seed(&mut rng);
+        let mut more_rng = SeededRng::new(seed ^ 0x6973_7375_6531_3300);
+        let scenario = Scenario::from_seed(&mut rng, &mut more_rng);
         let voters: Vec<u64> = (1..=scenario.nodes).collect();
         let mut nodes = Vec::new();
         for id in 1..=scenario.nodes {
@@ -178,6 +219,8 @@ impl World {
                 paused_until: None,
                 groups: BTreeMap::new(),
                 disks: BTreeMap::new(),
+                disk_full_until: 0,
+                clock: NodeClock::default(),
             };
             for g in 0..scenario.groups {
                 let disk = SimDisk::new(voters.clone(), broken == Broken::SkipTruncation);
@@ -190,6 +233,7 @@ impl World {
             checker: Checker::new(scenario.groups),
             scenario,
             rng,
+            more_rng,
             now: 0,
             sequence: 0,
             events: BinaryHeap::new(),
@@ -198,6 +242,7 @@ impl World {
             cut: BTreeSet::new(),
             faults: true,
             next_record: 0,
+            producers: Vec::new(),
             trace: trace.then(String::new),
             frames_sent: 0,
             messages_sent: 0,
@@ -218,6 +263,9 @@ impl World {
             world.schedule(at, event);
         }
         world.schedule(s.fault_ms, Event::EndFaults);
+        world.producers = (0..world.scenario.groups).map(Producer::new).collect();
+        world.schedule_more_faults();
+        world.schedule_idempotent();
         world
     }
 
@@ -298,25 +346,32 @@ impl World {
         }
         match event {
             Event::Tick { node } => {
-                if self.node(node).alive {
+                let now = self.now;
+                if !self.node(node).clock.stands_still(now) && self.node(node).alive {
                     for group in self.node(node).groups.values_mut() {
                         group.tick();
                     }
                     self.drive(node);
                 }
-                self.schedule(TICK_MS, Event::Tick { node });
+                let every = self.node(node).clock.tick_ms;
+                self.schedule(every, Event::Tick { node });
             }
             Event::Deliver { from, to, frame } => self.deliver(from, to, frame),
             Event::Synced { node, incarnation, group, mark, number, then_send } => {
                 if self.node(node).incarnation != incarnation || !self.node(node).alive {
                     return;
                 }
+                if self.sync_fails() {
+                    return self.sync_failed(node, group, mark, number, then_send);
+                }
                 if let Some(disk) = self.node(node).disks.get_mut(&group) {
                     disk.synced(mark);
                 }
-                if let Some(g) = self.node(node).groups.get_mut(&group) {
-                    g.persisted(number);
-                }
+                // A replica stopped by a storage error sends nothing more: in the broker its
+                // rounds run one after another, so a later round's acknowledgements (here, a
+                // sync that completes after an earlier one failed) never exist.
+                let Some(g) = self.node(node).groups.get_mut(&group) else { return };
+                g.persisted(number);
                 self.log(|| format!("n{node} p{} synced #{number}", group.partition));
                 let mut outbox = BTreeMap::new();
                 for m in then_send {
@@ -347,6 +402,7 @@ impl World {
                 self.log(|| format!("n{node} resumed"));
             }
             Event::EndFaults => self.end_faults(),
+            Event::More(fault) => self.handle_more(fault),
         }
     }
 
@@ -355,6 +411,7 @@ impl World {
         let mut outbox: BTreeMap<u64, Vec<(GroupKey, Message)>> = BTreeMap::new();
         let mut syncs = Vec::new();
         let mut fetched = Vec::new();
+        let mut stopped = Vec::new();
         loop {
             let mut progressed = false;
             let n = &mut self.nodes[(node - 1) as usize];
@@ -372,9 +429,22 @@ impl World {
                     outbox.entry(m.to).or_default().push((*key, m));
                 }
                 let Some(disk) = n.disks.get_mut(key) else { continue };
-                if let Err(e) = disk.write(group.store_mut().take_writes()) {
-                    self.checker.fail(format!("n{node} p{}: {e}", key.partition));
-                    return;
+                let writes = group.store_mut().take_writes();
+                let full = self.faults && n.disk_full_until > self.now;
+                let fault =
+                    self.scenario.disk.write_fault(&mut self.more_rng, self.faults, full, writes.len());
+                match disk.write(writes, fault) {
+                    Ok(()) => {}
+                    Err(WriteError::Failed(e)) => {
+                        // `shard::replica::drive` returns the error and the replica's task ends:
+                        // nothing of this round is reported persisted or acknowledged.
+                        stopped.push((*key, e));
+                        continue;
+                    }
+                    Err(WriteError::Inconsistent(e)) => {
+                        self.checker.fail(format!("n{node} p{}: {e}", key.partition));
+                        return;
+                    }
                 }
                 if let Some(persist) = persist {
                     syncs.push((*key, disk.mark(), persist));
@@ -386,6 +456,9 @@ impl World {
                     group.on_entries_fetched(fetch.context);
                     progressed = true;
                 }
+            }
+            for (key, _) in &stopped {
+                n.groups.remove(key);
             }
             self.checker.observe(&view(&self.nodes), self.now);
             if !progressed {
@@ -399,6 +472,9 @@ impl World {
                     key.partition
                 )
             });
+        }
+        for (key, reason) in stopped {
+            self.stop_replica(node, key, reason);
         }
         let incarnation = self.node(node).incarnation;
         for (group, mark, persist) in syncs {
@@ -515,22 +591,28 @@ impl World {
         let may_lose_quorum = self.rng.chance(100_000);
         if alive.len() as u64 > self.scenario.nodes / 2 + 1 || may_lose_quorum {
             let node = alive[self.rng.range(0, alive.len() as u64) as usize];
-            let n = self.node(node);
-            n.alive = false;
-            n.incarnation += 1;
-            n.paused_until = None;
-            n.groups.clear();
-            let tears: Vec<usize> = (0..n.disks.len()).map(|_| self.rng.range(0, 3) as usize).collect();
-            for (disk, torn_keep) in self.node(node).disks.values_mut().zip(tears) {
-                disk.crash(torn_keep);
-            }
-            self.log(|| format!("n{node} crashed"));
+            self.crash_node(node);
             let after = self.rng.range(100, 2_000);
             self.schedule(after, Event::Restart { node });
         }
         let every = self.scenario.crash_every_ms;
         let next = self.rng.range(every / 2, every * 3 / 2);
         self.schedule(next, Event::Crash);
+    }
+
+    /// The node's process dies: its groups go, its disks keep what was synced and a torn part
+    /// of the rest.
+    fn crash_node(&mut self, node: u64) {
+        let n = self.node(node);
+        n.alive = false;
+        n.incarnation += 1;
+        n.paused_until = None;
+        n.groups.clear();
+        let tears: Vec<usize> = (0..n.disks.len()).map(|_| self.rng.range(0, 3) as usize).collect();
+        for (disk, torn_keep) in self.node(node).disks.values_mut().zip(tears) {
+            disk.crash(torn_keep);
+        }
+        self.log(|| format!("n{node} crashed"));
     }
 
     fn restart(&mut self, node: u64) {
@@ -584,6 +666,7 @@ impl World {
     fn end_faults(&mut self) {
         self.faults = false;
         self.cut.clear();
+        self.end_more_faults();
         for id in 1..=self.scenario.nodes {
             if self.node(id).paused_until.take().is_some() {
                 self.log(|| format!("n{id} resumed"));

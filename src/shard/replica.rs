@@ -117,24 +117,10 @@ impl PartitionReplica {
     /// with the original's offsets and not proposed again, so it is written once whichever leader
     /// took the first attempt; a fenced or out-of-order batch is refused as a local append would.
     pub fn propose(&mut self, batch: BytesMut) -> Result<Proposed, ProposalRefused> {
-        let header = record::BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
-        if header.producer_id >= 0 {
-            self.group.may_propose()?;
-            let end = self.partition.log_end_offset();
-            let pending = self
-                .group
-                .unstable_batches()
-                .filter_map(|data| record::BatchHeader::parse(data).ok())
-                .filter(|h| h.base_offset >= end);
-            match self.partition.check_proposal(&header, pending).map_err(ProposalRefused::Producer)? {
-                RequestVerdict::Append => {}
-                RequestVerdict::Duplicate { base_offset, last_offset } => {
-                    let term = self.group.term();
-                    return Ok(Proposed { index: 0, term, base_offset, last_offset, retry: true });
-                }
-            }
-        }
-        Ok(self.group.propose(batch)?)
+        let partition = &self.partition;
+        propose_checked(&mut self.group, batch, partition.log_end_offset(), |header, pending| {
+            partition.check_proposal(header, pending)
+        })
     }
 
     /// One round: polls the group, hands `send_now` the messages that need nothing persisted (a
@@ -249,6 +235,36 @@ impl PartitionReplica {
     fn group_error(&self, source: GroupError) -> ReplicaError {
         ReplicaError::Group { name: self.name.clone(), source }
     }
+}
+
+/// `PartitionReplica::propose` without the partition (no IO), so the simulator runs the same
+/// decision: `log_end` is the partition's log end and `check` its producer check
+/// (`Partition::check_proposal`), given the batch and what this leader proposed past `log_end`.
+pub fn propose_checked(
+    group: &mut RaftGroup<ReplicaLog>,
+    batch: BytesMut,
+    log_end: i64,
+    check: impl FnOnce(
+        &record::BatchHeader,
+        &mut dyn Iterator<Item = record::BatchHeader>,
+    ) -> Result<RequestVerdict, StorageError>,
+) -> Result<Proposed, ProposalRefused> {
+    let header = record::BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
+    if header.producer_id >= 0 {
+        group.may_propose()?;
+        let verdict = {
+            let mut pending = group
+                .unstable_batches()
+                .filter_map(|data| record::BatchHeader::parse(data).ok())
+                .filter(|h| h.base_offset >= log_end);
+            check(&header, &mut pending).map_err(ProposalRefused::Producer)?
+        };
+        if let RequestVerdict::Duplicate { base_offset, last_offset } = verdict {
+            let term = group.term();
+            return Ok(Proposed { index: 0, term, base_offset, last_offset, retry: true });
+        }
+    }
+    Ok(group.propose(batch)?)
 }
 
 /// The two files a replica keeps beside its segments, for errors from the blocking pool.

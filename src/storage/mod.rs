@@ -47,9 +47,8 @@ use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 
 pub use index::{IndexEntry, SegmentIndex};
-pub use partition::Partition;
-pub(crate) use producer_state::RequestVerdict;
-pub use producer_state::SequenceGap;
+pub use partition::{Partition, ProducerLog};
+pub use producer_state::{RequestVerdict, SequenceGap};
 pub use tail_cache::CacheStats;
 
 use crate::record::BatchError;

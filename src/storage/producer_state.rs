@@ -280,7 +280,7 @@ impl AppendingBatches {
 
 /// What an append request turns into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RequestVerdict {
+pub enum RequestVerdict {
     /// Append every batch; the producer state already records them.
     Append,
     /// Every batch of the request is a retry: answer with the originals' offsets.

@@ -19,7 +19,7 @@ use crate::record::{self, BatchError, BatchHeader, BatchLimits, BATCH_HEADER_LEN
 use crate::storage::blocking;
 use crate::storage::notify::Notify;
 use crate::storage::producer_state::{
-    Appending, AppendingBatches, ProducerBatch, Refused, Rejection, RequestVerdict, Verdict,
+    Appending, AppendingBatches, ProducerBatch, ProducerStates, Refused, Rejection, RequestVerdict, Verdict,
 };
 use crate::storage::segment::{align_down, align_up, Segment, ALIGN};
 use crate::storage::tail_cache::Pin;
@@ -164,6 +164,53 @@ fn refused(r: Refused) -> StorageError {
     }
 }
 
+/// `Partition::check_proposal` over `producers`, without the partition.
+fn check_proposal(
+    producers: &ProducerStates,
+    header: &BatchHeader,
+    pending: impl IntoIterator<Item = BatchHeader>,
+) -> Result<RequestVerdict, StorageError> {
+    let Some(batch) = ProducerBatch::of(header) else { return Ok(RequestVerdict::Append) };
+    let pending = pending.into_iter().filter_map(|h| {
+        let earlier = ProducerBatch::of(&h)?;
+        Some((earlier, h.base_offset, h.last_offset()))
+    });
+    match producers.check_after(&batch, pending) {
+        Ok(Verdict::Append) => Ok(RequestVerdict::Append),
+        Ok(Verdict::Duplicate(original)) => Ok(RequestVerdict::Duplicate {
+            base_offset: original.base_offset,
+            last_offset: original.last_offset,
+        }),
+        Err(rejection) => Err(refused(Refused { index: 0, batch, rejection })),
+    }
+}
+
+/// The producer state of a log kept apart from a `Partition`, without IO: a model of a replica's
+/// partition (the simulator's disk) records the batches it holds, as the partition does on
+/// append and rebuilds after a cut, and runs the leader's check over it.
+#[derive(Clone, Debug, Default)]
+pub struct ProducerLog {
+    producers: ProducerStates,
+}
+
+impl ProducerLog {
+    /// Records a batch of the log; one without a producer id changes nothing.
+    pub fn record(&mut self, header: &BatchHeader) {
+        if let Some(batch) = ProducerBatch::of(header) {
+            self.producers.replay(&batch, header.base_offset, header.last_offset());
+        }
+    }
+
+    /// `Partition::check_proposal` over this state.
+    pub fn check_proposal(
+        &self,
+        header: &BatchHeader,
+        pending: impl IntoIterator<Item = BatchHeader>,
+    ) -> Result<RequestVerdict, StorageError> {
+        check_proposal(&self.producers, header, pending)
+    }
+}
+
 impl Partition {
     /// Validates every batch, then (all valid, disk has room) assigns offsets, stamps them, stages
     /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
@@ -259,20 +306,7 @@ impl Partition {
         header: &BatchHeader,
         pending: impl IntoIterator<Item = BatchHeader>,
     ) -> Result<RequestVerdict, StorageError> {
-        let Some(batch) = ProducerBatch::of(header) else { return Ok(RequestVerdict::Append) };
-        let pending = pending.into_iter().filter_map(|h| {
-            let earlier = ProducerBatch::of(&h)?;
-            Some((earlier, h.base_offset, h.last_offset()))
-        });
-        let st = self.state.borrow();
-        match st.producers.check_after(&batch, pending) {
-            Ok(Verdict::Append) => Ok(RequestVerdict::Append),
-            Ok(Verdict::Duplicate(original)) => Ok(RequestVerdict::Duplicate {
-                base_offset: original.base_offset,
-                last_offset: original.last_offset,
-            }),
-            Err(rejection) => Err(refused(Refused { index: 0, batch, rejection })),
-        }
+        check_proposal(&self.state.borrow().producers, header, pending)
     }
 
     /// The partition's state, if it takes appends now, and `batches` is not empty.

@@ -90,6 +90,7 @@ use super::producer_state::{self, ProducerStates};
 use super::segment::{align_down, parse_log_name, Segment};
 use super::{LogConfig, RecoveryReport, ShardStorage, StorageError, Visibility};
 use crate::metrics::Memory;
+pub use append::ProducerLog;
 use append::{Chunk, SpareSlot};
 use flusher::{run_flusher, Rollback};
 use recovery::{read_carry, recover_producer_state, recover_segments, Promise};
