@@ -107,6 +107,9 @@ pub struct ClusterStatus {
     pub under_replicated_partitions: u64,
     /// Replicas on this node whose group has no leader it knows of.
     pub leaderless_partitions: u64,
+    /// Replicas on this node whose group is quiet (idle: neither ticked nor heartbeating).
+    #[serde(default)]
+    pub quiesced_partitions: u64,
     pub failure: Option<String>,
 }
 
@@ -323,6 +326,7 @@ impl Cluster {
             under_replicated: led.iter().filter(|l| l.in_sync < l.replicas).count() as u64,
             leaderless: self.replicas.leaderless(),
             leader_changes: self.replicas.leader_changes(),
+            quiesced: self.replicas.quiesced(),
             partitions,
         }
     }
@@ -566,6 +570,7 @@ impl Cluster {
             nodes,
             under_replicated_partitions: self.under_replicated(),
             leaderless_partitions: self.replicas.leaderless(),
+            quiesced_partitions: self.replicas.quiesced(),
             failure: self.failure.borrow().clone(),
         }
     }
