@@ -115,7 +115,9 @@ fn main() -> ExitCode {
                 ),
             };
             let quiesce = if args.quiesce { " --quiesce" } else { "" };
-            println!("seed {seed} FAILED: {reason}  (replay: ringlog-sim --seed {seed}{broken}{quiesce} --trace)");
+            println!(
+                "seed {seed} FAILED: {reason}  (replay: ringlog-sim --seed {seed}{broken}{quiesce} --trace)"
+            );
         }
     }
     println!("seeds: {} passed, {failed} failed", args.seeds - failed);
@@ -133,7 +135,8 @@ mod tests {
 
     #[test]
     fn a_seed_replays_bit_for_bit() {
-        let (first, again) = (run_seed(11, true, Broken::None, false), run_seed(11, true, Broken::None, false));
+        let (first, again) =
+            (run_seed(11, true, Broken::None, false), run_seed(11, true, Broken::None, false));
         assert_eq!(first.failure, None);
         assert_eq!(first.digest, again.digest);
         assert_eq!(first.trace, again.trace);
@@ -167,7 +170,8 @@ mod tests {
     #[test]
     fn each_broken_variant_is_caught() {
         for broken in [Broken::AckBeforeSync, Broken::ServeUncommitted, Broken::SkipTruncation] {
-            let caught = (1..=40).find_map(|seed| run_seed(seed, false, broken, false).failure.map(|f| (seed, f)));
+            let caught =
+                (1..=40).find_map(|seed| run_seed(seed, false, broken, false).failure.map(|f| (seed, f)));
             assert!(caught.is_some(), "{broken:?} passed 40 seeds unnoticed");
         }
     }

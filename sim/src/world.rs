@@ -309,7 +309,9 @@ impl World {
             let awake: Vec<String> = self
                 .nodes
                 .iter()
-                .flat_map(|n| n.groups.iter().filter(|(_, g)| !g.is_quiet()).map(move |(k, _)| (n.id, k.partition)))
+                .flat_map(|n| {
+                    n.groups.iter().filter(|(_, g)| !g.is_quiet()).map(move |(k, _)| (n.id, k.partition))
+                })
                 .map(|(node, partition)| format!("p{partition}@n{node}"))
                 .collect();
             if !awake.is_empty() {
@@ -404,8 +406,12 @@ impl World {
         let now = self.now;
         let down_after = GroupSettings::default().election_ticks as u64 * TICK_MS;
         let n = &mut self.nodes[(node - 1) as usize];
-        let down: BTreeSet<u64> =
-            n.heard.iter().filter(|&(_, &at)| now.saturating_sub(at) >= down_after).map(|(&p, _)| p).collect();
+        let down: BTreeSet<u64> = n
+            .heard
+            .iter()
+            .filter(|&(_, &at)| now.saturating_sub(at) >= down_after)
+            .map(|(&p, _)| p)
+            .collect();
         let mut woken = Vec::new();
         for (key, group) in n.groups.iter_mut() {
             let follower = group.role() != Role::Leader;

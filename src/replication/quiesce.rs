@@ -20,8 +20,8 @@
 
 use bytes::Bytes;
 use raft::eraftpb::{Message, MessageType};
-use raft::{RawNode, StateRole, Storage, INVALID_INDEX};
 use raft::ProgressState;
+use raft::{RawNode, StateRole, Storage, INVALID_INDEX};
 
 /// The context of the heartbeat that asks a follower to go quiet. Heartbeats otherwise carry a
 /// context only for read-index requests, which ringlog does not use.
@@ -65,12 +65,7 @@ impl Quiescence {
     /// knows: nothing being persisted, the leader serving) whose followers' nodes are all `live`,
     /// counts the tick; at `after_ticks` goes quiet and queues a quiesce heartbeat to each
     /// follower. Any tick that is not idle starts the count again.
-    pub fn after_tick<S: Storage>(
-        &mut self,
-        raw: &RawNode<S>,
-        idle: bool,
-        live: impl Fn(u64) -> bool,
-    ) {
+    pub fn after_tick<S: Storage>(&mut self, raw: &RawNode<S>, idle: bool, live: impl Fn(u64) -> bool) {
         let raft = &raw.raft;
         let followers_live = raft.prs().iter().all(|(&id, _)| id == raft.id || live(id));
         if self.after_ticks == 0 || !idle || !followers_live || !leader_is_idle(raw) {
@@ -211,7 +206,8 @@ mod tests {
         (1..=3)
             .map(|id| {
                 let state = ReplicaState::new(vec![1, 2, 3], 0);
-                let store = ReplicaLog::open(state, LeaderEpochs::default(), [], CacheLimits::default()).unwrap();
+                let store =
+                    ReplicaLog::open(state, LeaderEpochs::default(), [], CacheLimits::default()).unwrap();
                 let settings = GroupSettings { quiesce_after_ticks: 3, ..GroupSettings::default() };
                 RaftGroup::new(id, format!("q@{id}"), settings, store, id).unwrap()
             })
