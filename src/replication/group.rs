@@ -481,12 +481,17 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// Hands over what raft-rs has ready: messages, writes for the store, committed entries.
     pub fn poll(&mut self) -> Result<Output, GroupError> {
-        let mut output = Output { send: self.quiescence.take_outgoing(), ..Output::default() };
+        // Quiesce heartbeats go after whatever raft-rs sends in the same pass: a follower that
+        // got the tick's plain heartbeat after its quiesce heartbeat would wake at once.
+        let quiesce = self.quiescence.take_outgoing();
+        let mut output = Output::default();
         if !self.raw.has_ready() {
+            output.send = quiesce;
             return Ok(output);
         }
         let mut ready = self.raw.ready();
-        output.send.extend(ready.take_messages());
+        output.send = ready.take_messages();
+        output.send.extend(quiesce);
         if !ready.snapshot().is_empty() {
             return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
         }
