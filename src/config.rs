@@ -153,6 +153,11 @@ pub struct BrokerConfig {
     /// replica set) can lead again, and hands leadership back when it is in sync with the whole
     /// log (Kafka's `leader.imbalance.check.interval.seconds`, 300 s). 0: never.
     pub leader_balance_interval_ms: u64,
+    /// Raft ticks a replicated partition must be idle (everything committed and held by every
+    /// replica) before its leader tells the followers to go quiet and the group stops ticking:
+    /// no heartbeats, no election timers, until a write, a message or a node's death wakes it
+    /// (docs/replication.md, "Idle groups go quiet"). 0: groups never go quiet.
+    pub raft_quiesce_after_ticks: u64,
 }
 
 /// Node ids of a cluster are below this: each node's producer ids carry its node id, so no two
@@ -221,6 +226,7 @@ impl Default for BrokerConfig {
             replication_timeout_ms: 10_000,
             replica_lag_time_max_ms: 30_000,
             leader_balance_interval_ms: 300_000,
+            raft_quiesce_after_ticks: 5,
         }
     }
 }
@@ -396,6 +402,9 @@ impl BrokerConfig {
                 "replica_lag_time_max_ms",
                 format!("must be between 5 Raft ticks ({} ms) and 3600000", 5 * self.raft_tick_ms),
             );
+        }
+        if self.raft_quiesce_after_ticks > 1_000_000 {
+            return invalid("raft_quiesce_after_ticks", "must be at most 1000000 (0 keeps groups awake)");
         }
         if self.leader_balance_interval_ms > 86_400_000 {
             return invalid("leader_balance_interval_ms", "must be at most 86400000 (0 turns balancing off)");

@@ -7,6 +7,11 @@
 //! stopped process), and slow syncs; disk write and sync errors and full disks
 //! (`storage_faults`); clocks that jump, stand still or run fast or slow (`clock`). Beside the
 //! plain producer, idempotent producers retry at whichever node leads (`producers`).
+//!
+//! With quiescence on (`--quiesce`), groups go quiet when idle (`replication::quiesce`), writes
+//! come in bursts with idle gaps, every node sends each peer a keepalive every few ticks, and
+//! each node counts a peer down when it has heard nothing from it for an election timeout — the
+//! node-level liveness that wakes a quiet group whose leader died.
 
 mod clock;
 mod producers;
@@ -31,6 +36,11 @@ use producers::{IdempotentLoad, Producer};
 use storage_faults::DiskFaults;
 
 pub const TICK_MS: u64 = 10;
+
+/// With quiescence on: ticks between two keepalives from a node to each peer (as
+/// `cluster::KEEPALIVE_TICKS`), and idle ticks before a leader goes quiet.
+const KEEPALIVE_TICKS: u64 = 5;
+const QUIESCE_AFTER_TICKS: u64 = 3;
 
 /// What one run looks like; every field has a default drawn from the seed.
 #[derive(Debug, Clone)]
@@ -141,6 +151,8 @@ struct Node {
     /// The disk is full until then (ms).
     disk_full_until: u64,
     clock: NodeClock,
+    /// With quiescence on: when a frame from each peer last arrived (or this node started).
+    heard: BTreeMap<u64, u64>,
 }
 
 pub struct World {
@@ -163,6 +175,12 @@ pub struct World {
     pub trace: Option<String>,
     pub frames_sent: u64,
     pub messages_sent: u64,
+    /// Groups go quiet when idle, and nodes keep node-level liveness by keepalives.
+    quiesce: bool,
+    /// Group-ticks a quiet group skipped, and quiet followers woken because their leader's node
+    /// was counted down.
+    pub quiet_ticks: u64,
+    pub woken_by_death: u64,
 }
 
 fn view(nodes: &[Node]) -> Vec<NodeView<'_>> {
@@ -195,20 +213,30 @@ pub enum Broken {
     IgnoreSyncErrors,
 }
 
-fn settings(broken: Broken) -> GroupSettings {
+fn settings(broken: Broken, quiesce: bool) -> GroupSettings {
     let sabotage = match broken {
         Broken::AckBeforeSync => Sabotage::AckBeforeSync,
         Broken::ServeUncommitted => Sabotage::ServeUncommitted,
         Broken::None | Broken::SkipTruncation | Broken::IgnoreSyncErrors => Sabotage::None,
     };
-    GroupSettings { max_size_per_msg: 64 << 10, max_inflight_msgs: 16, sabotage, ..GroupSettings::default() }
+    GroupSettings {
+        max_size_per_msg: 64 << 10,
+        max_inflight_msgs: 16,
+        quiesce_after_ticks: if quiesce { QUIESCE_AFTER_TICKS } else { 0 },
+        sabotage,
+        ..GroupSettings::default()
+    }
 }
 
 impl World {
-    pub fn new(seed: u64, trace: bool, broken: Broken) -> World {
+    pub fn new(seed: u64, trace: bool, broken: Broken, quiesce: bool) -> World {
         let mut rng = SeededRng::new(seed);
         let mut more_rng = SeededRng::new(seed ^ 0x6973_7375_6531_3300);
-        let scenario = Scenario::from_seed(&mut rng, &mut more_rng);
+        let mut scenario = Scenario::from_seed(&mut rng, &mut more_rng);
+        if quiesce {
+            // Sparse writes, so groups are idle long enough to go quiet between them.
+            scenario.produce_every_ms = rng.range(40, 400);
+        }
         let voters: Vec<u64> = (1..=scenario.nodes).collect();
         let mut nodes = Vec::new();
         for id in 1..=scenario.nodes {
@@ -221,6 +249,7 @@ impl World {
                 disks: BTreeMap::new(),
                 disk_full_until: 0,
                 clock: NodeClock::default(),
+                heard: (1..=scenario.nodes).filter(|&peer| peer != id).map(|peer| (peer, 0)).collect(),
             };
             for g in 0..scenario.groups {
                 let disk = SimDisk::new(voters.clone(), broken == Broken::SkipTruncation);
@@ -246,6 +275,9 @@ impl World {
             trace: trace.then(String::new),
             frames_sent: 0,
             messages_sent: 0,
+            quiesce,
+            quiet_ticks: 0,
+            woken_by_death: 0,
         };
         for id in 1..=world.scenario.nodes {
             world.open_groups(id);
@@ -295,7 +327,7 @@ impl World {
                 Err(e) => return self.checker.fail(format!("node {id} cannot open the log of {key:?}: {e}")),
             };
             let name = format!("p{}@n{id}", key.partition);
-            match RaftGroup::new(id, name, settings(self.broken), log, seed) {
+            match RaftGroup::new(id, name, settings(self.broken, self.quiesce), log, seed) {
                 Ok(group) => {
                     self.node(id).groups.insert(key, group);
                 }
@@ -319,6 +351,21 @@ impl World {
             }
         }
         self.checker.check_end(&view(&self.nodes), self.now);
+        if self.quiesce && !self.checker.failed() {
+            // Seconds without writes or faults: every group must have gone quiet, on every node
+            // (a group that cannot go quiet, or keeps waking, would tick for ever).
+            let awake: Vec<String> = self
+                .nodes
+                .iter()
+                .flat_map(|n| {
+                    n.groups.iter().filter(|(_, g)| !g.is_quiet()).map(move |(k, _)| (n.id, k.partition))
+                })
+                .map(|(node, partition)| format!("p{partition}@n{node}"))
+                .collect();
+            if !awake.is_empty() {
+                self.checker.fail(format!("still awake after the settling time: {awake:?}"));
+            }
+        }
         for node in &self.nodes {
             for group in node.groups.values() {
                 digest = (digest ^ group.commit_index() ^ (group.term() << 32)).wrapping_mul(0x100_0000_01b3);
@@ -347,7 +394,10 @@ impl World {
         match event {
             Event::Tick { node } => {
                 let now = self.now;
-                if !self.node(node).clock.stands_still(now) && self.node(node).alive {
+                let ticking = self.node(node).alive && !self.node(node).clock.stands_still(now);
+                if ticking && self.quiesce {
+                    self.tick_quiescing(node);
+                } else if ticking {
                     for group in self.node(node).groups.values_mut() {
                         group.tick();
                     }
@@ -403,6 +453,41 @@ impl World {
             }
             Event::EndFaults => self.end_faults(),
             Event::More(fault) => self.handle_more(fault),
+        }
+    }
+
+    /// A tick with quiescence on: node-level liveness first (a peer unheard for an election
+    /// timeout is down, and quiet groups that depend on it wake), then the groups' ticks (a quiet
+    /// group ignores its own), then a keepalive to every peer every few ticks.
+    fn tick_quiescing(&mut self, node: u64) {
+        let now = self.now;
+        let down_after = GroupSettings::default().election_ticks as u64 * TICK_MS;
+        let n = &mut self.nodes[(node - 1) as usize];
+        let down: BTreeSet<u64> = n
+            .heard
+            .iter()
+            .filter(|&(_, &at)| now.saturating_sub(at) >= down_after)
+            .map(|(&p, _)| p)
+            .collect();
+        let mut woken = Vec::new();
+        for (key, group) in n.groups.iter_mut() {
+            let follower = group.role() != Role::Leader;
+            if group.on_nodes_down(|id| down.contains(&id)) && follower {
+                woken.push(key.partition);
+            }
+            if group.is_quiet() {
+                self.quiet_ticks += 1;
+            }
+            group.tick_with(|id| !down.contains(&id));
+        }
+        self.woken_by_death += woken.len() as u64;
+        for partition in woken {
+            self.log(|| format!("n{node} p{partition} woken: its leader's node is down ({down:?})"));
+        }
+        self.drive(node);
+        if (now / TICK_MS) % KEEPALIVE_TICKS == 0 {
+            let peers = self.node(node).heard.keys().map(|&peer| (peer, Vec::new())).collect();
+            self.flush(node, peers);
         }
     }
 
@@ -529,6 +614,8 @@ impl World {
             Ok(batch) => batch,
             Err(e) => return self.checker.fail(format!("frame n{from}->n{to} does not decode: {e}")),
         };
+        let now = self.now;
+        self.node(to).heard.insert(from, now);
         for (key, m) in batch.messages {
             let kind = m.get_msg_type();
             let Some(group) = self.node(to).groups.get_mut(&key) else { continue };
@@ -620,6 +707,10 @@ impl World {
             return;
         }
         self.node(node).alive = true;
+        // A node that just started has heard no one yet: it gives every peer an election
+        // timeout, as at the start of the run.
+        let now = self.now;
+        self.node(node).heard.values_mut().for_each(|at| *at = now);
         self.open_groups(node);
         self.log(|| format!("n{node} restarted"));
         self.checker.restarted(node);

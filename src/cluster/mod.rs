@@ -107,6 +107,9 @@ pub struct ClusterStatus {
     pub under_replicated_partitions: u64,
     /// Replicated partitions of the whole cluster with no leader this node knows of.
     pub leaderless_partitions: u64,
+    /// Replicas on this node whose group is quiet (idle: neither ticked nor heartbeating).
+    #[serde(default)]
+    pub quiesced_partitions: u64,
     pub failure: Option<String>,
 }
 
@@ -344,6 +347,7 @@ impl Cluster {
             under_replicated: led.iter().filter(|l| l.in_sync < l.replicas).count() as u64,
             leaderless: self.replicas.leaderless(),
             leader_changes: self.replicas.leader_changes(),
+            quiesced: self.replicas.quiesced(),
             partitions,
         }
     }
@@ -587,6 +591,7 @@ impl Cluster {
             nodes,
             under_replicated_partitions: self.under_replicated(),
             leaderless_partitions: self.leaderless(),
+            quiesced_partitions: self.replicas.quiesced(),
             failure: self.failure.borrow().clone(),
         }
     }

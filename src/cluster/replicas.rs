@@ -3,15 +3,19 @@
 //! peers, ticks, proposals — from a queue, so nothing else ever holds it across its IO: it steps
 //! what has arrived, drives one round (writes, fdatasync, then the messages that waited on them)
 //! and publishes its status — and, on a leader, its followers' progress (in sync or not, lag). One
-//! timer ticks every replica. What a replica sends leaves through the links in the frames the
-//! controller's messages use.
+//! timer ticks every replica that is awake: an idle group goes quiet (`replication::quiesce`) and
+//! costs no tick, no heartbeat and no queue entry until a write, a message or a node's death
+//! wakes it. The host keeps node-level liveness for that (a peer not heard within an election
+//! timeout is down; `links::PeerLinks::heard`, fed by the keepalives every node sends) and tells
+//! the quiet replicas when a node goes down. What a replica sends leaves through the links in
+//! the frames the controller's messages use.
 //!
 //! For now replicas live on shard 0, beside the links; moving each to its partition's owning
 //! shard (a connection per node pair per shard pair) is the next step (docs/replication.md).
 //! Depends on `links`, `shard::replica`, `replication`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +27,7 @@ use raft::eraftpb::Message;
 use super::links::{Outbox, PeerLinks};
 use crate::record::BatchHeader;
 use crate::replication::epochs::LeaderEpochs;
-use crate::replication::group::{FollowerProgress, ProposeError, Proposed, RaftGroup, Role};
+use crate::replication::group::{FollowerProgress, GroupSettings, ProposeError, Proposed, RaftGroup, Role};
 use crate::replication::replica_log::ReplicaLog;
 use crate::replication::wire::{GroupKey, LeaderReport};
 use crate::shard::replica::{PartitionReplica, ProposalRefused};
@@ -51,6 +55,10 @@ impl Default for Compaction {
 enum Input {
     Message(Message),
     Tick,
+    /// The set of nodes counted down gained one: a quiet replica may have to wake.
+    NodesDown,
+    /// Time to check whether leadership should go back to the preferred replica.
+    Balance,
     Propose(BytesMut, oneshot::Sender<Result<Proposed, HostError>>),
 }
 
@@ -78,6 +86,8 @@ struct Hosted {
     /// Woken whenever the task publishes a status.
     changed: Rc<Notify>,
     partition: Rc<Partition>,
+    /// The replica's group is quiet, as its task last published: the timer skips it.
+    quiet: Rc<Cell<bool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +126,8 @@ pub struct ReplicaHost {
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
     /// Times a replica here learned of a new leader (a new term with a leader known).
     leader_changes: Rc<Cell<u64>>,
+    /// Peers not heard within an election timeout (node-level liveness), as of the last tick.
+    down: Rc<RefCell<BTreeSet<u64>>>,
 }
 
 /// A partition this node leads, for `/metrics`.
@@ -137,13 +149,15 @@ impl ReplicaHost {
             balance_ticks: Cell::new(0),
             replicas: RefCell::new(BTreeMap::new()),
             leader_changes: Rc::new(Cell::new(0)),
+            down: Rc::new(RefCell::new(BTreeSet::new())),
         });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
     }
 
-    /// Replicas added from now on hand leadership back to their preferred replica (the first
-    /// of the replica set) every `ticks` ticks when it is in sync and has everything; 0: never.
+    /// Replicas hand leadership back to their preferred replica (the first of the replica set)
+    /// every `ticks` ticks when it is in sync and has everything; 0: never. The host's timer
+    /// asks them, quiet or not, so a quiet leader that should not lead is still moved.
     pub fn set_leader_balance(&self, ticks: u64) {
         self.balance_ticks.set(ticks);
     }
@@ -169,12 +183,21 @@ impl ReplicaHost {
             followers: followers.clone(),
             leader_changes: self.leader_changes.clone(),
             leader: Cell::new(None),
+            quiet: Rc::new(Cell::new(false)),
         };
-        let balance = Balance { preferred, every_ticks: self.balance_ticks.get() };
-        let task =
-            run_replica(key, replica, queue, self.links.clone(), published, self.compaction.get(), balance);
+        let quiet = published.quiet.clone();
+        let balance = Balance { preferred };
+        let task = run_replica(
+            key,
+            replica,
+            queue,
+            Peers { links: self.links.clone(), down: self.down.clone() },
+            published,
+            self.compaction.get(),
+            balance,
+        );
         glommio::spawn_local(task).detach();
-        let hosted = Hosted { inputs, status, epochs, followers, changed, partition };
+        let hosted = Hosted { inputs, status, epochs, followers, changed, partition, quiet };
         self.replicas.borrow_mut().insert(key, hosted);
     }
 
@@ -344,6 +367,11 @@ impl ReplicaHost {
     pub fn leader_changes(&self) -> u64 {
         self.leader_changes.get()
     }
+
+    /// Replicas on this node whose group is quiet.
+    pub fn quiesced(&self) -> u64 {
+        self.replicas.borrow().values().filter(|hosted| hosted.quiet.get()).count() as u64
+    }
 }
 
 impl Hosted {
@@ -359,13 +387,41 @@ fn members_in_sync(me: u64, followers: &[FollowerProgress]) -> Vec<u64> {
     std::iter::once(me).chain(followers.iter().filter(|f| f.in_sync).map(|f| f.id)).collect()
 }
 
-/// One timer for every replica of the host; ends with the host.
+/// One timer for every replica of the host that is awake; ends with the host. Each tick also
+/// updates node-level liveness: a peer not heard within an election timeout (every node sends a
+/// keepalive every few ticks) is down, and when a node joins the down set the quiet replicas are
+/// told, so a follower of a dead leader wakes and campaigns.
 async fn run_ticks(host: std::rc::Weak<ReplicaHost>, tick: Duration) {
-    loop {
+    let down_after = tick * GroupSettings::default().election_ticks as u32;
+    for ticks in 1u64.. {
         glommio::timer::sleep(tick).await;
         let Some(host) = host.upgrade() else { return };
-        for hosted in host.replicas.borrow().values() {
-            let _ = hosted.inputs.unbounded_send(Input::Tick);
+        let balance = host.balance_ticks.get();
+        // Each group's check falls on its own tick of the interval: checked all at once, the
+        // groups of a large node would move thousands of leaders in one tick, an election storm
+        // (seen at 10,000 partitions: 6,703 left without a leader, elections failing for minutes).
+        let balance_due = |key: &GroupKey| {
+            let spread = u64::from(key.partition).wrapping_add(key.topic_id as u64);
+            balance > 0 && ticks.wrapping_add(spread) % balance == 0
+        };
+        let down: BTreeSet<u64> = {
+            let heard = host.links.heard();
+            host.links
+                .peers()
+                .filter(|id| heard.get(id).is_none_or(|(at, _)| at.elapsed() >= down_after))
+                .collect()
+        };
+        let newly_down = down.difference(&host.down.borrow()).next().is_some();
+        *host.down.borrow_mut() = down;
+        for (key, hosted) in host.replicas.borrow().iter() {
+            let input = match (hosted.quiet.get(), newly_down) {
+                (false, _) => Some(Input::Tick),
+                (true, true) => Some(Input::NodesDown),
+                (true, false) => None,
+            };
+            for input in input.into_iter().chain(balance_due(key).then_some(Input::Balance)) {
+                let _ = hosted.inputs.unbounded_send(input);
+            }
         }
     }
 }
@@ -400,6 +456,8 @@ struct Published {
     /// The host's count of leader changes, and the last (term, leader) this replica counted.
     leader_changes: Rc<Cell<u64>>,
     leader: Cell<Option<(u64, u64)>>,
+    /// Whether the group is quiet, for the host's timer.
+    quiet: Rc<Cell<bool>>,
 }
 
 impl Published {
@@ -457,8 +515,6 @@ async fn compact_if_due(
 #[derive(Debug, Clone, Copy)]
 struct Balance {
     preferred: u64,
-    /// Ticks between two checks; 0: never.
-    every_ticks: u64,
 }
 
 impl Balance {
@@ -481,18 +537,25 @@ impl Balance {
     }
 }
 
+/// What a replica's task sends through, and which of those peers are down.
+struct Peers {
+    links: Rc<PeerLinks>,
+    /// Peers not heard within an election timeout, as the host's timer last saw them.
+    down: Rc<RefCell<BTreeSet<u64>>>,
+}
+
 /// The replica's task: takes everything queued, then drives rounds until raft-rs has nothing
 /// more ready, then waits for the next input.
 async fn run_replica(
     key: GroupKey,
     mut replica: PartitionReplica,
     mut queue: mpsc::UnboundedReceiver<Input>,
-    links: Rc<PeerLinks>,
+    peers: Peers,
     status: Published,
     compaction: Compaction,
     balance: Balance,
 ) {
-    let mut ticks = 0u64;
+    let Peers { links, down } = peers;
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
         while let Some(input) = next.take().or_else(|| queue.try_recv().ok()) {
@@ -504,10 +567,14 @@ async fn run_replica(
                     }
                 }
                 Input::Tick => {
-                    group.tick();
-                    ticks += 1;
-                    if balance.every_ticks > 0 && ticks % balance.every_ticks == 0 {
-                        balance.hand_back(group);
+                    let down = down.borrow();
+                    group.tick_with(|id| !down.contains(&id));
+                }
+                Input::Balance => balance.hand_back(group),
+                Input::NodesDown => {
+                    let down = down.borrow();
+                    if group.on_nodes_down(|id| down.contains(&id)) {
+                        tracing::debug!(group = group.name(), "replication: a node is down; woken");
                     }
                 }
                 Input::Propose(batch, reply) => {
@@ -536,6 +603,7 @@ async fn run_replica(
         }
         status.set_epochs(&mut replica);
         status.set_followers(replica.group());
+        status.quiet.set(replica.group().is_quiet());
         status.set(status_of(&mut replica, false));
     }
 }
@@ -617,9 +685,10 @@ mod tests {
     }
 
     /// Starts three nodes, each on its own executor thread with a listener on loopback, links to
-    /// the others, a host and a replica of each of `groups` partitions; then runs `work(node)` on
-    /// each and joins them.
-    fn three_nodes<F, W>(root: &std::path::Path, groups: u32, work: W)
+    /// the others, a host and a replica of each of `groups` partitions (going quiet after
+    /// `quiesce_after_ticks` idle ticks; 0: never), and keepalives as `Cluster` sends them; then
+    /// runs `work(node)` on each and joins them.
+    fn three_nodes<F, W>(root: &std::path::Path, groups: u32, quiesce_after_ticks: u64, work: W)
     where
         W: Fn(Node) -> F + Send + Sync + Clone + 'static,
         F: std::future::Future<Output = ()> + 'static,
@@ -651,6 +720,14 @@ mod tests {
                     let links =
                         PeerLinks::start(info(id, voters[&id]), 42, voters.clone(), listener, deliver);
                     let host = ReplicaHost::start(links.clone(), Duration::from_millis(50));
+                    let keepalives = links.clone();
+                    glommio::spawn_local(async move {
+                        loop {
+                            glommio::timer::sleep(Duration::from_millis(250)).await;
+                            keepalives.send_keepalive(Vec::new());
+                        }
+                    })
+                    .detach();
                     // Small enough that the tests' few dozen entries move the anchor.
                     host.set_compaction(Compaction { keep: 5, step: 10 });
                     *deliver_to.borrow_mut() = Some(host.clone());
@@ -663,7 +740,7 @@ mod tests {
                                 .await
                                 .unwrap();
                         let members = voters.keys().copied().collect();
-                        let settings = GroupSettings::default();
+                        let settings = GroupSettings { quiesce_after_ticks, ..GroupSettings::default() };
                         let name = format!("t-{p}@{id}");
                         let seed = id * 1000 + u64::from(p);
                         let replica = PartitionReplica::open(
@@ -706,7 +783,7 @@ mod tests {
         let (log_tx, log_rx) = std_mpsc::channel();
         let target = Arc::new(AtomicI64::new(-1));
         let reported = Arc::new(AtomicUsize::new(0));
-        three_nodes(tmp.path(), 1, move |node| {
+        three_nodes(tmp.path(), 1, 0, move |node| {
             let (log_tx, target, reported) = (log_tx.clone(), target.clone(), reported.clone());
             async move {
                 let (id, host, partition) = (node.id, node.host, node.partitions[0].clone());
@@ -774,7 +851,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let followers_gone = Arc::new(AtomicUsize::new(0));
         let committed_with_quorum = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        three_nodes(tmp.path(), 1, move |node| {
+        three_nodes(tmp.path(), 1, 0, move |node| {
             let (followers_gone, committed_with_quorum) =
                 (followers_gone.clone(), committed_with_quorum.clone());
             async move {
@@ -835,7 +912,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (counts_tx, counts_rx) = std_mpsc::channel();
         let done = Arc::new(AtomicUsize::new(0));
-        three_nodes(tmp.path(), GROUPS, move |node| {
+        three_nodes(tmp.path(), GROUPS, 0, move |node| {
             let (counts_tx, done) = (counts_tx.clone(), done.clone());
             async move {
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -872,6 +949,138 @@ mod tests {
                 messages >= 2 * frames,
                 "node {id}: {messages} raft messages in {frames} frames: heartbeats are not coalesced"
             );
+        }
+    }
+
+    /// Idle groups go quiet: once written to and idle, every replica of every group stops
+    /// ticking and no Raft message leaves any node (keepalives still do); then the node leading
+    /// partition 0 dies, and the others, woken by its node's silence, elect a new leader that
+    /// holds every acknowledged record and takes new ones.
+    #[test]
+    fn idle_groups_go_quiet_and_a_quiet_leaders_death_still_elects_another() {
+        const GROUPS: u32 = 4;
+        let tmp = tempfile::tempdir().unwrap();
+        let old_leader = Arc::new(AtomicI64::new(-1));
+        let quiet = Arc::new(AtomicUsize::new(0));
+        let measured = Arc::new(AtomicUsize::new(0));
+        let died_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let new_end = Arc::new(AtomicI64::new(-1));
+        let (report_tx, report_rx) = std_mpsc::channel();
+        three_nodes(tmp.path(), GROUPS, 3, move |node| {
+            let (old_leader, quiet, measured, died_at, new_end, report_tx) = (
+                old_leader.clone(),
+                quiet.clone(),
+                measured.clone(),
+                died_at.clone(),
+                new_end.clone(),
+                report_tx.clone(),
+            );
+            async move {
+                let (id, host, partition) = (node.id, node.host.clone(), node.partitions[0].clone());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let pause = || glommio::timer::sleep(Duration::from_millis(10));
+                // Every group has a leader, and partition 0's leader serves and takes 10 records.
+                loop {
+                    assert!(Instant::now() < deadline, "node {id}: no leaders");
+                    let statuses: Vec<_> = (0..GROUPS).map(|p| host.status(key(p)).unwrap()).collect();
+                    if statuses.iter().all(|s| s.leader.is_some()) && statuses[0].leader != Some(id) {
+                        break;
+                    }
+                    if statuses[0].serving {
+                        for i in 0..10 {
+                            let value = format!("a{i}");
+                            host.produce(KEY, record(&value), Duration::from_secs(10)).await.unwrap();
+                        }
+                        old_leader.store(id as i64, Ordering::SeqCst);
+                        break;
+                    }
+                    pause().await;
+                }
+                while old_leader.load(Ordering::SeqCst) < 0 {
+                    assert!(Instant::now() < deadline, "node {id}: partition 0 took no records");
+                    pause().await;
+                }
+                // Idle: every replica here goes quiet.
+                while host.quiesced() < u64::from(GROUPS) {
+                    assert!(Instant::now() < deadline, "node {id}: {} of {GROUPS} quiet", host.quiesced());
+                    pause().await;
+                }
+                quiet.fetch_add(1, Ordering::SeqCst);
+                while quiet.load(Ordering::SeqCst) < 3 {
+                    assert!(Instant::now() < deadline, "node {id}: the others did not go quiet");
+                    pause().await;
+                }
+                let total = |links: &PeerLinks| {
+                    links.sent().values().fold((0, 0), |(f, m), c| (f + c.frames, m + c.messages))
+                };
+                let before = total(&node.links);
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                let after = total(&node.links);
+                report_tx.send((id, after.0 - before.0, after.1 - before.1, host.quiesced())).unwrap();
+                measured.fetch_add(1, Ordering::SeqCst);
+                while measured.load(Ordering::SeqCst) < 3 {
+                    assert!(Instant::now() < deadline, "node {id}: the others did not measure");
+                    pause().await;
+                }
+                let old = old_leader.load(Ordering::SeqCst) as u64;
+                if id == old {
+                    // This node dies: its executor ends and its connections close.
+                    *died_at.lock().unwrap() = Some(Instant::now());
+                    return;
+                }
+                // The survivors elect another leader: woken by the old leader's silence.
+                let leader = loop {
+                    assert!(Instant::now() < deadline, "node {id}: no new leader: {:?}", host.status(KEY));
+                    let status = host.status(KEY).unwrap();
+                    match status.leader {
+                        Some(leader) if leader != old && (leader != id || status.serving) => break leader,
+                        _ => pause().await,
+                    }
+                };
+                let died = died_at.lock().unwrap().unwrap();
+                let failover = died.elapsed();
+                // Detection (an election timeout without a keepalive: 0.5 s) plus at most one
+                // more election timeout; generous for a loaded machine.
+                assert!(failover < Duration::from_secs(5), "node {id}: new leader after {failover:?}");
+                if leader == id {
+                    host.produce(KEY, record("b0"), Duration::from_secs(10)).await.unwrap();
+                    new_end.store(partition.high_watermark(), Ordering::SeqCst);
+                }
+                loop {
+                    let end = new_end.load(Ordering::SeqCst);
+                    if end >= 0 && partition.high_watermark() >= end {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "node {id}: the new leader's record did not arrive");
+                    pause().await;
+                }
+                let end = new_end.load(Ordering::SeqCst);
+                let mut values = Vec::new();
+                for batch in committed(&partition, end).await {
+                    if BatchHeader::parse(&batch).unwrap().is_control() {
+                        continue;
+                    }
+                    for record in crate::record::reader::records(&batch).unwrap() {
+                        values.push(String::from_utf8(record.unwrap().value.unwrap().to_vec()).unwrap());
+                    }
+                }
+                let expected: Vec<String> =
+                    (0..10).map(|i| format!("a{i}")).chain(std::iter::once("b0".to_string())).collect();
+                assert_eq!(values, expected, "node {id}");
+                // Stay up until the other survivor has checked too (it needs this node's vote).
+                measured.fetch_add(1, Ordering::SeqCst);
+                while measured.load(Ordering::SeqCst) < 5 {
+                    assert!(Instant::now() < deadline, "node {id}: the other survivor did not finish");
+                    pause().await;
+                }
+            }
+        });
+        for _ in 0..3 {
+            let (id, frames, messages, quiesced) = report_rx.recv().unwrap();
+            // Quiet: keepalives only (4 a second to each of 2 peers), no Raft message at all.
+            assert_eq!(messages, 0, "node {id}: {messages} raft messages in {frames} frames while quiet");
+            assert!(frames > 0 && frames <= 12, "node {id}: {frames} frames in a quiet second");
+            assert_eq!(quiesced, u64::from(GROUPS), "node {id}");
         }
     }
 }

@@ -276,8 +276,11 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
         let seed =
             me ^ (topic.replication.topic_id as u64).rotate_left(17) ^ u64::from(p) ^ super::now_nanos();
         let key = GroupKey { topic_id: topic.replication.topic_id, partition: p };
-        let group =
-            GroupSettings { in_sync_lag_ticks: shard.config.replica_lag_ticks(), ..GroupSettings::default() };
+        let group = GroupSettings {
+            in_sync_lag_ticks: shard.config.replica_lag_ticks(),
+            quiesce_after_ticks: shard.config.raft_quiesce_after_ticks,
+            ..GroupSettings::default()
+        };
         let opened = PartitionReplica::open(
             name,
             me,

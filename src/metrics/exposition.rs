@@ -40,6 +40,8 @@ pub struct ReplicationMetrics {
     pub leaderless: u64,
     /// Times a replica on this node learned of a new leader.
     pub leader_changes: u64,
+    /// This node's replicas whose group is quiet (idle: no ticks, no heartbeats).
+    pub quiesced: u64,
     pub partitions: Vec<LedPartition>,
 }
 
@@ -324,7 +326,7 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
 }
 
 fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
-    let node: [(&str, &str, &str, u64); 4] = [
+    let node: [(&str, &str, &str, u64); 5] = [
         ("ringlog_partition_leaders", "gauge", "Replicated partitions this node leads.", r.leaders),
         (
             "ringlog_under_replicated_partitions",
@@ -344,6 +346,12 @@ fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
             "counter",
             "Times a replica on this node learned of a new leader (a new term with a leader).",
             r.leader_changes,
+        ),
+        (
+            "ringlog_raft_groups_quiesced",
+            "gauge",
+            "Replicas on this node whose Raft group is quiet: idle, so neither ticked nor heartbeating.",
+            r.quiesced,
         ),
     ];
     for (name, kind, help, value) in node {
@@ -447,6 +455,7 @@ mod tests {
                     under_replicated: 1,
                     leaderless: 0,
                     leader_changes: 5,
+                    quiesced: 1,
                     partitions: vec![LedPartition {
                         topic: "likes".into(),
                         partition: 1,

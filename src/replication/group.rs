@@ -17,6 +17,7 @@ use thiserror::Error;
 
 use super::in_sync::InSyncTracker;
 use super::logging::raft_logger;
+use super::quiesce::{is_quiesce, Quiescence};
 use super::rng::SeededRng;
 use super::store::{entry_offsets, ReplicaStore, StoreError};
 use crate::record::{self, BatchHeader};
@@ -49,6 +50,9 @@ pub struct GroupSettings {
     /// A leader's follower that has not held everything the leader held at some moment of this
     /// many ticks leaves the in-sync replicas (`replica_lag_time_max_ms`, in ticks).
     pub in_sync_lag_ticks: u64,
+    /// Ticks a leader's group must be idle before it goes quiet (`quiesce`); 0: never (the
+    /// controller's group, and the simulator unless asked).
+    pub quiesce_after_ticks: u64,
     /// Always `Sabotage::None` outside the simulator's tests.
     pub sabotage: Sabotage,
 }
@@ -63,6 +67,7 @@ impl Default for GroupSettings {
             max_uncommitted_bytes: 64 << 20,
             // Kafka's 30 s at the default 100 ms tick.
             in_sync_lag_ticks: 300,
+            quiesce_after_ticks: 0,
             sabotage: Sabotage::None,
         }
     }
@@ -157,6 +162,8 @@ pub struct RaftGroup<S: ReplicaStore> {
     ticks: u64,
     /// On a leader, which followers are in sync.
     in_sync: InSyncTracker,
+    /// Whether the group is quiet (ticks ignored), and the quiesce heartbeats to send.
+    quiescence: Quiescence,
 }
 
 fn role(state: StateRole) -> Role {
@@ -204,6 +211,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             persisting: None,
             ticks: 0,
             in_sync: InSyncTracker::new(settings.in_sync_lag_ticks),
+            quiescence: Quiescence::new(settings.quiesce_after_ticks),
             drawn_for: (raw.raft.term, raw.raft.state),
             name,
             raw,
@@ -273,7 +281,18 @@ impl<S: ReplicaStore> RaftGroup<S> {
         self.raw.mut_store()
     }
 
+    /// A tick of the caller's timer, every node counted live: see `tick_with`.
     pub fn tick(&mut self) {
+        self.tick_with(|_| true);
+    }
+
+    /// A tick of the caller's timer; ignored while the group is quiet (its time stands still,
+    /// for elections and for the in-sync replicas alike). `live`: whether a node is up, by the
+    /// node-level liveness the caller keeps (a leader goes quiet only with every follower up).
+    pub fn tick_with(&mut self, live: impl Fn(u64) -> bool) {
+        if self.quiescence.is_quiet() {
+            return;
+        }
         self.ticks += 1;
         self.raw.tick();
         self.after_raft_call();
@@ -282,6 +301,20 @@ impl<S: ReplicaStore> RaftGroup<S> {
             let matched = raft.prs().iter().map(|(&id, pr)| (id, pr.matched));
             self.in_sync.observe(self.ticks, raft.raft_log.last_index(), raft.raft_log.committed, matched);
         }
+        let idle = self.serving && self.persisting.is_none();
+        self.quiescence.after_tick(&self.raw, idle, live);
+    }
+
+    /// The group is quiet: it ignores ticks until a proposal, a message or a node's death wakes it.
+    pub fn is_quiet(&self) -> bool {
+        self.quiescence.is_quiet()
+    }
+
+    /// Node-level liveness changed: a quiet group whose leader's node (or, on a leader, a
+    /// follower's) is `down` wakes; a follower then campaigns within an election timeout.
+    /// Returns whether it woke.
+    pub fn on_nodes_down(&mut self, down: impl Fn(u64) -> bool) -> bool {
+        self.quiescence.on_nodes_down(&mut self.raw, down)
     }
 
     /// On a leader, each follower's progress; nothing on a follower.
@@ -297,12 +330,28 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// Steps a message from a peer. A message raft-rs refuses is dropped with the reason: it
     /// comes from the network and must not stop the group.
-    pub fn step(&mut self, message: Message) -> Result<(), GroupError> {
+    pub fn step(&mut self, mut message: Message) -> Result<(), GroupError> {
         if message.get_msg_type() == MessageType::MsgSnapshot {
             return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
         }
-        let (from, term) = (message.from, message.term);
+        let (from, term, commit) = (message.from, message.term, message.commit);
+        let quiesce = is_quiesce(&message);
+        if quiesce {
+            // A heartbeat like any other for raft-rs (a context would make it a read-index
+            // answer). A commit past this log would make raft-rs panic: a correct leader never
+            // sends one (every follower held the whole log when it went quiet), so the commit is
+            // left out and the follower stays awake.
+            message.context = Bytes::new();
+            if commit > self.raw.raft.raft_log.last_index() {
+                message.commit = self.raw.raft.raft_log.committed;
+            }
+        }
+        let answer = self.quiescence.is_answer(&self.raw, &message);
         let outcome = self.raw.step(message);
+        self.quiescence.after_step(&mut self.raw, answer);
+        if quiesce {
+            self.quiescence.on_quiesce(&self.raw, from, term, commit);
+        }
         self.after_raft_call();
         if self.raw.raft.state == StateRole::Leader && term == self.raw.raft.term {
             self.in_sync.heard(from, self.ticks);
@@ -323,6 +372,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// Starts an election now (tests, and leadership moving back to the preferred replica).
     pub fn campaign(&mut self) -> Result<(), GroupError> {
+        self.quiescence.wake(&mut self.raw);
         let outcome = self.raw.campaign();
         self.after_raft_call();
         outcome.map_err(|source| GroupError::Raft { group: self.name.clone(), source })
@@ -330,6 +380,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// Asks the leader to hand leadership to `to` once it has caught up.
     pub fn transfer_leader(&mut self, to: u64) {
+        self.quiescence.wake(&mut self.raw);
         self.raw.transfer_leader(to);
         self.after_raft_call();
     }
@@ -361,6 +412,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
     /// and leader epoch (this term) and proposes it, without copying it.
     pub fn propose(&mut self, mut batch: BytesMut) -> Result<Proposed, ProposeError> {
         self.may_propose()?;
+        self.quiescence.wake(&mut self.raw);
         let header = BatchHeader::parse(&batch).map_err(|e| ProposeError::BadBatch(e.to_string()))?;
         if header.total_len() != batch.len() || header.last_offset_delta < 0 {
             return Err(ProposeError::BadBatch(format!(
@@ -424,17 +476,22 @@ impl<S: ReplicaStore> RaftGroup<S> {
 
     /// Whether `poll` would hand over anything.
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready()
+        self.raw.has_ready() || self.quiescence.has_outgoing()
     }
 
     /// Hands over what raft-rs has ready: messages, writes for the store, committed entries.
     pub fn poll(&mut self) -> Result<Output, GroupError> {
+        // Quiesce heartbeats go after whatever raft-rs sends in the same pass: a follower that
+        // got the tick's plain heartbeat after its quiesce heartbeat would wake at once.
+        let quiesce = self.quiescence.take_outgoing();
         let mut output = Output::default();
         if !self.raw.has_ready() {
+            output.send = quiesce;
             return Ok(output);
         }
         let mut ready = self.raw.ready();
         output.send = ready.take_messages();
+        output.send.extend(quiesce);
         if !ready.snapshot().is_empty() {
             return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
         }

@@ -14,6 +14,7 @@ pub mod epochs;
 pub mod group;
 pub mod in_sync;
 pub mod logging;
+pub mod quiesce;
 pub mod replica_log;
 pub mod rng;
 pub mod store;
