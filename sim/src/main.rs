@@ -192,7 +192,8 @@ mod tests {
             Broken::SkipTruncation,
             Broken::IgnoreSyncErrors,
         ] {
-            let caught = (1..=40).find_map(|seed| run_seed(seed, false, broken, false).failure.map(|f| (seed, f)));
+            let caught =
+                (1..=40).find_map(|seed| run_seed(seed, false, broken, false).failure.map(|f| (seed, f)));
             assert!(caught.is_some(), "{broken:?} passed 40 seeds unnoticed");
         }
     }

@@ -485,7 +485,7 @@ impl World {
             self.log(|| format!("n{node} p{partition} woken: its leader's node is down ({down:?})"));
         }
         self.drive(node);
-        if (now / TICK_MS) % KEEPALIVE_TICKS == 0 {
+        if (now / TICK_MS).is_multiple_of(KEEPALIVE_TICKS) {
             let peers = self.node(node).heard.keys().map(|&peer| (peer, Vec::new())).collect();
             self.flush(node, peers);
         }

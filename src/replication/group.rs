@@ -301,7 +301,12 @@ impl<S: ReplicaStore> RaftGroup<S> {
             let matched = raft.prs().iter().map(|(&id, pr)| (id, pr.matched));
             self.in_sync.observe(self.ticks, raft.raft_log.last_index(), raft.raft_log.committed, matched);
         }
-        let idle = self.serving && self.persisting.is_none();
+        // A leader with a follower out of sync stays awake: a quiet group's in-sync clock stands
+        // still, so the follower would never be counted back in.
+        let raft = &self.raw.raft;
+        let all_in_sync = raft.state != StateRole::Leader
+            || raft.prs().iter().all(|(&id, _)| id == raft.id || self.in_sync.in_sync(id));
+        let idle = self.serving && self.persisting.is_none() && all_in_sync;
         self.quiescence.after_tick(&self.raw, idle, live);
     }
 
