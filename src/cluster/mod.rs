@@ -256,7 +256,9 @@ impl ReplicaGate for Cluster {
         let status = self.replicas.status(key);
         let reports = self.reports.borrow();
         let reported = reports.newest(key, Instant::now(), self.tick * ALIVE_TICKS);
-        let local = status.map(|s| (s.leader, s.term));
+        // A replica stopped on a storage error takes no part in its group: what it last knew of
+        // the leader (often itself) is stale, so only the reports can name one.
+        let local = status.filter(|s| !s.failed).map(|s| (s.leader, s.term));
         let known = in_sync::Known { replicas: &[], local, led: None, reported };
         let (leader, epoch) = match in_sync::leader(known) {
             Some((leader, term)) => (Some(leader), term),
@@ -393,9 +395,12 @@ fn host_error(
                 after_ms: timeout.as_millis() as u64,
             }
         }
-        HostError::Stopped(_) => BrokerError::Internal(format!(
-            "{topic}/{partition}: this node's replica stopped on an error (see the broker's log)"
-        )),
+        // The replica stopped on a storage error (see the broker's log) and takes no part in its
+        // group any more: the others elect a leader among themselves, and a client told
+        // NOT_LEADER refreshes its metadata and retries there with the same producer sequence
+        // (the unknown server error answered before coincided with duplicates from librdkafka's
+        // idempotent producer in the nemesis's disk faults).
+        HostError::Stopped(_) => not_leader(None),
     }
 }
 
