@@ -767,13 +767,7 @@ fn a_hundred_thousand_keyed_records_are_stored_alike_on_every_replica_in_per_key
 /// Replica counts of `topic`'s partitions in Kafka's Metadata from `node`, once it lists them
 /// (asked without creating it).
 fn kafka_replica_counts(node: &Broker, topic: &str) -> Option<Vec<usize>> {
-    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
-    let wanted = MetadataRequestTopic::default().with_name(Some(TopicName(common::kafka::s(topic))));
-    let asked =
-        MetadataRequest::default().with_topics(Some(vec![wanted])).with_allow_auto_topic_creation(false);
-    let metadata = kafka.call(9, &asked);
-    let found = metadata.topics.first().filter(|t| t.error_code == 0)?;
-    Some(found.partitions.iter().map(|p| p.replica_nodes.len()).collect())
+    Some(kafka_leaders(node, topic)?.iter().map(|(_, replicas)| replicas.len()).collect())
 }
 
 #[test]
