@@ -59,6 +59,8 @@ enum Input {
     NodesDown,
     /// Time to check whether leadership should go back to the preferred replica.
     Balance,
+    /// Campaign now: this node is the preferred replica of a group that never had a term.
+    Campaign,
     Propose(BytesMut, oneshot::Sender<Result<Proposed, HostError>>),
 }
 
@@ -130,7 +132,11 @@ pub struct ReplicaHost {
     down: Rc<RefCell<BTreeSet<u64>>>,
     /// Where a replica that stops on an error says so, for the layer that reopens it.
     stops: RefCell<Option<mpsc::UnboundedSender<GroupKey>>>,
+    tick: Duration,
 }
+
+/// Ticks a new group's preferred replica waits before campaigning (see `ReplicaHost::add`).
+const CAMPAIGN_AFTER_TICKS: u32 = 4;
 
 /// A partition this node leads, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +159,7 @@ impl ReplicaHost {
             leader_changes: Rc::new(Cell::new(0)),
             down: Rc::new(RefCell::new(BTreeSet::new())),
             stops: RefCell::new(None),
+            tick,
         });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
@@ -179,9 +186,24 @@ impl ReplicaHost {
     }
 
     /// Hosts `replica` as the member of group `key` on this node; `preferred` is the replica
-    /// that should lead the group when it can (Kafka's preferred leader).
+    /// that should lead the group when it can (Kafka's preferred leader). A group that never had
+    /// a term (a partition just created) is led at once by its preferred replica, which
+    /// campaigns before any election timeout: thousands of partitions created together
+    /// otherwise each wait a random timeout and campaign from whichever member's ran out first,
+    /// splitting votes and putting leaders where placement did not.
     pub fn add(&self, key: GroupKey, mut replica: PartitionReplica, preferred: u64) {
         let (inputs, queue) = mpsc::unbounded();
+        if preferred == self.links.me().id && replica.group().term() == 0 {
+            // Every member applies the creation from the controller's log within a heartbeat
+            // or two of the others: a vote request reaching a node that has not created the
+            // group yet is dropped, so the campaign waits that long.
+            let (campaign, after) = (inputs.clone(), self.tick * CAMPAIGN_AFTER_TICKS);
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(after).await;
+                let _ = campaign.unbounded_send(Input::Campaign);
+            })
+            .detach();
+        }
         let status = Rc::new(Cell::new(status_of(&mut replica, false)));
         let epochs = Rc::new(RefCell::new(Rc::new(replica.group().store().epochs().clone())));
         let changed = Rc::new(Notify::default());
@@ -598,6 +620,14 @@ async fn run_replica(
                     group.tick_with(|id| !down.contains(&id));
                 }
                 Input::Balance => balance.hand_back(group),
+                // An election is under way or over (a timeout ran out first; the balance brings
+                // leadership back to the preferred replica later).
+                Input::Campaign if group.leader().is_some() || group.role() != Role::Follower => {}
+                Input::Campaign => {
+                    if let Err(e) = group.campaign() {
+                        tracing::warn!(group = group.name(), "replication: campaign at creation: {e}");
+                    }
+                }
                 Input::NodesDown => {
                     let down = down.borrow();
                     if group.on_nodes_down(|id| down.contains(&id)) {

@@ -375,7 +375,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
         }
     }
 
-    /// Starts an election now (tests, and leadership moving back to the preferred replica).
+    /// Starts an election now (a new group's preferred replica; tests).
     pub fn campaign(&mut self) -> Result<(), GroupError> {
         self.quiescence.wake(&mut self.raw);
         let outcome = self.raw.campaign();
