@@ -296,3 +296,116 @@ fn with_no_reserve_a_completely_full_disk_refuses_produce_without_a_partial_batc
     assert!(!broker.log().contains("panicked"));
     broker.stop();
 }
+
+/// `topic describe` on `node`, per partition: (leader, in-sync replicas sorted).
+fn described(node: &Broker, topic: &str) -> Option<Vec<(Option<u64>, Vec<u64>)>> {
+    let out = common::run_cli(&node.addr, &["topic", "describe", topic, "--format", "json"], None);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    let partitions = json["partitions"].as_array()?;
+    let described = partitions.iter().map(|p| {
+        let mut isr: Vec<u64> =
+            p["isr"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+        isr.sort_unstable();
+        (p["leader"].as_u64(), isr)
+    });
+    Some(described.collect())
+}
+
+/// Issue 11: on a three-node cluster, one node's disk falls below its free-space reserve. Its
+/// replicas stop as writes reach them (shown in `/v1/cluster` and `cluster status`) and leave
+/// the in-sync replicas, while the other two keep acknowledging `acks=all` writes. Once space is
+/// freed they reopen from their files by themselves, catch up and are in sync again; the node
+/// leads its preferred partition again, and every acknowledged record reads back.
+#[test]
+fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() {
+    const TOPIC: &str = "likes";
+    let fs = LoopFs::new();
+    let ports = common::cluster::free_ports(3);
+    let seeds: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+    let seeds = seeds.join(",");
+    let extra: Vec<String> = [
+        "replica_lag_time_max_ms=2000",
+        "offsets_topic_partitions=1",
+        "leader_balance_interval_ms=1000",
+        "housekeeping_interval_ms=200",
+        "default_segment_bytes=1048576",
+        "batch_bytes_max=65536",
+    ]
+    .map(String::from)
+    .to_vec();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..2)
+        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
+        .collect();
+    let mut full_extra = extra.clone();
+    full_extra.push(format!("free_space_reserve_bytes={RESERVE_BYTES}"));
+    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &full_extra));
+    let all: Vec<&Broker> = nodes.iter().collect();
+    common::cluster::wait_for("a controller leader known to every node", &all, || {
+        common::cluster::agreed_leader(&all, 3)
+    });
+    let created = common::run_cli(
+        &nodes[0].addr,
+        &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    assert!(created.contains("3 partitions"), "{created}");
+    let in_sync = |node: &Broker, expected: &[u64]| {
+        let described = described(node, TOPIC)?;
+        let good = described.len() == 3
+            && described
+                .iter()
+                .all(|(leader, isr)| leader.is_some_and(|l| expected.contains(&l)) && isr == expected);
+        good.then_some(())
+    };
+    common::cluster::wait_for("every replica in sync", &all, || in_sync(&nodes[0], &[1, 2, 3]));
+
+    // Through node 1, retrying what is not acknowledged (a leader on node 3 stops mid-write).
+    let produce = |from: usize, to: usize| {
+        let lines: String = (from..to).map(|i| format!("like-{i}\n")).collect();
+        common::cluster::wait_for("the records to be acknowledged", &all, || {
+            let out =
+                common::run_cli(&nodes[0].addr, &["produce", TOPIC, "--acks", "all"], Some(lines.as_bytes()));
+            out.status.success().then_some(())
+        });
+    };
+    produce(0, 100);
+    let filler = fs.fill_below_reserve();
+    // Node 3 reads its free space every 200 ms: the writes that reach it before then still land.
+    let stopped = |node: &Broker| common::cluster::status(node)?["stopped_replicas"].as_u64();
+    let mut written = 100;
+    common::cluster::wait_for("node 3's replicas of the topic to stop", &all, || {
+        produce(written, written + 10);
+        written += 10;
+        (stopped(&nodes[2])? >= 3).then_some(())
+    });
+    let status =
+        common::run_cli(&nodes[2].addr, &["cluster", "status", "--admin", &nodes[2].admin], None).ok();
+    assert!(status.contains("replicas stopped on a storage error on this node"), "{status}");
+    let survivors: Vec<&Broker> = nodes[..2].iter().collect();
+    common::cluster::wait_for("the in-sync replicas to shrink", &survivors, || in_sync(&nodes[0], &[1, 2]));
+    produce(written, written + 100);
+    written += 100;
+    assert!(stopped(&nodes[2]).is_some_and(|n| n >= 3), "no reopen while the disk stays full");
+
+    std::fs::remove_file(&filler).unwrap();
+    common::cluster::wait_for("node 3's replicas to reopen and catch up", &all, || {
+        (stopped(&nodes[2])? == 0).then_some(())?;
+        in_sync(&nodes[0], &[1, 2, 3])?;
+        in_sync(&nodes[2], &[1, 2, 3])
+    });
+    common::cluster::wait_for("node 3 to lead a partition again", &all, || {
+        described(&nodes[0], TOPIC)?.iter().any(|(leader, _)| *leader == Some(3)).then_some(())
+    });
+    assert!(nodes[2].log().contains("replica reopened"), "{}", nodes[2].log());
+    let read = common::run_cli(&nodes[2].addr, &["consume", TOPIC, "--from", "beginning"], None).ok();
+    let mut read: Vec<&str> = read.lines().collect();
+    read.sort_unstable();
+    read.dedup();
+    assert_eq!(read.len(), written, "every acknowledged record, once");
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -91,6 +91,12 @@ fn render(status: &Value) -> String {
         field(status, "under_replicated_partitions"),
         field(status, "leaderless_partitions")
     ));
+    if status["stopped_replicas"].as_u64().is_some_and(|n| n > 0) {
+        out.push_str(&format!(
+            "\nreplicas stopped on a storage error on this node: {} (reopened once they can be; see its log)",
+            field(status, "stopped_replicas")
+        ));
+    }
     if let Value::String(failure) = &status["failure"] {
         out.push_str(&format!("\nthis node has left the controller group: {failure}"));
     }

@@ -110,6 +110,10 @@ pub struct ClusterStatus {
     /// Replicas on this node whose group is quiet (idle: neither ticked nor heartbeating).
     #[serde(default)]
     pub quiesced_partitions: u64,
+    /// Replicas on this node stopped on a storage error, waiting to be reopened (the broker's
+    /// log says why: a full disk, a failed write).
+    #[serde(default)]
+    pub stopped_replicas: u64,
     pub failure: Option<String>,
 }
 
@@ -350,6 +354,7 @@ impl Cluster {
             leaderless: self.replicas.leaderless(),
             leader_changes: self.replicas.leader_changes(),
             quiesced: self.replicas.quiesced(),
+            stopped: self.replicas.stopped(),
             partitions,
         }
     }
@@ -647,6 +652,7 @@ impl Cluster {
             under_replicated_partitions: self.under_replicated(),
             leaderless_partitions: self.leaderless(),
             quiesced_partitions: self.replicas.quiesced(),
+            stopped_replicas: self.replicas.stopped(),
             failure: self.failure.borrow().clone(),
         }
     }

@@ -128,6 +128,8 @@ pub struct ReplicaHost {
     leader_changes: Rc<Cell<u64>>,
     /// Peers not heard within an election timeout (node-level liveness), as of the last tick.
     down: Rc<RefCell<BTreeSet<u64>>>,
+    /// Where a replica that stops on an error says so, for the layer that reopens it.
+    stops: RefCell<Option<mpsc::UnboundedSender<GroupKey>>>,
 }
 
 /// A partition this node leads, for `/metrics`.
@@ -150,6 +152,7 @@ impl ReplicaHost {
             replicas: RefCell::new(BTreeMap::new()),
             leader_changes: Rc::new(Cell::new(0)),
             down: Rc::new(RefCell::new(BTreeSet::new())),
+            stops: RefCell::new(None),
         });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
@@ -160,6 +163,14 @@ impl ReplicaHost {
     /// asks them, quiet or not, so a quiet leader that should not lead is still moved.
     pub fn set_leader_balance(&self, ticks: u64) {
         self.balance_ticks.set(ticks);
+    }
+
+    /// The groups whose replica stops on an error from now on, one key per stop: the replica's
+    /// status says `failed` until whoever takes these replaces it (`remove`, then `add`).
+    pub fn stops(&self) -> mpsc::UnboundedReceiver<GroupKey> {
+        let (tx, rx) = mpsc::unbounded();
+        *self.stops.borrow_mut() = Some(tx);
+        rx
     }
 
     /// Replicas added from now on compact by `compaction`.
@@ -184,6 +195,7 @@ impl ReplicaHost {
             leader_changes: self.leader_changes.clone(),
             leader: Cell::new(None),
             quiet: Rc::new(Cell::new(false)),
+            stops: self.stops.borrow().clone(),
         };
         let quiet = published.quiet.clone();
         let balance = Balance { preferred };
@@ -368,6 +380,11 @@ impl ReplicaHost {
         self.leader_changes.get()
     }
 
+    /// Replicas on this node stopped on an error (until they are reopened).
+    pub fn stopped(&self) -> u64 {
+        self.replicas.borrow().values().filter(|hosted| hosted.status.get().failed).count() as u64
+    }
+
     /// Replicas on this node whose group is quiet.
     pub fn quiesced(&self) -> u64 {
         self.replicas.borrow().values().filter(|hosted| hosted.quiet.get()).count() as u64
@@ -458,6 +475,7 @@ struct Published {
     leader: Cell<Option<(u64, u64)>>,
     /// Whether the group is quiet, for the host's timer.
     quiet: Rc<Cell<bool>>,
+    stops: Option<mpsc::UnboundedSender<GroupKey>>,
 }
 
 impl Published {
@@ -469,6 +487,15 @@ impl Published {
         }
         self.status.set(status);
         self.changed.notify_all();
+    }
+
+    /// The replica stopped on `error`: shown as failed, and told to whoever reopens replicas.
+    fn stopped(&self, key: GroupKey, replica: &mut PartitionReplica, error: impl std::fmt::Display) {
+        tracing::error!("replication: {error}; this replica stops");
+        self.set(status_of(replica, true));
+        if let Some(stops) = &self.stops {
+            let _ = stops.unbounded_send(key);
+        }
     }
 
     /// Publishes the replica's epochs with its status, copied only when they changed (once per
@@ -586,20 +613,14 @@ async fn run_replica(
             let sent = replica.drive(|messages| links.send(outbox(key, messages))).await;
             match sent {
                 Ok(messages) => links.send(outbox(key, messages)),
-                Err(e) => {
-                    tracing::error!("replication: {e}; this replica stops");
-                    status.set(status_of(&mut replica, true));
-                    return;
-                }
+                Err(e) => return status.stopped(key, &mut replica, e),
             }
             if !replica.group().has_ready() {
                 break;
             }
         }
         if let Err(e) = compact_if_due(&mut replica, compaction).await {
-            tracing::error!("replication: {e}; this replica stops");
-            status.set(status_of(&mut replica, true));
-            return;
+            return status.stopped(key, &mut replica, e);
         }
         status.set_epochs(&mut replica);
         status.set_followers(replica.group());

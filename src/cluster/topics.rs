@@ -15,9 +15,10 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::metadata::TopicOverrides;
@@ -145,7 +146,8 @@ impl Topics {
     pub fn start(me: u64, shard: std::rc::Weak<Shard>, host: Rc<ReplicaHost>) -> Topics {
         let (changes, queue) = mpsc::unbounded();
         let by_name = Rc::new(RefCell::new(BTreeMap::new()));
-        glommio::spawn_local(run_applier(me, shard, host, by_name.clone(), queue)).detach();
+        let stops = host.stops();
+        glommio::spawn_local(run_applier(me, shard, host, by_name.clone(), queue, stops)).detach();
         Topics { me, by_name, waiting: RefCell::new(HashMap::new()), changes, recent: RefCell::default() }
     }
 
@@ -289,21 +291,75 @@ fn replica_dir(data_dir: &std::path::Path, topic: &ReplicatedTopic, partition: u
 /// topic a later entry has already deleted (at start, the replayed log holds every topic ever
 /// deleted) opens nothing and shows nothing: its deletion, queued behind it, removes any files
 /// left. Each change carries the topic as its entry left it, so a replayed creation opens the
-/// first partitions and the growths after it the rest.
+/// first partitions and the growths after it the rest. Between changes it reopens the replicas
+/// that stopped on an error (`Reopening`), so a reopen never races the creation, growth or
+/// deletion of its topic.
 async fn run_applier(
     me: u64,
     shard: std::rc::Weak<Shard>,
     host: Rc<ReplicaHost>,
     current: Rc<RefCell<BTreeMap<String, ReplicatedTopic>>>,
     mut queue: mpsc::UnboundedReceiver<Change>,
+    mut stops: mpsc::UnboundedReceiver<GroupKey>,
 ) {
-    while let Some(change) = queue.next().await {
+    let mut reopening = Reopening::default();
+    loop {
+        let due = reopening.next_due().map(|at| at.saturating_duration_since(Instant::now()));
+        let event = futures::select! {
+            change = queue.next() => match change {
+                Some(change) => Event::Change(change),
+                None => return,
+            },
+            key = stops.select_next_some() => Event::Stopped(key),
+            _ = sleep_or_never(due).fuse() => Event::ReopenDue,
+        };
         let Some(shard) = shard.upgrade() else { return };
-        match change {
-            Change::Create(topic) | Change::Grow(topic, _) if !is_live(&current, &topic) => {}
-            Change::Create(topic) => open_topic(me, &shard, &host, &topic, 0).await,
-            Change::Grow(topic, had) => open_topic(me, &shard, &host, &topic, had).await,
-            Change::Delete(topic) => remove_topic(&shard, &host, &topic).await,
+        match event {
+            Event::Change(Change::Create(topic) | Change::Grow(topic, _)) if !is_live(&current, &topic) => {}
+            Event::Change(Change::Create(topic)) => open_topic(me, &shard, &host, &topic, 0).await,
+            Event::Change(Change::Grow(topic, had)) => open_topic(me, &shard, &host, &topic, had).await,
+            Event::Change(Change::Delete(topic)) => {
+                reopening.forget_topic(topic.replication.topic_id);
+                remove_topic(&shard, &host, &topic).await
+            }
+            Event::Stopped(key) => {
+                let delay = reopening.stopped(key, Instant::now());
+                tracing::warn!(
+                    group = ?key,
+                    "cluster: this node's replica stopped on an error; reopening it from its files in {delay:?}"
+                );
+            }
+            Event::ReopenDue => {
+                for key in reopening.take_due(Instant::now()) {
+                    let topic =
+                        current.borrow().values().find(|t| t.replication.topic_id == key.topic_id).cloned();
+                    // Deleted meanwhile, or already replaced.
+                    let Some(topic) = topic else { continue };
+                    if host.status(key).is_some_and(|status| !status.failed) {
+                        continue;
+                    }
+                    // Cheap to check again (a statvfs), and the reopen would only stop again.
+                    shard.storage.refresh_disk_space();
+                    if shard.storage.check_disk_space().is_err() {
+                        reopening.wait(key, Instant::now() + REOPEN_FIRST);
+                        continue;
+                    }
+                    match reopen_replica(me, &shard, &host, &topic, key.partition).await {
+                        Ok(()) => {
+                            reopening.reopened(key, Instant::now());
+                            tracing::info!(topic = %topic.name, partition = key.partition, "cluster: replica reopened");
+                        }
+                        Err(e) => {
+                            let delay = reopening.stopped(key, Instant::now());
+                            tracing::warn!(
+                                topic = %topic.name,
+                                partition = key.partition,
+                                "cluster: {e}; trying again in {delay:?}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -314,61 +370,125 @@ fn is_live(current: &RefCell<BTreeMap<String, ReplicatedTopic>>, topic: &Replica
     current.borrow().get(&topic.name).is_some_and(|t| t.replication.topic_id == topic.replication.topic_id)
 }
 
+/// What the applier waits for.
+enum Event {
+    Change(Change),
+    /// The host reported a replica stopped on an error.
+    Stopped(GroupKey),
+    /// A stopped replica's wait is over.
+    ReopenDue,
+}
+
+async fn sleep_or_never(after: Option<Duration>) {
+    match after {
+        Some(after) => glommio::timer::sleep(after).await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// A replica stopped by a storage error (a full disk, a failed write or fdatasync) is reopened
+/// from its files, as a restart of the process would: its Raft state and log as they are on
+/// disk, then catching up from the leader. Never at once: the first wait is `REOPEN_FIRST`,
+/// doubling up to `REOPEN_MAX` while it keeps stopping within `REOPEN_STABLE` of a reopen, so a
+/// replica that cannot stay open costs a reopen every half minute, not a loop. While the disk is
+/// below its free-space reserve, a stopped replica waits without reopening (checked each second).
+#[derive(Default)]
+struct Reopening {
+    /// Stopped replicas and when to try each.
+    due: BTreeMap<GroupKey, Instant>,
+    /// Per replica: consecutive failures, and when it was last reopened.
+    history: HashMap<GroupKey, (u32, Option<Instant>)>,
+}
+
+const REOPEN_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+const REOPEN_STABLE: Duration = Duration::from_secs(60);
+
+impl Reopening {
+    /// Records a stop (or a failed reopen) of `key` at `now`; returns the wait before the next try.
+    fn stopped(&mut self, key: GroupKey, now: Instant) -> Duration {
+        let (failures, reopened) = self.history.entry(key).or_insert((0, None));
+        if reopened.is_some_and(|at| now.saturating_duration_since(at) >= REOPEN_STABLE) {
+            *failures = 0;
+        }
+        let delay = REOPEN_FIRST.saturating_mul(1 << (*failures).min(5)).min(REOPEN_MAX);
+        *failures += 1;
+        self.due.insert(key, now + delay);
+        delay
+    }
+
+    /// Tries `key` again at `at`, without counting a failure (the disk is still full).
+    fn wait(&mut self, key: GroupKey, at: Instant) {
+        self.due.insert(key, at);
+    }
+
+    fn reopened(&mut self, key: GroupKey, now: Instant) {
+        if let Some((_, reopened)) = self.history.get_mut(&key) {
+            *reopened = Some(now);
+        }
+    }
+
+    fn forget_topic(&mut self, topic_id: u128) {
+        self.due.retain(|key, _| key.topic_id != topic_id);
+        self.history.retain(|key, _| key.topic_id != topic_id);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.values().min().copied()
+    }
+
+    /// The replicas whose wait is over, removed from the waiting.
+    fn take_due(&mut self, now: Instant) -> Vec<GroupKey> {
+        let due: Vec<GroupKey> = self.due.iter().filter(|(_, &at)| at <= now).map(|(&key, _)| key).collect();
+        for key in &due {
+            self.due.remove(key);
+        }
+        due
+    }
+}
+
+/// Replaces this node's stopped replica of `topic`'s partition `p` with one opened afresh from
+/// its files. The old partition is closed first (what it wrote stays; what failed was rolled
+/// back); meanwhile the partition answers NOT_LEADER here, as it did while stopped.
+async fn reopen_replica(
+    me: u64,
+    shard: &Rc<Shard>,
+    host: &Rc<ReplicaHost>,
+    topic: &ReplicatedTopic,
+    p: u32,
+) -> Result<(), String> {
+    let key = topic.replication.key(p);
+    let Some(members) = topic.replication.replicas.get(p as usize).filter(|m| m.contains(&me)) else {
+        return Ok(());
+    };
+    if let Some(old) = host.remove(key) {
+        shard.set_replica_partition(&topic.name, p, None);
+        if let Err(e) = old.close().await {
+            tracing::warn!(topic = %topic.name, partition = p, "closing a stopped replica: {e}");
+        }
+    }
+    let (partition, replica) = open_replica(me, shard, topic, p).await?;
+    host.add(key, replica, members[0]);
+    shard.set_replica_partition(&topic.name, p, Some(partition));
+    Ok(())
+}
+
 /// Opens this node's replicas of `topic`'s partitions from `from` on and shows the topic on
 /// every shard. The partitions below `from` (a grown topic's first ones) are open and serving
 /// already: their replicas and files are kept as they are. A replica that cannot open is logged
 /// and left out (its partition answers NOT_LEADER here); the others serve.
 async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic, from: u32) {
-    let settings = topic.overrides.resolve(&shard.config);
-    let mut config = shard.log_config(&settings);
-    // A replica's log shows readers only what its group committed, and every entry is fdatasynced
-    // before its acknowledgement leaves (the Raft rule), whatever the topic asked for.
-    config.visibility = storage::Visibility::Committed;
-    config.durability = storage::Durability::Fsync;
     let mut local: Vec<Option<Rc<Partition>>> = vec![None; topic.replication.replicas.len()];
     for (p, members) in topic.replication.replicas.iter().enumerate().skip(from as usize) {
         if !members.contains(&me) {
             continue;
         }
-        let p = p as u32;
-        let dir = replica_dir(&shard.config.data_dir, topic, p);
-        let partition = match Partition::open(dir, config.clone(), shard.storage.clone()).await {
-            Ok((partition, _)) => partition,
-            Err(e) => {
-                tracing::error!(topic = %topic.name, partition = p, "cluster: cannot open this node's replica: {e}");
-                continue;
+        match open_replica(me, shard, topic, p as u32).await {
+            Ok((partition, replica)) => {
+                host.add(topic.replication.key(p as u32), replica, members[0]);
+                local[p] = Some(partition);
             }
-        };
-        let name = format!("{}/{p}", topic.name);
-        let seed =
-            me ^ (topic.replication.topic_id as u64).rotate_left(17) ^ u64::from(p) ^ super::now_nanos();
-        let key = GroupKey { topic_id: topic.replication.topic_id, partition: p };
-        let group = GroupSettings {
-            in_sync_lag_ticks: shard.config.replica_lag_ticks(),
-            quiesce_after_ticks: shard.config.raft_quiesce_after_ticks,
-            ..GroupSettings::default()
-        };
-        let opened = PartitionReplica::open(
-            name,
-            me,
-            members.clone(),
-            partition.clone(),
-            group,
-            CacheLimits::default(),
-            seed,
-        )
-        .await;
-        match opened {
-            Ok(replica) => {
-                host.add(key, replica, members[0]);
-                local[p as usize] = Some(partition);
-            }
-            Err(e) => {
-                tracing::error!(topic = %topic.name, partition = p, "cluster: cannot start this node's replica: {e}");
-                if let Err(e) = partition.close().await {
-                    tracing::warn!(topic = %topic.name, partition = p, "closing a replica that did not start: {e}");
-                }
-            }
+            Err(e) => tracing::error!(topic = %topic.name, partition = p, "cluster: {e}"),
         }
     }
     // Read last, after every await: what serves the first partitions now.
@@ -394,6 +514,46 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
         };
         if let Err(e) = shown {
             tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not shown on a shard: {e}");
+        }
+    }
+}
+
+/// Opens this node's replica of `topic`'s partition `p` from its files: the partition, then its
+/// Raft state over it.
+async fn open_replica(
+    me: u64,
+    shard: &Rc<Shard>,
+    topic: &ReplicatedTopic,
+    p: u32,
+) -> Result<(Rc<Partition>, PartitionReplica), String> {
+    let settings = topic.overrides.resolve(&shard.config);
+    let mut config = shard.log_config(&settings);
+    // A replica's log shows readers only what its group committed, and every entry is fdatasynced
+    // before its acknowledgement leaves (the Raft rule), whatever the topic asked for.
+    config.visibility = storage::Visibility::Committed;
+    config.durability = storage::Durability::Fsync;
+    let dir = replica_dir(&shard.config.data_dir, topic, p);
+    let (partition, _) = Partition::open(dir, config, shard.storage.clone())
+        .await
+        .map_err(|e| format!("cannot open this node's replica: {e}"))?;
+    let members = topic.replication.replicas.get(p as usize).cloned().unwrap_or_default();
+    let name = format!("{}/{p}", topic.name);
+    let seed = me ^ (topic.replication.topic_id as u64).rotate_left(17) ^ u64::from(p) ^ super::now_nanos();
+    let group = GroupSettings {
+        in_sync_lag_ticks: shard.config.replica_lag_ticks(),
+        quiesce_after_ticks: shard.config.raft_quiesce_after_ticks,
+        ..GroupSettings::default()
+    };
+    let opened =
+        PartitionReplica::open(name, me, members, partition.clone(), group, CacheLimits::default(), seed)
+            .await;
+    match opened {
+        Ok(replica) => Ok((partition, replica)),
+        Err(e) => {
+            if let Err(e) = partition.close().await {
+                tracing::warn!(topic = %topic.name, partition = p, "closing a replica that did not start: {e}");
+            }
+            Err(format!("cannot start this node's replica: {e}"))
         }
     }
 }

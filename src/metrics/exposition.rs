@@ -42,6 +42,8 @@ pub struct ReplicationMetrics {
     pub leader_changes: u64,
     /// This node's replicas whose group is quiet (idle: no ticks, no heartbeats).
     pub quiesced: u64,
+    /// This node's replicas stopped on a storage error, waiting to be reopened.
+    pub stopped: u64,
     pub partitions: Vec<LedPartition>,
 }
 
@@ -326,7 +328,7 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
 }
 
 fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
-    let node: [(&str, &str, &str, u64); 5] = [
+    let node: [(&str, &str, &str, u64); 6] = [
         ("ringlog_partition_leaders", "gauge", "Replicated partitions this node leads.", r.leaders),
         (
             "ringlog_under_replicated_partitions",
@@ -352,6 +354,12 @@ fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
             "gauge",
             "Replicas on this node whose Raft group is quiet: idle, so neither ticked nor heartbeating.",
             r.quiesced,
+        ),
+        (
+            "ringlog_replicas_stopped",
+            "gauge",
+            "Replicas on this node stopped on a storage error (full disk, failed write), reopened from their files once they can be.",
+            r.stopped,
         ),
     ];
     for (name, kind, help, value) in node {
@@ -456,6 +464,7 @@ mod tests {
                     leaderless: 0,
                     leader_changes: 5,
                     quiesced: 1,
+                    stopped: 0,
                     partitions: vec![LedPartition {
                         topic: "likes".into(),
                         partition: 1,

@@ -129,6 +129,15 @@ impl super::Shard {
         self.topics.borrow_mut().insert(name, Rc::new(view));
     }
 
+    /// Sets the partition this shard serves reads of `name`'s partition `p` from (this node's
+    /// replica, reopened after it stopped; `None` while it is closed).
+    pub fn set_replica_partition(&self, name: &str, p: u32, partition: Option<Rc<Partition>>) {
+        if let Some(slot) = self.owned.borrow_mut().get_mut(name).and_then(|local| local.get_mut(p as usize))
+        {
+            *slot = partition;
+        }
+    }
+
     /// Forgets a replicated topic: its view, and the partitions this shard held for it (returned
     /// for the caller to close or remove once their replicas have stopped).
     pub fn forget_replicated_topic(&self, name: &str) -> Vec<Rc<Partition>> {

@@ -531,6 +531,11 @@ impl ShardStorage {
         self.disk_space.refresh();
     }
 
+    /// `StorageFull` while free space is below the reserve (as of the last refresh).
+    pub fn check_disk_space(&self) -> Result<(), StorageError> {
+        self.disk_space.check().map_err(|_| self.storage_full())
+    }
+
     /// A value that changes with every append, read and deletion on this shard (see
     /// `TailCache::activity`): housekeeping compares it between runs to tell an idle shard.
     pub fn activity(&self) -> (u64, u64, usize) {
