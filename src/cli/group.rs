@@ -14,7 +14,8 @@ use crate::client::{Admin, CommittedOffset, GroupDescription, GroupListing, Rese
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List consumer groups: state, member count.
+    /// List consumer groups: state, member count. On a cluster, every group: each node that
+    /// coordinates groups is asked.
     List {
         #[command(flatten)]
         connect: ConnectArgs,

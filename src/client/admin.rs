@@ -3,8 +3,10 @@
 //!
 //! Owns: the control-plane API and its public data types (the group types live in `group`).
 //! Depends on `cluster` for connections and metadata, `group` for the group messages. Rare
-//! calls, kept simple: one request at a time, group requests through the bootstrap connection
-//! (the broker routes them to the group's coordinator shard).
+//! calls, kept simple: one request at a time; a group's requests go to its coordinator, and a
+//! listing of groups to every node that coordinates some.
+
+use std::collections::BTreeSet;
 
 use super::cluster::Cluster;
 use super::connection::Connection;
@@ -291,12 +293,51 @@ impl Admin {
         self.cluster.list_offsets(topic, partition, spec).await
     }
 
-    /// Every group on the broker, sorted by id.
+    /// Every group, sorted by id. A node lists the groups it coordinates, so on a cluster each
+    /// node leading a partition of `__consumer_offsets` is asked and the answers merged (Kafka's
+    /// admin client asks every broker). Fails if a partition has no leader or its leader does not
+    /// answer: a list without that partition's groups would look complete.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
-        group::list_groups(&self.cluster.bootstrap().await?).await
+        let bootstrap = self.cluster.bootstrap().await?;
+        let mut groups = group::list_groups(&bootstrap).await?;
+        let config = self.cluster.config();
+        for addr in self.offsets_leaders().await? {
+            if addr == bootstrap.addr() {
+                continue;
+            }
+            let conn = Connection::connect(&addr, &config.client_id, config.request_timeout).await?;
+            groups.extend(group::list_groups(&conn).await?);
+        }
+        groups.sort_by(|a, b| a.group_id.cmp(&b.group_id));
+        // A group whose coordinator moved between two answers may be in both.
+        groups.dedup_by(|a, b| a.group_id == b.group_id);
+        Ok(groups)
     }
 
-    /// A group's state, generation and members with their assignments.
+    /// The native listeners of the nodes leading `__consumer_offsets`' partitions: none on a
+    /// single node (its topic is not replicated) or before the cluster has created the topic.
+    async fn offsets_leaders(&self) -> Result<BTreeSet<String>> {
+        let described = self.cluster.metadata(&[group::OFFSETS_TOPIC]).await?.into_iter().next();
+        let offsets = match described {
+            Some(Ok(offsets)) => offsets,
+            Some(Err(ClientError::UnknownTopic { .. })) | None => return Ok(BTreeSet::new()),
+            Some(Err(e)) => return Err(e),
+        };
+        let mut leaders = BTreeSet::new();
+        for p in &offsets.partitions {
+            let Some(replication) = &p.replication else { continue };
+            let Some(addr) = &replication.leader_address else {
+                return Err(ClientError::broker(
+                    format!("list groups: {} partition {}", group::OFFSETS_TOPIC, p.partition),
+                    wire::ErrorCode::CoordinatorNotAvailable,
+                    Some("no leader is known yet, so its groups cannot be listed; try again once one is elected"),
+                ));
+            };
+            leaders.insert(addr.clone());
+        }
+        Ok(leaders)
+    }
+
     /// A connection to the group's coordinator: the bootstrap broker on a single node; in a
     /// cluster, the node leading the group's `__consumer_offsets` partition.
     async fn coordinator(&self, group_id: &str) -> Result<Connection> {
@@ -309,6 +350,7 @@ impl Admin {
         Connection::connect(&addr, &config.client_id, config.request_timeout).await
     }
 
+    /// A group's state, generation and members with their assignments.
     pub async fn describe_group(&self, group_id: &str) -> Result<GroupDescription> {
         group::describe_group(&self.coordinator(group_id).await?, group_id).await
     }

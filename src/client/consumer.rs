@@ -20,6 +20,10 @@ use super::ClientConfig;
 use crate::protocol::wire;
 use crate::record::{batches, reader};
 
+/// The pause after a poll whose partitions were refused by nodes that no longer lead them
+/// (librdkafka's `retry.backoff.ms`).
+const REFUSED_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Where to (re)position a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offset {
@@ -160,7 +164,9 @@ impl Consumer {
     }
 
     /// Fetches from every assigned partition, waiting up to `max_wait` for data, and returns the
-    /// records in offset order per partition. An empty result means no new data yet.
+    /// records in offset order per partition. An empty result means no new data yet. A partition
+    /// whose leader is unknown, unreachable or moved is left out of this poll and looked up again
+    /// for the next; the poll fails only when no partition's node answered.
     pub async fn poll(&mut self, max_wait: Duration) -> Result<Vec<ConsumerRecord>> {
         if let Some(e) = self.deferred_error.take() {
             return Err(e);
@@ -171,12 +177,29 @@ impl Consumer {
         }
         // The broker may hold the fetch for max_wait; leave the response time to arrive.
         let max_wait = max_wait.min(self.cluster.config().request_timeout / 2);
+        // Topics whose cached metadata proved wrong in this poll (no leader named, a leader that
+        // is gone or refuses): forgotten at the end, so the next poll asks where they are now.
+        // Kept, one dead leader would stop the member for good (nemesis seed 4).
+        let mut stale: Vec<Arc<str>> = Vec::new();
+        // Failures that may pass once the metadata is fresh: only reported when nothing answered.
+        let mut transient = Vec::new();
         let mut groups: Vec<(Connection, Vec<usize>)> = Vec::new();
         for (i, a) in self.assigned.iter().enumerate() {
             if a.position.is_none() {
                 continue;
             }
-            let conn = self.cluster.owner(&a.topic, a.partition).await?;
+            let conn = match self.cluster.owner(&a.topic, a.partition).await {
+                Ok(conn) => conn,
+                // No leader known yet, or its node unreachable: the other partitions are fetched
+                // meanwhile.
+                Err(e) if e.invalidates_metadata() => {
+                    tracing::debug!(topic = %a.topic, partition = a.partition, error = %e, "no reachable leader; refreshing metadata");
+                    stale.push(a.topic.clone());
+                    transient.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match groups.iter_mut().find(|(c, _)| c.addr() == conn.addr()) {
                 Some((_, members)) => members.push(i),
                 None => groups.push((conn, vec![i])),
@@ -199,23 +222,39 @@ impl Consumer {
 
         let mut records = Vec::new();
         let mut errors = Vec::new();
-        let mut transient = Vec::new();
+        let mut answered = 0;
+        let mut refused = false;
         for ((conn, members), reply) in groups.iter().zip(replies) {
             let outcome = reply.and_then(|frame| self.apply_fetch(conn, &frame, members, &mut records));
             match outcome {
-                Ok(partition_errors) => errors.extend(partition_errors),
+                Ok(partition_errors) => {
+                    answered += 1;
+                    for (i, e) in partition_errors {
+                        if e.invalidates_metadata() {
+                            // The node no longer leads or owns the partition.
+                            tracing::debug!(error = %e, "fetch refused; refreshing metadata");
+                            stale.push(self.assigned[i].topic.clone());
+                            refused = true;
+                        } else {
+                            errors.push(e);
+                        }
+                    }
+                }
                 Err(e) if e.invalidates_metadata() => {
                     tracing::debug!(addr = conn.addr(), error = %e, "fetch failed; refreshing metadata");
-                    for &i in members {
-                        self.cluster.invalidate(&self.assigned[i].topic).await;
-                    }
+                    stale.extend(members.iter().map(|&i| self.assigned[i].topic.clone()));
                     transient.push(e);
                 }
                 Err(e) => errors.push(e),
             }
         }
-        // Every endpoint failed: the broker is unreachable, say so rather than spin.
-        if transient.len() == groups.len() && !groups.is_empty() {
+        stale.sort_unstable();
+        stale.dedup();
+        for topic in &stale {
+            self.cluster.invalidate(topic).await;
+        }
+        // Nothing answered: the leaders are unknown or unreachable, say so rather than spin.
+        if answered == 0 {
             errors.extend(transient);
         }
         let mut errors = errors.into_iter();
@@ -224,6 +263,11 @@ impl Consumer {
                 return Err(first);
             }
             self.deferred_error = Some(first);
+        }
+        if records.is_empty() && refused {
+            // A refusal comes back at once; while the new leader is not yet in everyone's
+            // metadata, polling again at once would only ask the same node again.
+            tokio::time::sleep(max_wait.min(REFUSED_BACKOFF)).await;
         }
         Ok(records)
     }
@@ -278,14 +322,14 @@ impl Consumer {
     }
 
     /// Applies one fetch response: appends records, advances positions, records high watermarks.
-    /// Returns per-partition errors the application must see; handles the others.
+    /// Returns the partitions' errors, with the index of the partition in `assigned`.
     fn apply_fetch(
         &mut self,
         conn: &Connection,
         frame: &ResponseFrame,
         members: &[usize],
         records: &mut Vec<ConsumerRecord>,
-    ) -> Result<Vec<ClientError>> {
+    ) -> Result<Vec<(usize, ClientError)>> {
         let response = conn.check_response(frame, "fetch")?;
         let body = response
             .body_as_fetch_response()
@@ -300,7 +344,7 @@ impl Consumer {
                     continue;
                 };
                 if let Err(e) = self.apply_partition(conn.addr(), &frame.payload, i, result, records) {
-                    errors.push(e);
+                    errors.push((i, e));
                 }
             }
         }
@@ -335,14 +379,11 @@ impl Consumer {
                 });
             }
             code => {
-                let e =
-                    ClientError::broker(format!("fetch {}/{}", a.topic, a.partition), code, result.message());
-                if e.invalidates_metadata() {
-                    // Ownership moved: the next poll asks the new owner.
-                    tracing::debug!(error = %e, "fetch refused; refreshing metadata");
-                    return Ok(());
-                }
-                return Err(e);
+                return Err(ClientError::broker(
+                    format!("fetch {}/{}", a.topic, a.partition),
+                    code,
+                    result.message(),
+                ))
             }
         }
         if result.high_watermark() >= 0 {

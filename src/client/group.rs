@@ -23,6 +23,10 @@ use crate::protocol::wire;
 /// The protocol type every ringlog consumer joins with (Kafka's name for it).
 pub const CONSUMER_PROTOCOL_TYPE: &str = "consumer";
 
+/// The internal topic whose partitions' leaders coordinate a cluster's groups (the broker's
+/// `metadata::OFFSETS_TOPIC`, which the client builds without).
+pub(crate) const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
 /// Some partitions of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TopicPartitions {
@@ -717,6 +721,12 @@ fn millis_u32(d: Duration) -> u32 {
 mod tests {
     use super::*;
     use crate::client::ResponseFrame;
+
+    #[cfg(feature = "broker")]
+    #[test]
+    fn the_offsets_topic_is_the_brokers() {
+        assert_eq!(OFFSETS_TOPIC, crate::metadata::OFFSETS_TOPIC);
+    }
 
     fn response_of(frame: &ResponseFrame) -> wire::Response<'_> {
         frame.response().unwrap()

@@ -21,7 +21,9 @@
 //!   of a later `poll`, when the application is done with the previous records.
 //! - Transient failures (broker restart, coordinator moved) are retried inside `poll`, which
 //!   returns no records meanwhile; they become errors once they last longer than the client's
-//!   `request_timeout`.
+//!   `request_timeout`. A lost coordinator does not stop fetching, and a partition whose leader
+//!   is unknown or gone only leaves that partition out of a poll (see `Consumer::poll`): the
+//!   member reads on through leader changes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -450,8 +452,13 @@ impl GroupConsumer {
                 self.coordinator = None;
                 if self.generation_id >= 0 {
                     // Look it up again now, which points the heartbeats at it: they tell whether
-                    // it still knows this member (after a broker restart it does not).
-                    self.coordinator().await?;
+                    // it still knows this member (after a broker restart it does not). Until one
+                    // is found (its node died and no leader of its offsets partition is known
+                    // yet), the member reads on, as librdkafka's does: the heartbeats report the
+                    // loss again and a later poll looks again.
+                    if let Err(e) = self.coordinator().await {
+                        tracing::debug!(group = %self.config.group_id, error = %e, "group coordinator not found yet");
+                    }
                     return Ok(());
                 }
             }
