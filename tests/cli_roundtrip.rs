@@ -200,3 +200,41 @@ fn retention_deletes_old_segments_and_consumers_can_reset() {
     let segments = common::segments(&broker.data_dir(), "short", 0);
     assert!(segments.len() <= 4, "old segments remain: {segments:?}");
 }
+
+/// The partition rows of `ringlog topic describe NAME`.
+fn described_partitions(broker: &Broker, topic: &str) -> usize {
+    let out = broker.cli(&["topic", "describe", topic], None).ok();
+    out.lines().skip_while(|l| !l.starts_with("PARTITION")).skip(1).count()
+}
+
+#[test]
+fn a_local_topic_grows_through_the_cli_and_keeps_its_partitions_across_a_restart() {
+    let mut broker = Broker::start(2, &[]);
+    broker.cli(&["topic", "create", "local-likes", "--partitions", "2"], None).ok();
+    broker.cli(&["produce", "local-likes", "--partition", "0"], Some(b"before-0\nbefore-1\n")).ok();
+    let checked =
+        broker.cli(&["topic", "alter", "local-likes", "--partitions", "5", "--validate-only"], None).ok();
+    assert!(checked.contains("from 2 to 5 partitions (validate only"), "{checked}");
+    assert_eq!(described_partitions(&broker, "local-likes"), 2, "validate only changed nothing");
+    let grown = broker.cli(&["topic", "alter", "local-likes", "--partitions", "5"], None).ok();
+    assert!(grown.contains("now has 5 partitions"), "{grown}");
+    for (count, says) in [("5", "already has 5 partitions"), ("1", "cannot be removed")] {
+        let refused = broker.cli(&["topic", "alter", "local-likes", "--partitions", count], None);
+        assert!(!refused.status.success() && refused.stderr.contains(says), "{}", refused.stderr);
+    }
+    let unknown = broker.cli(&["topic", "alter", "nobody", "--partitions", "3"], None);
+    assert!(
+        !unknown.status.success() && unknown.stderr.contains("UnknownTopicOrPartition"),
+        "{}",
+        unknown.stderr
+    );
+    broker.cli(&["produce", "local-likes", "--partition", "4"], Some(b"after\n")).ok();
+
+    broker.stop();
+    broker.restart();
+    assert_eq!(described_partitions(&broker, "local-likes"), 5);
+    let read =
+        |p: &str| broker.cli(&["consume", "local-likes", "--partition", p, "--from", "beginning"], None).ok();
+    assert_eq!(read("0").lines().collect::<Vec<_>>(), ["before-0", "before-1"]);
+    assert_eq!(read("4").lines().collect::<Vec<_>>(), ["after"]);
+}

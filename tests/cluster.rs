@@ -979,3 +979,197 @@ fn a_partition_on_fewer_nodes_than_the_cluster_is_led_as_seen_from_every_node() 
         assert_eq!(status(node).map(|s| s["leaderless_partitions"].clone()), Some(1.into()));
     }
 }
+
+/// A Kafka CreatePartitions of `topic` to `count` partitions (v3), with manual `assignments`
+/// when given: the topic's error code and message.
+fn kafka_grow(
+    kafka: &mut common::kafka::KafkaConn,
+    topic: &str,
+    count: i32,
+    assignments: Option<Vec<Vec<i32>>>,
+    validate_only: bool,
+) -> (i16, String) {
+    use kafka_protocol::messages::create_partitions_request::{
+        CreatePartitionsAssignment, CreatePartitionsTopic,
+    };
+    use kafka_protocol::messages::{BrokerId, CreatePartitionsRequest};
+    let assignments = assignments.map(|sets| {
+        sets.into_iter()
+            .map(|ids| {
+                CreatePartitionsAssignment::default().with_broker_ids(ids.into_iter().map(BrokerId).collect())
+            })
+            .collect()
+    });
+    let request = CreatePartitionsRequest::default()
+        .with_timeout_ms(10_000)
+        .with_validate_only(validate_only)
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(TopicName(common::kafka::s(topic)))
+            .with_count(count)
+            .with_assignments(assignments)]);
+    let answer = kafka.call(3, &request);
+    assert_eq!(answer.results.len(), 1, "{answer:?}");
+    let result = &answer.results[0];
+    (result.error_code, result.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default())
+}
+
+/// `ringlog topic describe` of `topic` on `node` once it shows `count` partitions, each with a
+/// leader: per partition (leader, preferred replica, replica count).
+fn grown_view(node: &Broker, topic: &str, count: usize) -> Option<Vec<(u64, u64, usize)>> {
+    let out = common::run_cli(&node.addr, &["topic", "describe", topic, "--format", "json"], None);
+    let described: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    let view: Vec<(u64, u64, usize)> = described["partitions"]
+        .as_array()?
+        .iter()
+        .map(|p| {
+            let replicas = p["replicas"].as_array()?;
+            Some((p["leader"].as_u64()?, replicas.first()?.as_u64()?, replicas.len()))
+        })
+        .collect::<Option<_>>()?;
+    (view.len() == count).then_some(view)
+}
+
+#[test]
+fn a_replicated_topic_grows_through_a_node_that_does_not_lead_the_controller() {
+    let (_, _dirs, mut nodes) = start_three();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    let controller = wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    let via = controller as usize % 3; // another node than the controller's leader
+    common::run_cli(
+        &nodes[via].addr,
+        &["topic", "create", "growing", "--partitions", "2", "--replication-factor", "3"],
+        None,
+    )
+    .ok();
+    for node in &nodes {
+        wait_for("growing led on every node", &all, || grown_view(node, "growing", 2));
+    }
+    common::run_cli(
+        &nodes[via].addr,
+        &["produce", "growing", "--acks", "all"],
+        Some(lines(0, 100).as_bytes()),
+    )
+    .ok();
+
+    // Kafka's CreatePartitions through that node: what cannot grow is refused as Kafka does,
+    // and validate_only changes nothing (the grow to 4 that follows would be refused had it
+    // made 5).
+    let mut kafka = common::kafka::KafkaConn::connect(&nodes[via].kafka);
+    for (count, code, says) in [(2, 37, "already has 2 partitions"), (1, 37, "cannot be removed")] {
+        let (error, message) = kafka_grow(&mut kafka, "growing", count, None, false);
+        assert_eq!(error, code, "INVALID_PARTITIONS for {count}: {message}");
+        assert!(message.contains(says), "{message}");
+    }
+    let (error, message) = kafka_grow(&mut kafka, "no-such-topic", 4, None, false);
+    assert_eq!(error, 3, "UNKNOWN_TOPIC_OR_PARTITION: {message}");
+    let (error, message) = kafka_grow(&mut kafka, "growing", 3, Some(vec![vec![1, 2, 3]]), false);
+    assert_eq!(error, 42, "INVALID_REQUEST: {message}");
+    assert!(message.contains("manual replica assignments"), "{message}");
+    let (error, message) = kafka_grow(&mut kafka, "growing", 5, None, true);
+    assert_eq!(error, 0, "validate_only: {message}");
+    assert_eq!(kafka_leaders(&nodes[via], "growing").map(|v| v.len()), Some(2), "validate_only grew it");
+    let (error, message) = kafka_grow(&mut kafka, "growing", 4, None, false);
+    assert_eq!(error, 0, "grow to 4: {message}");
+    for node in &nodes {
+        wait_for("4 partitions on every node", &all, || {
+            kafka_leaders(node, "growing").filter(|v| v.len() == 4)
+        });
+    }
+
+    // The native protocol through the same node, by the CLI.
+    let checked = common::run_cli(
+        &nodes[via].addr,
+        &["topic", "alter", "growing", "--partitions", "5", "--validate-only"],
+        None,
+    )
+    .ok();
+    assert!(checked.contains("from 4 to 5 partitions (validate only"), "{checked}");
+    let grown =
+        common::run_cli(&nodes[via].addr, &["topic", "alter", "growing", "--partitions", "5"], None).ok();
+    assert!(grown.contains("now has 5 partitions"), "{grown}");
+    for (count, says) in [("5", "already has 5 partitions"), ("3", "cannot be removed")] {
+        let refused =
+            common::run_cli(&nodes[via].addr, &["topic", "alter", "growing", "--partitions", count], None);
+        let stderr = &refused.stderr;
+        assert!(
+            !refused.status.success() && stderr.contains("InvalidPartitions") && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+
+    // Every node shows 5 partitions, each with a leader and 3 replicas, in both protocols; the
+    // preferred leaders carry on the topic's spread (the node after the previous partition's).
+    for node in &nodes {
+        let view = wait_for("5 partitions led on every node", &all, || grown_view(node, "growing", 5));
+        let preferred: Vec<u64> = view.iter().map(|&(_, preferred, _)| preferred).collect();
+        assert!(view.iter().all(|&(_, _, replicas)| replicas == 3), "{view:?}");
+        assert!(preferred.windows(2).all(|w| w[1] == w[0] % 3 + 1), "{preferred:?}");
+        let kafka_view = wait_for("Kafka leaders of 5 partitions", &all, || {
+            let view = kafka_leaders(node, "growing")?;
+            (view.len() == 5 && view.iter().all(|(leader, _)| *leader > 0)).then_some(view)
+        });
+        assert!(kafka_view.iter().all(|(_, replicas)| replicas.len() == 3), "{kafka_view:?}");
+    }
+
+    // Each new partition takes acks=all writes through one node and reads them back through
+    // another; the first partitions kept what they had.
+    let per_partition = |p: u32| -> String { (0..50).map(|i| format!("p{p}-{i}\n")).collect() };
+    for p in 2..5u32 {
+        let partition = p.to_string();
+        common::run_cli(
+            &nodes[(via + 1) % 3].addr,
+            &["produce", "growing", "--partition", &partition, "--acks", "all"],
+            Some(per_partition(p).as_bytes()),
+        )
+        .ok();
+        let read = common::run_cli(
+            &nodes[(via + 2) % 3].addr,
+            &["consume", "growing", "--partition", &partition, "--from", "beginning"],
+            None,
+        )
+        .ok();
+        assert_eq!(
+            read.lines().collect::<Vec<_>>(),
+            per_partition(p).lines().collect::<Vec<_>>(),
+            "partition {p}"
+        );
+    }
+    let mut read = consume_all(&nodes[via], "growing");
+    read.sort();
+    let mut expected: Vec<String> = lines(0, 100).lines().map(str::to_owned).collect();
+    expected.extend((2..5).flat_map(|p| per_partition(p).lines().map(str::to_owned).collect::<Vec<_>>()));
+    expected.sort();
+    assert_eq!(read, expected);
+
+    // A restart replays the growth from the controller's log: the node shows 5 partitions
+    // again, with its replicas of each in its data directory, and reads through it find every
+    // record.
+    nodes[via].kill9();
+    nodes[via].restart();
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("the restarted node back", &all, || agreed_leader(&all, 3));
+    wait_for("5 partitions led after the restart", &all, || grown_view(&nodes[via], "growing", 5));
+    let dirs = replica_topic_dirs(&nodes[via].data_dir(), "growing");
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let mut partitions: Vec<String> = std::fs::read_dir(&dirs[0])
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    partitions.sort();
+    assert_eq!(partitions, ["0", "1", "2", "3", "4"]);
+    let mut read = consume_all(&nodes[via], "growing");
+    read.sort();
+    assert_eq!(read, expected, "after the restart");
+
+    // Deleted afterwards: every node removes the new partitions' files with the old ones.
+    common::run_cli(&nodes[via].addr, &["topic", "delete", "growing"], None).ok();
+    for node in &nodes {
+        wait_for("growing's files gone", &all, || {
+            replica_topic_dirs(&node.data_dir(), "growing").is_empty().then_some(())
+        });
+    }
+    for node in &mut nodes {
+        node.stop();
+    }
+}

@@ -1,4 +1,4 @@
-//! `ringlog topic create|list|describe|delete`.
+//! `ringlog topic create|alter|list|describe|delete`.
 //!
 //! Owns: those subcommands' arguments and output. Depends on `client::Admin`.
 
@@ -26,6 +26,20 @@ pub enum TopicCommand {
         name: String,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Raise a topic's partition count (Kafka's CreatePartitions): existing partitions keep
+    /// their data and keep serving; a replicated topic's new partitions keep its replication
+    /// factor, their leaders spread over the nodes.
+    Alter {
+        name: String,
+        /// The new total number of partitions: more than the topic has.
+        #[arg(long)]
+        partitions: u32,
+        /// Check the request on the broker and change nothing.
+        #[arg(long)]
+        validate_only: bool,
         #[command(flatten)]
         connect: ConnectArgs,
     },
@@ -93,6 +107,20 @@ pub(super) async fn run(command: TopicCommand) -> Result<(), CliError> {
             };
             writeln!(out, "created topic {} with {} partitions", args.name, partitions.len())
                 .map_err(CliError::stdout)?;
+        }
+        TopicCommand::Alter { name, partitions, validate_only, connect } => {
+            let admin = Admin::connect(connect.client_config()).await?;
+            let now = admin.create_partitions(&name, partitions, validate_only).await?;
+            if validate_only {
+                writeln!(
+                    out,
+                    "topic {name} can grow from {} to {partitions} partitions (validate only: nothing changed)",
+                    now.len()
+                )
+            } else {
+                writeln!(out, "topic {name} now has {} partitions", now.len())
+            }
+            .map_err(CliError::stdout)?;
         }
         TopicCommand::List { format, connect } => {
             let admin = Admin::connect(connect.client_config()).await?;

@@ -1,4 +1,4 @@
-//! Topic and group administration: create, delete, list, describe, list offsets; list, describe,
+//! Topic and group administration: create, grow, delete, list, describe, list offsets; list, describe,
 //! delete groups, and read or reset their committed offsets.
 //!
 //! Owns: the control-plane API and its public data types (the group types live in `group`).
@@ -209,6 +209,36 @@ impl Admin {
         })?;
         self.cluster.invalidate(name).await;
         Ok(())
+    }
+
+    /// Raises `name`'s partition count to `partitions`, the new total (the count only grows;
+    /// existing partitions are untouched). With `validate_only` the broker checks the request
+    /// and changes nothing. Returns every partition of the topic as the broker then shows it.
+    pub async fn create_partitions(
+        &self,
+        name: &str,
+        partitions: u32,
+        validate_only: bool,
+    ) -> Result<Vec<PartitionInfo>> {
+        let context = format!("grow topic {name:?} to {partitions} partitions");
+        let encode = |fbb: &mut flatbuffers::FlatBufferBuilder<'static>| {
+            let name = fbb.create_string(name);
+            let body = wire::CreatePartitionsRequest::create(
+                fbb,
+                &wire::CreatePartitionsRequestArgs { name: Some(name), partitions, validate_only },
+            );
+            (wire::RequestBody::CreatePartitionsRequest, body.as_union_value())
+        };
+        let (conn, frame) = self.cluster.controller_request(&context, encode).await?;
+        let response = conn.check_response(&frame, &context)?;
+        let body = response.body_as_create_partitions_response().ok_or_else(|| {
+            ClientError::protocol(conn.addr(), "create partitions answered with another response type")
+        })?;
+        self.cluster.invalidate(name).await;
+        let mut partitions: Vec<PartitionInfo> =
+            body.partitions().iter().flat_map(|v| v.iter()).map(super::cluster::partition_info).collect();
+        partitions.sort_by_key(|p| p.partition);
+        Ok(partitions)
     }
 
     /// Names of every topic, sorted.

@@ -10,9 +10,9 @@
 //!
 //! Runs only on shard 0 and only when `seeds` is set. May depend on `replication`, `shard` (its
 //! extension slot, the gate seam, storage through it), `record`, `metadata`, `config`, `groups`
-//! (the settings of `__consumer_offsets`, which the controller creates); the
-//! broker starts it, the protocols send topic changes through it and the admin listener reads
-//! its status.
+//! (the settings of `__consumer_offsets`, which the controller creates), `controller` (a single
+//! node's local topics, where the `*_any_topic` entry points fall back to it); the broker starts
+//! it, the protocols send topic changes through it and the admin listener reads its status.
 
 pub mod controller_log;
 pub mod in_sync;
@@ -41,7 +41,7 @@ use crate::record::builder::BatchBuilder;
 use crate::replication::group::{GroupSettings, Persist, ProposeError, Proposed, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
 use crate::shard::replicated::{LeaderView, ReplicaGate};
-use crate::shard::{Boxed, BrokerError, Shard};
+use crate::shard::{Boxed, BrokerError, Shard, TopicView};
 use controller_log::{ControllerLog, PendingWrites};
 use links::{Outbox, PeerLinks};
 use replicas::{HostError, ReplicaHost};
@@ -461,19 +461,69 @@ pub async fn create_topic(
     if shard.topic(&name).is_some_and(|v| v.replication.is_none()) {
         return Err(BrokerError::TopicAlreadyExists { topic: name });
     }
-    let wanted = name.clone();
     let topic = on_cluster(shard, move |cluster| async move {
         cluster.create_topic(name, partitions, replication_factor, overrides).await
     })
     .await?;
+    shown(shard, &topic).await;
+    Ok(topic)
+}
+
+/// Waits (up to `replication_timeout_ms`) until the calling shard shows `topic` as applied, so
+/// the client's next request finds it here.
+async fn shown(shard: &Shard, topic: &ReplicatedTopic) {
     let deadline = Instant::now() + Duration::from_millis(shard.config.replication_timeout_ms);
-    while shard.topic(&wanted).and_then(|v| v.replication.clone()) != Some(topic.replication.clone()) {
+    while shard.topic(&topic.name).and_then(|v| v.replication.clone()) != Some(topic.replication.clone()) {
         if Instant::now() > deadline {
             break;
         }
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    Ok(topic)
+}
+
+/// Checks a request to raise `name`'s partition count to `partitions` (the new total), as both
+/// protocols ask it; returns the topic as this node shows it. The controller's log checks the
+/// count again when it applies a replicated topic's growth (another change may come first).
+pub fn check_grow(shard: &Shard, name: &str, partitions: u32) -> Result<Rc<TopicView>, BrokerError> {
+    if metadata::is_internal_topic(name) {
+        // A group's coordinator is the owner of partition hash(group) mod the partition count.
+        return Err(BrokerError::InternalTopic {
+            topic: name.to_string(),
+            rule: "its partition count is fixed (offsets_topic_partitions)",
+        });
+    }
+    let view = shard.topic(name).ok_or_else(|| BrokerError::UnknownTopic { topic: name.to_string() })?;
+    let had = view.partition_shards.len();
+    let max = shard.config.partitions_per_topic_max;
+    match (partitions as usize).cmp(&had) {
+        std::cmp::Ordering::Equal => Err(BrokerError::InvalidPartitions(format!(
+            "topic '{name}' already has {had} partitions; ask for more to grow it"
+        ))),
+        std::cmp::Ordering::Less => Err(BrokerError::InvalidPartitions(format!(
+            "topic '{name}' has {had} partitions, more than the requested {partitions}; partitions cannot be \
+             removed"
+        ))),
+        std::cmp::Ordering::Greater if partitions > max => Err(BrokerError::InvalidPartitions(format!(
+            "{partitions} partitions requested for topic '{name}'; allowed up to {max} (partitions_per_topic_max)"
+        ))),
+        std::cmp::Ordering::Greater => Ok(view),
+    }
+}
+
+/// Raises a topic's partition count to `partitions`, whichever kind it is: a replicated topic
+/// through the controller's log (every node opens its replicas of the new partitions), a local
+/// one through this node's metadata. Existing partitions keep serving meanwhile. Returns the
+/// topic's partition count once the calling shard shows it.
+pub async fn grow_any_topic(shard: &Rc<Shard>, name: String, partitions: u32) -> Result<u32, BrokerError> {
+    let view = check_grow(shard, &name, partitions)?;
+    if view.replication.is_none() {
+        let grown = crate::controller::create_partitions(shard, name, partitions).await?;
+        return Ok(grown.partition_shards.len() as u32);
+    }
+    let topic =
+        on_cluster(shard, move |cluster| async move { cluster.grow_topic(name, partitions).await }).await?;
+    shown(shard, &topic).await;
+    Ok(topic.replication.replicas.len() as u32)
 }
 
 /// A topic as a create request left it, whichever kind it is.
@@ -914,6 +964,13 @@ impl Cluster {
     pub async fn delete_topic(&self, name: String) -> Result<(), BrokerError> {
         let request = self.request_id();
         self.change_topic(TopicCommand::Delete { request, name }).await.map(|_| ())
+    }
+
+    /// Raises a replicated topic's partition count to `partitions`; the new partitions' replica
+    /// sets are placed when the controller's log applies the command.
+    pub async fn grow_topic(&self, name: String, partitions: u32) -> Result<ReplicatedTopic, BrokerError> {
+        let request = self.request_id();
+        self.change_topic(TopicCommand::Grow { request, name, partitions }).await
     }
 
     async fn run_ticks(self: Rc<Self>) {

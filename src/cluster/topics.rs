@@ -1,12 +1,13 @@
-//! Replicated topics in the controller's log (issue 11, step 3): the commands that create and
-//! delete them, where their replicas go, and what each node does when it applies them.
+//! Replicated topics in the controller's log (issue 11, step 3): the commands that create, grow
+//! and delete them, where their replicas go, and what each node does when it applies them.
 //!
 //! Owns: `TopicCommand` and `ReplicatedTopic` (the state every node rebuilds from the log), the
 //! placement rule, the waiters of the node that proposed a change, and the applier: one task per
 //! node that carries out committed changes in log order — opening this node's replicas of a new
-//! topic on the hosting shard and showing the topic on every shard, or stopping and removing
-//! them. Placement is decided when the command is applied, from the registry as the log holds it
-//! at that point, so every node computes the same replica sets without shipping them.
+//! topic (or of a grown topic's new partitions) on the hosting shard and showing the topic on
+//! every shard, or stopping and removing them. Placement is decided when the command is applied,
+//! from the registry as the log holds it at that point, so every node computes the same replica
+//! sets without shipping them.
 //! May depend on `shard` (views, the gate seam, storage), `replication`, `metadata`, `config`.
 
 use std::cell::RefCell;
@@ -34,18 +35,37 @@ use super::replicas::ReplicaHost;
 /// The shard that hosts this node's replicas until each moves to its partition's owner.
 pub const REPLICA_SHARD: u32 = 0;
 
-/// A topic change in the controller's log.
+/// A topic change in the controller's log. A new kind is a new variant: entries written before
+/// it still read as they were.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TopicCommand {
-    Create { request: u64, name: String, partitions: u32, replication_factor: u16, overrides: TopicOverrides },
-    Delete { request: u64, name: String },
+    Create {
+        request: u64,
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        overrides: TopicOverrides,
+    },
+    Delete {
+        request: u64,
+        name: String,
+    },
+    /// Raises the topic's partition count to `partitions` (the new total, as Kafka's
+    /// CreatePartitions asks): applied twice, the second finds the count reached and is refused.
+    Grow {
+        request: u64,
+        name: String,
+        partitions: u32,
+    },
 }
 
 impl TopicCommand {
     pub fn request(&self) -> u64 {
         match self {
-            TopicCommand::Create { request, .. } | TopicCommand::Delete { request, .. } => *request,
+            TopicCommand::Create { request, .. }
+            | TopicCommand::Delete { request, .. }
+            | TopicCommand::Grow { request, .. } => *request,
         }
     }
 }
@@ -65,6 +85,8 @@ pub type Applied = Result<ReplicatedTopic, BrokerError>;
 enum Change {
     Create(ReplicatedTopic),
     Delete(ReplicatedTopic),
+    /// The topic as it grew, and how many partitions it had before (open and serving already).
+    Grow(ReplicatedTopic, u32),
 }
 
 /// Replica sets for `partitions` partitions of `replication_factor` copies over `nodes` (sorted
@@ -168,6 +190,7 @@ impl Topics {
                 }
                 None => Err(BrokerError::UnknownTopic { topic: name }),
             },
+            TopicCommand::Grow { name, partitions, .. } => self.grow(name, partitions, registered),
         };
         if let Some(waiter) = self.waiting.borrow_mut().remove(&request) {
             let _ = waiter.send(outcome);
@@ -213,6 +236,46 @@ impl Topics {
         );
         Ok(topic)
     }
+
+    /// Adds partitions to a topic, placed as `place` would have placed them had the topic been
+    /// created with `partitions` over the nodes registered now: with the same nodes, the spread
+    /// of preferred leaders carries on where the topic's first partitions left it.
+    fn grow(&self, name: String, partitions: u32, registered: &[u64]) -> Applied {
+        let Some(topic) = self.by_name.borrow().get(&name).cloned() else {
+            return Err(BrokerError::UnknownTopic { topic: name });
+        };
+        let had = topic.replication.replicas.len();
+        if partitions as usize <= had {
+            return Err(BrokerError::InvalidPartitions(format!(
+                "topic '{name}' has {had} partitions; the count can only grow, not to {partitions}"
+            )));
+        }
+        // Every partition of a topic has the replication factor it was created with.
+        let replication_factor = topic.replication.replicas.first().map_or(0, Vec::len);
+        if replication_factor == 0 || replication_factor > registered.len() {
+            return Err(BrokerError::InvalidReplicationFactor(format!(
+                "topic '{name}' keeps {replication_factor} copies of each partition but the cluster has {} \
+                 registered nodes ({registered:?})",
+                registered.len()
+            )));
+        }
+        let first = topic.replication.topic_id as u64;
+        let mut replicas = topic.replication.replicas.clone();
+        replicas
+            .extend(place(registered, partitions, replication_factor as u16, first).into_iter().skip(had));
+        let grown = ReplicatedTopic {
+            replication: Arc::new(Replication { topic_id: topic.replication.topic_id, replicas }),
+            ..topic
+        };
+        self.by_name.borrow_mut().insert(name, grown.clone());
+        let _ = self.changes.unbounded_send(Change::Grow(grown.clone(), had as u32));
+        tracing::info!(
+            topic = %grown.name,
+            node = self.me,
+            "cluster: replicated topic grown from {had} to {partitions} partitions"
+        );
+        Ok(grown)
+    }
 }
 
 /// Where this node keeps its replica of `topic`'s partition `p`: outside `topics/` (local
@@ -224,11 +287,13 @@ fn replica_dir(data_dir: &std::path::Path, topic: &ReplicatedTopic, partition: u
         .join(partition.to_string())
 }
 
-/// Carries out committed changes one after another, in log order. A creation whose topic a
-/// later entry has already deleted (at start, the replayed log holds every topic ever deleted)
-/// opens nothing and shows nothing: its deletion, queued behind it, removes any files left.
-/// Between changes it reopens the replicas that stopped on an error (`Reopening`), so a reopen
-/// never races the creation or deletion of its topic.
+/// Carries out committed changes one after another, in log order. A creation or growth whose
+/// topic a later entry has already deleted (at start, the replayed log holds every topic ever
+/// deleted) opens nothing and shows nothing: its deletion, queued behind it, removes any files
+/// left. Each change carries the topic as its entry left it, so a replayed creation opens the
+/// first partitions and the growths after it the rest. Between changes it reopens the replicas
+/// that stopped on an error (`Reopening`), so a reopen never races the creation, growth or
+/// deletion of its topic.
 async fn run_applier(
     me: u64,
     shard: std::rc::Weak<Shard>,
@@ -250,15 +315,9 @@ async fn run_applier(
         };
         let Some(shard) = shard.upgrade() else { return };
         match event {
-            Event::Change(Change::Create(topic)) => {
-                let live = current
-                    .borrow()
-                    .get(&topic.name)
-                    .is_some_and(|t| t.replication.topic_id == topic.replication.topic_id);
-                if live {
-                    open_topic(me, &shard, &host, &topic).await;
-                }
-            }
+            Event::Change(Change::Create(topic) | Change::Grow(topic, _)) if !is_live(&current, &topic) => {}
+            Event::Change(Change::Create(topic)) => open_topic(me, &shard, &host, &topic, 0).await,
+            Event::Change(Change::Grow(topic, had)) => open_topic(me, &shard, &host, &topic, had).await,
             Event::Change(Change::Delete(topic)) => {
                 reopening.forget_topic(topic.replication.topic_id);
                 remove_topic(&shard, &host, &topic).await
@@ -303,6 +362,12 @@ async fn run_applier(
             }
         }
     }
+}
+
+/// Whether `topic` is still the topic of its name: a later entry may have deleted it (and a
+/// creation of the name made another).
+fn is_live(current: &RefCell<BTreeMap<String, ReplicatedTopic>>, topic: &ReplicatedTopic) -> bool {
+    current.borrow().get(&topic.name).is_some_and(|t| t.replication.topic_id == topic.replication.topic_id)
 }
 
 /// What the applier waits for.
@@ -408,11 +473,13 @@ async fn reopen_replica(
     Ok(())
 }
 
-/// Opens this node's replicas of `topic` and shows the topic on every shard. A replica that
-/// cannot open is logged and left out (its partition answers NOT_LEADER here); the others serve.
-async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic) {
+/// Opens this node's replicas of `topic`'s partitions from `from` on and shows the topic on
+/// every shard. The partitions below `from` (a grown topic's first ones) are open and serving
+/// already: their replicas and files are kept as they are. A replica that cannot open is logged
+/// and left out (its partition answers NOT_LEADER here); the others serve.
+async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic, from: u32) {
     let mut local: Vec<Option<Rc<Partition>>> = vec![None; topic.replication.replicas.len()];
-    for (p, members) in topic.replication.replicas.iter().enumerate() {
+    for (p, members) in topic.replication.replicas.iter().enumerate().skip(from as usize) {
         if !members.contains(&me) {
             continue;
         }
@@ -423,6 +490,10 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
             }
             Err(e) => tracing::error!(topic = %topic.name, partition = p, "cluster: {e}"),
         }
+    }
+    // Read last, after every await: what serves the first partitions now.
+    for (p, slot) in local.iter_mut().enumerate().take(from as usize) {
+        *slot = shard.partition(&topic.name, p as u32);
     }
     let name: Arc<str> = Arc::from(topic.name.as_str());
     for target in 0..shard.count {
@@ -545,6 +616,80 @@ mod tests {
         }
         assert_eq!(place(&[1, 2, 3, 4], 2, 2, 5), vec![vec![2, 3], vec![3, 4]]);
         assert_eq!(place(&[7], 2, 1, 9), vec![vec![7], vec![7]]);
+    }
+
+    /// Topics whose applier is a queue the test reads (no executor needed).
+    fn topics_without_applier() -> (Topics, mpsc::UnboundedReceiver<Change>) {
+        let (changes, queue) = mpsc::unbounded();
+        let topics = Topics {
+            me: 1,
+            by_name: Rc::default(),
+            waiting: RefCell::default(),
+            changes,
+            recent: RefCell::default(),
+        };
+        (topics, queue)
+    }
+
+    fn grow(request: u64, name: &str, partitions: u32) -> TopicCommand {
+        TopicCommand::Grow { request, name: name.into(), partitions }
+    }
+
+    /// Applies `command` at `index` and returns what its proposer would have been answered.
+    fn outcome(topics: &Topics, index: u64, command: TopicCommand, nodes: &[u64]) -> Option<Applied> {
+        let mut answer = topics.wait_for(command.request());
+        topics.apply(index, command, nodes);
+        answer.try_recv().ok().flatten()
+    }
+
+    #[test]
+    fn a_grown_topic_keeps_its_partitions_and_places_new_ones_as_a_creation_of_that_count_would() {
+        let (topics, mut queue) = topics_without_applier();
+        let nodes = [1, 2, 3];
+        let create = TopicCommand::Create {
+            request: 1,
+            name: "likes".into(),
+            partitions: 2,
+            replication_factor: 2,
+            overrides: TopicOverrides::default(),
+        };
+        let created = outcome(&topics, 7, create, &nodes).and_then(Result::ok).map(|t| t.replication);
+        let grown =
+            outcome(&topics, 9, grow(2, "likes", 5), &nodes).and_then(Result::ok).map(|t| t.replication);
+        let (Some(created), Some(grown)) = (created, grown) else {
+            panic!("create, then grow, both applied")
+        };
+        assert_eq!(grown.topic_id, created.topic_id, "the same topic");
+        assert_eq!(grown.replicas[..2], created.replicas[..], "existing partitions untouched");
+        assert_eq!(grown.replicas, place(&nodes, 5, 2, 7), "the spread carries on");
+        assert_eq!(topics.all()[0].replication, grown);
+        assert!(matches!(queue.try_recv(), Ok(Change::Create(t)) if t.replication == created));
+        assert!(matches!(queue.try_recv(), Ok(Change::Grow(t, 2)) if t.replication == grown));
+
+        // Refused when applied, changing nothing: the same count or fewer, an unknown name.
+        for (request, name, partitions) in [(3, "likes", 5), (4, "likes", 3), (5, "nobody", 9)] {
+            let refused = outcome(&topics, 10 + request, grow(request, name, partitions), &nodes);
+            match (name, refused) {
+                ("nobody", Some(Err(BrokerError::UnknownTopic { topic }))) => assert_eq!(topic, "nobody"),
+                (_, Some(Err(BrokerError::InvalidPartitions(message)))) => {
+                    assert!(message.contains("has 5 partitions"), "{message}")
+                }
+                (_, other) => panic!("grow {name} to {partitions}: {other:?}"),
+            }
+        }
+        // A grow handed to two leaders is in the log twice; the second entry is skipped.
+        assert!(outcome(&topics, 20, grow(2, "likes", 6), &nodes).is_none());
+        assert_eq!(topics.all()[0].replication, grown);
+        assert!(queue.try_recv().is_err(), "nothing more for the applier");
+    }
+
+    #[test]
+    fn a_grow_is_written_to_the_log_as_a_variant_of_its_own() {
+        let encoded = serde_json::to_string(&grow(5, "likes", 4)).ok();
+        assert_eq!(encoded.as_deref(), Some(r#"{"grow":{"request":5,"name":"likes","partitions":4}}"#));
+        // Entries written before it read as they did.
+        let old = r#"{"delete":{"request":6,"name":"likes"}}"#;
+        assert!(matches!(serde_json::from_str(old), Ok(TopicCommand::Delete { request: 6, .. })));
     }
 
     #[test]

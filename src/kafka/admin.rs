@@ -5,11 +5,12 @@
 //! epoch 0, the only replica and the whole ISR; a node of a cluster: every registered node, and
 //! each replicated partition's leader and epoch), the mapping between Kafka topic configs
 //! (`retention.ms`, ...) and ringlog's `TopicOverrides`, and the broker configs Kafka clients can
-//! read. Topic changes go through `cluster::create_any_topic` and `delete_any_topic` (a cluster's
-//! controller log, or this node's `controller`) and `controller::create_partitions`. Each handler finishes its work before returning, so a request that
-//! follows on the same connection sees the effect, as with Kafka, which serves one request per
-//! connection at a time. May depend on `controller`, `shard`, `metadata`, `server` (replies),
-//! `config` and `cluster` (what a node of a cluster reports: nodes, leaders); never on storage.
+//! read. Topic changes go through `cluster::create_any_topic`, `delete_any_topic` and
+//! `grow_any_topic` (a cluster's controller log, or this node's `controller`). Each handler
+//! finishes its work before returning, so a request that follows on the same connection sees
+//! the effect, as with Kafka, which serves one request per connection at a time. May depend on
+//! `shard`, `metadata`, `server` (replies), `config` and `cluster` (topic changes; what a node of
+//! a cluster reports: nodes, leaders); never on storage.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -904,7 +905,9 @@ async fn grow_one(
     if manual {
         return Err(Failure::new(
             ResponseError::InvalidRequest,
-            "manual replica assignments are not supported: ringlog places partitions on its cores itself",
+            "manual replica assignments are not supported: ringlog places new partitions itself (on its \
+             cores; a replicated topic's replicas continue its spread over the nodes); leave assignments \
+             null and set count",
         ));
     }
     if is_internal(name) {
@@ -913,40 +916,18 @@ async fn grow_one(
             format!("'{name}' is internal; its partition count is fixed"),
         ));
     }
-    let Some(view) = shard.topic(name) else {
-        return Err(Failure::new(ResponseError::UnknownTopicOrPartition, format!("unknown topic '{name}'")));
-    };
-    let had = view.partition_shards.len() as i64;
-    let max = shard.config.partitions_per_topic_max;
-    let wanted = i64::from(count);
-    if wanted == had {
-        return Err(Failure::new(
+    let partitions = u32::try_from(count).map_err(|_| {
+        Failure::new(
             ResponseError::InvalidPartitions,
-            format!("topic '{name}' already has {had} partitions"),
-        ));
-    }
-    if wanted < had {
-        return Err(Failure::new(
-            ResponseError::InvalidPartitions,
-            format!(
-                "topic '{name}' has {had} partitions, more than the requested {wanted}; partitions \
-                 cannot be removed"
-            ),
-        ));
-    }
-    if wanted > i64::from(max) {
-        return Err(Failure::new(
-            ResponseError::InvalidPartitions,
-            format!("{wanted} partitions requested; allowed up to {max} (partitions_per_topic_max)"),
-        ));
-    }
+            format!("count {count} for topic '{name}' is negative"),
+        )
+    })?;
+    crate::cluster::check_grow(shard, name, partitions)?;
     if validate_only {
         return Ok(());
     }
-    crate::controller::create_partitions(shard, name.to_string(), wanted as u32)
-        .await
-        .map(|_| ())
-        .map_err(Failure::from)
+    crate::cluster::grow_any_topic(shard, name.to_string(), partitions).await?;
+    Ok(())
 }
 
 pub(super) async fn create_partitions(

@@ -6,7 +6,8 @@
 //! order (verification, routing, produce appends and cross-shard sends) before it returns; the
 //! reply future it returns only waits and encodes. Never panics on input: every failure becomes
 //! an error code in the response. May depend on `server` (the `Protocol` seam), `groups`,
-//! `controller`, `shard`, `metadata`, `metrics`, `protocol`, `config`; never on storage.
+//! `cluster` (topic changes of either kind), `controller`, `shard`, `metadata`, `metrics`,
+//! `protocol`, `config`; never on storage.
 
 mod errors;
 mod groups;
@@ -71,6 +72,7 @@ const PARTITION_APIS: &[RequestBody] = &[
     RequestBody::MetadataRequest,
     RequestBody::CreateTopicRequest,
     RequestBody::DeleteTopicRequest,
+    RequestBody::CreatePartitionsRequest,
     RequestBody::ProduceRequest,
     RequestBody::FetchRequest,
     RequestBody::ListOffsetsRequest,
@@ -117,6 +119,10 @@ pub async fn handle(shard: &Rc<Shard>, frame: RawFrame) -> (Boxed<Reply>, bool) 
         },
         RequestBody::DeleteTopicRequest => match request.body_as_delete_topic_request() {
             Some(r) => delete_topic(shard, cid, r),
+            None => missing_body(cid),
+        },
+        RequestBody::CreatePartitionsRequest => match request.body_as_create_partitions_request() {
+            Some(r) => create_partitions(shard, cid, r),
             None => missing_body(cid),
         },
         RequestBody::ProduceRequest => match request.body_as_produce_request() {
@@ -169,6 +175,7 @@ fn api_name(api: RequestBody) -> &'static str {
         RequestBody::MetadataRequest => "metadata",
         RequestBody::CreateTopicRequest => "create_topic",
         RequestBody::DeleteTopicRequest => "delete_topic",
+        RequestBody::CreatePartitionsRequest => "create_partitions",
         RequestBody::ProduceRequest => "produce",
         RequestBody::FetchRequest => "fetch",
         RequestBody::ListOffsetsRequest => "list_offsets",
@@ -512,26 +519,65 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
             Ok(name) => name,
             Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
         };
-        let Some(view) = shard.topic(&name) else {
-            let e = BrokerError::UnknownTopic { topic: name };
-            return Reply::Frame(broker_error_response(cid, &e));
-        };
-        let layout = vec![(view.name.clone(), view.partition_shards.clone())];
-        let parts = partition_metadata(&shard, &layout).await;
-        let leaders = match view.replication {
-            Some(_) => shard.replicated_leaders(view.name.clone()).await,
-            None => Vec::new(),
-        };
         let mut fbb = FlatBufferBuilder::with_capacity(512);
-        let name = fbb.create_string(&view.name);
-        let replicated = view.replication.as_deref().map(|r| (r, leaders.as_slice()));
-        let partitions =
-            encode_partitions(&mut fbb, parts.first().map(Vec::as_slice).unwrap_or_default(), replicated);
+        let (name, partitions) = match topic_partitions(&shard, &mut fbb, name).await {
+            Ok(encoded) => encoded,
+            Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
+        };
         let body = wire::CreateTopicResponse::create(
             &mut fbb,
             &wire::CreateTopicResponseArgs { name: Some(name), partitions: Some(partitions) },
         );
         respond(fbb, cid, ResponseBody::CreateTopicResponse, body.as_union_value(), Vec::new())
+    }
+    .boxed_local()
+}
+
+type EncodedPartitions<'a> =
+    WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::PartitionMetadata<'a>>>>;
+
+/// A topic's name and partitions as this node shows them now, for the answer to a change.
+async fn topic_partitions<'a>(
+    shard: &Rc<Shard>,
+    fbb: &mut FlatBufferBuilder<'a>,
+    name: String,
+) -> Result<(WIPOffset<&'a str>, EncodedPartitions<'a>), BrokerError> {
+    let view = shard.topic(&name).ok_or(BrokerError::UnknownTopic { topic: name })?;
+    let layout = vec![(view.name.clone(), view.partition_shards.clone())];
+    let parts = partition_metadata(shard, &layout).await;
+    let leaders = match view.replication {
+        Some(_) => shard.replicated_leaders(view.name.clone()).await,
+        None => Vec::new(),
+    };
+    let name = fbb.create_string(&view.name);
+    let replicated = view.replication.as_deref().map(|r| (r, leaders.as_slice()));
+    let partitions = encode_partitions(fbb, parts.first().map(Vec::as_slice).unwrap_or_default(), replicated);
+    Ok((name, partitions))
+}
+
+fn create_partitions(shard: &Rc<Shard>, cid: u32, r: wire::CreatePartitionsRequest<'_>) -> Boxed<Reply> {
+    let name = r.name().unwrap_or_default().to_string();
+    let (partitions, validate_only) = (r.partitions(), r.validate_only());
+    let shard = shard.clone();
+    async move {
+        let grown = if validate_only {
+            crate::cluster::check_grow(&shard, &name, partitions).map(|_| ())
+        } else {
+            crate::cluster::grow_any_topic(&shard, name.clone(), partitions).await.map(|_| ())
+        };
+        if let Err(e) = grown {
+            return Reply::Frame(broker_error_response(cid, &e));
+        }
+        let mut fbb = FlatBufferBuilder::with_capacity(512);
+        let (name, partitions) = match topic_partitions(&shard, &mut fbb, name).await {
+            Ok(encoded) => encoded,
+            Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
+        };
+        let body = wire::CreatePartitionsResponse::create(
+            &mut fbb,
+            &wire::CreatePartitionsResponseArgs { name: Some(name), partitions: Some(partitions) },
+        );
+        respond(fbb, cid, ResponseBody::CreatePartitionsResponse, body.as_union_value(), Vec::new())
     }
     .boxed_local()
 }
