@@ -188,10 +188,7 @@ impl Admin {
             ClientError::protocol(conn.addr(), "create topic answered with another response type")
         })?;
         self.cluster.invalidate(name).await;
-        let mut partitions: Vec<PartitionInfo> =
-            body.partitions().iter().flat_map(|v| v.iter()).map(super::cluster::partition_info).collect();
-        partitions.sort_by_key(|p| p.partition);
-        Ok(partitions)
+        Ok(sorted_partitions(body.partitions()))
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
@@ -235,10 +232,7 @@ impl Admin {
             ClientError::protocol(conn.addr(), "create partitions answered with another response type")
         })?;
         self.cluster.invalidate(name).await;
-        let mut partitions: Vec<PartitionInfo> =
-            body.partitions().iter().flat_map(|v| v.iter()).map(super::cluster::partition_info).collect();
-        partitions.sort_by_key(|p| p.partition);
-        Ok(partitions)
+        Ok(sorted_partitions(body.partitions()))
     }
 
     /// Names of every topic, sorted.
@@ -381,4 +375,14 @@ impl Admin {
     ) -> Result<Vec<CommittedOffset>> {
         group::reset_offsets(&self.coordinator(group_id).await?, group_id, topic, partitions, target).await
     }
+}
+
+/// A topic's partitions as a create or grow answer lists them, in partition order.
+fn sorted_partitions<'a>(
+    listed: Option<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::PartitionMetadata<'a>>>>,
+) -> Vec<PartitionInfo> {
+    let mut partitions: Vec<PartitionInfo> =
+        listed.iter().flat_map(|v| v.iter()).map(super::cluster::partition_info).collect();
+    partitions.sort_by_key(|p| p.partition);
+    partitions
 }
