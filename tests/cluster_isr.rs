@@ -32,23 +32,8 @@ fn under_replicated(node: &Broker) -> Option<u64> {
     cluster_status(node)?["under_replicated_partitions"].as_u64()
 }
 
-/// Per partition from `topic describe --format json` on `node`: (leader, isr sorted, replicas
-/// sorted).
-type Described = Vec<(Option<u64>, Vec<u64>, Vec<u64>)>;
-
-fn describe(node: &Broker) -> Option<Described> {
-    let out = common::run_cli(&node.addr, &["topic", "describe", TOPIC, "--format", "json"], None);
-    if !out.status.success() {
-        return None;
-    }
-    let json: Value = serde_json::from_str(&out.stdout).ok()?;
-    let ids = |v: &Value| -> Vec<u64> {
-        let mut ids: Vec<u64> = v.as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
-        ids.sort_unstable();
-        ids
-    };
-    let partitions = json["partitions"].as_array()?;
-    Some(partitions.iter().map(|p| (p["leader"].as_u64(), ids(&p["isr"]), ids(&p["replicas"]))).collect())
+fn describe(node: &Broker) -> Option<common::cluster::Described> {
+    common::cluster::describe(node, TOPIC)
 }
 
 /// Every partition has a leader in `expected` and exactly `expected` in sync, on `node`.
@@ -148,13 +133,7 @@ fn a_stopped_or_killed_node_leaves_the_in_sync_replicas_and_rejoins_once_caught_
     wait_for("a controller leader known to every node", &all, || {
         all.iter().all(|n| cluster_status(n).is_some_and(|s| s["controller_leader"].is_u64())).then_some(())
     });
-    let created = common::run_cli(
-        &nodes[0].addr,
-        &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"],
-        None,
-    )
-    .ok();
-    assert!(created.contains("3 partitions"), "{created}");
+    common::cluster::create_replicated(&nodes[0], TOPIC, 3, 3);
     whole_again(&nodes);
     produce(&nodes[0], 0, 100);
 

@@ -297,20 +297,6 @@ fn with_no_reserve_a_completely_full_disk_refuses_produce_without_a_partial_batc
     broker.stop();
 }
 
-/// `topic describe` on `node`, per partition: (leader, in-sync replicas sorted).
-fn described(node: &Broker, topic: &str) -> Option<Vec<(Option<u64>, Vec<u64>)>> {
-    let out = common::run_cli(&node.addr, &["topic", "describe", topic, "--format", "json"], None);
-    let json: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-    let partitions = json["partitions"].as_array()?;
-    let described = partitions.iter().map(|p| {
-        let mut isr: Vec<u64> =
-            p["isr"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
-        isr.sort_unstable();
-        (p["leader"].as_u64(), isr)
-    });
-    Some(described.collect())
-}
-
 /// Issue 11: on a three-node cluster, one node's disk falls below its free-space reserve. Its
 /// replicas stop as writes reach them (shown in `/v1/cluster` and `cluster status`) and leave
 /// the in-sync replicas, while the other two keep acknowledging `acks=all` writes. Once space is
@@ -321,9 +307,7 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
     const TOPIC: &str = "likes";
     let fs = LoopFs::new();
     let ports = common::cluster::free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
+    let seeds = common::cluster::seeds(&ports);
     let extra: Vec<String> = [
         "replica_lag_time_max_ms=2000",
         "offsets_topic_partitions=1",
@@ -345,19 +329,13 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
     common::cluster::wait_for("a controller leader known to every node", &all, || {
         common::cluster::agreed_leader(&all, 3)
     });
-    let created = common::run_cli(
-        &nodes[0].addr,
-        &["topic", "create", TOPIC, "--partitions", "3", "--replication-factor", "3"],
-        None,
-    )
-    .ok();
-    assert!(created.contains("3 partitions"), "{created}");
+    common::cluster::create_replicated(&nodes[0], TOPIC, 3, 3);
     let in_sync = |node: &Broker, expected: &[u64]| {
-        let described = described(node, TOPIC)?;
+        let described = common::cluster::describe(node, TOPIC)?;
         let good = described.len() == 3
             && described
                 .iter()
-                .all(|(leader, isr)| leader.is_some_and(|l| expected.contains(&l)) && isr == expected);
+                .all(|(leader, isr, _)| leader.is_some_and(|l| expected.contains(&l)) && isr == expected);
         good.then_some(())
     };
     common::cluster::wait_for("every replica in sync", &all, || in_sync(&nodes[0], &[1, 2, 3]));
@@ -397,7 +375,10 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
         in_sync(&nodes[2], &[1, 2, 3])
     });
     common::cluster::wait_for("node 3 to lead a partition again", &all, || {
-        described(&nodes[0], TOPIC)?.iter().any(|(leader, _)| *leader == Some(3)).then_some(())
+        common::cluster::describe(&nodes[0], TOPIC)?
+            .iter()
+            .any(|(leader, _, _)| *leader == Some(3))
+            .then_some(())
     });
     assert!(nodes[2].log().contains("replica reopened"), "{}", nodes[2].log());
     let read = common::run_cli(&nodes[2].addr, &["consume", TOPIC, "--from", "beginning"], None).ok();

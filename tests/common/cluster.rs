@@ -92,12 +92,45 @@ pub fn start_three() -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
 /// `start_three` with options beyond the cluster's own on every node.
 pub fn start_three_with(extra: &[String]) -> (Vec<u16>, Vec<tempfile::TempDir>, Vec<Broker>) {
     let ports = free_ports(3);
-    let seeds: Vec<String> =
-        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
-    let seeds = seeds.join(",");
+    let seeds = seeds(&ports);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let nodes = (0..3).map(|i| start_node_with(dirs[i].path(), i as u64 + 1, &seeds, extra)).collect();
     (ports, dirs, nodes)
+}
+
+/// The `seeds` setting of nodes 1, 2, … listening for peers on `ports` of loopback.
+pub fn seeds(ports: &[u16]) -> String {
+    let seeds: Vec<String> =
+        ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+    seeds.join(",")
+}
+
+/// Creates `topic` through `node`'s CLI with `partitions` partitions of `replication_factor`
+/// copies, and checks the CLI says so.
+pub fn create_replicated(node: &Broker, topic: &str, partitions: u32, replication_factor: u16) {
+    let (partitions, factor) = (partitions.to_string(), replication_factor.to_string());
+    let args = ["topic", "create", topic, "--partitions", &partitions, "--replication-factor", &factor];
+    let created = super::run_cli(&node.addr, &args, None).ok();
+    assert!(created.contains(&format!("{partitions} partitions")), "{created}");
+}
+
+/// Per partition from `topic describe --format json` on `node`: (leader, isr sorted, replicas
+/// sorted).
+pub type Described = Vec<(Option<u64>, Vec<u64>, Vec<u64>)>;
+
+pub fn describe(node: &Broker, topic: &str) -> Option<Described> {
+    let out = super::run_cli(&node.addr, &["topic", "describe", topic, "--format", "json"], None);
+    if !out.status.success() {
+        return None;
+    }
+    let json: Value = serde_json::from_str(&out.stdout).ok()?;
+    let ids = |v: &Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = v.as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let partitions = json["partitions"].as_array()?;
+    Some(partitions.iter().map(|p| (p["leader"].as_u64(), ids(&p["isr"]), ids(&p["replicas"]))).collect())
 }
 
 /// SIGSTOP or SIGCONT to a running node.
