@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use super::append::Chunk;
 use super::recovery::{read_carry, recover_producer_state, remove_snapshots_after};
-use super::{active, remove_segment_files, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX};
+use super::{active, remove_segment_files, sync_dir, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX};
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
 use crate::storage::retention::{segments_to_delete, RetentionInput};
@@ -188,7 +188,9 @@ impl Partition {
     }
 
     /// Drops every batch at or above `offset` (rounded down to the start of the batch holding
-    /// it), on disk and in caches and indexes. Appends are refused while it runs.
+    /// it), on disk and in caches and indexes. Appends are refused while it runs. The cut of the
+    /// segment holding `offset` becomes durable with the next sync of that file (the one that
+    /// covers the appends after it); the unlinks of later segments are synced before it returns.
     pub async fn truncate_to(&self, offset: i64) -> Result<(), StorageError> {
         if self.closed.get() {
             return Err(StorageError::Closed);
@@ -322,6 +324,23 @@ impl Partition {
             Ok(producers) => self.state.borrow_mut().producers = producers,
             Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e,
                 "rebuilding the producer state after truncation failed; keeping the truncated state"),
+        }
+        if !later.is_empty() {
+            // The unlinks are durable only once the directory is: the fdatasync that makes the
+            // appends after the cut durable covers the cut file, not them (ext4 with fast
+            // commits), and a later segment back after a crash either follows the new batches
+            // with older epochs (the replica refuses to open) or overlaps them (the partition
+            // refuses to open). Found by the simulator (docs/replication.md, stop 17).
+            let dir = self.dir.clone();
+            blocking::run(move || sync_dir(&dir))
+                .await
+                .map_err(|panic| {
+                    StorageError::io(
+                        format!("syncing {} after a truncation", self.dir.display()),
+                        std::io::Error::other(panic),
+                    )
+                })
+                .and_then(|synced| synced)?;
         }
         Ok(())
     }
