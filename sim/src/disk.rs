@@ -5,12 +5,30 @@
 //! part of the rest. Opening after a crash does what the shard does: the saved state, then a scan
 //! of the batches after its anchor.
 //!
+//! Segments and cuts (issue 13, stop 17). The log is kept in segment files as the partition keeps
+//! it, rolled when the next batch would pass `segment_bytes`. A truncation is what
+//! `Partition::truncate_to` does: it cuts the segment holding the offset (ftruncate) and unlinks
+//! the later segment files, with no sync of its own. The cut of the file is durable once a sync
+//! issued after it completes: an fdatasync of the file written next covers the file's size, a
+//! syncfs everything. Until then a crash may undo it: the log comes back as it was before the
+//! cut (the appends after it, never synced, lost with it). The unlinks are durable only once the
+//! directory is synced after them: by a syncfs, by a save of `raft.state` (its store fsyncs the
+//! directory) or by a roll's seal (`sync_dir`); an fdatasync of a segment file does not cover
+//! them (ext4 with fast commits), so a crash may bring the unlinked files back, and the restart
+//! then recovers them as `recover_segments` does: attached if they start where the log ends,
+//! removed after a gap, and an overlap refuses to open. The journal commits in order, so an
+//! unsynced batch that survives a crash brings every unlink before it along. A directory synced
+//! at the cut (`SimDisk::new`'s `dir_synced_at_cut`, what the broker does since stop 17) leaves
+//! only the undone cut.
+//!
 //! Faults (issue 13): a write may fail with an IO error after part of it reached the disk, a full
 //! disk refuses appends and saves before a byte is written (the partition reserves space before
 //! it accepts an append: `StorageFull`), and a sync may fail. A failed sync leaves what it should
 //! have covered lost for good (the kernel may drop the pages: "fsyncgate"): a later sync that
 //! succeeds does not make it durable, and a crash cuts the log there. What the replica does about
 //! each is the caller's (`world::storage_faults`), as it is `shard::replica`'s in the broker.
+
+use std::cmp::Reverse;
 
 use bytes::Bytes;
 use raft::eraftpb::Entry;
@@ -55,11 +73,69 @@ pub enum WriteError {
     Inconsistent(String),
 }
 
+/// The log as it was before a truncation no completed sync covers yet: what a crash may bring
+/// back.
+#[derive(Debug)]
+struct UnsyncedCut {
+    write: u64,
+    batches: Vec<(Bytes, u64)>,
+    segments: Vec<i64>,
+    durable_batches: usize,
+    lost_from: Option<usize>,
+    /// Batches the cut kept: a failed sync after it that lost one of them lost it here too.
+    kept: usize,
+}
+
+/// A segment file a truncation unlinked, not yet covered by a sync of the directory: a crash may
+/// bring it back with the batches it held durably.
+#[derive(Debug)]
+struct UnlinkedSegment {
+    write: u64,
+    base_offset: i64,
+    batches: Vec<Bytes>,
+}
+
+/// What a crash does to a disk's unsynced cuts, drawn by the caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CutCrash {
+    /// Undo the cut at this position in the unsynced ones (oldest first) and all after it.
+    pub undo: Option<usize>,
+    /// Unlinked segment files come back.
+    pub relink: bool,
+}
+
+/// What a crash did to a disk's cuts, for the trace.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CutCrashReport {
+    /// Batches of the log that a cut had removed and the crash brought back.
+    pub undone_batches: usize,
+    /// Base offsets of unlinked segment files that came back, and what recovery made of them.
+    pub relinked: Vec<(i64, &'static str)>,
+}
+
 #[derive(Debug)]
 pub struct SimDisk {
     voters: Vec<u64>,
     /// The log's batches with the write that put each there.
     batches: Vec<(Bytes, u64)>,
+    /// Base offsets of the segment files, oldest first (the first is the log start).
+    segments: Vec<i64>,
+    /// Bytes of the active (last) segment, and where it rolls.
+    active_bytes: u64,
+    segment_bytes: u64,
+    /// Truncations not yet covered by a completed sync, oldest first.
+    unsynced_cuts: Vec<UnsyncedCut>,
+    /// Segment files unlinked by truncations, not yet covered by a sync of the directory.
+    unlinked: Vec<UnlinkedSegment>,
+    /// Writes whose completion syncs the directory (saves of `raft.state`, rolls), oldest first.
+    dir_syncs: Vec<u64>,
+    /// Every sync is a syncfs (the shard group commit's `FsyncScope`, under way on main), not an
+    /// fdatasync of the files written.
+    syncfs: bool,
+    /// The partition syncs the directory right after a truncation's unlinks.
+    dir_synced_at_cut: bool,
+    /// A crash brought back segment files that overlap: the partition refuses to open.
+    corrupt: Option<String>,
     /// The longest prefix of `batches` a crash cannot take away.
     durable_batches: usize,
     /// The first batch a failed sync should have covered: from it on nothing survives a crash.
@@ -88,10 +164,25 @@ fn replay(producers: &mut ProducerLog, batch: &[u8]) {
 }
 
 impl SimDisk {
-    pub fn new(voters: Vec<u64>, skip_truncation: bool) -> SimDisk {
+    pub fn new(
+        voters: Vec<u64>,
+        skip_truncation: bool,
+        segment_bytes: u64,
+        syncfs: bool,
+        dir_synced_at_cut: bool,
+    ) -> SimDisk {
         SimDisk {
             voters,
             batches: Vec::new(),
+            segments: vec![0],
+            active_bytes: 0,
+            segment_bytes,
+            unsynced_cuts: Vec::new(),
+            unlinked: Vec::new(),
+            dir_syncs: Vec::new(),
+            syncfs,
+            dir_synced_at_cut,
+            corrupt: None,
             durable_batches: 0,
             lost_from: None,
             writes: 0,
@@ -124,13 +215,7 @@ impl SimDisk {
                     if self.skip_truncation {
                         continue;
                     }
-                    let keep = self
-                        .batches
-                        .partition_point(|(b, _)| header(b).is_some_and(|h| h.base_offset < offset));
-                    self.batches.truncate(keep);
-                    self.durable_batches = self.durable_batches.min(keep);
-                    self.lost_from = self.lost_from.filter(|&lost| lost < keep);
-                    self.rebuild_producers();
+                    self.truncate(offset, number);
                 }
                 LogWrite::Append { batches, end_offset, .. } => {
                     if fault == WriteFault::Full {
@@ -151,6 +236,7 @@ impl SimDisk {
                             )));
                         }
                         replay(&mut self.producers, &batch);
+                        self.roll_for(batch.len() as u64, base, number);
                         self.batches.push((batch, number));
                     }
                     if failing.is_some() {
@@ -165,10 +251,68 @@ impl SimDisk {
                         return Err(WriteError::Failed("saving raft.state: EIO".into()));
                     }
                     self.unsynced_saves.push((number, Saved { state, epochs }));
+                    self.dir_syncs.push(number);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Cuts the log at the batch holding `offset` as `Partition::truncate_drained` does: the
+    /// segment holding it is cut, the later ones unlinked; none of it durable yet.
+    fn truncate(&mut self, offset: i64, number: u64) {
+        if offset >= self.end_offset() {
+            return;
+        }
+        let keep = self.batches.partition_point(|(b, _)| header(b).is_some_and(|h| h.base_offset < offset));
+        let target = self.segments.partition_point(|&base| base <= offset).max(1);
+        self.unsynced_cuts.push(UnsyncedCut {
+            write: number,
+            batches: self.batches.clone(),
+            segments: self.segments.clone(),
+            durable_batches: self.durable_batches,
+            lost_from: self.lost_from,
+            kept: keep,
+        });
+        if !self.dir_synced_at_cut {
+            // What each unlinked file holds for good: its batches synced before the cut.
+            let durable = self.durable_batches.min(self.lost_from.unwrap_or(usize::MAX));
+            for (n, &base_offset) in self.segments.iter().enumerate().skip(target) {
+                let next = self.segments.get(n + 1).copied().unwrap_or(i64::MAX);
+                let batches = self.batches[..durable]
+                    .iter()
+                    .filter(|(b, _)| header(b).is_some_and(|h| (base_offset..next).contains(&h.base_offset)))
+                    .map(|(b, _)| b.clone())
+                    .collect();
+                self.unlinked.push(UnlinkedSegment { write: number, base_offset, batches });
+            }
+        }
+        self.segments.truncate(target);
+        self.batches.truncate(keep);
+        self.durable_batches = self.durable_batches.min(keep);
+        self.lost_from = self.lost_from.filter(|&lost| lost < keep);
+        self.active_bytes = self.active_segment_bytes();
+        self.rebuild_producers();
+    }
+
+    fn active_segment_bytes(&self) -> u64 {
+        let base = self.segments.last().copied().unwrap_or(0);
+        self.batches
+            .iter()
+            .filter(|(b, _)| header(b).is_some_and(|h| h.base_offset >= base))
+            .map(|(b, _)| b.len() as u64)
+            .sum()
+    }
+
+    /// Rolls to a new segment at `base` when a batch of `len` bytes would pass the active one's
+    /// size (`Partition::append`'s rule); the seal that follows syncs the directory.
+    fn roll_for(&mut self, len: u64, base: i64, number: u64) {
+        if self.active_bytes > 0 && self.active_bytes + len > self.segment_bytes {
+            self.segments.push(base);
+            self.active_bytes = 0;
+            self.dir_syncs.push(number);
+        }
+        self.active_bytes += len;
     }
 
     pub fn mark(&self) -> WriteMark {
@@ -187,6 +331,12 @@ impl SimDisk {
         if let Some((_, saved)) = self.unsynced_saves.drain(..covered).next_back() {
             self.durable_save = Some(saved);
         }
+        self.unsynced_cuts.retain(|cut| cut.write > mark.0);
+        let covered = self.dir_syncs.partition_point(|&write| write <= mark.0);
+        let dir_synced = if self.syncfs { Some(mark.0) } else { self.dir_syncs.drain(..covered).next_back() };
+        if let Some(at) = dir_synced {
+            self.unlinked.retain(|u| u.write > at);
+        }
     }
 
     /// A sync issued at `mark` failed: what it should have covered is lost (`lost_from`), and
@@ -198,18 +348,98 @@ impl SimDisk {
         self.unsynced_saves.retain(|(write, _)| *write > mark.0);
     }
 
-    /// The node crashed: of the batches not yet synced the first `torn_keep` survive (writes
+    /// Whether segment files a cut unlinked still wait for a sync of the directory: a crash may
+    /// bring them back (`CutCrash::relink`).
+    pub fn has_unsynced_unlinks(&self) -> bool {
+        !self.unlinked.is_empty()
+    }
+
+    /// Truncations no completed sync covers yet: what a crash may undo (`CutCrash::undo`).
+    pub fn unsynced_cuts(&self) -> usize {
+        self.unsynced_cuts.len()
+    }
+
+    /// The node crashed: `cuts` says which unsynced cuts it undoes and whether unlinked segment
+    /// files come back; then of the batches not yet synced the first `torn_keep` survive (writes
     /// reach the disk in order) unless a failed sync lost them, the rest are lost; the files are
     /// as last synced.
-    pub fn crash(&mut self, torn_keep: usize) {
+    pub fn crash(&mut self, torn_keep: usize, cuts: CutCrash) -> CutCrashReport {
+        let mut report = CutCrashReport::default();
+        if let Some(undone) = cuts.undo.filter(|&n| n < self.unsynced_cuts.len()) {
+            let cut = self.unsynced_cuts.swap_remove(undone);
+            report.undone_batches = cut.batches.len().saturating_sub(cut.kept);
+            // A failed sync since the cut lost what it should have covered of the kept prefix.
+            let lost_since = self.lost_from.filter(|&lost| lost < cut.kept);
+            self.lost_from = match (cut.lost_from, lost_since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.batches = cut.batches;
+            self.segments = cut.segments;
+            self.durable_batches = cut.durable_batches;
+            self.unlinked.retain(|u| u.write < cut.write);
+        }
         let keep = (self.durable_batches + torn_keep)
             .min(self.batches.len())
             .min(self.lost_from.unwrap_or(usize::MAX));
+        // The journal commits in order: an unsynced batch that survived came with every unlink
+        // before it (only an fdatasync commits a file's blocks alone).
+        if let Some(&(_, last_torn)) = self.batches[..keep].get(self.durable_batches..).and_then(<[_]>::last)
+        {
+            self.unlinked.retain(|u| u.write > last_torn);
+        }
         self.batches.truncate(keep);
-        self.durable_batches = keep;
+        let end = self.end_offset();
+        // Segment files past the end: empty or torn away; recovery removes them after the gap.
+        let first = self.segments.first().copied().unwrap_or(0);
+        self.segments.retain(|&base| base == first || base <= end);
+        if cuts.relink {
+            self.relink(&mut report);
+        }
+        self.durable_batches = self.batches.len();
         self.lost_from = None;
         self.unsynced_saves.clear();
+        self.unsynced_cuts.clear();
+        self.unlinked.clear();
+        self.dir_syncs.clear();
+        self.active_bytes = self.active_segment_bytes();
         self.rebuild_producers();
+        report
+    }
+
+    /// Unlinked segment files came back: recovery (`recover_segments`) walks the segments by base
+    /// offset, attaches one that starts where the log ends, removes one after a gap (and all
+    /// after it) and refuses an overlap. A file whose name a newer segment took stays gone.
+    fn relink(&mut self, report: &mut CutCrashReport) {
+        let mut back: Vec<UnlinkedSegment> = std::mem::take(&mut self.unlinked)
+            .into_iter()
+            .filter(|u| !self.segments.contains(&u.base_offset))
+            .collect();
+        back.sort_by_key(|u| (u.base_offset, Reverse(u.write)));
+        back.dedup_by_key(|u| u.base_offset);
+        for segment in back {
+            let end = self.end_offset();
+            let verdict = if segment.base_offset < end {
+                self.corrupt.get_or_insert_with(|| {
+                    format!(
+                        "segment starts at offset {} but the one before ends at {end}: offsets overlap",
+                        segment.base_offset
+                    )
+                });
+                "overlaps"
+            } else if segment.base_offset > end {
+                "removed after a gap"
+            } else {
+                self.segments.push(segment.base_offset);
+                let number = self.writes;
+                self.batches.extend(segment.batches.into_iter().map(|b| (b, number)));
+                "attached"
+            };
+            report.relinked.push((segment.base_offset, verdict));
+            if verdict != "attached" {
+                break;
+            }
+        }
     }
 
     pub fn producers(&self) -> &ProducerLog {
@@ -226,7 +456,10 @@ impl SimDisk {
     }
 
     /// Opens the replica's log as the shard does after a start: saved state, then a scan.
-    pub fn open(&self, limits: CacheLimits) -> Result<ReplicaLog, OpenError> {
+    pub fn open(&self, limits: CacheLimits) -> Result<ReplicaLog, String> {
+        if let Some(corrupt) = &self.corrupt {
+            return Err(format!("the partition does not open: {corrupt}"));
+        }
         let (state, epochs) = match self.durable_save.clone() {
             Some(saved) => (saved.state, saved.epochs),
             None => (ReplicaState::new(self.voters.clone(), 0), LeaderEpochs::default()),
@@ -240,7 +473,7 @@ impl SimDisk {
                     epoch: u64::try_from(h.partition_leader_epoch).unwrap_or(0),
                 }
             });
-        ReplicaLog::open(state, epochs, tail, limits)
+        ReplicaLog::open(state, epochs, tail, limits).map_err(|e: OpenError| e.to_string())
     }
 
     /// The batches `[from, end)`, for a replica's read-back.
@@ -269,5 +502,104 @@ impl SimDisk {
         };
         debug_assert!(end > base);
         Some((entry, h.last_offset() + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringlog::record::builder::BatchBuilder;
+    use ringlog::record::{set_base_offset, set_partition_leader_epoch};
+
+    fn batch(base_offset: i64, records: u8, epoch: i32) -> Bytes {
+        let mut builder = BatchBuilder::new();
+        for record in 0..records {
+            builder.push(0, None, Some(&[record]), &[]);
+        }
+        let mut bytes = builder.finish();
+        set_base_offset(&mut bytes, base_offset);
+        set_partition_leader_epoch(&mut bytes, epoch);
+        bytes.freeze()
+    }
+
+    fn append(disk: &mut SimDisk, batches: Vec<Bytes>) {
+        let end_offset = batches.last().and_then(|b| header(b)).map_or(0, |h| h.last_offset() + 1);
+        let write = LogWrite::Append { first_index: 0, last_index: 0, end_offset, batches };
+        disk.write(vec![write], WriteFault::None).unwrap();
+    }
+
+    fn sync(disk: &mut SimDisk) {
+        let mark = disk.mark();
+        disk.synced(mark);
+    }
+
+    /// Offsets 0–5 in one-record batches of epoch 1, three a segment (segments at 0 and 3), all
+    /// synced; then a new leader's entries replace everything from offset 1: a batch of
+    /// `records` records of epoch 2, which fits in the first segment (no roll, so no seal syncs
+    /// the directory), synced by an fdatasync of that file unless `syncfs`.
+    fn cut_and_replace(records: u8, syncfs: bool, dir_synced_at_cut: bool) -> SimDisk {
+        let one = batch(0, 1, 1).len() as u64;
+        let mut disk = SimDisk::new(vec![1, 2, 3], false, 3 * one, syncfs, dir_synced_at_cut);
+        append(&mut disk, (0..6).map(|offset| batch(offset, 1, 1)).collect());
+        sync(&mut disk);
+        assert_eq!(disk.segments, vec![0, 3]);
+        let cut = LogWrite::TruncateTo { index: 2, offset: 1 };
+        disk.write(vec![cut], WriteFault::None).unwrap();
+        append(&mut disk, vec![batch(1, records, 2)]);
+        assert_eq!(disk.segments, vec![0], "the new batch fits in the cut segment");
+        sync(&mut disk);
+        disk
+    }
+
+    fn open(disk: &SimDisk) -> Result<ReplicaLog, String> {
+        disk.open(CacheLimits::default())
+    }
+
+    /// The broker before stop 17: an fdatasync of the cut file does not make the unlink of the
+    /// later segment durable, and the file that comes back makes the partition unopenable.
+    #[test]
+    fn an_unlinked_segment_back_after_a_crash_breaks_the_log() {
+        let relink = CutCrash { undo: None, relink: true };
+        // The new batch ends at offset 3, where the unlinked segment starts: attached, and its
+        // older epoch after the newer one refuses to open.
+        let mut disk = cut_and_replace(2, false, false);
+        let report = disk.crash(0, relink);
+        assert_eq!(report.relinked, vec![(3, "attached")]);
+        assert!(open(&disk).unwrap_err().contains("older than"), "{:?}", open(&disk).err());
+        // It ends at offset 4, past the unlinked segment's start: the segments overlap.
+        let mut disk = cut_and_replace(3, false, false);
+        assert_eq!(disk.crash(0, relink).relinked, vec![(3, "overlaps")]);
+        assert!(open(&disk).unwrap_err().contains("offsets overlap"));
+        // A syncfs covers the unlink, and so does a directory synced at the cut.
+        for (syncfs, dir_synced_at_cut) in [(true, false), (false, true)] {
+            let mut disk = cut_and_replace(3, syncfs, dir_synced_at_cut);
+            assert_eq!(disk.crash(0, relink), CutCrashReport::default());
+            assert_eq!(open(&disk).unwrap().end_offset_of_log(), 4);
+        }
+    }
+
+    /// A cut no sync covered may be undone by a crash: the log comes back as it was before it,
+    /// and the unsynced batch appended after it is lost. Once synced, it stays cut.
+    #[test]
+    fn a_crash_before_the_sync_may_undo_a_cut() {
+        let one = batch(0, 1, 1).len() as u64;
+        let mut disk = SimDisk::new(vec![1, 2, 3], false, 3 * one, false, true);
+        append(&mut disk, (0..6).map(|offset| batch(offset, 1, 1)).collect());
+        sync(&mut disk);
+        disk.write(vec![LogWrite::TruncateTo { index: 2, offset: 1 }], WriteFault::None).unwrap();
+        append(&mut disk, vec![batch(1, 3, 2)]);
+        assert_eq!(disk.end_offset(), 4);
+        let report = disk.crash(2, CutCrash { undo: Some(0), relink: false });
+        assert_eq!(report.undone_batches, 5);
+        assert_eq!(disk.end_offset(), 6);
+        assert_eq!(disk.segments, vec![0, 3]);
+        assert_eq!(open(&disk).unwrap().end_offset_of_log(), 6);
+
+        disk.write(vec![LogWrite::TruncateTo { index: 2, offset: 1 }], WriteFault::None).unwrap();
+        append(&mut disk, vec![batch(1, 3, 2)]);
+        sync(&mut disk);
+        assert_eq!((disk.unsynced_cuts(), disk.has_unsynced_unlinks()), (0, false));
+        disk.crash(0, CutCrash { undo: Some(0), relink: true });
+        assert_eq!(open(&disk).unwrap().end_offset_of_log(), 4);
     }
 }

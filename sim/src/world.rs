@@ -5,7 +5,8 @@
 //! message loss, delay, duplication and reordering, network partitions (both ways or one way) that
 //! heal, node crashes that keep only what was synced (the unsynced tail lost or torn), pauses (a
 //! stopped process), and slow syncs; disk write and sync errors and full disks
-//! (`storage_faults`); clocks that jump, stand still or run fast or slow (`clock`). Beside the
+//! (`storage_faults`); clocks that jump, stand still or run fast or slow (`clock`); truncations
+//! that a crash before their sync undoes, and crashes aimed right after them (`cuts`). Beside the
 //! plain producer, idempotent producers retry at whichever node leads (`producers`).
 //!
 //! With quiescence on (`--quiesce`), groups go quiet when idle (`replication::quiesce`), writes
@@ -14,6 +15,7 @@
 //! node-level liveness that wakes a quiet group whose leader died.
 
 mod clock;
+mod cuts;
 mod producers;
 mod storage_faults;
 
@@ -32,6 +34,7 @@ use ringlog::replication::wire::{self, GroupKey, PeerBatch};
 use crate::checker::{Checker, NodeView};
 use crate::disk::{SimDisk, WriteError, WriteMark};
 use clock::{ClockFaults, NodeClock};
+use cuts::CutFaults;
 use producers::{IdempotentLoad, Producer};
 use storage_faults::DiskFaults;
 
@@ -137,6 +140,11 @@ enum MoreEvent {
     },
     Clock,
     IdempotentProduce,
+    /// A node crashes soon after one of its disks cut its log (if it is still the same process).
+    CrashAfterCut {
+        node: u64,
+        incarnation: u64,
+    },
 }
 
 struct Node {
@@ -161,6 +169,8 @@ pub struct World {
     rng: SeededRng,
     /// Draws the faults issue 13 added, apart from `rng`.
     more_rng: SeededRng,
+    /// Draws the segments, syncs and crashes of truncations (stop 17), apart from both.
+    cuts: CutFaults,
     now: u64,
     sequence: u64,
     events: BinaryHeap<Reverse<(u64, u64, usize)>>,
@@ -211,13 +221,18 @@ pub enum Broken {
     /// A failed fdatasync is taken for success (retried, as brokers did before "fsyncgate"):
     /// the writes are reported persisted and acknowledged, though they are lost.
     IgnoreSyncErrors,
+    /// A truncation leaves the unlinks of later segment files to a later sync of the directory
+    /// (the broker before stop 17): a crash after an fdatasync of the cut file brings them back.
+    UnsyncedUnlinks,
 }
 
 fn settings(broken: Broken, quiesce: bool) -> GroupSettings {
     let sabotage = match broken {
         Broken::AckBeforeSync => Sabotage::AckBeforeSync,
         Broken::ServeUncommitted => Sabotage::ServeUncommitted,
-        Broken::None | Broken::SkipTruncation | Broken::IgnoreSyncErrors => Sabotage::None,
+        Broken::None | Broken::SkipTruncation | Broken::IgnoreSyncErrors | Broken::UnsyncedUnlinks => {
+            Sabotage::None
+        }
     };
     GroupSettings {
         max_size_per_msg: 64 << 10,
@@ -238,6 +253,7 @@ impl World {
             scenario.produce_every_ms = rng.range(40, 400);
         }
         let voters: Vec<u64> = (1..=scenario.nodes).collect();
+        let mut cuts = CutFaults::new(seed, broken != Broken::UnsyncedUnlinks);
         let mut nodes = Vec::new();
         for id in 1..=scenario.nodes {
             let mut node = Node {
@@ -251,8 +267,9 @@ impl World {
                 clock: NodeClock::default(),
                 heard: (1..=scenario.nodes).filter(|&peer| peer != id).map(|peer| (peer, 0)).collect(),
             };
+            let syncfs = cuts.node_syncfs();
             for g in 0..scenario.groups {
-                let disk = SimDisk::new(voters.clone(), broken == Broken::SkipTruncation);
+                let disk = cuts.disk(voters.clone(), broken == Broken::SkipTruncation, syncfs);
                 node.disks.insert(group_key(g), disk);
             }
             nodes.push(node);
@@ -263,6 +280,7 @@ impl World {
             scenario,
             rng,
             more_rng,
+            cuts,
             now: 0,
             sequence: 0,
             events: BinaryHeap::new(),
@@ -417,6 +435,7 @@ impl World {
                 if let Some(disk) = self.node(node).disks.get_mut(&group) {
                     disk.synced(mark);
                 }
+                self.after_sync(node, group);
                 // A replica stopped by a storage error sends nothing more: in the broker its
                 // rounds run one after another, so a later round's acknowledgements (here, a
                 // sync that completes after an earlier one failed) never exist.
@@ -497,6 +516,7 @@ impl World {
         let mut syncs = Vec::new();
         let mut fetched = Vec::new();
         let mut stopped = Vec::new();
+        let mut cut_at = Vec::new();
         loop {
             let mut progressed = false;
             let n = &mut self.nodes[(node - 1) as usize];
@@ -515,6 +535,7 @@ impl World {
                 }
                 let Some(disk) = n.disks.get_mut(key) else { continue };
                 let writes = group.store_mut().take_writes();
+                cut_at.extend(cuts::cut_offsets(&writes, disk).map(|offset| (*key, offset)));
                 let full = self.faults && n.disk_full_until > self.now;
                 let fault =
                     self.scenario.disk.write_fault(&mut self.more_rng, self.faults, full, writes.len());
@@ -560,6 +581,9 @@ impl World {
         }
         for (key, reason) in stopped {
             self.stop_replica(node, key, reason);
+        }
+        for (key, offset) in cut_at {
+            self.after_cut(node, key, offset);
         }
         let incarnation = self.node(node).incarnation;
         for (group, mark, persist) in syncs {
@@ -696,10 +720,20 @@ impl World {
         n.paused_until = None;
         n.groups.clear();
         let tears: Vec<usize> = (0..n.disks.len()).map(|_| self.rng.range(0, 3) as usize).collect();
-        for (disk, torn_keep) in self.node(node).disks.values_mut().zip(tears) {
-            disk.crash(torn_keep);
+        let draws: Vec<_> =
+            self.nodes[(node - 1) as usize].disks.values().map(|d| self.cuts.crash(d)).collect();
+        let mut cut_lines = Vec::new();
+        for ((key, disk), (torn_keep, cut)) in
+            self.node(node).disks.iter_mut().zip(tears.into_iter().zip(draws))
+        {
+            if let Some(line) = cuts::describe(&disk.crash(torn_keep, cut)) {
+                cut_lines.push(format!("n{node} p{}: {line}", key.partition));
+            }
         }
         self.log(|| format!("n{node} crashed"));
+        for line in cut_lines {
+            self.log(|| line);
+        }
     }
 
     fn restart(&mut self, node: u64) {

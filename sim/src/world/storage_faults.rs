@@ -83,6 +83,7 @@ impl World {
             }
             MoreEvent::Clock => self.clock_fault(),
             MoreEvent::IdempotentProduce => self.idempotent_round(),
+            MoreEvent::CrashAfterCut { node, incarnation } => self.crash_after_cut(node, incarnation),
         }
     }
 
