@@ -35,6 +35,18 @@ pub enum DurabilitySetting {
     Fsync,
 }
 
+/// How a shard makes fsync-durable writes durable (`storage::FsyncScope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncScopeSetting {
+    /// One `syncfs` per shard round covers every partition written in it (group commit across
+    /// partitions). It also writes back anything else dirty on that filesystem: give the data
+    /// directory a filesystem of its own.
+    Filesystem,
+    /// One `fdatasync` per written segment file per partition round.
+    File,
+}
+
 /// Every broker option. Field docs are the reference documentation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,6 +128,11 @@ pub struct BrokerConfig {
     /// -1 = unlimited.
     pub default_retention_ms: i64,
     pub default_durability: DurabilitySetting,
+    /// How `fsync` durability is reached: `filesystem` (one syncfs per shard round for all its
+    /// partitions; the data directory should have a filesystem of its own) or `file` (one
+    /// fdatasync per partition round, the usual way, for a data directory that shares its
+    /// filesystem with busy writers). See tuning.md.
+    pub fsync_scope: FsyncScopeSetting,
     /// Sparse offset index: one entry per this many bytes of log.
     pub index_interval_bytes: u32,
     /// Partitions of the internal `__consumer_offsets` topic, fixed when the data directory is
@@ -212,6 +229,7 @@ impl Default for BrokerConfig {
             default_retention_bytes: -1,
             default_retention_ms: 7 * 24 * 3600 * 1000,
             default_durability: DurabilitySetting::Fsync,
+            fsync_scope: FsyncScopeSetting::Filesystem,
             index_interval_bytes: 4096,
             offsets_topic_partitions: 8,
             offsets_retention_ms: 7 * 24 * 3600 * 1000,

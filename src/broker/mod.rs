@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use thiserror::Error;
 
 use crate::config::BrokerConfig;
@@ -115,6 +115,26 @@ fn raise_open_files_limit(shards: usize) {
     );
 }
 
+/// With `fsync_scope = filesystem` each sync round writes back everything dirty on the data
+/// directory's filesystem: on the root filesystem that includes every other program's writes.
+fn warn_if_syncs_share_the_root_filesystem(config: &BrokerConfig) {
+    use std::os::unix::fs::MetadataExt;
+    if config.fsync_scope != crate::config::FsyncScopeSetting::Filesystem {
+        return;
+    }
+    let device = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.dev()).ok();
+    if let (Some(data), Some(root)) = (device(&config.data_dir), device(std::path::Path::new("/"))) {
+        if data == root {
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "the data directory is on the root filesystem: with fsync_scope = filesystem every \
+                 sync round (one syncfs per shard) also writes back what other programs wrote there; \
+                 give the data directory a filesystem of its own, or set fsync_scope = file"
+            );
+        }
+    }
+}
+
 /// Runs a broker until SIGINT/SIGTERM; returns after every partition is flushed and closed.
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let config = Arc::new(config);
@@ -131,6 +151,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         crate::groups::ensure_offsets_topic(&mut store, &config, shards)?;
     }
     remove_orphan_topic_dirs(&data_dir, &store);
+    warn_if_syncs_share_the_root_filesystem(&config);
     let topics: Arc<Vec<metadata::TopicMeta>> = Arc::new(store.topics().cloned().collect());
     let io_memory = config.io_memory_for(shards);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -173,6 +194,14 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             Some(core) => Placement::Fixed(core.id),
             None => Placement::Unbound,
         };
+        // Two blocking threads on the shard's core: a group commit's syncfs must not queue behind
+        // an unlink freeing a large segment step by step.
+        let blocking_pool = match &placement {
+            Placement::Fixed(cpu) => glommio::CpuSet::online()
+                .map(|online| PoolPlacement::Custom(vec![online.filter(|l| l.cpu == *cpu); 2]))
+                .unwrap_or(PoolPlacement::Unbound(2)),
+            _ => PoolPlacement::Unbound(2),
+        };
         let ctx = ShardStart {
             id,
             config: config.clone(),
@@ -186,6 +215,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(io_memory)
+            .blocking_thread_pool_placement(blocking_pool)
             .spin_before_park(Duration::from_micros(config.spin_before_park_us))
             .spawn(move || async move { ctx.run().await })
             .map_err(|e| StartError::Shard { shard: id, message: e.to_string() })?;

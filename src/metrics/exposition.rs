@@ -240,7 +240,7 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
     o.header(
         "ringlog_fsync_duration_seconds",
         "histogram",
-        "One fdatasync of a segment file (group commit).",
+        "One sync that makes appends durable: a shard's syncfs round, or an fdatasync of a segment file (fsync_scope).",
     );
     for (s, id) in shards.iter().zip(&ids) {
         o.histogram("ringlog_fsync_duration_seconds", &[("shard", id)], &s.fsync);

@@ -323,7 +323,8 @@ pub async fn timed_segment_write<F: Future>(write: F) -> F::Output {
     out
 }
 
-/// Runs one fdatasync of a segment file, timing it.
+/// Runs one sync that makes appends durable (a shard's syncfs round, a segment's fdatasync),
+/// timing it.
 pub async fn timed_fsync<F: Future>(sync: F) -> F::Output {
     let started = Instant::now();
     let out = sync.await;

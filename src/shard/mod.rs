@@ -109,6 +109,10 @@ impl Shard {
             config.tail_cache_bytes,
             config.free_space_reserve_bytes,
         );
+        storage.set_fsync_scope(match config.fsync_scope {
+            crate::config::FsyncScopeSetting::Filesystem => crate::storage::FsyncScope::Filesystem,
+            crate::config::FsyncScopeSetting::File => crate::storage::FsyncScope::File,
+        });
         if let Some(budget) = crate::storage::descriptors::DescriptorBudget::current() {
             storage.set_active_files_max(budget.active_files_per_shard(count as usize));
         }

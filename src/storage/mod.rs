@@ -15,7 +15,8 @@
 //! - `descriptors`: how RLIMIT_NOFILE is shared out, and so how many active segment files a
 //!   shard keeps open (`partition/idle.rs` releases the least recently used idle ones).
 //! - `disk_space`, `notify`: small shard-local helpers; `blocking`: filesystem work run off the
-//!   shard (unlinks, index writes, directory syncs).
+//!   shard (unlinks, index writes, directory syncs); `group_sync`: the shard's group commit (one
+//!   `syncfs` per round for all its partitions).
 //! - `segment`: one segment's files and the recovery scan over them.
 //! - `partition/`: one partition log, a file per concern: `append`, `flusher` (the one writer of a
 //!   partition), `read`, `housekeeping` (roll by age, retention, truncation) and `recovery`;
@@ -24,13 +25,14 @@
 //! Durability, precisely: `append` only stages bytes in memory. The partition's flusher writes
 //! them with one O_DIRECT write at a time. With `Durability::Written` a batch counts as durable once
 //! the write holding it completed (the device has it; a power loss may still lose it if the device
-//! cache is volatile). With `Durability::Fsync` it counts once an `fdatasync` that began after that
-//! write completed (group commit). The high watermark, and with it everything consumers can read,
+//! cache is volatile). With `Durability::Fsync` it counts once a sync that began after that write
+//! completed: the shard's `syncfs` round, or the partition's `fdatasync` (`FsyncScope`). The high watermark, and with it everything consumers can read,
 //! only covers durable batches.
 
 pub(crate) mod blocking;
 pub mod descriptors;
 mod disk_space;
+mod group_sync;
 mod index;
 pub(crate) mod notify;
 mod partition;
@@ -46,6 +48,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 
+pub use group_sync::FsyncScope;
 pub use index::{IndexEntry, SegmentIndex};
 pub use partition::{Partition, ProducerLog};
 pub use producer_state::{RequestVerdict, SequenceGap};
@@ -53,6 +56,7 @@ pub use tail_cache::CacheStats;
 
 use crate::record::BatchError;
 use disk_space::DiskSpace;
+use group_sync::GroupSync;
 use segment::Segment;
 use tail_cache::TailCache;
 
@@ -393,6 +397,9 @@ pub struct ShardStorage {
     file_slots_taken: Cell<usize>,
     /// Of those, slots whose release is under way (given back when its close is done).
     file_slots_releasing: Cell<usize>,
+    fsync_scope: Cell<FsyncScope>,
+    /// The shard's group commit under `FsyncScope::Filesystem`.
+    group_sync: GroupSync,
 }
 
 impl ShardStorage {
@@ -403,6 +410,8 @@ impl ShardStorage {
     ) -> Rc<ShardStorage> {
         Rc::new(ShardStorage {
             disk_space: DiskSpace::new(data_dir.clone(), free_space_reserve_bytes),
+            group_sync: GroupSync::new(data_dir.clone()),
+            fsync_scope: Cell::new(FsyncScope::default()),
             data_dir,
             tail_cache: RefCell::new(TailCache::new(tail_cache_bytes)),
             next_partition_id: Cell::new(0),
@@ -459,6 +468,15 @@ impl ShardStorage {
     /// Bounds the active segment files this shard keeps open (`descriptors::DescriptorBudget`).
     pub fn set_active_files_max(&self, files: usize) {
         self.active_files_max.set(files.max(descriptors::ACTIVE_FILES_PER_SHARD_MIN));
+    }
+
+    /// How this shard's partitions make their writes durable under `Durability::Fsync`.
+    pub fn set_fsync_scope(&self, scope: FsyncScope) {
+        self.fsync_scope.set(scope);
+    }
+
+    fn fsync_scope(&self) -> FsyncScope {
+        self.fsync_scope.get()
     }
 
     /// Partitions whose active file may be open now (at most the bound, unless every one of them

@@ -1,7 +1,8 @@
 //! The flusher, the one task that writes a partition's files: it pops staged chunks and seals,
-//! writes them with O_DIRECT (one chunk in flight), fdatasyncs per round, advances the high
-//! watermark, and rolls the log back when a write fails. Also `wait_durable`, which waits on it.
-//! Nothing else may write segment data; a failed fdatasync is never retried.
+//! writes them with O_DIRECT (one chunk in flight), syncs once per round (the shard's syncfs round
+//! or its own fdatasync, `FsyncScope`), advances the high watermark, and rolls the log back when a
+//! write fails. Also `wait_durable`, which waits on it. Nothing else may write segment data; a
+//! failed sync is never retried.
 
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
@@ -14,7 +15,7 @@ use crate::storage::blocking;
 use crate::storage::notify::Notify;
 use crate::storage::producer_state;
 use crate::storage::segment::{align_down, align_up, Segment};
-use crate::storage::{Durability, StorageError};
+use crate::storage::{Durability, FsyncScope, StorageError};
 
 /// Rollback records kept for durability waiters that have not looked yet.
 const ROLLBACKS_KEPT: usize = 64;
@@ -132,35 +133,54 @@ impl Partition {
                 },
             }
         }
-        if let Some(end_offset) = written_end {
-            if self.config.durability == Durability::Fsync && self.state.borrow().sync_failure.is_none() {
-                let mut ok = true;
+        let sync_needed =
+            self.config.durability == Durability::Fsync && self.state.borrow().sync_failure.is_none();
+        if let Some(end_offset) = written_end.filter(|_| sync_needed) {
+            if self.sync_written(&unsynced).await {
+                // The flusher is the only writer: every write so far is covered.
+                self.state.borrow_mut().unsynced = false;
                 for seg in &unsynced {
-                    let synced = match seg.file().await {
-                        Ok(f) => crate::metrics::timed_fsync(f.fdatasync()).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Err(e) = synced {
-                        tracing::error!(segment = %seg.log_path.display(), error = %e, "fdatasync failed");
-                        self.fail_sync(&format!("fdatasync of {} failed: {e}", seg.log_path.display()));
-                        ok = false;
-                        break;
-                    }
+                    let mut meta = seg.meta.borrow_mut();
+                    meta.durable_bytes = meta.written_bytes;
                 }
-                if ok {
-                    // The flusher is the only writer: every write so far is covered.
-                    self.state.borrow_mut().unsynced = false;
-                    for seg in &unsynced {
-                        let mut meta = seg.meta.borrow_mut();
-                        meta.durable_bytes = meta.written_bytes;
-                    }
-                    // Chunks written after a rollback in this round carry offsets <= the log end.
-                    self.advance_durable_end(end_offset.min(self.log_end_offset.get()));
-                }
+                // Chunks written after a rollback in this round carry offsets <= the log end.
+                self.advance_durable_end(end_offset.min(self.log_end_offset.get()));
             }
         }
         self.state.borrow_mut().flushing = false;
         self.progress.notify_all();
+    }
+
+    /// Makes the round's writes to `unsynced` durable: through the shard's group commit, or one
+    /// fdatasync per segment (`FsyncScope`). On failure stops the partition's appends and returns
+    /// false.
+    async fn sync_written(&self, unsynced: &[Rc<Segment>]) -> bool {
+        if unsynced.is_empty() {
+            return true;
+        }
+        let synced = match self.shard.fsync_scope() {
+            FsyncScope::Filesystem => self.shard.group_sync.sync(|| self.fdatasync_each(unsynced)).await,
+            FsyncScope::File => self.fdatasync_each(unsynced).await,
+        };
+        match synced {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "sync failed; appends stop until the partition is reopened");
+                self.fail_sync(&e);
+                false
+            }
+        }
+    }
+
+    async fn fdatasync_each(&self, unsynced: &[Rc<Segment>]) -> Result<(), String> {
+        for seg in unsynced {
+            let synced = match seg.file().await {
+                Ok(f) => crate::metrics::timed_fsync(f.fdatasync()).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            synced.map_err(|e| format!("fdatasync of {} failed: {e}", seg.log_path.display()))?;
+        }
+        Ok(())
     }
 
     /// Under `Durability::Written`: what the flusher wrote to `seg` counts as durable.

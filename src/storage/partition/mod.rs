@@ -20,7 +20,8 @@
 //! starts at the aligned position below the segment end and carries a copy of that partial block
 //! (at most 4 KiB), which is rewritten with the new bytes as a write of its own (see `Chunk`).
 //! Appends that arrive during a write fill the next chunk: group commit. With `Durability::Fsync`
-//! the flusher issues one fdatasync per round after its writes, then advances the durable end.
+//! the flusher waits for one sync per round after its writes (the shard's syncfs round, shared with
+//! the shard's other partitions, or an fdatasync of its own), then advances the durable end.
 //!
 //! Visibility. Two ends: the durable end (what `wait_durable` waits for) and the high watermark
 //! (what readers see, never above it). A single node's high watermark follows the durable end

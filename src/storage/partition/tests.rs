@@ -420,6 +420,51 @@ fn fsync_durability_wait_and_long_poll_resolve() {
     });
 }
 
+/// Many partitions of one shard written at once wait for shared syncfs rounds, not one sync
+/// each, and what they acknowledged is on disk after a crash (the partitions dropped unclosed).
+#[test]
+fn fsync_durable_writes_of_many_partitions_share_the_shards_sync_rounds() {
+    run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+        shard.set_active_files_max(128);
+        let mut partitions = Vec::new();
+        for i in 0..64 {
+            let dir = tmp.path().join(format!("p{i}"));
+            let (p, _) =
+                Partition::open(dir, config(1 << 20, Durability::Fsync), shard.clone()).await.unwrap();
+            partitions.push(p);
+        }
+        // The first wave opens every file (on the blocking pool, between sync rounds); the
+        // second finds them open, so its writes complete together.
+        let mut expected = vec![Vec::new(); partitions.len()];
+        let mut rounds = 0;
+        for _wave in 0..2 {
+            let rounds_before = shard.group_sync.rounds_finished();
+            for (p, expected) in partitions.iter().zip(&mut expected) {
+                expected.extend(append_many(p, 3, |i| i as i64));
+            }
+            let waits = partitions.iter().map(|p| p.wait_durable(p.log_end_offset() - 1));
+            for waited in futures::future::join_all(waits).await {
+                waited.unwrap();
+            }
+            rounds = shard.group_sync.rounds_finished() - rounds_before;
+        }
+        assert!((1..=4).contains(&rounds), "64 partitions took {rounds} sync rounds");
+        drop(partitions);
+
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
+        for (i, expected) in expected.iter().enumerate() {
+            let dir = tmp.path().join(format!("p{i}"));
+            let (p, report) =
+                Partition::open(dir, config(1 << 20, Durability::Fsync), shard.clone()).await.unwrap();
+            assert!(!report.clean_shutdown);
+            assert_eq!(read_all(&p, 0, 1 << 20).await, *expected, "partition {i}");
+            p.close().await.unwrap();
+        }
+    });
+}
+
 #[test]
 fn small_max_bytes_returns_one_whole_batch() {
     run(|| async {
