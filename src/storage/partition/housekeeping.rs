@@ -190,7 +190,8 @@ impl Partition {
     /// Drops every batch at or above `offset` (rounded down to the start of the batch holding
     /// it), on disk and in caches and indexes. Appends are refused while it runs. The cut of the
     /// segment holding `offset` becomes durable with the next sync of that file (the one that
-    /// covers the appends after it); the unlinks of later segments are synced before it returns.
+    /// covers the appends after it); the files it unlinked (later segments, indexes, snapshots
+    /// past the cut) are synced away before it returns.
     pub async fn truncate_to(&self, offset: i64) -> Result<(), StorageError> {
         if self.closed.get() {
             return Err(StorageError::Closed);
@@ -325,23 +326,25 @@ impl Partition {
             Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e,
                 "rebuilding the producer state after truncation failed; keeping the truncated state"),
         }
-        if !later.is_empty() {
-            // The unlinks are durable only once the directory is: the fdatasync that makes the
-            // appends after the cut durable covers the cut file, not them (ext4 with fast
-            // commits), and a later segment back after a crash either follows the new batches
-            // with older epochs (the replica refuses to open) or overlaps them (the partition
-            // refuses to open). Found by the simulator (docs/replication.md, stop 17).
-            let dir = self.dir.clone();
-            blocking::run(move || sync_dir(&dir))
-                .await
-                .map_err(|panic| {
-                    StorageError::io(
-                        format!("syncing {} after a truncation", self.dir.display()),
-                        std::io::Error::other(panic),
-                    )
-                })
-                .and_then(|synced| synced)?;
-        }
+        // The unlinks are durable only once the directory is: the fdatasync that makes the
+        // appends after the cut durable covers the cut file, not them (ext4 with fast commits).
+        // A later segment back after a crash either follows the new batches with older epochs
+        // (the replica refuses to open) or overlaps them (the partition refuses to open); found
+        // by the simulator (docs/replication.md, stop 17). A producer-state snapshot past the
+        // cut back after a crash would look valid once new appends pass its offset, and the cut
+        // segment's removed indexes would describe bytes it no longer holds: so the directory is
+        // synced after every cut, not only those that unlinked segments (truncations follow
+        // leader changes; one directory sync each is cheap).
+        let dir = self.dir.clone();
+        blocking::run(move || sync_dir(&dir))
+            .await
+            .map_err(|panic| {
+                StorageError::io(
+                    format!("syncing {} after a truncation", self.dir.display()),
+                    std::io::Error::other(panic),
+                )
+            })
+            .and_then(|synced| synced)?;
         Ok(())
     }
 }
