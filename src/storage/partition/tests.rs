@@ -66,6 +66,21 @@ async fn read_all(p: &Partition, from: i64, max_bytes: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// Opens partitions `t/0` to `t/{count - 1}` under `root` on `shard`, with their reports.
+async fn open_partitions(
+    root: &Path,
+    shard: &Rc<ShardStorage>,
+    count: usize,
+    durability: Durability,
+) -> Vec<(Rc<Partition>, RecoveryReport)> {
+    let mut opened = Vec::new();
+    for i in 0..count {
+        let dir = root.join(format!("t/{i}"));
+        opened.push(Partition::open(dir, config(1 << 20, durability), shard.clone()).await.unwrap());
+    }
+    opened
+}
+
 fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -428,13 +443,11 @@ fn fsync_durable_writes_of_many_partitions_share_the_shards_sync_rounds() {
         let tmp = tempfile::tempdir().unwrap();
         let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
         shard.set_active_files_max(128);
-        let mut partitions = Vec::new();
-        for i in 0..64 {
-            let dir = tmp.path().join(format!("p{i}"));
-            let (p, _) =
-                Partition::open(dir, config(1 << 20, Durability::Fsync), shard.clone()).await.unwrap();
-            partitions.push(p);
-        }
+        let partitions: Vec<_> = open_partitions(tmp.path(), &shard, 64, Durability::Fsync)
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         // The first wave opens every file (on the blocking pool, between sync rounds); the
         // second finds them open, so its writes complete together.
         let mut expected = vec![Vec::new(); partitions.len()];
@@ -454,10 +467,8 @@ fn fsync_durable_writes_of_many_partitions_share_the_shards_sync_rounds() {
         drop(partitions);
 
         let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
-        for (i, expected) in expected.iter().enumerate() {
-            let dir = tmp.path().join(format!("p{i}"));
-            let (p, report) =
-                Partition::open(dir, config(1 << 20, Durability::Fsync), shard.clone()).await.unwrap();
+        let reopened = open_partitions(tmp.path(), &shard, expected.len(), Durability::Fsync).await;
+        for (i, ((p, report), expected)) in reopened.into_iter().zip(&expected).enumerate() {
             assert!(!report.clean_shutdown);
             assert_eq!(read_all(&p, 0, 1 << 20).await, *expected, "partition {i}");
             p.close().await.unwrap();
@@ -967,12 +978,11 @@ fn idle_partitions_release_their_files_and_reopen_on_use() {
             // No tail cache: reads go to the files.
             let shard = ShardStorage::new(tmp.path().to_path_buf(), 0, 0);
             shard.set_active_files_max(16);
-            let mut partitions = Vec::new();
-            for i in 0..60 {
-                let dir = tmp.path().join(format!("t/{i}"));
-                let (p, _) = Partition::open(dir, config(1 << 20, durability), shard.clone()).await.unwrap();
-                partitions.push(p);
-            }
+            let partitions: Vec<_> = open_partitions(tmp.path(), &shard, 60, durability)
+                .await
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
             assert_eq!(shard.active_files(), 0, "open partitions hold no file before use");
             let mut expected: Vec<Vec<Vec<u8>>> = Vec::new();
             for round in 0..2 {
