@@ -294,9 +294,20 @@ fn rss_bytes(pid: u32) -> u64 {
     kb.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() * 1024
 }
 
+/// User and system CPU time the process has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) start with the state, field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}
+
 /// Produces one record `r<p>-<index>` stamped now to every partition of `topic`, pipelined
-/// (`WINDOW` requests in flight, so their fsyncs are shared), each answered without error at
-/// offset `index`.
+/// (512 requests in flight, so their fsyncs are shared), each answered without error at offset
+/// `index`.
 fn produce_to_all(conn: &mut Conn, topic: &str, partitions: u32, index: i64) {
     produce_to_all_with(conn, topic, partitions, index, common::wire::batch_now);
 }
@@ -308,20 +319,32 @@ fn produce_to_all_with(
     index: i64,
     batch_of: fn(&[&[u8]]) -> Vec<u8>,
 ) {
-    const WINDOW: u32 = 512;
-    let mut next = 0;
-    while next < partitions {
-        let end = (next + WINDOW).min(partitions);
-        for p in next..end {
+    let all: Vec<u32> = (0..partitions).collect();
+    produce_to_each_with(conn, topic, &all, index, batch_of);
+}
+
+fn produce_to_each(conn: &mut Conn, topic: &str, partitions: &[u32], index: i64) {
+    produce_to_each_with(conn, topic, partitions, index, common::wire::batch_now);
+}
+
+/// Record `index` to each of `partitions`, 512 requests in flight.
+fn produce_to_each_with(
+    conn: &mut Conn,
+    topic: &str,
+    partitions: &[u32],
+    index: i64,
+    batch_of: fn(&[&[u8]]) -> Vec<u8>,
+) {
+    for window in partitions.chunks(512) {
+        for &p in window {
             let batch = batch_of(&[format!("r{p}-{index}").as_bytes()]);
             conn.send_raw(&common::wire::produce_frame(p, topic, p, 1, &batch));
         }
-        for _ in next..end {
+        for _ in window {
             let resp = conn.recv().expect("produce response");
             let (error, offset, message) = common::wire::produce_outcome(&resp);
             assert_eq!((error, offset), (ErrorCode::None, index), "{topic}: {message}");
         }
-        next = end;
     }
 }
 
@@ -335,7 +358,10 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 /// cleanly and after kill -9, every record read back after each; RSS per idle partition is
 /// measured after the clean restart. Then, after a minute with no traffic, 2,000 partitions idle
 /// since the restart each take one produce (acks=1, fsync) while another connection keeps 1,000
-/// other partitions busy (rounds of one record to each, `SCALE_BUSY_PAUSE_MS` apart); their
+/// other partitions busy (rounds of one record to each, `SCALE_BUSY_PAUSE_MS` apart; the minute
+/// is `SCALE_IDLE_WAIT_S` seconds when set, for quicker looks; `SCALE_SPIN_US` sets the shards'
+/// `spin_before_park_us`, 0 by default; `SCALE_PROBE_APART=1` keeps the busy and the probed
+/// partitions on different shards, to tell the shard's share of the latency from the disk's); their
 /// latencies are printed, then those of the same partitions again, warm. Run
 /// `TEST_BROKER_BIN=target/release/ringlog cargo test --test many_partitions scale -- --ignored --nocapture`.
 #[test]
@@ -344,7 +370,8 @@ fn scale_partitions_restart_and_idle_produce() {
     let env = |k: &str, d: u32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (topics, per_topic) = (env("SCALE_TOPICS", 5), env("SCALE_PARTITIONS", 10_000));
     let total = topics * per_topic;
-    let mut broker = Broker::start(2, &["spin_before_park_us=0"]);
+    let spin = format!("spin_before_park_us={}", env("SCALE_SPIN_US", 0));
+    let mut broker = Broker::start(2, &[spin.as_str()]);
     let rss_empty = rss_bytes(broker.child.as_ref().unwrap().id());
     let mut conn = Conn::connect(&broker.addr);
     let started = Instant::now();
@@ -408,30 +435,45 @@ fn scale_partitions_restart_and_idle_produce() {
     // released long ago; the busy topic's partitions keep theirs.
     let mut conn = Conn::connect(&broker.addr);
     create_ok(&mut conn, "busy", 1_000);
-    std::thread::sleep(Duration::from_secs(61));
+    std::thread::sleep(Duration::from_secs(env("SCALE_IDLE_WAIT_S", 61).into()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // 0 keeps the disk saturated (512 requests in flight, each waiting for its fsync); a pause
     // between rounds of 1,000 gives a steady load the disk keeps up with.
     let busy_pause = Duration::from_millis(env("SCALE_BUSY_PAUSE_MS", 0).into());
+    // A diagnosis: the busy partitions on shard 0 only and the probed ones on shard 1 only, each
+    // connection on its shard's own port, so the two share the disk but not a shard.
+    let apart = std::env::var("SCALE_PROBE_APART").is_ok();
     let busy = {
-        let (stop, addr) = (stop.clone(), broker.addr.clone());
+        let (stop, addr, direct) = (stop.clone(), broker.addr.clone(), broker.direct.clone());
         std::thread::spawn(move || {
-            let mut conn = Conn::connect(&addr);
-            let mut round = 0i64;
+            let mut conn = Conn::connect(if apart { &direct[0] } else { &addr });
+            let busy: Vec<u32> = match apart {
+                true => owned_by(&mut conn, "busy", 0).collect(),
+                false => (0..1_000).collect(),
+            };
+            let (mut round, started) = (0i64, Instant::now());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                produce_to_all(&mut conn, "busy", 1_000, round);
+                produce_to_each(&mut conn, "busy", &busy, round);
                 round += 1;
                 std::thread::sleep(busy_pause);
             }
-            round * 1_000
+            (round * busy.len() as i64, started.elapsed())
         })
     };
     std::thread::sleep(Duration::from_secs(2));
+    let cpu_before = cpu_time(pid);
     // The same partitions twice under the same load: first idle (files released), then warm
     // (files open since the first round), so the cost of the reopen is told from the disk's.
+    let probed: Vec<u32> = match apart {
+        true => {
+            conn = Conn::connect(&broker.direct[1]);
+            owned_by(&mut conn, "t0", 1).take(2_000).collect()
+        }
+        false => (0..2_000u32.min(per_topic)).collect(),
+    };
     let mut probe = |offset: i64| {
         let mut latencies = Vec::new();
-        for p in 0..2_000u32.min(per_topic) {
+        for &p in &probed {
             let started = Instant::now();
             assert_eq!(conn.produce("t0", p, &[b"probe"]), (ErrorCode::None, offset), "t0/{p}");
             latencies.push(started.elapsed());
@@ -442,7 +484,8 @@ fn scale_partitions_restart_and_idle_produce() {
     let idle = probe(1);
     let warm = probe(2);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let busy_records = busy.join().unwrap();
+    let (busy_records, busy_for) = busy.join().unwrap();
+    let cpu = cpu_time(pid) - cpu_before;
     for (what, latencies) in [("idle for a minute", idle), ("warm (written just before)", warm)] {
         println!(
             "produce to {} partitions {what}, while 1,000 others took traffic: p50 {:?} p99 {:?} max {:?}",
@@ -452,7 +495,23 @@ fn scale_partitions_restart_and_idle_produce() {
             latencies[latencies.len() - 1]
         );
     }
-    println!("the 1,000 busy partitions took {busy_records} records (pause between rounds {busy_pause:?})");
+    println!(
+        "the busy partitions took {busy_records} records in {:.1} s, {:.0} a second (pause between rounds \
+         {busy_pause:?}); meanwhile the broker used {:.2} s of CPU, {:.1} µs per request answered",
+        busy_for.as_secs_f64(),
+        busy_records as f64 / busy_for.as_secs_f64(),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / (busy_records + 2 * probed.len() as i64) as f64
+    );
     drop(conn);
     broker.stop();
+}
+
+/// `topic`'s partitions owned by `shard`, from metadata.
+fn owned_by(conn: &mut Conn, topic: &str, shard: u32) -> impl Iterator<Item = u32> {
+    let resp = conn.metadata();
+    let body = resp.root().body_as_metadata_response().unwrap();
+    let t = body.topics().unwrap().iter().find(|t| t.name() == Some(topic)).unwrap();
+    let owners: Vec<u32> = t.partitions().unwrap().iter().map(|p| p.shard()).collect();
+    owners.into_iter().enumerate().filter(move |&(_, owner)| owner == shard).map(|(p, _)| p as u32)
 }

@@ -193,3 +193,41 @@ fn control_and_transactional_batches_from_a_client_are_refused_and_nothing_is_wr
     // The connection still works, and the next good batch gets the next offset.
     assert_eq!(conn.produce("tx", 0, &[b"after"]), (ErrorCode::None, 1));
 }
+
+/// Replies leave in request order even when later requests finish first: long-polling fetches
+/// (answered after their wait) pipelined among produces answered at once; the writer gathers the
+/// finished replies behind each fetch into one send, and every reply arrives exactly once.
+#[test]
+fn pipelined_replies_keep_request_order_when_later_ones_finish_first() {
+    let mut broker = Broker::start(1, &[]);
+    let mut conn = Conn::connect(&broker.addr);
+    let resp = conn.create_topic("quiet", 1);
+    assert_eq!(resp.root().error(), ErrorCode::None, "{:?}", resp.root().message());
+    let resp = conn.create_topic("busy", 1);
+    assert_eq!(resp.root().error(), ErrorCode::None, "{:?}", resp.root().message());
+    const REQUESTS: u32 = 300;
+    let mut frames = Vec::new();
+    for cid in 1..=REQUESTS {
+        if cid % 50 == 1 {
+            frames.extend(common::wire::fetch_frame(cid, "quiet", 0, 0, 100, 1 << 20));
+        } else {
+            let value = format!("v{cid}");
+            frames.extend(common::wire::produce_frame(cid, "busy", 0, 1, &batch_of(&[value.as_bytes()])));
+        }
+    }
+    conn.send_raw(&frames);
+    let mut next_offset = 0;
+    for cid in 1..=REQUESTS {
+        let resp = conn.recv().expect("a reply for every request");
+        assert_eq!(resp.root().correlation_id(), cid, "replies out of request order");
+        if cid % 50 == 1 {
+            let fetched = common::wire::decode_fetch(&resp, 0);
+            assert!(fetched.records.is_empty(), "nothing was produced to the quiet topic");
+        } else {
+            assert_eq!(produce_result(&resp), (ErrorCode::None, next_offset), "request {cid}");
+            next_offset += 1;
+        }
+    }
+    assert_eq!(conn.offsets("busy", 0).1, next_offset);
+    broker.stop();
+}

@@ -5,8 +5,9 @@
 //! the shard's memory gauges: `connection_buffers`, `requests_in_flight`), and the
 //! response writer. The reader and writer are separate tasks on two descriptors of the same
 //! socket (a `dup`), so neither waits on the other and nothing needs a lock. Replies leave in
-//! request order; each is written with one `sendmsg` of header and record bytes when the socket
-//! takes it whole, so record bytes are never copied into a response buffer. Reads go straight
+//! request order; those finished together are written with one `sendmsg` of their headers and
+//! record bytes when the socket takes them whole, so record bytes are never copied into a
+//! response buffer. Reads go straight
 //! into the receive buffer's spare capacity with a non-blocking `recv` while bytes are waiting,
 //! and park in glommio (readiness) only when the socket is empty.
 
@@ -28,6 +29,9 @@ use crate::shard::Shard;
 /// Requests read but not yet answered, per connection (pipelining depth).
 const PIPELINE_DEPTH: usize = 256;
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Most finished replies one `sendmsg` carries (each is a head and its payload chunks; the
+/// kernel takes at most 1,024 parts per call, the rest follow with async writes).
+const REPLIES_PER_SEND: usize = 64;
 /// What a parked read takes through glommio before the non-blocking path drains the rest.
 const WAKE_READ_BYTES: usize = 4096;
 
@@ -200,17 +204,44 @@ fn recv_nonblocking(fd: i32, buf: &mut BytesMut) -> std::io::Result<Option<usize
     Ok(Some(n))
 }
 
+/// Writes replies in request order. Replies already finished when the writer gets to them leave
+/// together, up to `REPLIES_PER_SEND` in one `sendmsg`: a pipelining client's replies tend to
+/// finish at once (one sync round makes a whole window of produces durable), and one syscall per
+/// reply kept the shard busy for milliseconds while other connections' replies waited.
 async fn write_loop(mut stream: TcpStream, queue: local_channel::LocalReceiver<Pending>) {
-    while let Some(pending) = queue.recv().await {
-        let (frame, close) = match pending.reply.await {
-            Reply::None => continue,
-            Reply::Frame(frame) => (frame, false),
-            Reply::Close(frame) => (frame, true),
+    let mut frames: Vec<ResponseFrame> = Vec::with_capacity(REPLIES_PER_SEND);
+    let mut permits: Vec<Option<InFlight>> = Vec::with_capacity(REPLIES_PER_SEND);
+    let mut next: Option<Pending> = None;
+    loop {
+        let pending = match next.take() {
+            Some(pending) => pending,
+            None => match queue.recv().await {
+                Some(pending) => pending,
+                None => break,
+            },
         };
-        if let Err(e) = write_frame(&mut stream, &frame).await {
+        permits.push(pending._permit);
+        let mut close = gather(pending.reply.await, &mut frames);
+        while !close && frames.len() < REPLIES_PER_SEND {
+            // Polled once: an empty queue answers Pending and the waiter unregisters when dropped.
+            let Some(Some(mut pending)) = queue.recv().now_or_never() else { break };
+            match (&mut pending.reply).now_or_never() {
+                Some(reply) => {
+                    permits.push(pending._permit);
+                    close = gather(reply, &mut frames);
+                }
+                None => {
+                    next = Some(pending);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = write_frames(&mut stream, &frames).await {
             tracing::debug!("connection write failed: {e}");
             break;
         }
+        frames.clear();
+        permits.clear();
         if close {
             break;
         }
@@ -218,12 +249,31 @@ async fn write_loop(mut stream: TcpStream, queue: local_channel::LocalReceiver<P
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
 
-/// Writes the head and payload chunks. First one non-blocking `sendmsg` of all parts; whatever
-/// the socket did not take is finished with ordinary async writes.
-async fn write_frame(stream: &mut TcpStream, frame: &ResponseFrame) -> std::io::Result<()> {
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + frame.payload.len());
-    parts.push(&frame.head);
-    parts.extend(frame.payload.iter().map(|b| &b[..]));
+/// Adds a reply's frame to those to send; true when the connection closes after it.
+fn gather(reply: Reply, frames: &mut Vec<ResponseFrame>) -> bool {
+    match reply {
+        Reply::None => false,
+        Reply::Frame(frame) => {
+            frames.push(frame);
+            false
+        }
+        Reply::Close(frame) => {
+            frames.push(frame);
+            true
+        }
+    }
+}
+
+/// Writes the frames' heads and payload chunks in order. First one non-blocking `sendmsg` of all
+/// parts; whatever the socket did not take is finished with ordinary async writes.
+async fn write_frames(stream: &mut TcpStream, frames: &[ResponseFrame]) -> std::io::Result<()> {
+    let parts: Vec<&[u8]> = frames
+        .iter()
+        .flat_map(|frame| std::iter::once(&frame.head[..]).chain(frame.payload.iter().map(|b| &b[..])))
+        .collect();
+    if parts.is_empty() {
+        return Ok(());
+    }
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = send_vectored_nonblocking(stream.as_raw_fd(), &parts);
     if sent == total {
