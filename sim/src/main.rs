@@ -3,6 +3,7 @@
 //! one with a readable trace of what happened. A failure prints its seed.
 
 mod checker;
+mod controller_disk;
 mod disk;
 mod world;
 
@@ -46,14 +47,21 @@ fn run_seed(seed: u64, trace: bool, broken: world::Broken, quiesce: bool) -> Out
         let mut world = world::World::new(seed, trace, broken, quiesce);
         let digest = world.run();
         let s = &world.scenario;
+        let c = &world.controller.checker;
         let summary = format!(
-            "{} nodes, {} groups, {} elections, {} records acknowledged, {} frames for {} raft messages",
+            "{} nodes, {} groups, {} elections, {} records acknowledged, {} frames for {} raft messages; \
+             controller: {} elections, {} topic changes answered, {} client retries, {} repeats skipped, {} frames",
             s.nodes,
             s.groups,
             world.checker.elections,
             world.checker.acknowledged(),
             world.frames_sent,
-            world.messages_sent
+            world.messages_sent,
+            c.elections(),
+            c.answered(),
+            c.client_retries,
+            c.repeats,
+            c.frames
         ) + &if quiesce {
             format!(
                 ", {} group-ticks skipped quiet, {} quiet followers woken by their leader's death",
@@ -165,6 +173,13 @@ mod tests {
                 "cut its log at offset",
                 "crashes right after a cut",
                 "a cut undone by the crash brings back",
+                "leads the controller in term",
+                "hands request",
+                "answers client",
+                "not the controller",
+                "asking again",
+                "again, skipped",
+                "unsynced bytes lost in the crash",
             ] {
                 *seen.entry(what).or_insert(0) += trace.matches(what).count();
             }
@@ -200,6 +215,23 @@ mod tests {
         assert_eq!(after.failure, None);
     }
 
+    /// Stop 18: every node runs the controller group and applies its log with the broker's state
+    /// machine; a node that applies its own topic change when it proposes it answers its client
+    /// for an entry a new leader may replace. Seed 4 does so (an answer the final log never
+    /// decides); without the sabotage it passes.
+    #[test]
+    fn an_answer_the_controller_log_never_committed_is_caught() {
+        let broken = run_seed(4, false, Broken::ApplyAtPropose, false);
+        assert!(
+            broken.failure.as_deref().is_some_and(|f| f.contains("the final log decides None")),
+            "{:?}",
+            broken.failure
+        );
+        let healthy = run_seed(4, true, Broken::None, false);
+        assert_eq!(healthy.failure, None);
+        assert!(healthy.trace.is_some_and(|t| t.contains("controller #") && t.contains("answers client")));
+    }
+
     /// Each broken variant must fail within the first seeds: a change that blinds the checker to
     /// one of these bugs fails this test.
     #[test]
@@ -209,6 +241,7 @@ mod tests {
             Broken::ServeUncommitted,
             Broken::SkipTruncation,
             Broken::IgnoreSyncErrors,
+            Broken::ApplyAtPropose,
         ] {
             let caught =
                 (1..=40).find_map(|seed| run_seed(seed, false, broken, false).failure.map(|f| (seed, f)));

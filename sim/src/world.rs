@@ -7,7 +7,9 @@
 //! stopped process), and slow syncs; disk write and sync errors and full disks
 //! (`storage_faults`); clocks that jump, stand still or run fast or slow (`clock`); truncations
 //! that a crash before their sync undoes, and crashes aimed right after them (`cuts`). Beside the
-//! plain producer, idempotent producers retry at whichever node leads (`producers`).
+//! plain producer, idempotent producers retry at whichever node leads (`producers`). Every node
+//! also runs a member of the controller group over its controller log and applies it with the
+//! broker's state machine, while clients change topics through any node (`controller`).
 //!
 //! With quiescence on (`--quiesce`), groups go quiet when idle (`replication::quiesce`), writes
 //! come in bursts with idle gaps, every node sends each peer a keepalive every few ticks, and
@@ -15,6 +17,7 @@
 //! node-level liveness that wakes a quiet group whose leader died.
 
 mod clock;
+mod controller;
 mod cuts;
 mod producers;
 mod storage_faults;
@@ -34,6 +37,7 @@ use ringlog::replication::wire::{self, GroupKey, PeerBatch};
 use crate::checker::{Checker, NodeView};
 use crate::disk::{SimDisk, WriteError, WriteMark};
 use clock::{ClockFaults, NodeClock};
+use controller::{ControllerEvent, ControllerWorld};
 use cuts::CutFaults;
 use producers::{IdempotentLoad, Producer};
 use storage_faults::DiskFaults;
@@ -127,6 +131,8 @@ enum Event {
     },
     EndFaults,
     More(MoreEvent),
+    /// The controller group's traffic, persister and clients (stop 18).
+    Controller(ControllerEvent),
 }
 
 /// The events of issue 13's faults and workload, handled in their modules (`handle_more`).
@@ -182,6 +188,8 @@ pub struct World {
     next_record: u64,
     producers: Vec<Producer>,
     pub checker: Checker,
+    /// Every node's member of the controller group, and the clients that change topics.
+    pub(crate) controller: ControllerWorld,
     pub trace: Option<String>,
     pub frames_sent: u64,
     pub messages_sent: u64,
@@ -224,15 +232,21 @@ pub enum Broken {
     /// A truncation leaves the unlinks of later segment files to a later sync of the directory
     /// (the broker before stop 17): a crash after an fdatasync of the cut file brings them back.
     UnsyncedUnlinks,
+    /// A node applies a topic change to its controller state when it proposes it, and answers
+    /// its client then, before a majority holds the entry (its commit is then skipped as a
+    /// repeat of the request).
+    ApplyAtPropose,
 }
 
 fn settings(broken: Broken, quiesce: bool) -> GroupSettings {
     let sabotage = match broken {
         Broken::AckBeforeSync => Sabotage::AckBeforeSync,
         Broken::ServeUncommitted => Sabotage::ServeUncommitted,
-        Broken::None | Broken::SkipTruncation | Broken::IgnoreSyncErrors | Broken::UnsyncedUnlinks => {
-            Sabotage::None
-        }
+        Broken::None
+        | Broken::SkipTruncation
+        | Broken::IgnoreSyncErrors
+        | Broken::UnsyncedUnlinks
+        | Broken::ApplyAtPropose => Sabotage::None,
     };
     GroupSettings {
         max_size_per_msg: 64 << 10,
@@ -277,6 +291,7 @@ impl World {
         let mut world = World {
             broken,
             checker: Checker::new(scenario.groups),
+            controller: ControllerWorld::new(seed, scenario.nodes, broken),
             scenario,
             rng,
             more_rng,
@@ -316,6 +331,11 @@ impl World {
         world.producers = (0..world.scenario.groups).map(Producer::new).collect();
         world.schedule_more_faults();
         world.schedule_idempotent();
+        // After everything the partitions draw from `rng`, so their runs stay as they were.
+        for id in 1..=world.scenario.nodes {
+            world.open_controller(id);
+        }
+        world.start_controller_clients();
         world
     }
 
@@ -369,6 +389,9 @@ impl World {
             }
         }
         self.checker.check_end(&view(&self.nodes), self.now);
+        if !self.checker.failed() {
+            self.check_controller_end();
+        }
         if self.quiesce && !self.checker.failed() {
             // Seconds without writes or faults: every group must have gone quiet, on every node
             // (a group that cannot go quiet, or keeps waking, would tick for ever).
@@ -389,7 +412,7 @@ impl World {
                 digest = (digest ^ group.commit_index() ^ (group.term() << 32)).wrapping_mul(0x100_0000_01b3);
             }
         }
-        digest
+        (digest ^ self.controller.digest()).wrapping_mul(0x100_0000_01b3)
     }
 
     fn paused(&self, id: u64) -> Option<u64> {
@@ -399,8 +422,10 @@ impl World {
     fn handle(&mut self, event: Event) {
         // A paused node handles nothing until it resumes: what arrives for it waits.
         let target = match &event {
-            Event::Tick { node } | Event::Synced { node, .. } => Some(*node),
-            Event::Deliver { to, .. } => Some(*to),
+            Event::Tick { node }
+            | Event::Synced { node, .. }
+            | Event::Controller(ControllerEvent::Synced { node, .. }) => Some(*node),
+            Event::Deliver { to, .. } | Event::Controller(ControllerEvent::Deliver { to, .. }) => Some(*to),
             _ => None,
         };
         if let Some(until) = target.and_then(|id| self.paused(id)) {
@@ -420,6 +445,9 @@ impl World {
                         group.tick();
                     }
                     self.drive(node);
+                }
+                if ticking {
+                    self.tick_controller(node);
                 }
                 let every = self.node(node).clock.tick_ms;
                 self.schedule(every, Event::Tick { node });
@@ -472,6 +500,7 @@ impl World {
             }
             Event::EndFaults => self.end_faults(),
             Event::More(fault) => self.handle_more(fault),
+            Event::Controller(event) => self.handle_controller(event),
         }
     }
 
@@ -734,6 +763,7 @@ impl World {
         for line in cut_lines {
             self.log(|| line);
         }
+        self.crash_controller(node);
     }
 
     fn restart(&mut self, node: u64) {
@@ -747,6 +777,7 @@ impl World {
         self.node(node).heard.values_mut().for_each(|at| *at = now);
         self.open_groups(node);
         self.log(|| format!("n{node} restarted"));
+        self.open_controller(node);
         self.checker.restarted(node);
     }
 

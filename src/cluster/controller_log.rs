@@ -7,6 +7,10 @@
 //!
 //! Writes reach memory at once (what raft-rs reads) and the files when the caller runs the
 //! `PendingWrites` it takes; a record cut short by a crash is dropped at the next open.
+//!
+//! The files are reached through one seam, `ControllerFiles`: `DirFiles` is the directory on
+//! disk; the simulator (`ringlog-sim`) puts a simulated disk there, so the record format, the
+//! order of writes and syncs and the recovery after a crash (`recover`) that it runs are these.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -27,7 +31,6 @@ const BODY_FIXED: usize = 17;
 const RECORD_BYTES_MAX: usize = 64 << 20;
 
 pub struct ControllerLog {
-    dir: PathBuf,
     conf_state: ConfState,
     hard_state: HardState,
     entries: Vec<Entry>,
@@ -43,12 +46,11 @@ pub struct ControllerLog {
 /// File writes not yet made; run them (off the shard) with `PendingWrites::write`.
 #[derive(Debug, Default)]
 pub struct PendingWrites {
-    dir: PathBuf,
     /// Cut `raft.log` to this length first (a follower's conflicting suffix).
     truncate_to: Option<u64>,
     append_at: u64,
     append: Vec<u8>,
-    hard_state: Option<[u8; 28]>,
+    hard_state: Option<[u8; HARD_STATE_BYTES]>,
 }
 
 impl PendingWrites {
@@ -82,33 +84,104 @@ impl PendingWrites {
     }
 
     /// Makes the writes durable: truncate, append and fdatasync the log, then replace the state
-    /// file (temporary file, fdatasync, rename, directory fsync). Blocking.
-    pub fn write(self) -> std::io::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(self.dir.join(LOG_FILE))?;
+    /// file (temporary file, fdatasync, rename), then sync the directory. Blocking with
+    /// `DirFiles`.
+    pub fn write_to(self, files: &mut impl ControllerFiles) -> std::io::Result<()> {
         if let Some(len) = self.truncate_to {
-            log.set_len(len)?;
+            files.cut_log(len)?;
         }
         if !self.append.is_empty() {
-            log.write_all_at(&self.append, self.append_at)?;
+            files.write_log_at(self.append_at, &self.append)?;
         }
-        log.sync_data()?;
+        files.sync_log()?;
         if let Some(state) = self.hard_state {
-            let temp = self.dir.join(format!("{STATE_FILE}.tmp"));
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&state)?;
-            file.sync_data()?;
-            std::fs::rename(&temp, self.dir.join(STATE_FILE))?;
+            files.replace_state(&state)?;
         }
+        files.sync_dir()
+    }
+}
+
+/// Where the controller's log and hard state are written: the operations `PendingWrites` runs,
+/// in its order. A sync returns once what was written before it is durable.
+pub trait ControllerFiles {
+    /// Cuts `raft.log` to `len` bytes.
+    fn cut_log(&mut self, len: u64) -> std::io::Result<()>;
+    fn write_log_at(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync_log(&mut self) -> std::io::Result<()>;
+    /// Replaces `raft.state` as a whole, durably but for the directory entry (`sync_dir`).
+    fn replace_state(&mut self, state: &[u8; HARD_STATE_BYTES]) -> std::io::Result<()>;
+    fn sync_dir(&mut self) -> std::io::Result<()>;
+}
+
+/// The controller's files in a directory, written with std IO (blocking: run on the blocking
+/// pool).
+pub struct DirFiles {
+    dir: PathBuf,
+    log: Option<std::fs::File>,
+}
+
+impl DirFiles {
+    pub fn new(dir: PathBuf) -> DirFiles {
+        DirFiles { dir, log: None }
+    }
+
+    fn log(&mut self) -> std::io::Result<&std::fs::File> {
+        if self.log.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(self.dir.join(LOG_FILE))?;
+            self.log = Some(file);
+        }
+        self.log.as_ref().ok_or_else(|| std::io::Error::other("the log file was just opened"))
+    }
+}
+
+impl ControllerFiles for DirFiles {
+    fn cut_log(&mut self, len: u64) -> std::io::Result<()> {
+        self.log()?.set_len(len)
+    }
+
+    fn write_log_at(&mut self, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.log()?.write_all_at(bytes, at)
+    }
+
+    fn sync_log(&mut self) -> std::io::Result<()> {
+        self.log()?.sync_data()
+    }
+
+    fn replace_state(&mut self, state: &[u8; HARD_STATE_BYTES]) -> std::io::Result<()> {
+        let temp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(state)?;
+        file.sync_data()?;
+        std::fs::rename(&temp, self.dir.join(STATE_FILE))
+    }
+
+    fn sync_dir(&mut self) -> std::io::Result<()> {
         std::fs::File::open(&self.dir)?.sync_all()
     }
 }
 
-fn encode_hard_state(hs: &HardState) -> [u8; 28] {
-    let mut out = [0u8; 28];
+/// What `ControllerLog::recover` cut off the end of `raft.log`: a record a crash left torn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The log's length once cut: what the file must be cut to.
+    pub at: u64,
+    pub reason: String,
+}
+
+/// `raft.state` exists but is not one: refusing to start beats voting twice in a term.
+#[derive(Debug, thiserror::Error)]
+#[error("the controller's hard state is damaged (bad length or crc)")]
+pub struct DamagedState;
+
+/// Bytes of `raft.state`: term, vote, commit, crc32c.
+pub const HARD_STATE_BYTES: usize = 28;
+
+fn encode_hard_state(hs: &HardState) -> [u8; HARD_STATE_BYTES] {
+    let mut out = [0u8; HARD_STATE_BYTES];
     out[..8].copy_from_slice(&hs.term.to_be_bytes());
     out[8..16].copy_from_slice(&hs.vote.to_be_bytes());
     out[16..24].copy_from_slice(&hs.commit.to_be_bytes());
@@ -141,23 +214,51 @@ impl ControllerLog {
     /// last record is cut off and reported in the returned warning.
     pub fn open(dir: &Path, voters: Vec<u64>) -> std::io::Result<(ControllerLog, Option<String>)> {
         std::fs::create_dir_all(dir)?;
-        let bytes = match std::fs::read(dir.join(LOG_FILE)) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
+        let read = |name: &str| match std::fs::read(dir.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         };
+        let bytes = read(LOG_FILE)?.unwrap_or_default();
+        let state = read(STATE_FILE)?;
+        let (log, torn) = ControllerLog::recover(&bytes, state.as_deref(), voters).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", dir.join(STATE_FILE).display()),
+            )
+        })?;
+        let Some(torn) = torn else { return Ok((log, None)) };
+        std::fs::OpenOptions::new().write(true).open(dir.join(LOG_FILE))?.set_len(torn.at)?;
+        let warning = format!(
+            "{}: {} at byte {} of {}; the {} bytes from there were cut",
+            dir.join(LOG_FILE).display(),
+            torn.reason,
+            torn.at,
+            bytes.len(),
+            bytes.len() as u64 - torn.at
+        );
+        Ok((log, Some(warning)))
+    }
+
+    /// The log as the bytes of `raft.log` and `raft.state` (absent: a new node) hold it: every
+    /// whole record up to the first one a crash left torn, which is reported for the caller to
+    /// cut from the file.
+    pub fn recover(
+        bytes: &[u8],
+        state: Option<&[u8]>,
+        voters: Vec<u64>,
+    ) -> Result<(ControllerLog, Option<TornTail>), DamagedState> {
         let mut log = ControllerLog {
-            dir: dir.to_path_buf(),
             conf_state: ConfState { voters, ..Default::default() },
             hard_state: HardState::default(),
             entries: Vec::new(),
             ends: Vec::new(),
             positions: Vec::new(),
             file_len: 0,
-            pending: PendingWrites { dir: dir.to_path_buf(), ..Default::default() },
+            pending: PendingWrites::default(),
         };
         let mut at = 0usize;
-        let mut warning = None;
+        let mut torn = None;
         while at < bytes.len() {
             match log.parse_record(&bytes[at..]) {
                 Ok((entry, len)) => {
@@ -169,35 +270,31 @@ impl ControllerLog {
                     at += len;
                 }
                 Err(reason) => {
-                    warning = Some(format!(
-                        "{}: {reason} at byte {at} of {}; the {} bytes from there were cut",
-                        dir.join(LOG_FILE).display(),
-                        bytes.len(),
-                        bytes.len() - at
-                    ));
-                    std::fs::OpenOptions::new().write(true).open(dir.join(LOG_FILE))?.set_len(at as u64)?;
+                    torn = Some(TornTail { at: at as u64, reason });
                     break;
                 }
             }
         }
         log.file_len = at as u64;
         log.pending.append_at = log.file_len;
-        match std::fs::read(dir.join(STATE_FILE)) {
-            Ok(state) if state.len() == 28 && crc32c::crc32c(&state[..24]).to_be_bytes() == state[24..28] => {
+        match state {
+            Some(state)
+                if state.len() == HARD_STATE_BYTES
+                    && crc32c::crc32c(&state[..24]).to_be_bytes() == state[24..HARD_STATE_BYTES] =>
+            {
                 log.hard_state.term = be_u64(&state[0..]);
                 log.hard_state.vote = be_u64(&state[8..]);
                 log.hard_state.commit = be_u64(&state[16..]);
             }
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} is damaged (bad length or crc)", dir.join(STATE_FILE).display()),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Some(_) => return Err(DamagedState),
+            None => {}
         }
-        Ok((log, warning))
+        Ok((log, torn))
+    }
+
+    /// The entries held, from index 1 (committed or not).
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
     }
 
     fn parse_record(&self, bytes: &[u8]) -> Result<(Entry, usize), String> {
@@ -232,7 +329,7 @@ impl ControllerLog {
 
     /// The file writes made since the last call.
     pub fn take_writes(&mut self) -> PendingWrites {
-        let next = PendingWrites { dir: self.dir.clone(), append_at: self.file_len, ..Default::default() };
+        let next = PendingWrites { append_at: self.file_len, ..Default::default() };
         std::mem::replace(&mut self.pending, next)
     }
 }
@@ -284,12 +381,7 @@ impl ReplicaStore for ControllerLog {
             self.ends.truncate(keep);
             self.positions.truncate(keep);
             self.file_len = cut;
-            let later = PendingWrites {
-                dir: self.dir.clone(),
-                truncate_to: Some(cut),
-                append_at: cut,
-                ..Default::default()
-            };
+            let later = PendingWrites { truncate_to: Some(cut), append_at: cut, ..Default::default() };
             self.pending.merge(later);
         }
         let mut bytes = Vec::new();
@@ -304,12 +396,7 @@ impl ReplicaStore for ControllerLog {
             self.entries.push(entry.clone());
             self.ends.push(base + count);
         }
-        let later = PendingWrites {
-            dir: self.dir.clone(),
-            append_at: self.file_len,
-            append: bytes,
-            ..Default::default()
-        };
+        let later = PendingWrites { append_at: self.file_len, append: bytes, ..Default::default() };
         self.file_len += later.append.len() as u64;
         self.pending.merge(later);
         Ok(())
@@ -318,7 +405,6 @@ impl ReplicaStore for ControllerLog {
     fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), StoreError> {
         self.hard_state = hard_state.clone();
         let later = PendingWrites {
-            dir: self.dir.clone(),
             append_at: self.file_len,
             hard_state: Some(encode_hard_state(hard_state)),
             ..Default::default()
@@ -356,14 +442,14 @@ mod tests {
         assert!(warning.is_none());
         log.append(&[entry(1, 1, b""), entry(1, 2, b""), entry(1, 3, b"")]).unwrap();
         log.set_hard_state(&hard_state(1, 2, 2)).unwrap();
-        log.take_writes().write().unwrap();
+        log.take_writes().write_to(&mut DirFiles::new(dir.path().to_path_buf())).unwrap();
         // A new leader's entries replace index 3 on.
         log.append(&[entry(2, 3, b""), entry(2, 4, b"")]).unwrap();
         log.set_hard_state(&hard_state(2, 3, 3)).unwrap();
-        log.take_writes().write().unwrap();
+        log.take_writes().write_to(&mut DirFiles::new(dir.path().to_path_buf())).unwrap();
         let (reopened, warning) = ControllerLog::open(dir.path(), vec![1, 2, 3]).unwrap();
         assert!(warning.is_none());
-        let terms: Vec<u64> = reopened.entries.iter().map(|e| e.term).collect();
+        let terms: Vec<u64> = reopened.entries().iter().map(|e| e.term).collect();
         assert_eq!(terms, vec![1, 1, 2, 2]);
         assert_eq!(reopened.hard_state, hard_state(2, 3, 3));
         // A crash in the middle of a record: the record is cut, the rest stays.

@@ -1,8 +1,9 @@
 //! A node in a cluster (issue 11; docs/replication.md): the peer listener and connections
 //! (`transport`, `links`), the controller's Raft group on shard 0 over a log of its own
-//! (`controller_log`), and the state that group replicates: the node registry (every node's id
-//! and addresses, registered by the controller leader when it hears from a node) and the
-//! replicated topics (`topics`: their ids and replica sets). Each node keeps its own view of
+//! (`controller_log`), and the state that group replicates (`state`, without IO): the node
+//! registry (every node's id and addresses, registered by the controller leader when it hears
+//! from a node) and the replicated topics (their ids and replica sets), which `topics` carries
+//! out on this node. Each node keeps its own view of
 //! which peers it hears from (liveness), hosts its partition replicas (`replicas`), learns every
 //! partition's in-sync replicas from its leader's keepalives (`in_sync`), and answers the shard's
 //! `ReplicaGate` for them (produce proposes and waits for the commit; reads ask who leads;
@@ -18,6 +19,7 @@ pub mod controller_log;
 pub mod in_sync;
 pub mod links;
 pub mod replicas;
+pub mod state;
 pub mod topics;
 pub mod transport;
 
@@ -37,29 +39,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
 use crate::metadata::{self, TopicOverrides, OFFSETS_TOPIC};
-use crate::record::builder::BatchBuilder;
 use crate::replication::group::{GroupSettings, Persist, ProposeError, Proposed, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
 use crate::shard::replicated::{LeaderView, ReplicaGate};
 use crate::shard::{Boxed, BrokerError, Shard, TopicView};
-use controller_log::{ControllerLog, PendingWrites};
+use controller_log::{ControllerLog, DirFiles, PendingWrites};
 use links::{Outbox, PeerLinks};
 use replicas::{HostError, ReplicaHost};
-use topics::{ReplicatedTopic, TopicCommand, Topics};
+use state::{AppliedCommand, ControllerCommand, ControllerState, ReplicatedTopic, TopicChange, TopicCommand};
+use topics::Topics;
 pub use transport::NodeInfo;
 /// Ticks between two keepalives to every peer; a peer unheard for `ALIVE_TICKS` is down.
 const KEEPALIVE_TICKS: u64 = 5;
 const ALIVE_TICKS: u32 = 30;
 /// A registration not yet committed is proposed again after this long.
 const REPROPOSE_AFTER: Duration = Duration::from_secs(2);
-
-/// What the controller's log holds: one command per entry, a JSON record value.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum ControllerCommand {
-    Register(NodeInfo),
-    Topic(TopicCommand),
-}
 
 struct PersistJob {
     writes: PendingWrites,
@@ -72,8 +66,11 @@ pub struct Cluster {
     me: NodeInfo,
     tick: Duration,
     group: RefCell<RaftGroup<ControllerLog>>,
-    /// The node registry as committed in the controller's log.
-    registered: RefCell<BTreeMap<u64, NodeInfo>>,
+    /// Where the controller's log files are (`<data_dir>/controller`).
+    log_dir: std::path::PathBuf,
+    /// The metadata as the controller's log defines it up to the last entry applied here: the
+    /// node registry and the replicated topics (shared with `topics`' applier).
+    state: Rc<RefCell<ControllerState>>,
     links: Rc<PeerLinks>,
     /// The partition replicas on this node.
     replicas: Rc<ReplicaHost>,
@@ -173,15 +170,17 @@ pub fn start(
         replicas.set_leader_balance(
             shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
         );
+        let state = Rc::new(RefCell::new(ControllerState::default()));
         Cluster {
             tick,
-            topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone()),
+            topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone(), state.clone()),
             next_request: std::cell::Cell::new((seeds.node_id << 40) | (now_nanos() & 0xff_ffff_ffff)),
             replication_timeout: Duration::from_millis(shard.config.replication_timeout_ms),
             seeds,
             me,
             group: RefCell::new(group),
-            registered: RefCell::new(BTreeMap::new()),
+            log_dir: dir,
+            state,
             replicas,
             links,
             persister,
@@ -362,9 +361,28 @@ impl Cluster {
     /// Every known node's native address, for errors answered after this borrow ends.
     fn leader_addresses(&self) -> BTreeMap<u64, String> {
         let mut addresses: BTreeMap<u64, String> =
-            self.registered.borrow().iter().map(|(&id, info)| (id, info.native.clone())).collect();
+            self.state.borrow().registered().iter().map(|(&id, info)| (id, info.native.clone())).collect();
         addresses.insert(self.me.id, self.me.native.clone());
         addresses
+    }
+}
+
+fn log_change(node: u64, change: Option<&TopicChange>) {
+    match change {
+        Some(TopicChange::Create(topic)) => tracing::info!(
+            topic = %topic.name,
+            topic_id = topic.replication.topic_id,
+            node,
+            "cluster: replicated topic created with {} partitions",
+            topic.replication.replicas.len()
+        ),
+        Some(TopicChange::Grow(topic, had)) => tracing::info!(
+            topic = %topic.name,
+            node,
+            "cluster: replicated topic grown from {had} to {} partitions",
+            topic.replication.replicas.len()
+        ),
+        Some(TopicChange::Delete(_)) | None => {}
     }
 }
 
@@ -593,7 +611,7 @@ pub async fn kafka_view(shard: &Rc<Shard>) -> Option<KafkaView> {
         return None;
     }
     on_cluster(shard, move |cluster| async move {
-        let mut nodes: Vec<NodeInfo> = cluster.registered.borrow().values().cloned().collect();
+        let mut nodes: Vec<NodeInfo> = cluster.state.borrow().registered().values().cloned().collect();
         if !nodes.iter().any(|n| n.id == cluster.me.id) {
             nodes.push(cluster.me.clone());
         }
@@ -619,7 +637,8 @@ impl Cluster {
     /// This node's view of the cluster.
     pub fn status(&self) -> ClusterStatus {
         let group = self.group.borrow();
-        let registered = self.registered.borrow();
+        let state = self.state.borrow();
+        let registered = state.registered();
         let heard = self.links.heard();
         let sent = self.links.sent();
         let alive_within = self.tick * ALIVE_TICKS;
@@ -731,30 +750,31 @@ impl Cluster {
         self.failure.borrow_mut().get_or_insert(reason);
     }
 
+    /// Applies committed entries to the controller's state, then carries out what each command
+    /// did: a registration ends its re-proposals; a topic change goes to the applier and answers
+    /// this node's proposal of it.
     fn apply(&self, committed: &[Entry]) {
-        for entry in committed.iter().filter(|e| !e.data.is_empty()) {
-            let records = match crate::record::reader::records(&entry.data) {
-                Ok(records) => records,
-                Err(e) => return self.fail(format!("controller entry {} is not a batch: {e}", entry.index)),
+        for entry in committed {
+            let applied = self.state.borrow_mut().apply(entry.index, &entry.data);
+            let commands = match applied {
+                Ok(commands) => commands,
+                Err(e) => return self.fail(e.to_string()),
             };
-            for record in records {
-                let command = record.map_err(|e| e.to_string()).and_then(|r| {
-                    serde_json::from_slice::<ControllerCommand>(r.value.unwrap_or_default())
-                        .map_err(|e| e.to_string())
-                });
+            for command in commands {
                 match command {
-                    Ok(ControllerCommand::Register(info)) => {
+                    AppliedCommand::Registered(info) => {
                         tracing::info!(node = info.id, native = %info.native, "cluster: node registered");
                         self.proposed.borrow_mut().remove(&info.id);
-                        self.registered.borrow_mut().insert(info.id, info);
                     }
-                    Ok(ControllerCommand::Topic(command)) => {
-                        let registered: Vec<u64> = self.registered.borrow().keys().copied().collect();
-                        self.topics.apply(entry.index, command, &registered);
+                    AppliedCommand::Topic { request, outcome, change } => {
+                        log_change(self.me.id, change.as_ref());
+                        self.topics.applied(request, outcome, change);
                     }
-                    Err(e) => {
-                        return self.fail(format!("controller entry {} holds no command: {e}", entry.index))
-                    }
+                    AppliedCommand::Repeated { request } => tracing::debug!(
+                        index = entry.index,
+                        request,
+                        "cluster: a topic change applied already; skipped"
+                    ),
                 }
             }
         }
@@ -767,10 +787,9 @@ impl Cluster {
         }
         let mut known: Vec<NodeInfo> = vec![self.me.clone()];
         known.extend(self.links.heard().values().map(|(_, info)| info.clone()));
-        for info in known {
-            if self.registered.borrow().get(&info.id) == Some(&info) {
-                continue;
-            }
+        let stale: Vec<NodeInfo> =
+            self.state.borrow().stale_registrations(&known).into_iter().cloned().collect();
+        for info in stale {
             let recent =
                 self.proposed.borrow().get(&info.id).is_some_and(|at| at.elapsed() < REPROPOSE_AFTER);
             if recent {
@@ -789,13 +808,12 @@ impl Cluster {
     /// have registered as its replication factor, min(3, voters) (Kafka's
     /// `offsets.topic.replication.factor`): created earlier, it would keep fewer copies for good.
     fn ensure_offsets_topic(&self) {
-        if !self.group.borrow().is_serving() || self.topics.contains(OFFSETS_TOPIC) {
+        if !self.group.borrow().is_serving() {
             return;
         }
-        let replication_factor = self.seeds.voters.len().min(3);
-        if self.registered.borrow().len() < replication_factor {
+        let Some(replication_factor) = self.state.borrow().offsets_topic_due(self.seeds.voters.len()) else {
             return;
-        }
+        };
         if self.offsets_proposed.get().is_some_and(|at| at.elapsed() < REPROPOSE_AFTER) {
             return;
         }
@@ -804,7 +822,7 @@ impl Cluster {
             request: self.request_id(),
             name: OFFSETS_TOPIC.to_string(),
             partitions: self.offsets_partitions,
-            replication_factor: replication_factor as u16,
+            replication_factor,
             overrides: self.offsets_overrides.clone(),
         };
         match self.propose(&ControllerCommand::Topic(command)) {
@@ -818,11 +836,9 @@ impl Cluster {
 
     /// Appends `command` to the controller's log (this node must lead it).
     fn propose(&self, command: &ControllerCommand) -> Result<(), BrokerError> {
-        let value = serde_json::to_vec(command)
+        let batch = state::encode_command(command, now_nanos() as i64 / 1_000_000)
             .map_err(|e| BrokerError::Internal(format!("cannot encode {command:?}: {e}")))?;
-        let mut batch = BatchBuilder::new();
-        batch.push(now_nanos() as i64 / 1_000_000, None, Some(&value), &[]);
-        let proposed = self.group.borrow_mut().propose(batch.finish());
+        let proposed = self.group.borrow_mut().propose(batch);
         match proposed {
             Ok(_) => Ok(()),
             Err(ProposeError::NotLeader { .. } | ProposeError::LeaderNotReady) => Err(self.not_controller()),
@@ -842,7 +858,7 @@ impl Cluster {
         if id == self.me.id {
             return Some(self.me.native.clone());
         }
-        self.registered.borrow().get(&id).map(|info| info.native.clone())
+        self.state.borrow().registered().get(&id).map(|info| info.native.clone())
     }
 
     /// The controller leader's native address, for clients that must send topic changes there.
@@ -998,7 +1014,9 @@ impl Cluster {
                 writes.merge(job.writes);
                 waiting.push(job.persist);
             }
-            let written = glommio::executor().spawn_blocking(move || writes.write()).await;
+            let dir = self.log_dir.clone();
+            let written =
+                glommio::executor().spawn_blocking(move || writes.write_to(&mut DirFiles::new(dir))).await;
             if let Err(e) = written {
                 return self.fail(format!("cannot write the controller's log: {e}"));
             }

@@ -77,6 +77,7 @@ impl World {
                             group.tick();
                         }
                         self.drive(node);
+                        self.tick_controller(node);
                     }
                 }
             }
