@@ -44,7 +44,7 @@ use crate::shard::replicated::{LeaderView, ReplicaGate};
 use crate::shard::{Boxed, BrokerError, Shard, TopicView};
 use controller_log::{ControllerLog, PendingWrites};
 use links::{Outbox, PeerLinks};
-use replicas::{HostError, ReplicaHost};
+use replicas::{Compaction, HostError, ReplicaHost};
 use topics::{ReplicatedTopic, TopicCommand, Topics};
 pub use transport::NodeInfo;
 /// Ticks between two keepalives to every peer; a peer unheard for `ALIVE_TICKS` is down.
@@ -173,6 +173,10 @@ pub fn start(
         replicas.set_leader_balance(
             shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
         );
+        replicas.set_compaction(Compaction {
+            keep: shard.config.raft_compaction_keep_entries,
+            step: shard.config.raft_compaction_step_entries,
+        });
         Cluster {
             tick,
             topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone()),
