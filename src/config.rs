@@ -175,6 +175,14 @@ pub struct BrokerConfig {
     /// no heartbeats, no election timers, until a write, a message or a node's death wakes it
     /// (docs/replication.md, "Idle groups go quiet"). 0: groups never go quiet.
     pub raft_quiesce_after_ticks: u64,
+    /// Entries a replica keeps behind what it may forget (its Raft anchor, which bounds
+    /// retention): an in-sync follower this far behind still catches up from the log; further
+    /// behind, or out of the in-sync replicas, it is sent a snapshot (docs/replication.md, stop 18).
+    pub raft_compaction_keep_entries: u64,
+    /// A replica moves its anchor (one fsync'd state save) once this many more entries could be
+    /// forgotten. Retention cannot delete past the anchor, so a small topic with large segments
+    /// keeps up to this many entries more than its retention says.
+    pub raft_compaction_step_entries: u64,
 }
 
 /// Node ids of a cluster are below this: each node's producer ids carry its node id, so no two
@@ -245,6 +253,8 @@ impl Default for BrokerConfig {
             replica_lag_time_max_ms: 30_000,
             leader_balance_interval_ms: 300_000,
             raft_quiesce_after_ticks: 5,
+            raft_compaction_keep_entries: 1_000,
+            raft_compaction_step_entries: 4_000,
         }
     }
 }
@@ -420,6 +430,12 @@ impl BrokerConfig {
                 "replica_lag_time_max_ms",
                 format!("must be between 5 Raft ticks ({} ms) and 3600000", 5 * self.raft_tick_ms),
             );
+        }
+        if self.raft_compaction_step_entries == 0 || self.raft_compaction_step_entries > 100_000_000 {
+            return invalid("raft_compaction_step_entries", "must be between 1 and 100000000");
+        }
+        if self.raft_compaction_keep_entries > 100_000_000 {
+            return invalid("raft_compaction_keep_entries", "must be at most 100000000");
         }
         if self.raft_quiesce_after_ticks > 1_000_000 {
             return invalid("raft_quiesce_after_ticks", "must be at most 1000000 (0 keeps groups awake)");

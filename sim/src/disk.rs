@@ -253,6 +253,14 @@ impl SimDisk {
                     self.unsynced_saves.push((number, Saved { state, epochs }));
                     self.dir_syncs.push(number);
                 }
+                // The simulated replicas never compact (`World` keeps every entry), so no leader
+                // sends a snapshot: a restart here is a bug of the simulator's own.
+                LogWrite::RestartAt { state, .. } => {
+                    return Err(WriteError::Inconsistent(format!(
+                        "a log restart at offset {}, but the simulator never compacts",
+                        state.anchor.end_offset
+                    )));
+                }
             }
         }
         Ok(())

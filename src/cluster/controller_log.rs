@@ -419,6 +419,14 @@ impl ReplicaStore for ControllerLog {
             i => self.ends.get(usize::try_from(i - 1).ok()?).copied(),
         }
     }
+
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        // No controller log is ever compacted, so no leader sends one.
+        Err(StoreError::Io(format!(
+            "the controller's log takes no snapshots (one of entry {} arrived)",
+            snapshot.get_metadata().index
+        )))
+    }
 }
 
 #[cfg(test)]

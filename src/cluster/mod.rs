@@ -45,7 +45,7 @@ use crate::shard::replicated::{LeaderView, ReplicaGate};
 use crate::shard::{Boxed, BrokerError, Shard, TopicView};
 use controller_log::{ControllerLog, DirFiles, PendingWrites};
 use links::{Outbox, PeerLinks};
-use replicas::{HostError, ReplicaHost};
+use replicas::{Compaction, HostError, ReplicaHost};
 use state::{AppliedCommand, ControllerCommand, ControllerState, ReplicatedTopic, TopicChange, TopicCommand};
 use topics::Topics;
 pub use transport::NodeInfo;
@@ -170,6 +170,10 @@ pub fn start(
         replicas.set_leader_balance(
             shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
         );
+        replicas.set_compaction(Compaction {
+            keep: shard.config.raft_compaction_keep_entries,
+            step: shard.config.raft_compaction_step_entries,
+        });
         let state = Rc::new(RefCell::new(ControllerState::default()));
         Cluster {
             tick,

@@ -37,9 +37,9 @@ use crate::storage::{Partition, StorageError};
 /// When a replica forgets the oldest entries of its window (8 bytes of memory each).
 #[derive(Debug, Clone, Copy)]
 pub struct Compaction {
-    /// Entries kept behind what may be forgotten: what a voter that fell this far behind can
-    /// still be sent from the log. Further behind needs a copy of the log by offset (a
-    /// snapshot), not built yet, so a leader never forgets what a voter lacks.
+    /// Entries kept behind what may be forgotten: what an in-sync voter that fell this far
+    /// behind can still be sent from the log. Further behind, or out of the in-sync replicas,
+    /// it is sent a snapshot and restarts its log at the leader's anchor.
     pub keep: u64,
     /// Forgetting waits until this many more entries could go: one state save per that many.
     pub step: u64,
@@ -538,15 +538,18 @@ impl Published {
 }
 
 /// Forgets the oldest entries of the replica's window once enough are applied, which also lets
-/// retention delete the segments below them. A leader keeps everything some voter still lacks;
-/// a follower keeps `compaction.keep` behind what it applied, for the day it leads.
+/// retention delete the segments below them. A leader keeps everything an in-sync voter still
+/// lacks, but not what a voter out of the in-sync replicas lacks: a dead or long-lagging follower
+/// must not stop retention (Kafka and Redpanda do not let it); it is brought forward with a
+/// snapshot when it returns. A follower keeps `compaction.keep` behind what it applied, for the
+/// day it leads.
 async fn compact_if_due(
     replica: &mut PartitionReplica,
     compaction: Compaction,
 ) -> Result<(), crate::shard::replica::ReplicaError> {
     let group = replica.group();
     let applied = group.commit_index();
-    let limit = match group.lowest_match() {
+    let limit = match group.lowest_match_in_sync() {
         Some(lowest) => lowest.min(applied),
         None => applied,
     };

@@ -11,14 +11,17 @@
 //! its own term). Depends on raft-rs, `store`, `record` for stamping batches, and `rng`.
 
 use bytes::{Bytes, BytesMut};
+use std::collections::BTreeMap;
+
 use raft::eraftpb::{Entry, Message, MessageType};
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole};
 use thiserror::Error;
 
 use super::in_sync::InSyncTracker;
 use super::logging::raft_logger;
 use super::quiesce::{is_quiesce, Quiescence};
 use super::rng::SeededRng;
+use super::snapshot::{SnapshotData, SnapshotDataError};
 use super::store::{entry_offsets, ReplicaStore, StoreError};
 use crate::record::{self, BatchHeader};
 
@@ -79,8 +82,8 @@ pub enum GroupError {
     Raft { group: String, source: raft::Error },
     #[error("group {group}: {source}")]
     Store { group: String, source: StoreError },
-    #[error("group {group}: a peer sent a snapshot; catching up from a snapshot is not built yet")]
-    SnapshotUnsupported { group: String },
+    #[error("group {group}: a snapshot from node {from} is refused: {source}")]
+    BadSnapshot { group: String, from: u64, source: SnapshotDataError },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -164,7 +167,14 @@ pub struct RaftGroup<S: ReplicaStore> {
     in_sync: InSyncTracker,
     /// Whether the group is quiet (ticks ignored), and the quiesce heartbeats to send.
     quiescence: Quiescence,
+    /// On a leader, the tick at which each follower was first seen waiting for a snapshot.
+    snapshot_since: BTreeMap<u64, u64>,
 }
+
+/// Ticks, in election timeouts, a leader waits for a follower to take a snapshot before sending
+/// it again: a snapshot lost on the way (a dropped frame, a connection reset) would otherwise
+/// leave raft-rs waiting for an answer that never comes.
+const SNAPSHOT_RETRY_ELECTIONS: u64 = 3;
 
 fn role(state: StateRole) -> Role {
     match state {
@@ -212,6 +222,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             ticks: 0,
             in_sync: InSyncTracker::new(settings.in_sync_lag_ticks),
             quiescence: Quiescence::new(settings.quiesce_after_ticks),
+            snapshot_since: BTreeMap::new(),
             drawn_for: (raw.raft.term, raw.raft.state),
             name,
             raw,
@@ -252,15 +263,18 @@ impl<S: ReplicaStore> RaftGroup<S> {
         self.commit_index
     }
 
-    /// On a leader, the lowest index every voter is known to hold (its match index); `None` on a
-    /// follower. Entries above it may still be needed to bring a lagging voter up to date.
-    pub fn lowest_match(&self) -> Option<u64> {
+    /// On a leader, the lowest index every *in-sync* voter is known to hold; `None` on a
+    /// follower. What a leader may forget (and retention delete): a follower out of the in-sync
+    /// replicas (down, or behind for longer than the lag) does not hold it back, and is brought
+    /// forward with a snapshot if it returns behind the leader's log start.
+    pub fn lowest_match_in_sync(&self) -> Option<u64> {
         if self.raw.raft.state != StateRole::Leader {
             return None;
         }
         let me = self.raw.raft.id;
         let last = self.raw.raft.raft_log.last_index();
-        self.raw.raft.prs().iter().map(|(&id, pr)| if id == me { last } else { pr.matched }).min()
+        let held = self.raw.raft.prs().iter().filter(|(&id, _)| id == me || self.in_sync.in_sync(id));
+        held.map(|(&id, pr)| if id == me { last } else { pr.matched }).min()
     }
 
     /// The Kafka offset after the last committed entry: consumers read below it.
@@ -300,6 +314,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             let raft = &self.raw.raft;
             let matched = raft.prs().iter().map(|(&id, pr)| (id, pr.matched));
             self.in_sync.observe(self.ticks, raft.raft_log.last_index(), raft.raft_log.committed, matched);
+            self.retry_lost_snapshots();
         }
         // A leader with a follower out of sync stays awake: a quiet group's in-sync clock stands
         // still, so the follower would never be counted back in.
@@ -308,6 +323,34 @@ impl<S: ReplicaStore> RaftGroup<S> {
             || raft.prs().iter().all(|(&id, _)| id == raft.id || self.in_sync.in_sync(id));
         let idle = self.serving && self.persisting.is_none() && all_in_sync;
         self.quiescence.after_tick(&self.raw, idle, live);
+    }
+
+    /// A follower that has waited for its snapshot for `SNAPSHOT_RETRY_ELECTIONS` election
+    /// timeouts is reported failed to raft-rs, which probes it again and sends a new snapshot if
+    /// it still needs one.
+    fn retry_lost_snapshots(&mut self) {
+        let waiting: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        self.snapshot_since.retain(|id, _| waiting.contains(id));
+        let patience = SNAPSHOT_RETRY_ELECTIONS * self.settings.election_ticks as u64;
+        for id in waiting {
+            let since = *self.snapshot_since.entry(id).or_insert(self.ticks);
+            if self.ticks - since >= patience {
+                tracing::info!(
+                    group = self.name,
+                    follower = id,
+                    "replication: no answer to a snapshot; sending again"
+                );
+                self.snapshot_since.remove(&id);
+                self.raw.report_snapshot(id, SnapshotStatus::Failure);
+            }
+        }
     }
 
     /// The group is quiet: it ignores ticks until a proposal, a message or a node's death wakes it.
@@ -337,7 +380,11 @@ impl<S: ReplicaStore> RaftGroup<S> {
     /// comes from the network and must not stop the group.
     pub fn step(&mut self, mut message: Message) -> Result<(), GroupError> {
         if message.get_msg_type() == MessageType::MsgSnapshot {
-            return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
+            // Checked before raft-rs restores it: once restored, the log must be able to take it.
+            let snapshot = message.get_snapshot();
+            SnapshotData::decode(&snapshot.data, snapshot.get_metadata().index).map_err(|source| {
+                GroupError::BadSnapshot { group: self.name.clone(), from: message.from, source }
+            })?;
         }
         let (from, term, commit) = (message.from, message.term, message.commit);
         let quiesce = is_quiesce(&message);
@@ -497,14 +544,22 @@ impl<S: ReplicaStore> RaftGroup<S> {
         let mut ready = self.raw.ready();
         output.send = ready.take_messages();
         output.send.extend(quiesce);
-        if !ready.snapshot().is_empty() {
-            return Err(GroupError::SnapshotUnsupported { group: self.name.clone() });
+        let name = self.name.clone();
+        let store_error = |source| GroupError::Store { group: name.clone(), source };
+        let hard_state = ready.hs().cloned();
+        let restored = !ready.snapshot().is_empty();
+        if restored {
+            // The hard state first: the restart's state save carries its term and vote.
+            if let Some(hard_state) = &hard_state {
+                self.raw.mut_store().set_hard_state(hard_state).map_err(store_error)?;
+            }
+            let snapshot = ready.snapshot().clone();
+            self.raw.mut_store().apply_snapshot(&snapshot).map_err(store_error)?;
+            self.restored(snapshot.get_metadata().index)?;
         }
         let entries = ready.take_entries();
-        let store_error = |source| GroupError::Store { group: self.name.clone(), source };
         self.raw.mut_store().append(&entries).map_err(store_error)?;
-        let hard_state = ready.hs().cloned();
-        if let Some(hard_state) = &hard_state {
+        if let (Some(hard_state), false) = (&hard_state, restored) {
             self.raw.mut_store().set_hard_state(hard_state).map_err(store_error)?;
         }
         let committed = ready.take_committed_entries();
@@ -514,7 +569,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
         }
         let number = ready.number();
         self.raw.advance_append_async(ready);
-        if entries.is_empty() && hard_state.is_none() && self.persisting.is_none() {
+        if entries.is_empty() && hard_state.is_none() && !restored && self.persisting.is_none() {
             // Nothing written and nothing being written: what waits on persistence can go now.
             // (With a write in flight it waits for that write: an acknowledgement in this ready
             // may cover entries an earlier ready is still persisting.)
@@ -536,6 +591,21 @@ impl<S: ReplicaStore> RaftGroup<S> {
         }
         self.raw.on_persist_ready(number);
         self.after_raft_call();
+    }
+
+    /// A leader's snapshot of entry `index` replaced the log: everything up to it is committed
+    /// and, once the caller has carried out the store's restart, durable here.
+    fn restored(&mut self, index: u64) -> Result<(), GroupError> {
+        let end = self.raw.store().end_offset(index).ok_or_else(|| GroupError::Store {
+            group: self.name.clone(),
+            source: StoreError::IndexGap { index, last: self.commit_index },
+        })?;
+        // raft-rs restores only a snapshot past its commit.
+        assert!(index >= self.commit_index, "a snapshot took {} back to {index}", self.name);
+        assert!(end >= self.high_watermark, "a snapshot took {}'s high watermark back", self.name);
+        self.commit_index = index;
+        self.high_watermark = end;
+        Ok(())
     }
 
     fn apply(&mut self, committed: &[Entry]) -> Result<(), GroupError> {

@@ -18,8 +18,13 @@
 //! to apply) an entry not in memory is given *hollow* — index and term, no data — since applying
 //! needs no more.
 //!
+//! A follower whose log ends before its leader's first kept entry is sent a snapshot (`snapshot`:
+//! the leader's anchor, and `snapshot::SnapshotData`); applying it (`apply_snapshot`) makes the
+//! snapshot's entry the anchor, forgets the whole window and asks the caller to restart the
+//! partition log at the anchor's end offset (`LogWrite::RestartAt`).
+//!
 //! Owns the `raft.state` file format (plain std IO, to be run off the shard). Depends on
-//! `store`, `epochs`, `record`.
+//! `store`, `epochs`, `snapshot`, `record`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -31,13 +36,16 @@ use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use thiserror::Error;
 
 use super::epochs::{EpochStart, LeaderEpochs};
+use super::snapshot::SnapshotData;
 use super::store::{entry_offsets, initial_state_for, ReplicaStore, StoreError};
 use crate::record::builder::leader_change_batch;
 use crate::record::BatchHeader;
 
 pub const STATE_FILE: &str = "raft.state";
 const STATE_MAGIC: u32 = 0x524c_5253; // "RLRS"
-const STATE_VERSION: u32 = 1;
+/// Version 2 adds the flags word (`restart_pending`); version 1 files are read as without it.
+const STATE_VERSION: u32 = 2;
+const FLAG_RESTART_PENDING: u32 = 1;
 /// Far more voters than a replica set has; a count past it is damage.
 const VOTERS_MAX: usize = 64;
 
@@ -65,6 +73,10 @@ pub struct ReplicaState {
     pub vote: u64,
     pub voters: Vec<u64>,
     pub anchor: Anchor,
+    /// The partition log must be discarded and started again, empty, at `anchor.end_offset`:
+    /// set in the save before a snapshot's restart, cleared in the save after it, so a crash in
+    /// between finishes the restart on open (docs/replication.md, stop 18).
+    pub restart_pending: bool,
 }
 
 impl ReplicaState {
@@ -89,6 +101,8 @@ impl ReplicaState {
         for v in &self.voters {
             out.extend_from_slice(&v.to_be_bytes());
         }
+        let flags = if self.restart_pending { FLAG_RESTART_PENDING } else { 0 };
+        out.extend_from_slice(&flags.to_be_bytes());
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         out
@@ -106,8 +120,9 @@ impl ReplicaState {
         };
         let head = word("the header")?;
         let (magic, version) = head.split_at(4);
-        if magic != STATE_MAGIC.to_be_bytes() || version != STATE_VERSION.to_be_bytes() {
-            return Err(format!("not a version {STATE_VERSION} replica state"));
+        let version = u32::from_be_bytes([version[0], version[1], version[2], version[3]]);
+        if magic != STATE_MAGIC.to_be_bytes() || !(1..=STATE_VERSION).contains(&version) {
+            return Err(format!("not a version 1 to {STATE_VERSION} replica state"));
         }
         let term = u64::from_be_bytes(word("the term")?);
         let vote = u64::from_be_bytes(word("the vote")?);
@@ -117,17 +132,29 @@ impl ReplicaState {
         let rest = &body[48..];
         let count = rest.get(..4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize);
         let count = count.filter(|&n| n <= VOTERS_MAX).ok_or("no valid voter count")?;
-        let voters: Vec<u64> =
-            rest[4..].chunks(8).filter_map(|c| c.try_into().ok().map(u64::from_be_bytes)).collect();
-        if voters.len() != count || rest.len() != 4 + 8 * count {
+        let flags_len = if version >= 2 { 4 } else { 0 };
+        if rest.len() != 4 + 8 * count + flags_len {
             return Err(format!("{count} voters announced, {} bytes follow", rest.len() - 4));
+        }
+        let (voters, flags) = rest[4..].split_at(8 * count);
+        let voters: Vec<u64> =
+            voters.chunks(8).filter_map(|c| c.try_into().ok().map(u64::from_be_bytes)).collect();
+        let flags = flags.try_into().map_or(0, u32::from_be_bytes);
+        if flags & !FLAG_RESTART_PENDING != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
         }
         if end_offset < 0 || anchor_term > term {
             return Err(format!(
                 "anchor {index} of term {anchor_term} at offset {end_offset} in term {term}"
             ));
         }
-        Ok(ReplicaState { term, vote, voters, anchor: Anchor { index, term: anchor_term, end_offset } })
+        Ok(ReplicaState {
+            term,
+            vote,
+            voters,
+            anchor: Anchor { index, term: anchor_term, end_offset },
+            restart_pending: flags & FLAG_RESTART_PENDING != 0,
+        })
     }
 
     /// Reads `<dir>/raft.state`; `None` when the replica never saved one.
@@ -166,6 +193,12 @@ pub enum LogWrite {
     Append { first_index: u64, last_index: u64, end_offset: i64, batches: Vec<Bytes> },
     /// Save both files, epochs first (a newer epochs file than state is cut back on open).
     SaveState { state: ReplicaState, epochs: LeaderEpochs },
+    /// A leader's snapshot was applied: discard the whole partition log and start it again,
+    /// empty, at `state.anchor.end_offset`. In this order: save `epochs`, save `state` with
+    /// `restart_pending` set, restart the log (directory synced), save `state` as given (the
+    /// flag clear). A crash before the flagged save leaves the old log and state; after it, the
+    /// open restarts the log again before anything reads it.
+    RestartAt { state: ReplicaState, epochs: LeaderEpochs },
 }
 
 /// Entries raft-rs asked for that are not in memory: read batches `[base_offset, end_offset)`
@@ -356,13 +389,18 @@ impl ReplicaLog {
     }
 
     fn save_state(&mut self) {
-        let state = ReplicaState {
+        let state = self.state();
+        self.writes.push(LogWrite::SaveState { state, epochs: self.epochs.clone() });
+    }
+
+    fn state(&self) -> ReplicaState {
+        ReplicaState {
             term: self.hard_state.term,
             vote: self.hard_state.vote,
             voters: self.conf_state.voters.clone(),
             anchor: self.anchor,
-        };
-        self.writes.push(LogWrite::SaveState { state, epochs: self.epochs.clone() });
+            restart_pending: false,
+        }
     }
 
     fn term_of(&self, index: u64) -> Option<u64> {
@@ -465,9 +503,22 @@ impl raft::Storage for ReplicaLog {
         Ok(ReplicaLog::last_index(self))
     }
 
+    /// The anchor as a snapshot, for a follower that needs entries this log has forgotten: it
+    /// restarts its log at the anchor's end offset and takes the rest as appends.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // A follower behind the anchor needs the log copied by offset: not built yet.
-        Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
+        if self.anchor.index == 0 {
+            // Nothing forgotten: raft-rs never asks then, and refuses an empty snapshot.
+            return Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut epochs = self.epochs.clone();
+        epochs.truncate_from(self.anchor.index + 1);
+        let data = SnapshotData { start_offset: self.anchor.end_offset, epochs };
+        let mut snapshot = Snapshot { data: data.encode().into(), ..Default::default() };
+        let metadata = snapshot.mut_metadata();
+        metadata.index = self.anchor.index;
+        metadata.term = self.anchor.term;
+        metadata.set_conf_state(self.conf_state.clone());
+        Ok(snapshot)
     }
 }
 
@@ -550,6 +601,31 @@ impl ReplicaStore for ReplicaLog {
     fn end_offset(&self, index: u64) -> Option<i64> {
         self.end_of(index)
     }
+
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let metadata = snapshot.get_metadata();
+        let index = metadata.index;
+        let data = SnapshotData::decode(&snapshot.data, index).map_err(StoreError::Snapshot)?;
+        if index <= self.anchor.index {
+            return Err(StoreError::Io(format!(
+                "a snapshot of entry {index} does not pass the anchor {}",
+                self.anchor.index
+            )));
+        }
+        self.anchor = Anchor { index, term: metadata.term, end_offset: data.start_offset };
+        self.ends.clear();
+        self.recent.clear();
+        self.recent_bytes = 0;
+        self.fetched.clear();
+        self.fetched_bytes = 0;
+        self.fetches.get_mut().clear();
+        self.epochs = data.epochs;
+        self.conf_state = metadata.get_conf_state().clone();
+        self.hard_state.commit = self.hard_state.commit.max(index);
+        let state = self.state();
+        self.writes.push(LogWrite::RestartAt { state, epochs: self.epochs.clone() });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -597,6 +673,7 @@ mod tests {
                         self.state = Some(state);
                         self.epochs = epochs;
                     }
+                    LogWrite::RestartAt { .. } => panic!("these tests never compact past a follower"),
                 }
             }
         }
@@ -852,9 +929,19 @@ mod tests {
             vote: 2,
             voters: vec![1, 2, 3],
             anchor: Anchor { index: 40, term: 7, end_offset: 1234 },
+            restart_pending: true,
         };
         state.store(dir.path()).unwrap();
         assert_eq!(ReplicaState::load(dir.path()).ok(), Some(Some(state.clone())));
+        // A version 1 file (no flags word) still reads, without a restart pending.
+        let mut v1 = state.encode();
+        v1.truncate(v1.len() - 8);
+        v1[4..8].copy_from_slice(&1u32.to_be_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_be_bytes());
+        std::fs::write(dir.path().join(STATE_FILE), &v1).unwrap();
+        let read = ReplicaState::load(dir.path()).unwrap().unwrap();
+        assert_eq!(read, ReplicaState { restart_pending: false, ..state.clone() });
         let good = state.encode();
         let mut flipped = good.clone();
         flipped[20] ^= 1;

@@ -257,6 +257,165 @@ impl<'a> GroupKey {
 
 }
 
+// struct EpochStart, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct EpochStart(pub [u8; 24]);
+impl Default for EpochStart { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for EpochStart {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("EpochStart")
+      .field("epoch", &self.epoch())
+      .field("start_offset", &self.start_offset())
+      .field("start_index", &self.start_index())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for EpochStart {}
+impl<'a> ::flatbuffers::Follow<'a> for EpochStart {
+  type Inner = &'a EpochStart;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a EpochStart>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a EpochStart {
+  type Inner = &'a EpochStart;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<EpochStart>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for EpochStart {
+    type Output = EpochStart;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const EpochStart as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for EpochStart {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> EpochStart {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    epoch: u64,
+    start_offset: i64,
+    start_index: u64,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_epoch(epoch);
+    s.set_start_offset(start_offset);
+    s.set_start_index(start_index);
+    s
+  }
+
+  pub fn epoch(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_epoch(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn start_offset(&self) -> i64 {
+    let mut mem = ::core::mem::MaybeUninit::<<i64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_start_offset(&mut self, x: i64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn start_index(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_start_index(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 // struct Beat, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
@@ -580,6 +739,334 @@ impl ::core::fmt::Debug for Entry<'_> {
       ds.finish()
   }
 }
+pub enum SnapshotDataOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SnapshotData<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SnapshotData<'a> {
+  type Inner = SnapshotData<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SnapshotData<'a> {
+  pub const VT_START_OFFSET: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SnapshotData { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SnapshotDataArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SnapshotData<'bldr>> {
+    let mut builder = SnapshotDataBuilder::new(_fbb);
+    builder.add_start_offset(args.start_offset);
+    if let Some(x) = args.epochs { builder.add_epochs(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn start_offset(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(SnapshotData::VT_START_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn epochs(&self) -> Option<::flatbuffers::Vector<'a, EpochStart>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochStart>>>(SnapshotData::VT_EPOCHS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SnapshotData<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i64>("start_offset", Self::VT_START_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochStart>>>("epochs", Self::VT_EPOCHS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SnapshotDataArgs<'a> {
+    pub start_offset: i64,
+    pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochStart>>>,
+}
+impl<'a> Default for SnapshotDataArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SnapshotDataArgs {
+      start_offset: 0,
+      epochs: None,
+    }
+  }
+}
+
+pub struct SnapshotDataBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotDataBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_start_offset(&mut self, start_offset: i64) {
+    self.fbb_.push_slot::<i64>(SnapshotData::VT_START_OFFSET, start_offset, 0);
+  }
+  #[inline]
+  pub fn add_epochs(&mut self, epochs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , EpochStart>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotData::VT_EPOCHS, epochs);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotDataBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SnapshotDataBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SnapshotData<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SnapshotData<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SnapshotData");
+      ds.field("start_offset", &self.start_offset());
+      ds.field("epochs", &self.epochs());
+      ds.finish()
+  }
+}
+pub enum SnapshotOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Snapshot<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Snapshot<'a> {
+  type Inner = Snapshot<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Snapshot<'a> {
+  pub const VT_INDEX: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TERM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_VOTERS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LEARNERS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_VOTERS_OUTGOING: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEARNERS_NEXT: ::flatbuffers::VOffsetT = 14;
+  pub const VT_AUTO_LEAVE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_DATA: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Snapshot { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SnapshotArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Snapshot<'bldr>> {
+    let mut builder = SnapshotBuilder::new(_fbb);
+    builder.add_term(args.term);
+    builder.add_index(args.index);
+    if let Some(x) = args.data { builder.add_data(x); }
+    if let Some(x) = args.learners_next { builder.add_learners_next(x); }
+    if let Some(x) = args.voters_outgoing { builder.add_voters_outgoing(x); }
+    if let Some(x) = args.learners { builder.add_learners(x); }
+    if let Some(x) = args.voters { builder.add_voters(x); }
+    builder.add_auto_leave(args.auto_leave);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn index(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Snapshot::VT_INDEX, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn term(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Snapshot::VT_TERM, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn voters(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Snapshot::VT_VOTERS, None)}
+  }
+  #[inline]
+  pub fn learners(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Snapshot::VT_LEARNERS, None)}
+  }
+  #[inline]
+  pub fn voters_outgoing(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Snapshot::VT_VOTERS_OUTGOING, None)}
+  }
+  #[inline]
+  pub fn learners_next(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Snapshot::VT_LEARNERS_NEXT, None)}
+  }
+  #[inline]
+  pub fn auto_leave(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Snapshot::VT_AUTO_LEAVE, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn data(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Snapshot::VT_DATA, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Snapshot<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("index", Self::VT_INDEX, false)?
+     .visit_field::<u64>("term", Self::VT_TERM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("voters", Self::VT_VOTERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("learners", Self::VT_LEARNERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("voters_outgoing", Self::VT_VOTERS_OUTGOING, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("learners_next", Self::VT_LEARNERS_NEXT, false)?
+     .visit_field::<bool>("auto_leave", Self::VT_AUTO_LEAVE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("data", Self::VT_DATA, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SnapshotArgs<'a> {
+    pub index: u64,
+    pub term: u64,
+    pub voters: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub learners: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub voters_outgoing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub learners_next: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub auto_leave: bool,
+    pub data: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for SnapshotArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SnapshotArgs {
+      index: 0,
+      term: 0,
+      voters: None,
+      learners: None,
+      voters_outgoing: None,
+      learners_next: None,
+      auto_leave: false,
+      data: None,
+    }
+  }
+}
+
+pub struct SnapshotBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_index(&mut self, index: u64) {
+    self.fbb_.push_slot::<u64>(Snapshot::VT_INDEX, index, 0);
+  }
+  #[inline]
+  pub fn add_term(&mut self, term: u64) {
+    self.fbb_.push_slot::<u64>(Snapshot::VT_TERM, term, 0);
+  }
+  #[inline]
+  pub fn add_voters(&mut self, voters: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_VOTERS, voters);
+  }
+  #[inline]
+  pub fn add_learners(&mut self, learners: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_LEARNERS, learners);
+  }
+  #[inline]
+  pub fn add_voters_outgoing(&mut self, voters_outgoing: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_VOTERS_OUTGOING, voters_outgoing);
+  }
+  #[inline]
+  pub fn add_learners_next(&mut self, learners_next: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_LEARNERS_NEXT, learners_next);
+  }
+  #[inline]
+  pub fn add_auto_leave(&mut self, auto_leave: bool) {
+    self.fbb_.push_slot::<bool>(Snapshot::VT_AUTO_LEAVE, auto_leave, false);
+  }
+  #[inline]
+  pub fn add_data(&mut self, data: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Snapshot::VT_DATA, data);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SnapshotBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Snapshot<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Snapshot<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Snapshot");
+      ds.field("index", &self.index());
+      ds.field("term", &self.term());
+      ds.field("voters", &self.voters());
+      ds.field("learners", &self.learners());
+      ds.field("voters_outgoing", &self.voters_outgoing());
+      ds.field("learners_next", &self.learners_next());
+      ds.field("auto_leave", &self.auto_leave());
+      ds.field("data", &self.data());
+      ds.finish()
+  }
+}
 pub enum RaftMessageOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -611,6 +1098,7 @@ impl<'a> RaftMessage<'a> {
   pub const VT_REJECT_HINT: ::flatbuffers::VOffsetT = 28;
   pub const VT_CONTEXT: ::flatbuffers::VOffsetT = 30;
   pub const VT_PRIORITY: ::flatbuffers::VOffsetT = 32;
+  pub const VT_SNAPSHOT: ::flatbuffers::VOffsetT = 34;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -632,6 +1120,7 @@ impl<'a> RaftMessage<'a> {
     builder.add_term(args.term);
     builder.add_from(args.from);
     builder.add_to(args.to);
+    if let Some(x) = args.snapshot { builder.add_snapshot(x); }
     if let Some(x) = args.context { builder.add_context(x); }
     if let Some(x) = args.entries { builder.add_entries(x); }
     if let Some(x) = args.group { builder.add_group(x); }
@@ -746,6 +1235,13 @@ impl<'a> RaftMessage<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(RaftMessage::VT_PRIORITY, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn snapshot(&self) -> Option<Snapshot<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Snapshot>>(RaftMessage::VT_SNAPSHOT, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RaftMessage<'_> {
@@ -769,6 +1265,7 @@ impl ::flatbuffers::Verifiable for RaftMessage<'_> {
      .visit_field::<u64>("reject_hint", Self::VT_REJECT_HINT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("context", Self::VT_CONTEXT, false)?
      .visit_field::<i64>("priority", Self::VT_PRIORITY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Snapshot>>("snapshot", Self::VT_SNAPSHOT, false)?
      .finish();
     Ok(())
   }
@@ -789,6 +1286,7 @@ pub struct RaftMessageArgs<'a> {
     pub reject_hint: u64,
     pub context: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub priority: i64,
+    pub snapshot: Option<::flatbuffers::WIPOffset<Snapshot<'a>>>,
 }
 impl<'a> Default for RaftMessageArgs<'a> {
   #[inline]
@@ -809,6 +1307,7 @@ impl<'a> Default for RaftMessageArgs<'a> {
       reject_hint: 0,
       context: None,
       priority: 0,
+      snapshot: None,
     }
   }
 }
@@ -879,6 +1378,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RaftMessageBuilder<'a, 'b, A>
     self.fbb_.push_slot::<i64>(RaftMessage::VT_PRIORITY, priority, 0);
   }
   #[inline]
+  pub fn add_snapshot(&mut self, snapshot: ::flatbuffers::WIPOffset<Snapshot<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Snapshot>>(RaftMessage::VT_SNAPSHOT, snapshot);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RaftMessageBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RaftMessageBuilder {
@@ -911,6 +1414,7 @@ impl ::core::fmt::Debug for RaftMessage<'_> {
       ds.field("reject_hint", &self.reject_hint());
       ds.field("context", &self.context());
       ds.field("priority", &self.priority());
+      ds.field("snapshot", &self.snapshot());
       ds.finish()
   }
 }

@@ -20,6 +20,8 @@ pub enum StoreError {
     IndexGap { index: u64, last: u64 },
     #[error("replica log: {0}")]
     Io(String),
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotDataError),
 }
 
 /// The Kafka offsets one entry occupies: `(base, count)`; an entry without a batch takes one
@@ -116,4 +118,8 @@ pub trait ReplicaStore: raft::Storage {
 
     /// The Kafka offset after the entry at `index` (for `first_index() - 1`, the log start).
     fn end_offset(&self, index: u64) -> Option<i64>;
+
+    /// Takes a leader's snapshot (raft-rs restored it): the snapshot's entry becomes the last
+    /// forgotten one and the log holds nothing after it.
+    fn apply_snapshot(&mut self, snapshot: &raft::eraftpb::Snapshot) -> Result<(), StoreError>;
 }

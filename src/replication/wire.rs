@@ -3,15 +3,17 @@
 //! groups the pair shares coalesced into fixed-size beats, in keepalives the sender's report of
 //! the partitions it leads whose in-sync replicas are short or that a node holds no replica of,
 //! and topic changes a node hands to the controller's leader. raft-rs's protobuf types are
-//! built and read field by field here: protobuf never parses bytes from the network.
+//! built and read field by field here: protobuf never parses bytes from the network. A snapshot's
+//! data (`snapshot::SnapshotData`) is verified here, before any replica sees it.
 //!
-//! Depends on the generated code, raft-rs's message types and `bytes`; no IO.
+//! Depends on the generated code, raft-rs's message types, `snapshot` and `bytes`; no IO.
 
 use bytes::{Buf, Bytes};
-use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use thiserror::Error;
 
 use super::replication_generated::ringlog::replication as fb;
+use super::snapshot::{SnapshotData, SnapshotDataError};
 
 /// Bytes before the header in a frame: frame length and header length.
 pub const FRAME_PREFIX: usize = 8;
@@ -30,8 +32,10 @@ pub enum WireError {
     DataOutOfBounds { offset: u64, len: u32, payload: usize },
     #[error("peer frame from node {from_node} to node {to_node}: message {index} claims to be from {from} to {to}")]
     Misaddressed { index: usize, from_node: u64, to_node: u64, from: u64, to: u64 },
-    #[error("peer frame: message {index} carries a snapshot, which this protocol version does not")]
-    SnapshotUnsupported { index: usize },
+    #[error("peer frame: message {index} is a snapshot without one")]
+    MissingSnapshot { index: usize },
+    #[error("peer frame: message {index} carries a snapshot whose data is refused: {source}")]
+    BadSnapshot { index: usize, source: SnapshotDataError },
     #[error("peer frame: in-sync report {index} has no group")]
     ReportWithoutGroup { index: usize },
 }
@@ -135,8 +139,7 @@ fn entry_kind(entry_type: EntryType) -> fb::EntryKind {
 }
 
 /// Encodes `batch`. Messages' `from` and `to` must be the batch's nodes (a replica's id is its
-/// node's id; `decode` refuses anything else). Snapshot messages are refused by the group before
-/// they get here.
+/// node's id; `decode` refuses anything else).
 pub fn encode(batch: &PeerBatch) -> EncodedFrame {
     let mut fbb = flatbuffers::FlatBufferBuilder::with_capacity(256);
     let mut payload = Vec::new();
@@ -145,7 +148,6 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
     let mut responses = Vec::new();
     let mut messages = Vec::new();
     for (group, m) in &batch.messages {
-        debug_assert!(!m.has_snapshot());
         if is_plain_beat(m) {
             let beat = fb::Beat::new(&group.to_fb(), m.term, m.commit);
             match m.get_msg_type() {
@@ -179,6 +181,7 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
             .collect();
         let entries = (!entries.is_empty()).then(|| fbb.create_vector(&entries));
         let context = (!m.context.is_empty()).then(|| fbb.create_vector(&m.context));
+        let snapshot = m.has_snapshot().then(|| encode_snapshot(&mut fbb, m.get_snapshot()));
         let key = group.to_fb();
         messages.push(fb::RaftMessage::create(
             &mut fbb,
@@ -198,6 +201,7 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
                 reject_hint: m.reject_hint,
                 context,
                 priority: m.priority,
+                snapshot,
             },
         ));
     }
@@ -251,6 +255,55 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
     EncodedFrame { head, payload }
 }
 
+fn encode_snapshot<'a>(
+    fbb: &mut flatbuffers::FlatBufferBuilder<'a>,
+    snapshot: &Snapshot,
+) -> flatbuffers::WIPOffset<fb::Snapshot<'a>> {
+    let metadata = snapshot.get_metadata();
+    let conf = metadata.get_conf_state();
+    let voters = fbb.create_vector(&conf.voters);
+    let learners = fbb.create_vector(&conf.learners);
+    let voters_outgoing = fbb.create_vector(&conf.voters_outgoing);
+    let learners_next = fbb.create_vector(&conf.learners_next);
+    let data = fbb.create_vector(&snapshot.data);
+    fb::Snapshot::create(
+        fbb,
+        &fb::SnapshotArgs {
+            index: metadata.index,
+            term: metadata.term,
+            voters: Some(voters),
+            learners: Some(learners),
+            voters_outgoing: Some(voters_outgoing),
+            learners_next: Some(learners_next),
+            auto_leave: conf.auto_leave,
+            data: Some(data),
+        },
+    )
+}
+
+/// raft-rs's snapshot from its frame, its data verified (`SnapshotData::decode`).
+fn decode_snapshot(index: usize, snapshot: fb::Snapshot) -> Result<Snapshot, WireError> {
+    let ids =
+        |list: Option<flatbuffers::Vector<'_, u64>>| list.map(|l| l.iter().collect()).unwrap_or_default();
+    let data = snapshot.data().map(|d| d.bytes()).unwrap_or_default();
+    SnapshotData::decode(data, snapshot.index())
+        .map_err(|source| WireError::BadSnapshot { index, source })?;
+    let conf_state = ConfState {
+        voters: ids(snapshot.voters()),
+        learners: ids(snapshot.learners()),
+        voters_outgoing: ids(snapshot.voters_outgoing()),
+        learners_next: ids(snapshot.learners_next()),
+        auto_leave: snapshot.auto_leave(),
+        ..Default::default()
+    };
+    let mut out = Snapshot { data: Bytes::copy_from_slice(data), ..Default::default() };
+    let metadata = out.mut_metadata();
+    metadata.index = snapshot.index();
+    metadata.term = snapshot.term();
+    metadata.set_conf_state(conf_state);
+    Ok(out)
+}
+
 /// The message types that travel between replicas; the rest are local to a node (ticks, status
 /// reports), and a peer that sends one is refused.
 fn peer_message_type(number: u8) -> Option<MessageType> {
@@ -269,6 +322,7 @@ fn peer_message_type(number: u8) -> Option<MessageType> {
         MsgReadIndexResp,
         MsgRequestPreVote,
         MsgRequestPreVoteResponse,
+        MsgSnapshot,
     ];
     known.into_iter().find(|&t| t as u8 == number)
 }
@@ -333,9 +387,6 @@ pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
         batch.messages.push(beat_message(MessageType::MsgHeartbeatResponse, beat, from, to));
     }
     for (index, m) in root.messages().iter().flatten().enumerate() {
-        if m.msg_type() == MessageType::MsgSnapshot as u8 {
-            return Err(WireError::SnapshotUnsupported { index });
-        }
         let msg_type = peer_message_type(m.msg_type())
             .ok_or(WireError::UnknownMessageType { index, msg_type: m.msg_type() })?;
         let group = m.group().ok_or(WireError::MissingGroup { index })?;
@@ -385,6 +436,10 @@ pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
             entries.push(entry);
         }
         message.set_entries(entries.into());
+        if msg_type == MessageType::MsgSnapshot {
+            let snapshot = m.snapshot().ok_or(WireError::MissingSnapshot { index })?;
+            message.set_snapshot(decode_snapshot(index, snapshot)?);
+        }
         batch.messages.push((GroupKey::from_fb(group), message));
     }
     Ok(batch)
@@ -441,6 +496,47 @@ mod tests {
         expected.sort_by_key(|(g, m)| (*g, m.get_msg_type() as i32, m.commit));
         got.sort_by_key(|(g, m)| (*g, m.get_msg_type() as i32, m.commit));
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_snapshot_travels_field_for_field_and_bad_data_is_refused() {
+        use crate::replication::epochs::{EpochStart, LeaderEpochs};
+        let mut epochs = LeaderEpochs::default();
+        epochs.assign(EpochStart { epoch: 2, start_offset: 0, start_index: 1 });
+        epochs.assign(EpochStart { epoch: 5, start_offset: 300, start_index: 40 });
+        let data = SnapshotData { start_offset: 700, epochs };
+        let mut snapshot = Snapshot { data: data.encode().into(), ..Default::default() };
+        snapshot.mut_metadata().index = 90;
+        snapshot.mut_metadata().term = 5;
+        snapshot.mut_metadata().set_conf_state(ConfState { voters: vec![1, 2, 3], ..Default::default() });
+        let mut m = message(MessageType::MsgSnapshot, 6);
+        m.set_snapshot(snapshot.clone());
+        let batch = PeerBatch {
+            from_node: 1,
+            to_node: 2,
+            messages: vec![(GroupKey::CONTROLLER, m.clone())],
+            ..PeerBatch::default()
+        };
+        let decoded = decode(Bytes::from(encode(&batch).to_vec())).unwrap();
+        assert_eq!(decoded.messages, vec![(GroupKey::CONTROLLER, m.clone())]);
+        assert_eq!(SnapshotData::decode(&decoded.messages[0].1.get_snapshot().data, 90).unwrap(), data);
+
+        // Data that does not decode, or that names an epoch past the snapshot, is refused here.
+        for bad in [Bytes::from_static(b"not a flatbuffer"), data.encode().into()] {
+            let mut damaged = m.clone();
+            damaged.mut_snapshot().data = bad.clone();
+            if bad.len() > 20 {
+                damaged.mut_snapshot().mut_metadata().index = 10;
+            }
+            let batch = PeerBatch {
+                from_node: 1,
+                to_node: 2,
+                messages: vec![(GroupKey::CONTROLLER, damaged)],
+                ..PeerBatch::default()
+            };
+            let err = decode(Bytes::from(encode(&batch).to_vec())).err();
+            assert!(matches!(err, Some(WireError::BadSnapshot { index: 0, .. })), "{err:?}");
+        }
     }
 
     #[test]

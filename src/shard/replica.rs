@@ -92,7 +92,28 @@ impl PartitionReplica {
             Ok(Err(Files::Epochs(source))) => return Err(ReplicaError::Epochs { name, source }),
             Err(detail) => return Err(ReplicaError::Blocking { name, detail }),
         };
-        let state = state.unwrap_or_else(|| ReplicaState::new(voters, partition.log_start_offset()));
+        let mut state = state.unwrap_or_else(|| ReplicaState::new(voters, partition.log_start_offset()));
+        if state.restart_pending {
+            // A crash interrupted the restart from a leader's snapshot: finish it before anything
+            // reads the log (the scan below starts at the anchor's end offset).
+            tracing::info!(
+                replica = name,
+                offset = state.anchor.end_offset,
+                "replication: finishing a log restart from a snapshot"
+            );
+            partition
+                .restart_at(state.anchor.end_offset)
+                .await
+                .map_err(|source| ReplicaError::Storage { name: name.clone(), source })?;
+            state.restart_pending = false;
+            let dir = partition.dir().to_path_buf();
+            let saved = state.clone();
+            match blocking::run(move || saved.store(&dir)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => return Err(ReplicaError::StateFile { name, source }),
+                Err(detail) => return Err(ReplicaError::Blocking { name, detail }),
+            }
+        }
         let tail = scan(&name, &partition, state.anchor.end_offset).await?;
         let log = ReplicaLog::open(state, epochs, tail, cache)
             .map_err(|source| ReplicaError::Open { name: name.clone(), source })?;
@@ -191,21 +212,26 @@ impl PartitionReplica {
                 }
                 LogWrite::SaveState { state, epochs } => {
                     let anchor_end = state.anchor.end_offset;
-                    let dir = self.partition.dir().to_path_buf();
-                    let saved = blocking::run(move || {
-                        epochs.store(&dir).map_err(Files::Epochs)?;
-                        state.store(&dir).map_err(Files::State)
-                    })
-                    .await;
-                    let name = self.name.clone();
-                    match saved {
-                        Ok(Ok(())) => self.partition.keep_from(anchor_end),
-                        Ok(Err(Files::State(source))) => {
-                            return Err(ReplicaError::StateFile { name, source })
-                        }
-                        Ok(Err(Files::Epochs(source))) => return Err(ReplicaError::Epochs { name, source }),
-                        Err(detail) => return Err(ReplicaError::Blocking { name, detail }),
-                    }
+                    self.save(Some(epochs), state).await?;
+                    self.partition.keep_from(anchor_end);
+                }
+                LogWrite::RestartAt { state, epochs } => {
+                    // The flagged save is the point of no return: from there a crash finishes
+                    // the restart on open. Before it, the old log and state stand (a newer
+                    // epochs file is cut back to the old anchor on open).
+                    let offset = state.anchor.end_offset;
+                    tracing::info!(
+                        replica = self.name,
+                        offset,
+                        index = state.anchor.index,
+                        "replication: log restarted from the leader's snapshot"
+                    );
+                    let flagged = ReplicaState { restart_pending: true, ..state.clone() };
+                    self.save(Some(epochs), flagged).await?;
+                    self.partition.restart_at(offset).await.map_err(|source| self.storage(source))?;
+                    self.save(None, state).await?;
+                    // Durable (the directory was synced): what depends on it may be acknowledged.
+                    durable_through = None;
                 }
             }
         }
@@ -213,6 +239,25 @@ impl PartitionReplica {
             self.partition.wait_durable(last_offset).await.map_err(|source| self.storage(source))?;
         }
         Ok(())
+    }
+
+    /// Saves `epochs` (when given), then `state`, each atomically and durably.
+    async fn save(&self, epochs: Option<LeaderEpochs>, state: ReplicaState) -> Result<(), ReplicaError> {
+        let dir = self.partition.dir().to_path_buf();
+        let saved = blocking::run(move || {
+            if let Some(epochs) = epochs {
+                epochs.store(&dir).map_err(Files::Epochs)?;
+            }
+            state.store(&dir).map_err(Files::State)
+        })
+        .await;
+        let name = self.name.clone();
+        match saved {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Files::State(source))) => Err(ReplicaError::StateFile { name, source }),
+            Ok(Err(Files::Epochs(source))) => Err(ReplicaError::Epochs { name, source }),
+            Err(detail) => Err(ReplicaError::Blocking { name, detail }),
+        }
     }
 
     /// Whole batches `[from, end)` of the log, at most about `max_bytes` (at least one).
@@ -635,6 +680,117 @@ mod tests {
             let leader = cluster.committed(1).await;
             let follower = cluster.committed(3).await;
             assert_eq!(leader[leader.len() - follower.len()..], follower[..]);
+        });
+    }
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+
+    /// Cuts node 3 off, writes 40 batches, and lets the leader (node 1) forget all but 2 entries
+    /// and retention delete the segments below its anchor: node 3's log ends before the leader's
+    /// log start. Returns node 3's log end before the cut.
+    async fn leave_node_3_behind(cluster: &mut Cluster) -> i64 {
+        cluster.elect(1).await;
+        for i in 0..5 {
+            cluster.replica(1).group().propose(batch(2, &format!("kept{i}"))).unwrap();
+            cluster.settle().await;
+        }
+        cluster.cut.insert(3);
+        let behind = cluster.replica(3).partition().log_end_offset();
+        for i in 0..40 {
+            cluster.replica(1).group().propose(batch(2, &format!("gone{i}"))).unwrap();
+            cluster.settle().await;
+        }
+        cluster.replica(1).compact(2).await.unwrap();
+        let leader = cluster.replica(1).partition().clone();
+        leader.housekeep(now_ms()).await.unwrap();
+        assert!(leader.log_start_offset() > behind, "retention deleted what node 3 lacks");
+        behind
+    }
+
+    /// The committed batches of `id` equal the leader's (node 1) from `id`'s log start on.
+    async fn assert_same_from_start(cluster: &mut Cluster, id: u64) {
+        let start = cluster.replica(id).partition().log_start_offset();
+        let leader: Vec<Bytes> = cluster
+            .committed(1)
+            .await
+            .into_iter()
+            .filter(|b| BatchHeader::parse(b).unwrap().base_offset >= start)
+            .collect();
+        assert!(!leader.is_empty());
+        assert_eq!(cluster.committed(id).await, leader, "replica {id} from offset {start}");
+        assert_eq!(
+            cluster.replica(id).partition().high_watermark(),
+            cluster.replica(1).partition().high_watermark()
+        );
+    }
+
+    #[test]
+    fn a_follower_behind_the_leaders_log_start_restarts_its_log_from_a_snapshot() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            let behind = leave_node_3_behind(&mut cluster).await;
+            let anchor = cluster.replica(1).group().store().anchor();
+            cluster.cut.clear();
+            // Heartbeats find node 3 behind the leader's first entry: a snapshot, then appends.
+            cluster.tick(1, 10).await;
+            let follower = cluster.replica(3).partition().clone();
+            assert!(behind < anchor.end_offset);
+            assert_eq!(follower.log_start_offset(), anchor.end_offset, "the log restarted at the anchor");
+            assert_eq!(cluster.replica(3).group().store().anchor(), anchor);
+            assert_eq!(cluster.replica(3).group().store().epochs().term_at(anchor.index), Some(anchor.term));
+            assert_same_from_start(&mut cluster, 3).await;
+            // Nothing of the old log is left on disk below the new start.
+            let dir = tmp.path().join("node3/t/0");
+            let bases: Vec<i64> = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.unwrap().file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+                .collect();
+            assert!(bases.iter().all(|&b| b >= anchor.end_offset), "segments {bases:?}");
+
+            // It keeps up, and reopens at its new start after a crash.
+            cluster.replica(1).group().propose(batch(3, "after")).unwrap();
+            cluster.settle().await;
+            assert_same_from_start(&mut cluster, 3).await;
+            cluster.crash_and_restart(3).await;
+            assert_eq!(cluster.replica(3).partition().log_start_offset(), anchor.end_offset);
+            cluster.replica(1).group().propose(batch(1, "after-restart")).unwrap();
+            cluster.settle().await;
+            assert_same_from_start(&mut cluster, 3).await;
+        });
+    }
+
+    #[test]
+    fn a_crash_after_the_flagged_state_save_finishes_the_restart_on_open() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            let behind = leave_node_3_behind(&mut cluster).await;
+            let anchor = cluster.replica(1).group().store().anchor();
+            // Node 3 crashes right after the restart's flagged save, before its log was touched:
+            // the leader's epochs and anchor are saved, the old log is still there.
+            let saved = cluster.replica(3).group().store().anchor();
+            cluster.replicas[2] = None;
+            let dir = tmp.path().join("node3/t/0");
+            let old = ReplicaState::load(&dir).unwrap().unwrap();
+            assert_eq!(old.anchor, saved);
+            let mut epochs = cluster.replica(1).group().store().epochs().clone();
+            epochs.truncate_from(anchor.index + 1);
+            epochs.store(&dir).unwrap();
+            ReplicaState { anchor, restart_pending: true, ..old }.store(&dir).unwrap();
+
+            cluster.replicas[2] = Some(open_replica(tmp.path(), 3, CacheLimits::default()).await);
+            let follower = cluster.replica(3).partition().clone();
+            assert_eq!(follower.log_start_offset(), anchor.end_offset);
+            assert_eq!(follower.log_end_offset(), anchor.end_offset, "the old log is gone");
+            assert!(behind < anchor.end_offset);
+            assert!(!ReplicaState::load(&dir).unwrap().unwrap().restart_pending, "the flag is cleared");
+            // It catches up by appends (the leader still has every entry after its anchor).
+            cluster.cut.clear();
+            cluster.tick(1, 10).await;
+            assert_same_from_start(&mut cluster, 3).await;
         });
     }
 

@@ -1,16 +1,21 @@
 //! Housekeeping: the roll by age, retention's deletes of whole sealed segments (files unlinked
 //! off the shard, cached batches evicted a slice at a time) and `truncate_to`, which cuts the log
-//! on disk, in the caches, indexes and producer state. Only whole segments whose seal finished are
-//! ever deleted.
+//! on disk, in the caches, indexes and producer state, and `restart_at`, which discards the whole
+//! log for a replica brought forward by its leader's snapshot. Only whole segments whose seal
+//! finished are ever deleted by retention.
 
 use std::path::Path;
 use std::rc::Rc;
 
 use super::append::Chunk;
 use super::recovery::{read_carry, recover_producer_state, remove_snapshots_after};
-use super::{active, remove_segment_files, sync_dir, Carry, Job, Partition, State, RECOVERY_BATCH_BYTES_MAX};
+use super::{
+    active, create_segment_file, remove_segment_files, sync_dir, Carry, Job, Partition, State,
+    RECOVERY_BATCH_BYTES_MAX,
+};
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
+use crate::storage::producer_state::ProducerStates;
 use crate::storage::retention::{segments_to_delete, RetentionInput};
 use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment};
 use crate::storage::{Durability, HousekeepReport, StorageError, Visibility};
@@ -209,6 +214,47 @@ impl Partition {
         }
         self.touch();
         self.state.borrow_mut().truncating = true;
+        self.wait_drained().await;
+        let result = self.truncate_drained(offset.max(self.log_start_offset.get())).await;
+        self.state.borrow_mut().truncating = false;
+        self.progress.notify_all();
+        result
+    }
+
+    /// Discards the whole log and starts it again, empty, at `offset` (Kafka's
+    /// `truncateFullyAndStartAt`): a replica brought forward by its leader's snapshot, whose log
+    /// ends before the leader's first kept entry. Every segment, index and producer-state snapshot
+    /// is unlinked (oldest first), a new empty active segment is created at `offset`, and the
+    /// directory is synced before this returns, so nothing that depends on the new start is
+    /// acknowledged before it is durable. Log start, log end, durable end and high watermark are
+    /// all `offset` afterwards, and the producer state is empty.
+    ///
+    /// Not atomic on disk: a crash part way leaves a suffix of the old segments, maybe with the
+    /// new one, which `open` accepts; the caller records that a restart is due before calling
+    /// this and calls it again after such a crash (`shard::replica`). Calling it again is
+    /// harmless.
+    pub async fn restart_at(&self, offset: i64) -> Result<(), StorageError> {
+        if self.closed.get() {
+            return Err(StorageError::Closed);
+        }
+        assert_eq!(
+            self.config.visibility,
+            Visibility::Committed,
+            "only a replica's log is restarted from a leader's snapshot"
+        );
+        assert!(offset >= 0, "restarting a log at negative offset {offset}");
+        self.touch();
+        self.state.borrow_mut().truncating = true;
+        self.wait_drained().await;
+        let result = self.restart_drained(offset).await;
+        self.state.borrow_mut().truncating = false;
+        self.progress.notify_all();
+        result
+    }
+
+    /// Waits until no write, checkpoint or release of the active file is under way (appends are
+    /// refused meanwhile: `truncating` is set).
+    async fn wait_drained(&self) {
         loop {
             let notified = self.progress.notified();
             {
@@ -221,10 +267,60 @@ impl Partition {
             }
             notified.await;
         }
-        let result = self.truncate_drained(offset.max(self.log_start_offset.get())).await;
-        self.state.borrow_mut().truncating = false;
-        self.progress.notify_all();
-        result
+    }
+
+    async fn restart_drained(&self, offset: i64) -> Result<(), StorageError> {
+        let old = self.state.borrow().segments.clone();
+        let mut paths = Vec::with_capacity(3 * old.len());
+        for seg in &old {
+            seg.wait_preallocation_idle().await;
+            seg.close_file().await;
+            paths.extend(seg.file_paths_for_removal());
+        }
+        let dir = self.dir.clone();
+        let fresh = Rc::new(Segment::new(&self.dir, offset, self.config.index_interval_bytes));
+        let fresh_path = fresh.log_path.clone();
+        let done = blocking::run(move || {
+            // Oldest first, indexes before logs, as retention deletes: a crash part way leaves a
+            // contiguous suffix that recovery accepts.
+            if let Some(failure) = blocking::remove_files(&paths).into_iter().next() {
+                return Err(StorageError::io(failure, std::io::Error::other("restarting the log")));
+            }
+            remove_snapshots_after(&dir, i64::MIN)?;
+            // The unlinks are durable before the new segment exists: after a crash an old
+            // segment reaching past `offset` beside the new one would be an overlap, which
+            // recovery refuses.
+            sync_dir(&dir)?;
+            create_segment_file(&fresh_path, 0)
+                .map_err(|e| StorageError::io(format!("creating {}", fresh_path.display()), e))?;
+            sync_dir(&dir)
+        })
+        .await
+        .map_err(|panic| {
+            StorageError::io(
+                format!("restarting {} at offset {offset}", self.dir.display()),
+                std::io::Error::other(panic),
+            )
+        })
+        .and_then(|done| done);
+        {
+            let mut st = self.state.borrow_mut();
+            // Whatever happened on disk, the old segments are no longer served: on an error the
+            // replica stops and reopens, and its open restarts the log again.
+            st.segments = vec![fresh];
+            st.carry = Carry { file_pos: 0, bytes: Vec::new() };
+            st.checkpointed_bytes = 0;
+            st.unsynced = false;
+            st.producers = ProducerStates::default();
+        }
+        self.log_start_offset.set(offset);
+        self.log_end_offset.set(offset);
+        self.durable_end.set(offset);
+        self.high_watermark.set(offset);
+        self.retention_floor.set(offset);
+        self.shard.tail_cache.borrow_mut().remove_partition(self.cache_id);
+        self.shard.refresh_disk_space();
+        done
     }
 
     fn seal_pending(&self, st: &State, seg: &Rc<Segment>) -> bool {

@@ -1,5 +1,5 @@
 //! One partition log: appends, the flusher, reads, offsets by time, housekeeping (roll by age,
-//! retention), truncation, recovery on open and clean close.
+//! retention), truncation, a replica's restart at a new start, recovery on open and clean close.
 //!
 //! Owns the partition directory and the state of its segments. May call `segment`, `index`,
 //! `scan`, `retention`, the shard's tail cache and disk monitor, `record`, glommio. Never blocks
@@ -9,8 +9,9 @@
 //! `close`, `remove`, the accessors and the small helpers every part uses. `append`: validation,
 //! staging into chunks, preallocation and the spare segment, roll. `flusher`: the flusher task
 //! (writes, fdatasync, seal, rollback of a failed write) and `wait_durable`. `read`: fetches, long
-//! polls, offsets by time. `housekeeping`: roll by age, retention, truncation. `recovery`: segments
-//! and producer state rebuilt on open (and after a truncation), the carried block, snapshots past a
+//! polls, offsets by time. `housekeeping`: roll by age, retention, truncation, and the restart of
+//! a replica's whole log at its leader's snapshot (`restart_at`). `recovery`: segments and
+//! producer state rebuilt on open (and after a truncation), the carried block, snapshots past a
 //! cut.
 //!
 //! Write path. `append` (synchronous: call order is offset order) validates, stamps offsets and

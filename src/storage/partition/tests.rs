@@ -1151,3 +1151,56 @@ fn a_replica_keeps_its_leaders_control_batches() {
         r.close().await.unwrap();
     });
 }
+
+#[test]
+fn a_replica_log_restarted_at_an_offset_holds_nothing_before_it_and_reopens_there() {
+    run(|| async {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r/0");
+        let shard = ShardStorage::new(tmp.path().to_path_buf(), 1 << 20, 0);
+        let (p, _) = Partition::open(dir.clone(), replica_config(), shard.clone()).await.unwrap();
+        append_many(&p, 40, |i| 1000 + i as i64);
+        p.append(BytesMut::from(&idempotent(7, 0, 0, 2)[..])).unwrap();
+        p.wait_durable(p.log_end_offset() - 1).await.unwrap();
+        p.commit_to(10);
+        let files = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            names.sort();
+            names
+        };
+        assert!(files(&dir).len() > 3, "{:?}", files(&dir));
+
+        // Past the log end, as a follower behind its leader's log start restarts.
+        let start = p.log_end_offset() + 500;
+        p.restart_at(start).await.unwrap();
+        assert_eq!(files(&dir), vec![format!("{start:020}.log")]);
+        assert_eq!(
+            (p.log_start_offset(), p.log_end_offset(), p.durable_end_offset(), p.high_watermark()),
+            (start, start, start, start)
+        );
+        assert!(p.read(start, 1 << 20).await.unwrap().chunks.is_empty());
+        // The producer state went with the log: the producer's next batch is a new producer's.
+        let fresh = p.append(BytesMut::from(&idempotent(7, 0, 2, 1)[..])).unwrap();
+        assert!(!fresh.duplicate);
+        assert_eq!(fresh.base_offset, start);
+        let sent = batch(start + 1, 3, 5000, 20);
+        p.append_replicated(Bytes::copy_from_slice(&sent)).unwrap();
+        p.wait_durable(start + 3).await.unwrap();
+        p.commit_to(start + 4);
+        assert_eq!(read_all(&p, start + 1, 1 << 20).await, vec![sent.clone()]);
+        drop(p);
+
+        // A crash keeps the new start; restarting again at the same offset is harmless.
+        let (p, _) = Partition::open(dir.clone(), replica_config(), shard.clone()).await.unwrap();
+        assert_eq!((p.log_start_offset(), p.log_end_offset()), (start, start + 4));
+        p.commit_to(start + 4);
+        assert_eq!(read_all(&p, start + 1, 1 << 20).await, vec![sent]);
+        p.restart_at(start).await.unwrap();
+        assert_eq!((p.log_start_offset(), p.log_end_offset()), (start, start));
+        p.close().await.unwrap();
+    });
+}
