@@ -85,6 +85,10 @@ pub struct BrokerConfig {
     /// saves a wake-up per request on cores the broker has to itself, and takes CPU from
     /// anything else scheduled on them (clients, other processes); see tuning.md.
     pub spin_before_park_us: u64,
+    /// How long a shard runs one task queue before it checks for I/O and other queues (glommio's
+    /// preemption timer). Shorter gives waiting requests their turn sooner and costs a timer per
+    /// loop; see tuning.md.
+    pub task_slice_us: u64,
     /// io_uring registered buffer memory per shard. 0 = fit RLIMIT_MEMLOCK (each shard registers it
     /// in three rings); see tuning.md.
     pub io_memory_bytes: usize,
@@ -215,6 +219,7 @@ impl Default for BrokerConfig {
             shard_port_base: 9300,
             shards: 0,
             spin_before_park_us: 50,
+            task_slice_us: 100_000,
             io_memory_bytes: 0,
             tail_cache_bytes: 256 << 20,
             free_space_reserve_bytes: 256 << 20,
@@ -398,6 +403,9 @@ impl BrokerConfig {
         }
         if self.spin_before_park_us > 1_000_000 {
             return invalid("spin_before_park_us", "must be at most 1000000 (one second)");
+        }
+        if self.task_slice_us == 0 || self.task_slice_us > 1_000_000 {
+            return invalid("task_slice_us", "must be between 1 and 1000000 (one second)");
         }
         if self.offsets_topic_partitions == 0 || self.offsets_topic_partitions > 1000 {
             return invalid("offsets_topic_partitions", "must be between 1 and 1000");
@@ -616,6 +624,11 @@ mod tests {
         let flags = vec![("spin_before_park_us".to_string(), "2000000".to_string())];
         let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
         assert!(err.contains("spin_before_park_us"), "{err}");
+        for slice in ["0", "1000001"] {
+            let flags = vec![("task_slice_us".to_string(), slice.to_string())];
+            let err = BrokerConfig::load(None, std::iter::empty(), &flags).unwrap_err().to_string();
+            assert!(err.contains("task_slice_us"), "{err}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "listen_addr = \"x\"\n").unwrap();

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -66,6 +67,8 @@ struct Rendezvous {
     gone: AtomicUsize,
     /// Shard threads that have ended or are unwinding a panic.
     stopped: AtomicUsize,
+    /// A waker per running shard, for `nudge_shards`.
+    nudges: Mutex<Vec<Option<Waker>>>,
 }
 
 impl Rendezvous {
@@ -73,6 +76,39 @@ impl Rendezvous {
     fn fail(&self, shard: usize, message: String) {
         lock(&self.failed).get_or_insert((shard, message));
         self.gone.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Called on `shard`'s thread: a task that does nothing but hand its waker to the main
+    /// thread, which wakes it every few milliseconds (`nudge_shards`).
+    ///
+    /// Why: glommio 0.9's executor loop reports "ran nothing" when its preemption timer fired
+    /// before the first task ran (the thread was descheduled longer than `task_slice_us`
+    /// between arming the timer and running, which a loaded machine does), and then sleeps in
+    /// the kernel with runnable tasks queued until some completion or timer comes — at start-up,
+    /// never. A wake from another thread writes the shard's eventfd, and the next turn of the
+    /// loop arms a fresh timer and runs the queue: the hang becomes a stall of at most one nudge
+    /// interval. A timer inside the shard cannot do this, as its task would have to run to
+    /// re-arm it. Fixed upstream after 0.9 ("do not park the executor while a task queue is
+    /// still runnable").
+    fn accept_nudges(self: &Arc<Self>, shard: usize) {
+        let rendezvous = self.clone();
+        glommio::spawn_local(std::future::poll_fn(move |cx| {
+            lock(&rendezvous.nudges)[shard] = Some(cx.waker().clone());
+            std::task::Poll::<()>::Pending
+        }))
+        .detach();
+    }
+
+    fn stop_nudges(&self, shard: usize) {
+        lock(&self.nudges)[shard] = None;
+    }
+
+    /// Wakes every running shard (`accept_nudges`); a shard that is awake only finds one more
+    /// task that returns at once.
+    fn nudge_shards(&self) {
+        for waker in lock(&self.nudges).iter().flatten() {
+            waker.wake_by_ref();
+        }
     }
 }
 
@@ -183,6 +219,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         drained: AtomicUsize::new(0),
         gone: AtomicUsize::new(0),
         stopped: AtomicUsize::new(0),
+        nudges: Mutex::new(vec![None; shards]),
     });
     report_shard_panics(rendezvous.clone());
     let shard_listeners = listeners.into_shards()?;
@@ -217,6 +254,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             .io_memory(io_memory)
             .blocking_thread_pool_placement(blocking_pool)
             .spin_before_park(Duration::from_micros(config.spin_before_park_us))
+            .preempt_timer(Duration::from_micros(config.task_slice_us))
             .spawn(move || async move { ctx.run().await })
             .map_err(|e| StartError::Shard { shard: id, message: e.to_string() })?;
         handles.push(handle);
@@ -234,6 +272,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         if rendezvous.ready.load(Ordering::Acquire) == shards {
             break;
         }
+        rendezvous.nudge_shards();
         std::thread::sleep(Duration::from_millis(5));
     }
     let direct: Vec<String> = rendezvous.direct.iter().map(SocketAddr::to_string).collect();
@@ -261,7 +300,10 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         if rendezvous.stopped.load(Ordering::Acquire) >= shards {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        rendezvous.nudge_shards();
+        // Each nudge costs an idle shard a wake-up and its spin (~1 % of a core for two shards
+        // at 20 ms, measured); a stall after the rare race may take this long.
+        std::thread::sleep(Duration::from_millis(50));
     }
     let mut failure = None;
     for (id, h) in handles.into_iter().enumerate() {
@@ -294,6 +336,7 @@ fn stop_after_failure(
     let deadline =
         std::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms) + Duration::from_secs(2);
     while rendezvous.stopped.load(Ordering::Acquire) < handles.len() {
+        rendezvous.nudge_shards();
         if std::time::Instant::now() >= deadline {
             tracing::warn!("shards still running after a shard failed; exiting without waiting for them");
             return;
@@ -335,6 +378,10 @@ fn report_shard_panics(rendezvous: Arc<Rendezvous>) {
         );
         tracing::error!(shard, "shard {shard}: {message}");
         rendezvous.fail(shard, message);
+        // try_lock: this thread may be the one holding it.
+        if let Ok(mut nudges) = rendezvous.nudges.try_lock() {
+            nudges[shard] = None;
+        }
         rendezvous.stopped.fetch_add(1, Ordering::AcqRel);
     }));
 }
@@ -357,9 +404,11 @@ struct ShardStart {
 
 impl ShardStart {
     async fn run(mut self) -> Result<(), String> {
+        self.rendezvous.accept_nudges(self.id);
         let store = self.store.take();
         let listeners = self.listeners.take();
         let result = self.start(store, listeners).await;
+        self.rendezvous.stop_nudges(self.id);
         if let Err(message) = &result {
             self.rendezvous.fail(self.id, message.clone());
         }
