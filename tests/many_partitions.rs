@@ -361,7 +361,8 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 /// other partitions busy (rounds of one record to each, `SCALE_BUSY_PAUSE_MS` apart; the minute
 /// is `SCALE_IDLE_WAIT_S` seconds when set, for quicker looks; `SCALE_SPIN_US` sets the shards'
 /// `spin_before_park_us`, 0 by default; `SCALE_PROBE_APART=1` keeps the busy and the probed
-/// partitions on different shards, to tell the shard's share of the latency from the disk's); their
+/// partitions on different shards, to tell the shard's share of the latency from the disk's, and
+/// `SCALE_PROBE_TOGETHER=1` puts both on shard 0 through its own port, nothing crossing shards); their
 /// latencies are printed, then those of the same partitions again, warm. Run
 /// `TEST_BROKER_BIN=target/release/ringlog cargo test --test many_partitions scale -- --ignored --nocapture`.
 #[test]
@@ -443,11 +444,14 @@ fn scale_partitions_restart_and_idle_produce() {
     // A diagnosis: the busy partitions on shard 0 only and the probed ones on shard 1 only, each
     // connection on its shard's own port, so the two share the disk but not a shard.
     let apart = std::env::var("SCALE_PROBE_APART").is_ok();
+    // The other diagnosis: both on shard 0 and its own port, so the shard's work is shared but
+    // nothing crosses to the other shard.
+    let together = std::env::var("SCALE_PROBE_TOGETHER").is_ok();
     let busy = {
         let (stop, addr, direct) = (stop.clone(), broker.addr.clone(), broker.direct.clone());
         std::thread::spawn(move || {
-            let mut conn = Conn::connect(if apart { &direct[0] } else { &addr });
-            let busy: Vec<u32> = match apart {
+            let mut conn = Conn::connect(if apart || together { &direct[0] } else { &addr });
+            let busy: Vec<u32> = match apart || together {
                 true => owned_by(&mut conn, "busy", 0).collect(),
                 false => (0..1_000).collect(),
             };
@@ -464,12 +468,16 @@ fn scale_partitions_restart_and_idle_produce() {
     let cpu_before = cpu_time(pid);
     // The same partitions twice under the same load: first idle (files released), then warm
     // (files open since the first round), so the cost of the reopen is told from the disk's.
-    let probed: Vec<u32> = match apart {
-        true => {
+    let probed: Vec<u32> = match (apart, together) {
+        (true, _) => {
             conn = Conn::connect(&broker.direct[1]);
             owned_by(&mut conn, "t0", 1).take(2_000).collect()
         }
-        false => (0..2_000u32.min(per_topic)).collect(),
+        (false, true) => {
+            conn = Conn::connect(&broker.direct[0]);
+            owned_by(&mut conn, "t0", 0).take(2_000).collect()
+        }
+        (false, false) => (0..2_000u32.min(per_topic)).collect(),
     };
     let mut probe = |offset: i64| {
         let mut latencies = Vec::new();

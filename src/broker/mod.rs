@@ -301,8 +301,8 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
             break;
         }
         rendezvous.nudge_shards();
-        // Each nudge costs an idle shard a wake-up and its spin (~1 % of a core for two shards
-        // at 20 ms, measured); a stall after the rare race may take this long.
+        // Each nudge costs an idle shard a wake-up and its spin; a stall after the rare race
+        // may take this long.
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut failure = None;
