@@ -466,6 +466,7 @@ fn scale_partitions_restart_and_idle_produce() {
     };
     std::thread::sleep(Duration::from_secs(2));
     let cpu_before = cpu_time(pid);
+    let metrics_before = common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
     // The same partitions twice under the same load: first idle (files released), then warm
     // (files open since the first round), so the cost of the reopen is told from the disk's.
     let probed: Vec<u32> = match (apart, together) {
@@ -494,6 +495,7 @@ fn scale_partitions_restart_and_idle_produce() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (busy_records, busy_for) = busy.join().unwrap();
     let cpu = cpu_time(pid) - cpu_before;
+    let metrics_after = common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
     for (what, latencies) in [("idle for a minute", idle), ("warm (written just before)", warm)] {
         println!(
             "produce to {} partitions {what}, while 1,000 others took traffic: p50 {:?} p99 {:?} max {:?}",
@@ -511,8 +513,66 @@ fn scale_partitions_restart_and_idle_produce() {
         cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / (busy_records + 2 * probed.len() as i64) as f64
     );
+    // Where the time went on each shard while the probes ran: the disk's part (segment writes,
+    // syncs) against the produce requests' own duration.
+    for (name, what) in [
+        ("ringlog_segment_write_duration_seconds", "segment writes"),
+        ("ringlog_fsync_duration_seconds", "syncs"),
+        ("ringlog_request_duration_seconds", "produce requests"),
+    ] {
+        for shard in ["0", "1"] {
+            let mut labels = vec![("shard", shard)];
+            if name == "ringlog_request_duration_seconds" {
+                labels.push(("api", "produce"));
+            }
+            let spread = |text: &str| histogram_buckets(text, name, &labels);
+            let delta = bucket_delta(&spread(&metrics_before), &spread(&metrics_after));
+            let q = |p: f64| bucket_quantile(&delta, p).map_or("-".to_string(), |le| format!("≤{:.2} ms", le * 1e3));
+            let count = delta.last().map_or(0, |&(_, c)| c);
+            println!("shard {shard} {what} meanwhile: {count}, p50 {} p99 {} p99.9 {}", q(0.5), q(0.99), q(0.999));
+        }
+    }
     drop(conn);
     broker.stop();
+}
+
+/// A Prometheus histogram's cumulative buckets `(le, count)` for the series with `labels`.
+fn histogram_buckets(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter(|rest| labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|rest| {
+            let (inside, count) = rest.split_once("} ")?;
+            let le = inside.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// `after - before`, bucket by bucket (a bucket missing before counts as 0).
+fn bucket_delta(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    after
+        .iter()
+        .map(|&(le, count)| {
+            let earlier = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, count.saturating_sub(earlier))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound holding at least `p` of the cumulative count.
+fn bucket_quantile(buckets: &[(f64, u64)], p: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = (p * total as f64).ceil() as u64;
+    buckets.iter().find(|b| b.1 >= rank).map(|b| b.0)
 }
 
 /// `topic`'s partitions owned by `shard`, from metadata.
