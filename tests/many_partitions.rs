@@ -466,7 +466,8 @@ fn scale_partitions_restart_and_idle_produce() {
     };
     std::thread::sleep(Duration::from_secs(2));
     let cpu_before = cpu_time(pid);
-    let metrics_before = common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let metrics_before =
+        common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
     // The same partitions twice under the same load: first idle (files released), then warm
     // (files open since the first round), so the cost of the reopen is told from the disk's.
     let probed: Vec<u32> = match (apart, together) {
@@ -495,7 +496,8 @@ fn scale_partitions_restart_and_idle_produce() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (busy_records, busy_for) = busy.join().unwrap();
     let cpu = cpu_time(pid) - cpu_before;
-    let metrics_after = common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let metrics_after =
+        common::cluster::get(&broker.admin, "/metrics").map(|(_, body)| body).unwrap_or_default();
     for (what, latencies) in [("idle for a minute", idle), ("warm (written just before)", warm)] {
         println!(
             "produce to {} partitions {what}, while 1,000 others took traffic: p50 {:?} p99 {:?} max {:?}",
@@ -527,9 +529,16 @@ fn scale_partitions_restart_and_idle_produce() {
             }
             let spread = |text: &str| histogram_buckets(text, name, &labels);
             let delta = bucket_delta(&spread(&metrics_before), &spread(&metrics_after));
-            let q = |p: f64| bucket_quantile(&delta, p).map_or("-".to_string(), |le| format!("≤{:.2} ms", le * 1e3));
+            let q = |p: f64| {
+                bucket_quantile(&delta, p).map_or("-".to_string(), |le| format!("≤{:.2} ms", le * 1e3))
+            };
             let count = delta.last().map_or(0, |&(_, c)| c);
-            println!("shard {shard} {what} meanwhile: {count}, p50 {} p99 {} p99.9 {}", q(0.5), q(0.99), q(0.999));
+            println!(
+                "shard {shard} {what} meanwhile: {count}, p50 {} p99 {} p99.9 {}",
+                q(0.5),
+                q(0.99),
+                q(0.999)
+            );
         }
     }
     drop(conn);

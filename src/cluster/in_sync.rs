@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::replication::wire::{GroupKey, LeaderReport};
 
-/// One peer's report: when it came and, per partition, the leader's term and in-sync set.
-type Report = (Instant, HashMap<GroupKey, (u64, Vec<u64>)>);
+/// One peer's report: when it was last confirmed, its digest (`wire::report_digest`; 0 when the
+/// peer sends none) and, per partition, the leader's term and in-sync set.
+type Report = (Instant, u64, HashMap<GroupKey, (u64, Vec<u64>)>);
 
 /// The latest report of each peer.
 #[derive(Debug, Default)]
@@ -26,10 +27,24 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// Peer `from`'s report, received at `at`: it replaces the one before.
-    pub fn record(&mut self, from: u64, at: Instant, report: Vec<LeaderReport>) {
+    /// Peer `from`'s report with its `digest`, received whole at `at`: it replaces the one before.
+    pub fn record(&mut self, from: u64, at: Instant, digest: u64, report: Vec<LeaderReport>) {
         let shorts = report.into_iter().map(|s| (s.group, (s.term, s.in_sync))).collect();
-        self.by_node.insert(from, (at, shorts));
+        self.by_node.insert(from, (at, digest, shorts));
+    }
+
+    /// Peer `from` says at `at` that its report is unchanged since the one with `digest`. When
+    /// that is the one held, it holds as if received now; otherwise (the whole report that
+    /// changed it was lost) the one held ages until the next whole report replaces it, which the
+    /// sender sends well within `fresh`. Whether it was confirmed.
+    pub fn confirm(&mut self, from: u64, at: Instant, digest: u64) -> bool {
+        match self.by_node.get_mut(&from) {
+            Some((confirmed, held, _)) if *held == digest && digest != 0 => {
+                *confirmed = at;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The report of `key` with the highest term among the peers' reports younger than `fresh`
@@ -37,8 +52,8 @@ impl Reports {
     pub fn newest(&self, key: GroupKey, now: Instant, fresh: Duration) -> Option<Reported<'_>> {
         self.by_node
             .iter()
-            .filter(|(_, (at, _))| now.saturating_duration_since(*at) < fresh)
-            .filter_map(|(&leader, (_, reports))| {
+            .filter(|(_, (at, _, _))| now.saturating_duration_since(*at) < fresh)
+            .filter_map(|(&leader, (_, _, reports))| {
                 let (term, in_sync) = reports.get(&key)?;
                 Some(Reported { leader, term: *term, in_sync })
             })
@@ -154,14 +169,37 @@ mod tests {
         let fresh = Duration::from_secs(3);
         let mut reports = Reports::default();
         let short = |term, in_sync: &[u64]| LeaderReport { group: KEY, term, in_sync: in_sync.to_vec() };
-        reports.record(1, t0, vec![short(4, &[1])]);
-        reports.record(2, t0 + Duration::from_secs(2), vec![short(5, &[2, 3])]);
+        reports.record(1, t0, 0, vec![short(4, &[1])]);
+        reports.record(2, t0 + Duration::from_secs(2), 0, vec![short(5, &[2, 3])]);
         assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some(report(2, 5, &[2, 3])));
         // Node 2's next report says nothing is short: node 1's older term is all that is left.
-        reports.record(2, t0 + Duration::from_secs(2), Vec::new());
+        reports.record(2, t0 + Duration::from_secs(2), 0, Vec::new());
         assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(2), fresh), Some(report(1, 4, &[1])));
         // Node 1 has not reported for 3 s: down, and its report with it.
         assert_eq!(reports.newest(KEY, t0 + Duration::from_secs(3), fresh), None);
         assert_eq!(reports.newest(GroupKey { partition: 2, ..KEY }, t0, fresh), None);
+    }
+
+    #[test]
+    fn an_unchanged_report_is_confirmed_by_its_digest_and_a_missed_change_ages_out() {
+        let t0 = Instant::now();
+        let fresh = Duration::from_secs(3);
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut reports = Reports::default();
+        let held = vec![LeaderReport { group: KEY, term: 4, in_sync: vec![1] }];
+        let digest = crate::replication::wire::report_digest(&held);
+        reports.record(1, t0, digest, held);
+        // Keepalives without the report, with the same digest: it holds as if just received.
+        assert!(reports.confirm(1, at(2), digest));
+        assert!(reports.confirm(1, at(4), digest));
+        assert_eq!(reports.newest(KEY, at(6), fresh), Some(report(1, 4, &[1])));
+        // The whole report that changed it was lost: a digest that is not the one held confirms
+        // nothing, so what is held ages out instead of standing for the new report.
+        assert!(!reports.confirm(1, at(5), digest ^ 1));
+        assert_eq!(reports.newest(KEY, at(7), fresh), None);
+        // A peer that sends no digest, or one never heard whole, confirms nothing.
+        assert!(!reports.confirm(2, at(5), digest));
+        reports.record(3, at(5), 0, Vec::new());
+        assert!(!reports.confirm(3, at(6), 0));
     }
 }

@@ -28,6 +28,17 @@ use crate::storage::notify::Notify;
 /// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
 const QUEUED_FRAMES_MAX: usize = 256;
 
+/// A keepalive's report of the partitions this node leads that peers cannot see whole.
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    pub report: Vec<LeaderReport>,
+    /// `wire::report_digest(&report)`.
+    pub digest: u64,
+    /// Send it whole to every peer (it changed, or it is time to); otherwise the digest only,
+    /// except to a peer whose last one was dropped.
+    pub whole: bool,
+}
+
 /// Messages gathered for each peer, sent as one frame per peer.
 pub type Outbox = BTreeMap<u64, Vec<(GroupKey, Message)>>;
 
@@ -44,7 +55,9 @@ pub struct PeerLinks {
     /// Gathered since the last pass of `run_sender`.
     pending: RefCell<Outbox>,
     /// The in-sync report for the next frame to every peer.
-    pending_report: RefCell<Option<Vec<LeaderReport>>>,
+    pending_report: RefCell<Option<Keepalive>>,
+    /// Peers whose last frame with a report was dropped: the next one goes to them whole.
+    owed_whole_report: RefCell<std::collections::BTreeSet<u64>>,
     /// Controller commands for each peer (its controller leader), sent with its next frame.
     pending_requests: RefCell<BTreeMap<u64, Vec<Bytes>>>,
     wake_sender: Notify,
@@ -87,6 +100,7 @@ impl PeerLinks {
             heard: RefCell::new(BTreeMap::new()),
             pending: RefCell::new(Outbox::new()),
             pending_report: RefCell::new(None),
+            owed_whole_report: RefCell::default(),
             pending_requests: RefCell::new(BTreeMap::new()),
             wake_sender: Notify::default(),
             sent: RefCell::new(BTreeMap::new()),
@@ -125,9 +139,10 @@ impl PeerLinks {
     }
 
     /// Sends every peer a keepalive (a frame even when nothing else is queued for it) carrying
-    /// `report`: the partitions this node leads whose in-sync replicas are short.
-    pub fn send_keepalive(&self, report: Vec<LeaderReport>) {
-        *self.pending_report.borrow_mut() = Some(report);
+    /// the report of the partitions this node leads whose in-sync replicas are short: whole, or
+    /// its digest only when `keepalive.whole` is false (and the peer's last one was not dropped).
+    pub fn send_keepalive(&self, keepalive: Keepalive) {
+        *self.pending_report.borrow_mut() = Some(keepalive);
         self.send(self.peers().map(|to| (to, Vec::new())).collect());
     }
 
@@ -158,16 +173,28 @@ impl PeerLinks {
             for (to, messages) in outbox {
                 let Some(sender) = self.senders.get(&to) else { continue };
                 let count = messages.len() as u64;
+                let owed = report.is_some() && self.owed_whole_report.borrow().contains(&to);
+                let leader_reports = report.as_ref().filter(|k| k.whole || owed).map(|k| k.report.clone());
                 let batch = PeerBatch {
                     from_node: self.me.id,
                     to_node: to,
                     messages,
-                    leader_reports: report.clone(),
+                    leader_reports,
                     controller_requests: requests.remove(&to).unwrap_or_default(),
+                    report_digest: report.as_ref().map_or(0, |k| k.digest),
                 };
+                let carries_report = batch.leader_reports.is_some();
                 let frame = wire::encode(&batch).to_vec();
                 let bytes = frame.len() as u64;
                 let queued = sender.clone().try_send(frame).is_ok();
+                if report.is_some() {
+                    let mut owed = self.owed_whole_report.borrow_mut();
+                    match queued {
+                        false => owed.insert(to),
+                        true if carries_report => owed.remove(&to),
+                        true => false,
+                    };
+                }
                 let mut sent = self.sent.borrow_mut();
                 let counts = sent.entry(to).or_default();
                 counts.frames += 1;

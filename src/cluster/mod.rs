@@ -52,6 +52,10 @@ pub use transport::NodeInfo;
 /// Ticks between two keepalives to every peer; a peer unheard for `ALIVE_TICKS` is down.
 const KEEPALIVE_TICKS: u64 = 5;
 const ALIVE_TICKS: u32 = 30;
+/// Ticks between two keepalives that carry the report whole even if it did not change: a whole
+/// report lost with a broken link is replaced within this, before what a peer holds of the one
+/// before ages out (`ALIVE_TICKS`).
+const WHOLE_REPORT_TICKS: u64 = 4 * KEEPALIVE_TICKS;
 /// A registration not yet committed is proposed again after this long.
 const REPROPOSE_AFTER: Duration = Duration::from_secs(2);
 
@@ -732,7 +736,9 @@ impl Cluster {
     /// the partition replicas.
     fn on_batch(&self, from: u64, mut batch: PeerBatch) {
         if let Some(report) = batch.leader_reports.take() {
-            self.reports.borrow_mut().record(from, Instant::now(), report);
+            self.reports.borrow_mut().record(from, Instant::now(), batch.report_digest, report);
+        } else if batch.report_digest != 0 {
+            self.reports.borrow_mut().confirm(from, Instant::now(), batch.report_digest);
         }
         for request in std::mem::take(&mut batch.controller_requests) {
             self.on_controller_request(from, &request);
@@ -994,6 +1000,7 @@ impl Cluster {
     }
 
     async fn run_ticks(self: Rc<Self>) {
+        let mut last_digest = 0;
         for ticks in 0u64.. {
             glommio::timer::sleep(self.tick).await;
             self.group.borrow_mut().tick();
@@ -1002,8 +1009,15 @@ impl Cluster {
             self.drive();
             // Raft followers never write to each other, so every node also says it is alive to
             // every peer every few ticks, with the partitions it leads whose in-sync set is short.
+            // The report goes whole when it changed and every `WHOLE_REPORT_TICKS`; in between, its
+            // digest says it is unchanged (a node leading thousands of single-copy partitions
+            // reports each of them).
             if ticks % KEEPALIVE_TICKS == 0 {
-                self.links.send_keepalive(self.replicas.leader_reports(self.seeds.voters.len()));
+                let report = self.replicas.leader_reports(self.seeds.voters.len());
+                let digest = crate::replication::wire::report_digest(&report);
+                let whole = digest != last_digest || ticks % WHOLE_REPORT_TICKS == 0;
+                last_digest = digest;
+                self.links.send_keepalive(links::Keepalive { report, digest, whole });
             }
         }
     }

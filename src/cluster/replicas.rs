@@ -778,7 +778,10 @@ mod tests {
                     glommio::spawn_local(async move {
                         loop {
                             glommio::timer::sleep(Duration::from_millis(250)).await;
-                            keepalives.send_keepalive(Vec::new());
+                            let digest = crate::replication::wire::report_digest(&[]);
+                            let whole =
+                                crate::cluster::links::Keepalive { report: Vec::new(), digest, whole: true };
+                            keepalives.send_keepalive(whole);
                         }
                     })
                     .detach();

@@ -1667,6 +1667,7 @@ impl<'a> PeerBatch<'a> {
   pub const VT_HEARTBEAT_RESPONSES: ::flatbuffers::VOffsetT = 12;
   pub const VT_LEADER_REPORTS: ::flatbuffers::VOffsetT = 14;
   pub const VT_CONTROLLER_REQUESTS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_REPORT_DIGEST: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1678,6 +1679,7 @@ impl<'a> PeerBatch<'a> {
     args: &'args PeerBatchArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PeerBatch<'bldr>> {
     let mut builder = PeerBatchBuilder::new(_fbb);
+    builder.add_report_digest(args.report_digest);
     builder.add_to_node(args.to_node);
     builder.add_from_node(args.from_node);
     if let Some(x) = args.controller_requests { builder.add_controller_requests(x); }
@@ -1738,6 +1740,13 @@ impl<'a> PeerBatch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ControllerRequest>>>>(PeerBatch::VT_CONTROLLER_REQUESTS, None)}
   }
+  #[inline]
+  pub fn report_digest(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PeerBatch::VT_REPORT_DIGEST, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PeerBatch<'_> {
@@ -1753,6 +1762,7 @@ impl ::flatbuffers::Verifiable for PeerBatch<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Beat>>>("heartbeat_responses", Self::VT_HEARTBEAT_RESPONSES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<LeaderReport>>>>("leader_reports", Self::VT_LEADER_REPORTS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ControllerRequest>>>>("controller_requests", Self::VT_CONTROLLER_REQUESTS, false)?
+     .visit_field::<u64>("report_digest", Self::VT_REPORT_DIGEST, false)?
      .finish();
     Ok(())
   }
@@ -1765,6 +1775,7 @@ pub struct PeerBatchArgs<'a> {
     pub heartbeat_responses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Beat>>>,
     pub leader_reports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<LeaderReport<'a>>>>>,
     pub controller_requests: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ControllerRequest<'a>>>>>,
+    pub report_digest: u64,
 }
 impl<'a> Default for PeerBatchArgs<'a> {
   #[inline]
@@ -1777,6 +1788,7 @@ impl<'a> Default for PeerBatchArgs<'a> {
       heartbeat_responses: None,
       leader_reports: None,
       controller_requests: None,
+      report_digest: 0,
     }
   }
 }
@@ -1815,6 +1827,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PeerBatchBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PeerBatch::VT_CONTROLLER_REQUESTS, controller_requests);
   }
   #[inline]
+  pub fn add_report_digest(&mut self, report_digest: u64) {
+    self.fbb_.push_slot::<u64>(PeerBatch::VT_REPORT_DIGEST, report_digest, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PeerBatchBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PeerBatchBuilder {
@@ -1839,6 +1855,7 @@ impl ::core::fmt::Debug for PeerBatch<'_> {
       ds.field("heartbeat_responses", &self.heartbeat_responses());
       ds.field("leader_reports", &self.leader_reports());
       ds.field("controller_requests", &self.controller_requests());
+      ds.field("report_digest", &self.report_digest());
       ds.finish()
   }
 }

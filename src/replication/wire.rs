@@ -72,6 +72,9 @@ pub struct PeerBatch {
     /// The sender's report of the partitions it leads that a peer cannot see whole from its own
     /// replica (keepalives only; `Some(empty)`: there is none).
     pub leader_reports: Option<Vec<LeaderReport>>,
+    /// The digest of the sender's current report (`report_digest`), in every keepalive; with
+    /// `leader_reports` absent, the report is unchanged since the one with this digest. 0: none.
+    pub report_digest: u64,
     /// Commands for the controller's leader to propose (the controller's log record, opaque
     /// here), from a node that took a topic change from a client.
     pub controller_requests: Vec<Bytes>,
@@ -136,6 +139,24 @@ fn entry_kind(entry_type: EntryType) -> fb::EntryKind {
         EntryType::EntryConfChange => fb::EntryKind::ConfChange,
         EntryType::EntryConfChangeV2 => fb::EntryKind::ConfChangeV2,
     }
+}
+
+/// A report's digest for `report_digest`: crc32c over its entries in a canonical order, with the
+/// entry count; never 0. Every node computes it the same way, whatever order it keeps them in.
+pub fn report_digest(report: &[LeaderReport]) -> u64 {
+    let mut entries: Vec<&LeaderReport> = report.iter().collect();
+    entries.sort_unstable_by_key(|e| (e.group.topic_id, e.group.partition));
+    let mut crc = 0u32;
+    for e in entries {
+        crc = crc32c::crc32c_append(crc, &e.group.topic_id.to_le_bytes());
+        crc = crc32c::crc32c_append(crc, &e.group.partition.to_le_bytes());
+        crc = crc32c::crc32c_append(crc, &e.term.to_le_bytes());
+        crc = crc32c::crc32c_append(crc, &(e.in_sync.len() as u64).to_le_bytes());
+        for id in &e.in_sync {
+            crc = crc32c::crc32c_append(crc, &id.to_le_bytes());
+        }
+    }
+    (1 << 63) | ((report.len() as u64 & 0x7fff_ffff) << 32) | u64::from(crc)
 }
 
 /// Encodes `batch`. Messages' `from` and `to` must be the batch's nodes (a replica's id is its
@@ -243,6 +264,7 @@ pub fn encode(batch: &PeerBatch) -> EncodedFrame {
             heartbeat_responses: Some(heartbeat_responses),
             leader_reports,
             controller_requests,
+            report_digest: batch.report_digest,
         },
     );
     fbb.finish(root, None);
@@ -363,7 +385,12 @@ pub fn decode(frame: Bytes) -> Result<PeerBatch, WireError> {
     let root = fb::root_as_peer_batch_with_opts(&verifier_options(), header)
         .map_err(|e| WireError::BadHeader(e.to_string()))?;
     let (from, to) = (root.from_node(), root.to_node());
-    let mut batch = PeerBatch { from_node: from, to_node: to, ..PeerBatch::default() };
+    let mut batch = PeerBatch {
+        from_node: from,
+        to_node: to,
+        report_digest: root.report_digest(),
+        ..PeerBatch::default()
+    };
     if let Some(report) = root.leader_reports() {
         let mut shorts = Vec::with_capacity(report.len());
         for (index, short) in report.iter().enumerate() {
@@ -577,7 +604,35 @@ mod tests {
             ..PeerBatch::default()
         };
         let decoded = decode(Bytes::from(encode(&report).to_vec())).unwrap();
-        assert_eq!(decoded.leader_reports, Some(shorts));
+        assert_eq!(decoded.leader_reports, Some(shorts.clone()));
+        assert_eq!(decoded.report_digest, 0, "no digest unless the sender gives one");
+
+        let digest = report_digest(&shorts);
+        let unchanged = PeerBatch { from_node: 1, to_node: 2, report_digest: digest, ..PeerBatch::default() };
+        let decoded = decode(Bytes::from(encode(&unchanged).to_vec())).unwrap();
+        assert_eq!((decoded.leader_reports, decoded.report_digest), (None, digest));
+    }
+
+    #[test]
+    fn a_report_digest_depends_on_every_entry_not_on_their_order() {
+        let entry = |partition, term, in_sync: &[u64]| LeaderReport {
+            group: GroupKey { topic_id: 7, partition },
+            term,
+            in_sync: in_sync.to_vec(),
+        };
+        let report = vec![entry(0, 3, &[1, 2]), entry(1, 3, &[1])];
+        let digest = report_digest(&report);
+        assert_ne!(digest, 0);
+        assert_ne!(report_digest(&[]), 0, "an empty report has a digest too");
+        assert_eq!(digest, report_digest(&[entry(1, 3, &[1]), entry(0, 3, &[1, 2])]));
+        for changed in [
+            vec![entry(0, 4, &[1, 2]), entry(1, 3, &[1])],
+            vec![entry(0, 3, &[1]), entry(1, 3, &[1])],
+            vec![entry(0, 3, &[1, 2]), entry(2, 3, &[1])],
+            vec![entry(0, 3, &[1, 2])],
+        ] {
+            assert_ne!(report_digest(&changed), digest, "{changed:?}");
+        }
     }
 
     #[test]
