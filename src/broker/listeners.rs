@@ -162,6 +162,7 @@ pub fn bind(config: &BrokerConfig, shards: usize) -> Result<Listeners, ListenErr
         started: Instant::now(),
         wait: Duration::from_millis(config.listen_wait_ms),
         claimed: Vec::new(),
+        reserved: configured_ports(config, shards),
     };
     let shared_backlog = BACKLOG_PER_SHARD.saturating_mul(i32::try_from(shards).unwrap_or(i32::MAX));
     let native = binder.claim("listen", config.listen, shared_backlog)?;
@@ -271,7 +272,33 @@ struct Binder {
     wait: Duration,
     /// What is bound so far, to refuse one port configured for two listeners.
     claimed: Vec<(&'static str, SocketAddr)>,
+    /// Ports configured for this broker's listeners: a port the kernel picks for another of them
+    /// (port 0) must not be one of these, or the broker would hold its own port before it binds
+    /// the listener configured there (seen in CI: kafka_listen on port 0 given the port of
+    /// peer_listen).
+    reserved: Vec<u16>,
 }
+
+/// Every port configured for one of the broker's listeners (port 0, "any", left out).
+fn configured_ports(config: &BrokerConfig, shards: usize) -> Vec<u16> {
+    let mut ports = vec![config.listen.port()];
+    if let Ok(Some(kafka)) = config.kafka_listen_addr() {
+        ports.push(kafka.port());
+    }
+    if config.shard_port_base != 0 {
+        let shards = u16::try_from(shards).unwrap_or(u16::MAX);
+        ports.extend((0..shards).filter_map(|shard| config.shard_port_base.checked_add(shard)));
+    }
+    ports.push(config.admin_listen.map_or(ADMIN_LISTEN_DEFAULT.port(), |a| a.port()));
+    if let Ok(Some(cluster)) = config.cluster() {
+        ports.push(cluster.peer_listen.port());
+    }
+    ports.retain(|&port| port != 0);
+    ports
+}
+
+/// Port-0 binds tried before giving up on avoiding the configured ports.
+const PICKS_MAX: usize = 16;
 
 impl Binder {
     /// Binds `addr` for `option`, waiting for it while it is taken.
@@ -287,7 +314,15 @@ impl Binder {
         if let Some(&(other, _)) = overlap {
             return Err(ListenError::Overlap { option, addr, other });
         }
-        let claimed = self.bind_waiting(option, addr, backlog, true)?;
+        let mut claimed = self.bind_waiting(option, addr, backlog, true)?;
+        if addr.port() == 0 {
+            // Held until a pick is good, so the kernel does not hand the same port back.
+            let mut refused = Vec::new();
+            while self.reserved.contains(&claimed.addr.port()) && refused.len() < PICKS_MAX {
+                let again = self.bind_waiting(option, addr, backlog, true)?;
+                refused.push(std::mem::replace(&mut claimed, again));
+            }
+        }
         self.claimed.push((option, claimed.addr));
         Ok(claimed)
     }
