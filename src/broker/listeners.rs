@@ -272,14 +272,15 @@ struct Binder {
     wait: Duration,
     /// What is bound so far, to refuse one port configured for two listeners.
     claimed: Vec<(&'static str, SocketAddr)>,
-    /// Ports configured for this broker's listeners: a port the kernel picks for another of them
-    /// (port 0) must not be one of these, or the broker would hold its own port before it binds
-    /// the listener configured there (seen in CI: kafka_listen on port 0 given the port of
-    /// peer_listen).
+    /// Ports configured for this broker's listeners and its cluster's peers: a port the kernel
+    /// picks for a port-0 listener must not be one of these, or the broker would hold a port
+    /// before the listener configured there binds it (seen in CI: kafka_listen on port 0 given
+    /// the node's own peer_listen port).
     reserved: Vec<u16>,
 }
 
-/// Every port configured for one of the broker's listeners (port 0, "any", left out).
+/// Every port configured for one of the broker's listeners, and the cluster's peer ports (port
+/// 0, "any", left out).
 fn configured_ports(config: &BrokerConfig, shards: usize) -> Vec<u16> {
     let mut ports = vec![config.listen.port()];
     if let Ok(Some(kafka)) = config.kafka_listen_addr() {
@@ -290,8 +291,11 @@ fn configured_ports(config: &BrokerConfig, shards: usize) -> Vec<u16> {
         ports.extend((0..shards).filter_map(|shard| config.shard_port_base.checked_add(shard)));
     }
     ports.push(config.admin_listen.map_or(ADMIN_LISTEN_DEFAULT.port(), |a| a.port()));
+    // Every node's peer port, not only this one's: nodes of a cluster on one host (tests, a
+    // laptop) start together, and one's port-0 listener must not take another's peer port.
     if let Ok(Some(cluster)) = config.cluster() {
         ports.push(cluster.peer_listen.port());
+        ports.extend(cluster.voters.values().map(SocketAddr::port));
     }
     ports.retain(|&port| port != 0);
     ports
