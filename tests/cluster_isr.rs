@@ -130,8 +130,10 @@ fn a_stopped_or_killed_node_leaves_the_in_sync_replicas_and_rejoins_once_caught_
     let extra = ["replica_lag_time_max_ms=2000".to_string(), "offsets_topic_partitions=2".to_string()];
     let (_, _dirs, mut nodes) = start_three_with(&extra);
     let all: Vec<&Broker> = nodes.iter().collect();
-    wait_for("a controller leader known to every node", &all, || {
-        all.iter().all(|n| cluster_status(n).is_some_and(|s| s["controller_leader"].is_u64())).then_some(())
+    // Every node registered too: a controller that has a leader but no registered nodes yet
+    // refuses a replication factor of 3 (the other cluster tests wait the same way).
+    wait_for("a controller leader and three registered nodes, as every node sees them", &all, || {
+        common::cluster::agreed_leader(&all, 3)
     });
     common::cluster::create_replicated(&nodes[0], TOPIC, 3, 3);
     whole_again(&nodes);
