@@ -1044,7 +1044,16 @@ mod tests {
                         break;
                     }
                     if statuses[0].serving {
-                        for i in 0..10 {
+                        // Leadership can still move between the status and the first proposal
+                        // (a loaded machine delays heartbeats): nothing was proposed, so wait for
+                        // the new leader to take the records instead.
+                        let first = host.produce(KEY, record("a0"), Duration::from_secs(10)).await;
+                        if matches!(first, Err(HostError::Propose(ProposeError::NotLeader { .. }))) {
+                            pause().await;
+                            continue;
+                        }
+                        first.unwrap();
+                        for i in 1..10 {
                             let value = format!("a{i}");
                             host.produce(KEY, record(&value), Duration::from_secs(10)).await.unwrap();
                         }
