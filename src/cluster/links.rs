@@ -189,11 +189,11 @@ impl PeerLinks {
                 let queued = sender.clone().try_send(frame).is_ok();
                 if report.is_some() {
                     let mut owed = self.owed_whole_report.borrow_mut();
-                    match queued {
-                        false => owed.insert(to),
-                        true if carries_report => owed.remove(&to),
-                        true => false,
-                    };
+                    if !queued {
+                        owed.insert(to);
+                    } else if carries_report {
+                        owed.remove(&to);
+                    }
                 }
                 let mut sent = self.sent.borrow_mut();
                 let counts = sent.entry(to).or_default();
