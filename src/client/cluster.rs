@@ -22,6 +22,11 @@ use crate::protocol::wire;
 /// while no leader is known.
 const CONTROLLER_ATTEMPTS: u32 = 20;
 const CONTROLLER_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// The first pause before a topic change refused as `ClusterForming` is sent again, doubling up
+/// to the second: the broker answered so only after waiting itself (`replication_timeout_ms`),
+/// and the nodes of a cluster just started register within seconds of electing a controller.
+const FORMING_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const FORMING_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) struct Cluster {
     config: ClientConfig,
@@ -120,10 +125,34 @@ impl Cluster {
             .ok_or_else(|| ClientError::UnknownTopic { topic: name.to_owned() })
     }
 
+    /// Sends a topic change (`to_controller`), and sends it again while the broker answers
+    /// `ClusterForming`: the cluster's nodes just started and too few have registered with the
+    /// controller for the replication factor, and nothing was changed, so a later try succeeds
+    /// once they have. Stops once `request_timeout` has passed since the first try and returns
+    /// the last answer, whose message names the nodes not registered. Returns the connection that
+    /// answered and its response.
+    pub async fn controller_request<F>(&self, context: &str, encode: F) -> Result<(Connection, ResponseFrame)>
+    where
+        F: Fn(&mut FlatBufferBuilder<'static>) -> (wire::RequestBody, WIPOffset<UnionWIPOffset>) + Copy,
+    {
+        let give_up = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut pause = FORMING_RETRY_PAUSE;
+        loop {
+            let (conn, frame) = self.to_controller(context, encode).await?;
+            let forming = frame.response().is_ok_and(|r| r.error() == wire::ErrorCode::ClusterForming);
+            if !forming || tokio::time::Instant::now() + pause >= give_up {
+                return Ok((conn, frame));
+            }
+            tracing::debug!(context, "the cluster is still forming; sending the change again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(FORMING_RETRY_PAUSE_MAX);
+        }
+    }
+
     /// Sends a topic change: to the bootstrap node, and when that node does not lead the
     /// controller, to the node the metadata names as the controller's leader (retrying while an
-    /// election settles). Returns the connection that answered and its response.
-    pub async fn controller_request<F>(&self, context: &str, encode: F) -> Result<(Connection, ResponseFrame)>
+    /// election settles).
+    async fn to_controller<F>(&self, context: &str, encode: F) -> Result<(Connection, ResponseFrame)>
     where
         F: Fn(&mut FlatBufferBuilder<'static>) -> (wire::RequestBody, WIPOffset<UnionWIPOffset>) + Copy,
     {

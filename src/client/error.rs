@@ -98,6 +98,7 @@ impl ClientError {
             // NotLeader and RequestTimedOut (a replicated partition without a leader, or without a
             // quorum in time) are retried as Kafka producers retry them: without idempotence a
             // batch whose commit was cut short by a leader change may then be written twice.
+            // ClusterForming: a topic change refused before it was proposed, nodes just started.
             ClientError::Broker { code, .. } => matches!(
                 *code,
                 ErrorCode::NotOwner
@@ -105,6 +106,7 @@ impl ClientError {
                     | ErrorCode::ResourceExhausted
                     | ErrorCode::NotLeader
                     | ErrorCode::RequestTimedOut
+                    | ErrorCode::ClusterForming
             ),
             _ => false,
         }

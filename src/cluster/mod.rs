@@ -3,7 +3,8 @@
 //! (`controller_log`), and the state that group replicates (`state`, without IO): the node
 //! registry (every node's id and addresses, registered by the controller leader when it hears
 //! from a node) and the replicated topics (their ids and replica sets), which `topics` carries
-//! out on this node. Each node keeps its own view of
+//! out on this node; `forming` decides whether a topic change waits for nodes that have not
+//! registered yet (a cluster just started). Each node keeps its own view of
 //! which peers it hears from (liveness), hosts its partition replicas (`replicas`), learns every
 //! partition's in-sync replicas from its leader's keepalives (`in_sync`), and answers the shard's
 //! `ReplicaGate` for them (produce proposes and waits for the commit; reads ask who leads;
@@ -16,6 +17,7 @@
 //! it, the protocols send topic changes through it and the admin listener reads its status.
 
 pub mod controller_log;
+pub mod forming;
 pub mod in_sync;
 pub mod links;
 pub mod replicas;
@@ -44,6 +46,7 @@ use crate::replication::wire::{GroupKey, PeerBatch};
 use crate::shard::replicated::{LeaderView, ReplicaGate};
 use crate::shard::{Boxed, BrokerError, Shard, TopicView};
 use controller_log::{ControllerLog, DirFiles, PendingWrites};
+use forming::Fit;
 use links::{Outbox, PeerLinks};
 use replicas::{Compaction, HostError, ReplicaHost};
 use state::{AppliedCommand, ControllerCommand, ControllerState, ReplicatedTopic, TopicChange, TopicCommand};
@@ -982,6 +985,7 @@ impl Cluster {
         replication_factor: u16,
         overrides: TopicOverrides,
     ) -> Result<ReplicatedTopic, BrokerError> {
+        self.await_registrations(&name, replication_factor).await?;
         let request = self.request_id();
         self.change_topic(TopicCommand::Create { request, name, partitions, replication_factor, overrides })
             .await
@@ -995,8 +999,56 @@ impl Cluster {
     /// Raises a replicated topic's partition count to `partitions`; the new partitions' replica
     /// sets are placed when the controller's log applies the command.
     pub async fn grow_topic(&self, name: String, partitions: u32) -> Result<ReplicatedTopic, BrokerError> {
+        // Every partition keeps the factor the topic was created with; a topic this node does not
+        // know yet is the log's to refuse.
+        let replication_factor = self.topics.replication_factor(&name);
+        if let Some(replication_factor) = replication_factor {
+            self.await_registrations(&name, replication_factor).await?;
+        }
         let request = self.request_id();
         self.change_topic(TopicCommand::Grow { request, name, partitions }).await
+    }
+
+    /// Waits until as many nodes have registered, as this node applied the controller's log, as
+    /// `replication_factor` copies of `topic` need (`forming::fit`), checking every tick for at
+    /// most `replication_timeout_ms`: a cluster just started registers its nodes within a few
+    /// ticks of electing its controller, and proposing earlier would have the log refuse the
+    /// change for good. A factor beyond the seeds and the registered nodes together is refused at
+    /// once (InvalidReplicationFactor); one still short after the wait is refused as
+    /// `ClusterForming`, which clients retry.
+    async fn await_registrations(&self, topic: &str, replication_factor: u16) -> Result<(), BrokerError> {
+        let seeds: Vec<u64> = self.seeds.voters.keys().copied().collect();
+        let started = Instant::now();
+        let mut logged = false;
+        loop {
+            let registered: Vec<u64> = self.state.borrow().registered().keys().copied().collect();
+            let missing = match forming::fit(topic, replication_factor, &seeds, &registered) {
+                Fit::Now => return Ok(()),
+                Fit::Never(reason) => return Err(BrokerError::InvalidReplicationFactor(reason)),
+                Fit::Forming { missing } => missing,
+            };
+            let waited = started.elapsed();
+            if waited >= self.replication_timeout {
+                return Err(BrokerError::ClusterForming {
+                    topic: topic.to_string(),
+                    replication_factor,
+                    registered,
+                    missing,
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            if !logged {
+                logged = true;
+                tracing::info!(
+                    topic,
+                    replication_factor,
+                    ?registered,
+                    ?missing,
+                    "cluster: the cluster is still forming; the topic change waits for nodes to register"
+                );
+            }
+            glommio::timer::sleep(self.tick.min(self.replication_timeout - waited)).await;
+        }
     }
 
     async fn run_ticks(self: Rc<Self>) {

@@ -68,6 +68,14 @@ impl Topics {
         self.state.borrow().topics().contains_key(name)
     }
 
+    /// How many copies of each partition `name` keeps, as this node applied it (`None`: no such
+    /// replicated topic here).
+    pub fn replication_factor(&self, name: &str) -> Option<u16> {
+        let state = self.state.borrow();
+        let copies = state.topics().get(name)?.replication.replicas.first()?.len();
+        Some(u16::try_from(copies).unwrap_or(u16::MAX))
+    }
+
     /// Every replicated topic as this node applied them.
     pub fn all(&self) -> Vec<ReplicatedTopic> {
         self.state.borrow().topics().values().cloned().collect()

@@ -65,6 +65,18 @@ pub fn broker_code(e: &BrokerError) -> i16 {
         BrokerError::ReplicationTimedOut { .. } => K::RequestTimedOut,
         BrokerError::NotController { .. } => K::NotController,
         BrokerError::InvalidReplicationFactor(_) => K::InvalidReplicationFactor,
+        // Nodes just started, not registered with the controller yet. Kafka's KRaft controller
+        // would answer INVALID_REPLICATION_FACTOR, which clients take as final; a Kafka client
+        // seldom meets it, because a Kafka broker opens its listeners only once it has registered,
+        // while a ringlog node takes requests before the controller knows it. What happened is a
+        // bounded wait that ran out with nothing changed: Kafka answers a CreateTopics its
+        // controller could not finish within the request's timeout with REQUEST_TIMED_OUT, which
+        // every Kafka client classes as retriable (Java's TimeoutException is a
+        // RetriableException; librdkafka and kafkajs mark it retriable), and the message names the
+        // missing nodes. Not NOT_CONTROLLER or THROTTLING_QUOTA_EXCEEDED, which some admin clients
+        // retry by themselves: the first sends them looking for another controller, the second
+        // says they are throttled; neither is what happened.
+        BrokerError::ClusterForming { .. } => K::RequestTimedOut,
         BrokerError::Internal(_) => K::UnknownServerError,
     };
     k.code()
@@ -147,6 +159,14 @@ mod tests {
         assert_eq!(broker_code(&BrokerError::ControlBatch { position: 0 }), 87);
         assert_eq!(broker_code(&BrokerError::TransactionalBatch { position: 0 }), 53);
         assert_eq!(broker_code(&BrokerError::ShuttingDown), 6);
+        let forming = BrokerError::ClusterForming {
+            topic: group(),
+            replication_factor: 3,
+            registered: vec![1],
+            missing: vec![2, 3],
+            waited_ms: 10,
+        };
+        assert_eq!(broker_code(&forming), 7, "REQUEST_TIMED_OUT, retriable");
         assert_eq!(broker_code(&storage(StorageError::Closed)), 6);
         assert_eq!(group_code(&GroupError::NotCoordinator { group: group(), shard: 1 }), 15);
         assert_eq!(group_code(&GroupError::ShuttingDown), 15);

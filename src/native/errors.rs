@@ -42,6 +42,7 @@ pub fn broker_code(e: &BrokerError) -> ErrorCode {
         BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
         BrokerError::NotController { .. } => ErrorCode::NotController,
         BrokerError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
+        BrokerError::ClusterForming { .. } => ErrorCode::ClusterForming,
         BrokerError::Internal(_) => ErrorCode::Internal,
     }
 }

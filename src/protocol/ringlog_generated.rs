@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: i16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: i16 = 33;
+pub const ENUM_MAX_ERROR_CODE: i16 = 34;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 34] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 35] = [
   ErrorCode::None,
   ErrorCode::UnknownTopicOrPartition,
   ErrorCode::NotOwner,
@@ -51,6 +51,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 34] = [
   ErrorCode::NotLeader,
   ErrorCode::NotController,
   ErrorCode::InvalidReplicationFactor,
+  ErrorCode::ClusterForming,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -92,9 +93,10 @@ impl ErrorCode {
   pub const NotLeader: Self = Self(31);
   pub const NotController: Self = Self(32);
   pub const InvalidReplicationFactor: Self = Self(33);
+  pub const ClusterForming: Self = Self(34);
 
   pub const ENUM_MIN: i16 = 0;
-  pub const ENUM_MAX: i16 = 33;
+  pub const ENUM_MAX: i16 = 34;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopicOrPartition,
@@ -130,6 +132,7 @@ impl ErrorCode {
     Self::NotLeader,
     Self::NotController,
     Self::InvalidReplicationFactor,
+    Self::ClusterForming,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -168,6 +171,7 @@ impl ErrorCode {
       Self::NotLeader => Some("NotLeader"),
       Self::NotController => Some("NotController"),
       Self::InvalidReplicationFactor => Some("InvalidReplicationFactor"),
+      Self::ClusterForming => Some("ClusterForming"),
       _ => None,
     }
   }

@@ -87,6 +87,22 @@ pub enum BrokerError {
     NotController { leader: Option<u64>, address: Option<String> },
     #[error("{0}")]
     InvalidReplicationFactor(String),
+    /// A topic change whose replication factor the cluster's seed list allows but for which too
+    /// few nodes have registered with the controller yet (they just started): refused before
+    /// anything was proposed, so the client may send it again (`cluster::forming`).
+    #[error(
+        "replication factor {replication_factor} for topic '{topic}': the cluster is still forming: {} \
+         nodes registered with the controller ({registered:?}), seed nodes {missing:?} not yet (waited \
+         {waited_ms} ms); retry shortly, and if it lasts, check that those nodes run and reach their peers",
+        registered.len()
+    )]
+    ClusterForming {
+        topic: String,
+        replication_factor: u16,
+        registered: Vec<u64>,
+        missing: Vec<u64>,
+        waited_ms: u64,
+    },
     #[error("the broker is shutting down")]
     ShuttingDown,
     /// A broken invariant between shards; a bug, reported rather than panicking.
