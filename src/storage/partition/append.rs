@@ -216,7 +216,14 @@ impl Partition {
     /// the bytes for the flusher and caches them. All or nothing. Idempotent batches are checked
     /// against the producer state; a request that only retries appended batches is answered with
     /// the originals' offsets and writes nothing.
-    pub fn append(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
+    pub fn append(&self, batches: BytesMut) -> Result<AppendResult, StorageError> {
+        let appended = self.stage_client_batches(batches);
+        // Also after a refusal: a roll before it queued a seal.
+        self.wake_flusher();
+        appended
+    }
+
+    fn stage_client_batches(&self, mut batches: BytesMut) -> Result<AppendResult, StorageError> {
         let mut st = self.appendable(&batches)?;
         let limits = self.batch_limits();
         let base_offset = self.log_end_offset.get();
@@ -268,6 +275,12 @@ impl Partition {
     /// gave them); the state records the batches so a later leader here knows the producers.
     /// Validated and staged like `append`, all or nothing.
     pub fn append_replicated(&self, batches: Bytes) -> Result<AppendResult, StorageError> {
+        let appended = self.stage_replicated_batches(batches);
+        self.wake_flusher();
+        appended
+    }
+
+    fn stage_replicated_batches(&self, batches: Bytes) -> Result<AppendResult, StorageError> {
         let mut st = self.appendable(&batches)?;
         let limits = self.batch_limits();
         let base_offset = self.log_end_offset.get();
@@ -435,7 +448,6 @@ impl Partition {
         drop(cache);
 
         self.log_end_offset.set(end_offset);
-        self.flush_wanted.notify_all();
         Ok(AppendResult {
             base_offset,
             last_offset: end_offset - 1,

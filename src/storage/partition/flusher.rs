@@ -394,8 +394,24 @@ impl Partition {
     }
 }
 
-/// The flusher: the only task that writes a partition's files, one job at a time.
-pub(super) async fn run_flusher(partition: Weak<Partition>, wake: Rc<Notify>) {
+impl Partition {
+    /// Wakes the flusher for queued jobs, starting one if none runs. Never called with `state`
+    /// borrowed: glommio may run a task it spawns at once.
+    pub(super) fn wake_flusher(&self) {
+        if self.flusher_running.get() {
+            self.flush_wanted.notify_all();
+        } else if !self.state.borrow().pending.is_empty() {
+            self.flusher_running.set(true);
+            glommio::spawn_local(run_flusher(self.self_ref.clone(), self.flush_wanted.clone())).detach();
+        }
+    }
+}
+
+/// The flusher: the only task that writes a partition's files, one job at a time. It lives while
+/// the partition is in use: with no job left it ends once the active file has been released
+/// (`idle`) or the partition closes, and the next job starts another (`wake_flusher`). A busy
+/// partition keeps its task; an idle one holds none.
+async fn run_flusher(partition: Weak<Partition>, wake: Rc<Notify>) {
     loop {
         let notified = wake.notified();
         {
@@ -404,7 +420,7 @@ pub(super) async fn run_flusher(partition: Weak<Partition>, wake: Rc<Notify>) {
                 p.flush_round().await;
                 continue;
             }
-            if p.closed.get() {
+            if p.closed.get() || !p.holds_file_slot.get() {
                 p.flusher_running.set(false);
                 p.progress.notify_all();
                 return;

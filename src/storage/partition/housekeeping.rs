@@ -62,7 +62,6 @@ impl Partition {
                 if roll {
                     self.roll(&mut st, 0)?;
                     report.rolled_segment = Some(seg.base_offset);
-                    self.flush_wanted.notify_all();
                 }
             }
             // Only segments whose seal finished (file final, indexes on disk) may go.
@@ -102,6 +101,8 @@ impl Partition {
             }
             victims
         };
+        // A roll above queued the old segment's seal.
+        self.wake_flusher();
         if !victims.is_empty() {
             self.evict_cached_below(self.log_start_offset.get()).await;
         }

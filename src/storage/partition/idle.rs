@@ -69,9 +69,11 @@ impl Partition {
         }
         self.in_open_set.set(false);
         let (Some(file), Some(partition)) = (seg.take_file(), self.self_ref.upgrade()) else {
+            drop(st);
             if self.holds_file_slot.replace(false) {
                 self.shard.give_back_file_slot();
             }
+            self.flush_wanted.notify_all();
             return true;
         };
         st.releasing = true;
@@ -119,6 +121,8 @@ impl Partition {
         }
         self.state.borrow_mut().releasing = false;
         self.progress.notify_all();
+        // An idle flusher ends with the file.
+        self.flush_wanted.notify_all();
     }
 
     /// Before the active file is opened (or used): waits for a release in progress to end, then

@@ -94,7 +94,7 @@ use super::{LogConfig, RecoveryReport, ShardStorage, StorageError, Visibility};
 use crate::metrics::Memory;
 pub use append::ProducerLog;
 use append::{Chunk, SpareSlot};
-use flusher::{run_flusher, Rollback};
+use flusher::Rollback;
 use recovery::{read_carry, recover_producer_state, recover_segments, Promise};
 
 /// Recovery refuses to believe a length field larger than this (a scribbled header).
@@ -168,8 +168,11 @@ pub struct Partition {
     log_start_offset: Cell<i64>,
     log_end_offset: Cell<i64>,
     closed: Cell<bool>,
+    /// A flusher task is alive: from the first job queued until the partition's active file is
+    /// released or the partition closes. An idle partition has none (its future is ~2 KB, most
+    /// of an idle partition's memory).
     flusher_running: Cell<bool>,
-    /// Wakes the flusher: new jobs, or close.
+    /// Wakes a running flusher: new jobs, the active file released, close.
     flush_wanted: Rc<Notify>,
     /// Wakes waiters: high watermark moved, rollback, flusher idle or stopped, close.
     progress: Notify,
@@ -340,7 +343,7 @@ impl Partition {
             log_start_offset: Cell::new(log_start),
             log_end_offset: Cell::new(log_end),
             closed: Cell::new(false),
-            flusher_running: Cell::new(true),
+            flusher_running: Cell::new(false),
             flush_wanted: Rc::new(Notify::default()),
             progress: Notify::default(),
             spare: Rc::new(SpareSlot::default()),
@@ -350,7 +353,6 @@ impl Partition {
             holds_file_slot: Cell::new(false),
             active_readers: Cell::new(0),
         });
-        glommio::spawn_local(run_flusher(Rc::downgrade(&partition), partition.flush_wanted.clone())).detach();
         tracing::debug!("{report}");
         Ok((partition, report))
     }
@@ -572,7 +574,7 @@ impl Partition {
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        // Lets the flusher notice the partition is gone and end.
+        // Lets a waiting flusher notice the partition is gone and end.
         self.flush_wanted.notify_all();
         if self.holds_file_slot.get() {
             self.shard.give_back_file_slot();
