@@ -121,6 +121,24 @@ async fn a_factor_waiting_for_a_node_that_never_starts_is_refused_as_retriable_n
     }
     assert!(took >= Duration::from_secs(2), "sent once only ({took:?}): the client did not retry");
     assert!(took < Duration::from_secs(10), "the retries are bounded by the request timeout: {took:?}");
+    // The CLI gives up as its --request-timeout-ms says (the default is 30 s), with the reason.
+    let asked = Instant::now();
+    let args = [
+        "topic",
+        "create",
+        "needs-three",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+        "--request-timeout-ms",
+        "2500",
+    ];
+    let out = common::run_cli(&nodes[0].addr, &args, None);
+    let took = asked.elapsed();
+    assert!(!out.status.success(), "created with a node missing: {}", out.stdout);
+    assert!(out.stderr.contains("seed nodes [3] not yet"), "{}", out.stderr);
+    assert!(took < Duration::from_secs(20), "the CLI kept retrying past its request timeout: {took:?}");
     // Two copies fit the nodes registered.
     admin.create_replicated_topic("two-copies", 1, 2, &settings).await.unwrap();
 

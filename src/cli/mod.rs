@@ -60,11 +60,25 @@ pub struct ConnectArgs {
     /// Any broker's native-protocol address.
     #[arg(long, value_name = "ADDR", env = "RINGLOG_BOOTSTRAP", default_value = DEFAULT_BOOTSTRAP)]
     pub bootstrap: String,
+    /// How long to wait for a connection or an answer; also how long a topic change is sent
+    /// again while a cluster that just started is still forming.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "RINGLOG_REQUEST_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
+    )]
+    pub request_timeout_ms: u64,
 }
 
 impl ConnectArgs {
     fn client_config(&self) -> ClientConfig {
-        ClientConfig { client_id: "ringlog-cli".to_owned(), ..ClientConfig::new(self.bootstrap.clone()) }
+        ClientConfig {
+            client_id: "ringlog-cli".to_owned(),
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            ..ClientConfig::new(self.bootstrap.clone())
+        }
     }
 }
 
@@ -161,7 +175,16 @@ mod tests {
         assert_eq!(create.retention_ms, Some(60000));
         assert_eq!(create.durability, Some(DurabilityArg::Written));
         assert_eq!(create.connect.bootstrap, "h:1");
+        assert_eq!(create.connect.client_config().request_timeout, std::time::Duration::from_secs(30));
         assert!(parse(&["topic", "create", "orders"]).is_err(), "--partitions is required");
+        let cmd =
+            parse(&["topic", "create", "o", "--partitions", "1", "--request-timeout-ms", "1500"]).unwrap();
+        let ClientCommand::Topic { command: TopicCommand::Create(create) } = cmd else { panic!("{cmd:?}") };
+        assert_eq!(create.connect.client_config().request_timeout, std::time::Duration::from_millis(1500));
+        for bad in ["0", "soon"] {
+            let args = ["topic", "create", "o", "--partitions", "1", "--request-timeout-ms", bad];
+            assert!(parse(&args).is_err(), "--request-timeout-ms {bad}");
+        }
     }
 
     #[test]
