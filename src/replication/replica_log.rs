@@ -21,7 +21,9 @@
 //! A follower whose log ends before its leader's first kept entry is sent a snapshot (`snapshot`:
 //! the leader's anchor, and `snapshot::SnapshotData`); applying it (`apply_snapshot`) makes the
 //! snapshot's entry the anchor, forgets the whole window and asks the caller to restart the
-//! partition log at the anchor's end offset (`LogWrite::RestartAt`).
+//! partition log at the anchor's end offset with the leader's producer state as of there
+//! (`LogWrite::RestartAt`). The leader's producer state lives in its partition, not here: the
+//! caller hands this log a `ProducersAsOf` to read it from when a snapshot is built.
 //!
 //! Owns the `raft.state` file format (plain std IO, to be run off the shard). Depends on
 //! `store`, `epochs`, `snapshot`, `record`.
@@ -40,6 +42,7 @@ use super::snapshot::SnapshotData;
 use super::store::{entry_offsets, initial_state_for, ReplicaStore, StoreError};
 use crate::record::builder::leader_change_batch;
 use crate::record::BatchHeader;
+use crate::storage::ProducerStates;
 
 pub const STATE_FILE: &str = "raft.state";
 const STATE_MAGIC: u32 = 0x524c_5253; // "RLRS"
@@ -198,7 +201,17 @@ pub enum LogWrite {
     /// `restart_pending` set, restart the log (directory synced), save `state` as given (the
     /// flag clear). A crash before the flagged save leaves the old log and state; after it, the
     /// open restarts the log again before anything reads it.
-    RestartAt { state: ReplicaState, epochs: LeaderEpochs },
+    RestartAt { state: ReplicaState, epochs: LeaderEpochs, producers: ProducerStates },
+}
+
+/// The leader's idempotent producers as of an offset (`ProducerStates::as_of` of its partition's
+/// state), read when raft-rs asks for a snapshot (a synchronous call, hence a callback).
+pub struct ProducersAsOf(pub Box<dyn Fn(i64) -> ProducerStates>);
+
+impl std::fmt::Debug for ProducersAsOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProducersAsOf")
+    }
 }
 
 /// Entries raft-rs asked for that are not in memory: read batches `[base_offset, end_offset)`
@@ -259,6 +272,9 @@ pub struct ReplicaLog {
     limits: CacheLimits,
     fetches: std::cell::RefCell<Vec<FetchRequest>>,
     writes: Vec<LogWrite>,
+    /// Where a snapshot's producer state comes from; without it (a log with no partition behind
+    /// it) snapshots carry none.
+    producers_as_of: Option<ProducersAsOf>,
 }
 
 impl ReplicaLog {
@@ -314,7 +330,13 @@ impl ReplicaLog {
             limits,
             fetches: std::cell::RefCell::new(Vec::new()),
             writes: Vec::new(),
+            producers_as_of: None,
         })
+    }
+
+    /// Makes the snapshots this log sends carry the producer state `source` gives.
+    pub fn set_producers_as_of(&mut self, source: ProducersAsOf) {
+        self.producers_as_of = Some(source);
     }
 
     pub fn anchor(&self) -> Anchor {
@@ -512,7 +534,12 @@ impl raft::Storage for ReplicaLog {
         }
         let mut epochs = self.epochs.clone();
         epochs.truncate_from(self.anchor.index + 1);
-        let data = SnapshotData { start_offset: self.anchor.end_offset, epochs };
+        // Everything below the anchor's end is applied, so in the partition and its producer
+        // state; later batches are left out and reach the follower as appends.
+        let start_offset = self.anchor.end_offset;
+        let producers =
+            self.producers_as_of.as_ref().map(|source| (source.0)(start_offset)).unwrap_or_default();
+        let data = SnapshotData { start_offset, epochs, producers };
         let mut snapshot = Snapshot { data: data.encode().into(), ..Default::default() };
         let metadata = snapshot.mut_metadata();
         metadata.index = self.anchor.index;
@@ -623,7 +650,11 @@ impl ReplicaStore for ReplicaLog {
         self.conf_state = metadata.get_conf_state().clone();
         self.hard_state.commit = self.hard_state.commit.max(index);
         let state = self.state();
-        self.writes.push(LogWrite::RestartAt { state, epochs: self.epochs.clone() });
+        self.writes.push(LogWrite::RestartAt {
+            state,
+            epochs: self.epochs.clone(),
+            producers: data.producers,
+        });
         Ok(())
     }
 }

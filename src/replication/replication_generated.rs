@@ -757,6 +757,7 @@ impl<'a> ::flatbuffers::Follow<'a> for SnapshotData<'a> {
 impl<'a> SnapshotData<'a> {
   pub const VT_START_OFFSET: ::flatbuffers::VOffsetT = 4;
   pub const VT_EPOCHS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PRODUCERS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -769,6 +770,7 @@ impl<'a> SnapshotData<'a> {
   ) -> ::flatbuffers::WIPOffset<SnapshotData<'bldr>> {
     let mut builder = SnapshotDataBuilder::new(_fbb);
     builder.add_start_offset(args.start_offset);
+    if let Some(x) = args.producers { builder.add_producers(x); }
     if let Some(x) = args.epochs { builder.add_epochs(x); }
     builder.finish()
   }
@@ -788,6 +790,13 @@ impl<'a> SnapshotData<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EpochStart>>>(SnapshotData::VT_EPOCHS, None)}
   }
+  #[inline]
+  pub fn producers(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(SnapshotData::VT_PRODUCERS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotData<'_> {
@@ -798,6 +807,7 @@ impl ::flatbuffers::Verifiable for SnapshotData<'_> {
     v.visit_table(pos)?
      .visit_field::<i64>("start_offset", Self::VT_START_OFFSET, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EpochStart>>>("epochs", Self::VT_EPOCHS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("producers", Self::VT_PRODUCERS, false)?
      .finish();
     Ok(())
   }
@@ -805,6 +815,7 @@ impl ::flatbuffers::Verifiable for SnapshotData<'_> {
 pub struct SnapshotDataArgs<'a> {
     pub start_offset: i64,
     pub epochs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EpochStart>>>,
+    pub producers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for SnapshotDataArgs<'a> {
   #[inline]
@@ -812,6 +823,7 @@ impl<'a> Default for SnapshotDataArgs<'a> {
     SnapshotDataArgs {
       start_offset: 0,
       epochs: None,
+      producers: None,
     }
   }
 }
@@ -828,6 +840,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotDataBuilder<'a, 'b, A
   #[inline]
   pub fn add_epochs(&mut self, epochs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , EpochStart>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotData::VT_EPOCHS, epochs);
+  }
+  #[inline]
+  pub fn add_producers(&mut self, producers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotData::VT_PRODUCERS, producers);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotDataBuilder<'a, 'b, A> {
@@ -849,6 +865,7 @@ impl ::core::fmt::Debug for SnapshotData<'_> {
     let mut ds = f.debug_struct("SnapshotData");
       ds.field("start_offset", &self.start_offset());
       ds.field("epochs", &self.epochs());
+      ds.field("producers", &self.producers());
       ds.finish()
   }
 }

@@ -531,7 +531,7 @@ mod tests {
         let mut epochs = LeaderEpochs::default();
         epochs.assign(EpochStart { epoch: 2, start_offset: 0, start_index: 1 });
         epochs.assign(EpochStart { epoch: 5, start_offset: 300, start_index: 40 });
-        let data = SnapshotData { start_offset: 700, epochs };
+        let data = SnapshotData { start_offset: 700, epochs, producers: Default::default() };
         let mut snapshot = Snapshot { data: data.encode().into(), ..Default::default() };
         snapshot.mut_metadata().index = 90;
         snapshot.mut_metadata().term = 5;

@@ -17,9 +17,11 @@ use crate::record;
 use crate::replication::epochs::{EpochsError, LeaderEpochs};
 use crate::replication::group::{GroupError, GroupSettings, ProposeError, Proposed, RaftGroup};
 use crate::replication::replica_log::{
-    CacheLimits, LogWrite, OpenError, ReplicaLog, ReplicaState, ScannedBatch, StateFileError,
+    CacheLimits, LogWrite, OpenError, ProducersAsOf, ReplicaLog, ReplicaState, ScannedBatch, StateFileError,
 };
-use crate::storage::{blocking, Durability, Partition, RequestVerdict, StorageError, Visibility};
+use crate::storage::{
+    blocking, Durability, Partition, ProducerStates, RequestVerdict, StorageError, Visibility,
+};
 
 /// Bytes read per step of the open scan and of a follower's catch-up read.
 const READ_STEP_BYTES: usize = 1 << 20;
@@ -101,8 +103,18 @@ impl PartitionReplica {
                 offset = state.anchor.end_offset,
                 "replication: finishing a log restart from a snapshot"
             );
+            // The leader's producer state came with the snapshot and is kept nowhere else until
+            // the restart writes it. A log that starts at the offset was restarted whole (old
+            // segments and snapshots are unlinked durably before the new segment is made), so
+            // what it recovered is that state; otherwise the crash came before it was written,
+            // and the producers below the new start are forgotten (docs/replication.md, stop 18).
+            let offset = state.anchor.end_offset;
+            let producers = match partition.log_start_offset() == offset {
+                true => partition.producers_as_of(offset),
+                false => ProducerStates::default(),
+            };
             partition
-                .restart_at(state.anchor.end_offset)
+                .restart_at(offset, producers)
                 .await
                 .map_err(|source| ReplicaError::Storage { name: name.clone(), source })?;
             state.restart_pending = false;
@@ -115,8 +127,10 @@ impl PartitionReplica {
             }
         }
         let tail = scan(&name, &partition, state.anchor.end_offset).await?;
-        let log = ReplicaLog::open(state, epochs, tail, cache)
+        let mut log = ReplicaLog::open(state, epochs, tail, cache)
             .map_err(|source| ReplicaError::Open { name: name.clone(), source })?;
+        let source = partition.clone();
+        log.set_producers_as_of(ProducersAsOf(Box::new(move |offset| source.producers_as_of(offset))));
         let group = RaftGroup::new(id, name.clone(), settings, log, seed)
             .map_err(|source| ReplicaError::Group { name: name.clone(), source })?;
         partition.commit_to(group.high_watermark());
@@ -215,7 +229,7 @@ impl PartitionReplica {
                     self.save(Some(epochs), state).await?;
                     self.partition.keep_from(anchor_end);
                 }
-                LogWrite::RestartAt { state, epochs } => {
+                LogWrite::RestartAt { state, epochs, producers } => {
                     // The flagged save is the point of no return: from there a crash finishes
                     // the restart on open. Before it, the old log and state stand (a newer
                     // epochs file is cut back to the old anchor on open).
@@ -228,7 +242,10 @@ impl PartitionReplica {
                     );
                     let flagged = ReplicaState { restart_pending: true, ..state.clone() };
                     self.save(Some(epochs), flagged).await?;
-                    self.partition.restart_at(offset).await.map_err(|source| self.storage(source))?;
+                    self.partition
+                        .restart_at(offset, producers)
+                        .await
+                        .map_err(|source| self.storage(source))?;
                     self.save(None, state).await?;
                     // Durable (the directory was synced): what depends on it may be acknowledged.
                     durable_through = None;
@@ -759,6 +776,71 @@ mod tests {
             cluster.replica(1).group().propose(batch(1, "after-restart")).unwrap();
             cluster.settle().await;
             assert_same_from_start(&mut cluster, 3).await;
+        });
+    }
+
+    #[test]
+    fn a_follower_restarted_from_a_snapshot_knows_the_producers_below_its_log_start() {
+        run(|| async {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cluster = Cluster::new(tmp.path()).await;
+            cluster.elect(1).await;
+            cluster.replica(1).group().propose(batch(2, "kept")).unwrap();
+            cluster.settle().await;
+            // Producer 7's batches reach nodes 1 and 2 only, then fall below the leader's log
+            // start: node 3 can learn of them from the snapshot alone.
+            cluster.cut.insert(3);
+            let mut sent = Vec::new();
+            for (i, sequence) in [0, 3, 5].into_iter().enumerate() {
+                let proposed =
+                    cluster.replica(1).propose(idempotent(&format!("p{i}"), 7, 2, sequence, 3 - i)).unwrap();
+                cluster.settle().await;
+                sent.push((sequence, 3 - i, proposed.base_offset, proposed.last_offset));
+            }
+            for i in 0..40 {
+                cluster.replica(1).group().propose(batch(2, &format!("gone{i}"))).unwrap();
+                cluster.settle().await;
+            }
+            cluster.replica(1).compact(2).await.unwrap();
+            let leader = cluster.replica(1).partition().clone();
+            // Retention by size, at the batches' own time: the producer has not expired.
+            leader.housekeep(1_700_000_000_000 + 1_000).await.unwrap();
+            let (last_sequence, last_records, last_base, last_end) = sent[2];
+            assert!(leader.log_start_offset() > last_end, "the producer's batches are below the log start");
+            cluster.cut.clear();
+            cluster.tick(1, 10).await;
+            let anchor = cluster.replica(1).group().store().anchor();
+            assert_eq!(cluster.replica(3).partition().log_start_offset(), anchor.end_offset);
+
+            // A retry of the producer's last batch is a duplicate on node 3, before and after a
+            // restart (the state is in a producer-state snapshot at the new start).
+            let retry = idempotent("p2", 7, 2, last_sequence, last_records);
+            let header = BatchHeader::parse(&retry).unwrap();
+            let duplicate = RequestVerdict::Duplicate { base_offset: last_base, last_offset: last_end };
+            let verdict = |cluster: &mut Cluster| {
+                cluster.replica(3).partition().check_proposal(&header, std::iter::empty()).unwrap()
+            };
+            assert_eq!(verdict(&mut cluster), duplicate);
+            cluster.crash_and_restart(3).await;
+            assert_eq!(verdict(&mut cluster), duplicate);
+
+            // Node 3 leads: it answers the retry with the original's offsets, takes the next
+            // sequence and refuses a gap, as node 1 would have.
+            cluster.replicas[0] = None;
+            // Node 2's lease on node 1 runs out (an election timeout) before its own, randomized
+            // one would make it campaign.
+            cluster.tick(2, GroupSettings::default().election_ticks).await;
+            cluster.elect(3).await;
+            let again = cluster.replica(3).propose(retry).unwrap();
+            assert!(again.retry, "the retry was not recognised");
+            assert_eq!((again.base_offset, again.last_offset), (last_base, last_end));
+            match cluster.replica(3).propose(idempotent("gap", 7, 2, last_sequence + 5, 1)) {
+                Err(ProposalRefused::Producer(StorageError::OutOfOrderSequence { .. })) => {}
+                other => panic!("a sequence gap was not refused: {other:?}"),
+            }
+            let next = cluster.replica(3).propose(idempotent("p3", 7, 2, last_sequence + 1, 1)).unwrap();
+            assert!(!next.retry);
+            cluster.settle().await;
         });
     }
 

@@ -51,7 +51,12 @@ use std::rc::{Rc, Weak};
 pub use group_sync::FsyncScope;
 pub use index::{IndexEntry, SegmentIndex};
 pub use partition::{Partition, ProducerLog};
-pub use producer_state::{RequestVerdict, SequenceGap};
+#[cfg(test)]
+pub(crate) use producer_state::ProducerBatch;
+pub(crate) use producer_state::SNAPSHOT_BYTES_MAX as PRODUCER_SNAPSHOT_BYTES_MAX;
+pub use producer_state::{
+    ProducerStates, RequestVerdict, SequenceGap, SnapshotError as ProducerSnapshotError,
+};
 pub use tail_cache::CacheStats;
 
 use crate::record::BatchError;

@@ -43,6 +43,11 @@ const SNAPSHOT_HEADER_LEN: usize = 4 + 2 + 2 + 8 + 4;
 const SNAPSHOT_ENTRY_LEN: usize = 8 + 2 + 1 + 1 + 8;
 const SNAPSHOT_BATCH_LEN: usize = 4 + 4 + 8 + 8;
 const SNAPSHOT_CRC_LEN: usize = 4;
+/// The largest snapshot a bounded table encodes to (about 14 MB): what a reader of one that came
+/// from elsewhere (a leader's Raft snapshot) accepts at most.
+pub(crate) const SNAPSHOT_BYTES_MAX: usize = SNAPSHOT_HEADER_LEN
+    + PRODUCERS_PER_PARTITION_MAX * (SNAPSHOT_ENTRY_LEN + BATCHES_RETAINED * SNAPSHOT_BATCH_LEN)
+    + SNAPSHOT_CRC_LEN;
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
 const SNAPSHOT_TEMP_SUFFIX: &str = ".snapshot.tmp";
 
@@ -297,26 +302,26 @@ pub(crate) struct Refused {
 
 /// The producer state of one partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ProducerStates {
+pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
 }
 
 impl ProducerStates {
     /// Bytes the table holds: an entry and a control byte per slot.
-    pub fn memory_bytes(&self) -> usize {
+    pub(crate) fn memory_bytes(&self) -> usize {
         self.producers.capacity() * (std::mem::size_of::<(i64, ProducerEntry)>() + 1)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.producers.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.producers.is_empty()
     }
 
     #[cfg(test)]
-    pub fn get(&self, producer_id: i64) -> Option<&ProducerEntry> {
+    pub(crate) fn get(&self, producer_id: i64) -> Option<&ProducerEntry> {
         self.producers.get(&producer_id)
     }
 
@@ -324,7 +329,7 @@ impl ProducerStates {
     /// if the earlier ones were appended, and records them all when the request is to be
     /// appended. Nothing is recorded when a batch is refused or the request is a retry. Must only
     /// be called once nothing else can fail the append.
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         batches: &[Appending],
         request_batches: usize,
@@ -408,7 +413,7 @@ impl ProducerStates {
     /// Checks `batch` as if `pending` (batches of the log not recorded here yet, in log order,
     /// with their offsets) had been appended first. Records nothing: a replicated partition's
     /// leader checks a batch before proposing it, and the state records it once the log holds it.
-    pub fn check_after(
+    pub(crate) fn check_after(
         &self,
         batch: &ProducerBatch,
         pending: impl IntoIterator<Item = (ProducerBatch, i64, i64)>,
@@ -427,7 +432,7 @@ impl ProducerStates {
     }
 
     /// Records a batch found in the log (recovery), without checks: the log is the truth.
-    pub fn replay(&mut self, batch: &ProducerBatch, base_offset: i64, last_offset: i64) {
+    pub(crate) fn replay(&mut self, batch: &ProducerBatch, base_offset: i64, last_offset: i64) {
         self.make_room_for(batch.producer_id);
         match self.producers.entry(batch.producer_id) {
             Entry::Vacant(vacant) => {
@@ -439,12 +444,31 @@ impl ProducerStates {
 
     /// Forgets batches at or after `offset` (rolled back, never acknowledged). A producer left
     /// with no batch becomes unknown: its retries are accepted at any sequence, as in Kafka.
-    pub fn truncate_from(&mut self, offset: i64) {
+    pub(crate) fn truncate_from(&mut self, offset: i64) {
         self.producers.retain(|_, entry| entry.truncate_from(offset));
     }
 
+    /// The state as of `offset`, for a follower whose log restarts there (a leader's Raft
+    /// snapshot): each producer's batches that end below `offset`, and no producer that has none
+    /// there — the follower rebuilds the rest from the appends after `offset`, which also bring
+    /// back the batches a later one pushed out of the [`BATCHES_RETAINED`] window. A producer's
+    /// epoch is its kept batches' epoch (a new epoch starts a new history), and its timestamp,
+    /// which only drives expiry, stays that of its latest batch.
+    pub(crate) fn as_of(&self, offset: i64) -> ProducerStates {
+        let producers = self
+            .producers
+            .iter()
+            .filter_map(|(&id, entry)| {
+                let mut kept = *entry;
+                kept.len = entry.batches().iter().take_while(|b| b.last_offset < offset).count() as u8;
+                (kept.len > 0).then_some((id, kept))
+            })
+            .collect();
+        ProducerStates { producers }
+    }
+
     /// Forgets producers whose last batch is older than [`PRODUCER_EXPIRATION_MS`]; returns how many.
-    pub fn expire(&mut self, now_ms: i64) -> usize {
+    pub(crate) fn expire(&mut self, now_ms: i64) -> usize {
         let before = self.producers.len();
         self.producers.retain(|_, e| now_ms.saturating_sub(e.last_timestamp_ms) < PRODUCER_EXPIRATION_MS);
         before - self.producers.len()
@@ -478,7 +502,7 @@ impl ProducerStates {
 
     /// The snapshot file's bytes for this state taken at `offset` (the state after every batch
     /// below it). Producers in id order, so equal states give equal files.
-    pub fn encode_snapshot(&self, offset: i64) -> Vec<u8> {
+    pub(crate) fn encode_snapshot(&self, offset: i64) -> Vec<u8> {
         let mut ids: Vec<i64> = self.producers.keys().copied().collect();
         ids.sort_unstable();
         let batches: usize = self.producers.values().map(|e| e.len as usize).sum();
@@ -514,7 +538,7 @@ impl ProducerStates {
     }
 
     /// Decodes a snapshot file: `(offset, state)`.
-    pub fn decode_snapshot(bytes: &[u8]) -> Result<(i64, ProducerStates), SnapshotError> {
+    pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<(i64, ProducerStates), SnapshotError> {
         if bytes.len() < SNAPSHOT_HEADER_LEN + SNAPSHOT_CRC_LEN {
             return Err(SnapshotError::Truncated { bytes: bytes.len() });
         }
@@ -536,6 +560,9 @@ impl ProducerStates {
         let count = r.u32()? as usize;
         if offset < 0 {
             return Err(SnapshotError::Malformed("negative offset"));
+        }
+        if count > PRODUCERS_PER_PARTITION_MAX {
+            return Err(SnapshotError::Malformed("more producers than a partition keeps"));
         }
         // Bounded by the bytes present, not by the count field.
         let mut producers = HashMap::with_capacity(count.min(body.len() / SNAPSHOT_ENTRY_LEN));
@@ -587,7 +614,7 @@ impl ProducerStates {
 }
 
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
-pub(crate) enum SnapshotError {
+pub enum SnapshotError {
     #[error("{bytes} bytes is too short for a producer snapshot")]
     Truncated { bytes: usize },
     #[error("not a producer snapshot (bad magic)")]
@@ -869,6 +896,42 @@ mod tests {
         assert_eq!(s.expire(1_000), 1);
         assert!(s.get(3).is_none());
         assert!(s.get(1).is_some());
+    }
+
+    #[test]
+    fn the_state_as_of_an_offset_keeps_the_batches_below_it() {
+        let mut s = ProducerStates::default();
+        // In log order: producer 1 at 0 and 2; producer 3 at 4 (epoch 0) and 5 (epoch 1: its
+        // new history alone is kept); producer 1 at 6; producer 2 at 8. 5 is a batch boundary,
+        // as a snapshot's start offset is.
+        s.replay(&pb(1, 0, 0, 2), 0, 1);
+        s.replay(&pb(1, 0, 2, 2), 2, 3);
+        s.replay(&pb(3, 0, 0, 1), 4, 4);
+        s.replay(&pb(3, 1, 0, 1), 5, 5);
+        s.replay(&pb(1, 0, 4, 2), 6, 7);
+        s.replay(&pb(2, 0, 0, 1), 8, 8);
+
+        let at = s.as_of(5);
+        assert_eq!(at.get(1).unwrap().batches().iter().map(|b| b.base_offset).collect::<Vec<_>>(), [0, 2]);
+        assert!(at.get(2).is_none(), "a producer with nothing below the offset is left out");
+        assert!(at.get(3).is_none(), "its epoch-0 batch was forgotten at the new epoch");
+        assert_eq!(at.len(), 1);
+        // Its snapshot encoding names the offset and holds only what is below it.
+        assert_eq!(ProducerStates::decode_snapshot(&at.encode_snapshot(5)), Ok((5, at.clone())));
+        // As of the log end: everything. As of the log start: nothing.
+        assert_eq!(s.as_of(9), s);
+        assert!(s.as_of(0).is_empty());
+        // The follower's state after the appends from the offset on is the leader's.
+        let mut follower = s.as_of(5);
+        follower.replay(&pb(3, 1, 0, 1), 5, 5);
+        follower.replay(&pb(1, 0, 4, 2), 6, 7);
+        follower.replay(&pb(2, 0, 0, 1), 8, 8);
+        assert_eq!(follower, s);
+        // The retry of producer 1's batch below the offset is a duplicate there.
+        assert_eq!(
+            one(&mut s.as_of(5), pb(1, 0, 2, 2), 9),
+            Ok(RequestVerdict::Duplicate { base_offset: 2, last_offset: 3 })
+        );
     }
 
     #[test]

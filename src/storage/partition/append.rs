@@ -322,6 +322,12 @@ impl Partition {
         check_proposal(&self.state.borrow().producers, header, pending)
     }
 
+    /// The producer state as of `offset` (`ProducerStates::as_of`): what a leader's snapshot
+    /// restarting a follower's log at `offset` carries.
+    pub fn producers_as_of(&self, offset: i64) -> ProducerStates {
+        self.state.borrow().producers.as_of(offset)
+    }
+
     /// The partition's state, if it takes appends now, and `batches` is not empty.
     fn appendable(&self, batches: &[u8]) -> Result<std::cell::RefMut<'_, State>, StorageError> {
         if self.closed.get() {

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::record::{BatchHeader, BATCH_HEADER_LEN};
 use crate::storage::blocking;
-use crate::storage::producer_state::ProducerStates;
+use crate::storage::producer_state::{self, ProducerStates};
 use crate::storage::retention::{segments_to_delete, RetentionInput};
 use crate::storage::segment::{align_down, align_up, read_aligned, scan_segment_file, Segment};
 use crate::storage::{Durability, HousekeepReport, StorageError, Visibility};
@@ -225,16 +225,18 @@ impl Partition {
     /// Discards the whole log and starts it again, empty, at `offset` (Kafka's
     /// `truncateFullyAndStartAt`): a replica brought forward by its leader's snapshot, whose log
     /// ends before the leader's first kept entry. Every segment, index and producer-state snapshot
-    /// is unlinked (oldest first), a new empty active segment is created at `offset`, and the
-    /// directory is synced before this returns, so nothing that depends on the new start is
-    /// acknowledged before it is durable. Log start, log end, durable end and high watermark are
-    /// all `offset` afterwards, and the producer state is empty.
+    /// is unlinked (oldest first), a new empty active segment is created at `offset`, `producers`
+    /// (the leader's state as of `offset`, every batch below it) becomes the producer state and,
+    /// when not empty, is written as the snapshot at `offset` (synced), and the directory is
+    /// synced before this returns, so nothing that depends on the new start is acknowledged
+    /// before it is durable, and an open afterwards recovers the same producers. Log start, log
+    /// end, durable end and high watermark are all `offset` afterwards.
     ///
     /// Not atomic on disk: a crash part way leaves a suffix of the old segments, maybe with the
     /// new one, which `open` accepts; the caller records that a restart is due before calling
     /// this and calls it again after such a crash (`shard::replica`). Calling it again is
     /// harmless.
-    pub async fn restart_at(&self, offset: i64) -> Result<(), StorageError> {
+    pub async fn restart_at(&self, offset: i64, producers: ProducerStates) -> Result<(), StorageError> {
         if self.closed.get() {
             return Err(StorageError::Closed);
         }
@@ -247,7 +249,7 @@ impl Partition {
         self.touch();
         self.state.borrow_mut().truncating = true;
         self.wait_drained().await;
-        let result = self.restart_drained(offset).await;
+        let result = self.restart_drained(offset, producers).await;
         self.state.borrow_mut().truncating = false;
         self.progress.notify_all();
         result
@@ -270,7 +272,7 @@ impl Partition {
         }
     }
 
-    async fn restart_drained(&self, offset: i64) -> Result<(), StorageError> {
+    async fn restart_drained(&self, offset: i64, producers: ProducerStates) -> Result<(), StorageError> {
         let old = self.state.borrow().segments.clone();
         let mut paths = Vec::with_capacity(3 * old.len());
         for seg in &old {
@@ -281,6 +283,9 @@ impl Partition {
         let dir = self.dir.clone();
         let fresh = Rc::new(Segment::new(&self.dir, offset, self.config.index_interval_bytes));
         let fresh_path = fresh.log_path.clone();
+        // Recovery loads a snapshot at the log end (`offset`, the new log being empty) and
+        // replays nothing before it; none is written for an empty state, as recovery finds none.
+        let snapshot = (!producers.is_empty()).then(|| producers.encode_snapshot(offset));
         let done = blocking::run(move || {
             // Oldest first, indexes before logs, as retention deletes: a crash part way leaves a
             // contiguous suffix that recovery accepts.
@@ -294,6 +299,12 @@ impl Partition {
             sync_dir(&dir)?;
             create_segment_file(&fresh_path, 0)
                 .map_err(|e| StorageError::io(format!("creating {}", fresh_path.display()), e))?;
+            if let Some(bytes) = snapshot {
+                producer_state::write_snapshot(&dir, offset, &bytes).map_err(|e| {
+                    StorageError::io(format!("writing the producer-state snapshot in {}", dir.display()), e)
+                })?;
+            }
+            // Makes the new segment and the snapshot's rename durable together.
             sync_dir(&dir)
         })
         .await
@@ -312,7 +323,7 @@ impl Partition {
             st.carry = Carry { file_pos: 0, bytes: Vec::new() };
             st.checkpointed_bytes = 0;
             st.unsynced = false;
-            st.producers = ProducerStates::default();
+            st.producers = producers;
         }
         self.log_start_offset.set(offset);
         self.log_end_offset.set(offset);

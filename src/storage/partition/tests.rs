@@ -1176,7 +1176,7 @@ fn a_replica_log_restarted_at_an_offset_holds_nothing_before_it_and_reopens_ther
 
         // Past the log end, as a follower behind its leader's log start restarts.
         let start = p.log_end_offset() + 500;
-        p.restart_at(start).await.unwrap();
+        p.restart_at(start, ProducerStates::default()).await.unwrap();
         assert_eq!(files(&dir), vec![format!("{start:020}.log")]);
         assert_eq!(
             (p.log_start_offset(), p.log_end_offset(), p.durable_end_offset(), p.high_watermark()),
@@ -1199,7 +1199,7 @@ fn a_replica_log_restarted_at_an_offset_holds_nothing_before_it_and_reopens_ther
         assert_eq!((p.log_start_offset(), p.log_end_offset()), (start, start + 4));
         p.commit_to(start + 4);
         assert_eq!(read_all(&p, start + 1, 1 << 20).await, vec![sent]);
-        p.restart_at(start).await.unwrap();
+        p.restart_at(start, ProducerStates::default()).await.unwrap();
         assert_eq!((p.log_start_offset(), p.log_end_offset()), (start, start));
         p.close().await.unwrap();
     });
