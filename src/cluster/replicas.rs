@@ -1044,19 +1044,20 @@ mod tests {
                         break;
                     }
                     if statuses[0].serving {
-                        // Leadership can still move between the status and the first proposal
-                        // (a loaded machine delays heartbeats): nothing was proposed, so wait for
-                        // the new leader to take the records instead.
-                        let first = host.produce(KEY, record("a0"), Duration::from_secs(10)).await;
-                        if matches!(first, Err(HostError::Propose(ProposeError::NotLeader { .. }))) {
+                        // Leadership can still move between the status and the proposal (a
+                        // loaded machine delays heartbeats): nothing was proposed, so wait for the
+                        // new leader to take the records instead. One batch, one proposal: it
+                        // failed once in CI with leadership moving between two of ten proposals.
+                        let mut batch = BatchBuilder::new();
+                        for i in 0..10 {
+                            batch.push(1_700_000_000_000, None, Some(format!("a{i}").as_bytes()), &[]);
+                        }
+                        let proposed = host.produce(KEY, batch.finish(), Duration::from_secs(10)).await;
+                        if matches!(proposed, Err(HostError::Propose(ProposeError::NotLeader { .. }))) {
                             pause().await;
                             continue;
                         }
-                        first.unwrap();
-                        for i in 1..10 {
-                            let value = format!("a{i}");
-                            host.produce(KEY, record(&value), Duration::from_secs(10)).await.unwrap();
-                        }
+                        proposed.unwrap();
                         old_leader.store(id as i64, Ordering::SeqCst);
                         break;
                     }
