@@ -238,7 +238,7 @@ impl ConsoleConsumer {
 
 /// A free loopback port, so a restarted broker listens where its clients expect it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    common::free_ports(1)[0]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -772,7 +772,7 @@ fn kafka_client_records_read_identically_by_the_ringlog_cli_and_cli_records_by_k
 
 /// A free loopback port, so the restarted broker's Kafka listener is where the producer was.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    common::free_ports(1)[0]
 }
 
 #[test]

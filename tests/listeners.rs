@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -237,13 +237,7 @@ fn a_port_the_kernel_picks_is_never_one_configured_for_another_listener() {
 }
 
 fn free_port(pair: bool) -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if !pair || port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
+    common::consecutive_free_ports(if pair { 2 } else { 1 })[0]
 }
 
 #[test]

@@ -9,11 +9,7 @@ use serde_json::Value;
 
 use super::Broker;
 
-/// Free loopback ports for the peer listeners (bound and released; the brokers bind them again).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
+pub use super::free_ports;
 
 /// `GET path` on an admin listener: the status line and the body.
 pub fn get(admin: &str, path: &str) -> Option<(String, String)> {

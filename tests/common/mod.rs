@@ -13,6 +13,45 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Lowest port handed out by [`consecutive_free_ports`].
+const TEST_PORTS_LOW: u32 = 10_000;
+
+/// `count` consecutive loopback ports for listeners a broker under test binds itself (peer,
+/// Kafka, a shard port base and the next). Taken below the kernel's ephemeral range: a port
+/// bound at 0 and released comes from that range, and any outgoing connection of this process —
+/// another test's client — may take it before the broker binds it (CI saw a peer listener
+/// refused, "address already in use, held by" the test binary). Each port is handed out once per
+/// process, processes start apart, and a port is checked free by binding it.
+pub fn consecutive_free_ports(count: usize) -> Vec<u16> {
+    static HANDED_OUT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(u32::from(u16::MAX));
+    assert!(ephemeral_low > TEST_PORTS_LOW + 1_000, "the ephemeral range starts at {ephemeral_low}");
+    let span = ephemeral_low - TEST_PORTS_LOW;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let count = count as u32;
+    loop {
+        let n = HANDED_OUT.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < span, "handed out every test port below {ephemeral_low}");
+        let first = TEST_PORTS_LOW + (start + n) % span;
+        if first + count > ephemeral_low {
+            continue;
+        }
+        let ports: Vec<u16> = (first..first + count).map(|p| p as u16).collect();
+        if ports.iter().all(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return ports;
+        }
+    }
+}
+
+/// `n` loopback ports (see [`consecutive_free_ports`]), not necessarily adjacent.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    (0..n).map(|_| consecutive_free_ports(1)[0]).collect()
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringlog");
 
 pub struct Broker {
