@@ -103,15 +103,29 @@ impl PartitionReplica {
                 offset = state.anchor.end_offset,
                 "replication: finishing a log restart from a snapshot"
             );
-            // The leader's producer state came with the snapshot and is kept nowhere else until
-            // the restart writes it. A log that starts at the offset was restarted whole (old
-            // segments and snapshots are unlinked durably before the new segment is made), so
-            // what it recovered is that state; otherwise the crash came before it was written,
-            // and the producers below the new start are forgotten (docs/replication.md, stop 18).
+            // The leader's producers came with the snapshot and were staged before the flag.
+            // Without a staged file (a restart flagged by a version before stop 21), a log
+            // that starts at the offset was restarted whole, so what it recovered is that
+            // state; otherwise the producers below the new start are forgotten.
             let offset = state.anchor.end_offset;
-            let producers = match partition.log_start_offset() == offset {
+            let recovered = || match partition.log_start_offset() == offset {
                 true => partition.producers_as_of(offset),
                 false => ProducerStates::default(),
+            };
+            let producers = match partition.staged_restart(offset).await {
+                Ok(Some(staged)) => staged,
+                Ok(None) => recovered(),
+                // An unreadable copy costs only duplicate detection for batches below the new
+                // start; refusing to open would cost the replica.
+                Err(error) => {
+                    tracing::warn!(
+                        replica = name,
+                        %error,
+                        "replication: the producers staged for the log restart are unreadable; \
+                         retries of batches below the new log start will not be recognised"
+                    );
+                    recovered()
+                }
             };
             partition
                 .restart_at(offset, producers)
@@ -240,6 +254,10 @@ impl PartitionReplica {
                         index = state.anchor.index,
                         "replication: log restarted from the leader's snapshot"
                     );
+                    self.partition
+                        .stage_restart(offset, &producers)
+                        .await
+                        .map_err(|source| self.storage(source))?;
                     let flagged = ReplicaState { restart_pending: true, ..state.clone() };
                     self.save(Some(epochs), flagged).await?;
                     self.partition
@@ -779,50 +797,62 @@ mod tests {
         });
     }
 
+    /// Producer 7's last batch, as (sequence, records, base offset, last offset).
+    type LastBatch = (i32, usize, i64, i64);
+
+    /// Producer 7's batches reach nodes 1 and 2 only, then fall below the leader's log start:
+    /// node 3 (cut off until the caller heals it) can learn of them from a snapshot alone.
+    async fn leave_producer_7_below_the_leaders_log_start(cluster: &mut Cluster) -> LastBatch {
+        cluster.elect(1).await;
+        cluster.replica(1).group().propose(batch(2, "kept")).unwrap();
+        cluster.settle().await;
+        cluster.cut.insert(3);
+        let mut sent = Vec::new();
+        for (i, sequence) in [0, 3, 5].into_iter().enumerate() {
+            let proposed =
+                cluster.replica(1).propose(idempotent(&format!("p{i}"), 7, 2, sequence, 3 - i)).unwrap();
+            cluster.settle().await;
+            sent.push((sequence, 3 - i, proposed.base_offset, proposed.last_offset));
+        }
+        for i in 0..40 {
+            cluster.replica(1).group().propose(batch(2, &format!("gone{i}"))).unwrap();
+            cluster.settle().await;
+        }
+        cluster.replica(1).compact(2).await.unwrap();
+        let leader = cluster.replica(1).partition().clone();
+        // Retention by size, at the batches' own time: the producer has not expired.
+        leader.housekeep(1_700_000_000_000 + 1_000).await.unwrap();
+        let last = sent[2];
+        assert!(leader.log_start_offset() > last.3, "the producer's batches are below the log start");
+        last
+    }
+
+    /// Asserts node 3 answers a retry of producer 7's last batch as a duplicate.
+    fn assert_retry_is_a_duplicate(cluster: &mut Cluster, (sequence, records, base, last): LastBatch) {
+        let retry = idempotent("p2", 7, 2, sequence, records);
+        let header = BatchHeader::parse(&retry).unwrap();
+        let verdict = cluster.replica(3).partition().check_proposal(&header, std::iter::empty()).unwrap();
+        assert_eq!(verdict, RequestVerdict::Duplicate { base_offset: base, last_offset: last });
+    }
+
     #[test]
     fn a_follower_restarted_from_a_snapshot_knows_the_producers_below_its_log_start() {
         run(|| async {
             let tmp = tempfile::tempdir().unwrap();
             let mut cluster = Cluster::new(tmp.path()).await;
-            cluster.elect(1).await;
-            cluster.replica(1).group().propose(batch(2, "kept")).unwrap();
-            cluster.settle().await;
-            // Producer 7's batches reach nodes 1 and 2 only, then fall below the leader's log
-            // start: node 3 can learn of them from the snapshot alone.
-            cluster.cut.insert(3);
-            let mut sent = Vec::new();
-            for (i, sequence) in [0, 3, 5].into_iter().enumerate() {
-                let proposed =
-                    cluster.replica(1).propose(idempotent(&format!("p{i}"), 7, 2, sequence, 3 - i)).unwrap();
-                cluster.settle().await;
-                sent.push((sequence, 3 - i, proposed.base_offset, proposed.last_offset));
-            }
-            for i in 0..40 {
-                cluster.replica(1).group().propose(batch(2, &format!("gone{i}"))).unwrap();
-                cluster.settle().await;
-            }
-            cluster.replica(1).compact(2).await.unwrap();
-            let leader = cluster.replica(1).partition().clone();
-            // Retention by size, at the batches' own time: the producer has not expired.
-            leader.housekeep(1_700_000_000_000 + 1_000).await.unwrap();
-            let (last_sequence, last_records, last_base, last_end) = sent[2];
-            assert!(leader.log_start_offset() > last_end, "the producer's batches are below the log start");
+            let last = leave_producer_7_below_the_leaders_log_start(&mut cluster).await;
+            let (last_sequence, last_records, last_base, last_end) = last;
             cluster.cut.clear();
             cluster.tick(1, 10).await;
             let anchor = cluster.replica(1).group().store().anchor();
             assert_eq!(cluster.replica(3).partition().log_start_offset(), anchor.end_offset);
+            assert!(!tmp.path().join("node3/t/0/restart.producers").exists(), "the staged copy is removed");
 
             // A retry of the producer's last batch is a duplicate on node 3, before and after a
             // restart (the state is in a producer-state snapshot at the new start).
-            let retry = idempotent("p2", 7, 2, last_sequence, last_records);
-            let header = BatchHeader::parse(&retry).unwrap();
-            let duplicate = RequestVerdict::Duplicate { base_offset: last_base, last_offset: last_end };
-            let verdict = |cluster: &mut Cluster| {
-                cluster.replica(3).partition().check_proposal(&header, std::iter::empty()).unwrap()
-            };
-            assert_eq!(verdict(&mut cluster), duplicate);
+            assert_retry_is_a_duplicate(&mut cluster, last);
             cluster.crash_and_restart(3).await;
-            assert_eq!(verdict(&mut cluster), duplicate);
+            assert_retry_is_a_duplicate(&mut cluster, last);
 
             // Node 3 leads: it answers the retry with the original's offsets, takes the next
             // sequence and refuses a gap, as node 1 would have.
@@ -831,7 +861,8 @@ mod tests {
             // one would make it campaign.
             cluster.tick(2, GroupSettings::default().election_ticks).await;
             cluster.elect(3).await;
-            let again = cluster.replica(3).propose(retry).unwrap();
+            let again =
+                cluster.replica(3).propose(idempotent("p2", 7, 2, last_sequence, last_records)).unwrap();
             assert!(again.retry, "the retry was not recognised");
             assert_eq!((again.base_offset, again.last_offset), (last_base, last_end));
             match cluster.replica(3).propose(idempotent("gap", 7, 2, last_sequence + 5, 1)) {
@@ -874,6 +905,48 @@ mod tests {
             cluster.tick(1, 10).await;
             assert_same_from_start(&mut cluster, 3).await;
         });
+    }
+
+    #[test]
+    fn a_crash_part_way_through_a_restart_keeps_the_leaders_producers() {
+        // Node 3 crashes after the restart's flagged save: with its old log still whole, and with
+        // the old log gone and the new segment made but not yet the producers' snapshot.
+        for old_log_removed in [false, true] {
+            run(move || async move {
+                let tmp = tempfile::tempdir().unwrap();
+                let mut cluster = Cluster::new(tmp.path()).await;
+                let last = leave_producer_7_below_the_leaders_log_start(&mut cluster).await;
+                let anchor = cluster.replica(1).group().store().anchor();
+                let producers = cluster.replica(1).partition().producers_as_of(anchor.end_offset);
+                // What node 3 does before the flag, on its own partition.
+                cluster.replica(3).partition().stage_restart(anchor.end_offset, &producers).await.unwrap();
+                cluster.replicas[2] = None;
+                let dir = tmp.path().join("node3/t/0");
+                let old = ReplicaState::load(&dir).unwrap().unwrap();
+                let mut epochs = cluster.replica(1).group().store().epochs().clone();
+                epochs.truncate_from(anchor.index + 1);
+                epochs.store(&dir).unwrap();
+                ReplicaState { anchor, restart_pending: true, ..old }.store(&dir).unwrap();
+                if old_log_removed {
+                    for entry in std::fs::read_dir(&dir).unwrap() {
+                        let path = entry.unwrap().path();
+                        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+                        if ["log", "index", "timeindex", "snapshot"].contains(&extension) {
+                            std::fs::remove_file(path).unwrap();
+                        }
+                    }
+                    std::fs::File::create(dir.join(format!("{:020}.log", anchor.end_offset))).unwrap();
+                }
+
+                cluster.replicas[2] = Some(open_replica(tmp.path(), 3, CacheLimits::default()).await);
+                assert_eq!(cluster.replica(3).partition().log_start_offset(), anchor.end_offset);
+                assert!(!ReplicaState::load(&dir).unwrap().unwrap().restart_pending, "the flag is cleared");
+                assert!(!dir.join("restart.producers").exists(), "the staged copy is removed");
+                assert_retry_is_a_duplicate(&mut cluster, last);
+                cluster.crash_and_restart(3).await;
+                assert_retry_is_a_duplicate(&mut cluster, last);
+            });
+        }
     }
 
     #[test]

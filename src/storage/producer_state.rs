@@ -722,6 +722,27 @@ fn write_snapshot_file(dir: &Path, offset: i64, bytes: &[u8], sync: bool) -> std
     std::fs::rename(&temp, &path)
 }
 
+/// Where a replica keeps the producers a log restart from its leader's snapshot installs, from
+/// before the restart is flagged until it is done. Not a `.snapshot` name: the restart removes
+/// every snapshot, and recovery must never take this one for the log's own.
+const STAGED_RESTART_NAME: &str = "restart.producers";
+
+pub(crate) fn staged_restart_path(dir: &Path) -> PathBuf {
+    dir.join(STAGED_RESTART_NAME)
+}
+
+/// Writes the staged restart file (snapshot format, as of the restart's offset) atomically and
+/// durably: temporary file, fsync, rename, directory fsync. Blocking: run off the shard.
+pub(crate) fn write_staged_restart(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = dir.join(format!("{STAGED_RESTART_NAME}.tmp"));
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, staged_restart_path(dir))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Snapshot files kept: the newest, and one older to fall back on if the newest is damaged.
 pub(crate) const SNAPSHOTS_KEPT: usize = 2;
 

@@ -255,6 +255,44 @@ impl Partition {
         result
     }
 
+    /// Keeps `producers` (the leader's, as of `offset`) durably beside the log, for a restart at
+    /// `offset` about to be flagged: the flag makes a crash finish the restart on open, and the
+    /// producers must survive a crash anywhere until `restart_at` has written them as the new
+    /// log's snapshot (docs/replication.md, stop 21). `restart_at` removes the staged file.
+    pub async fn stage_restart(&self, offset: i64, producers: &ProducerStates) -> Result<(), StorageError> {
+        let bytes = producers.encode_snapshot(offset);
+        let dir = self.dir.clone();
+        let context =
+            || format!("staging the producers of a log restart at offset {offset} in {}", self.dir.display());
+        match blocking::run(move || producer_state::write_staged_restart(&dir, &bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StorageError::io(context(), e)),
+            Err(panic) => Err(StorageError::io(context(), std::io::Error::other(panic))),
+        }
+    }
+
+    /// The producers `stage_restart` kept for a restart at `offset`: `None` when no file is
+    /// staged or it was staged for another offset (a restart that was never flagged).
+    pub async fn staged_restart(&self, offset: i64) -> Result<Option<ProducerStates>, StorageError> {
+        let path = producer_state::staged_restart_path(&self.dir);
+        let read_path = path.clone();
+        let read = match blocking::run(move || std::fs::read(read_path)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Ok(Err(e)) => return Err(StorageError::io(format!("reading {}", path.display()), e)),
+            Err(panic) => {
+                return Err(StorageError::io(
+                    format!("reading {}", path.display()),
+                    std::io::Error::other(panic),
+                ))
+            }
+        };
+        match ProducerStates::decode_snapshot(&read) {
+            Ok((staged_at, producers)) => Ok((staged_at == offset).then_some(producers)),
+            Err(e) => Err(StorageError::Corrupt { segment: path, position: 0, detail: e.to_string() }),
+        }
+    }
+
     /// Waits until no write, checkpoint or release of the active file is under way (appends are
     /// refused meanwhile: `truncating` is set).
     async fn wait_drained(&self) {
@@ -305,7 +343,16 @@ impl Partition {
                 })?;
             }
             // Makes the new segment and the snapshot's rename durable together.
-            sync_dir(&dir)
+            sync_dir(&dir)?;
+            // The new log's snapshot holds the producers now; if this unlink is lost in a
+            // crash, the staged copy is the same state for the same offset.
+            let staged = producer_state::staged_restart_path(&dir);
+            match std::fs::remove_file(&staged) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(StorageError::io(format!("removing {}", staged.display()), e))
+                }
+                _ => Ok(()),
+            }
         })
         .await
         .map_err(|panic| {
