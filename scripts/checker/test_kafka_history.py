@@ -208,6 +208,22 @@ class CheckerTest(unittest.TestCase):
         h2.poll("r", (0, 3, "v3"))
         self.assert_only(h2.check(), "poll_skip")
 
+    def test_a_member_may_start_at_a_commit_answered_after_its_assignment(self):
+        # The commit of 0..1 was sent before the rebalance and its answer recorded after the
+        # assignment; the member starts at it. Another group's commit excuses nothing.
+        def history(commit_group):
+            h = History()
+            for i in range(4):
+                h.produce(f"v{i}", 0, i)
+            h.add("g", "assign", partitions=[0], group="G")
+            h.poll("g", (0, 0, "v0"), (0, 1, "v1"))
+            h.add("g", "assign", partitions=[0], group="G")
+            h.add("g", "commit", group=commit_group, partition=0, offset=2)
+            return h.poll("g", (0, 2, "v2"), (0, 3, "v3"))
+
+        self.assertTrue(history("G").check()["valid"])
+        self.assert_only(history("other").check(), "poll_skip")
+
     def test_offset_reset_and_truncation_events(self):
         h = valid_history()
         h.add("r", "reset", partition=0, detail="offset out of range: reset to earliest")
