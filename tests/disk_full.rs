@@ -390,3 +390,64 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
         node.stop();
     }
 }
+
+/// Issue 11: a node whose controller log can no longer be written (its disk full to the last
+/// block) stops taking part in the controller group. A topic change sent to it is refused at once
+/// with the reason and what to do, not left to end as "the cluster is still forming" or a
+/// timeout; the other two nodes keep taking changes.
+#[test]
+fn a_node_whose_controller_log_failed_refuses_topic_changes_with_the_reason() {
+    let fs = LoopFs::new();
+    let ports = common::cluster::free_ports(3);
+    let seeds = common::cluster::seeds(&ports);
+    let extra = vec!["offsets_topic_partitions=1".to_string()];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..2)
+        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
+        .collect();
+    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &extra));
+    let all: Vec<&Broker> = nodes.iter().collect();
+    common::cluster::wait_for("a controller leader known to every node", &all, || {
+        common::cluster::agreed_leader(&all, 3)
+    });
+    let _filler = fs.fill_completely();
+
+    // Each change through node 1 is appended to every node's controller log: node 3's append
+    // fails. Two copies, so a change commits whichever node led the controller.
+    let mut created = 0;
+    let failure = common::cluster::wait_for("node 3's controller group to fail", &all, || {
+        let name = format!("trigger-{created}");
+        let out = common::run_cli(
+            &nodes[0].addr,
+            &["topic", "create", &name, "--partitions", "1", "--replication-factor", "2"],
+            None,
+        );
+        if out.status.success() {
+            created += 1;
+        }
+        common::cluster::status(&nodes[2])?["failure"].as_str().map(str::to_owned)
+    });
+    assert!(failure.contains("controller"), "{failure}");
+
+    let out = common::run_cli(
+        &nodes[2].addr,
+        &["topic", "create", "refused", "--partitions", "1", "--replication-factor", "3"],
+        None,
+    );
+    assert!(!out.status.success(), "node 3 took a topic change: {}", out.stdout);
+    assert!(
+        out.stderr.contains("node 3's controller group") && out.stderr.contains("no longer takes part"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("still forming"), "{}", out.stderr);
+    // Through node 1 the cluster still changes.
+    common::cluster::wait_for("a topic created through node 1", &all, || {
+        let out = common::run_cli(
+            &nodes[0].addr,
+            &["topic", "create", "after", "--partitions", "1", "--replication-factor", "2"],
+            None,
+        );
+        (out.status.success() || out.stderr.contains("already exists")).then_some(())
+    });
+}

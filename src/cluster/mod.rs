@@ -884,6 +884,7 @@ impl Cluster {
     /// the peer links (as Kafka's brokers forward to their controller), and handed again to a
     /// new leader should leadership move meanwhile (the log applies a request id once).
     async fn change_topic(&self, command: TopicCommand) -> Result<ReplicatedTopic, BrokerError> {
+        self.taking_part()?;
         let request = command.request();
         let command = ControllerCommand::Topic(command);
         let first_leader = self.group.borrow().leader();
@@ -911,10 +912,30 @@ impl Cluster {
                 futures::future::Either::Left((Err(_), _)) => return Err(BrokerError::ShuttingDown),
                 futures::future::Either::Right(_) => {}
             }
+            if let Err(e) = self.taking_part() {
+                self.topics.forget(request);
+                return Err(e);
+            }
             let leader = self.group.borrow().leader();
             if leader.is_some() && leader != handed_to && self.hand_to(leader, &command).is_ok() {
                 handed_to = leader;
             }
+        }
+    }
+
+    /// Refuses a topic change once this node's controller group has failed (`fail`): the node
+    /// applies nothing more, so a wait for registrations or for the change to apply would end in
+    /// a misleading `ClusterForming` or timeout.
+    fn taking_part(&self) -> Result<(), BrokerError> {
+        match self.failure.borrow().as_ref() {
+            None => Ok(()),
+            Some(reason) => Err(BrokerError::ControllerFile {
+                file: format!("node {}'s controller group", self.me.id),
+                detail: format!(
+                    "{reason}; this node no longer takes part in it: send topic changes to another node, \
+                     and restart this one once the cause is fixed"
+                ),
+            }),
         }
     }
 
@@ -1021,6 +1042,7 @@ impl Cluster {
         let started = Instant::now();
         let mut logged = false;
         loop {
+            self.taking_part()?;
             let registered: Vec<u64> = self.state.borrow().registered().keys().copied().collect();
             let missing = match forming::fit(topic, replication_factor, &seeds, &registered) {
                 Fit::Now => return Ok(()),
