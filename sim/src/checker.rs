@@ -3,11 +3,17 @@
 //! - at most one leader per term in each group;
 //! - committed entries never change or disappear: every replica's committed prefix is the same
 //!   (term, bytes, offsets) at every index, whenever it is looked at (log matching, leader
-//!   completeness);
+//!   completeness), from its anchor on (what a replica compacted, or never held because it
+//!   restarted its log from a snapshot, it cannot show); and at the end every batch each disk
+//!   holds below its commit is the committed entry at that offset, byte for byte;
 //! - a leader never serves a high watermark below one a leader of an earlier term served;
 //! - every acknowledged produce is in the final log exactly once, at the offsets it was
 //!   acknowledged with, and no record appears twice (so an idempotent producer's retry is never
-//!   written twice);
+//!   written twice). The final log is the checker's own copy of every committed entry, taken
+//!   when a replica first showed it committed and held to every replica's disk after, so entries
+//!   every replica has since compacted away still count;
+//! - a retry of an idempotent batch already committed is answered as a duplicate, never refused,
+//!   whichever replica leads (`world::producers`), also one restarted from a snapshot below it;
 //! - an answer never changes: a record acknowledged again (a retry) has the offset it first had;
 //! - after the faults end, every group has one serving leader and every replica has caught up.
 
@@ -17,6 +23,7 @@ use bytes::Bytes;
 use ringlog::record::{reader, BatchHeader};
 use ringlog::replication::group::{Proposed, RaftGroup, Role};
 use ringlog::replication::replica_log::ReplicaLog;
+use ringlog::replication::store::ReplicaStore;
 use ringlog::replication::wire::GroupKey;
 
 use crate::disk::SimDisk;
@@ -48,6 +55,8 @@ pub struct Checker {
     pending: Vec<Pending>,
     /// Record id → (group, offset) it was acknowledged at.
     acknowledged: BTreeMap<u64, (GroupKey, i64)>,
+    /// Records of committed entries (the first place each was committed at).
+    committed_records: BTreeMap<u64, (GroupKey, i64)>,
     pub elections: u64,
 }
 
@@ -61,6 +70,7 @@ impl Checker {
             served_high_watermarks: BTreeMap::new(),
             pending: Vec::new(),
             acknowledged: BTreeMap::new(),
+            committed_records: BTreeMap::new(),
             elections: 0,
         }
     }
@@ -83,6 +93,11 @@ impl Checker {
 
     pub fn is_acknowledged(&self, id: u64) -> bool {
         self.acknowledged.contains_key(&id)
+    }
+
+    /// Whether record `id` is in a committed entry.
+    pub fn is_committed(&self, id: u64) -> bool {
+        self.committed_records.contains_key(&id)
     }
 
     pub fn proposed(&mut self, group: GroupKey, node: u64, proposed: Proposed, ids: Vec<u64>) {
@@ -128,7 +143,10 @@ impl Checker {
                 ));
             }
         }
-        let from = self.checked_commit.get(&(node, key)).copied().unwrap_or(0);
+        // Below its anchor a replica has no entries to show (compacted, or before the snapshot
+        // its log restarted from).
+        let checked = self.checked_commit.get(&(node, key)).copied().unwrap_or(0);
+        let from = checked.max(group.store().anchor().index);
         let to = group.commit_index();
         let log = self.committed.entry(key).or_default();
         let mut broken = None;
@@ -155,6 +173,9 @@ impl Checker {
                 }
                 Some(_) => {}
                 None => {
+                    for (id, offset) in record_ids(&entry.data) {
+                        self.committed_records.entry(id).or_insert((key, offset));
+                    }
                     log.insert(index, CommittedEntry { term: entry.term, data: entry.data, end_offset });
                 }
             }
@@ -162,7 +183,7 @@ impl Checker {
         if let Some(reason) = broken {
             return self.fail(reason);
         }
-        if to > from {
+        if to > checked {
             self.checked_commit.insert((node, key), to);
         }
         // Only leaders serve, so clients see only their high watermarks. A leader of a later term
@@ -228,6 +249,30 @@ impl Checker {
         }
     }
 
+    /// Every batch a replica's disk holds below its commit is the committed entry at that offset:
+    /// the part of its log below its anchor, which `observe` cannot read, included.
+    fn disks_hold_the_committed_log(&self, nodes: &NodesView<'_>, key: GroupKey) -> Option<String> {
+        let log = self.committed.get(&key)?;
+        let by_base: BTreeMap<i64, &Bytes> = log
+            .values()
+            .filter_map(|e| Some((BatchHeader::parse(&e.data).ok()?.base_offset, &e.data)))
+            .collect();
+        for (id, _, groups) in nodes {
+            for (_, group, disk) in groups.iter().filter(|(k, _, _)| *k == key) {
+                let Some(commit_end) = group.store().end_offset(group.commit_index()) else { continue };
+                for (base, batch) in disk.batches_below(commit_end) {
+                    if by_base.get(&base) != Some(&batch) {
+                        return Some(format!(
+                            "n{id} p{}: the batch at offset {base}, below its commit, is not the committed one",
+                            key.partition
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// After the faults have ended and the cluster has had time to settle.
     pub fn check_end(&mut self, nodes: &NodesView<'_>, now: u64) {
         if self.failed() {
@@ -251,6 +296,9 @@ impl Checker {
                     key.partition,
                     serving.len()
                 ));
+            }
+            if let Some(reason) = self.disks_hold_the_committed_log(nodes, key) {
+                return self.fail(format!("{now} ms: {reason}"));
             }
             let commits: Vec<(u64, u64, u64)> =
                 replicas.iter().map(|(id, g)| (*id, g.commit_index(), g.store().last_index())).collect();
@@ -300,4 +348,16 @@ impl Checker {
             }
         }
     }
+}
+
+/// The record ids of a committed entry with their offsets (none for a control batch).
+fn record_ids(data: &Bytes) -> Vec<(u64, i64)> {
+    if BatchHeader::parse(data).is_ok_and(|h| h.is_control()) {
+        return Vec::new();
+    }
+    let Ok(records) = reader::records(data) else { return Vec::new() };
+    records
+        .flatten()
+        .filter_map(|r| Some((u64::from_be_bytes(r.value?.try_into().ok()?), r.offset)))
+        .collect()
 }

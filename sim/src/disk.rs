@@ -27,6 +27,17 @@
 //! have covered lost for good (the kernel may drop the pages: "fsyncgate"): a later sync that
 //! succeeds does not make it durable, and a crash cuts the log there. What the replica does about
 //! each is the caller's (`world::storage_faults`), as it is `shard::replica`'s in the broker.
+//!
+//! Restarts from a leader's snapshot (`LogWrite::RestartAt`, stop 18) are carried out as
+//! `PartitionReplica::carry_out` does: the snapshot's epochs and `raft.state` with
+//! `restart_pending` saved, the old log removed and a new empty one started at the offset with
+//! the leader's producers, the state saved again with the flag clear. In the broker each step is
+//! durable before the next; here the restart lands at once and is durable once a sync issued
+//! after it completes, and a crash before that lands in one of its steps, drawn by the caller
+//! (`RestartCrash`). Opening a disk whose saved state has the flag set finishes the restart, as
+//! `PartitionReplica::open` does. The producers are the leader's idempotent batches below the
+//! offset (`producers_as_of`), handed over by the caller: the simulated leader's `ReplicaLog`
+//! has no partition to read a `ProducerStates` from (see `world::snapshots`).
 
 use std::cmp::Reverse;
 
@@ -75,7 +86,7 @@ pub enum WriteError {
 
 /// The log as it was before a truncation no completed sync covers yet: what a crash may bring
 /// back.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct UnsyncedCut {
     write: u64,
     batches: Vec<(Bytes, u64)>,
@@ -88,7 +99,7 @@ struct UnsyncedCut {
 
 /// A segment file a truncation unlinked, not yet covered by a sync of the directory: a crash may
 /// bring it back with the batches it held durably.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct UnlinkedSegment {
     write: u64,
     base_offset: i64,
@@ -104,6 +115,41 @@ pub struct CutCrash {
     pub relink: bool,
 }
 
+/// A restart from a snapshot no completed sync covers yet.
+#[derive(Debug, Clone)]
+struct PendingRestart {
+    write: u64,
+    /// The disk as it was before the restart: what a crash before the flagged save leaves.
+    before: Box<SimDisk>,
+    /// The snapshot's state with `restart_pending` set, and the same with it clear.
+    flagged: Saved,
+    done: Saved,
+}
+
+/// Where in an unsynced restart from a snapshot a crash lands, drawn by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartCrash {
+    /// The old log and state stand (the snapshot is sent again).
+    BeforeFlaggedSave,
+    /// The flag is saved but the old log is not all gone and the new segment and producer-state
+    /// file are not written: the open finishes the restart, without the leader's producers.
+    BeforeNewLog,
+    /// The new log and its producer-state file are written, the flag still set: the open
+    /// finishes the restart with the producers it recovers.
+    BeforeClearedSave,
+    /// The restart is done; only what was appended after it is subject to the crash.
+    Done,
+}
+
+impl RestartCrash {
+    pub const ALL: [RestartCrash; 4] = [
+        RestartCrash::BeforeFlaggedSave,
+        RestartCrash::BeforeNewLog,
+        RestartCrash::BeforeClearedSave,
+        RestartCrash::Done,
+    ];
+}
+
 /// What a crash did to a disk's cuts, for the trace.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CutCrashReport {
@@ -113,7 +159,7 @@ pub struct CutCrashReport {
     pub relinked: Vec<(i64, &'static str)>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SimDisk {
     voters: Vec<u64>,
     /// The log's batches with the write that put each there.
@@ -147,6 +193,12 @@ pub struct SimDisk {
     /// The idempotent producers of the batches in `batches`, as the partition keeps them: each
     /// appended batch recorded, rebuilt from the log after a cut.
     producers: ProducerLog,
+    /// The leader's idempotent batches below the log start, which a snapshot brought (the
+    /// partition's producer-state file at its log start), oldest first.
+    producer_base: Vec<BatchHeader>,
+    restart: Option<PendingRestart>,
+    /// The producers the caller handed over for the next `RestartAt`.
+    incoming_producers: Option<Vec<BatchHeader>>,
     /// Sabotage (issue 13): truncations are ignored and batches at offsets already written are
     /// dropped, so a divergent suffix survives rejoining.
     skip_truncation: bool,
@@ -189,13 +241,47 @@ impl SimDisk {
             unsynced_saves: Vec::new(),
             durable_save: None,
             producers: ProducerLog::default(),
+            producer_base: Vec::new(),
+            restart: None,
+            incoming_producers: None,
             skip_truncation,
         }
     }
 
     /// Where the next batch goes: the partition's log end (written, durable or not).
     pub fn end_offset(&self) -> i64 {
-        self.batches.last().and_then(|(b, _)| header(b)).map_or(0, |h| h.last_offset() + 1)
+        self.batches.last().and_then(|(b, _)| header(b)).map_or(self.start_offset(), |h| h.last_offset() + 1)
+    }
+
+    /// The partition's log start: the first segment's base offset.
+    pub fn start_offset(&self) -> i64 {
+        self.segments.first().copied().unwrap_or(0)
+    }
+
+    /// The idempotent batches a leader's snapshot restarting a log at `offset` carries: those of
+    /// this log ending below it, after the ones its own snapshot brought (a model of
+    /// `ProducerStates::as_of`, which keeps at most each producer's last five of them; the
+    /// simulated producers retry only their last five, so the answers are the same).
+    pub fn producers_as_of(&self, offset: i64) -> Vec<BatchHeader> {
+        let own = self.batches.iter().filter_map(|(b, _)| header(b));
+        let below = own.filter(|h| h.producer_id >= 0 && h.last_offset() < offset);
+        self.producer_base.iter().copied().chain(below).collect()
+    }
+
+    /// Hands over the leader's producers for the `RestartAt` in the next `write`.
+    pub fn snapshot_producers(&mut self, producers: Vec<BatchHeader>) {
+        self.incoming_producers = Some(producers);
+    }
+
+    /// A restart from a snapshot no completed sync covers yet: a crash lands in one of its steps.
+    pub fn has_unsynced_restart(&self) -> bool {
+        self.restart.is_some()
+    }
+
+    /// The offset the log restarts at on the next open, if a crash left the flag saved.
+    pub fn restart_on_open(&self) -> Option<i64> {
+        let saved = self.durable_save.as_ref()?;
+        saved.state.restart_pending.then_some(saved.state.anchor.end_offset)
     }
 
     /// Carries out a replica's writes, or as much of them as `fault` lets through.
@@ -253,17 +339,62 @@ impl SimDisk {
                     self.unsynced_saves.push((number, Saved { state, epochs }));
                     self.dir_syncs.push(number);
                 }
-                // The simulated replicas never compact (`World` keeps every entry), so no leader
-                // sends a snapshot: a restart here is a bug of the simulator's own.
-                LogWrite::RestartAt { state, .. } => {
-                    return Err(WriteError::Inconsistent(format!(
-                        "a log restart at offset {}, but the simulator never compacts",
-                        state.anchor.end_offset
-                    )));
+                LogWrite::RestartAt { state, epochs, .. } => {
+                    // Both refusals come at the first save, before anything changed.
+                    if fault == WriteFault::Full {
+                        return Err(WriteError::Failed("saving leader-epochs: ENOSPC".into()));
+                    }
+                    if failing.is_some() {
+                        return Err(WriteError::Failed("saving leader-epochs: EIO".into()));
+                    }
+                    let Some(producers) = self.incoming_producers.take() else {
+                        return Err(WriteError::Inconsistent(format!(
+                            "a log restart at offset {} without the leader's producers",
+                            state.anchor.end_offset
+                        )));
+                    };
+                    self.restart_at(state, epochs, producers, number);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Restarts the log empty at the snapshot's offset with the leader's producers, remembering
+    /// the disk as it was for a crash before the flagged save.
+    fn restart_at(
+        &mut self,
+        state: ReplicaState,
+        epochs: LeaderEpochs,
+        producers: Vec<BatchHeader>,
+        number: u64,
+    ) {
+        let mut before = self.clone();
+        // An earlier restart in flight finished before this one began (each of its steps is
+        // durable before the next): it is no longer the crash's to undo.
+        if let Some(earlier) = before.restart.take() {
+            before.unsynced_saves.retain(|(write, _)| *write != earlier.write);
+            before.durable_save = Some(earlier.done);
+        }
+        let flagged = ReplicaState { restart_pending: true, ..state.clone() };
+        let done = Saved { state, epochs: epochs.clone() };
+        self.batches.clear();
+        self.segments = vec![done.state.anchor.end_offset];
+        self.active_bytes = 0;
+        self.unsynced_cuts.clear();
+        self.unlinked.clear();
+        self.durable_batches = 0;
+        self.lost_from = None;
+        self.dir_syncs.push(number);
+        self.unsynced_saves.push((number, done.clone()));
+        self.producer_base = producers;
+        self.rebuild_producers();
+        self.restart = Some(PendingRestart {
+            write: number,
+            before: Box::new(before),
+            flagged: Saved { state: flagged, epochs },
+            done,
+        });
     }
 
     /// Cuts the log at the batch holding `offset` as `Partition::truncate_drained` does: the
@@ -329,6 +460,12 @@ impl SimDisk {
 
     /// A sync issued at `mark` completed.
     pub fn synced(&mut self, mark: WriteMark) {
+        // Done once its cleared save is durable; a failed sync that should have covered that save
+        // leaves it to the crash that follows (the replica stops).
+        let saved = |r: &PendingRestart| self.unsynced_saves.iter().any(|(write, _)| *write == r.write);
+        if self.restart.as_ref().is_some_and(|r| r.write <= mark.0 && saved(r)) {
+            self.restart = None;
+        }
         let lost = self.lost_from.unwrap_or(usize::MAX);
         while self.durable_batches < lost
             && self.batches.get(self.durable_batches).is_some_and(|(_, write)| *write <= mark.0)
@@ -367,12 +504,15 @@ impl SimDisk {
         self.unsynced_cuts.len()
     }
 
-    /// The node crashed: `cuts` says which unsynced cuts it undoes and whether unlinked segment
-    /// files come back; then of the batches not yet synced the first `torn_keep` survive (writes
-    /// reach the disk in order) unless a failed sync lost them, the rest are lost; the files are
-    /// as last synced.
-    pub fn crash(&mut self, torn_keep: usize, cuts: CutCrash) -> CutCrashReport {
+    /// The node crashed: `restart` says where in an unsynced restart from a snapshot it landed;
+    /// `cuts` says which unsynced cuts it undoes and whether unlinked segment files come back;
+    /// then of the batches not yet synced the first `torn_keep` survive (writes reach the disk in
+    /// order) unless a failed sync lost them, the rest are lost; the files are as last synced.
+    pub fn crash(&mut self, torn_keep: usize, cuts: CutCrash, restart: RestartCrash) -> CutCrashReport {
         let mut report = CutCrashReport::default();
+        if let Some(pending) = self.restart.take() {
+            self.crash_in_restart(*pending.before, pending.flagged, pending.done, restart);
+        }
         if let Some(undone) = cuts.undo.filter(|&n| n < self.unsynced_cuts.len()) {
             let cut = self.unsynced_cuts.swap_remove(undone);
             report.undone_batches = cut.batches.len().saturating_sub(cut.kept);
@@ -415,6 +555,40 @@ impl SimDisk {
         report
     }
 
+    /// The crash landed in step `at` of a restart from a snapshot; `before` is the disk before it.
+    fn crash_in_restart(&mut self, before: SimDisk, flagged: Saved, done: Saved, at: RestartCrash) {
+        match at {
+            RestartCrash::BeforeFlaggedSave => {
+                // Write numbers stay increasing: marks issued before the crash are compared with them.
+                let writes = self.writes;
+                *self = before;
+                self.writes = writes;
+            }
+            RestartCrash::BeforeNewLog => {
+                // Retention's order unlinks the oldest segments first: a suffix of the old log
+                // may be left; the whole of its durable part stands for every such suffix.
+                let durable = before.durable_batches.min(before.lost_from.unwrap_or(usize::MAX));
+                self.batches = before.batches[..durable].to_vec();
+                self.segments = before.segments;
+                self.producer_base.clear();
+                self.durable_save = Some(flagged);
+            }
+            RestartCrash::BeforeClearedSave => {
+                self.batches.clear();
+                self.durable_save = Some(flagged);
+            }
+            RestartCrash::Done => {
+                self.durable_save = Some(done);
+                return;
+            }
+        }
+        self.unsynced_saves.clear();
+        self.unsynced_cuts.clear();
+        self.unlinked.clear();
+        self.durable_batches = self.batches.len();
+        self.lost_from = None;
+    }
+
     /// Unlinked segment files came back: recovery (`recover_segments`) walks the segments by base
     /// offset, attaches one that starts where the log ends, removes one after a gap (and all
     /// after it) and refuses an overlap. A file whose name a newer segment took stays gone.
@@ -454,19 +628,27 @@ impl SimDisk {
         &self.producers
     }
 
-    /// After a cut, from the log, as `Partition::truncate_to` and recovery rebuild it.
+    /// After a cut, from the log, as `Partition::truncate_to` and recovery rebuild it (after the
+    /// producers a snapshot brought, as the partition's producer-state file at its start).
     fn rebuild_producers(&mut self) {
         let mut producers = ProducerLog::default();
+        for h in &self.producer_base {
+            producers.record(h);
+        }
         for (batch, _) in &self.batches {
             replay(&mut producers, batch);
         }
         self.producers = producers;
     }
 
-    /// Opens the replica's log as the shard does after a start: saved state, then a scan.
-    pub fn open(&self, limits: CacheLimits) -> Result<ReplicaLog, String> {
+    /// Opens the replica's log as the shard does after a start: a restart from a snapshot the
+    /// saved state flags finished first, then saved state and a scan.
+    pub fn open(&mut self, limits: CacheLimits) -> Result<ReplicaLog, String> {
         if let Some(corrupt) = &self.corrupt {
             return Err(format!("the partition does not open: {corrupt}"));
+        }
+        if let Some(offset) = self.restart_on_open() {
+            self.finish_restart(offset);
         }
         let (state, epochs) = match self.durable_save.clone() {
             Some(saved) => (saved.state, saved.epochs),
@@ -484,6 +666,23 @@ impl SimDisk {
         ReplicaLog::open(state, epochs, tail, limits).map_err(|e: OpenError| e.to_string())
     }
 
+    /// `PartitionReplica::open` with `restart_pending` saved: the log restarted at `offset`, with
+    /// the producers it recovered if it already started there (the new segment and producer-state
+    /// file were written), none otherwise; then the state saved with the flag clear.
+    fn finish_restart(&mut self, offset: i64) {
+        if self.start_offset() != offset {
+            self.producer_base.clear();
+        }
+        self.batches.clear();
+        self.segments = vec![offset];
+        self.active_bytes = 0;
+        self.durable_batches = 0;
+        self.rebuild_producers();
+        if let Some(saved) = &mut self.durable_save {
+            saved.state.restart_pending = false;
+        }
+    }
+
     /// The batches `[from, end)`, for a replica's read-back.
     pub fn read(&self, from: i64, end: i64) -> Vec<Bytes> {
         self.batches
@@ -491,6 +690,14 @@ impl SimDisk {
             .filter(|(b, _)| header(b).is_some_and(|h| h.base_offset >= from && h.base_offset < end))
             .map(|(b, _)| b.clone())
             .collect()
+    }
+
+    /// Every batch of the log below `end`, oldest first.
+    pub fn batches_below(&self, end: i64) -> impl Iterator<Item = (i64, &Bytes)> {
+        self.batches
+            .iter()
+            .filter_map(move |(b, _)| Some((header(b)?.base_offset, b)))
+            .filter(move |(base, _)| *base < end)
     }
 
     /// The entry the disk holds at the offsets the log places entry `index` at: what a reader of
@@ -516,8 +723,11 @@ impl SimDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use ringlog::record::builder::BatchBuilder;
     use ringlog::record::{set_base_offset, set_partition_leader_epoch};
+    use ringlog::replication::replica_log::Anchor;
+    use ringlog::storage::RequestVerdict;
 
     fn batch(base_offset: i64, records: u8, epoch: i32) -> Bytes {
         let mut builder = BatchBuilder::new();
@@ -560,7 +770,7 @@ mod tests {
     }
 
     fn open(disk: &SimDisk) -> Result<ReplicaLog, String> {
-        disk.open(CacheLimits::default())
+        disk.clone().open(CacheLimits::default())
     }
 
     /// The broker before stop 17: an fdatasync of the cut file does not make the unlink of the
@@ -571,17 +781,17 @@ mod tests {
         // The new batch ends at offset 3, where the unlinked segment starts: attached, and its
         // older epoch after the newer one refuses to open.
         let mut disk = cut_and_replace(2, false, false);
-        let report = disk.crash(0, relink);
+        let report = disk.crash(0, relink, RestartCrash::Done);
         assert_eq!(report.relinked, vec![(3, "attached")]);
         assert!(open(&disk).unwrap_err().contains("older than"), "{:?}", open(&disk).err());
         // It ends at offset 4, past the unlinked segment's start: the segments overlap.
         let mut disk = cut_and_replace(3, false, false);
-        assert_eq!(disk.crash(0, relink).relinked, vec![(3, "overlaps")]);
+        assert_eq!(disk.crash(0, relink, RestartCrash::Done).relinked, vec![(3, "overlaps")]);
         assert!(open(&disk).unwrap_err().contains("offsets overlap"));
         // A syncfs covers the unlink, and so does a directory synced at the cut.
         for (syncfs, dir_synced_at_cut) in [(true, false), (false, true)] {
             let mut disk = cut_and_replace(3, syncfs, dir_synced_at_cut);
-            assert_eq!(disk.crash(0, relink), CutCrashReport::default());
+            assert_eq!(disk.crash(0, relink, RestartCrash::Done), CutCrashReport::default());
             assert_eq!(open(&disk).unwrap().end_offset_of_log(), 4);
         }
     }
@@ -597,7 +807,7 @@ mod tests {
         disk.write(vec![LogWrite::TruncateTo { index: 2, offset: 1 }], WriteFault::None).unwrap();
         append(&mut disk, vec![batch(1, 3, 2)]);
         assert_eq!(disk.end_offset(), 4);
-        let report = disk.crash(2, CutCrash { undo: Some(0), relink: false });
+        let report = disk.crash(2, CutCrash { undo: Some(0), relink: false }, RestartCrash::Done);
         assert_eq!(report.undone_batches, 5);
         assert_eq!(disk.end_offset(), 6);
         assert_eq!(disk.segments, vec![0, 3]);
@@ -607,7 +817,83 @@ mod tests {
         append(&mut disk, vec![batch(1, 3, 2)]);
         sync(&mut disk);
         assert_eq!((disk.unsynced_cuts(), disk.has_unsynced_unlinks()), (0, false));
-        disk.crash(0, CutCrash { undo: Some(0), relink: true });
+        disk.crash(0, CutCrash { undo: Some(0), relink: true }, RestartCrash::Done);
         assert_eq!(open(&disk).unwrap().end_offset_of_log(), 4);
+    }
+
+    /// An idempotent producer's batch of one record at `base_offset`, sequence `sequence`.
+    fn idempotent(base_offset: i64, sequence: i32) -> Bytes {
+        let mut b = BytesMut::from(&batch(base_offset, 1, 1)[..]);
+        b[43..51].copy_from_slice(&7i64.to_be_bytes());
+        b[51..53].copy_from_slice(&0i16.to_be_bytes());
+        b[53..57].copy_from_slice(&sequence.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        b.freeze()
+    }
+
+    fn is_duplicate(disk: &SimDisk, sequence: i32) -> bool {
+        let h = header(&idempotent(0, sequence)).unwrap();
+        matches!(disk.producers().check_proposal(&h, []), Ok(RequestVerdict::Duplicate { .. }))
+    }
+
+    /// Offsets 0–5 synced and saved with the anchor at index 0; then a restart from a leader's
+    /// snapshot of index 10 at offset 20, whose producers hold sequence 0 (offset 12), and a batch
+    /// appended after it at offset 20, none of it synced yet.
+    fn restarting() -> SimDisk {
+        let mut disk = SimDisk::new(vec![1, 2, 3], false, 1 << 20, false, true);
+        append(&mut disk, (0..6).map(|offset| batch(offset, 1, 1)).collect());
+        let state = ReplicaState::new(vec![1, 2, 3], 0);
+        disk.write(vec![LogWrite::SaveState { state, epochs: LeaderEpochs::default() }], WriteFault::None)
+            .unwrap();
+        sync(&mut disk);
+        let anchor = Anchor { index: 10, term: 1, end_offset: 20 };
+        let state = ReplicaState { term: 1, anchor, ..ReplicaState::new(vec![1, 2, 3], 0) };
+        disk.snapshot_producers(vec![header(&idempotent(12, 0)).unwrap()]);
+        let restart =
+            LogWrite::RestartAt { state, epochs: LeaderEpochs::default(), producers: Default::default() };
+        disk.write(vec![restart], WriteFault::None).unwrap();
+        append(&mut disk, vec![batch(20, 1, 1)]);
+        assert_eq!((disk.start_offset(), disk.end_offset()), (20, 21));
+        assert!(disk.has_unsynced_restart() && is_duplicate(&disk, 0));
+        disk
+    }
+
+    /// A crash before the flagged save leaves the old log and state; after it, the open finishes
+    /// the restart: with the snapshot's producers once the new log was made, without them before;
+    /// once synced, only the appends after the restart are the crash's.
+    #[test]
+    fn a_crash_in_a_restart_from_a_snapshot_leaves_the_old_log_or_finishes_the_restart_on_open() {
+        let mut disk = restarting();
+        disk.crash(0, CutCrash::default(), RestartCrash::BeforeFlaggedSave);
+        assert_eq!((disk.start_offset(), disk.end_offset(), disk.restart_on_open()), (0, 6, None));
+        let log = disk.open(CacheLimits::default()).unwrap();
+        assert_eq!((log.anchor().index, log.end_offset_of_log()), (0, 6));
+        assert!(!is_duplicate(&disk, 0));
+
+        for (at, producers_kept) in
+            [(RestartCrash::BeforeNewLog, false), (RestartCrash::BeforeClearedSave, true)]
+        {
+            let mut disk = restarting();
+            disk.crash(2, CutCrash::default(), at);
+            assert_eq!(disk.restart_on_open(), Some(20), "{at:?}");
+            let log = disk.open(CacheLimits::default()).unwrap();
+            assert_eq!((log.anchor().index, log.end_offset_of_log()), (10, 20), "{at:?}");
+            assert_eq!((disk.start_offset(), disk.end_offset(), disk.restart_on_open()), (20, 20, None));
+            assert_eq!(is_duplicate(&disk, 0), producers_kept, "{at:?}");
+        }
+
+        let mut disk = restarting();
+        disk.crash(1, CutCrash::default(), RestartCrash::Done);
+        assert_eq!(disk.open(CacheLimits::default()).unwrap().end_offset_of_log(), 21);
+        assert!(is_duplicate(&disk, 0));
+
+        let mut disk = restarting();
+        sync(&mut disk);
+        assert!(!disk.has_unsynced_restart());
+        disk.crash(0, CutCrash::default(), RestartCrash::BeforeFlaggedSave);
+        let log = disk.open(CacheLimits::default()).unwrap();
+        assert_eq!((log.anchor().index, log.end_offset_of_log()), (10, 21));
+        assert!(is_duplicate(&disk, 0));
     }
 }

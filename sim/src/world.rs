@@ -10,6 +10,8 @@
 //! plain producer, idempotent producers retry at whichever node leads (`producers`). Every node
 //! also runs a member of the controller group over its controller log and applies it with the
 //! broker's state machine, while clients change topics through any node (`controller`).
+//! Replicas compact their logs by the broker's rule, and followers a leader's compaction left
+//! behind are sent snapshots and restart their logs (`snapshots`).
 //!
 //! With quiescence on (`--quiesce`), groups go quiet when idle (`replication::quiesce`), writes
 //! come in bursts with idle gaps, every node sends each peer a keepalive every few ticks, and
@@ -20,6 +22,7 @@ mod clock;
 mod controller;
 mod cuts;
 mod producers;
+mod snapshots;
 mod storage_faults;
 
 use std::cmp::Reverse;
@@ -35,11 +38,12 @@ use ringlog::replication::rng::SeededRng;
 use ringlog::replication::wire::{self, GroupKey, PeerBatch};
 
 use crate::checker::{Checker, NodeView};
-use crate::disk::{SimDisk, WriteError, WriteMark};
+use crate::disk::{RestartCrash, SimDisk, WriteError, WriteMark};
 use clock::{ClockFaults, NodeClock};
 use controller::{ControllerEvent, ControllerWorld};
 use cuts::CutFaults;
 use producers::{IdempotentLoad, Producer};
+use snapshots::Snapshots;
 use storage_faults::DiskFaults;
 
 pub const TICK_MS: u64 = 10;
@@ -151,6 +155,11 @@ enum MoreEvent {
         node: u64,
         incarnation: u64,
     },
+    /// A node crashes soon after one of its disks restarted its log from a snapshot.
+    CrashInRestart {
+        node: u64,
+        incarnation: u64,
+    },
 }
 
 struct Node {
@@ -177,6 +186,8 @@ pub struct World {
     more_rng: SeededRng,
     /// Draws the segments, syncs and crashes of truncations (stop 17), apart from both.
     cuts: CutFaults,
+    /// Compaction, and the producers snapshots carry; its own draws, apart from all three.
+    pub(crate) snapshots: Snapshots,
     now: u64,
     sequence: u64,
     events: BinaryHeap<Reverse<(u64, u64, usize)>>,
@@ -238,7 +249,7 @@ pub enum Broken {
     ApplyAtPropose,
 }
 
-fn settings(broken: Broken, quiesce: bool) -> GroupSettings {
+fn settings(broken: Broken, quiesce: bool, in_sync_lag_ticks: u64) -> GroupSettings {
     let sabotage = match broken {
         Broken::AckBeforeSync => Sabotage::AckBeforeSync,
         Broken::ServeUncommitted => Sabotage::ServeUncommitted,
@@ -252,13 +263,16 @@ fn settings(broken: Broken, quiesce: bool) -> GroupSettings {
         max_size_per_msg: 64 << 10,
         max_inflight_msgs: 16,
         quiesce_after_ticks: if quiesce { QUIESCE_AFTER_TICKS } else { 0 },
+        in_sync_lag_ticks,
         sabotage,
         ..GroupSettings::default()
     }
 }
 
 impl World {
-    pub fn new(seed: u64, trace: bool, broken: Broken, quiesce: bool) -> World {
+    /// `compact`: replicas compact their logs (and so send snapshots); off, a seed runs as it did
+    /// before the simulator compacted.
+    pub fn new(seed: u64, trace: bool, broken: Broken, quiesce: bool, compact: bool) -> World {
         let mut rng = SeededRng::new(seed);
         let mut more_rng = SeededRng::new(seed ^ 0x6973_7375_6531_3300);
         let mut scenario = Scenario::from_seed(&mut rng, &mut more_rng);
@@ -296,6 +310,7 @@ impl World {
             rng,
             more_rng,
             cuts,
+            snapshots: Snapshots::new(seed, compact),
             now: 0,
             sequence: 0,
             events: BinaryHeap::new(),
@@ -358,14 +373,23 @@ impl World {
     fn open_groups(&mut self, id: u64) {
         let keys: Vec<GroupKey> = self.node(id).disks.keys().copied().collect();
         let limits = CacheLimits { recent_bytes: self.scenario.recent_cache_bytes, fetched_bytes: 1 << 20 };
+        let lag_ticks = self.snapshots.compaction.lag_ticks;
         for key in keys {
             let seed = self.rng.next_u64();
-            let log = match self.node(id).disks[&key].open(limits) {
+            let Some(disk) = self.node(id).disks.get_mut(&key) else { continue };
+            let restart = disk.restart_on_open();
+            let log = match disk.open(limits) {
                 Ok(log) => log,
                 Err(e) => return self.checker.fail(format!("node {id} cannot open the log of {key:?}: {e}")),
             };
+            if let Some(offset) = restart {
+                self.snapshots.counts.finished_on_open += 1;
+                self.log(|| {
+                    format!("n{id} p{} finished its log's restart at offset {offset} on open", key.partition)
+                });
+            }
             let name = format!("p{}@n{id}", key.partition);
-            match RaftGroup::new(id, name, settings(self.broken, self.quiesce), log, seed) {
+            match RaftGroup::new(id, name, settings(self.broken, self.quiesce, lag_ticks), log, seed) {
                 Ok(group) => {
                     self.node(id).groups.insert(key, group);
                 }
@@ -546,6 +570,8 @@ impl World {
         let mut fetched = Vec::new();
         let mut stopped = Vec::new();
         let mut cut_at = Vec::new();
+        let mut snapshots_sent = Vec::new();
+        let mut restarts = Vec::new();
         loop {
             let mut progressed = false;
             let n = &mut self.nodes[(node - 1) as usize];
@@ -559,17 +585,37 @@ impl World {
                 };
                 let Output { send, persist, .. } = output;
                 progressed |= !send.is_empty() || persist.is_some();
+                let Some(disk) = n.disks.get_mut(key) else {
+                    for m in send {
+                        outbox.entry(m.to).or_default().push((*key, m));
+                    }
+                    continue;
+                };
+                let then_send = persist.as_ref().map_or(&[][..], |p| &p.then_send[..]);
+                for sent in [&send[..], then_send] {
+                    let sent = self.snapshots.sending(*key, disk, sent);
+                    snapshots_sent.extend(sent.into_iter().map(|s| (key.partition, s)));
+                }
                 for m in send {
                     outbox.entry(m.to).or_default().push((*key, m));
                 }
-                let Some(disk) = n.disks.get_mut(key) else { continue };
                 let writes = group.store_mut().take_writes();
+                let started = match self.snapshots.receiving(*key, node, disk, &writes) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        self.checker.fail(format!("n{node} p{}: {e}", key.partition));
+                        return;
+                    }
+                };
                 cut_at.extend(cuts::cut_offsets(&writes, disk).map(|offset| (*key, offset)));
                 let full = self.faults && n.disk_full_until > self.now;
                 let fault =
                     self.scenario.disk.write_fault(&mut self.more_rng, self.faults, full, writes.len());
                 match disk.write(writes, fault) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        self.snapshots.counts.restarts += started.len() as u64;
+                        restarts.extend(started.into_iter().map(|r| (key.partition, r)));
+                    }
                     Err(WriteError::Failed(e)) => {
                         // `shard::replica::drive` returns the error and the replica's task ends:
                         // nothing of this round is reported persisted or acknowledged.
@@ -600,6 +646,19 @@ impl World {
                 break;
             }
         }
+        for (partition, (to, index, offset, producers)) in snapshots_sent {
+            self.log(|| {
+                format!(
+                    "n{node} p{partition} sends n{to} a snapshot of index {index}: its log restarts at offset {offset}, {producers} producer batches below it"
+                )
+            });
+        }
+        for (partition, (index, offset)) in &restarts {
+            self.log(|| format!("n{node} p{partition} restarts its log at offset {offset} from a snapshot of index {index}"));
+        }
+        if !restarts.is_empty() {
+            self.after_restart(node);
+        }
         for (key, first_index, count) in fetched {
             self.log(|| {
                 format!(
@@ -614,6 +673,7 @@ impl World {
         for (key, offset) in cut_at {
             self.after_cut(node, key, offset);
         }
+        self.compact(node);
         let incarnation = self.node(node).incarnation;
         for (group, mark, persist) in syncs {
             let (low, high) = self.scenario.sync_ms;
@@ -751,11 +811,22 @@ impl World {
         let tears: Vec<usize> = (0..n.disks.len()).map(|_| self.rng.range(0, 3) as usize).collect();
         let draws: Vec<_> =
             self.nodes[(node - 1) as usize].disks.values().map(|d| self.cuts.crash(d)).collect();
+        let restarts: Vec<_> =
+            self.nodes[(node - 1) as usize].disks.values().map(|d| self.snapshots.crash(d)).collect();
         let mut cut_lines = Vec::new();
-        for ((key, disk), (torn_keep, cut)) in
-            self.node(node).disks.iter_mut().zip(tears.into_iter().zip(draws))
+        for ((key, disk), ((torn_keep, cut), restart)) in
+            self.nodes[(node - 1) as usize].disks.iter_mut().zip(tears.into_iter().zip(draws).zip(restarts))
         {
-            if let Some(line) = cuts::describe(&disk.crash(torn_keep, cut)) {
+            if disk.has_unsynced_restart() {
+                cut_lines.push(format!(
+                    "n{node} p{}: the crash lands in its log's restart: {restart:?}",
+                    key.partition
+                ));
+                if restart == RestartCrash::BeforeFlaggedSave {
+                    self.snapshots.counts.undone += 1;
+                }
+            }
+            if let Some(line) = cuts::describe(&disk.crash(torn_keep, cut, restart)) {
                 cut_lines.push(format!("n{node} p{}: {line}", key.partition));
             }
         }

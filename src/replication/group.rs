@@ -161,6 +161,11 @@ pub struct RaftGroup<S: ReplicaStore> {
     serving: bool,
     /// The last `Persist` handed out and not yet reported durable.
     persisting: Option<u64>,
+    /// The ready that restored a snapshot, until it is persisted. Until then raft-rs's applied
+    /// index is below the restarted log's first index, and a campaign (which reads the entries
+    /// after the applied index for pending configuration changes) would find them compacted and
+    /// panic: the election clock stands still and a leadership transfer to it is ignored.
+    restoring: Option<u64>,
     /// Ticks since the group was opened: the clock of `in_sync`.
     ticks: u64,
     /// On a leader, which followers are in sync.
@@ -219,6 +224,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
             commit_index: applied,
             serving: false,
             persisting: None,
+            restoring: None,
             ticks: 0,
             in_sync: InSyncTracker::new(settings.in_sync_lag_ticks),
             quiescence: Quiescence::new(settings.quiesce_after_ticks),
@@ -304,7 +310,7 @@ impl<S: ReplicaStore> RaftGroup<S> {
     /// for elections and for the in-sync replicas alike). `live`: whether a node is up, by the
     /// node-level liveness the caller keeps (a leader goes quiet only with every follower up).
     pub fn tick_with(&mut self, live: impl Fn(u64) -> bool) {
-        if self.quiescence.is_quiet() {
+        if self.quiescence.is_quiet() || self.restoring.is_some() {
             return;
         }
         self.ticks += 1;
@@ -385,6 +391,9 @@ impl<S: ReplicaStore> RaftGroup<S> {
             SnapshotData::decode(&snapshot.data, snapshot.get_metadata().index).map_err(|source| {
                 GroupError::BadSnapshot { group: self.name.clone(), from: message.from, source }
             })?;
+        }
+        if self.restoring.is_some() && message.get_msg_type() == MessageType::MsgTimeoutNow {
+            return Ok(());
         }
         let (from, term, commit) = (message.from, message.term, message.commit);
         let quiesce = is_quiesce(&message);
@@ -579,6 +588,9 @@ impl<S: ReplicaStore> RaftGroup<S> {
             self.persisting = Some(number);
             output.persist = Some(Persist { number, then_send });
         }
+        if restored {
+            self.restoring = Some(number);
+        }
         self.apply(&committed)?;
         output.committed = committed;
         Ok(output)
@@ -590,6 +602,12 @@ impl<S: ReplicaStore> RaftGroup<S> {
             self.persisting = None;
         }
         self.raw.on_persist_ready(number);
+        if self.restoring.is_some_and(|restore| restore <= number) {
+            // The restored snapshot is persisted, so applied (`restored` moved the commit index
+            // to it): raft-rs's applied index follows.
+            self.restoring = None;
+            self.raw.advance_apply_to(self.commit_index);
+        }
         self.after_raft_call();
     }
 

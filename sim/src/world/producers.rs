@@ -6,7 +6,9 @@
 //! producer state the simulated disk rebuilds as the partition does). The checker then holds
 //! them to "every acknowledged record exactly once, nothing twice", so a retry written a second
 //! time fails the run, and to "an answer never changes": a retry answered with other offsets
-//! than the original's fails it too.
+//! than the original's fails it too. And a retry of a batch already committed must be answered
+//! as a duplicate, not refused, by whichever replica leads: also by one whose log restarted from
+//! a snapshot past the batch (it knows it only from the producers the snapshot carried).
 
 use std::collections::VecDeque;
 
@@ -154,15 +156,17 @@ impl World {
         let result = propose_checked(group, batch, disk.end_offset(), |header, pending| {
             disk.producers().check_proposal(header, pending)
         });
+        let log_start = disk.start_offset();
         let g = producer.partition;
         match result {
             Ok(proposed) => {
                 self.log(|| {
                     format!(
-                        "n{leader} p{g} {} producer {} sequence {sequence} {ids:?} at offset {}",
+                        "n{leader} p{g} {} producer {} sequence {sequence} {ids:?} at offset {}{}",
                         if proposed.retry { "answered a retry of" } else { "proposed" },
                         producer.producer_id,
-                        proposed.base_offset
+                        proposed.base_offset,
+                        if proposed.base_offset < log_start { ", below its log start" } else { "" }
                     )
                 });
                 self.checker.proposed(key, leader, proposed, ids);
@@ -172,6 +176,12 @@ impl World {
                 // Nothing fences this producer's only epoch.
                 self.checker.fail(format!(
                     "n{leader} p{g}: producer {} fenced at sequence {sequence}",
+                    producer.producer_id
+                ));
+            }
+            Err(ProposalRefused::Producer(e)) if ids.iter().all(|id| self.checker.is_committed(*id)) => {
+                self.checker.fail(format!(
+                    "n{leader} p{g}: a retry of producer {} sequence {sequence}, committed, refused: {e}",
                     producer.producer_id
                 ));
             }

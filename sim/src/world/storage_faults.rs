@@ -84,6 +84,7 @@ impl World {
             MoreEvent::Clock => self.clock_fault(),
             MoreEvent::IdempotentProduce => self.idempotent_round(),
             MoreEvent::CrashAfterCut { node, incarnation } => self.crash_after_cut(node, incarnation),
+            MoreEvent::CrashInRestart { node, incarnation } => self.crash_in_restart(node, incarnation),
         }
     }
 

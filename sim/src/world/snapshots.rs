@@ -1,0 +1,198 @@
+//! Compaction and snapshots (issue 13): every node forgets the oldest entries of its replicas'
+//! windows by the broker's rule (`cluster::replicas::compact_if_due`): a follower up to `keep`
+//! entries behind what it applied, a leader up to `keep` behind the lowest match index of its
+//! *in-sync* voters, once `step` more could go. A voter out of the in-sync replicas — crashed, cut
+//! off, or behind for longer than the drawn `lag_ticks` — does not hold a leader back, so it is
+//! sent a snapshot when it returns behind the leader's anchor and restarts its log
+//! (`disk::SimDisk`). Small knobs, so that happens often in a run.
+//!
+//! The snapshot's producers: a simulated leader's `ReplicaLog` has no partition behind it to read
+//! a `ProducerStates` from (`ProducerStates::as_of` is the storage crate's own), so its snapshots
+//! carry none; the leader's idempotent batches below the snapshot's offset are taken from its
+//! disk when the snapshot is sent (`SimDisk::producers_as_of`) and handed to the follower's disk
+//! with the `RestartAt` they belong to, which is what the real snapshot data carries.
+//!
+//! The draws (knobs, and where a crash lands in an unsynced restart) come from a generator of
+//! their own (`seed ^ const`), drawn only when a disk has a restart in flight.
+
+use std::collections::BTreeMap;
+
+use raft::eraftpb::{Message, MessageType};
+use ringlog::record::BatchHeader;
+use ringlog::replication::group::GroupSettings;
+use ringlog::replication::replica_log::LogWrite;
+use ringlog::replication::rng::SeededRng;
+use ringlog::replication::snapshot::SnapshotData;
+use ringlog::replication::wire::GroupKey;
+
+use super::{Event, MoreEvent, World};
+use crate::disk::{RestartCrash, SimDisk, WriteFault};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    /// Entries kept behind what may be forgotten (`raft_compaction_keep_entries`).
+    pub keep: u64,
+    /// Forgetting waits until this many more entries could go (`raft_compaction_step_entries`).
+    pub step: u64,
+    /// A follower that held less than its leader for this many ticks leaves the in-sync replicas
+    /// (`replica_lag_time_max_ms`): short, so crashed followers leave them within a run.
+    pub lag_ticks: u64,
+}
+
+impl Compaction {
+    pub fn from_seed(rng: &mut SeededRng) -> Compaction {
+        Compaction { keep: rng.range(2, 51), step: rng.range(5, 101), lag_ticks: rng.range(20, 151) }
+    }
+
+    /// Nothing is ever forgotten, with the broker's default lag: runs as before compaction, for
+    /// regression seeds found then.
+    pub fn off() -> Compaction {
+        Compaction { keep: u64::MAX, step: u64::MAX, lag_ticks: GroupSettings::default().in_sync_lag_ticks }
+    }
+}
+
+/// What the snapshots of a run did, for the summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SnapshotCounts {
+    pub compactions: u64,
+    pub sent: u64,
+    /// Logs restarted from a snapshot (`RestartAt` carried out).
+    pub restarts: u64,
+    /// Restarts a crash interrupted after the flagged save, finished when the replica reopened.
+    pub finished_on_open: u64,
+    /// Restarts a crash undid before the flagged save.
+    pub undone: u64,
+}
+
+/// Producers that went out with snapshots, by group, recipient and snapshot index.
+pub type SentProducers = BTreeMap<(GroupKey, u64, u64), Vec<BatchHeader>>;
+
+/// A crash at a random moment rarely falls in the sync a restart from a snapshot waits for, so
+/// half the restarts are followed by a crash of their node within a sync's time (while a majority
+/// stays up).
+const CRASH_IN_RESTART_PER_MILLION: u32 = 500_000;
+
+pub struct Snapshots {
+    rng: SeededRng,
+    pub compaction: Compaction,
+    /// The leader's idempotent batches below each snapshot's offset, as it sent them.
+    sent: SentProducers,
+    pub counts: SnapshotCounts,
+}
+
+impl Snapshots {
+    pub fn new(seed: u64, compact: bool) -> Snapshots {
+        let mut rng = SeededRng::new(seed ^ 0x736e_6170_7368_6f74);
+        let drawn = Compaction::from_seed(&mut rng);
+        let compaction = if compact { drawn } else { Compaction::off() };
+        Snapshots { rng, compaction, sent: BTreeMap::new(), counts: SnapshotCounts::default() }
+    }
+
+    /// Where a crash lands in `disk`'s restart in flight (`Done` when there is none).
+    pub fn crash(&mut self, disk: &SimDisk) -> RestartCrash {
+        if !disk.has_unsynced_restart() {
+            return RestartCrash::Done;
+        }
+        RestartCrash::ALL[self.rng.range(0, RestartCrash::ALL.len() as u64) as usize]
+    }
+
+    /// Remembers the producers of the snapshots in `messages`, sent by the replica over `disk`;
+    /// returns (recipient, index, offset, producer batches) of each, for the trace.
+    pub fn sending(
+        &mut self,
+        key: GroupKey,
+        disk: &SimDisk,
+        messages: &[Message],
+    ) -> Vec<(u64, u64, i64, usize)> {
+        let mut sent = Vec::new();
+        for m in messages.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
+            let snapshot = m.get_snapshot();
+            let index = snapshot.get_metadata().index;
+            // The leader built it from its own anchor a moment ago: it decodes.
+            let Ok(data) = SnapshotData::decode(&snapshot.data, index) else { continue };
+            let producers = disk.producers_as_of(data.start_offset);
+            sent.push((m.to, index, data.start_offset, producers.len()));
+            self.sent.insert((key, m.to, index), producers);
+            self.counts.sent += 1;
+        }
+        sent
+    }
+
+    /// Hands `disk` the producers of the snapshot each `RestartAt` in `writes` applies.
+    pub fn receiving(
+        &mut self,
+        key: GroupKey,
+        node: u64,
+        disk: &mut SimDisk,
+        writes: &[LogWrite],
+    ) -> Result<Vec<(u64, i64)>, String> {
+        let mut restarts = Vec::new();
+        for write in writes {
+            if let LogWrite::RestartAt { state, .. } = write {
+                let index = state.anchor.index;
+                let Some(producers) = self.sent.get(&(key, node, index)) else {
+                    return Err(format!("a log restart from a snapshot of index {index} no leader sent"));
+                };
+                disk.snapshot_producers(producers.clone());
+                restarts.push((index, state.anchor.end_offset));
+            }
+        }
+        Ok(restarts)
+    }
+}
+
+impl World {
+    pub(super) fn after_restart(&mut self, node: u64) {
+        if !self.faults || !self.snapshots.rng.chance(CRASH_IN_RESTART_PER_MILLION) {
+            return;
+        }
+        let after = self.snapshots.rng.range(0, self.scenario.sync_ms.1 + 1);
+        let incarnation = self.node(node).incarnation;
+        self.schedule(after, Event::More(MoreEvent::CrashInRestart { node, incarnation }));
+    }
+
+    pub(super) fn crash_in_restart(&mut self, node: u64, incarnation: u64) {
+        let alive = self.alive_nodes().len() as u64;
+        if !self.faults
+            || !self.node(node).alive
+            || self.node(node).incarnation != incarnation
+            || alive <= self.scenario.nodes / 2 + 1
+        {
+            return;
+        }
+        self.log(|| format!("n{node} crashes right after a log restart"));
+        self.crash_node(node);
+        let after = self.snapshots.rng.range(100, 2_000);
+        self.schedule(after, Event::Restart { node });
+    }
+
+    /// After a node's round: each of its replicas compacts by the broker's rule, and its disk
+    /// carries out the anchor's save (durable with the next sync, as every save here).
+    pub(super) fn compact(&mut self, node: u64) {
+        let Compaction { keep, step, .. } = self.snapshots.compaction;
+        let n = &mut self.nodes[(node - 1) as usize];
+        let mut compacted = Vec::new();
+        for (key, group) in n.groups.iter_mut() {
+            let applied = group.commit_index();
+            let limit = group.lowest_match_in_sync().map_or(applied, |lowest| lowest.min(applied));
+            let to = limit.saturating_sub(keep);
+            if to < group.store().anchor().index.saturating_add(step) {
+                continue;
+            }
+            if let Err(e) = group.store_mut().compact_to(to, applied) {
+                self.checker.fail(format!("n{node} p{}: {e}", key.partition));
+                return;
+            }
+            let Some(disk) = n.disks.get_mut(key) else { continue };
+            if let Err(e) = disk.write(group.store_mut().take_writes(), WriteFault::None) {
+                self.checker.fail(format!("n{node} p{}: compacting: {e:?}", key.partition));
+                return;
+            }
+            self.snapshots.counts.compactions += 1;
+            compacted.push((key.partition, to));
+        }
+        for (partition, to) in compacted {
+            self.log(|| format!("n{node} p{partition} compacted to index {to}"));
+        }
+    }
+}
