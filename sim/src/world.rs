@@ -800,6 +800,23 @@ impl World {
         self.schedule(next, Event::Crash);
     }
 
+    /// A crash aimed at a window a fault opened (a cut's unsynced unlinks, a restart from a
+    /// snapshot): `node` crashes if it is still the incarnation that opened it and a majority
+    /// stays up. Whether it crashed; the caller schedules the restart from its own generator.
+    fn aimed_crash(&mut self, node: u64, incarnation: u64, why: &str) -> bool {
+        let alive = self.alive_nodes().len() as u64;
+        if !self.faults
+            || !self.node(node).alive
+            || self.node(node).incarnation != incarnation
+            || alive <= self.scenario.nodes / 2 + 1
+        {
+            return false;
+        }
+        self.log(|| format!("n{node} crashes {why}"));
+        self.crash_node(node);
+        true
+    }
+
     /// The node's process dies: its groups go, its disks keep what was synced and a torn part
     /// of the rest.
     fn crash_node(&mut self, node: u64) {

@@ -104,17 +104,9 @@ impl World {
     }
 
     pub(super) fn crash_after_cut(&mut self, node: u64, incarnation: u64) {
-        let alive = self.alive_nodes().len() as u64;
-        if !self.faults
-            || !self.node(node).alive
-            || self.node(node).incarnation != incarnation
-            || alive <= self.scenario.nodes / 2 + 1
-        {
-            return;
+        if self.aimed_crash(node, incarnation, "right after a cut") {
+            let after = self.cuts.rng.range(100, 2_000);
+            self.schedule(after, Event::Restart { node });
         }
-        self.log(|| format!("n{node} crashes right after a cut"));
-        self.crash_node(node);
-        let after = self.cuts.rng.range(100, 2_000);
-        self.schedule(after, Event::Restart { node });
     }
 }

@@ -152,18 +152,10 @@ impl World {
     }
 
     pub(super) fn crash_in_restart(&mut self, node: u64, incarnation: u64) {
-        let alive = self.alive_nodes().len() as u64;
-        if !self.faults
-            || !self.node(node).alive
-            || self.node(node).incarnation != incarnation
-            || alive <= self.scenario.nodes / 2 + 1
-        {
-            return;
+        if self.aimed_crash(node, incarnation, "right after a log restart") {
+            let after = self.snapshots.rng.range(100, 2_000);
+            self.schedule(after, Event::Restart { node });
         }
-        self.log(|| format!("n{node} crashes right after a log restart"));
-        self.crash_node(node);
-        let after = self.snapshots.rng.range(100, 2_000);
-        self.schedule(after, Event::Restart { node });
     }
 
     /// After a node's round: each of its replicas compacts by the broker's rule, and its disk
