@@ -15,7 +15,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cluster::{agreed_leader, start_three, start_three_with, status, wait_for};
 use common::Broker;
-use kafka_protocol::messages::{FindCoordinatorRequest, GroupId, HeartbeatRequest, ListGroupsRequest};
+use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+use kafka_protocol::messages::leave_group_request::MemberIdentity;
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+use kafka_protocol::messages::{
+    FindCoordinatorRequest, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
+    ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest, SyncGroupRequest, TopicName,
+};
 use ringlog::client::{
     ClientConfig, ClientError, GroupConsumer, GroupConsumerConfig, Producer, ProducerConfig,
 };
@@ -60,6 +70,69 @@ fn heartbeat_code(node: &Broker) -> i16 {
         .with_generation_id(1)
         .with_member_id(common::kafka::s("nobody"));
     kafka.call(1, &heartbeat).error_code
+}
+
+/// A Kafka member of `GROUP` through `node` (its coordinator), alone in a new generation with an
+/// assignment of its own: (member id, generation).
+fn join_kafka_member(node: &Broker) -> (String, i32) {
+    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+    let joined = kafka.call(
+        3,
+        &JoinGroupRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_protocol_type(common::kafka::s("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default().with_name(common::kafka::s("range"))]),
+    );
+    assert_eq!(joined.error_code, 0, "JoinGroup");
+    let (member, generation) = (joined.member_id.to_string(), joined.generation_id);
+    let synced = kafka.call(
+        2,
+        &SyncGroupRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_generation_id(generation)
+            .with_member_id(common::kafka::s(&member))
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(common::kafka::s(&member))
+                .with_assignment(Bytes::from_static(b"all of likes"))]),
+    );
+    assert_eq!(synced.error_code, 0, "SyncGroup");
+    // Answered once committed, and so is the group's record, which went before it in the log.
+    // It commits what the group had committed, changing nothing the console consumer reads.
+    let fetched = kafka.call(
+        1,
+        &OffsetFetchRequest::default().with_group_id(GroupId(common::kafka::s(GROUP))).with_topics(Some(
+            vec![OffsetFetchRequestTopic::default()
+                .with_name(TopicName(common::kafka::s("likes")))
+                .with_partition_indexes(vec![0])],
+        )),
+    );
+    let had = fetched.topics[0].partitions[0].committed_offset;
+    let committed = kafka.call(
+        2,
+        &OffsetCommitRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_generation_id_or_member_epoch(generation)
+            .with_member_id(common::kafka::s(&member))
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(TopicName(common::kafka::s("likes")))
+                .with_partitions(vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(had)])]),
+    );
+    assert_eq!(committed.topics[0].partitions[0].error_code, 0, "OffsetCommit");
+    (member, generation)
+}
+
+/// A heartbeat of `member` in `generation`, sent to `node`: its error code.
+fn member_heartbeat(node: &Broker, member: &str, generation: i32) -> i16 {
+    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+    let heartbeat = HeartbeatRequest::default()
+        .with_group_id(GroupId(common::kafka::s(GROUP)))
+        .with_generation_id(generation)
+        .with_member_id(common::kafka::s(member));
+    kafka.call(2, &heartbeat).error_code
 }
 
 /// `count` records of the group (all it has left without `count`), through `node`, as
@@ -111,6 +184,8 @@ fn a_group_resumes_from_its_committed_offsets_after_its_coordinator_dies() {
 
     let first = consume(&nodes[0], Some(100));
     assert_eq!(first.len(), 100);
+    // A Kafka member joins the group the console consumer left.
+    let (member, generation) = join_kafka_member(&nodes[(chosen - 1) as usize]);
 
     // The coordinator's node dies; another leads the offsets partition, loads the group from
     // the replicated log and serves it.
@@ -120,6 +195,21 @@ fn a_group_resumes_from_its_committed_offsets_after_its_coordinator_dies() {
     let successor = wait_for("a new coordinator", &survivors, || {
         survivors.iter().map(|n| coordinator(n)).find(|c| c.is_some_and(|c| c != chosen)).flatten()
     });
+    // The member carries on in its generation with the new coordinator, as with Kafka: the group
+    // came back with its members, no rebalance.
+    let new_coordinator = &nodes[(successor - 1) as usize];
+    let code = wait_for("the new coordinator to load the group", &survivors, || {
+        Some(member_heartbeat(new_coordinator, &member, generation)).filter(|&code| code != 16 && code != 14)
+    });
+    assert_eq!(code, 0, "the member's heartbeat to the new coordinator {successor}");
+    let mut kafka = common::kafka::KafkaConn::connect(&new_coordinator.kafka);
+    let left = kafka.call(
+        3,
+        &LeaveGroupRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_members(vec![MemberIdentity::default().with_member_id(common::kafka::s(&member))]),
+    );
+    assert_eq!(left.error_code, 0, "LeaveGroup");
     let through = survivors[0];
     let rest = consume(through, None);
     assert_eq!(rest.len(), 200, "the group resumed where it committed (coordinator {chosen} → {successor})");

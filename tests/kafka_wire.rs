@@ -1014,6 +1014,74 @@ fn group_apis_at_every_version() {
     }
 }
 
+/// A Kafka member of a stable group carries on through a kill -9 and restart of its coordinator,
+/// as with Kafka: the group comes back from `__consumer_offsets` Stable with its members, so the
+/// member's heartbeat, commit and SyncGroup in its generation succeed with no rebalance.
+#[test]
+fn a_stable_groups_member_carries_on_through_a_broker_restart() {
+    let (mut broker, _) = start(&[]);
+    create_native(&broker, "gt", 2);
+    let name = "outlives-restarts";
+    let subscription = Bytes::from_static(b"\x00\x01\x00\x00\x00\x01\x00\x02gt\xff\xff\xff\xff");
+    let assignment = Bytes::from_static(b"partitions 0 and 1");
+    let mut conn = KafkaConn::connect(&broker.kafka);
+    let joined = conn.call(
+        3,
+        &JoinGroupRequest::default()
+            .with_group_id(group(name))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_member_id(s(""))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(s("range"))
+                .with_metadata(subscription.clone())]),
+    );
+    assert_eq!(joined.error_code, 0);
+    let (member_id, generation) = (joined.member_id.to_string(), joined.generation_id);
+    let sync = SyncGroupRequest::default()
+        .with_group_id(group(name))
+        .with_generation_id(generation)
+        .with_member_id(s(&member_id))
+        .with_assignments(vec![SyncGroupRequestAssignment::default()
+            .with_member_id(s(&member_id))
+            .with_assignment(assignment.clone())]);
+    assert_eq!(conn.call(2, &sync).error_code, 0);
+    // Answered once durable, after the group's record that went before it.
+    let commit = |conn: &mut KafkaConn, offset: i64| {
+        let request = OffsetCommitRequest::default()
+            .with_group_id(group(name))
+            .with_generation_id_or_member_epoch(generation)
+            .with_member_id(s(&member_id))
+            .with_topics(vec![OffsetCommitRequestTopic::default().with_name(topic("gt")).with_partitions(
+                vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(offset)],
+            )]);
+        conn.call(2, &request).topics[0].partitions[0].error_code
+    };
+    assert_eq!(commit(&mut conn, 5), 0);
+
+    broker.kill9();
+    broker.restart();
+    let mut conn = KafkaConn::connect(&broker.kafka);
+    let heartbeat = HeartbeatRequest::default()
+        .with_group_id(group(name))
+        .with_generation_id(generation)
+        .with_member_id(s(&member_id));
+    assert_eq!(conn.call(2, &heartbeat).error_code, 0, "the member is still in its generation");
+    assert_eq!(commit(&mut conn, 9), 0);
+    // A member that missed the SyncGroup answer asks again and gets the leader's assignment.
+    let resynced = conn.call(2, &sync.with_assignments(vec![]));
+    assert_eq!((resynced.error_code, &resynced.assignment), (0, &assignment));
+    let described = conn.call(5, &DescribeGroupsRequest::default().with_groups(vec![group(name)]));
+    let g = &described.groups[0];
+    assert_eq!((g.group_state.as_str(), g.members.len()), ("Stable", 1), "{described:?}");
+    let m = &g.members[0];
+    assert_eq!((m.member_id.as_str(), m.client_host.as_str()), (member_id.as_str(), "/127.0.0.1"));
+    assert_eq!((&m.member_metadata, &m.member_assignment), (&subscription, &assignment));
+}
+
 #[test]
 fn join_group_v4_requires_a_member_id_first() {
     let (broker, table) = start(&[]);

@@ -11,7 +11,12 @@ const KEY_OFFSET: u16 = 1;
 /// Key version 2: a group's metadata (group).
 const KEY_GROUP: u16 = 2;
 const OFFSET_VALUE_VERSION: u16 = 0;
-const GROUP_VALUE_VERSION: u16 = 0;
+/// Group value version 0: members without what a live member needs (read, never written now).
+const GROUP_VALUE_V0: u16 = 0;
+/// Group value version 1: each member also carries its host, its metadata for the chosen
+/// protocol, how it is assigned and a Kafka leader's assignment bytes, so a coordinator that
+/// loads the record can keep the members as they were.
+const GROUP_VALUE_VERSION: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CodecError {
@@ -21,6 +26,8 @@ pub enum CodecError {
     UnknownVersion { what: &'static str, version: u16 },
     #[error("{what}: a string at byte {position} is not UTF-8")]
     NotUtf8 { what: &'static str, position: usize },
+    #[error("{what}: byte {position} is {value}, where only 0 or 1 may stand")]
+    BadFlag { what: &'static str, position: usize, value: u8 },
     #[error("{what}: {extra} bytes left after the last field")]
     TrailingBytes { what: &'static str, extra: usize },
 }
@@ -48,6 +55,15 @@ pub struct MemberRecord {
     pub topics: Vec<String>,
     pub assignment: Vec<(String, Vec<u32>)>,
     pub user_data: Vec<u8>,
+    /// Since version 1.
+    pub client_host: String,
+    /// The member's metadata for the group's protocol (a Kafka client's subscription). Since
+    /// version 1.
+    pub metadata: Vec<u8>,
+    /// Whether the coordinator assigns this member's partitions. Since version 1.
+    pub server_assignment: bool,
+    /// A Kafka leader's opaque assignment for this member. Since version 1.
+    pub assignment_bytes: Option<Vec<u8>>,
 }
 
 /// What a group looked like after a rebalance finished or its last member went.
@@ -60,6 +76,9 @@ pub struct GroupValue {
     /// When this state began (the group became Stable or Empty).
     pub state_timestamp_ms: i64,
     pub members: Vec<MemberRecord>,
+    /// The members carry everything a live member needs (version 1 on): a coordinator loading
+    /// the record may keep them. Version 0 records bring back the group without its members.
+    pub members_complete: bool,
 }
 
 impl RecordKey {
@@ -148,16 +167,26 @@ impl GroupValue {
                 }
             }
             w.bytes(&m.user_data);
+            w.str(&m.client_host);
+            w.bytes(&m.metadata);
+            w.u8(u8::from(m.server_assignment));
+            match &m.assignment_bytes {
+                Some(bytes) => {
+                    w.u8(1);
+                    w.bytes(bytes);
+                }
+                None => w.u8(0),
+            }
         }
         w.0
     }
 
     pub fn decode(bytes: &[u8]) -> Result<GroupValue, CodecError> {
         let mut r = Reader::new("group value", bytes);
-        match r.u16()? {
-            GROUP_VALUE_VERSION => {}
+        let version = match r.u16()? {
+            version @ (GROUP_VALUE_V0 | GROUP_VALUE_VERSION) => version,
             version => return Err(CodecError::UnknownVersion { what: "group value", version }),
-        }
+        };
         let mut value = GroupValue {
             protocol_type: r.str()?,
             protocol: r.str()?,
@@ -165,6 +194,7 @@ impl GroupValue {
             leader: r.str()?,
             state_timestamp_ms: r.i64()?,
             members: Vec::new(),
+            members_complete: version >= GROUP_VALUE_VERSION,
         };
         // Counts come from the record; every element takes at least one byte, so a count larger
         // than the bytes left is refused by the reads, never by a huge allocation.
@@ -190,6 +220,12 @@ impl GroupValue {
                 m.assignment.push((topic, partitions));
             }
             m.user_data = r.bytes()?;
+            if version >= GROUP_VALUE_VERSION {
+                m.client_host = r.str()?;
+                m.metadata = r.bytes()?;
+                m.server_assignment = r.flag()?;
+                m.assignment_bytes = if r.flag()? { Some(r.bytes()?) } else { None };
+            }
             value.members.push(m);
         }
         r.finish()?;
@@ -201,6 +237,9 @@ impl GroupValue {
 struct Writer(Vec<u8>);
 
 impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
     fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
@@ -255,6 +294,15 @@ impl<'a> Reader<'a> {
 
     fn u16(&mut self) -> Result<u16, CodecError> {
         Ok(u16::from_be_bytes(self.array()?))
+    }
+    /// A byte that must be 0 or 1.
+    fn flag(&mut self) -> Result<bool, CodecError> {
+        let position = self.pos;
+        match self.array::<1>()? {
+            [0] => Ok(false),
+            [1] => Ok(true),
+            [other] => Err(CodecError::BadFlag { what: self.what, position, value: other }),
+        }
     }
     fn u32(&mut self) -> Result<u32, CodecError> {
         Ok(u32::from_be_bytes(self.array()?))
@@ -315,16 +363,34 @@ mod tests {
             proptest::collection::vec("[a-z.]{1,10}", 0..4),
             proptest::collection::vec(("[a-z]{1,6}", proptest::collection::vec(any::<u32>(), 0..5)), 0..3),
             proptest::collection::vec(any::<u8>(), 0..16),
+            ("[a-z0-9./]{0,16}", proptest::collection::vec(any::<u8>(), 0..16), any::<bool>()),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
         )
-            .prop_map(|(member_id, client_id, s, r, topics, assignment, user_data)| MemberRecord {
-                member_id,
-                client_id,
-                session_timeout_ms: s,
-                rebalance_timeout_ms: r,
-                topics,
-                assignment,
-                user_data,
-            })
+            .prop_map(
+                |(
+                    member_id,
+                    client_id,
+                    s,
+                    r,
+                    topics,
+                    assignment,
+                    user_data,
+                    (client_host, metadata, server_assignment),
+                    assignment_bytes,
+                )| MemberRecord {
+                    member_id,
+                    client_id,
+                    session_timeout_ms: s,
+                    rebalance_timeout_ms: r,
+                    topics,
+                    assignment,
+                    user_data,
+                    client_host,
+                    metadata,
+                    server_assignment,
+                    assignment_bytes,
+                },
+            )
     }
 
     proptest! {
@@ -356,6 +422,7 @@ mod tests {
                 leader,
                 state_timestamp_ms: ts,
                 members,
+                members_complete: true,
             };
             let bytes = v.encode();
             prop_assert_eq!(GroupValue::decode(&bytes).unwrap(), v);
@@ -382,5 +449,45 @@ mod tests {
         let huge_count =
             [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
         assert!(GroupValue::decode(&huge_count).is_err());
+    }
+
+    /// A version 0 record (as brokers before version 1 wrote it) still reads, marked as not
+    /// carrying what live members need; a flag byte other than 0 or 1 is refused.
+    #[test]
+    fn version_0_group_values_read_without_live_members() {
+        let member = MemberRecord {
+            member_id: "m-1".into(),
+            client_id: "app".into(),
+            session_timeout_ms: 10_000,
+            assignment: vec![("likes".into(), vec![0, 2])],
+            client_host: "/127.0.0.1".into(),
+            metadata: vec![1, 2],
+            server_assignment: true,
+            assignment_bytes: Some(vec![3]),
+            ..MemberRecord::default()
+        };
+        let value = GroupValue {
+            protocol_type: "consumer".into(),
+            protocol: "range".into(),
+            generation: 4,
+            leader: "m-1".into(),
+            state_timestamp_ms: 1,
+            members: vec![member.clone()],
+            members_complete: true,
+        };
+        let v1 = value.encode();
+        // Version 0 is version 1 without the four trailing member fields.
+        let tail = 2 + member.client_host.len() + 4 + member.metadata.len() + 1 + 1 + 4 + 1;
+        let mut v0 = v1[..v1.len() - tail].to_vec();
+        v0[..2].copy_from_slice(&GROUP_VALUE_V0.to_be_bytes());
+        let read = GroupValue::decode(&v0).unwrap();
+        assert!(!read.members_complete);
+        assert_eq!(read.members[0].assignment, member.assignment);
+        assert_eq!(read.members[0].assignment_bytes, None);
+
+        let mut bad_flag = v1.clone();
+        let flag_at = v1.len() - (1 + 4 + 1) - 1;
+        bad_flag[flag_at] = 7;
+        assert!(matches!(GroupValue::decode(&bad_flag), Err(CodecError::BadFlag { value: 7, .. })));
     }
 }

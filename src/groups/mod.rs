@@ -404,8 +404,9 @@ async fn wait_durable(group_id: &str, pending: PendingAppend) -> Result<(), Grou
 }
 
 /// Records the group's metadata if a transition flagged it. The record is appended in order now;
-/// its durability is awaited in the background (members are not restored from it, so a lost
-/// metadata record costs a generation number, never an offset).
+/// its durability is awaited in the background. A record lost to a crash before it was durable
+/// brings the group back as the record before it left it, an older generation: the members are
+/// fenced by their generation and rejoin, so it costs a rebalance, never an offset.
 fn persist_if_dirty(shard: &Shard, group: &mut Group, now: i64) {
     if !group.take_dirty() {
         return;
@@ -707,7 +708,7 @@ pub async fn load(shard: &Rc<Shard>) -> Result<(), String> {
     let mut records = 0usize;
     for (p, _) in view.partition_shards.iter().enumerate().filter(|(_, &owner)| owner == shard.id) {
         let Some(partition) = shard.partition(OFFSETS_TOPIC, p as u32) else { continue };
-        records += replay_partition(&partition, p as u32, &mut groups)
+        records += replay_partition(&partition, p as u32, &mut groups, now)
             .await
             .map_err(|e| format!("{OFFSETS_TOPIC} partition {p}: {e}"))?;
     }
@@ -767,7 +768,7 @@ async fn load_led_partition(shard: Rc<Shard>, p: u32, partitions: u32) {
     let co = coordinator(&shard);
     let mut groups = HashMap::new();
     let replayed = match shard.partition(OFFSETS_TOPIC, p) {
-        Some(partition) => replay_partition(&partition, p, &mut groups).await,
+        Some(partition) => replay_partition(&partition, p, &mut groups, now_ms()).await,
         None => Err("no replica of it on this node".to_string()),
     };
     co.loading.borrow_mut().remove(&p);
@@ -798,12 +799,13 @@ async fn load_led_partition(shard: Rc<Shard>, p: u32, partitions: u32) {
     );
 }
 
-/// Applies every record of one offsets partition, from its log start to its high watermark.
-/// Returns the number of records read.
+/// Applies every record of one offsets partition, from its log start to its high watermark, as
+/// of `now_ms` (restored members' sessions run from then). Returns the number of records read.
 pub async fn replay_partition(
     partition: &Partition,
     partition_id: u32,
     groups: &mut HashMap<String, Group>,
+    now_ms: i64,
 ) -> Result<usize, String> {
     let mut offset = partition.log_start_offset();
     let end = partition.high_watermark();
@@ -820,7 +822,7 @@ pub async fn replay_partition(
                     let record =
                         record.map_err(|e| format!("batch at offset {}: {e}", header.base_offset))?;
                     if record.offset >= offset {
-                        apply_record(partition_id, record.offset, record.key, record.value, groups);
+                        apply_record(partition_id, record.offset, record.key, record.value, groups, now_ms);
                         count += 1;
                     }
                 }
@@ -841,6 +843,7 @@ fn apply_record(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
     groups: &mut HashMap<String, Group>,
+    now_ms: i64,
 ) {
     let skip = |why: String| {
         tracing::warn!(partition = partition_id, offset, "skipping {OFFSETS_TOPIC} record: {why}")
@@ -865,7 +868,7 @@ fn apply_record(
             }
         }
         (RecordKey::Group { .. }, Some(v)) => match codec::GroupValue::decode(v) {
-            Ok(v) => groups.entry(group_id.clone()).or_insert_with(entry).restore(&v),
+            Ok(v) => groups.entry(group_id.clone()).or_insert_with(entry).restore(&v, now_ms),
             Err(e) => skip(e.to_string()),
         },
         (RecordKey::Group { .. }, None) => {
@@ -993,11 +996,10 @@ mod tests {
                 let storage = ShardStorage::new(dir.path().to_path_buf(), 1 << 20, 0);
                 let (p, _) = Partition::open(path.clone(), log_config(), storage.clone()).await.unwrap();
                 let mut stable = Group::new("g1".into(), 0);
-                stable.restore(&codec::GroupValue {
-                    generation: 4,
-                    protocol: "sticky".into(),
-                    ..Default::default()
-                });
+                stable.restore(
+                    &codec::GroupValue { generation: 4, protocol: "sticky".into(), ..Default::default() },
+                    0,
+                );
                 let appends = [
                     record(off_key("g1", "t", 0), offset(10, "a")),
                     record(off_key("g1", "t", 1), offset(20, "")),
@@ -1023,7 +1025,7 @@ mod tests {
                 // A fresh open recovers the log; the replay rebuilds the same state.
                 let (p, _) = Partition::open(path, log_config(), storage).await.unwrap();
                 let mut groups = HashMap::new();
-                let n = replay_partition(&p, 0, &mut groups).await.unwrap();
+                let n = replay_partition(&p, 0, &mut groups, 5000).await.unwrap();
                 assert_eq!(n, 10);
                 groups.retain(|_, g| g.has_metadata_record || !g.offsets.is_empty());
                 let mut names: Vec<&String> = groups.keys().collect();

@@ -223,16 +223,49 @@ impl Group {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Restores what the log recorded. Members are not restored as live: after a restart the group
-    /// is Empty with its last generation, protocol and leader until members rejoin.
-    pub fn restore(&mut self, value: &GroupValue) {
-        debug_assert!(self.members.is_empty(), "restore runs before any member joins");
+    /// Restores what the log recorded, at `now_ms` (a replay applies each record of the group in
+    /// turn; the last one stands). A group recorded with its members, in a record that carries
+    /// all a live member needs, comes back Stable with them, each with a whole session timeout
+    /// from now to reach this coordinator: as in Kafka, members carry on through a change of
+    /// coordinator or a restart without a rebalance, and one that never comes back times out as
+    /// any silent member does. Otherwise the group is Empty with its last generation, protocol
+    /// and leader until members join.
+    pub fn restore(&mut self, value: &GroupValue, now_ms: i64) {
+        debug_assert!(
+            self.members.values().all(|m| m.join_waiter.is_none() && m.sync_waiter.is_none()),
+            "restore runs before any member joins"
+        );
         self.generation = value.generation;
         self.protocol_type = value.protocol_type.clone();
         self.protocol = value.protocol.clone();
         self.leader = value.leader.clone();
         self.empty_since_ms = value.state_timestamp_ms;
         self.has_metadata_record = true;
+        self.members.clear();
+        if !value.members_complete || value.members.is_empty() {
+            self.state = GroupState::Empty;
+            return;
+        }
+        for m in &value.members {
+            let member = Member {
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                session_timeout_ms: m.session_timeout_ms,
+                rebalance_timeout_ms: m.rebalance_timeout_ms,
+                topics: m.topics.clone(),
+                // Only the chosen protocol is recorded; a rebalance asks every member again.
+                protocols: vec![(value.protocol.clone(), m.metadata.clone())],
+                server_assignment: m.server_assignment,
+                assignment: m.assignment.clone(),
+                user_data: m.user_data.clone(),
+                assignment_bytes: m.assignment_bytes.clone(),
+                last_heartbeat_ms: now_ms,
+                join_waiter: None,
+                sync_waiter: None,
+            };
+            self.members.insert(m.member_id.clone(), member);
+        }
+        self.state = GroupState::Stable;
     }
 
     /// The record to write for the group's current metadata.
@@ -254,8 +287,13 @@ impl Group {
                     topics: m.topics.clone(),
                     assignment: m.assignment.clone(),
                     user_data: m.user_data.clone(),
+                    client_host: m.client_host.clone(),
+                    metadata: m.metadata_for(&self.protocol),
+                    server_assignment: m.server_assignment,
+                    assignment_bytes: m.assignment_bytes.clone(),
                 })
                 .collect(),
+            members_complete: true,
         }
     }
 
@@ -1010,18 +1048,57 @@ mod tests {
     }
 
     #[test]
-    fn restored_groups_are_empty_and_continue_the_generation() {
-        let g = stable_pair();
+    fn a_restored_group_keeps_its_members_until_their_sessions_end() {
+        let mut g = stable_pair();
+        let before = (assigned(&mut g, "a", 500), assigned(&mut g, "b", 500));
         let record = g.metadata_record(777);
         assert_eq!(record.members.len(), 2);
         let mut restored = Group::new("g".into(), 0);
-        restored.restore(&record);
-        assert_eq!(restored.state(), GroupState::Empty);
-        assert_eq!(restored.member_count(), 0);
+        restored.restore(&record, 10_000);
+        assert_eq!(
+            (restored.state(), restored.member_count(), restored.generation()),
+            (GroupState::Stable, 2, 1)
+        );
+        // The members carry on in their generation: heartbeats, commits and their assignments.
+        assert!(restored.heartbeat("a", 1, 12_000).is_ok());
+        assert!(restored.check_commit("a", 1, 12_000).is_ok());
+        assert_eq!((assigned(&mut restored, "a", 12_000), assigned(&mut restored, "b", 10_000)), before);
+        assert_eq!(restored.describe().members[0].metadata, b"md".to_vec());
+        // b is not heard from after the restore: its session (3 s) ends; a rebalance follows,
+        // which a alone completes.
+        restored.tick(&counts, 13_001);
+        assert_eq!(restored.member_count(), 1);
+        assert_eq!(restored.state(), GroupState::PreparingRebalance);
+        let mut a = join(&mut restored, "a", true, 13_100, "unused");
+        restored.tick(&counts, 13_100);
+        let r = answered(&mut a).unwrap().unwrap();
+        assert_eq!((r.generation, r.member_id.as_str()), (2, "a"));
+        assert_eq!(assigned(&mut restored, "a", 13_200), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_group_recorded_empty_or_without_live_members_restores_empty_and_continues_the_generation() {
+        let g = stable_pair();
+        let mut record = g.metadata_record(777);
+        record.members_complete = false;
+        let mut restored = Group::new("g".into(), 0);
+        restored.restore(&record, 1_000);
+        assert_eq!((restored.state(), restored.member_count()), (GroupState::Empty, 0));
         assert_eq!(restored.empty_since_ms, 777);
         let mut a = join(&mut restored, "", true, 1000, "a2");
         restored.tick(&counts, 1300);
         assert_eq!(answered(&mut a).unwrap().unwrap().generation, 2);
+
+        // A later record of the group replaces what an earlier one restored.
+        let mut replayed = Group::new("g".into(), 0);
+        replayed.restore(&g.metadata_record(800), 1_000);
+        assert_eq!(replayed.member_count(), 2);
+        let emptied = GroupValue { members: Vec::new(), generation: 2, ..g.metadata_record(900) };
+        replayed.restore(&emptied, 1_000);
+        assert_eq!(
+            (replayed.state(), replayed.member_count(), replayed.generation()),
+            (GroupState::Empty, 0, 2)
+        );
     }
 
     /// A Kafka v4+ join: KIP-394 applies, and the client's address comes along.
