@@ -2,8 +2,9 @@
 //! moment three nodes are up — before they have registered with the controller, which the other
 //! cluster tests wait for — is created once they have, through the Rust client and the CLI at
 //! once, and serves a round trip; a replication factor beyond the seed list is refused at once and
-//! for good; and a factor waiting for a node that never starts is refused, after a bounded wait,
-//! as retriable (native `ClusterForming`, Kafka REQUEST_TIMED_OUT) naming the node.
+//! for good; and a factor waiting for a node that never starts is refused, after a bounded wait
+//! (`replication_timeout_ms`, or a Kafka request's `timeout_ms`), as retriable (native
+//! `ClusterForming`, Kafka REQUEST_TIMED_OUT) naming the node.
 
 mod common;
 
@@ -142,18 +143,31 @@ async fn a_factor_waiting_for_a_node_that_never_starts_is_refused_as_retriable_n
     // Two copies fit the nodes registered.
     admin.create_replicated_topic("two-copies", 1, 2, &settings).await.unwrap();
 
-    // Kafka's CreateTopics through the other node: REQUEST_TIMED_OUT, which Kafka clients retry.
+    // Kafka's CreateTopics through the other node: REQUEST_TIMED_OUT, which Kafka clients retry,
+    // once the request's own timeout_ms has passed (not the broker's 1 s); with timeout_ms 0, at
+    // once.
     let mut kafka = common::kafka::KafkaConn::connect(&nodes[1].kafka);
-    let create =
-        CreateTopicsRequest::default().with_timeout_ms(10_000).with_topics(vec![CreatableTopic::default()
-            .with_name(TopicName(common::kafka::s("needs-three")))
-            .with_num_partitions(1)
-            .with_replication_factor(3)]);
-    let answer = kafka.call(5, &create);
-    let topic = &answer.topics[0];
-    assert_eq!(topic.error_code, 7, "{:?}", topic.error_message);
-    let message = topic.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default();
-    assert!(message.contains("seed nodes [3] not yet"), "{message}");
+    let create = |timeout_ms: i32| {
+        CreateTopicsRequest::default().with_timeout_ms(timeout_ms).with_topics(vec![CreatableTopic::default(
+        )
+        .with_name(TopicName(common::kafka::s("needs-three")))
+        .with_num_partitions(1)
+        .with_replication_factor(3)])
+    };
+    for timeout_ms in [2500, 0] {
+        let asked = Instant::now();
+        let answer = kafka.call(5, &create(timeout_ms));
+        let took = asked.elapsed();
+        let topic = &answer.topics[0];
+        assert_eq!(topic.error_code, 7, "timeout_ms {timeout_ms}: {:?}", topic.error_message);
+        let message = topic.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        assert!(message.contains("seed nodes [3] not yet"), "{message}");
+        if timeout_ms > 0 {
+            assert!(took >= Duration::from_millis(2500), "answered before timeout_ms: {took:?}");
+        } else {
+            assert!(message.contains("(waited 0 ms)"), "timeout_ms 0 waited: {message}");
+        }
+    }
 
     // Nothing was created by the refusals.
     let topics = admin.list_topics().await.unwrap();

@@ -438,6 +438,47 @@ fn host_error(
     }
 }
 
+/// How long a topic change may wait: first for the cluster to form (enough nodes registered for
+/// its copies), then for the controller's log to apply it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeWait {
+    /// Each wait up to `replication_timeout_ms` (the native protocol, automatic creation).
+    Default,
+    /// Both waits end at this instant: a Kafka request's `timeout_ms`, counted from its arrival.
+    Until(Instant),
+    /// No wait for the cluster to form: a Kafka `timeout_ms` of 0 or less ("start the change and
+    /// answer"). The apply is still awaited as by default: only the log says whether the change
+    /// is made, and it answers within a few ticks.
+    NotForming,
+}
+
+impl ChangeWait {
+    /// The wait a Kafka admin request's `timeout_ms` asks for, the request having arrived `now`.
+    pub fn kafka(timeout_ms: i32, now: Instant) -> ChangeWait {
+        match u64::try_from(timeout_ms) {
+            Ok(ms) if ms > 0 => ChangeWait::Until(now + Duration::from_millis(ms)),
+            _ => ChangeWait::NotForming,
+        }
+    }
+
+    /// When the wait for the cluster to form, begun at `started`, ends.
+    fn forming_deadline(self, started: Instant, default: Duration) -> Instant {
+        match self {
+            ChangeWait::Default => started + default,
+            ChangeWait::Until(deadline) => deadline,
+            ChangeWait::NotForming => started,
+        }
+    }
+
+    /// When the wait for the controller's log to apply the change, begun at `started`, ends.
+    fn apply_deadline(self, started: Instant, default: Duration) -> Instant {
+        match self {
+            ChangeWait::Default | ChangeWait::NotForming => started + default,
+            ChangeWait::Until(deadline) => deadline,
+        }
+    }
+}
+
 /// Runs `op` with this node's cluster, on the shard that holds it; `NotController` (no leader
 /// known) on a node outside a cluster is never returned: callers check `in_cluster` first.
 async fn on_cluster<R, W, F>(shard: &Rc<Shard>, op: W) -> Result<R, BrokerError>
@@ -474,6 +515,7 @@ pub async fn create_topic(
     partitions: u32,
     replication_factor: u16,
     overrides: TopicOverrides,
+    wait: ChangeWait,
 ) -> Result<ReplicatedTopic, BrokerError> {
     metadata::validate_topic_name(&name).map_err(BrokerError::InvalidTopicName)?;
     if metadata::is_internal_topic(&name) {
@@ -491,7 +533,7 @@ pub async fn create_topic(
         return Err(BrokerError::TopicAlreadyExists { topic: name });
     }
     let topic = on_cluster(shard, move |cluster| async move {
-        cluster.create_topic(name, partitions, replication_factor, overrides).await
+        cluster.create_topic(name, partitions, replication_factor, overrides, wait).await
     })
     .await?;
     shown(shard, &topic).await;
@@ -543,14 +585,20 @@ pub fn check_grow(shard: &Shard, name: &str, partitions: u32) -> Result<Rc<Topic
 /// through the controller's log (every node opens its replicas of the new partitions), a local
 /// one through this node's metadata. Existing partitions keep serving meanwhile. Returns the
 /// topic's partition count once the calling shard shows it.
-pub async fn grow_any_topic(shard: &Rc<Shard>, name: String, partitions: u32) -> Result<u32, BrokerError> {
+pub async fn grow_any_topic(
+    shard: &Rc<Shard>,
+    name: String,
+    partitions: u32,
+    wait: ChangeWait,
+) -> Result<u32, BrokerError> {
     let view = check_grow(shard, &name, partitions)?;
     if view.replication.is_none() {
         let grown = crate::controller::create_partitions(shard, name, partitions).await?;
         return Ok(grown.partition_shards.len() as u32);
     }
     let topic =
-        on_cluster(shard, move |cluster| async move { cluster.grow_topic(name, partitions).await }).await?;
+        on_cluster(shard, move |cluster| async move { cluster.grow_topic(name, partitions, wait).await })
+            .await?;
     shown(shard, &topic).await;
     Ok(topic.replication.replicas.len() as u32)
 }
@@ -579,10 +627,11 @@ pub async fn create_any_topic(
     partitions: u32,
     replication_factor: Option<u16>,
     overrides: TopicOverrides,
+    wait: ChangeWait,
 ) -> Result<CreatedTopic, BrokerError> {
     let replication_factor = replication_factor.or_else(|| default_replication_factor(shard));
     match replication_factor.filter(|&rf| rf != 1 || in_cluster(shard)) {
-        Some(rf) => create_topic(shard, name, partitions, rf, overrides).await.map(|t| CreatedTopic {
+        Some(rf) => create_topic(shard, name, partitions, rf, overrides, wait).await.map(|t| CreatedTopic {
             name: t.name,
             partitions: t.replication.replicas.len() as u32,
             overrides: t.overrides,
@@ -595,19 +644,19 @@ pub async fn create_any_topic(
 
 /// Deletes a topic of either kind: a replicated one through the controller's log, a local one
 /// through this node's metadata.
-pub async fn delete_any_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
+pub async fn delete_any_topic(shard: &Rc<Shard>, name: String, wait: ChangeWait) -> Result<(), BrokerError> {
     if shard.is_replicated(&name) {
-        delete_topic(shard, name).await
+        delete_topic(shard, name, wait).await
     } else {
         crate::controller::delete_topic(shard, name).await
     }
 }
 
-pub async fn delete_topic(shard: &Rc<Shard>, name: String) -> Result<(), BrokerError> {
+pub async fn delete_topic(shard: &Rc<Shard>, name: String, wait: ChangeWait) -> Result<(), BrokerError> {
     if metadata::is_internal_topic(&name) {
         return Err(BrokerError::InternalTopic { topic: name, rule: "the broker keeps it" });
     }
-    on_cluster(shard, move |cluster| async move { cluster.delete_topic(name).await }).await
+    on_cluster(shard, move |cluster| async move { cluster.delete_topic(name, wait).await }).await
 }
 
 /// What Kafka's Metadata needs of the cluster: every registered node and the controller leader.
@@ -883,7 +932,11 @@ impl Cluster {
     /// it: proposed here when this node leads the controller, else handed to the leader over
     /// the peer links (as Kafka's brokers forward to their controller), and handed again to a
     /// new leader should leadership move meanwhile (the log applies a request id once).
-    async fn change_topic(&self, command: TopicCommand) -> Result<ReplicatedTopic, BrokerError> {
+    async fn change_topic(
+        &self,
+        command: TopicCommand,
+        wait: ChangeWait,
+    ) -> Result<ReplicatedTopic, BrokerError> {
         self.taking_part()?;
         let request = command.request();
         let command = ControllerCommand::Topic(command);
@@ -894,7 +947,8 @@ impl Cluster {
             return Err(e);
         }
         let mut handed_to = first_leader;
-        let deadline = Instant::now() + self.replication_timeout;
+        let started = Instant::now();
+        let deadline = wait.apply_deadline(started, self.replication_timeout);
         futures::pin_mut!(applied);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -903,7 +957,7 @@ impl Cluster {
                 return Err(BrokerError::ReplicationTimedOut {
                     topic: "the controller's log".into(),
                     partition: 0,
-                    after_ms: self.replication_timeout.as_millis() as u64,
+                    after_ms: started.elapsed().as_millis() as u64,
                 });
             }
             let recheck = glommio::timer::sleep(left.min(self.tick * KEEPALIVE_TICKS as u32));
@@ -1005,41 +1059,53 @@ impl Cluster {
         partitions: u32,
         replication_factor: u16,
         overrides: TopicOverrides,
+        wait: ChangeWait,
     ) -> Result<ReplicatedTopic, BrokerError> {
-        self.await_registrations(&name, replication_factor).await?;
+        self.await_registrations(&name, replication_factor, wait).await?;
         let request = self.request_id();
-        self.change_topic(TopicCommand::Create { request, name, partitions, replication_factor, overrides })
-            .await
+        let command = TopicCommand::Create { request, name, partitions, replication_factor, overrides };
+        self.change_topic(command, wait).await
     }
 
-    pub async fn delete_topic(&self, name: String) -> Result<(), BrokerError> {
+    pub async fn delete_topic(&self, name: String, wait: ChangeWait) -> Result<(), BrokerError> {
         let request = self.request_id();
-        self.change_topic(TopicCommand::Delete { request, name }).await.map(|_| ())
+        self.change_topic(TopicCommand::Delete { request, name }, wait).await.map(|_| ())
     }
 
     /// Raises a replicated topic's partition count to `partitions`; the new partitions' replica
     /// sets are placed when the controller's log applies the command.
-    pub async fn grow_topic(&self, name: String, partitions: u32) -> Result<ReplicatedTopic, BrokerError> {
+    pub async fn grow_topic(
+        &self,
+        name: String,
+        partitions: u32,
+        wait: ChangeWait,
+    ) -> Result<ReplicatedTopic, BrokerError> {
         // Every partition keeps the factor the topic was created with; a topic this node does not
         // know yet is the log's to refuse.
         let replication_factor = self.topics.replication_factor(&name);
         if let Some(replication_factor) = replication_factor {
-            self.await_registrations(&name, replication_factor).await?;
+            self.await_registrations(&name, replication_factor, wait).await?;
         }
         let request = self.request_id();
-        self.change_topic(TopicCommand::Grow { request, name, partitions }).await
+        self.change_topic(TopicCommand::Grow { request, name, partitions }, wait).await
     }
 
     /// Waits until as many nodes have registered, as this node applied the controller's log, as
-    /// `replication_factor` copies of `topic` need (`forming::fit`), checking every tick for at
-    /// most `replication_timeout_ms`: a cluster just started registers its nodes within a few
+    /// `replication_factor` copies of `topic` need (`forming::fit`), checking every tick for as
+    /// long as `wait` allows (by default `replication_timeout_ms`): a cluster just started registers its nodes within a few
     /// ticks of electing its controller, and proposing earlier would have the log refuse the
     /// change for good. A factor beyond the seeds and the registered nodes together is refused at
     /// once (InvalidReplicationFactor); one still short after the wait is refused as
     /// `ClusterForming`, which clients retry.
-    async fn await_registrations(&self, topic: &str, replication_factor: u16) -> Result<(), BrokerError> {
+    async fn await_registrations(
+        &self,
+        topic: &str,
+        replication_factor: u16,
+        wait: ChangeWait,
+    ) -> Result<(), BrokerError> {
         let seeds: Vec<u64> = self.seeds.voters.keys().copied().collect();
         let started = Instant::now();
+        let deadline = wait.forming_deadline(started, self.replication_timeout);
         let mut logged = false;
         loop {
             self.taking_part()?;
@@ -1049,8 +1115,9 @@ impl Cluster {
                 Fit::Never(reason) => return Err(BrokerError::InvalidReplicationFactor(reason)),
                 Fit::Forming { missing } => missing,
             };
-            let waited = started.elapsed();
-            if waited >= self.replication_timeout {
+            let now = Instant::now();
+            let waited = now.saturating_duration_since(started);
+            if now >= deadline {
                 return Err(BrokerError::ClusterForming {
                     topic: topic.to_string(),
                     replication_factor,
@@ -1069,7 +1136,7 @@ impl Cluster {
                     "cluster: the cluster is still forming; the topic change waits for nodes to register"
                 );
             }
-            glommio::timer::sleep(self.tick.min(self.replication_timeout - waited)).await;
+            glommio::timer::sleep(self.tick.min(deadline - now)).await;
         }
     }
 
@@ -1122,5 +1189,27 @@ impl Cluster {
             self.links.send(outbox);
             self.drive();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kafka_timeout_bounds_both_waits_and_none_skips_the_forming_wait() {
+        let (now, default) = (Instant::now(), Duration::from_secs(10));
+        let later = now + Duration::from_millis(1);
+        let asked = ChangeWait::kafka(2_500, now);
+        assert_eq!(asked, ChangeWait::Until(now + Duration::from_millis(2_500)));
+        assert_eq!(asked.forming_deadline(later, default), now + Duration::from_millis(2_500));
+        assert_eq!(asked.apply_deadline(later, default), now + Duration::from_millis(2_500));
+        for none in [0, -1] {
+            let wait = ChangeWait::kafka(none, now);
+            assert_eq!(wait, ChangeWait::NotForming);
+            assert_eq!(wait.forming_deadline(later, default), later);
+            assert_eq!(wait.apply_deadline(later, default), later + default);
+        }
+        assert_eq!(ChangeWait::Default.forming_deadline(later, default), later + default);
     }
 }

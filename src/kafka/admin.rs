@@ -39,6 +39,7 @@ use kafka_protocol::ResponseError;
 
 use super::codec::{respond, RequestContext};
 use super::errors::Failure;
+use crate::cluster::ChangeWait;
 use crate::config::{BrokerConfig, DurabilitySetting, SEGMENT_BYTES_MIN};
 use crate::metadata::{self, TopicOverrides};
 use crate::server::{Boxed, Reply};
@@ -131,6 +132,7 @@ pub(super) async fn auto_create(shard: &Rc<Shard>, names: Vec<String>) {
             partitions,
             None,
             TopicOverrides::default(),
+            ChangeWait::Default,
         )
         .await
         {
@@ -760,6 +762,7 @@ async fn create_one(
     shard: &Rc<Shard>,
     topic: &CreatableTopic,
     validate_only: bool,
+    wait: ChangeWait,
 ) -> Result<TopicRequest, Failure> {
     let request = check_create(topic, &shard.config)?;
     let name = topic.name.0.as_str();
@@ -780,6 +783,7 @@ async fn create_one(
         request.partitions,
         replication_factor,
         request.overrides,
+        wait,
     )
     .await?;
     Ok(TopicRequest { partitions: created.partitions, replication_factor, overrides: created.overrides })
@@ -827,6 +831,8 @@ pub(super) async fn create_topics(
     ctx: RequestContext,
     request: CreateTopicsRequest,
 ) -> Boxed<Reply> {
+    // The request's timeout_ms bounds its changes together, from its arrival.
+    let wait = ChangeWait::kafka(request.timeout_ms, std::time::Instant::now());
     let counts = occurrences(request.topics.iter().map(|t| t.name.0.as_str()));
     let mut answered = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(request.topics.len());
@@ -841,7 +847,7 @@ pub(super) async fn create_topics(
                 format!("topic '{name}' is listed more than once"),
             ))
         } else {
-            create_one(shard, topic, request.validate_only).await
+            create_one(shard, topic, request.validate_only, wait).await
         };
         results.push(creatable_topic_result(ctx.version, name, outcome, &shard.config));
     }
@@ -850,7 +856,7 @@ pub(super) async fn create_topics(
 
 // ---- DeleteTopics -------------------------------------------------------------------------------
 
-async fn delete_one(shard: &Rc<Shard>, name: &str) -> Result<(), Failure> {
+async fn delete_one(shard: &Rc<Shard>, name: &str, wait: ChangeWait) -> Result<(), Failure> {
     if is_internal(name) {
         return Err(Failure::new(
             ResponseError::InvalidRequest,
@@ -860,7 +866,7 @@ async fn delete_one(shard: &Rc<Shard>, name: &str) -> Result<(), Failure> {
     if shard.topic(name).is_none() {
         return Err(Failure::new(ResponseError::UnknownTopicOrPartition, format!("unknown topic '{name}'")));
     }
-    crate::cluster::delete_any_topic(shard, name.to_string()).await.map_err(Failure::from)
+    crate::cluster::delete_any_topic(shard, name.to_string(), wait).await.map_err(Failure::from)
 }
 
 pub(super) async fn delete_topics(
@@ -868,6 +874,8 @@ pub(super) async fn delete_topics(
     ctx: RequestContext,
     request: DeleteTopicsRequest,
 ) -> Boxed<Reply> {
+    // The request's timeout_ms bounds its changes together, from its arrival.
+    let wait = ChangeWait::kafka(request.timeout_ms, std::time::Instant::now());
     let counts = occurrences(request.topic_names.iter().map(|n| n.0.as_str()));
     let mut answered = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(request.topic_names.len());
@@ -882,7 +890,7 @@ pub(super) async fn delete_topics(
                 format!("topic '{name}' is listed more than once"),
             ))
         } else {
-            delete_one(shard, name).await
+            delete_one(shard, name, wait).await
         };
         let result = DeletableTopicResult::default().with_name(Some(topic_name(name)));
         results.push(match outcome {
@@ -901,6 +909,7 @@ async fn grow_one(
     count: i32,
     manual: bool,
     validate_only: bool,
+    wait: ChangeWait,
 ) -> Result<(), Failure> {
     if manual {
         return Err(Failure::new(
@@ -926,7 +935,7 @@ async fn grow_one(
     if validate_only {
         return Ok(());
     }
-    crate::cluster::grow_any_topic(shard, name.to_string(), partitions).await?;
+    crate::cluster::grow_any_topic(shard, name.to_string(), partitions, wait).await?;
     Ok(())
 }
 
@@ -935,6 +944,8 @@ pub(super) async fn create_partitions(
     ctx: RequestContext,
     request: CreatePartitionsRequest,
 ) -> Boxed<Reply> {
+    // The request's timeout_ms bounds its changes together, from its arrival.
+    let wait = ChangeWait::kafka(request.timeout_ms, std::time::Instant::now());
     let counts = occurrences(request.topics.iter().map(|t| t.name.0.as_str()));
     let mut answered = std::collections::HashSet::new();
     let mut results = Vec::with_capacity(request.topics.len());
@@ -950,7 +961,7 @@ pub(super) async fn create_partitions(
             ))
         } else {
             let manual = topic.assignments.as_ref().is_some_and(|a| !a.is_empty());
-            grow_one(shard, name, topic.count, manual, request.validate_only).await
+            grow_one(shard, name, topic.count, manual, request.validate_only, wait).await
         };
         let result = CreatePartitionsTopicResult::default().with_name(topic_name(name));
         results.push(match outcome {

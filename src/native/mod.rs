@@ -511,10 +511,16 @@ fn create_topic(shard: &Rc<Shard>, cid: u32, r: wire::CreateTopicRequest<'_>) ->
     let replication_factor = r.replication_factor();
     let shard = shard.clone();
     async move {
-        let created =
-            crate::cluster::create_any_topic(&shard, name, partitions, replication_factor, overrides)
-                .await
-                .map(|t| t.name);
+        let created = crate::cluster::create_any_topic(
+            &shard,
+            name,
+            partitions,
+            replication_factor,
+            overrides,
+            crate::cluster::ChangeWait::Default,
+        )
+        .await
+        .map(|t| t.name);
         let name = match created {
             Ok(name) => name,
             Err(e) => return Reply::Frame(broker_error_response(cid, &e)),
@@ -563,7 +569,14 @@ fn create_partitions(shard: &Rc<Shard>, cid: u32, r: wire::CreatePartitionsReque
         let grown = if validate_only {
             crate::cluster::check_grow(&shard, &name, partitions).map(|_| ())
         } else {
-            crate::cluster::grow_any_topic(&shard, name.clone(), partitions).await.map(|_| ())
+            crate::cluster::grow_any_topic(
+                &shard,
+                name.clone(),
+                partitions,
+                crate::cluster::ChangeWait::Default,
+            )
+            .await
+            .map(|_| ())
         };
         if let Err(e) = grown {
             return Reply::Frame(broker_error_response(cid, &e));
@@ -586,7 +599,8 @@ fn delete_topic(shard: &Rc<Shard>, cid: u32, r: wire::DeleteTopicRequest<'_>) ->
     let name = r.name().unwrap_or_default().to_string();
     let shard = shard.clone();
     async move {
-        let deleted = crate::cluster::delete_any_topic(&shard, name.clone()).await;
+        let deleted =
+            crate::cluster::delete_any_topic(&shard, name.clone(), crate::cluster::ChangeWait::Default).await;
         if let Err(e) = deleted {
             return Reply::Frame(broker_error_response(cid, &e));
         }
