@@ -451,3 +451,59 @@ fn a_node_whose_controller_log_failed_refuses_topic_changes_with_the_reason() {
         (out.status.success() || out.stderr.contains("already exists")).then_some(())
     });
 }
+
+/// Issue 11: a node that cannot open its replicas of a new topic (here its `replicated/`
+/// directory made immutable, so their directories cannot be created) leaves them out, and the
+/// other two serve the topic; once the directory can be written again the node opens them by
+/// itself, catches up and is back in the in-sync replicas, with no restart.
+#[test]
+fn replicas_that_could_not_open_are_opened_once_their_files_can_be_made() {
+    const TOPIC: &str = "late";
+    let fs = LoopFs::new();
+    let ports = common::cluster::free_ports(3);
+    let seeds = common::cluster::seeds(&ports);
+    let extra: Vec<String> =
+        ["replica_lag_time_max_ms=2000", "offsets_topic_partitions=1"].map(String::from).to_vec();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..2)
+        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
+        .collect();
+    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &extra));
+    let all: Vec<&Broker> = nodes.iter().collect();
+    common::cluster::wait_for("a controller leader known to every node", &all, || {
+        common::cluster::agreed_leader(&all, 3)
+    });
+    // Node 3 has opened its replica of `__consumer_offsets`, whose directory must stay writable.
+    let replicated = fs.mount_point.join("replicated");
+    common::cluster::wait_for("node 3's replica of the offsets topic", &all, || {
+        let mut entries = std::fs::read_dir(&replicated).ok()?;
+        entries
+            .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("__consumer_offsets.")))
+            .then_some(())
+    });
+    run(Command::new("chattr").arg("+i").arg(&replicated)).unwrap_or_else(|e| panic!("chattr +i: {e}"));
+    common::cluster::create_replicated(&nodes[0], TOPIC, 2, 3);
+    let in_sync = |node: &Broker, expected: &[u64]| {
+        let described = common::cluster::describe(node, TOPIC)?;
+        let good = described.len() == 2
+            && described.iter().all(|(leader, isr, _)| leader.is_some() && isr == expected);
+        good.then_some(())
+    };
+    common::cluster::wait_for("nodes 1 and 2 to serve the topic without node 3", &all, || {
+        in_sync(&nodes[0], &[1, 2])?;
+        nodes[2].log().contains("cannot open this node's replica").then_some(())
+    });
+    let lines: String = (0..50).map(|i| format!("late-{i}\n")).collect();
+    let out = common::run_cli(&nodes[0].addr, &["produce", TOPIC, "--acks", "all"], Some(lines.as_bytes()));
+    assert!(out.status.success(), "acks=all without node 3: {}", out.stderr);
+
+    run(Command::new("chattr").arg("-i").arg(&replicated)).unwrap_or_else(|e| panic!("chattr -i: {e}"));
+    common::cluster::wait_for("node 3's replicas to open and catch up", &all, || {
+        in_sync(&nodes[0], &[1, 2, 3])?;
+        in_sync(&nodes[2], &[1, 2, 3])
+    });
+    assert!(nodes[2].log().contains("replica reopened"), "{}", nodes[2].log());
+    for node in &mut nodes {
+        node.stop();
+    }
+}

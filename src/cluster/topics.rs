@@ -137,8 +137,14 @@ async fn run_applier(
         match event {
             Event::Change(TopicChange::Create(topic) | TopicChange::Grow(topic, _))
                 if !is_live(&current, &topic) => {}
-            Event::Change(TopicChange::Create(topic)) => open_topic(me, &shard, &host, &topic, 0).await,
-            Event::Change(TopicChange::Grow(topic, had)) => open_topic(me, &shard, &host, &topic, had).await,
+            Event::Change(TopicChange::Create(topic)) => {
+                let failed = open_topic(me, &shard, &host, &topic, 0).await;
+                reopening.not_opened(&topic, failed, Instant::now());
+            }
+            Event::Change(TopicChange::Grow(topic, had)) => {
+                let failed = open_topic(me, &shard, &host, &topic, had).await;
+                reopening.not_opened(&topic, failed, Instant::now());
+            }
             Event::Change(TopicChange::Delete(topic)) => {
                 reopening.forget_topic(topic.replication.topic_id);
                 remove_topic(&shard, &host, &topic).await
@@ -246,6 +252,16 @@ impl Reopening {
         delay
     }
 
+    /// Records replicas of `topic` that could not open at its creation, its growth or the
+    /// node's start: tried again as a stopped replica is, so a node whose files were out of
+    /// reach for a while takes part again by itself.
+    fn not_opened(&mut self, topic: &ReplicatedTopic, failed: Vec<(u32, String)>, now: Instant) {
+        for (partition, error) in failed {
+            let delay = self.stopped(topic.replication.key(partition), now);
+            tracing::warn!(topic = %topic.name, partition, "cluster: {error}; trying again in {delay:?}");
+        }
+    }
+
     /// Tries `key` again at `at`, without counting a failure (the disk is still full).
     fn wait(&mut self, key: GroupKey, at: Instant) {
         self.due.insert(key, at);
@@ -304,9 +320,17 @@ async fn reopen_replica(
 
 /// Opens this node's replicas of `topic`'s partitions from `from` on and shows the topic on
 /// every shard. The partitions below `from` (a grown topic's first ones) are open and serving
-/// already: their replicas and files are kept as they are. A replica that cannot open is logged
-/// and left out (its partition answers NOT_LEADER here); the others serve.
-async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic, from: u32) {
+/// already: their replicas and files are kept as they are. A replica that cannot open is left
+/// out (its partition answers NOT_LEADER here) and returned with the reason, for the applier
+/// to try again; the others serve.
+async fn open_topic(
+    me: u64,
+    shard: &Rc<Shard>,
+    host: &Rc<ReplicaHost>,
+    topic: &ReplicatedTopic,
+    from: u32,
+) -> Vec<(u32, String)> {
+    let mut failed = Vec::new();
     let mut local: Vec<Option<Rc<Partition>>> = vec![None; topic.replication.replicas.len()];
     for (p, members) in topic.replication.replicas.iter().enumerate().skip(from as usize) {
         if !members.contains(&me) {
@@ -317,7 +341,7 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
                 host.add(topic.replication.key(p as u32), replica, members[0]);
                 local[p] = Some(partition);
             }
-            Err(e) => tracing::error!(topic = %topic.name, partition = p, "cluster: {e}"),
+            Err(e) => failed.push((p as u32, e)),
         }
     }
     // Read last, after every await: what serves the first partitions now.
@@ -345,6 +369,7 @@ async fn open_topic(me: u64, shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &
             tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not shown on a shard: {e}");
         }
     }
+    failed
 }
 
 /// Opens this node's replica of `topic`'s partition `p` from its files: the partition, then its
