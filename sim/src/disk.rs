@@ -35,20 +35,29 @@
 //! durable before the next; here the restart lands at once and is durable once a sync issued
 //! after it completes, and a crash before that lands in one of its steps, drawn by the caller
 //! (`RestartCrash`). Opening a disk whose saved state has the flag set finishes the restart, as
-//! `PartitionReplica::open` does. The producers are the leader's idempotent batches below the
-//! offset (`producers_as_of`), handed over by the caller: the simulated leader's `ReplicaLog`
-//! has no partition to read a `ProducerStates` from (see `world::snapshots`).
+//! `PartitionReplica::open` does.
+//!
+//! The producers. The disk keeps the partition's producer state (`ProducerLog`): the producers a
+//! snapshot brought, then every batch of the log recorded, rebuilt after a cut or a crash. The
+//! replica's `ReplicaLog` reads a snapshot's producers from it (`ProducersAsOf`, as
+//! `shard::replica` gives it the partition), so a leader's snapshot carries the real state as of
+//! its offset, encoded as the broker encodes it; a follower's `RestartAt` brings the state the
+//! real `apply_snapshot` decoded from the message it received, staged before the flag in the
+//! partition's producer-state format (`Partition::stage_restart`) and read back by the open that
+//! finishes an interrupted restart.
 
+use std::cell::{Ref, RefCell};
 use std::cmp::Reverse;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use raft::eraftpb::Entry;
 use ringlog::record::BatchHeader;
 use ringlog::replication::epochs::LeaderEpochs;
 use ringlog::replication::replica_log::{
-    CacheLimits, LogWrite, OpenError, ReplicaLog, ReplicaState, ScannedBatch,
+    CacheLimits, LogWrite, OpenError, ProducersAsOf, ReplicaLog, ReplicaState, ScannedBatch,
 };
-use ringlog::storage::ProducerLog;
+use ringlog::storage::{ProducerLog, ProducerStates};
 
 /// A point in a disk's writes: a sync issued there covers everything written before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +160,18 @@ impl RestartCrash {
     ];
 }
 
+/// The partition's producer state, shared with the replica's `ReplicaLog`, which reads a
+/// snapshot's producers from it. A clone of the disk (the disk as it was before a restart, kept
+/// for a crash) copies the state: only the live disk's log may read it.
+#[derive(Debug, Default)]
+struct SharedProducers(Rc<RefCell<ProducerLog>>);
+
+impl Clone for SharedProducers {
+    fn clone(&self) -> SharedProducers {
+        SharedProducers(Rc::new(RefCell::new(self.0.borrow().clone())))
+    }
+}
+
 /// What a crash did to a disk's cuts, for the trace.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CutCrashReport {
@@ -191,18 +212,17 @@ pub struct SimDisk {
     /// Saves not yet covered by a completed sync, oldest first.
     unsynced_saves: Vec<(u64, Saved)>,
     durable_save: Option<Saved>,
-    /// The idempotent producers of the batches in `batches`, as the partition keeps them: each
-    /// appended batch recorded, rebuilt from the log after a cut.
-    producers: ProducerLog,
-    /// The leader's idempotent batches below the log start, which a snapshot brought (the
-    /// partition's producer-state file at its log start), oldest first.
-    producer_base: Vec<BatchHeader>,
+    /// The idempotent producers of `producer_base` and the batches in `batches`, as the partition
+    /// keeps them: each appended batch recorded, rebuilt from the log after a cut.
+    producers: SharedProducers,
+    /// The leader's producers as of the log start, which a snapshot brought (the partition's
+    /// producer-state file at its log start).
+    producer_base: ProducerStates,
     restart: Option<PendingRestart>,
-    /// The producers the caller handed over for the next `RestartAt`.
-    incoming_producers: Option<Vec<BatchHeader>>,
-    /// The leader's producers a flagged restart staged (`Partition::stage_restart`), left by a
-    /// crash before the restart finished: what the open finishes it with.
-    staged_producers: Option<Vec<BatchHeader>>,
+    /// The file a flagged restart staged (`Partition::stage_restart`: the leader's producers in
+    /// the producer-state format, as of the restart's offset), left by a crash before the restart
+    /// finished: what the open finishes it with.
+    staged_producers: Option<Vec<u8>>,
     /// Sabotage (issue 13): truncations are ignored and batches at offsets already written are
     /// dropped, so a divergent suffix survives rejoining.
     skip_truncation: bool,
@@ -244,10 +264,9 @@ impl SimDisk {
             writes: 0,
             unsynced_saves: Vec::new(),
             durable_save: None,
-            producers: ProducerLog::default(),
-            producer_base: Vec::new(),
+            producers: SharedProducers::default(),
+            producer_base: ProducerStates::default(),
             restart: None,
-            incoming_producers: None,
             staged_producers: None,
             skip_truncation,
         }
@@ -261,21 +280,6 @@ impl SimDisk {
     /// The partition's log start: the first segment's base offset.
     pub fn start_offset(&self) -> i64 {
         self.segments.first().copied().unwrap_or(0)
-    }
-
-    /// The idempotent batches a leader's snapshot restarting a log at `offset` carries: those of
-    /// this log ending below it, after the ones its own snapshot brought (a model of
-    /// `ProducerStates::as_of`, which keeps at most each producer's last five of them; the
-    /// simulated producers retry only their last five, so the answers are the same).
-    pub fn producers_as_of(&self, offset: i64) -> Vec<BatchHeader> {
-        let own = self.batches.iter().filter_map(|(b, _)| header(b));
-        let below = own.filter(|h| h.producer_id >= 0 && h.last_offset() < offset);
-        self.producer_base.iter().copied().chain(below).collect()
-    }
-
-    /// Hands over the leader's producers for the `RestartAt` in the next `write`.
-    pub fn snapshot_producers(&mut self, producers: Vec<BatchHeader>) {
-        self.incoming_producers = Some(producers);
     }
 
     /// A restart from a snapshot no completed sync covers yet: a crash lands in one of its steps.
@@ -326,7 +330,7 @@ impl SimDisk {
                                 "append at offset {base}, the log ends at {end}"
                             )));
                         }
-                        replay(&mut self.producers, &batch);
+                        replay(&mut self.producers.0.borrow_mut(), &batch);
                         self.roll_for(batch.len() as u64, base, number);
                         self.batches.push((batch, number));
                     }
@@ -344,7 +348,7 @@ impl SimDisk {
                     self.unsynced_saves.push((number, Saved { state, epochs }));
                     self.dir_syncs.push(number);
                 }
-                LogWrite::RestartAt { state, epochs, .. } => {
+                LogWrite::RestartAt { state, epochs, producers } => {
                     // Both refusals come at the first save, before anything changed.
                     if fault == WriteFault::Full {
                         return Err(WriteError::Failed("saving leader-epochs: ENOSPC".into()));
@@ -352,12 +356,6 @@ impl SimDisk {
                     if failing.is_some() {
                         return Err(WriteError::Failed("saving leader-epochs: EIO".into()));
                     }
-                    let Some(producers) = self.incoming_producers.take() else {
-                        return Err(WriteError::Inconsistent(format!(
-                            "a log restart at offset {} without the leader's producers",
-                            state.anchor.end_offset
-                        )));
-                    };
                     self.restart_at(state, epochs, producers, number);
                 }
             }
@@ -371,7 +369,7 @@ impl SimDisk {
         &mut self,
         state: ReplicaState,
         epochs: LeaderEpochs,
-        producers: Vec<BatchHeader>,
+        producers: ProducerStates,
         number: u64,
     ) {
         let mut before = self.clone();
@@ -575,12 +573,13 @@ impl SimDisk {
                 let durable = before.durable_batches.min(before.lost_from.unwrap_or(usize::MAX));
                 self.batches = before.batches[..durable].to_vec();
                 self.segments = before.segments;
-                self.staged_producers = Some(std::mem::take(&mut self.producer_base));
+                self.staged_producers = Some(self.stage(&flagged));
+                self.producer_base = ProducerStates::default();
                 self.durable_save = Some(flagged);
             }
             RestartCrash::BeforeClearedSave => {
                 self.batches.clear();
-                self.staged_producers = Some(self.producer_base.clone());
+                self.staged_producers = Some(self.stage(&flagged));
                 self.durable_save = Some(flagged);
             }
             RestartCrash::Done => {
@@ -630,21 +629,24 @@ impl SimDisk {
         }
     }
 
-    pub fn producers(&self) -> &ProducerLog {
-        &self.producers
+    pub fn producers(&self) -> Ref<'_, ProducerLog> {
+        self.producers.0.borrow()
+    }
+
+    /// The staged restart file for the restart `flagged` saves: the snapshot's producers (this
+    /// disk's base once the restart began) as of its offset.
+    fn stage(&self, flagged: &Saved) -> Vec<u8> {
+        self.producer_base.encode_snapshot(flagged.state.anchor.end_offset)
     }
 
     /// After a cut, from the log, as `Partition::truncate_to` and recovery rebuild it (after the
     /// producers a snapshot brought, as the partition's producer-state file at its start).
     fn rebuild_producers(&mut self) {
-        let mut producers = ProducerLog::default();
-        for h in &self.producer_base {
-            producers.record(h);
-        }
+        let mut producers = ProducerLog::starting_with(self.producer_base.clone());
         for (batch, _) in &self.batches {
             replay(&mut producers, batch);
         }
-        self.producers = producers;
+        *self.producers.0.borrow_mut() = producers;
     }
 
     /// Opens the replica's log as the shard does after a start: a restart from a snapshot the
@@ -654,7 +656,7 @@ impl SimDisk {
             return Err(format!("the partition does not open: {corrupt}"));
         }
         if let Some(offset) = self.restart_on_open() {
-            self.finish_restart(offset);
+            self.finish_restart(offset)?;
         }
         let (state, epochs) = match self.durable_save.clone() {
             Some(saved) => (saved.state, saved.epochs),
@@ -669,18 +671,29 @@ impl SimDisk {
                     epoch: u64::try_from(h.partition_leader_epoch).unwrap_or(0),
                 }
             });
-        ReplicaLog::open(state, epochs, tail, limits).map_err(|e: OpenError| e.to_string())
+        let mut log = ReplicaLog::open(state, epochs, tail, limits).map_err(|e: OpenError| e.to_string())?;
+        let producers = Rc::clone(&self.producers.0);
+        log.set_producers_as_of(ProducersAsOf(Box::new(move |offset| producers.borrow().as_of(offset))));
+        Ok(log)
     }
 
     /// `PartitionReplica::open` with `restart_pending` saved: the log restarted at `offset`, with
-    /// the producers staged before the flag; then the state saved with the flag clear.
-    fn finish_restart(&mut self, offset: i64) {
-        match self.staged_producers.take() {
-            Some(staged) => self.producer_base = staged,
-            // Only a disk written before staging (no simulated disk is) restarts without them.
-            None if self.start_offset() != offset => self.producer_base.clear(),
-            None => {}
-        }
+    /// the producers staged before the flag; then the state saved with the flag clear. The
+    /// staged file is never damaged here, so one that does not decode is a bug of the model.
+    fn finish_restart(&mut self, offset: i64) -> Result<(), String> {
+        let staged = match self.staged_producers.take() {
+            Some(bytes) => match ProducerStates::decode_snapshot(&bytes) {
+                Ok((staged_at, producers)) => (staged_at == offset).then_some(producers),
+                Err(e) => return Err(format!("the producers staged for the restart do not decode: {e}")),
+            },
+            None => None,
+        };
+        // Only a disk written before staging (no simulated disk is) restarts without them.
+        self.producer_base = match staged {
+            Some(producers) => producers,
+            None if self.start_offset() == offset => self.producers().as_of(offset),
+            None => ProducerStates::default(),
+        };
         self.batches.clear();
         self.segments = vec![offset];
         self.active_bytes = 0;
@@ -689,6 +702,7 @@ impl SimDisk {
         if let Some(saved) = &mut self.durable_save {
             saved.state.restart_pending = false;
         }
+        Ok(())
     }
 
     /// The batches `[from, end)`, for a replica's read-back.
@@ -735,6 +749,7 @@ mod tests {
     use ringlog::record::builder::BatchBuilder;
     use ringlog::record::{set_base_offset, set_partition_leader_epoch};
     use ringlog::replication::replica_log::Anchor;
+    use ringlog::replication::snapshot::SnapshotData;
     use ringlog::storage::RequestVerdict;
 
     fn batch(base_offset: i64, records: u8, epoch: i32) -> Bytes {
@@ -845,6 +860,32 @@ mod tests {
         matches!(disk.producers().check_proposal(&h, []), Ok(RequestVerdict::Duplicate { .. }))
     }
 
+    /// The real path of a snapshot's producers: the leader's log reads them from its disk and
+    /// encodes them as of the snapshot's offset, the follower's decodes them from the snapshot
+    /// and its disk installs them with the restart. A batch at or past the offset is not in them
+    /// (the follower gets it as an append).
+    #[test]
+    fn a_snapshot_carries_the_leaders_producers_to_the_followers_disk() {
+        use raft::Storage;
+        use ringlog::replication::store::ReplicaStore;
+
+        let mut leader = SimDisk::new(vec![1, 2, 3], false, 1 << 20, false, true);
+        append(&mut leader, (0..3).map(|offset| idempotent(offset, offset as i32)).collect());
+        let mut log = leader.open(CacheLimits::default()).unwrap();
+        log.compact_to(2, 3).unwrap();
+        let snapshot = log.snapshot(0, 2).unwrap();
+        let data = SnapshotData::decode(&snapshot.data, 2).unwrap();
+        assert_eq!((data.start_offset, data.producers.len()), (2, 1));
+
+        let mut follower = SimDisk::new(vec![1, 2, 3], false, 1 << 20, false, true);
+        let mut log = follower.open(CacheLimits::default()).unwrap();
+        log.apply_snapshot(&snapshot).unwrap();
+        follower.write(log.take_writes(), WriteFault::None).unwrap();
+        assert_eq!((follower.start_offset(), follower.end_offset()), (2, 2));
+        assert!(is_duplicate(&follower, 0) && is_duplicate(&follower, 1));
+        assert!(!is_duplicate(&follower, 2));
+    }
+
     /// Offsets 0–5 synced and saved with the anchor at index 0; then a restart from a leader's
     /// snapshot of index 10 at offset 20, whose producers hold sequence 0 (offset 12), and a batch
     /// appended after it at offset 20, none of it synced yet.
@@ -857,9 +898,10 @@ mod tests {
         sync(&mut disk);
         let anchor = Anchor { index: 10, term: 1, end_offset: 20 };
         let state = ReplicaState { term: 1, anchor, ..ReplicaState::new(vec![1, 2, 3], 0) };
-        disk.snapshot_producers(vec![header(&idempotent(12, 0)).unwrap()]);
+        let mut leader = ProducerLog::default();
+        leader.record(&header(&idempotent(12, 0)).unwrap());
         let restart =
-            LogWrite::RestartAt { state, epochs: LeaderEpochs::default(), producers: Default::default() };
+            LogWrite::RestartAt { state, epochs: LeaderEpochs::default(), producers: leader.as_of(20) };
         disk.write(vec![restart], WriteFault::None).unwrap();
         append(&mut disk, vec![batch(20, 1, 1)]);
         assert_eq!((disk.start_offset(), disk.end_offset()), (20, 21));

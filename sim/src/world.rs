@@ -186,7 +186,7 @@ pub struct World {
     more_rng: SeededRng,
     /// Draws the segments, syncs and crashes of truncations (stop 17), apart from both.
     cuts: CutFaults,
-    /// Compaction, and the producers snapshots carry; its own draws, apart from all three.
+    /// Compaction and snapshot counts; its own draws, apart from all three.
     pub(crate) snapshots: Snapshots,
     now: u64,
     sequence: u64,
@@ -593,20 +593,14 @@ impl World {
                 };
                 let then_send = persist.as_ref().map_or(&[][..], |p| &p.then_send[..]);
                 for sent in [&send[..], then_send] {
-                    let sent = self.snapshots.sending(*key, disk, sent);
+                    let sent = self.snapshots.sending(sent);
                     snapshots_sent.extend(sent.into_iter().map(|s| (key.partition, s)));
                 }
                 for m in send {
                     outbox.entry(m.to).or_default().push((*key, m));
                 }
                 let writes = group.store_mut().take_writes();
-                let started = match self.snapshots.receiving(*key, node, disk, &writes) {
-                    Ok(started) => started,
-                    Err(e) => {
-                        self.checker.fail(format!("n{node} p{}: {e}", key.partition));
-                        return;
-                    }
-                };
+                let started = snapshots::restarts(&writes);
                 cut_at.extend(cuts::cut_offsets(&writes, disk).map(|offset| (*key, offset)));
                 let full = self.faults && n.disk_full_until > self.now;
                 let fault =
@@ -649,7 +643,7 @@ impl World {
         for (partition, (to, index, offset, producers)) in snapshots_sent {
             self.log(|| {
                 format!(
-                    "n{node} p{partition} sends n{to} a snapshot of index {index}: its log restarts at offset {offset}, {producers} producer batches below it"
+                    "n{node} p{partition} sends n{to} a snapshot of index {index}: its log restarts at offset {offset}, with {producers} producers"
                 )
             });
         }

@@ -312,11 +312,12 @@ impl ProducerStates {
         self.producers.capacity() * (std::mem::size_of::<(i64, ProducerEntry)>() + 1)
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// Producers known.
+    pub fn len(&self) -> usize {
         self.producers.len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.producers.is_empty()
     }
 
@@ -501,8 +502,9 @@ impl ProducerStates {
     }
 
     /// The snapshot file's bytes for this state taken at `offset` (the state after every batch
-    /// below it). Producers in id order, so equal states give equal files.
-    pub(crate) fn encode_snapshot(&self, offset: i64) -> Vec<u8> {
+    /// below it). Producers in id order, so equal states give equal files. Public for the
+    /// simulator, which keeps a staged restart's file (`Partition::stage_restart`) in memory.
+    pub fn encode_snapshot(&self, offset: i64) -> Vec<u8> {
         let mut ids: Vec<i64> = self.producers.keys().copied().collect();
         ids.sort_unstable();
         let batches: usize = self.producers.values().map(|e| e.len as usize).sum();
@@ -537,8 +539,8 @@ impl ProducerStates {
         out
     }
 
-    /// Decodes a snapshot file: `(offset, state)`.
-    pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<(i64, ProducerStates), SnapshotError> {
+    /// Decodes a snapshot file: `(offset, state)`. Public for the simulator, as `encode_snapshot`.
+    pub fn decode_snapshot(bytes: &[u8]) -> Result<(i64, ProducerStates), SnapshotError> {
         if bytes.len() < SNAPSHOT_HEADER_LEN + SNAPSHOT_CRC_LEN {
             return Err(SnapshotError::Truncated { bytes: bytes.len() });
         }

@@ -6,24 +6,19 @@
 //! sent a snapshot when it returns behind the leader's anchor and restarts its log
 //! (`disk::SimDisk`). Small knobs, so that happens often in a run.
 //!
-//! The snapshot's producers: a simulated leader's `ReplicaLog` has no partition behind it to read
-//! a `ProducerStates` from (`ProducerStates::as_of` is the storage crate's own), so its snapshots
-//! carry none; the leader's idempotent batches below the snapshot's offset are taken from its
-//! disk when the snapshot is sent (`SimDisk::producers_as_of`) and handed to the follower's disk
-//! with the `RestartAt` they belong to, which is what the real snapshot data carries.
+//! The snapshot's producers are the broker's: the leader's `ReplicaLog` reads them from its disk's
+//! producer state (`ProducerLog::as_of`, what `Partition::producers_as_of` returns) and encodes
+//! them into the snapshot's data; the follower's `apply_snapshot` decodes them from the message it
+//! received and hands them to its disk with the `RestartAt` (`disk::SimDisk`).
 //!
 //! The draws (knobs, and where a crash lands in an unsynced restart) come from a generator of
 //! their own (`seed ^ const`), drawn only when a disk has a restart in flight.
 
-use std::collections::BTreeMap;
-
 use raft::eraftpb::{Message, MessageType};
-use ringlog::record::BatchHeader;
 use ringlog::replication::group::GroupSettings;
 use ringlog::replication::replica_log::LogWrite;
 use ringlog::replication::rng::SeededRng;
 use ringlog::replication::snapshot::SnapshotData;
-use ringlog::replication::wire::GroupKey;
 
 use super::{Event, MoreEvent, World};
 use crate::disk::{RestartCrash, SimDisk, WriteFault};
@@ -64,9 +59,6 @@ pub struct SnapshotCounts {
     pub undone: u64,
 }
 
-/// Producers that went out with snapshots, by group, recipient and snapshot index.
-pub type SentProducers = BTreeMap<(GroupKey, u64, u64), Vec<BatchHeader>>;
-
 /// A crash at a random moment rarely falls in the sync a restart from a snapshot waits for, so
 /// half the restarts are followed by a crash of their node within a sync's time (while a majority
 /// stays up).
@@ -75,8 +67,6 @@ const CRASH_IN_RESTART_PER_MILLION: u32 = 500_000;
 pub struct Snapshots {
     rng: SeededRng,
     pub compaction: Compaction,
-    /// The leader's idempotent batches below each snapshot's offset, as it sent them.
-    sent: SentProducers,
     pub counts: SnapshotCounts,
 }
 
@@ -85,7 +75,7 @@ impl Snapshots {
         let mut rng = SeededRng::new(seed ^ 0x736e_6170_7368_6f74);
         let drawn = Compaction::from_seed(&mut rng);
         let compaction = if compact { drawn } else { Compaction::off() };
-        Snapshots { rng, compaction, sent: BTreeMap::new(), counts: SnapshotCounts::default() }
+        Snapshots { rng, compaction, counts: SnapshotCounts::default() }
     }
 
     /// Where a crash lands in `disk`'s restart in flight (`Done` when there is none).
@@ -96,49 +86,29 @@ impl Snapshots {
         RestartCrash::ALL[self.rng.range(0, RestartCrash::ALL.len() as u64) as usize]
     }
 
-    /// Remembers the producers of the snapshots in `messages`, sent by the replica over `disk`;
-    /// returns (recipient, index, offset, producer batches) of each, for the trace.
-    pub fn sending(
-        &mut self,
-        key: GroupKey,
-        disk: &SimDisk,
-        messages: &[Message],
-    ) -> Vec<(u64, u64, i64, usize)> {
+    /// Counts the snapshots in `messages`; returns (recipient, index, offset, producers) of each,
+    /// for the trace.
+    pub fn sending(&mut self, messages: &[Message]) -> Vec<(u64, u64, i64, usize)> {
         let mut sent = Vec::new();
         for m in messages.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
             let snapshot = m.get_snapshot();
             let index = snapshot.get_metadata().index;
             // The leader built it from its own anchor a moment ago: it decodes.
             let Ok(data) = SnapshotData::decode(&snapshot.data, index) else { continue };
-            let producers = disk.producers_as_of(data.start_offset);
-            sent.push((m.to, index, data.start_offset, producers.len()));
-            self.sent.insert((key, m.to, index), producers);
+            sent.push((m.to, index, data.start_offset, data.producers.len()));
             self.counts.sent += 1;
         }
         sent
     }
+}
 
-    /// Hands `disk` the producers of the snapshot each `RestartAt` in `writes` applies.
-    pub fn receiving(
-        &mut self,
-        key: GroupKey,
-        node: u64,
-        disk: &mut SimDisk,
-        writes: &[LogWrite],
-    ) -> Result<Vec<(u64, i64)>, String> {
-        let mut restarts = Vec::new();
-        for write in writes {
-            if let LogWrite::RestartAt { state, .. } = write {
-                let index = state.anchor.index;
-                let Some(producers) = self.sent.get(&(key, node, index)) else {
-                    return Err(format!("a log restart from a snapshot of index {index} no leader sent"));
-                };
-                disk.snapshot_producers(producers.clone());
-                restarts.push((index, state.anchor.end_offset));
-            }
-        }
-        Ok(restarts)
-    }
+/// The (index, offset) of each restart from a snapshot in `writes`, for the trace.
+pub fn restarts(writes: &[LogWrite]) -> Vec<(u64, i64)> {
+    let restart = |write: &LogWrite| match write {
+        LogWrite::RestartAt { state, .. } => Some((state.anchor.index, state.anchor.end_offset)),
+        _ => None,
+    };
+    writes.iter().filter_map(restart).collect()
 }
 
 impl World {

@@ -201,6 +201,18 @@ impl ProducerLog {
         }
     }
 
+    /// A log restarted from a leader's snapshot: `producers` (the snapshot's) are its state
+    /// before any batch, as `Partition::restart_at` installs them.
+    pub fn starting_with(producers: ProducerStates) -> ProducerLog {
+        ProducerLog { producers }
+    }
+
+    /// `Partition::producers_as_of` over this state: what a snapshot restarting a follower's log
+    /// at `offset` carries.
+    pub fn as_of(&self, offset: i64) -> ProducerStates {
+        self.producers.as_of(offset)
+    }
+
     /// `Partition::check_proposal` over this state.
     pub fn check_proposal(
         &self,
