@@ -42,6 +42,8 @@ struct Outcome {
     trace: Option<String>,
     /// Logs restarted from a leader's snapshot.
     restarts: u64,
+    /// Compactions whose save failed (the replica stopped).
+    failed_saves: u64,
 }
 
 fn run_seed(seed: u64, trace: bool, broken: world::Broken, quiesce: bool) -> Outcome {
@@ -78,8 +80,9 @@ fn run_world(seed: u64, trace: bool, broken: world::Broken, quiesce: bool, compa
         } else {
             String::new()
         } + &format!(
-            "; {} compactions, {} snapshots sent, {} log restarts ({} finished on open, {} undone by a crash)",
+            "; {} compactions ({} saves failed), {} snapshots sent, {} log restarts ({} finished on open, {} undone by a crash)",
             snapshots.compactions,
+            snapshots.failed_saves,
             snapshots.sent,
             snapshots.restarts,
             snapshots.finished_on_open,
@@ -91,6 +94,7 @@ fn run_world(seed: u64, trace: bool, broken: world::Broken, quiesce: bool, compa
             summary,
             trace: world.trace.take(),
             restarts: snapshots.restarts,
+            failed_saves: snapshots.failed_saves,
         }
     }));
     result.unwrap_or_else(|panic| {
@@ -105,6 +109,7 @@ fn run_world(seed: u64, trace: bool, broken: world::Broken, quiesce: bool, compa
             summary: String::new(),
             trace: None,
             restarts: 0,
+            failed_saves: 0,
         }
     })
 }
@@ -129,9 +134,11 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|_| {}));
     let mut failed = 0;
     let mut restarts = 0;
+    let mut failed_saves = 0;
     for seed in args.first_seed..args.first_seed + args.seeds {
         let outcome = run_seed(seed, false, args.broken, args.quiesce);
         restarts += outcome.restarts;
+        failed_saves += outcome.failed_saves;
         if let Some(reason) = outcome.failure {
             failed += 1;
             let broken = match args.broken {
@@ -149,6 +156,7 @@ fn main() -> ExitCode {
         }
     }
     println!("snapshot restarts: {restarts}");
+    println!("compaction saves failed: {failed_saves}");
     println!("seeds: {} passed, {failed} failed", args.seeds - failed);
     if failed == 0 {
         ExitCode::SUCCESS
@@ -204,6 +212,7 @@ mod tests {
                 "again, skipped",
                 "unsynced bytes lost in the crash",
                 "compacted to index",
+                "compacting to index",
                 "a snapshot of index",
                 "restarts its log at offset",
                 "crashes right after a log restart",

@@ -11,8 +11,15 @@
 //! them into the snapshot's data; the follower's `apply_snapshot` decodes them from the message it
 //! received and hands them to its disk with the `RestartAt` (`disk::SimDisk`).
 //!
+//! The save of the new anchor meets the disk's faults as every save does (`storage_faults`): a
+//! write error or a full disk fails it, and the replica stops, as `cluster::replicas::run_replica`
+//! stops it when `compact_if_due` returns the error; the node is restarted later and the replica
+//! reopens at its old anchor. Like a round's saves, it becomes durable with the next sync, whose
+//! failure also stops the replica.
+//!
 //! The draws (knobs, and where a crash lands in an unsynced restart) come from a generator of
-//! their own (`seed ^ const`), drawn only when a disk has a restart in flight.
+//! their own (`seed ^ const`), drawn only when a disk has a restart in flight; the faults of the
+//! compactions' saves from another, so that the other draws of a seed stay as they were.
 
 use raft::eraftpb::{Message, MessageType};
 use ringlog::replication::group::GroupSettings;
@@ -21,7 +28,7 @@ use ringlog::replication::rng::SeededRng;
 use ringlog::replication::snapshot::SnapshotData;
 
 use super::{Event, MoreEvent, World};
-use crate::disk::{RestartCrash, SimDisk, WriteFault};
+use crate::disk::{RestartCrash, SimDisk, WriteError};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Compaction {
@@ -57,6 +64,8 @@ pub struct SnapshotCounts {
     pub finished_on_open: u64,
     /// Restarts a crash undid before the flagged save.
     pub undone: u64,
+    /// Compactions whose save failed (the replica stopped).
+    pub failed_saves: u64,
 }
 
 /// A crash at a random moment rarely falls in the sync a restart from a snapshot waits for, so
@@ -66,6 +75,8 @@ const CRASH_IN_RESTART_PER_MILLION: u32 = 500_000;
 
 pub struct Snapshots {
     rng: SeededRng,
+    /// Draws the write faults of compactions' saves.
+    save_rng: SeededRng,
     pub compaction: Compaction,
     pub counts: SnapshotCounts,
 }
@@ -75,7 +86,8 @@ impl Snapshots {
         let mut rng = SeededRng::new(seed ^ 0x736e_6170_7368_6f74);
         let drawn = Compaction::from_seed(&mut rng);
         let compaction = if compact { drawn } else { Compaction::off() };
-        Snapshots { rng, compaction, counts: SnapshotCounts::default() }
+        let save_rng = SeededRng::new(seed ^ 0x636f_6d70_6163_7421);
+        Snapshots { rng, save_rng, compaction, counts: SnapshotCounts::default() }
     }
 
     /// Where a crash lands in `disk`'s restart in flight (`Done` when there is none).
@@ -129,11 +141,14 @@ impl World {
     }
 
     /// After a node's round: each of its replicas compacts by the broker's rule, and its disk
-    /// carries out the anchor's save (durable with the next sync, as every save here).
+    /// carries out the anchor's save (durable with the next sync, as every save here), or fails
+    /// it and the replica stops.
     pub(super) fn compact(&mut self, node: u64) {
         let Compaction { keep, step, .. } = self.snapshots.compaction;
         let n = &mut self.nodes[(node - 1) as usize];
+        let full = self.faults && n.disk_full_until > self.now;
         let mut compacted = Vec::new();
+        let mut stopped = Vec::new();
         for (key, group) in n.groups.iter_mut() {
             let applied = group.commit_index();
             let limit = group.lowest_match_in_sync().map_or(applied, |lowest| lowest.min(applied));
@@ -146,15 +161,29 @@ impl World {
                 return;
             }
             let Some(disk) = n.disks.get_mut(key) else { continue };
-            if let Err(e) = disk.write(group.store_mut().take_writes(), WriteFault::None) {
-                self.checker.fail(format!("n{node} p{}: compacting: {e:?}", key.partition));
-                return;
+            let writes = group.store_mut().take_writes();
+            let faults = &self.scenario.disk;
+            let fault = faults.write_fault(&mut self.snapshots.save_rng, self.faults, full, writes.len());
+            match disk.write(writes, fault) {
+                Ok(()) => {}
+                Err(WriteError::Failed(e)) => {
+                    stopped.push((*key, format!("compacting to index {to}: {e}")));
+                    continue;
+                }
+                Err(WriteError::Inconsistent(e)) => {
+                    self.checker.fail(format!("n{node} p{}: compacting: {e}", key.partition));
+                    return;
+                }
             }
             self.snapshots.counts.compactions += 1;
             compacted.push((key.partition, to));
         }
         for (partition, to) in compacted {
             self.log(|| format!("n{node} p{partition} compacted to index {to}"));
+        }
+        for (key, reason) in stopped {
+            self.snapshots.counts.failed_saves += 1;
+            self.stop_replica(node, key, reason);
         }
     }
 }
