@@ -279,6 +279,19 @@ mod tests {
         assert_eq!(run_seed(791, false, Broken::None, false).failure, None);
     }
 
+    /// A follower restarted from a snapshot knows a batch below its new log start only from the
+    /// producers the snapshot carries (the leader's real state, encoded and decoded by the
+    /// broker's code); one that drops them writes a retry of that batch again once it leads. Seed
+    /// 188 does so (a record acknowledged at two offsets; 3 of seeds 1-300 fail under the
+    /// sabotage, the first at 188, so it is kept here rather than in the 40-seed sweep below);
+    /// with the producers it passes.
+    #[test]
+    fn a_retry_below_a_restarted_log_start_is_a_duplicate() {
+        let broken = run_seed(188, false, Broken::ForgetSnapshotProducers, false);
+        assert!(broken.failure.as_deref().is_some_and(|f| f.contains("earlier at")), "{:?}", broken.failure);
+        assert_eq!(run_seed(188, false, Broken::None, false).failure, None);
+    }
+
     /// Stop 18: every node runs the controller group and applies its log with the broker's state
     /// machine; a node that applies its own topic change when it proposes it answers its client
     /// for an entry a new leader may replace. Seed 4 does so (an answer the final log never

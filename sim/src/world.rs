@@ -247,6 +247,10 @@ pub enum Broken {
     /// its client then, before a majority holds the entry (its commit is then skipped as a
     /// repeat of the request).
     ApplyAtPropose,
+    /// A follower restarted from a leader's snapshot drops the producers it carries (the
+    /// simulator before the issue 13 follow-ups sent none): a retry of a batch below its new log
+    /// start is written again once it leads.
+    ForgetSnapshotProducers,
 }
 
 fn settings(broken: Broken, quiesce: bool, in_sync_lag_ticks: u64) -> GroupSettings {
@@ -257,7 +261,8 @@ fn settings(broken: Broken, quiesce: bool, in_sync_lag_ticks: u64) -> GroupSetti
         | Broken::SkipTruncation
         | Broken::IgnoreSyncErrors
         | Broken::UnsyncedUnlinks
-        | Broken::ApplyAtPropose => Sabotage::None,
+        | Broken::ApplyAtPropose
+        | Broken::ForgetSnapshotProducers => Sabotage::None,
     };
     GroupSettings {
         max_size_per_msg: 64 << 10,
@@ -599,7 +604,10 @@ impl World {
                 for m in send {
                     outbox.entry(m.to).or_default().push((*key, m));
                 }
-                let writes = group.store_mut().take_writes();
+                let mut writes = group.store_mut().take_writes();
+                if self.broken == Broken::ForgetSnapshotProducers {
+                    snapshots::forget_producers(&mut writes);
+                }
                 let started = snapshots::restarts(&writes);
                 cut_at.extend(cuts::cut_offsets(&writes, disk).map(|offset| (*key, offset)));
                 let full = self.faults && n.disk_full_until > self.now;

@@ -114,6 +114,15 @@ impl Snapshots {
     }
 }
 
+/// The sabotage `Broken::ForgetSnapshotProducers`: each restart in `writes` drops its producers.
+pub fn forget_producers(writes: &mut [LogWrite]) {
+    for write in writes {
+        if let LogWrite::RestartAt { producers, .. } = write {
+            *producers = Default::default();
+        }
+    }
+}
+
 /// The (index, offset) of each restart from a snapshot in `writes`, for the trace.
 pub fn restarts(writes: &[LogWrite]) -> Vec<(u64, i64)> {
     let restart = |write: &LogWrite| match write {
