@@ -179,6 +179,11 @@ pub struct BrokerConfig {
     /// no heartbeats, no election timers, until a write, a message or a node's death wakes it
     /// (docs/replication.md, "Idle groups go quiet"). 0: groups never go quiet.
     pub raft_quiesce_after_ticks: u64,
+    /// Elections this node's replicas run at once: when a node dies, the groups it led elect new
+    /// leaders this many at a time rather than all within one election timeout, which on a
+    /// loaded machine splits votes for minutes (docs/replication.md, "Elections paced per node").
+    /// 0: no limit.
+    pub raft_elections_max: u64,
     /// Entries a replica keeps behind what it may forget (its Raft anchor, which bounds
     /// retention): an in-sync follower this far behind still catches up from the log; further
     /// behind, or out of the in-sync replicas, it is sent a snapshot (docs/replication.md, stop 18).
@@ -258,6 +263,7 @@ impl Default for BrokerConfig {
             replica_lag_time_max_ms: 30_000,
             leader_balance_interval_ms: 300_000,
             raft_quiesce_after_ticks: 5,
+            raft_elections_max: 512,
             raft_compaction_keep_entries: 1_000,
             raft_compaction_step_entries: 4_000,
         }
@@ -444,6 +450,9 @@ impl BrokerConfig {
         }
         if self.raft_compaction_keep_entries > 100_000_000 {
             return invalid("raft_compaction_keep_entries", "must be at most 100000000");
+        }
+        if self.raft_elections_max > 1_000_000 {
+            return invalid("raft_elections_max", "must be at most 1000000 (0: no limit)");
         }
         if self.raft_quiesce_after_ticks > 1_000_000 {
             return invalid("raft_quiesce_after_ticks", "must be at most 1000000 (0 keeps groups awake)");

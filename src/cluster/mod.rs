@@ -173,7 +173,8 @@ pub fn start(
             }
         });
         let links = PeerLinks::start(me.clone(), seeds.cluster_id, seeds.voters.clone(), listener, deliver);
-        let replicas = ReplicaHost::start(links.clone(), tick);
+        let elections_max = usize::try_from(shard.config.raft_elections_max).unwrap_or(usize::MAX);
+        let replicas = ReplicaHost::start(links.clone(), tick, elections_max);
         replicas.set_leader_balance(
             shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
         );

@@ -51,6 +51,76 @@ impl Default for Compaction {
     }
 }
 
+/// The elections this node's replicas run at once. When a node dies, every group it led has
+/// followers here whose election timeouts run out within one timeout of each other (quiet ones
+/// are woken together): thousands of campaigns at once, every vote and term change waiting on a
+/// state save, and on a loaded machine rounds that outlast the timeout split votes again and
+/// again (measured at 10,000 partitions: docs/benchmarks.md). A replica whose election falls due
+/// while every slot is taken holds its election clock for a tick and asks again; an election
+/// started otherwise (a peer's leadership transfer, a campaign at creation) takes a slot beyond
+/// the limit rather than wait.
+pub struct Campaigns {
+    limit: usize,
+    running: Cell<usize>,
+}
+
+impl Campaigns {
+    /// At most `limit` elections at once; 0: no limit.
+    pub fn new(limit: usize) -> Rc<Campaigns> {
+        Rc::new(Campaigns { limit: if limit == 0 { usize::MAX } else { limit }, running: Cell::new(0) })
+    }
+
+    /// Elections under way on this node.
+    pub fn running(&self) -> usize {
+        self.running.get()
+    }
+}
+
+/// One replica's hold on a slot of its node's `Campaigns`, given back when its election ends or
+/// the replica's task does.
+struct CampaignSlot {
+    campaigns: Rc<Campaigns>,
+    held: bool,
+}
+
+impl CampaignSlot {
+    /// Whether an election due now may start: a slot is held or free (and taken).
+    fn may_start(&mut self) -> bool {
+        if !self.held {
+            let running = self.campaigns.running.get();
+            if running >= self.campaigns.limit {
+                return false;
+            }
+            self.campaigns.running.set(running + 1);
+            self.held = true;
+        }
+        true
+    }
+
+    /// Keeps a slot exactly while the replica campaigns.
+    fn settle(&mut self, campaigning: bool) {
+        let running = self.campaigns.running.get();
+        match (self.held, campaigning) {
+            (true, false) => {
+                debug_assert!(running > 0);
+                self.campaigns.running.set(running.saturating_sub(1));
+                self.held = false;
+            }
+            (false, true) => {
+                self.campaigns.running.set(running + 1);
+                self.held = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for CampaignSlot {
+    fn drop(&mut self) {
+        self.settle(false);
+    }
+}
+
 /// What a replica task takes from its queue.
 enum Input {
     Message(Message),
@@ -123,6 +193,7 @@ impl From<ProposalRefused> for HostError {
 
 pub struct ReplicaHost {
     links: Rc<PeerLinks>,
+    campaigns: Rc<Campaigns>,
     compaction: Cell<Compaction>,
     balance_ticks: Cell<u64>,
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
@@ -149,10 +220,12 @@ pub struct Led {
 }
 
 impl ReplicaHost {
-    /// A host whose replicas are ticked every `tick`.
-    pub fn start(links: Rc<PeerLinks>, tick: Duration) -> Rc<ReplicaHost> {
+    /// A host whose replicas are ticked every `tick` and run at most `campaigns_max` elections
+    /// at once (0: no limit; see `Campaigns`).
+    pub fn start(links: Rc<PeerLinks>, tick: Duration, campaigns_max: usize) -> Rc<ReplicaHost> {
         let host = Rc::new(ReplicaHost {
             links,
+            campaigns: Campaigns::new(campaigns_max),
             compaction: Cell::new(Compaction::default()),
             balance_ticks: Cell::new(0),
             replicas: RefCell::new(BTreeMap::new()),
@@ -225,7 +298,11 @@ impl ReplicaHost {
             key,
             replica,
             queue,
-            Peers { links: self.links.clone(), down: self.down.clone() },
+            Peers {
+                links: self.links.clone(),
+                down: self.down.clone(),
+                campaigns: CampaignSlot { campaigns: self.campaigns.clone(), held: false },
+            },
             published,
             self.compaction.get(),
             balance,
@@ -594,6 +671,7 @@ struct Peers {
     links: Rc<PeerLinks>,
     /// Peers not heard within an election timeout, as the host's timer last saw them.
     down: Rc<RefCell<BTreeSet<u64>>>,
+    campaigns: CampaignSlot,
 }
 
 /// The replica's task: takes everything queued, then drives rounds until raft-rs has nothing
@@ -607,7 +685,7 @@ async fn run_replica(
     compaction: Compaction,
     balance: Balance,
 ) {
-    let Peers { links, down } = peers;
+    let Peers { links, down, campaigns: mut slot } = peers;
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
         while let Some(input) = next.take().or_else(|| queue.try_recv().ok()) {
@@ -618,6 +696,8 @@ async fn run_replica(
                         tracing::warn!(group = group.name(), "replication: {e}");
                     }
                 }
+                // An election falling due without a free slot waits: the tick is not counted.
+                Input::Tick if group.election_due() && !slot.may_start() => {}
                 Input::Tick => {
                     let down = down.borrow();
                     group.tick_with(|id| !down.contains(&id));
@@ -642,6 +722,7 @@ async fn run_replica(
                 }
             }
         }
+        slot.settle(replica.group().campaigning());
         loop {
             let sent = replica.drive(|messages| links.send(outbox(key, messages))).await;
             match sent {
@@ -773,7 +854,7 @@ mod tests {
                     });
                     let links =
                         PeerLinks::start(info(id, voters[&id]), 42, voters.clone(), listener, deliver);
-                    let host = ReplicaHost::start(links.clone(), Duration::from_millis(50));
+                    let host = ReplicaHost::start(links.clone(), Duration::from_millis(50), 0);
                     let keepalives = links.clone();
                     glommio::spawn_local(async move {
                         loop {
@@ -832,6 +913,31 @@ mod tests {
         let mut builder = BatchBuilder::new();
         builder.push(1_700_000_000_000, None, Some(value.as_bytes()), &[]);
         builder.finish()
+    }
+
+    #[test]
+    fn elections_beyond_the_limit_wait_for_a_slot_and_slots_come_back() {
+        let campaigns = Campaigns::new(2);
+        let slot = || CampaignSlot { campaigns: campaigns.clone(), held: false };
+        let (mut a, mut b, mut c) = (slot(), slot(), slot());
+        assert!(a.may_start() && a.may_start(), "a slot held is kept");
+        assert!(b.may_start());
+        assert!(!c.may_start(), "both slots are taken");
+        assert_eq!(campaigns.running(), 2);
+        // a's election ended: its slot is c's.
+        a.settle(false);
+        assert!(c.may_start());
+        // An election started otherwise (a transfer) is counted beyond the limit.
+        a.settle(true);
+        assert_eq!(campaigns.running(), 3);
+        drop((a, b));
+        assert_eq!(campaigns.running(), 1, "a replica's task ending gives its slot back");
+        c.settle(false);
+        assert_eq!(campaigns.running(), 0);
+        let unlimited = Campaigns::new(0);
+        let mut slots: Vec<CampaignSlot> =
+            (0..1000).map(|_| CampaignSlot { campaigns: unlimited.clone(), held: false }).collect();
+        assert!(slots.iter_mut().all(CampaignSlot::may_start));
     }
 
     #[test]

@@ -331,6 +331,22 @@ impl<S: ReplicaStore> RaftGroup<S> {
         self.quiescence.after_tick(&self.raw, idle, live);
     }
 
+    /// Whether the next tick starts an election: the election timeout of a replica that may
+    /// lead runs out with it (a follower's, or a candidate's whose election did not finish).
+    pub fn election_due(&self) -> bool {
+        let raft = &self.raw.raft;
+        raft.state != StateRole::Leader
+            && !self.quiescence.is_quiet()
+            && self.restoring.is_none()
+            && raft.promotable()
+            && raft.election_elapsed + 1 >= raft.randomized_election_timeout()
+    }
+
+    /// Whether an election of this replica is under way (pre-vote or vote).
+    pub fn campaigning(&self) -> bool {
+        matches!(self.raw.raft.state, StateRole::PreCandidate | StateRole::Candidate)
+    }
+
     /// A follower that has waited for its snapshot for `SNAPSHOT_RETRY_ELECTIONS` election
     /// timeouts is reported failed to raft-rs, which probes it again and sends a new snapshot if
     /// it still needs one.
@@ -765,5 +781,27 @@ mod tests {
         let mut cut = batch(1);
         cut.truncate(cut.len() - 1);
         assert!(matches!(groups[0].propose(cut), Err(ProposeError::BadBatch(_))));
+    }
+
+    /// `election_due` is true on exactly the tick that starts an election, which is what lets a
+    /// node hold an election back by not counting that tick.
+    #[test]
+    fn an_election_is_due_on_the_tick_that_starts_it() {
+        let state = ReplicaState::new(vec![1, 2, 3], 0);
+        let store = ReplicaLog::open(state, LeaderEpochs::default(), [], CacheLimits::default()).unwrap();
+        let settings = GroupSettings { quiesce_after_ticks: 0, ..GroupSettings::default() };
+        let mut follower = RaftGroup::new(1, "t-0@1".into(), settings, store, 7).unwrap();
+        let mut ticks = 0;
+        while !follower.election_due() {
+            assert!(!follower.campaigning());
+            follower.tick_with(|_| true);
+            ticks += 1;
+            assert!(ticks < 4 * settings.election_ticks, "never due");
+        }
+        // Held back: asked again, still due, and nothing started.
+        assert!(follower.election_due() && !follower.campaigning());
+        follower.tick_with(|_| true);
+        assert!(follower.campaigning(), "the due tick started an election (pre-vote)");
+        assert!(!follower.election_due());
     }
 }
