@@ -297,6 +297,29 @@ fn with_no_reserve_a_completely_full_disk_refuses_produce_without_a_partial_batc
     broker.stop();
 }
 
+/// Nodes 1 and 2 with directories of their own and node 3 on `fs`, each with `extra` and node 3
+/// also with `extra_3`, once every node knows the controller's leader. The directories live as
+/// long as the first value.
+fn three_with_node_3_on(
+    fs: &LoopFs,
+    extra: &[String],
+    extra_3: &[String],
+) -> (Vec<tempfile::TempDir>, Vec<Broker>) {
+    let ports = common::cluster::free_ports(3);
+    let seeds = common::cluster::seeds(&ports);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Broker> = (0..2)
+        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, extra))
+        .collect();
+    let node_3: Vec<String> = extra.iter().chain(extra_3).cloned().collect();
+    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &node_3));
+    let all: Vec<&Broker> = nodes.iter().collect();
+    common::cluster::wait_for("a controller leader known to every node", &all, || {
+        common::cluster::agreed_leader(&all, 3)
+    });
+    (dirs, nodes)
+}
+
 /// Issue 11: on a three-node cluster, one node's disk falls below its free-space reserve. Its
 /// replicas stop as writes reach them (shown in `/v1/cluster` and `cluster status`) and leave
 /// the in-sync replicas, while the other two keep acknowledging `acks=all` writes. Once space is
@@ -306,8 +329,6 @@ fn with_no_reserve_a_completely_full_disk_refuses_produce_without_a_partial_batc
 fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() {
     const TOPIC: &str = "likes";
     let fs = LoopFs::new();
-    let ports = common::cluster::free_ports(3);
-    let seeds = common::cluster::seeds(&ports);
     let extra: Vec<String> = [
         "replica_lag_time_max_ms=2000",
         "offsets_topic_partitions=1",
@@ -318,17 +339,9 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
     ]
     .map(String::from)
     .to_vec();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Broker> = (0..2)
-        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
-        .collect();
-    let mut full_extra = extra.clone();
-    full_extra.push(format!("free_space_reserve_bytes={RESERVE_BYTES}"));
-    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &full_extra));
+    let reserve = [format!("free_space_reserve_bytes={RESERVE_BYTES}")];
+    let (_dirs, mut nodes) = three_with_node_3_on(&fs, &extra, &reserve);
     let all: Vec<&Broker> = nodes.iter().collect();
-    common::cluster::wait_for("a controller leader known to every node", &all, || {
-        common::cluster::agreed_leader(&all, 3)
-    });
     common::cluster::create_replicated(&nodes[0], TOPIC, 3, 3);
     let in_sync = |node: &Broker, expected: &[u64]| {
         let described = common::cluster::describe(node, TOPIC)?;
@@ -398,18 +411,8 @@ fn a_replica_stopped_by_a_full_disk_reopens_once_space_is_back_and_catches_up() 
 #[test]
 fn a_node_whose_controller_log_failed_refuses_topic_changes_with_the_reason() {
     let fs = LoopFs::new();
-    let ports = common::cluster::free_ports(3);
-    let seeds = common::cluster::seeds(&ports);
-    let extra = vec!["offsets_topic_partitions=1".to_string()];
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Broker> = (0..2)
-        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
-        .collect();
-    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &extra));
+    let (_dirs, nodes) = three_with_node_3_on(&fs, &["offsets_topic_partitions=1".to_string()], &[]);
     let all: Vec<&Broker> = nodes.iter().collect();
-    common::cluster::wait_for("a controller leader known to every node", &all, || {
-        common::cluster::agreed_leader(&all, 3)
-    });
     let _filler = fs.fill_completely();
 
     // Each change through node 1 is appended to every node's controller log: node 3's append
@@ -460,19 +463,10 @@ fn a_node_whose_controller_log_failed_refuses_topic_changes_with_the_reason() {
 fn replicas_that_could_not_open_are_opened_once_their_files_can_be_made() {
     const TOPIC: &str = "late";
     let fs = LoopFs::new();
-    let ports = common::cluster::free_ports(3);
-    let seeds = common::cluster::seeds(&ports);
     let extra: Vec<String> =
         ["replica_lag_time_max_ms=2000", "offsets_topic_partitions=1"].map(String::from).to_vec();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Broker> = (0..2)
-        .map(|i| common::cluster::start_node_with(dirs[i].path(), i as u64 + 1, &seeds, &extra))
-        .collect();
-    nodes.push(common::cluster::start_node_with(fs.root(), 3, &seeds, &extra));
+    let (_dirs, mut nodes) = three_with_node_3_on(&fs, &extra, &[]);
     let all: Vec<&Broker> = nodes.iter().collect();
-    common::cluster::wait_for("a controller leader known to every node", &all, || {
-        common::cluster::agreed_leader(&all, 3)
-    });
     // Node 3 has opened its replica of `__consumer_offsets`, whose directory must stay writable.
     let replicated = fs.mount_point.join("replicated");
     common::cluster::wait_for("node 3's replica of the offsets topic", &all, || {
