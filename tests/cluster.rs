@@ -59,6 +59,7 @@ fn three_nodes_elect_a_controller_survive_its_death_and_keep_their_registry() {
         let line = format!("ringlog_raft_frames_sent_total{{peer=\"{peer}\"}} ");
         assert!(metrics.lines().any(|l| l.starts_with(&line)), "no {line} in /metrics");
     }
+    assert!(metrics.lines().any(|l| l.starts_with("ringlog_raft_elections_running ")), "{metrics}");
 
     // The leader dies without a word: the other two elect a new one among themselves.
     let dead = (leader - 1) as usize;

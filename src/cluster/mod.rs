@@ -366,6 +366,7 @@ impl Cluster {
             leader_changes: self.replicas.leader_changes(),
             quiesced: self.replicas.quiesced(),
             stopped: self.replicas.stopped(),
+            elections_running: self.replicas.elections_running(),
             partitions,
         }
     }

@@ -488,6 +488,11 @@ impl ReplicaHost {
     pub fn quiesced(&self) -> u64 {
         self.replicas.borrow().values().filter(|hosted| hosted.quiet.get()).count() as u64
     }
+
+    /// Elections this node's replicas run now.
+    pub fn elections_running(&self) -> u64 {
+        self.campaigns.running() as u64
+    }
 }
 
 impl Hosted {

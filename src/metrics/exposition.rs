@@ -44,6 +44,8 @@ pub struct ReplicationMetrics {
     pub quiesced: u64,
     /// This node's replicas stopped on a storage error, waiting to be reopened.
     pub stopped: u64,
+    /// Elections this node's replicas run now (at most `raft_elections_max` of their own).
+    pub elections_running: u64,
     pub partitions: Vec<LedPartition>,
 }
 
@@ -328,7 +330,7 @@ pub fn render(shards: &[ShardSnapshot], process: &ProcessInfo) -> String {
 }
 
 fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
-    let node: [(&str, &str, &str, u64); 6] = [
+    let node: [(&str, &str, &str, u64); 7] = [
         ("ringlog_partition_leaders", "gauge", "Replicated partitions this node leads.", r.leaders),
         (
             "ringlog_under_replicated_partitions",
@@ -360,6 +362,12 @@ fn render_replication(o: &mut Out, r: &ReplicationMetrics) {
             "gauge",
             "Replicas on this node stopped on a storage error (full disk, failed write), reopened from their files once they can be.",
             r.stopped,
+        ),
+        (
+            "ringlog_raft_elections_running",
+            "gauge",
+            "Elections this node's replicas run now; those falling due beyond raft_elections_max wait for a slot.",
+            r.elections_running,
         ),
     ];
     for (name, kind, help, value) in node {
@@ -465,6 +473,7 @@ mod tests {
                     leader_changes: 5,
                     quiesced: 1,
                     stopped: 0,
+                    elections_running: 4,
                     partitions: vec![LedPartition {
                         topic: "likes".into(),
                         partition: 1,
@@ -478,6 +487,7 @@ mod tests {
         assert!(text.contains("ringlog_raft_frames_sent_total{peer=\"2\"} 3"), "{text}");
         assert!(text.contains("\nringlog_under_replicated_partitions 1\n"), "{text}");
         assert!(text.contains("\nringlog_leader_changes_total 5\n"), "{text}");
+        assert!(text.contains("\nringlog_raft_elections_running 4\n"), "{text}");
         assert!(
             text.contains("ringlog_partition_in_sync_replicas{topic=\"likes\",partition=\"1\"} 2"),
             "{text}"
