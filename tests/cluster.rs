@@ -738,6 +738,24 @@ fn a_hundred_thousand_keyed_records_are_stored_alike_on_every_replica_in_per_key
     }
     assert_eq!(records, 100_000);
 
+    // Node 1 runs two shards: each keeps the replicas of the partitions it owns, writing them
+    // through its own io_uring ring (DESIGN: a core owns its partitions, replicated or not).
+    assert_eq!(common::cluster::shards_of(1), 2);
+    let described =
+        common::run_cli(&nodes[0].addr, &["topic", "describe", "keyed", "--format", "json"], None).ok();
+    let described: serde_json::Value = serde_json::from_str(&described).unwrap();
+    let shards: std::collections::BTreeSet<u64> =
+        described["partitions"].as_array().unwrap().iter().map(|p| p["shard"].as_u64().unwrap()).collect();
+    assert_eq!(shards, [0, 1].into(), "{described}");
+    let (_, metrics) = get(&nodes[0].admin, "/metrics").unwrap();
+    let written = |shard: &str| -> u64 {
+        let line = format!("ringlog_io_file_written_bytes_total{{shard=\"{shard}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&line)?.parse().ok()).unwrap_or(0)
+    };
+    for shard in ["0", "1"] {
+        assert!(written(shard) > 500_000, "shard {shard} wrote {} bytes of replicas", written(shard));
+    }
+
     // Read back through a follower of most partitions: each key's records in the order sent.
     let out = common::run_cli(&nodes[2].addr, &["consume", "keyed", "--print-meta"], None).ok();
     let mut rows: Vec<(u32, i64, String, u64)> = out

@@ -465,6 +465,12 @@ impl ShardStart {
         }
         // Groups are rebuilt before the mesh is served, so no group request sees a half-loaded shard.
         crate::groups::load(&shard).await?;
+        // Shard 0 opens this shard's replicas through its host, over the mesh: it is there first.
+        if let (Ok(Some(seeds)), true) =
+            (self.config.cluster(), self.id as u32 != crate::cluster::shards::CLUSTER_SHARD)
+        {
+            crate::cluster::shards::start_shard(&shard, seeds.node_id);
+        }
         if let Some(addr) = rv.kafka {
             let advertised = match &self.config.kafka_advertised_listener {
                 Some(a) => crate::kafka::parse_host_port(a)?,

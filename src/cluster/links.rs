@@ -127,6 +127,12 @@ impl PeerLinks {
         self.heard.borrow()
     }
 
+    /// The peers not heard within `after` (node-level liveness).
+    pub fn down(&self, after: Duration) -> std::collections::BTreeSet<u64> {
+        let heard = self.heard.borrow();
+        self.peers().filter(|id| heard.get(id).is_none_or(|(at, _)| at.elapsed() >= after)).collect()
+    }
+
     /// Queues `outbox` (an empty list for a peer sends it an empty frame: a keepalive); it leaves
     /// with everything else queued in this pass of the executor, one frame per peer.
     pub fn send(&self, outbox: Outbox) {

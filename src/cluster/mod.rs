@@ -18,9 +18,11 @@
 
 pub mod controller_log;
 pub mod forming;
+pub mod gate;
 pub mod in_sync;
 pub mod links;
 pub mod replicas;
+pub mod shards;
 pub mod state;
 pub mod topics;
 pub mod transport;
@@ -28,10 +30,9 @@ pub mod transport;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -41,14 +42,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterSeeds;
 use crate::metadata::{self, TopicOverrides, OFFSETS_TOPIC};
-use crate::replication::group::{GroupSettings, Persist, ProposeError, Proposed, RaftGroup};
+use crate::replication::group::{GroupSettings, Persist, ProposeError, RaftGroup};
 use crate::replication::wire::{GroupKey, PeerBatch};
-use crate::shard::replicated::{LeaderView, ReplicaGate};
-use crate::shard::{Boxed, BrokerError, Shard, TopicView};
+use crate::shard::replicated::{LeaderView, ReplicaDirectory};
+use crate::shard::{BrokerError, Shard, TopicView};
 use controller_log::{ControllerLog, DirFiles, PendingWrites};
 use forming::Fit;
 use links::{Outbox, PeerLinks};
-use replicas::{Compaction, HostError, ReplicaHost};
+use replicas::ReplicaHost;
+use shards::{Forward, NodeView, ToShard};
 use state::{AppliedCommand, ControllerCommand, ControllerState, ReplicatedTopic, TopicChange, TopicCommand};
 use topics::Topics;
 pub use transport::NodeInfo;
@@ -79,8 +81,11 @@ pub struct Cluster {
     /// node registry and the replicated topics (shared with `topics`' applier).
     state: Rc<RefCell<ControllerState>>,
     links: Rc<PeerLinks>,
-    /// The partition replicas on this node.
+    /// Shard 0's partition replicas, with the other shards' mirrored.
     replicas: Rc<ReplicaHost>,
+    shard: std::rc::Weak<Shard>,
+    /// To each other shard (`None` at shard 0's own place): the peers' messages for its replicas.
+    to_shards: Vec<Option<Rc<ToShard>>>,
     /// The replicated topics as the controller's log defines them.
     topics: Topics,
     /// Proposal ids of topic changes: this node's id in the high bits, so no two nodes' collide.
@@ -173,19 +178,15 @@ pub fn start(
             }
         });
         let links = PeerLinks::start(me.clone(), seeds.cluster_id, seeds.voters.clone(), listener, deliver);
-        let elections_max = usize::try_from(shard.config.raft_elections_max).unwrap_or(usize::MAX);
-        let replicas = ReplicaHost::start(links.clone(), tick, elections_max);
-        replicas.set_leader_balance(
-            shard.config.leader_balance_interval_ms.div_ceil(shard.config.raft_tick_ms.max(1)),
-        );
-        replicas.set_compaction(Compaction {
-            keep: shard.config.raft_compaction_keep_entries,
-            step: shard.config.raft_compaction_step_entries,
-        });
+        let replicas = shards::new_host(shard, seeds.node_id, links.clone());
+        shards::install(shard, &replicas);
+        let to_shards = (0..shard.count)
+            .map(|target| (target != shard.id).then(|| Forward::start(shard, target, shards::deliver)))
+            .collect();
         let state = Rc::new(RefCell::new(ControllerState::default()));
         Cluster {
             tick,
-            topics: Topics::start(seeds.node_id, Rc::downgrade(shard), replicas.clone(), state.clone()),
+            topics: Topics::start(seeds.node_id, Rc::downgrade(shard), &replicas, state.clone()),
             next_request: std::cell::Cell::new((seeds.node_id << 40) | (now_nanos() & 0xff_ffff_ffff)),
             replication_timeout: Duration::from_millis(shard.config.replication_timeout_ms),
             seeds,
@@ -194,6 +195,8 @@ pub fn start(
             log_dir: dir,
             state,
             replicas,
+            shard: Rc::downgrade(shard),
+            to_shards,
             links,
             persister,
             proposed: RefCell::new(BTreeMap::new()),
@@ -205,7 +208,7 @@ pub fn start(
         }
     });
     shard.set_extension(cluster.clone());
-    shard.install_replica_gate(cluster.clone());
+    shard.install_replica_directory(cluster.clone());
     // Entries committed before a restart are applied again from the log (no snapshots yet).
     cluster.drive();
     glommio::spawn_local(cluster.clone().run_persister(jobs)).detach();
@@ -218,57 +221,17 @@ pub fn start(
     Ok(())
 }
 
-impl ReplicaGate for Cluster {
-    fn produce(
-        &self,
-        key: GroupKey,
-        topic: &Arc<str>,
-        mut batches: BytesMut,
-        timeout: Duration,
-    ) -> Boxed<crate::shard::mesh::ProduceOutcome> {
-        let deadline = Instant::now() + timeout;
-        // Each batch is one entry, proposed now, in order; the request's batches were validated.
-        let mut proposals = Vec::new();
-        while !batches.is_empty() {
-            let len = crate::record::BatchHeader::parse(&batches).map_or(batches.len(), |h| h.total_len());
-            proposals.push(self.replicas.propose(key, batches.split_to(len.min(batches.len()))));
-        }
-        let host = self.replicas.clone();
-        let (topic, partition) = (topic.clone(), key.partition);
-        let addresses = self.leader_addresses();
-        Box::pin(async move {
-            let broker_error = |e: HostError| host_error(&topic, partition, e, &addresses, timeout);
-            let mut first = None;
-            let mut last_new: Option<Proposed> = None;
-            let mut retries = Vec::new();
-            for proposal in proposals {
-                let proposed = proposal.await.map_err(broker_error)?;
-                first.get_or_insert(proposed);
-                if proposed.retry {
-                    retries.push(proposed);
-                    continue;
-                }
-                // One leader term for the request's new batches: a later entry of the same term
-                // committing means every earlier one of that leader's term did.
-                if last_new.is_some_and(|l| l.term != proposed.term) {
-                    let leader = host.status(key).and_then(|s| s.leader);
-                    return Err(broker_error(HostError::LeadershipLost { term: proposed.term, leader }));
-                }
-                last_new = Some(proposed);
-            }
-            let Some(first) = first else {
-                return Err(BrokerError::InvalidRequest(format!("{topic}/{partition}: no batch to produce")));
-            };
-            for proposed in retries.into_iter().chain(last_new) {
-                host.committed(key, proposed, deadline, timeout).await.map_err(broker_error)?;
-            }
-            let log_start_offset = host.log_start_offset(key).unwrap_or(-1);
-            Ok(crate::shard::mesh::Appended { base_offset: first.base_offset, log_start_offset })
-        })
+impl ReplicaDirectory for Cluster {
+    fn described(&self, key: GroupKey, replicas: &[u64]) -> LeaderView {
+        LeaderView { in_sync: self.in_sync_of(key, replicas).unwrap_or_default(), ..self.leader(key) }
     }
+}
 
+impl Cluster {
+    /// Partition `key`'s leader as this node knows it: its replica on whichever shard, or the
+    /// leader's report.
     fn leader(&self, key: GroupKey) -> LeaderView {
-        let status = self.replicas.status(key);
+        let status = self.replicas.node_status(key);
         let reports = self.reports.borrow();
         let reported = reports.newest(key, Instant::now(), self.tick * ALIVE_TICKS);
         // A replica stopped on a storage error takes no part in its group: what it last knew of
@@ -290,21 +253,11 @@ impl ReplicaGate for Cluster {
         }
     }
 
-    fn epochs(&self, key: GroupKey) -> Option<Rc<crate::replication::epochs::LeaderEpochs>> {
-        self.replicas.epochs(key)
-    }
-
-    fn in_sync(&self, key: GroupKey, replicas: &[u64]) -> Vec<u64> {
-        self.in_sync_of(key, replicas).unwrap_or_default()
-    }
-}
-
-impl Cluster {
     /// Partition `key`'s in-sync replicas as this node knows them (`in_sync::in_sync`); `None`
     /// when it knows no leader.
     fn in_sync_of(&self, key: GroupKey, replicas: &[u64]) -> Option<Vec<u64>> {
-        let local = self.replicas.status(key).filter(|s| !s.failed);
-        let led = self.replicas.in_sync(key);
+        let local = self.replicas.node_status(key).filter(|s| !s.failed);
+        let led = self.replicas.node_in_sync(key);
         let reports = self.reports.borrow();
         let reported = reports.newest(key, Instant::now(), self.tick * ALIVE_TICKS);
         in_sync::in_sync(in_sync::Known {
@@ -399,47 +352,6 @@ fn log_change(node: u64, change: Option<&TopicChange>) {
     }
 }
 
-/// A replica host's refusal as the error clients see.
-fn host_error(
-    topic: &Arc<str>,
-    partition: u32,
-    e: HostError,
-    addresses: &BTreeMap<u64, String>,
-    timeout: Duration,
-) -> BrokerError {
-    let not_leader = |leader: Option<u64>| BrokerError::NotLeader {
-        topic: topic.to_string(),
-        partition,
-        leader,
-        address: leader.and_then(|id| addresses.get(&id).cloned()),
-    };
-    match e {
-        HostError::Unknown(_) => not_leader(None),
-        HostError::Propose(ProposeError::NotLeader { leader }) | HostError::LeadershipLost { leader, .. } => {
-            not_leader(leader)
-        }
-        HostError::Propose(ProposeError::LeaderNotReady) => not_leader(None),
-        HostError::Producer(refused) => BrokerError::storage(topic, partition, refused),
-        HostError::Propose(ProposeError::BadBatch(detail)) => {
-            BrokerError::InvalidRequest(format!("{topic}/{partition}: {detail}"))
-        }
-        // Too much is waiting for a majority: as a timeout, which clients retry.
-        HostError::Propose(ProposeError::Busy(_)) | HostError::TimedOut(_) => {
-            BrokerError::ReplicationTimedOut {
-                topic: topic.to_string(),
-                partition,
-                after_ms: timeout.as_millis() as u64,
-            }
-        }
-        // The replica stopped on a storage error (see the broker's log) and takes no part in its
-        // group any more: the others elect a leader among themselves, and a client told
-        // NOT_LEADER refreshes its metadata and retries there with the same producer sequence
-        // (the unknown server error answered before coincided with duplicates from librdkafka's
-        // idempotent producer in the nemesis's disk faults).
-        HostError::Stopped(_) => not_leader(None),
-    }
-}
-
 /// How long a topic change may wait: first for the cluster to form (enough nodes registered for
 /// its copies), then for the controller's log to apply it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,7 +402,7 @@ where
     F: std::future::Future<Output = Result<R, BrokerError>> + 'static,
 {
     let answer = shard
-        .invoke_on(topics::REPLICA_SHARD, move |shard| async move {
+        .invoke_on(shards::CLUSTER_SHARD, move |shard| async move {
             match shard.extension::<Cluster>() {
                 Some(cluster) => op(cluster).await,
                 None => Err(BrokerError::InvalidReplicationFactor(
@@ -802,8 +714,20 @@ impl Cluster {
                 if let Err(e) = self.group.borrow_mut().step(message) {
                     tracing::warn!(node = from, "cluster: {e}");
                 }
-            } else if !self.replicas.deliver(key, message) {
-                tracing::debug!(node = from, ?key, "cluster: message for a group this node does not have");
+                continue;
+            }
+            let target = shards::replica_shard(key, self.to_shards.len() as u32);
+            match self.to_shards.get(target as usize).and_then(Option::as_ref) {
+                Some(forward) => forward.push((key, message)),
+                None => {
+                    if !self.replicas.deliver(key, message) {
+                        tracing::debug!(
+                            node = from,
+                            ?key,
+                            "cluster: message for a group this node does not have"
+                        );
+                    }
+                }
             }
         }
         self.drive();
@@ -1144,12 +1068,21 @@ impl Cluster {
 
     async fn run_ticks(self: Rc<Self>) {
         let mut last_digest = 0;
+        let mut told = None;
+        let down_after = self.tick * GroupSettings::default().election_ticks as u32;
         for ticks in 0u64.. {
             glommio::timer::sleep(self.tick).await;
             self.group.borrow_mut().tick();
             self.register_nodes();
             self.ensure_offsets_topic();
             self.drive();
+            // Every shard's replicas learn which peers are down and where nodes listen.
+            let view = NodeView { down: self.links.down(down_after), addresses: self.leader_addresses() };
+            if told.as_ref() != Some(&view) {
+                let Some(shard) = self.shard.upgrade() else { return };
+                view.publish(&shard).await;
+                told = Some(view);
+            }
             // Raft followers never write to each other, so every node also says it is alive to
             // every peer every few ticks, with the partitions it leads whose in-sync set is short.
             // The report goes whole when it changed and every `WHOLE_REPORT_TICKS`; in between, its

@@ -1,18 +1,20 @@
-//! The partition replicas this node hosts, over the peer links (issue 11, step 3). Each replica is
-//! a task that owns its `shard::replica::PartitionReplica` and takes its inputs — messages from
-//! peers, ticks, proposals — from a queue, so nothing else ever holds it across its IO: it steps
-//! what has arrived, drives one round (writes, fdatasync, then the messages that waited on them)
-//! and publishes its status — and, on a leader, its followers' progress (in sync or not, lag). One
+//! The partition replicas one shard hosts (issue 11, step 3). Each replica is a task that owns
+//! its `shard::replica::PartitionReplica` and takes its inputs — messages from peers, ticks,
+//! proposals — from a queue, so nothing else ever holds it across its IO: it steps what has
+//! arrived, drives one round (writes, fdatasync, then the messages that waited on them) and
+//! publishes its status — and, on a leader, its followers' progress (in sync or not, lag). One
 //! timer ticks every replica that is awake: an idle group goes quiet (`replication::quiesce`) and
 //! costs no tick, no heartbeat and no queue entry until a write, a message or a node's death
-//! wakes it. The host keeps node-level liveness for that (a peer not heard within an election
-//! timeout is down; `links::PeerLinks::heard`, fed by the keepalives every node sends) and tells
-//! the quiet replicas when a node goes down. What a replica sends leaves through the links in
-//! the frames the controller's messages use.
+//! wakes it. Node-level liveness (which peers are down) is set from outside (`set_down`, from the
+//! keepalives every node sends), and the quiet replicas are told when a node goes down. What a
+//! replica sends leaves through an `Outlet`: the peer links on shard 0, a forwarder to them on
+//! the other shards (`cluster::shards`).
 //!
-//! For now replicas live on shard 0, beside the links; moving each to its partition's owning
-//! shard (a connection per node pair per shard pair) is the next step (docs/replication.md).
-//! Depends on `links`, `shard::replica`, `replication`.
+//! Every shard of a node hosts the replicas of the partitions it owns (`shards::replica_shard`).
+//! The hosts of the other shards mirror their replicas' state to shard 0's (`take_changes`,
+//! `mirror`), where the node-wide questions — who leads, who is in sync, what to report to
+//! peers, metrics — are answered.
+//! Depends on `links` (the outbox shape), `shard::replica`, `replication`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +29,7 @@ use raft::eraftpb::Message;
 use super::links::{Outbox, PeerLinks};
 use crate::record::BatchHeader;
 use crate::replication::epochs::LeaderEpochs;
-use crate::replication::group::{FollowerProgress, GroupSettings, ProposeError, Proposed, RaftGroup, Role};
+use crate::replication::group::{FollowerProgress, ProposeError, Proposed, RaftGroup, Role};
 use crate::replication::replica_log::ReplicaLog;
 use crate::replication::wire::{GroupKey, LeaderReport};
 use crate::shard::replica::{PartitionReplica, ProposalRefused};
@@ -191,19 +193,75 @@ impl From<ProposalRefused> for HostError {
     }
 }
 
+/// Where a host's replicas send their messages.
+pub trait Outlet {
+    /// Queues `outbox`; it leaves with what else is queued in this pass of the executor.
+    fn send(&self, outbox: Outbox);
+}
+
+impl Outlet for PeerLinks {
+    fn send(&self, outbox: Outbox) {
+        PeerLinks::send(self, outbox);
+    }
+}
+
+/// A replica's state as its host mirrors it to shard 0's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirrored {
+    pub status: ReplicaStatus,
+    /// On a leader, its followers; empty otherwise.
+    pub followers: Vec<FollowerProgress>,
+    pub quiet: bool,
+}
+
+/// What changed on a host since it last said: each replica whose state changed (`None`: no
+/// longer hosted) and the host's counts.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub replicas: Vec<(GroupKey, Option<Mirrored>)>,
+    pub leader_changes: u64,
+    pub elections_running: u64,
+}
+
+/// The other shards' replicas as their hosts last mirrored them.
+#[derive(Default)]
+struct Mirrors {
+    replicas: BTreeMap<GroupKey, Mirrored>,
+    /// Per shard: (leader changes, elections running).
+    counts: BTreeMap<u32, (u64, u64)>,
+}
+
 pub struct ReplicaHost {
-    links: Rc<PeerLinks>,
+    /// This node's id.
+    me: u64,
+    outlet: Rc<dyn Outlet>,
     campaigns: Rc<Campaigns>,
     compaction: Cell<Compaction>,
     balance_ticks: Cell<u64>,
     replicas: RefCell<BTreeMap<GroupKey, Hosted>>,
     /// Times a replica here learned of a new leader (a new term with a leader known).
     leader_changes: Rc<Cell<u64>>,
-    /// Peers not heard within an election timeout (node-level liveness), as of the last tick.
+    /// Peers not heard within an election timeout (node-level liveness), as last set.
     down: Rc<RefCell<BTreeSet<u64>>>,
+    /// A node joined `down` since the last tick: the quiet replicas are told at the next.
+    newly_down: Cell<bool>,
     /// Where a replica that stops on an error says so, for the layer that reopens it.
     stops: RefCell<Option<mpsc::UnboundedSender<GroupKey>>>,
     tick: Duration,
+    /// Replicas whose published state changed since `take_changes` last ran, and a wake-up for
+    /// a change that matters at once (a leader, a role, an in-sync set).
+    changed: Rc<Changed>,
+    /// The counts `take_changes` last gave.
+    counts_said: Cell<(u64, u64)>,
+    /// On shard 0: the other shards' replicas.
+    mirrors: RefCell<Mirrors>,
+}
+
+/// The replicas of a host whose state changed, kept for its mirror.
+#[derive(Default)]
+pub struct Changed {
+    keys: RefCell<BTreeSet<GroupKey>>,
+    pub urgent: Notify,
 }
 
 /// Ticks a new group's preferred replica waits before campaigning (see `ReplicaHost::add`).
@@ -222,17 +280,22 @@ pub struct Led {
 impl ReplicaHost {
     /// A host whose replicas are ticked every `tick` and run at most `campaigns_max` elections
     /// at once (0: no limit; see `Campaigns`).
-    pub fn start(links: Rc<PeerLinks>, tick: Duration, campaigns_max: usize) -> Rc<ReplicaHost> {
+    pub fn start(me: u64, outlet: Rc<dyn Outlet>, tick: Duration, campaigns_max: usize) -> Rc<ReplicaHost> {
         let host = Rc::new(ReplicaHost {
-            links,
+            me,
+            outlet,
             campaigns: Campaigns::new(campaigns_max),
             compaction: Cell::new(Compaction::default()),
             balance_ticks: Cell::new(0),
             replicas: RefCell::new(BTreeMap::new()),
             leader_changes: Rc::new(Cell::new(0)),
             down: Rc::new(RefCell::new(BTreeSet::new())),
+            newly_down: Cell::new(false),
             stops: RefCell::new(None),
             tick,
+            changed: Rc::default(),
+            counts_said: Cell::new((0, 0)),
+            mirrors: RefCell::default(),
         });
         glommio::spawn_local(run_ticks(Rc::downgrade(&host), tick)).detach();
         host
@@ -245,12 +308,20 @@ impl ReplicaHost {
         self.balance_ticks.set(ticks);
     }
 
-    /// The groups whose replica stops on an error from now on, one key per stop: the replica's
-    /// status says `failed` until whoever takes these replaces it (`remove`, then `add`).
-    pub fn stops(&self) -> mpsc::UnboundedReceiver<GroupKey> {
-        let (tx, rx) = mpsc::unbounded();
-        *self.stops.borrow_mut() = Some(tx);
-        rx
+    /// Where the groups whose replica stops on an error from now on are told, one key per stop:
+    /// the replica's status says `failed` until whoever takes these replaces it (`remove`, then
+    /// `add`).
+    pub fn set_stops(&self, stops: mpsc::UnboundedSender<GroupKey>) {
+        *self.stops.borrow_mut() = Some(stops);
+    }
+
+    /// The peers that are down (not heard within an election timeout). A peer newly down wakes
+    /// the quiet replicas at the next tick, so a follower of a dead leader campaigns.
+    pub fn set_down(&self, down: BTreeSet<u64>) {
+        if down.difference(&self.down.borrow()).next().is_some() {
+            self.newly_down.set(true);
+        }
+        *self.down.borrow_mut() = down;
     }
 
     /// Replicas added from now on compact by `compaction`.
@@ -266,7 +337,7 @@ impl ReplicaHost {
     /// splitting votes and putting leaders where placement did not.
     pub fn add(&self, key: GroupKey, mut replica: PartitionReplica, preferred: u64) {
         let (inputs, queue) = mpsc::unbounded();
-        if preferred == self.links.me().id && replica.group().term() == 0 {
+        if preferred == self.me && replica.group().term() == 0 {
             // Every member applies the creation from the controller's log within a heartbeat
             // or two of the others: a vote request reaching a node that has not created the
             // group yet is dropped, so the campaign waits that long.
@@ -291,6 +362,9 @@ impl ReplicaHost {
             leader: Cell::new(None),
             quiet: Rc::new(Cell::new(false)),
             stops: self.stops.borrow().clone(),
+            key,
+            host_changed: self.changed.clone(),
+            mirrored: Cell::new(None),
         };
         let quiet = published.quiet.clone();
         let balance = Balance { preferred };
@@ -299,7 +373,7 @@ impl ReplicaHost {
             replica,
             queue,
             Peers {
-                links: self.links.clone(),
+                outlet: self.outlet.clone(),
                 down: self.down.clone(),
                 campaigns: CampaignSlot { campaigns: self.campaigns.clone(), held: false },
             },
@@ -310,6 +384,7 @@ impl ReplicaHost {
         glommio::spawn_local(task).detach();
         let hosted = Hosted { inputs, status, epochs, followers, changed, partition, quiet };
         self.replicas.borrow_mut().insert(key, hosted);
+        self.changed.mark(key, true);
     }
 
     /// A message from a peer for group `key`; false when this node has no such replica.
@@ -323,7 +398,9 @@ impl ReplicaHost {
     /// Stops hosting group `key`: its task ends once it has finished the round under way.
     /// Returns its partition, for the caller to close or remove.
     pub fn remove(&self, key: GroupKey) -> Option<Rc<Partition>> {
-        self.replicas.borrow_mut().remove(&key).map(|hosted| hosted.partition)
+        let removed = self.replicas.borrow_mut().remove(&key).map(|hosted| hosted.partition);
+        self.changed.mark(key, true);
+        removed
     }
 
     /// Proposes a producer's batch to group `key` now (queued to its task before this returns,
@@ -413,93 +490,167 @@ impl ReplicaHost {
         }
     }
 
-    /// Replicas on this node that know no leader of their group.
-    pub fn leaderless(&self) -> u64 {
-        self.replicas.borrow().values().filter(|hosted| hosted.status.get().leader.is_none()).count() as u64
-    }
-
-    /// The log start offset of this node's replica of `key`.
+    /// The log start offset of this shard's replica of `key`.
     pub fn log_start_offset(&self, key: GroupKey) -> Option<i64> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.partition.log_start_offset())
     }
 
+    /// This shard's replica of `key` as its task last published it.
     pub fn status(&self, key: GroupKey) -> Option<ReplicaStatus> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.status.get())
     }
 
-    /// The leader epochs of this node's replica of `key`, as published with its status.
+    /// The leader epochs of this shard's replica of `key`, as published with its status.
     pub fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>> {
         self.replicas.borrow().get(&key).map(|hosted| hosted.epochs.borrow().clone())
     }
 
+    // ---- The node's replicas: this host's and those its node's other shards mirror here ------
+
+    /// Calls `each` with every replica of the node this host knows: its own, then the mirrored.
+    fn each_replica(&self, mut each: impl FnMut(GroupKey, ReplicaStatus, &[FollowerProgress], bool)) {
+        for (&key, hosted) in self.replicas.borrow().iter() {
+            each(key, hosted.status.get(), &hosted.followers.borrow(), hosted.quiet.get());
+        }
+        for (&key, mirrored) in &self.mirrors.borrow().replicas {
+            each(key, mirrored.status, &mirrored.followers, mirrored.quiet);
+        }
+    }
+
+    /// The node's replica of `key`: this host's, or as its shard last mirrored it.
+    pub fn node_status(&self, key: GroupKey) -> Option<ReplicaStatus> {
+        self.status(key).or_else(|| self.mirrors.borrow().replicas.get(&key).map(|m| m.status))
+    }
+
     /// When this node leads `key`: the members in sync, itself first.
-    pub fn in_sync(&self, key: GroupKey) -> Option<Vec<u64>> {
-        let replicas = self.replicas.borrow();
-        let hosted = replicas.get(&key).filter(|hosted| hosted.leads())?;
-        let in_sync = members_in_sync(self.links.me().id, &hosted.followers.borrow());
-        Some(in_sync)
+    pub fn node_in_sync(&self, key: GroupKey) -> Option<Vec<u64>> {
+        if let Some(hosted) = self.replicas.borrow().get(&key) {
+            return hosted.leads().then(|| members_in_sync(self.me, &hosted.followers.borrow()));
+        }
+        let mirrors = self.mirrors.borrow();
+        let mirrored = mirrors.replicas.get(&key).filter(|m| leads(m.status))?;
+        Some(members_in_sync(self.me, &mirrored.followers))
+    }
+
+    /// Replicas on this node that know no leader of their group.
+    pub fn leaderless(&self) -> u64 {
+        let mut count = 0;
+        self.each_replica(|_, status, _, _| count += u64::from(status.leader.is_none()));
+        count
     }
 
     /// The partitions this node leads whose in-sync replicas are fewer than their members, or
     /// whose members are fewer than the cluster's `nodes` (the others learn the leader only
     /// from this): what its keepalives report to every peer.
     pub fn leader_reports(&self, nodes: usize) -> Vec<LeaderReport> {
-        let me = self.links.me().id;
-        let replicas = self.replicas.borrow();
-        replicas
-            .iter()
-            .filter(|(_, hosted)| hosted.leads())
-            .filter_map(|(&key, hosted)| {
-                let followers = hosted.followers.borrow();
-                if followers.iter().all(|f| f.in_sync) && followers.len() + 1 >= nodes {
-                    return None;
-                }
-                let (term, in_sync) = (hosted.status.get().term, members_in_sync(me, &followers));
-                Some(LeaderReport { group: key, term, in_sync })
-            })
-            .collect()
+        let mut reports = Vec::new();
+        self.each_replica(|key, status, followers, _| {
+            if !leads(status) || (followers.iter().all(|f| f.in_sync) && followers.len() + 1 >= nodes) {
+                return;
+            }
+            let in_sync = members_in_sync(self.me, followers);
+            reports.push(LeaderReport { group: key, term: status.term, in_sync });
+        });
+        reports.sort_by_key(|report| report.group);
+        reports
     }
 
     /// Every partition this node leads, with its followers' progress.
     pub fn led(&self) -> Vec<Led> {
-        let replicas = self.replicas.borrow();
-        replicas
-            .iter()
-            .filter(|(_, hosted)| hosted.leads())
-            .map(|(&key, hosted)| {
-                let followers = hosted.followers.borrow().clone();
+        let mut led = Vec::new();
+        self.each_replica(|key, status, followers, _| {
+            if leads(status) {
                 let in_sync = 1 + followers.iter().filter(|f| f.in_sync).count();
-                Led { key, replicas: 1 + followers.len(), in_sync, followers }
-            })
-            .collect()
+                led.push(Led { key, replicas: 1 + followers.len(), in_sync, followers: followers.to_vec() });
+            }
+        });
+        led.sort_by_key(|led| led.key);
+        led
     }
 
     /// Times a replica on this node learned of a new leader since it started.
     pub fn leader_changes(&self) -> u64 {
-        self.leader_changes.get()
+        self.leader_changes.get() + self.mirrors.borrow().counts.values().map(|c| c.0).sum::<u64>()
     }
 
     /// Replicas on this node stopped on an error (until they are reopened).
     pub fn stopped(&self) -> u64 {
-        self.replicas.borrow().values().filter(|hosted| hosted.status.get().failed).count() as u64
+        let mut count = 0;
+        self.each_replica(|_, status, _, _| count += u64::from(status.failed));
+        count
     }
 
     /// Replicas on this node whose group is quiet.
     pub fn quiesced(&self) -> u64 {
-        self.replicas.borrow().values().filter(|hosted| hosted.quiet.get()).count() as u64
+        let mut count = 0;
+        self.each_replica(|_, _, _, quiet| count += u64::from(quiet));
+        count
     }
 
     /// Elections this node's replicas run now.
     pub fn elections_running(&self) -> u64 {
-        self.campaigns.running() as u64
+        self.campaigns.running() as u64 + self.mirrors.borrow().counts.values().map(|c| c.1).sum::<u64>()
     }
+
+    /// What changed here since the last call, for shard 0's host (`mirror`); `None` when nothing
+    /// did.
+    pub fn take_changes(&self) -> Option<Changes> {
+        let keys = std::mem::take(&mut *self.changed.keys.borrow_mut());
+        let counts = (self.leader_changes.get(), self.campaigns.running() as u64);
+        if keys.is_empty() && counts == self.counts_said.replace(counts) {
+            return None;
+        }
+        let replicas = self.replicas.borrow();
+        let changes = keys
+            .into_iter()
+            .map(|key| {
+                let mirrored = replicas.get(&key).map(|hosted| Mirrored {
+                    status: hosted.status.get(),
+                    followers: hosted.followers.borrow().clone(),
+                    quiet: hosted.quiet.get(),
+                });
+                (key, mirrored)
+            })
+            .collect();
+        Some(Changes { replicas: changes, leader_changes: counts.0, elections_running: counts.1 })
+    }
+
+    /// Takes in what the host of this node's shard `shard` says changed (`take_changes`).
+    pub fn mirror(&self, shard: u32, changes: Changes) {
+        let mut mirrors = self.mirrors.borrow_mut();
+        for (key, mirrored) in changes.replicas {
+            match mirrored {
+                Some(mirrored) => mirrors.replicas.insert(key, mirrored),
+                None => mirrors.replicas.remove(&key),
+            };
+        }
+        mirrors.counts.insert(shard, (changes.leader_changes, changes.elections_running));
+    }
+
+    /// Where this host says a change that matters at once happened.
+    pub fn changed(&self) -> &Rc<Changed> {
+        &self.changed
+    }
+}
+
+impl Changed {
+    fn mark(&self, key: GroupKey, urgent: bool) {
+        self.keys.borrow_mut().insert(key);
+        if urgent {
+            self.urgent.notify_all();
+        }
+    }
+}
+
+/// The replica leads its group (and has not stopped on an error).
+fn leads(status: ReplicaStatus) -> bool {
+    status.role == Role::Leader && !status.failed
 }
 
 impl Hosted {
     /// The replica leads its group (and has not stopped on an error).
     fn leads(&self) -> bool {
-        let status = self.status.get();
-        status.role == Role::Leader && !status.failed
+        leads(self.status.get())
     }
 }
 
@@ -508,12 +659,10 @@ fn members_in_sync(me: u64, followers: &[FollowerProgress]) -> Vec<u64> {
     std::iter::once(me).chain(followers.iter().filter(|f| f.in_sync).map(|f| f.id)).collect()
 }
 
-/// One timer for every replica of the host that is awake; ends with the host. Each tick also
-/// updates node-level liveness: a peer not heard within an election timeout (every node sends a
-/// keepalive every few ticks) is down, and when a node joins the down set the quiet replicas are
-/// told, so a follower of a dead leader wakes and campaigns.
+/// One timer for every replica of the host that is awake; ends with the host. When a node
+/// joined the down set since the last tick (`set_down`), the quiet replicas are told, so a
+/// follower of a dead leader wakes and campaigns.
 async fn run_ticks(host: std::rc::Weak<ReplicaHost>, tick: Duration) {
-    let down_after = tick * GroupSettings::default().election_ticks as u32;
     for ticks in 1u64.. {
         glommio::timer::sleep(tick).await;
         let Some(host) = host.upgrade() else { return };
@@ -525,15 +674,7 @@ async fn run_ticks(host: std::rc::Weak<ReplicaHost>, tick: Duration) {
             let spread = u64::from(key.partition).wrapping_add(key.topic_id as u64);
             balance > 0 && ticks.wrapping_add(spread) % balance == 0
         };
-        let down: BTreeSet<u64> = {
-            let heard = host.links.heard();
-            host.links
-                .peers()
-                .filter(|id| heard.get(id).is_none_or(|(at, _)| at.elapsed() >= down_after))
-                .collect()
-        };
-        let newly_down = down.difference(&host.down.borrow()).next().is_some();
-        *host.down.borrow_mut() = down;
+        let newly_down = host.newly_down.replace(false);
         for (key, hosted) in host.replicas.borrow().iter() {
             let input = match (hosted.quiet.get(), newly_down) {
                 (false, _) => Some(Input::Tick),
@@ -580,7 +721,16 @@ struct Published {
     /// Whether the group is quiet, for the host's timer.
     quiet: Rc<Cell<bool>>,
     stops: Option<mpsc::UnboundedSender<GroupKey>>,
+    key: GroupKey,
+    /// The host's record of changed replicas, for its mirror on shard 0.
+    host_changed: Rc<Changed>,
+    /// What the mirror was last told of the state that matters at once.
+    mirrored: Cell<Option<Urgent>>,
 }
+
+/// A replica's state whose change its mirror hears of at once, not at the next tick: its role,
+/// leader, term, serving, failed, quiet, and a digest of its followers in sync.
+type Urgent = (Role, Option<u64>, u64, bool, bool, bool, u64);
 
 impl Published {
     fn set(&self, status: ReplicaStatus) {
@@ -591,6 +741,23 @@ impl Published {
         }
         self.status.set(status);
         self.changed.notify_all();
+        let in_sync = self
+            .followers
+            .borrow()
+            .iter()
+            .filter(|f| f.in_sync)
+            .fold(1u64, |digest, f| digest.wrapping_mul(1_000_003).wrapping_add(f.id));
+        let now = (
+            status.role,
+            status.leader,
+            status.term,
+            status.serving,
+            status.failed,
+            self.quiet.get(),
+            in_sync,
+        );
+        let urgent = self.mirrored.replace(Some(now)) != Some(now);
+        self.host_changed.mark(self.key, urgent);
     }
 
     /// The replica stopped on `error`: shown as failed, and told to whoever reopens replicas.
@@ -673,7 +840,7 @@ impl Balance {
 
 /// What a replica's task sends through, and which of those peers are down.
 struct Peers {
-    links: Rc<PeerLinks>,
+    outlet: Rc<dyn Outlet>,
     /// Peers not heard within an election timeout, as the host's timer last saw them.
     down: Rc<RefCell<BTreeSet<u64>>>,
     campaigns: CampaignSlot,
@@ -690,7 +857,7 @@ async fn run_replica(
     compaction: Compaction,
     balance: Balance,
 ) {
-    let Peers { links, down, campaigns: mut slot } = peers;
+    let Peers { outlet, down, campaigns: mut slot } = peers;
     while let Some(first) = queue.next().await {
         let mut next = Some(first);
         while let Some(input) = next.take().or_else(|| queue.try_recv().ok()) {
@@ -729,9 +896,9 @@ async fn run_replica(
         }
         slot.settle(replica.group().campaigning());
         loop {
-            let sent = replica.drive(|messages| links.send(outbox(key, messages))).await;
+            let sent = replica.drive(|messages| outlet.send(outbox(key, messages))).await;
             match sent {
-                Ok(messages) => links.send(outbox(key, messages)),
+                Ok(messages) => outlet.send(outbox(key, messages)),
                 Err(e) => return status.stopped(key, &mut replica, e),
             }
             if !replica.group().has_ready() {
@@ -859,15 +1026,23 @@ mod tests {
                     });
                     let links =
                         PeerLinks::start(info(id, voters[&id]), 42, voters.clone(), listener, deliver);
-                    let host = ReplicaHost::start(links.clone(), Duration::from_millis(50), 0);
-                    let keepalives = links.clone();
+                    let tick = Duration::from_millis(50);
+                    let host = ReplicaHost::start(id, links.clone(), tick, 0);
+                    let (keepalives, liveness) = (links.clone(), host.clone());
                     glommio::spawn_local(async move {
-                        loop {
-                            glommio::timer::sleep(Duration::from_millis(250)).await;
-                            let digest = crate::replication::wire::report_digest(&[]);
-                            let whole =
-                                crate::cluster::links::Keepalive { report: Vec::new(), digest, whole: true };
-                            keepalives.send_keepalive(whole);
+                        let down_after = tick * GroupSettings::default().election_ticks as u32;
+                        for ticks in 0u64.. {
+                            glommio::timer::sleep(tick).await;
+                            liveness.set_down(keepalives.down(down_after));
+                            if ticks % 5 == 0 {
+                                let digest = crate::replication::wire::report_digest(&[]);
+                                let whole = crate::cluster::links::Keepalive {
+                                    report: Vec::new(),
+                                    digest,
+                                    whole: true,
+                                };
+                                keepalives.send_keepalive(whole);
+                            }
                         }
                     })
                     .detach();

@@ -27,10 +27,8 @@ use futures::channel::{mpsc, oneshot};
 use futures::{FutureExt, StreamExt};
 
 use super::replicas::ReplicaHost;
+use super::shards::replica_shard;
 use super::state::{Applied, ControllerState, ReplicatedTopic, TopicChange};
-
-/// The shard that hosts this node's replicas until each moves to its partition's owner.
-pub const REPLICA_SHARD: u32 = 0;
 
 /// The replicated topics as this node applied them (read from the controller's state), the
 /// proposals it waits on, and the queue of changes its applier carries out.
@@ -40,20 +38,29 @@ pub struct Topics {
     state: Rc<RefCell<ControllerState>>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<Applied>>>,
     changes: mpsc::UnboundedSender<TopicChange>,
+    /// Replicas of this node that stopped on an error, on whichever shard, for the applier.
+    stops: mpsc::UnboundedSender<GroupKey>,
 }
 
 impl Topics {
-    /// Starts the applier for node `me` on `shard` (the replica-hosting shard).
+    /// Starts the applier for node `me` on `shard` (shard 0, whose replicas are `host`'s; the
+    /// other shards' hosts are reached through the mesh).
     pub fn start(
         me: u64,
         shard: std::rc::Weak<Shard>,
-        host: Rc<ReplicaHost>,
+        host: &Rc<ReplicaHost>,
         state: Rc<RefCell<ControllerState>>,
     ) -> Topics {
         let (changes, queue) = mpsc::unbounded();
-        let stops = host.stops();
-        glommio::spawn_local(run_applier(me, shard, host, state.clone(), queue, stops)).detach();
-        Topics { state, waiting: RefCell::new(HashMap::new()), changes }
+        let (stops, stopped) = mpsc::unbounded();
+        host.set_stops(stops.clone());
+        glommio::spawn_local(run_applier(me, shard, state.clone(), queue, stopped)).detach();
+        Topics { state, waiting: RefCell::new(HashMap::new()), changes, stops }
+    }
+
+    /// This node's replica of `key` stopped on an error: the applier reopens it in a while.
+    pub fn replica_stopped(&self, key: GroupKey) {
+        let _ = self.stops.unbounded_send(key);
     }
 
     /// Waits for the outcome of proposal `request` (answered when this node applies it).
@@ -117,7 +124,6 @@ fn replica_dir(data_dir: &std::path::Path, topic: &ReplicatedTopic, partition: u
 async fn run_applier(
     me: u64,
     shard: std::rc::Weak<Shard>,
-    host: Rc<ReplicaHost>,
     current: Rc<RefCell<ControllerState>>,
     mut queue: mpsc::UnboundedReceiver<TopicChange>,
     mut stops: mpsc::UnboundedReceiver<GroupKey>,
@@ -138,16 +144,16 @@ async fn run_applier(
             Event::Change(TopicChange::Create(topic) | TopicChange::Grow(topic, _))
                 if !is_live(&current, &topic) => {}
             Event::Change(TopicChange::Create(topic)) => {
-                let failed = open_topic(me, &shard, &host, &topic, 0).await;
+                let failed = open_topic(me, &shard, &topic, 0).await;
                 reopening.not_opened(&topic, failed, Instant::now());
             }
             Event::Change(TopicChange::Grow(topic, had)) => {
-                let failed = open_topic(me, &shard, &host, &topic, had).await;
+                let failed = open_topic(me, &shard, &topic, had).await;
                 reopening.not_opened(&topic, failed, Instant::now());
             }
             Event::Change(TopicChange::Delete(topic)) => {
                 reopening.forget_topic(topic.replication.topic_id);
-                remove_topic(&shard, &host, &topic).await
+                remove_topic(&shard, &topic).await
             }
             Event::Stopped(key) => {
                 let delay = reopening.stopped(key, Instant::now());
@@ -166,24 +172,25 @@ async fn run_applier(
                         .cloned();
                     // Deleted meanwhile, or already replaced.
                     let Some(topic) = topic else { continue };
-                    if host.status(key).is_some_and(|status| !status.failed) {
-                        continue;
-                    }
-                    // Cheap to check again (a statvfs), and the reopen would only stop again.
-                    shard.storage.refresh_disk_space();
-                    if shard.storage.check_disk_space().is_err() {
-                        reopening.wait(key, Instant::now() + REOPEN_FIRST);
-                        continue;
-                    }
-                    match reopen_replica(me, &shard, &host, &topic, key.partition).await {
-                        Ok(()) => {
+                    let (target, name) = (replica_shard(key, shard.count), topic.name.clone());
+                    let reopened = shard
+                        .invoke_on(target, move |here| async move {
+                            reopen_replica(me, &here, &topic, key.partition).await
+                        })
+                        .await
+                        .await
+                        .unwrap_or_else(|e| Reopened::Failed(format!("shard {target} did not answer: {e}")));
+                    match reopened {
+                        Reopened::AlreadyOpen => {}
+                        Reopened::DiskFull => reopening.wait(key, Instant::now() + REOPEN_FIRST),
+                        Reopened::Now => {
                             reopening.reopened(key, Instant::now());
-                            tracing::info!(topic = %topic.name, partition = key.partition, "cluster: replica reopened");
+                            tracing::info!(topic = %name, partition = key.partition, "cluster: replica reopened");
                         }
-                        Err(e) => {
+                        Reopened::Failed(e) => {
                             let delay = reopening.stopped(key, Instant::now());
                             tracing::warn!(
-                                topic = %topic.name,
+                                topic = %name,
                                 partition = key.partition,
                                 "cluster: {e}; trying again in {delay:?}"
                             );
@@ -292,83 +299,124 @@ impl Reopening {
     }
 }
 
-/// Replaces this node's stopped replica of `topic`'s partition `p` with one opened afresh from
-/// its files. The old partition is closed first (what it wrote stays; what failed was rolled
-/// back); meanwhile the partition answers NOT_LEADER here, as it did while stopped.
-async fn reopen_replica(
-    me: u64,
-    shard: &Rc<Shard>,
-    host: &Rc<ReplicaHost>,
-    topic: &ReplicatedTopic,
-    p: u32,
-) -> Result<(), String> {
+/// What became of a stopped replica's reopening.
+enum Reopened {
+    /// It is open and has not stopped (it was reopened already).
+    AlreadyOpen,
+    /// The disk is below its free-space reserve: not tried.
+    DiskFull,
+    Now,
+    Failed(String),
+}
+
+/// Replaces this node's stopped replica of `topic`'s partition `p`, hosted on `shard`, with one
+/// opened afresh from its files. The old partition is closed first (what it wrote stays; what
+/// failed was rolled back); meanwhile the partition answers NOT_LEADER here, as it did while
+/// stopped.
+async fn reopen_replica(me: u64, shard: &Rc<Shard>, topic: &ReplicatedTopic, p: u32) -> Reopened {
     let key = topic.replication.key(p);
     let Some(members) = topic.replication.replicas.get(p as usize).filter(|m| m.contains(&me)) else {
-        return Ok(());
+        return Reopened::AlreadyOpen;
     };
+    let Some(host) = shard.extension::<ReplicaHost>() else {
+        return Reopened::Failed(format!("shard {} hosts no replicas", shard.id));
+    };
+    if host.status(key).is_some_and(|status| !status.failed) {
+        return Reopened::AlreadyOpen;
+    }
+    // Cheap to check again (a statvfs), and the reopen would only stop again.
+    shard.storage.refresh_disk_space();
+    if shard.storage.check_disk_space().is_err() {
+        return Reopened::DiskFull;
+    }
     if let Some(old) = host.remove(key) {
         shard.set_replica_partition(&topic.name, p, None);
         if let Err(e) = old.close().await {
             tracing::warn!(topic = %topic.name, partition = p, "closing a stopped replica: {e}");
         }
     }
-    let (partition, replica) = open_replica(me, shard, topic, p).await?;
-    host.add(key, replica, members[0]);
-    shard.set_replica_partition(&topic.name, p, Some(partition));
-    Ok(())
+    match open_replica(me, shard, topic, p).await {
+        Ok((partition, replica)) => {
+            host.add(key, replica, members[0]);
+            shard.set_replica_partition(&topic.name, p, Some(partition));
+            Reopened::Now
+        }
+        Err(e) => Reopened::Failed(e),
+    }
 }
 
-/// Opens this node's replicas of `topic`'s partitions from `from` on and shows the topic on
-/// every shard. The partitions below `from` (a grown topic's first ones) are open and serving
-/// already: their replicas and files are kept as they are. A replica that cannot open is left
-/// out (its partition answers NOT_LEADER here) and returned with the reason, for the applier
-/// to try again; the others serve.
-async fn open_topic(
+/// Opens this node's replicas of `topic`'s partitions from `from` on, each on the shard that
+/// hosts it, and shows the topic on every shard. The partitions below `from` (a grown topic's
+/// first ones) are open and serving already: their replicas and files are kept as they are. A
+/// replica that cannot open is left out (its partition answers NOT_LEADER here) and returned
+/// with the reason, for the applier to try again; the others serve.
+async fn open_topic(me: u64, shard: &Rc<Shard>, topic: &ReplicatedTopic, from: u32) -> Vec<(u32, String)> {
+    let partition_shards: Vec<u32> = (0..topic.replication.replicas.len() as u32)
+        .map(|p| replica_shard(topic.replication.key(p), shard.count))
+        .collect();
+    // Every shard opens its part at once; each answers what it could not open.
+    let mut answers = Vec::new();
+    for target in 0..shard.count {
+        let (topic, partition_shards) = (topic.clone(), partition_shards.clone());
+        let answer = shard
+            .invoke_on(target, move |here| async move {
+                open_here(me, &here, &topic, from, partition_shards).await
+            })
+            .await;
+        answers.push((target, answer));
+    }
+    let mut failed = Vec::new();
+    for (target, answer) in answers {
+        match answer.await {
+            Ok(not_opened) => failed.extend(not_opened),
+            Err(e) => {
+                tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not shown on a shard: {e}")
+            }
+        }
+    }
+    failed
+}
+
+/// `open_topic`'s part on one shard: opens the replicas it hosts, then shows the topic.
+async fn open_here(
     me: u64,
     shard: &Rc<Shard>,
-    host: &Rc<ReplicaHost>,
     topic: &ReplicatedTopic,
     from: u32,
+    partition_shards: Vec<u32>,
 ) -> Vec<(u32, String)> {
+    let host = shard.extension::<ReplicaHost>();
     let mut failed = Vec::new();
     let mut local: Vec<Option<Rc<Partition>>> = vec![None; topic.replication.replicas.len()];
-    for (p, members) in topic.replication.replicas.iter().enumerate().skip(from as usize) {
-        if !members.contains(&me) {
+    for (p, members) in topic.replication.replicas.iter().enumerate() {
+        let p = p as u32;
+        if partition_shards.get(p as usize) != Some(&shard.id) || !members.contains(&me) {
             continue;
         }
-        match open_replica(me, shard, topic, p as u32).await {
-            Ok((partition, replica)) => {
-                host.add(topic.replication.key(p as u32), replica, members[0]);
-                local[p] = Some(partition);
-            }
-            Err(e) => failed.push((p as u32, e)),
+        if p < from {
+            local[p as usize] = shard.partition(&topic.name, p);
+            continue;
         }
-    }
-    // Read last, after every await: what serves the first partitions now.
-    for (p, slot) in local.iter_mut().enumerate().take(from as usize) {
-        *slot = shard.partition(&topic.name, p as u32);
+        let Some(host) = &host else {
+            failed.push((p, format!("shard {} hosts no replicas", shard.id)));
+            continue;
+        };
+        match open_replica(me, shard, topic, p).await {
+            Ok((partition, replica)) => {
+                host.add(topic.replication.key(p), replica, members[0]);
+                local[p as usize] = Some(partition);
+            }
+            Err(e) => failed.push((p, e)),
+        }
     }
     let name: Arc<str> = Arc::from(topic.name.as_str());
-    for target in 0..shard.count {
-        let (name, replication, overrides) =
-            (name.clone(), topic.replication.clone(), topic.overrides.clone());
-        let local = if target == REPLICA_SHARD { std::mem::take(&mut local) } else { Vec::new() };
-        // Partitions are `Rc`s of the hosting shard: they never cross; other shards get routes.
-        let shown = if target == shard.id {
-            shard.add_replicated_topic(name, replication, overrides, REPLICA_SHARD, local);
-            Ok(())
-        } else {
-            shard
-                .invoke_on(target, move |other| async move {
-                    other.add_replicated_topic(name, replication, overrides, REPLICA_SHARD, Vec::new());
-                })
-                .await
-                .await
-        };
-        if let Err(e) = shown {
-            tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not shown on a shard: {e}");
-        }
-    }
+    shard.add_replicated_topic(
+        name,
+        topic.replication.clone(),
+        topic.overrides.clone(),
+        partition_shards,
+        local,
+    );
     failed
 }
 
@@ -413,31 +461,18 @@ async fn open_replica(
 }
 
 /// Stops this node's replicas of `topic`, forgets it on every shard and removes its files.
-async fn remove_topic(shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &ReplicatedTopic) {
-    let name: Arc<str> = Arc::from(topic.name.as_str());
-    let mut partitions = Vec::new();
-    for p in 0..topic.replication.replicas.len() as u32 {
-        partitions.extend(host.remove(topic.replication.key(p)));
-    }
+async fn remove_topic(shard: &Rc<Shard>, topic: &ReplicatedTopic) {
+    let mut answers = Vec::new();
     for target in 0..shard.count {
-        let name = name.clone();
-        if target == shard.id {
-            shard.forget_replicated_topic(&name);
-        } else {
-            let forgotten = shard
-                .invoke_on(target, move |other| async move {
-                    other.forget_replicated_topic(&name);
-                })
-                .await
-                .await;
-            if let Err(e) = forgotten {
-                tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not forgotten on a shard: {e}");
-            }
-        }
+        let topic = topic.clone();
+        answers.push((
+            target,
+            shard.invoke_on(target, move |here| async move { remove_here(&here, &topic).await }).await,
+        ));
     }
-    for partition in partitions {
-        if let Err(e) = partition.remove().await {
-            tracing::warn!(topic = %topic.name, "cluster: removing a replica's files: {e}");
+    for (target, answer) in answers {
+        if let Err(e) = answer.await {
+            tracing::warn!(topic = %topic.name, shard = target, "cluster: topic not forgotten on a shard: {e}");
         }
     }
     if let Some(dir) = replica_dir(&shard.config.data_dir, topic, 0).parent().map(PathBuf::from) {
@@ -453,6 +488,23 @@ async fn remove_topic(shard: &Rc<Shard>, host: &Rc<ReplicaHost>, topic: &Replica
     tracing::info!(topic = %topic.name, "cluster: replicated topic deleted");
 }
 
+/// `remove_topic`'s part on one shard: stops the replicas it hosts, forgets the topic and removes
+/// their files.
+async fn remove_here(shard: &Rc<Shard>, topic: &ReplicatedTopic) {
+    let mut partitions = Vec::new();
+    if let Some(host) = shard.extension::<ReplicaHost>() {
+        for p in 0..topic.replication.replicas.len() as u32 {
+            partitions.extend(host.remove(topic.replication.key(p)));
+        }
+    }
+    shard.forget_replicated_topic(&topic.name);
+    for partition in partitions {
+        if let Err(e) = partition.remove().await {
+            tracing::warn!(topic = %topic.name, "cluster: removing a replica's files: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,7 +514,8 @@ mod tests {
     /// Topics whose applier is a queue the test reads (no executor needed).
     fn topics_without_applier() -> (Topics, mpsc::UnboundedReceiver<TopicChange>) {
         let (changes, queue) = mpsc::unbounded();
-        let topics = Topics { state: Rc::default(), waiting: RefCell::default(), changes };
+        let topics =
+            Topics { state: Rc::default(), waiting: RefCell::default(), changes, stops: mpsc::unbounded().0 };
         (topics, queue)
     }
 

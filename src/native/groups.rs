@@ -17,7 +17,6 @@ use futures::future::FutureExt;
 
 use super::errors::group_code;
 use super::{error_response, respond, Boxed, Reply};
-use crate::cluster::topics::REPLICA_SHARD;
 use crate::groups::messages::*;
 use crate::groups::{self};
 use crate::metadata::OFFSETS_TOPIC;
@@ -75,8 +74,8 @@ pub fn handle(shard: &Rc<Shard>, cid: u32, request: wire::Request<'_>) -> Boxed<
         let group_id = r.group_id().unwrap_or_default();
         return match groups::coordinator_of(shard, group_id) {
             Err(e) => ready(fail(cid, &e)),
-            Ok((partition, _)) if shard.is_replicated(OFFSETS_TOPIC) => {
-                cluster_coordinator(shard.clone(), cid, partition).boxed_local()
+            Ok((partition, owner)) if shard.is_replicated(OFFSETS_TOPIC) => {
+                cluster_coordinator(shard.clone(), cid, partition, owner).boxed_local()
             }
             Ok((_, owner)) => ready(find_coordinator(shard, cid, owner)),
         };
@@ -106,8 +105,9 @@ fn find_coordinator(shard: &Rc<Shard>, cid: u32, owner: u32) -> Reply {
 }
 
 /// A cluster: the native listener of the node leading the group's offsets partition (which
-/// routes the group's requests to the shard hosting its replicas).
-async fn cluster_coordinator(shard: Rc<Shard>, cid: u32, partition: u32) -> Reply {
+/// routes the group's requests to the shard hosting its replica), and that shard as this node
+/// places it (`owner`; the same on a node with as many shards).
+async fn cluster_coordinator(shard: Rc<Shard>, cid: u32, partition: u32, owner: u32) -> Reply {
     let leaders = shard.replicated_leaders(OFFSETS_TOPIC.into()).await;
     let address = leaders.get(partition as usize).and_then(|view| view.native.clone());
     let Some((host, port)) = address.as_deref().and_then(|a| a.rsplit_once(':')) else {
@@ -120,7 +120,7 @@ async fn cluster_coordinator(shard: Rc<Shard>, cid: u32, partition: u32) -> Repl
         let e = GroupError::CoordinatorNotAvailable(format!("the leader's address {address:?} has no port"));
         return fail(cid, &e);
     };
-    coordinator_reply(cid, REPLICA_SHARD, host.trim_matches(['[', ']']), port)
+    coordinator_reply(cid, owner, host.trim_matches(['[', ']']), port)
 }
 
 fn coordinator_reply(cid: u32, shard: u32, host: &str, port: u16) -> Reply {

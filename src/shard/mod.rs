@@ -82,6 +82,7 @@ pub struct Shard {
     pub kafka_endpoint: std::cell::OnceCell<(String, u16)>,
     /// Installed by the cluster layer on the shard hosting replicated partitions.
     replica_gate: RefCell<Option<Rc<dyn replicated::ReplicaGate>>>,
+    replica_directory: RefCell<Option<Rc<dyn replicated::ReplicaDirectory>>>,
 }
 
 pub type Boxed<T> = Pin<Box<dyn Future<Output = T>>>;
@@ -131,6 +132,7 @@ impl Shard {
             extensions: RefCell::new(HashMap::new()),
             kafka_endpoint: std::cell::OnceCell::new(),
             replica_gate: RefCell::new(None),
+            replica_directory: RefCell::new(None),
         });
         let started = std::time::Instant::now();
         let mut summary = crate::storage::RecoverySummary::default();

@@ -57,8 +57,8 @@ pub struct LeaderView {
     pub in_sync: Vec<u64>,
 }
 
-/// What the cluster layer offers the shard for replicated partitions; installed on the shard
-/// that hosts the replicas.
+/// What the cluster layer offers the shard for the replicated partitions it hosts; installed on
+/// every shard of a node in a cluster.
 pub trait ReplicaGate {
     /// Proposes `batches` (whole, validated batches) to the partition's group now, so proposals
     /// keep the order of the calls, and resolves once they are committed (`acks=all`): the base
@@ -79,10 +79,18 @@ pub trait ReplicaGate {
     /// them (`None` without a replica here): Kafka clients' epoch questions are answered from
     /// them.
     fn epochs(&self, key: GroupKey) -> Option<Rc<LeaderEpochs>>;
+}
 
-    /// The partition's in-sync replicas (of `replicas`, its replica set) as this node knows them:
-    /// from its leader, here or in the leader's last report; empty when no leader is known.
-    fn in_sync(&self, key: GroupKey, replicas: &[u64]) -> Vec<u64>;
+/// The shard where the cluster layer answers for the whole node (`ReplicaDirectory`).
+pub const DIRECTORY_SHARD: u32 = 0;
+
+/// What the cluster layer offers metadata answers, on `DIRECTORY_SHARD`: every replicated
+/// partition as the node knows it — its replicas on every shard, and what peers report of the
+/// partitions they lead.
+pub trait ReplicaDirectory {
+    /// The partition's leader and in-sync replicas (of `replicas`, its replica set): from its
+    /// leader, here or in the leader's last report; no in-sync replicas when no leader is known.
+    fn described(&self, key: GroupKey, replicas: &[u64]) -> LeaderView;
 }
 
 impl BrokerError {
@@ -103,25 +111,30 @@ impl super::Shard {
         *self.replica_gate.borrow_mut() = Some(gate);
     }
 
-    /// Records a replicated topic in this shard's view: every partition is routed to `host`
-    /// (the shard holding this node's replicas); `local` holds the partitions this node has a
-    /// replica of when this shard is the host. Replaces an earlier view of the same name.
+    /// Makes `directory` answer metadata for the node (on `DIRECTORY_SHARD`).
+    pub fn install_replica_directory(&self, directory: Rc<dyn ReplicaDirectory>) {
+        debug_assert_eq!(self.id, DIRECTORY_SHARD);
+        *self.replica_directory.borrow_mut() = Some(directory);
+    }
+
+    /// Records a replicated topic in this shard's view: partition `p` is routed to
+    /// `partition_shards[p]` (the shard hosting this node's replica of it); `local` holds, for
+    /// the partitions this shard hosts, this node's replica's partition. Replaces an earlier
+    /// view of the same name.
     pub fn add_replicated_topic(
         &self,
         name: Arc<str>,
         replication: Arc<Replication>,
         overrides: TopicOverrides,
-        host: u32,
+        partition_shards: Vec<u32>,
         local: Vec<Option<Rc<Partition>>>,
     ) {
-        let partitions = replication.replicas.len();
+        debug_assert_eq!(partition_shards.len(), replication.replicas.len());
         let settings = overrides.resolve(&self.config);
-        if self.id == host {
-            self.owned.borrow_mut().insert(name.clone(), local);
-        }
+        self.owned.borrow_mut().insert(name.clone(), local);
         let view = TopicView {
             name: name.clone(),
-            partition_shards: vec![host; partitions],
+            partition_shards,
             overrides,
             settings,
             replication: Some(replication),
@@ -226,27 +239,25 @@ impl super::Shard {
         gate.epochs(replication.key(partition))
     }
 
-    /// The leader and in-sync replicas of a replicated partition, for metadata.
+    /// The leader and in-sync replicas of a replicated partition, for metadata (on
+    /// `DIRECTORY_SHARD`).
     fn described(&self, replication: &Replication, partition: u32) -> LeaderView {
-        let Some(gate) = self.replica_gate.borrow().clone() else { return LeaderView::default() };
-        let key = replication.key(partition);
+        let Some(directory) = self.replica_directory.borrow().clone() else { return LeaderView::default() };
         let replicas = replication.replicas.get(partition as usize).map(Vec::as_slice).unwrap_or_default();
-        LeaderView { in_sync: gate.in_sync(key, replicas), ..gate.leader(key) }
+        directory.described(replication.key(partition), replicas)
     }
 }
 
 impl super::Shard {
     /// Every partition's leader and in-sync replicas of replicated topic `name` as this node sees
-    /// them, asked of the shard hosting its replicas (control plane: metadata requests).
+    /// them, asked of the node's directory (control plane: metadata requests).
     pub async fn replicated_leaders(self: &Rc<Self>, name: Arc<str>) -> Vec<LeaderView> {
-        let Some(view) = self.topic(&name) else { return Vec::new() };
-        let (Some(replication), Some(&host)) = (view.replication.clone(), view.partition_shards.first())
-        else {
+        let Some(replication) = self.topic(&name).and_then(|view| view.replication.clone()) else {
             return Vec::new();
         };
         let partitions = replication.replicas.len() as u32;
         let answer = self
-            .invoke_on(host, move |shard| async move {
+            .invoke_on(DIRECTORY_SHARD, move |shard| async move {
                 (0..partitions).map(|p| shard.described(&replication, p)).collect()
             })
             .await;

@@ -61,7 +61,9 @@ pub fn agreed_leader(nodes: &[&Broker], expected: usize) -> Option<u64> {
     leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
 }
 
-/// Node `id` of the cluster `seeds` on `dir`, one shard, 50 ms Raft ticks.
+/// Node `id` of the cluster `seeds` on `dir`, 50 ms Raft ticks; odd nodes run two shards and
+/// even ones one, so replicas live on shards other than 0 and nodes of different shard counts
+/// replicate together.
 pub fn start_node(dir: &std::path::Path, id: u64, seeds: &str) -> Broker {
     start_node_with(dir, id, seeds, &[])
 }
@@ -76,7 +78,12 @@ pub fn start_node_with(dir: &std::path::Path, id: u64, seeds: &str, extra: &[Str
     ];
     sets.extend(extra.iter().cloned());
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    Broker::start_in(dir, 1, &sets)
+    Broker::start_in(dir, shards_of(id), &sets)
+}
+
+/// How many shards node `id` runs (see `start_node`).
+pub fn shards_of(id: u64) -> usize {
+    1 + (id % 2) as usize
 }
 
 /// Nodes 1, 2 and 3 on loopback, each with its own data directory: their peer ports, their
