@@ -597,7 +597,8 @@ impl ReplicaHost {
     pub fn take_changes(&self) -> Option<Changes> {
         let keys = std::mem::take(&mut *self.changed.keys.borrow_mut());
         let counts = (self.leader_changes.get(), self.campaigns.running() as u64);
-        if keys.is_empty() && counts == self.counts_said.replace(counts) {
+        let said = self.counts_said.replace(counts);
+        if keys.is_empty() && counts == said {
             return None;
         }
         let replicas = self.replicas.borrow();
