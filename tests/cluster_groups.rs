@@ -5,7 +5,8 @@
 //! and resumes from the offsets it committed. A `GroupConsumer` keeps reading while the leaders
 //! of its partitions and its coordinator die and come back (stop 16), and `ringlog group list`
 //! through any node lists every group of the cluster, while each node's Kafka ListGroups answers
-//! the groups it coordinates.
+//! the groups it coordinates. SyncGroup is answered once the group's record is committed: a
+//! coordinator cut off from the other replicas answers it with an error, and the group rebalances.
 
 mod common;
 
@@ -438,4 +439,80 @@ fn group_list_through_any_node_lists_every_group_of_the_cluster() {
             groups.iter().filter(|(coordinator, _)| **coordinator == id).map(|(_, g)| g.clone()).collect();
         assert_eq!(names, own, "Kafka ListGroups of node {id}");
     }
+}
+
+/// Issue 11: as Kafka's coordinator, ours answers SyncGroup only once the group's record holding
+/// the new assignment is stored, here committed by a majority of `__consumer_offsets`' replicas.
+/// With the two other nodes killed before the member syncs, the record cannot commit: the member
+/// gets COORDINATOR_NOT_AVAILABLE instead of an assignment no other node would know of (the
+/// pending record fails when the coordinator steps down for want of a quorum, or at the
+/// replication timeout). Once the nodes are back, the member rejoins and the next generation is
+/// committed and answered.
+#[test]
+fn a_sync_whose_group_record_is_not_committed_fails_and_the_member_rejoins() {
+    let extra = ["offsets_topic_partitions=1", "replication_timeout_ms=2000"].map(String::from);
+    let (_, _dirs, mut nodes) = start_three_with(&extra);
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("a controller leader", &all, || agreed_leader(&all, 3));
+    let chosen = wait_for("every node to name one coordinator", &all, || {
+        let named: BTreeSet<Option<u64>> = nodes.iter().map(coordinator).collect();
+        (named.len() == 1).then(|| named.into_iter().next().flatten()).flatten()
+    });
+    let at = (chosen - 1) as usize;
+    wait_for("the coordinator to load its partition", &all, || {
+        (heartbeat_code(&nodes[at]) == 25).then_some(())
+    });
+    let join = |member: &str| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(common::kafka::s(member))
+            .with_protocol_type(common::kafka::s("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default().with_name(common::kafka::s("range"))])
+    };
+    let sync = |member: &str, generation: i32| {
+        SyncGroupRequest::default()
+            .with_group_id(GroupId(common::kafka::s(GROUP)))
+            .with_generation_id(generation)
+            .with_member_id(common::kafka::s(member))
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(common::kafka::s(member))
+                .with_assignment(Bytes::from_static(b"all of likes"))])
+    };
+    let mut kafka = common::kafka::KafkaConn::connect(&nodes[at].kafka);
+    let joined = kafka.call(3, &join(""));
+    assert_eq!(joined.error_code, 0, "JoinGroup");
+    let (member, generation) = (joined.member_id.to_string(), joined.generation_id);
+
+    for (i, node) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != at) {
+        node.kill9();
+        assert!(status(node).is_none(), "node {} still answers", i + 1);
+    }
+    // COORDINATOR_NOT_AVAILABLE, or NOT_COORDINATOR should the node have lost its leadership
+    // already: either way the member finds the coordinator and rejoins.
+    let synced = kafka.call(2, &sync(&member, generation));
+    assert!([15, 16].contains(&synced.error_code), "SyncGroup without a majority: {synced:?}");
+    assert!(synced.assignment.is_empty());
+
+    for (_, node) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != at) {
+        node.restart();
+    }
+    let all: Vec<&Broker> = nodes.iter().collect();
+    wait_for("three nodes again", &all, || agreed_leader(&all, 3));
+    // The member rejoins wherever the group is coordinated now; with a new id if that node never
+    // heard of it (the group's record did not commit).
+    let (node, rejoined) = wait_for("the member to rejoin", &all, || {
+        let node = &nodes[(coordinator(&nodes[0])? - 1) as usize];
+        let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+        let mut answer = kafka.call(3, &join(&member));
+        if answer.error_code == 25 {
+            answer = kafka.call(3, &join(""));
+        }
+        (answer.error_code == 0).then_some((node, answer))
+    });
+    let mut kafka = common::kafka::KafkaConn::connect(&node.kafka);
+    let synced = kafka.call(2, &sync(&rejoined.member_id, rejoined.generation_id));
+    assert_eq!((synced.error_code, &synced.assignment[..]), (0, &b"all of likes"[..]), "{synced:?}");
+    assert_eq!(member_heartbeat(node, &rejoined.member_id, rejoined.generation_id), 0);
 }

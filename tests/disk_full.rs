@@ -1,6 +1,7 @@
 //! End-to-end on a real, small filesystem: below the free-space reserve, produce gets StorageFull
 //! (raw protocol and CLI) while fetch, topic deletion and retention keep working; no partial batch
-//! is left behind; produce resumes by itself once space is freed.
+//! is left behind; produce resumes by itself once space is freed. A SyncGroup whose group record
+//! cannot be stored fails for every member of that sync, and the group rebalances.
 //!
 //! Needs root: the test formats a 64 MiB ext4 image and loop-mounts it as the data directory.
 
@@ -13,8 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use common::kafka::{s, KafkaConn};
 use common::wire::{batch_at, produce_outcome, Conn};
 use common::Broker;
+use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+use kafka_protocol::messages::{
+    DescribeGroupsRequest, GroupId, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest,
+};
+use kafka_protocol::ResponseError as E;
 use ringlog::protocol::wire::{self, ErrorCode};
 
 const FS_BYTES: u64 = 64 << 20;
@@ -500,4 +509,130 @@ fn replicas_that_could_not_open_are_opened_once_their_files_can_be_made() {
     for node in &mut nodes {
         node.stop();
     }
+}
+
+/// Issue 11: as Kafka's coordinator, ours answers SyncGroup only once the group's record holding
+/// the new assignment is stored in `__consumer_offsets`. Here the disk is below its free-space
+/// reserve when the leader syncs, so the record cannot be written: the leader and the member
+/// parked in SyncGroup both get COORDINATOR_NOT_AVAILABLE (never an assignment that a restart
+/// would not know), and the group rebalances. Once space is back the members rejoin, and the next
+/// generation is stored, answered, and still there after a restart.
+#[test]
+fn a_sync_whose_group_record_cannot_be_stored_fails_for_every_member_and_the_group_rebalances() {
+    let fs = LoopFs::new();
+    let mut broker = Broker::start_in(
+        fs.root(),
+        1,
+        &[&format!("free_space_reserve_bytes={RESERVE_BYTES}"), "housekeeping_interval_ms=200"],
+    );
+    let mut conn = Conn::connect(&broker.addr);
+    assert_eq!(conn.create_topic("events", 1).root().error(), ErrorCode::None);
+    let name = GroupId(s("unstored"));
+    let join = |member_id: &str| {
+        JoinGroupRequest::default()
+            .with_group_id(name.clone())
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_member_id(s(member_id))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(s("range"))
+                .with_metadata(Bytes::from_static(b"subscription"))])
+    };
+    // Both join within the initial rebalance delay (300 ms): one generation, one leader.
+    let join_both = |conns: &mut [KafkaConn; 2], ids: [&str; 2]| -> [JoinGroupResponse; 2] {
+        let cids = [conns[0].send(3, &join(ids[0])), conns[1].send(3, &join(ids[1]))];
+        [0, 1].map(|i| {
+            let resp = conns[i].recv::<JoinGroupRequest>(3, cids[i]).expect("JoinGroup answered");
+            assert_eq!(resp.error_code, 0, "JoinGroup: {resp:?}");
+            resp
+        })
+    };
+    let mut conns = [KafkaConn::connect(&broker.kafka), KafkaConn::connect(&broker.kafka)];
+    let joined = join_both(&mut conns, ["", ""]);
+    let generation = joined[0].generation_id;
+    let ids = joined.clone().map(|r| r.member_id.to_string());
+    let leader = ids.iter().position(|id| *id == joined[0].leader.as_str()).expect("a member leads");
+    let follower = 1 - leader;
+    let sync = |member: usize, generation: i32, assign: bool| {
+        let assignments = if assign {
+            ids.iter()
+                .map(|id| {
+                    SyncGroupRequestAssignment::default()
+                        .with_member_id(s(id))
+                        .with_assignment(Bytes::from(format!("partitions of {id}")))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        SyncGroupRequest::default()
+            .with_group_id(name.clone())
+            .with_generation_id(generation)
+            .with_member_id(s(&ids[member]))
+            .with_assignments(assignments)
+    };
+
+    let filler = fs.fill_below_reserve();
+    wait_until(Duration::from_secs(10), "produce to be refused with StorageFull", || {
+        conn.produce("events", 0, &[b"x"]).0 == ErrorCode::StorageFull
+    });
+    // The follower's SyncGroup parks until the leader's; give it time to arrive first.
+    let parked = conns[follower].send(2, &sync(follower, generation, false));
+    std::thread::sleep(Duration::from_millis(500));
+    let resp = conns[leader].call(2, &sync(leader, generation, true));
+    assert_eq!(resp.error_code, E::CoordinatorNotAvailable.code(), "the leader's SyncGroup: {resp:?}");
+    let resp = conns[follower].recv::<SyncGroupRequest>(2, parked).expect("SyncGroup answered");
+    assert_eq!(resp.error_code, E::CoordinatorNotAvailable.code(), "the parked SyncGroup: {resp:?}");
+    assert!(resp.assignment.is_empty(), "{resp:?}");
+    let describe = DescribeGroupsRequest::default().with_groups(vec![name.clone()]);
+    let described = conns[leader].call(5, &describe);
+    let g = &described.groups[0];
+    assert_eq!((g.group_state.as_str(), g.members.len()), ("PreparingRebalance", 2), "{described:?}");
+    assert!(
+        g.members.iter().all(|m| m.member_assignment.is_empty()),
+        "no unstored assignment: {described:?}"
+    );
+    let heartbeat = |member: usize, generation: i32| {
+        HeartbeatRequest::default()
+            .with_group_id(name.clone())
+            .with_generation_id(generation)
+            .with_member_id(s(&ids[member]))
+    };
+    let resp = conns[follower].call(2, &heartbeat(follower, generation));
+    assert_eq!(resp.error_code, E::RebalanceInProgress.code(), "{resp:?}");
+    let log = broker.log();
+    assert!(log.contains(&format!("the assignment of generation {generation} was not stored")), "{log}");
+
+    // Space is back: the members rejoin with their ids and the next generation completes.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(Duration::from_secs(10), "produce to resume", || {
+        conn.produce("events", 0, &[b"x"]).0 == ErrorCode::None
+    });
+    let rejoined = join_both(&mut conns, [&ids[0], &ids[1]]);
+    let next = rejoined[0].generation_id;
+    assert_eq!((next, rejoined[1].generation_id), (generation + 1, generation + 1));
+    let leader = ids.iter().position(|id| *id == rejoined[0].leader.as_str()).expect("a member leads");
+    let follower = 1 - leader;
+    let parked = conns[follower].send(2, &sync(follower, next, false));
+    std::thread::sleep(Duration::from_millis(500));
+    let resp = conns[leader].call(2, &sync(leader, next, true));
+    assert_eq!(resp.error_code, 0, "{resp:?}");
+    assert_eq!(resp.assignment, Bytes::from(format!("partitions of {}", ids[leader])));
+    let resp = conns[follower].recv::<SyncGroupRequest>(2, parked).expect("SyncGroup answered");
+    assert_eq!(resp.error_code, 0, "{resp:?}");
+    assert_eq!(resp.assignment, Bytes::from(format!("partitions of {}", ids[follower])));
+
+    // Answered once stored: after a restart the members carry on in that generation.
+    broker.stop();
+    broker.restart();
+    let mut conn = KafkaConn::connect(&broker.kafka);
+    for member in [leader, follower] {
+        assert_eq!(conn.call(2, &heartbeat(member, next)).error_code, 0, "member {}", ids[member]);
+    }
+    let described = conn.call(5, &describe);
+    let g = &described.groups[0];
+    assert_eq!((g.group_state.as_str(), g.members.len()), ("Stable", 2), "{described:?}");
+    assert!(!broker.log().contains("panicked"));
+    broker.stop();
 }

@@ -277,6 +277,14 @@ pub enum GroupError {
     LoadInProgress { group: String, partition: u32 },
     #[error("group '{group}': writing __consumer_offsets failed: {source}")]
     Storage { group: String, source: BrokerError },
+    /// The group's record holding a new generation's assignment was not appended or did not
+    /// become durable (committed, on a replicated `__consumer_offsets`): that assignment is void,
+    /// the group is rebalancing, and every member of that SyncGroup must rejoin.
+    #[error(
+        "group '{group}': the assignment of generation {generation} was not stored, so the group \
+         is rebalancing; rejoin ({source})"
+    )]
+    AssignmentNotStored { group: String, generation: i32, source: Box<GroupError> },
     /// One partition of a commit, offset fetch or reset (unknown topic or partition, a failed
     /// offset lookup).
     #[error(transparent)]

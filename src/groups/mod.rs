@@ -407,16 +407,52 @@ async fn wait_durable(group_id: &str, pending: PendingAppend) -> Result<(), Grou
 /// its durability is awaited in the background. A record lost to a crash before it was durable
 /// brings the group back as the record before it left it, an older generation: the members are
 /// fenced by their generation and rejoin, so it costs a rebalance, never an offset.
+///
+/// A record holding a new assignment is different: the group answers SyncGroup with it only once
+/// the record is durable (committed, when `__consumer_offsets` is replicated), as Kafka's
+/// coordinator does, and voids it (the members rejoin) if it cannot be stored. Otherwise a member
+/// could work from an assignment that a restart or a new coordinator never heard of.
 fn persist_if_dirty(shard: &Shard, group: &mut Group, now: i64) {
     if !group.take_dirty() {
         return;
     }
     let key = RecordKey::Group { group: group.id.clone() }.encode();
     let value = group.metadata_record(now).encode();
-    match append_records(shard, &group.id, &[(key, Some(value))], now) {
+    let appended = append_records(shard, &group.id, &[(key, Some(value))], now);
+    if appended.is_ok() {
+        group.has_metadata_record = true;
+    }
+    let group_id = group.id.clone();
+    if group.awaits_record() {
+        let generation = group.generation();
+        let not_stored = move |group_id: String, e: GroupError| GroupError::AssignmentNotStored {
+            group: group_id,
+            generation,
+            source: Box::new(e),
+        };
+        match appended {
+            Ok(pending) => {
+                let co = coordinator(shard);
+                glommio::spawn_local(async move {
+                    let stored = wait_durable(&group_id, pending).await;
+                    // The group may have rebalanced meanwhile (the report is then ignored) or been
+                    // unloaded with its partition's leadership (its members' parked requests were
+                    // answered then).
+                    let mut groups = co.groups.borrow_mut();
+                    let Some(group) = groups.get_mut(&group_id) else { return };
+                    match stored {
+                        Ok(()) => group.record_stored(generation),
+                        Err(e) => group.record_failed(generation, not_stored(group_id, e), now_ms()),
+                    }
+                })
+                .detach();
+            }
+            Err(e) => group.record_failed(generation, not_stored(group_id, e), now),
+        }
+        return;
+    }
+    match appended {
         Ok(pending) => {
-            group.has_metadata_record = true;
-            let group_id = group.id.clone();
             glommio::spawn_local(async move {
                 if let Err(e) = wait_durable(&group_id, pending).await {
                     tracing::error!(group = %group_id, "group metadata record not durable: {e}");
@@ -424,7 +460,7 @@ fn persist_if_dirty(shard: &Shard, group: &mut Group, now: i64) {
             })
             .detach();
         }
-        Err(e) => tracing::error!(group = %group.id, "cannot record group metadata: {e}"),
+        Err(e) => tracing::error!(group = %group_id, "cannot record group metadata: {e}"),
     }
 }
 

@@ -2,12 +2,15 @@
 //!
 //! Owns: Kafka's classic group protocol as an explicit machine —
 //! `Empty → PreparingRebalance → CompletingRebalance → Stable` (and back to `PreparingRebalance`
-//! when a member joins, leaves or times out; `Empty` when the last member goes). Pure and
-//! synchronous: time is a `now_ms` argument, parked JoinGroup/SyncGroup requests are oneshot
-//! senders answered when their phase completes, and what must be persisted is flagged
-//! (`take_dirty`) for the coordinator to write. No IO, no glommio, so every transition is unit
-//! tested here. Member ids handed out with MEMBER_ID_REQUIRED (KIP-394) are kept as pending until
-//! the member joins with one or its session timeout passes; like members, they are not persisted.
+//! when a member joins, leaves or times out; `Empty` when the last member goes). A generation's
+//! assignment takes effect (Stable, SyncGroup answered) only once the coordinator reports the
+//! record that holds it stored (`record_stored`); if it cannot be stored (`record_failed`), the
+//! members rejoin. Pure and synchronous: time is a `now_ms` argument, parked JoinGroup/SyncGroup
+//! requests are oneshot senders answered when their phase completes, and what must be persisted
+//! is flagged (`take_dirty`) for the coordinator to write. No IO, no glommio, so every transition
+//! is unit tested here. Member ids handed out with MEMBER_ID_REQUIRED (KIP-394) are kept as
+//! pending until the member joins with one or its session timeout passes; like members, they are
+//! not persisted.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +19,11 @@ use futures::channel::oneshot;
 use super::assignor::{self, Subscriber, ASSIGNORS};
 use super::codec::{GroupValue, MemberRecord, OffsetValue};
 use super::messages::*;
+
+/// After an assignment could not be stored, the next join phase lasts at least this long, so a
+/// coordinator whose log refuses writes (a full disk) does not spin its members through
+/// rebalances as fast as they can rejoin.
+const REJOIN_AFTER_UNSTORED_MS: i64 = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupState {
@@ -144,6 +152,11 @@ pub struct Group {
     dirty: bool,
     /// A group-metadata record for this group exists in the log (deletion writes its tombstone).
     pub has_metadata_record: bool,
+    /// CompletingRebalance: the generation's assignment is set and flagged for recording; the
+    /// group waits for the coordinator to report the record stored before it answers SyncGroup
+    /// (Kafka's storeGroup before its SyncGroup answers), so no member works from an assignment
+    /// a restart or a change of coordinator would not know.
+    storing_assignment: bool,
 }
 
 impl Group {
@@ -194,6 +207,7 @@ impl Group {
             empty_since_ms: now_ms,
             dirty: false,
             has_metadata_record: false,
+            storing_assignment: false,
         }
     }
 
@@ -221,6 +235,48 @@ impl Group {
     /// Whether the group's metadata must be written; clears the flag.
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Whether the record just taken (`take_dirty`) holds a new assignment that the group holds
+    /// back until the coordinator reports it stored (`record_stored`) or lost (`record_failed`).
+    pub fn awaits_record(&self) -> bool {
+        self.storing_assignment
+    }
+
+    /// The record holding `generation`'s assignment is stored: the group becomes Stable and every
+    /// member waiting in SyncGroup gets its assignment. A report about a generation the group
+    /// has left (it rebalanced meanwhile) changes nothing.
+    pub fn record_stored(&mut self, generation: i32) {
+        if self.awaits(generation) {
+            self.become_stable();
+        }
+    }
+
+    /// The record holding `generation`'s assignment could not be stored: that assignment is void.
+    /// Every member waiting in SyncGroup gets `error`, and the group rebalances (its members
+    /// rejoin, forming the next generation). A report about a generation the group has left
+    /// changes nothing.
+    pub fn record_failed(&mut self, generation: i32, error: GroupError, now_ms: i64) {
+        if !self.awaits(generation) {
+            return;
+        }
+        tracing::warn!(group = %self.id, generation, "assignment not stored; the group rebalances: {error}");
+        for m in self.members.values_mut() {
+            m.assignment.clear();
+            m.user_data.clear();
+            m.assignment_bytes = None;
+            if let Some(w) = m.sync_waiter.take() {
+                let _ = w.send(Err(error.clone()));
+            }
+        }
+        self.prepare_rebalance(now_ms);
+        self.join_ready_at_ms = (now_ms + REJOIN_AFTER_UNSTORED_MS).min(self.phase_deadline_ms);
+    }
+
+    fn awaits(&self, generation: i32) -> bool {
+        self.state == GroupState::CompletingRebalance
+            && self.storing_assignment
+            && generation == self.generation
     }
 
     /// Restores what the log recorded, at `now_ms` (a replay applies each record of the group in
@@ -417,7 +473,7 @@ impl Group {
                 Err(GroupError::RebalanceInProgress { group: self.id.clone() })
             }
             GroupState::Stable => Ok(SyncWait::Ready(self.touch(&req.member_id, now_ms)?.sync_response())),
-            GroupState::CompletingRebalance if req.member_id == self.leader => {
+            GroupState::CompletingRebalance if req.member_id == self.leader && !self.storing_assignment => {
                 let mut given: BTreeMap<String, MemberAssignment> =
                     req.assignments.into_iter().map(|a| (a.member_id.clone(), a)).collect();
                 for (id, m) in self.members.iter_mut() {
@@ -426,19 +482,22 @@ impl Group {
                     m.user_data = a.user_data;
                     m.assignment_bytes = a.assignment_bytes;
                 }
-                self.become_stable();
-                Ok(SyncWait::Ready(self.touch(&req.member_id, now_ms)?.sync_response()))
+                self.store_assignment();
+                self.park_sync(&req.member_id, now_ms)
             }
-            GroupState::CompletingRebalance => {
-                let (tx, rx) = oneshot::channel();
-                let group = self.id.clone();
-                let m = self.touch(&req.member_id, now_ms)?;
-                if let Some(old) = m.sync_waiter.replace(tx) {
-                    let _ = old.send(Err(GroupError::RebalanceInProgress { group }));
-                }
-                Ok(SyncWait::Parked(rx))
-            }
+            GroupState::CompletingRebalance => self.park_sync(&req.member_id, now_ms),
         }
+    }
+
+    /// Parks a SyncGroup until the group becomes Stable (or rebalances).
+    fn park_sync(&mut self, member_id: &str, now_ms: i64) -> Result<SyncWait, GroupError> {
+        let (tx, rx) = oneshot::channel();
+        let group = self.id.clone();
+        let m = self.touch(member_id, now_ms)?;
+        if let Some(old) = m.sync_waiter.replace(tx) {
+            let _ = old.send(Err(GroupError::RebalanceInProgress { group }));
+        }
+        Ok(SyncWait::Parked(rx))
     }
 
     /// Heartbeat: keeps the session alive; tells the member when it must rejoin.
@@ -469,8 +528,9 @@ impl Group {
         Ok(())
     }
 
-    /// Checks that a commit may be applied: a current member of the current generation (outside a
-    /// sync phase), or, with generation -1 and no member id, a group without members.
+    /// Checks that a commit may be applied: a current member of the current generation (not while
+    /// the leader's assignment is awaited), or, with generation -1 and no member id, a group
+    /// without members.
     pub fn check_commit(&mut self, member_id: &str, generation: i32, now_ms: i64) -> Result<(), GroupError> {
         if generation < 0 && member_id.is_empty() {
             if self.members.is_empty() {
@@ -479,7 +539,9 @@ impl Group {
             return Err(GroupError::NotEmpty { group: self.id.clone(), members: self.members.len() });
         }
         self.check_member(member_id, generation)?;
-        if self.state == GroupState::CompletingRebalance {
+        // Taken while the assignment's record is being stored (members assigned server-side
+        // commit once joined): appended after that record, a commit is never durable without it.
+        if self.state == GroupState::CompletingRebalance && !self.storing_assignment {
             return Err(GroupError::RebalanceInProgress { group: self.id.clone() });
         }
         self.touch(member_id, now_ms)?;
@@ -589,6 +651,7 @@ impl Group {
         if self.state != GroupState::Empty {
             self.initial_rebalance = false;
         }
+        self.storing_assignment = false;
         self.state = GroupState::PreparingRebalance;
         self.join_ready_at_ms = now_ms;
         self.phase_deadline_ms = now_ms + self.max_rebalance_timeout_ms();
@@ -631,15 +694,22 @@ impl Group {
         // Kafka bumps the generation when the last member goes, fencing any straggler.
         self.generation += 1;
         self.state = GroupState::Empty;
+        self.storing_assignment = false;
         self.leader.clear();
         self.empty_since_ms = now_ms;
         self.initial_rebalance = false;
         self.dirty = true;
     }
 
+    /// The assignment is set: record it, and hold the members' SyncGroup answers until it is stored.
+    fn store_assignment(&mut self) {
+        self.storing_assignment = true;
+        self.dirty = true;
+    }
+
     fn become_stable(&mut self) {
         self.state = GroupState::Stable;
-        self.dirty = true;
+        self.storing_assignment = false;
         for m in self.members.values_mut() {
             if let Some(w) = m.sync_waiter.take() {
                 let _ = w.send(Ok(m.sync_response()));
@@ -714,12 +784,11 @@ impl Group {
                 (id.clone(), response)
             })
             .collect();
+        self.state = GroupState::CompletingRebalance;
+        self.phase_deadline_ms = now_ms + self.max_rebalance_timeout_ms();
         if server_side {
             self.assign_server_side(partition_count);
-            self.become_stable();
-        } else {
-            self.state = GroupState::CompletingRebalance;
-            self.phase_deadline_ms = now_ms + self.max_rebalance_timeout_ms();
+            self.store_assignment();
         }
         tracing::info!(
             group = %self.id,
@@ -834,9 +903,22 @@ mod tests {
             member_id: id.into(),
             assignments: vec![],
         };
-        match g.sync(req, now).unwrap() {
-            SyncWait::Ready(r) => r.partitions.into_iter().flat_map(|(_, ps)| ps).collect(),
-            SyncWait::Parked(_) => panic!("server-side assignment is ready after the join"),
+        let response = match g.sync(req, now).unwrap() {
+            SyncWait::Ready(r) => r,
+            SyncWait::Parked(mut rx) => {
+                assert!(answered(&mut rx).is_none(), "no assignment before its record is stored");
+                record(g);
+                answered(&mut rx).unwrap().unwrap()
+            }
+        };
+        response.partitions.into_iter().flat_map(|(_, ps)| ps).collect()
+    }
+
+    /// What the coordinator does after each request: records the group if a transition flagged
+    /// it, and reports a held-back assignment's record stored.
+    fn record(g: &mut Group) {
+        if g.take_dirty() && g.awaits_record() {
+            g.record_stored(g.generation());
         }
     }
 
@@ -855,8 +937,10 @@ mod tests {
         assert_eq!((ra.member_id.as_str(), rb.member_id.as_str()), ("a", "b"));
         assert_eq!(ra.leader_id, "a");
         assert!(ra.members.is_empty(), "server-side assignment: no member list for the leader");
+        assert_eq!(g.state(), GroupState::CompletingRebalance, "until its record is stored");
+        assert!(g.take_dirty() && g.awaits_record(), "a new generation is recorded");
+        g.record_stored(1);
         assert_eq!(g.state(), GroupState::Stable);
-        assert!(g.take_dirty(), "a new generation is recorded");
         g
     }
 
@@ -888,7 +972,7 @@ mod tests {
             Err(GroupError::IllegalGeneration { current: 2, .. })
         ));
         assert!(matches!(g.heartbeat("b", 1, 1005), Err(GroupError::IllegalGeneration { .. })));
-        assert!(g.check_commit("a", 2, 1005).is_ok());
+        assert!(g.check_commit("a", 2, 1005).is_ok(), "appended after the generation's record");
         let all: Vec<u32> = ["a", "b", "c"].iter().flat_map(|m| assigned(&mut g, m, 1006)).collect();
         let mut sorted = all.clone();
         sorted.sort();
@@ -978,9 +1062,15 @@ mod tests {
             },
         ];
         let leader = SyncRequest { group_id: "g".into(), generation: 1, member_id: "a".into(), assignments };
-        let SyncWait::Ready(mine) = g.sync(leader, 304).unwrap() else {
-            panic!("the leader's sync completes")
+        let SyncWait::Parked(mut leader) = g.sync(leader, 304).unwrap() else {
+            panic!("the leader's sync waits for the group's record")
         };
+        assert!(answered(&mut leader).is_none() && answered(&mut parked).is_none(), "not stored yet");
+        assert_eq!(g.state(), GroupState::CompletingRebalance);
+        assert!(g.take_dirty() && g.awaits_record(), "the assignment is recorded");
+        assert_eq!(g.metadata_record(304).members[1].assignment, vec![("t".to_string(), vec![3, 4, 5])]);
+        g.record_stored(1);
+        let mine = answered(&mut leader).unwrap().unwrap();
         assert_eq!(mine.partitions, vec![("t".to_string(), vec![0, 1, 2])]);
         let theirs = answered(&mut parked).unwrap().unwrap();
         assert_eq!(
@@ -1002,6 +1092,76 @@ mod tests {
         assert_eq!(described.members[1].metadata, b"md", "the metadata of the chosen protocol");
         assert_eq!(described.members[1].assignment_bytes.as_deref(), Some(&[0, 1, 0xff, 0][..]));
         assert_eq!(described.members[0].assignment_bytes, None);
+    }
+
+    /// Kafka's SyncGroup when storing the group fails: every member of the sync gets the error
+    /// and the group rebalances in the same generation; no member keeps the unstored assignment.
+    #[test]
+    fn an_assignment_that_is_not_stored_is_void_and_the_group_rebalances() {
+        let mut g = Group::new("g".into(), 0);
+        let mut a = join(&mut g, "", false, 0, "a");
+        let mut b = join(&mut g, "", false, 0, "b");
+        g.tick(&counts, 300);
+        assert_eq!(answered(&mut a).unwrap().unwrap().leader_id, "a");
+        assert!(answered(&mut b).unwrap().is_ok());
+        let sync = |member: &str, assignments| SyncRequest {
+            group_id: "g".into(),
+            generation: 1,
+            member_id: member.into(),
+            assignments,
+        };
+        let SyncWait::Parked(mut b_sync) = g.sync(sync("b", vec![]), 301).unwrap() else { panic!("parks") };
+        let given = vec![MemberAssignment {
+            member_id: "b".into(),
+            partitions: vec![("t".into(), vec![0, 1])],
+            ..Default::default()
+        }];
+        let SyncWait::Parked(mut a_sync) = g.sync(sync("a", given), 302).unwrap() else { panic!("parks") };
+        assert!(g.take_dirty() && g.awaits_record());
+        assert!(g.check_commit("b", 1, 302).is_ok(), "appended after the group's record");
+        // The leader's SyncGroup sent again while the record is being stored waits too.
+        let SyncWait::Parked(mut a_again) = g.sync(sync("a", vec![]), 303).unwrap() else { panic!("parks") };
+        assert!(matches!(answered(&mut a_sync), Some(Err(GroupError::RebalanceInProgress { .. }))));
+        let lost = GroupError::CoordinatorNotAvailable("disk full".into());
+        let error =
+            GroupError::AssignmentNotStored { group: "g".into(), generation: 1, source: Box::new(lost) };
+        g.record_failed(0, error.clone(), 304);
+        assert!(answered(&mut b_sync).is_none(), "a report about another generation changes nothing");
+        g.record_failed(1, error, 305);
+        for rx in [&mut a_again, &mut b_sync] {
+            let answer = answered(rx).unwrap();
+            assert!(
+                matches!(answer, Err(GroupError::AssignmentNotStored { generation: 1, .. })),
+                "{answer:?}"
+            );
+        }
+        assert_eq!((g.state(), g.generation()), (GroupState::PreparingRebalance, 1));
+        assert!(!g.take_dirty(), "nothing new to record");
+        assert!(g.describe().members.iter().all(|m| m.assignment.is_empty()), "no unstored assignment");
+        assert!(matches!(g.heartbeat("b", 1, 306), Err(GroupError::RebalanceInProgress { .. })));
+        // A late report that it was stored after all changes nothing: the generation is void.
+        g.record_stored(1);
+        assert_eq!(g.state(), GroupState::PreparingRebalance);
+        // The members rejoin and the next generation forms, not sooner than a second after the
+        // failure.
+        let mut a = join(&mut g, "a", false, 400, "unused");
+        let mut b = join(&mut g, "b", false, 401, "unused");
+        g.tick(&counts, 1304);
+        assert!(answered(&mut a).is_none(), "no new generation within a second of the failure");
+        g.tick(&counts, 1305);
+        assert_eq!(answered(&mut a).unwrap().unwrap().generation, 2);
+        assert_eq!(answered(&mut b).unwrap().unwrap().generation, 2);
+        let SyncWait::Parked(mut a_sync) =
+            g.sync(SyncRequest { generation: 2, ..sync("a", vec![]) }, 402).unwrap()
+        else {
+            panic!("parks")
+        };
+        g.record_stored(1);
+        assert!(answered(&mut a_sync).is_none(), "a report about generation 1 does not complete 2");
+        assert!(g.take_dirty() && g.awaits_record());
+        g.record_stored(2);
+        assert!(answered(&mut a_sync).unwrap().is_ok());
+        assert_eq!(g.state(), GroupState::Stable);
     }
 
     #[test]

@@ -121,7 +121,10 @@ pub fn group_code(e: &GroupError) -> i16 {
         GroupError::CoordinatorNotAvailable(_)
         | GroupError::NotCoordinator { .. }
         | GroupError::ShuttingDown
-        | GroupError::Storage { .. } => K::CoordinatorNotAvailable,
+        | GroupError::Storage { .. }
+        // Kafka's answer to a SyncGroup whose group record failed to store: the client finds
+        // the coordinator again and rejoins.
+        | GroupError::AssignmentNotStored { .. } => K::CoordinatorNotAvailable,
         GroupError::Partition(e) => return broker_code(e),
     };
     k.code()
@@ -172,6 +175,12 @@ mod tests {
         assert_eq!(group_code(&GroupError::ShuttingDown), 15);
         let failed = GroupError::Storage { group: group(), source: BrokerError::ShuttingDown };
         assert_eq!(group_code(&failed), 15);
+        let void = GroupError::AssignmentNotStored {
+            group: group(),
+            generation: 3,
+            source: Box::new(failed.clone()),
+        };
+        assert_eq!(group_code(&void), 15);
         assert_eq!(group_code(&GroupError::TooManyMembers { group: group(), members: 3 }), 81);
         assert_eq!(group_code(&GroupError::UnknownMember { group: group(), member: group() }), 25);
         assert_eq!(

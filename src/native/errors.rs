@@ -83,6 +83,8 @@ pub fn group_code(e: &GroupError) -> ErrorCode {
         }
         // The native client looks the coordinator up again and retries.
         GroupError::LoadInProgress { .. } => ErrorCode::CoordinatorNotAvailable,
+        // As Kafka: the client finds the coordinator again and rejoins.
+        GroupError::AssignmentNotStored { .. } => ErrorCode::CoordinatorNotAvailable,
         GroupError::Storage { .. } => ErrorCode::StorageError,
         GroupError::ShuttingDown => ErrorCode::ShuttingDown,
         GroupError::Partition(e) => broker_code(e),
