@@ -361,6 +361,11 @@ impl ReplicaLog {
         std::mem::take(&mut self.writes)
     }
 
+    /// Whether entry `index` is in memory (a read for it would be wasted).
+    pub fn holds(&self, index: u64) -> bool {
+        self.cached(index).is_some()
+    }
+
     /// Reads raft-rs asked for while entries were not in memory.
     pub fn take_fetches(&mut self) -> Vec<FetchRequest> {
         std::mem::take(self.fetches.get_mut())
@@ -377,7 +382,11 @@ impl ReplicaLog {
                 break;
             }
             self.fetched_bytes += data.len();
-            self.fetched.insert(index, Entry { term, index, data, ..Default::default() });
+            if let Some(replaced) =
+                self.fetched.insert(index, Entry { term, index, data, ..Default::default() })
+            {
+                self.fetched_bytes -= replaced.data.len();
+            }
         }
         while self.fetched_bytes > self.limits.fetched_bytes {
             let Some((_, oldest)) = self.fetched.pop_first() else { break };
@@ -486,13 +495,23 @@ impl raft::Storage for ReplicaLog {
             let entry = match self.cached(index) {
                 Some(entry) => entry.clone(),
                 None if context.can_async() => {
-                    self.fetches.borrow_mut().push(FetchRequest {
-                        first_index: index,
-                        base_offset: self.end_of(index - 1).unwrap_or(self.anchor.end_offset),
-                        end_offset: self.end_of(high - 1).unwrap_or(self.anchor.end_offset),
-                        max_bytes: max_size.saturating_sub(size).max(1),
-                        context,
-                    });
+                    // raft-rs asks again at every proposal it broadcasts while a follower waits
+                    // for this read: hundreds of identical reads of a megabyte in one round, and
+                    // a follower that lags once lagging for good (measured: docs/benchmarks.md,
+                    // "The slow mode"). One read per first index and asker; the context has no
+                    // equality, its debug form tells the askers apart (follower, term).
+                    let asker = format!("{context:?}");
+                    let mut fetches = self.fetches.borrow_mut();
+                    if !fetches.iter().any(|f| f.first_index == index && format!("{:?}", f.context) == asker)
+                    {
+                        fetches.push(FetchRequest {
+                            first_index: index,
+                            base_offset: self.end_of(index - 1).unwrap_or(self.anchor.end_offset),
+                            end_offset: self.end_of(high - 1).unwrap_or(self.anchor.end_offset),
+                            max_bytes: max_size.saturating_sub(size).max(1),
+                            context,
+                        });
+                    }
                     return Err(raft::Error::Store(RaftStorageError::LogTemporarilyUnavailable));
                 }
                 None => {
@@ -949,6 +968,34 @@ mod tests {
         }
         assert_eq!(cluster.nodes[2].disk.batches, cluster.nodes[0].disk.batches);
         assert_eq!(cluster.node(3).group.high_watermark(), cluster.node(1).disk.end());
+    }
+
+    #[test]
+    fn asking_again_for_entries_being_read_costs_no_second_read() {
+        let mut cluster = Cluster::new(CacheLimits { recent_bytes: 1, fetched_bytes: 1 << 20 });
+        cluster.elect(1);
+        for i in 0..5 {
+            cluster.node(1).group.propose(batch(3, &format!("m{i}-"))).unwrap();
+            cluster.settle();
+        }
+        let log = cluster.node(1).group.store_mut();
+        let ask = |log: &ReplicaLog| raft::Storage::entries(log, 2, 5, None, GetEntriesContext::empty(true));
+        for _ in 0..3 {
+            assert!(matches!(ask(log), Err(raft::Error::Store(RaftStorageError::LogTemporarilyUnavailable))));
+        }
+        let fetches = log.take_fetches();
+        assert_eq!(fetches.len(), 1, "{fetches:?}");
+        // Read back twice (two askers at one index): held once, counted once.
+        let batches: Vec<Bytes> =
+            cluster.nodes[0].disk.from(fetches[0].base_offset).take(3).cloned().collect();
+        let log = cluster.node(1).group.store_mut();
+        log.fetched(2, batches.clone());
+        let held = log.fetched_bytes;
+        log.fetched(2, batches);
+        assert_eq!(log.fetched_bytes, held);
+        assert!(log.holds(2) && log.holds(4));
+        assert_eq!(ask(log).map(|entries| entries.len()).ok(), Some(3));
+        assert!(log.take_fetches().is_empty());
     }
 
     #[test]

@@ -193,8 +193,11 @@ impl PartitionReplica {
             send.extend(persist.then_send);
         }
         for fetch in self.group.store_mut().take_fetches() {
-            let batches = self.read_batches(fetch.base_offset, fetch.end_offset, fetch.max_bytes).await?;
-            self.group.store_mut().fetched(fetch.first_index, batches);
+            // Two followers lagging alike ask for the same entries: read once.
+            if !self.group.store().holds(fetch.first_index) {
+                let batches = self.read_batches(fetch.base_offset, fetch.end_offset, fetch.max_bytes).await?;
+                self.group.store_mut().fetched(fetch.first_index, batches);
+            }
             self.group.on_entries_fetched(fetch.context);
         }
         // What the group commits is durable here: raft-rs applies only persisted entries.
