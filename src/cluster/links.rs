@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::mpsc;
-use futures::{AsyncWriteExt, StreamExt};
+use futures::StreamExt;
 use glommio::net::{TcpListener, TcpStream};
 use raft::eraftpb::Message;
 
 use super::transport::{self, NodeInfo};
-use crate::replication::wire::{self, GroupKey, LeaderReport, PeerBatch};
+use crate::replication::wire::{self, EncodedFrame, GroupKey, LeaderReport, PeerBatch};
 use crate::storage::notify::Notify;
 
 /// Frames queued for one peer while its connection is down; more are dropped (Raft resends).
@@ -49,7 +49,7 @@ pub struct PeerLinks {
     me: NodeInfo,
     cluster_id: u64,
     voters: BTreeMap<u64, SocketAddr>,
-    senders: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
+    senders: BTreeMap<u64, mpsc::Sender<EncodedFrame>>,
     /// Peers that dialed us: when we last had a frame from each, and what they said they are.
     heard: RefCell<BTreeMap<u64, (Instant, NodeInfo)>>,
     /// Gathered since the last pass of `run_sender`.
@@ -190,7 +190,7 @@ impl PeerLinks {
                     report_digest: report.as_ref().map_or(0, |k| k.digest),
                 };
                 let carries_report = batch.leader_reports.is_some();
-                let frame = wire::encode(&batch).to_vec();
+                let frame = wire::encode(&batch);
                 let bytes = frame.len() as u64;
                 let queued = sender.clone().try_send(frame).is_ok();
                 if report.is_some() {
@@ -290,7 +290,9 @@ impl PeerLinks {
         }
     }
 
-    async fn run_dialer(self: Rc<Self>, to: u64, addr: SocketAddr, mut frames: mpsc::Receiver<Vec<u8>>) {
+    async fn run_dialer(self: Rc<Self>, to: u64, addr: SocketAddr, mut frames: mpsc::Receiver<EncodedFrame>) {
+        // Reused for every frame: small parts are gathered here, so no frame costs an allocation.
+        let mut scratch = Vec::with_capacity(transport::GATHER_BYTES_MAX);
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u64;
         loop {
@@ -311,7 +313,7 @@ impl PeerLinks {
                     failures = 0;
                     backoff = Duration::from_millis(100);
                     while let Some(frame) = frames.next().await {
-                        if let Err(e) = stream.write_all(&frame).await {
+                        if let Err(e) = transport::write_frame(&mut stream, &frame, &mut scratch).await {
                             tracing::info!(node = to, "cluster: connection to peer lost: {e}");
                             break;
                         }
