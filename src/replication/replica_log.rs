@@ -224,6 +224,8 @@ pub struct FetchRequest {
     pub end_offset: i64,
     pub max_bytes: u64,
     pub context: GetEntriesContext,
+    /// `context`'s debug form: who asked (the context has no equality).
+    asker: String,
 }
 
 /// One batch of the log after the anchor, as the open scan found it.
@@ -502,14 +504,14 @@ impl raft::Storage for ReplicaLog {
                     // equality, its debug form tells the askers apart (follower, term).
                     let asker = format!("{context:?}");
                     let mut fetches = self.fetches.borrow_mut();
-                    if !fetches.iter().any(|f| f.first_index == index && format!("{:?}", f.context) == asker)
-                    {
+                    if !fetches.iter().any(|f| f.first_index == index && f.asker == asker) {
                         fetches.push(FetchRequest {
                             first_index: index,
                             base_offset: self.end_of(index - 1).unwrap_or(self.anchor.end_offset),
                             end_offset: self.end_of(high - 1).unwrap_or(self.anchor.end_offset),
                             max_bytes: max_size.saturating_sub(size).max(1),
                             context,
+                            asker,
                         });
                     }
                     return Err(raft::Error::Store(RaftStorageError::LogTemporarilyUnavailable));
